@@ -1,0 +1,159 @@
+//! Authorization, as http-event-relay does it: a request passes if its tunnel is public, if it
+//! carries the bearer token, or if its body is signed (`X-Hub-Signature-256`, GitHub-style).
+//! Secrets are compared in constant time and never logged.
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthConfig;
+
+/// What a request presents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The `Authorization` header.
+    pub authorization: Option<&'a [u8]>,
+    /// The `X-Hub-Signature-256` header.
+    pub signature: Option<&'a [u8]>,
+}
+
+/// The relay's authorization rules.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    config: AuthConfig,
+}
+
+impl Auth {
+    /// Rules from configuration; everything passes when none is set.
+    pub fn new(config: AuthConfig) -> Auth {
+        Auth { config }
+    }
+
+    /// Whether a request for `name` (a tunnel id, queue or agent name) with `body` may pass.
+    pub fn allows(&self, name: &str, credentials: Credentials<'_>, body: &[u8]) -> bool {
+        if !self.config.enabled() || self.config.public_ids.contains(name) {
+            return true;
+        }
+        self.token_matches(credentials.authorization)
+            || self.signature_matches(credentials.signature, body)
+    }
+
+    fn token_matches(&self, authorization: Option<&[u8]>) -> bool {
+        let (Some(expected), Some(header)) = (&self.config.token, authorization) else {
+            return false;
+        };
+        let Some(given) = bearer_token(header) else {
+            return false;
+        };
+        // Comparing digests keeps the comparison constant-time even in the token's length.
+        let expected = Sha256::digest(expected.as_bytes());
+        let given = Sha256::digest(given);
+        expected.ct_eq(&given).into()
+    }
+
+    fn signature_matches(&self, header: Option<&[u8]>, body: &[u8]) -> bool {
+        let (Some(secret), Some(header)) = (&self.config.signature_secret, header) else {
+            return false;
+        };
+        if body.is_empty() {
+            return false;
+        }
+        let Some(signature) = header
+            .strip_prefix(b"sha256=")
+            .and_then(|hex_digest| hex::decode(hex_digest.trim_ascii()).ok())
+        else {
+            return false;
+        };
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+            return false;
+        };
+        mac.update(body);
+        mac.verify_slice(&signature).is_ok()
+    }
+}
+
+/// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110).
+fn bearer_token(header: &[u8]) -> Option<&[u8]> {
+    let header = header.trim_ascii();
+    let (scheme, token) = header.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || !token.first()?.is_ascii_whitespace() {
+        return None;
+    }
+    Some(token.trim_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(token: Option<&str>, secret: Option<&str>, public: &[&str]) -> Auth {
+        Auth::new(AuthConfig {
+            token: token.map(String::from),
+            signature_secret: secret.map(String::from),
+            public_ids: public.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn with_token(header: &str) -> Credentials<'_> {
+        Credentials {
+            authorization: Some(header.as_bytes()),
+            signature: None,
+        }
+    }
+
+    fn sign(secret: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// With nothing configured, everything passes.
+    #[test]
+    fn off_by_default() {
+        assert!(auth(None, None, &[]).allows("t", Credentials::default(), b""));
+    }
+
+    /// Only the exact bearer token passes.
+    #[test]
+    fn bearer() {
+        let a = auth(Some("tok"), None, &[]);
+        assert!(a.allows("t", with_token("Bearer tok"), b""));
+        assert!(a.allows("t", with_token("bearer   tok "), b""));
+        for bad in [
+            "Bearer tok2",
+            "Bearer to",
+            "Basic tok",
+            "Bearertok",
+            "tok",
+            "Bearer ",
+        ] {
+            assert!(!a.allows("t", with_token(bad), b""), "{bad}");
+        }
+        assert!(!a.allows("t", Credentials::default(), b""));
+    }
+
+    /// Public ids pass without credentials; others do not.
+    #[test]
+    fn public_ids() {
+        let a = auth(None, None, &["open"]);
+        assert!(a.allows("open", Credentials::default(), b""));
+        assert!(!a.allows("closed", Credentials::default(), b""));
+    }
+
+    /// A signature passes only over the exact, non-empty body.
+    #[test]
+    fn signature() {
+        let a = auth(None, Some("sec"), &[]);
+        let good = sign("sec", b"body");
+        let creds = |s: &'static str| Credentials {
+            authorization: None,
+            signature: Some(s.as_bytes()),
+        };
+        let good: &'static str = Box::leak(good.into_boxed_str());
+        assert!(a.allows("t", creds(good), b"body"));
+        assert!(!a.allows("t", creds(good), b"other"));
+        assert!(!a.allows("t", creds(sign("sec", b"").leak()), b""));
+        assert!(!a.allows("t", creds(sign("nope", b"body").leak()), b"body"));
+        assert!(!a.allows("t", creds("sha256=zz"), b"body"));
+    }
+}

@@ -1,0 +1,48 @@
+//! The command line: `burrow [serve]`. Settings come from the environment (see `config`); the
+//! command line only picks what to run.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// An HTTP relay for parties that cannot reach each other directly.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (the default). Configured by environment variables; see README.md.
+    Serve,
+}
+
+/// Parses the command line and runs what it names; the exit code reports failure.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(),
+    }
+}
+
+fn serve() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("burrow: configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("burrow: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Configuration: the environment, read once at start-up into a typed [`Config`].
+//!
+//! Names and defaults follow http-event-relay so that a deployment keeps its environment when it
+//! swaps containers; Burrow's own settings are prefixed `BURROW_`. A value that does not parse stops
+//! start-up with an error naming the variable — never a silent default.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// A configuration value that could not be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The variable is set but its value does not parse.
+    #[error("{var}={value:?} is not valid: {expected}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// Which store keeps tunnels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded, in-process store.
+    Memory,
+    /// KeyDB / Redis / Valkey at this URL.
+    Redis(RedisConfig),
+}
+
+impl StoreConfig {
+    /// The store's name as `BURROW_STORE` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreConfig::Memory => "memory",
+            StoreConfig::Redis(_) => "redis",
+        }
+    }
+}
+
+/// How to reach KeyDB / Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// A `redis://` or `rediss://` URL, built from `REDIS_HOST`/`REDIS_PORT` when `REDIS_URL` is unset.
+    pub url: String,
+    /// `REDIS_PASSWORD`, applied when the URL carries none.
+    pub password: Option<String>,
+    /// The most store connections this process opens (`REDIS_POOL_SIZE`).
+    pub pool_size: usize,
+    /// `REDIS_POOL_KEEPALIVE`: kept for compatibility; Burrow's connections are persistent.
+    pub keepalive: Duration,
+}
+
+/// Which requests must prove who they are.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// `TUNNEL_ACCESS_TOKEN`: the bearer token.
+    pub token: Option<String>,
+    /// `TUNNEL_SIGNATURE_SECRET`: the key of `X-Hub-Signature-256`.
+    pub signature_secret: Option<String>,
+    /// `TUNNEL_PUBLIC_IDS`: tunnels open to everyone.
+    pub public_ids: HashSet<String>,
+}
+
+impl AuthConfig {
+    /// Authorization is on when any of its three settings is given.
+    pub fn enabled(&self) -> bool {
+        self.token.is_some() || self.signature_secret.is_some() || !self.public_ids.is_empty()
+    }
+}
+
+// Secrets must never reach a log, so Debug says only which settings are present.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field(
+                "signature_secret",
+                &self.signature_secret.as_ref().map(|_| "<set>"),
+            )
+            .field("public_ids", &self.public_ids.len())
+            .finish()
+    }
+}
+
+/// The rules every tunnel follows.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// `TUNNEL_MAXLEN`: the most messages one tunnel holds.
+    pub maxlen: u64,
+    /// `TUNNEL_BACKPRESSURE`: whether a produce without `limit` is refused when the tunnel is full.
+    pub backpressure: bool,
+    /// `TUNNEL_MAX_POLL_TIMEOUT`: longer poll timeouts are capped to this.
+    pub max_poll_timeout: Duration,
+    /// `TUNNEL_DEFAULT_POLL_TIMEOUT`: the poll timeout when none is asked for.
+    pub default_poll_timeout: Duration,
+    /// `TUNNEL_DEFAULT_CONTENT_TYPE`: handed out for messages stored without a type.
+    pub default_content_type: String,
+    /// `TUNNEL_REPLY_TTL`: how long an unread reply is kept.
+    pub reply_ttl: Duration,
+    /// `TUNNEL_MAX_MESSAGE_SIZE`: the largest body accepted, in bytes.
+    pub max_message_size: usize,
+}
+
+/// Everything `burrow serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `BURROW_LISTEN`: the one HTTP listening address.
+    pub listen: String,
+    /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
+    pub pingora_conf: Option<String>,
+    /// Where tunnels live.
+    pub store: StoreConfig,
+    /// Who may use tunnels.
+    pub auth: AuthConfig,
+    /// How tunnels behave.
+    pub tunnel: TunnelConfig,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, which returns a variable's value if it is set.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = Env { lookup: &lookup };
+        let tunnel = TunnelConfig {
+            maxlen: env.parse("TUNNEL_MAXLEN", 1000, "a whole number ≥ 1", |n: &u64| {
+                *n >= 1
+            })?,
+            backpressure: env.flag("TUNNEL_BACKPRESSURE", true)?,
+            max_poll_timeout: env.seconds("TUNNEL_MAX_POLL_TIMEOUT", 60)?,
+            default_poll_timeout: env.seconds("TUNNEL_DEFAULT_POLL_TIMEOUT", 30)?,
+            default_content_type: env
+                .get("TUNNEL_DEFAULT_CONTENT_TYPE")
+                .unwrap_or_else(|| "text/plain".into()),
+            reply_ttl: env.seconds("TUNNEL_REPLY_TTL", 3600)?,
+            max_message_size: env.parse(
+                "TUNNEL_MAX_MESSAGE_SIZE",
+                131_072,
+                "a size in bytes ≥ 1",
+                |n: &usize| *n >= 1,
+            )?,
+        };
+        let auth = AuthConfig {
+            token: env.get("TUNNEL_ACCESS_TOKEN"),
+            signature_secret: env.get("TUNNEL_SIGNATURE_SECRET"),
+            public_ids: env
+                .get("TUNNEL_PUBLIC_IDS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(String::from)
+                .collect(),
+        };
+        Ok(Config {
+            listen: env.listen_address()?,
+            pingora_conf: env.get("BURROW_CONF"),
+            store: store_config(&env)?,
+            auth,
+            tunnel,
+        })
+    }
+}
+
+fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
+    let redis_wanted = env.get("REDIS_HOST").is_some() || env.get("REDIS_URL").is_some();
+    let kind = env.get("BURROW_STORE");
+    match kind.as_deref() {
+        Some("memory") => return Ok(StoreConfig::Memory),
+        None if !redis_wanted => return Ok(StoreConfig::Memory),
+        Some("redis") | None => {}
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                var: "BURROW_STORE",
+                value: other.into(),
+                expected: "`memory` or `redis`",
+            })
+        }
+    }
+    let url = match env.get("REDIS_URL") {
+        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => url,
+        Some(url) => {
+            return Err(ConfigError::Invalid {
+                var: "REDIS_URL",
+                value: url,
+                expected: "a redis:// or rediss:// URL",
+            })
+        }
+        None => {
+            let host = env.get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into());
+            let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port", |p: &u16| *p > 0)?;
+            format!("redis://{host}:{port}")
+        }
+    };
+    Ok(StoreConfig::Redis(RedisConfig {
+        url,
+        password: env.get("REDIS_PASSWORD"),
+        pool_size: env.parse(
+            "REDIS_POOL_SIZE",
+            100,
+            "a whole number ≥ 1",
+            |n: &usize| *n >= 1,
+        )?,
+        keepalive: env.seconds("REDIS_POOL_KEEPALIVE", 10)?,
+    }))
+}
+
+/// Typed access to the environment; every error names its variable.
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    /// A set, non-empty value.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.lookup)(var).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: T,
+        expected: &'static str,
+        valid: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError> {
+        let Some(value) = self.get(var) else {
+            return Ok(default);
+        };
+        match value.trim().parse::<T>() {
+            Ok(parsed) if valid(&parsed) => Ok(parsed),
+            _ => Err(ConfigError::Invalid {
+                var,
+                value,
+                expected,
+            }),
+        }
+    }
+
+    /// `BURROW_LISTEN`: an `IP:port` socket address.
+    fn listen_address(&self) -> Result<String, ConfigError> {
+        let listen = self
+            .get("BURROW_LISTEN")
+            .unwrap_or_else(|| "0.0.0.0:8080".into());
+        match listen.parse::<std::net::SocketAddr>() {
+            Ok(_) => Ok(listen),
+            Err(_) => Err(ConfigError::Invalid {
+                var: "BURROW_LISTEN",
+                value: listen,
+                expected: "an IP:port address such as 0.0.0.0:8080",
+            }),
+        }
+    }
+
+    fn seconds(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(var, default, "a whole number of seconds", |_| true)
+            .map(Duration::from_secs)
+    }
+
+    fn flag(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).as_deref().map(str::trim) {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(other) => Err(ConfigError::Invalid {
+                var,
+                value: other.into(),
+                expected: "1 or 0",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    /// With nothing set, the original's defaults and the embedded store apply.
+    #[test]
+    fn defaults() {
+        let c = config(&[]).expect("defaults are valid");
+        assert_eq!(c.store, StoreConfig::Memory);
+        assert_eq!(c.tunnel.maxlen, 1000);
+        assert!(c.tunnel.backpressure);
+        assert_eq!(c.tunnel.max_poll_timeout, Duration::from_secs(60));
+        assert_eq!(c.tunnel.default_poll_timeout, Duration::from_secs(30));
+        assert_eq!(c.tunnel.default_content_type, "text/plain");
+        assert_eq!(c.tunnel.reply_ttl, Duration::from_secs(3600));
+        assert_eq!(c.tunnel.max_message_size, 131_072);
+        assert_eq!(c.listen, "0.0.0.0:8080");
+        assert!(!c.auth.enabled());
+    }
+
+    /// REDIS_HOST alone selects the redis store; REDIS_URL wins over host and port.
+    #[test]
+    fn redis_selection() {
+        let c = config(&[("REDIS_HOST", "keydb"), ("REDIS_PORT", "6380")]).unwrap();
+        let StoreConfig::Redis(r) = c.store else {
+            panic!("expected redis")
+        };
+        assert_eq!(r.url, "redis://keydb:6380");
+        let c = config(&[("REDIS_HOST", "keydb"), ("REDIS_URL", "redis://x:1/2")]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://x:1/2"));
+        let c = config(&[("REDIS_HOST", "keydb"), ("BURROW_STORE", "memory")]).unwrap();
+        assert_eq!(c.store, StoreConfig::Memory);
+    }
+
+    /// An unparsable value is an error that names its variable.
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, value) in [
+            ("TUNNEL_MAXLEN", "abc"),
+            ("TUNNEL_MAXLEN", "0"),
+            ("TUNNEL_BACKPRESSURE", "maybe"),
+            ("TUNNEL_MAX_POLL_TIMEOUT", "-1"),
+            ("REDIS_PORT", "99999"),
+            ("BURROW_STORE", "postgres"),
+            ("TUNNEL_MAX_MESSAGE_SIZE", "1k"),
+            ("BURROW_LISTEN", "localhost"),
+        ] {
+            let vars = [(var, value), ("REDIS_HOST", "h")];
+            let err = config(&vars).expect_err(var).to_string();
+            assert!(err.starts_with(var), "{err}");
+        }
+    }
+
+    /// Public ids are a comma-separated list; the Debug form hides secrets.
+    #[test]
+    fn auth_settings() {
+        let c = config(&[
+            ("TUNNEL_PUBLIC_IDS", "a, b,,c"),
+            ("TUNNEL_ACCESS_TOKEN", "s3cret"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.public_ids.len(), 3);
+        assert!(c.auth.enabled());
+        assert!(!format!("{:?}", c).contains("s3cret"));
+    }
+}

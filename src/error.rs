@@ -1,0 +1,45 @@
+//! The one error type of a request. Each variant is something a client can be told; the single
+//! mapping to an HTTP status lives in `http::response`.
+
+use crate::store::StoreError;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `/t/...` path that matches no route.
+    #[error("Malformed url")]
+    MalformedUrl,
+    /// A path outside every route.
+    #[error("Not found")]
+    NotFound,
+    /// A query parameter that does not parse or is out of range; the text says which.
+    #[error("{0}")]
+    BadParameter(String),
+    /// A route that exists but does not serve this method.
+    #[error("Method not allowed")]
+    MethodNotAllowed {
+        /// The methods the route serves, for the `Allow` header.
+        allow: &'static str,
+    },
+    /// A body over `TUNNEL_MAX_MESSAGE_SIZE`.
+    #[error("Message too large: the limit is {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No credential matched.
+    #[error("Access denied")]
+    AccessDenied,
+    /// Backpressure refused a message.
+    #[error("Queue limit reached, consumers are not keeping up")]
+    QueueFull {
+        /// Messages in the tunnel.
+        size: u64,
+    },
+    /// The request could not be read from the client.
+    #[error("Could not read the request: {0}")]
+    BadRequest(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

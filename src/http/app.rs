@@ -1,0 +1,300 @@
+//! The relay's Pingora app: reads a request, parses its [`Route`], authorizes it, hands it to
+//! the tunnel protocol and writes the [`Response`]. One `HttpServerApp` serves every route: it
+//! owns the session, so a long-poll can wait on the shutdown signal and answer 204 when it fires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use log::{debug, warn};
+use pingora_core::apps::{
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream,
+};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+
+use super::response::Response;
+use super::route::Route;
+use crate::auth::{Auth, Credentials};
+use crate::error::Error;
+use crate::store::{Message, MessageStatus, Payload};
+use crate::tunnel::{Shutdown, Tunnels};
+
+/// The browser demo page, served at `/demo/`.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// How long an idle client connection is kept open between requests.
+const KEEPALIVE_SECS: u64 = 60;
+
+/// The relay app: shared by every connection.
+pub struct RelayApp {
+    tunnels: Tunnels,
+    auth: Auth,
+    options: HttpServerOptions,
+}
+
+impl RelayApp {
+    /// An app serving `tunnels` under `auth`.
+    pub fn new(tunnels: Tunnels, auth: Auth) -> RelayApp {
+        let mut options = HttpServerOptions::default();
+        // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
+        options.h2c = true;
+        RelayApp {
+            tunnels,
+            auth,
+            options,
+        }
+    }
+
+    /// Answers one parsed request.
+    async fn handle(
+        &self,
+        route: Route,
+        session: &mut ServerSession,
+        shutdown: &mut Shutdown,
+    ) -> Result<Response, Error> {
+        let body = if route.takes_body() {
+            self.read_body(session).await?
+        } else {
+            Bytes::new()
+        };
+        if let Some(tunnel) = route.tunnel() {
+            let credentials = Credentials {
+                authorization: session.get_header("Authorization").map(|v| v.as_bytes()),
+                signature: session
+                    .get_header("X-Hub-Signature-256")
+                    .map(|v| v.as_bytes()),
+            };
+            if !self.auth.allows(tunnel.as_str(), credentials, &body) {
+                return Err(Error::AccessDenied);
+            }
+        }
+        let tunnels = &self.tunnels;
+        let response = match route {
+            Route::Health => Response::text(200, "OK"),
+            Route::Demo => Response::empty(200)
+                .header("Content-Type", "text/html; charset=utf-8")
+                .body(DEMO_PAGE),
+            Route::Preflight => preflight(session),
+            Route::Produce { tunnel, limit } => {
+                let payload = payload(session, body);
+                let (id, size) = tunnels.produce(&tunnel, payload, limit).await?;
+                let response = Response::empty(201).header("X-Message-Id", id);
+                match size {
+                    Some(size) => response.header("X-Queue-Size", size),
+                    None => response,
+                }
+            }
+            Route::Consume { tunnel, delivery } => {
+                let message = tunnels.consume(&tunnel, delivery, None, shutdown).await?;
+                self.message(message)
+            }
+            Route::Poll {
+                tunnel,
+                delivery,
+                timeout,
+            } => {
+                let wait = Some(self.poll_timeout(timeout));
+                let message = tunnels.consume(&tunnel, delivery, wait, shutdown).await?;
+                self.message(message)
+            }
+            Route::Ack { tunnel, msg } => {
+                tunnels.ack(&tunnel, msg).await?;
+                Response::empty(204)
+            }
+            Route::Reply { tunnel, msg } => {
+                let replied = tunnels.reply(&tunnel, msg, payload(session, body)).await?;
+                Response::empty(if replied { 201 } else { 204 })
+            }
+            Route::ReadReply { tunnel, msg } => {
+                let reply = tunnels.take_reply(&tunnel, msg, None, shutdown).await?;
+                self.payload_response(reply)
+            }
+            Route::PollReply {
+                tunnel,
+                msg,
+                timeout,
+            } => {
+                let wait = Some(self.poll_timeout(timeout));
+                let reply = tunnels.take_reply(&tunnel, msg, wait, shutdown).await?;
+                self.payload_response(reply)
+            }
+            Route::Status { tunnel, msg } => {
+                Response::empty(match tunnels.status(&tunnel, msg).await? {
+                    MessageStatus::Queued => 201,
+                    MessageStatus::Pending => 202,
+                    MessageStatus::Gone => 204,
+                })
+            }
+            Route::Len { tunnel } => {
+                let size = tunnels.len(&tunnel).await?;
+                Response::empty(204).header("X-Queue-Size", size)
+            }
+            Route::Clear { tunnel } => {
+                tunnels.clear(&tunnel).await?;
+                Response::empty(204).header("X-Queue-Size", 0)
+            }
+        };
+        Ok(response)
+    }
+
+    /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.
+    async fn read_body(&self, session: &mut ServerSession) -> Result<Bytes, Error> {
+        let limit = self.tunnels.config().max_message_size;
+        let too_large = Error::TooLarge { limit };
+        let declared = session
+            .get_header("Content-Length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(too_large);
+        }
+        let expects_continue = session
+            .get_header("Expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            // curl waits a second for this before sending bodies over 1 KiB.
+            session
+                .write_continue_response()
+                .await
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+        }
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|e| Error::BadRequest(e.to_string()))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    fn poll_timeout(&self, asked: Option<u64>) -> Duration {
+        let config = self.tunnels.config();
+        asked
+            .map(Duration::from_secs)
+            .unwrap_or(config.default_poll_timeout)
+            .min(config.max_poll_timeout)
+    }
+
+    fn message(&self, message: Option<Message>) -> Response {
+        match message {
+            Some(message) => self
+                .payload_response(Some(message.payload))
+                .header("X-Message-Id", message.id),
+            None => Response::empty(204),
+        }
+    }
+
+    fn payload_response(&self, payload: Option<Payload>) -> Response {
+        let Some(payload) = payload else {
+            return Response::empty(204);
+        };
+        let content_type = payload
+            .content_type
+            .unwrap_or_else(|| self.tunnels.config().default_content_type.clone());
+        Response::empty(200)
+            .header("Content-Type", content_type)
+            .body(payload.body)
+    }
+}
+
+/// A body with the request's Content-Type.
+fn payload(session: &ServerSession, body: Bytes) -> Payload {
+    let content_type = session
+        .get_header("Content-Type")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    Payload { body, content_type }
+}
+
+/// A CORS preflight: lets browsers send whatever headers they asked for.
+fn preflight(session: &ServerSession) -> Response {
+    let requested = session
+        .get_header("Access-Control-Request-Headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Authorization, Content-Type, X-Hub-Signature-256")
+        .to_owned();
+    Response::empty(204)
+        .header("Access-Control-Max-Age", 3600)
+        .header("Access-Control-Allow-Headers", requested)
+}
+
+#[async_trait]
+impl HttpServerApp for RelayApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                debug!("could not read a request: {e}");
+                return None;
+            }
+        }
+        let mut shutdown = shutdown.clone();
+        let head = session.req_header();
+        let route = Route::parse(&head.method, head.uri.path(), head.uri.query());
+        let response = match route {
+            Ok(route) => {
+                let name = route.name();
+                self.handle(route, &mut session, &mut shutdown)
+                    .await
+                    .unwrap_or_else(|e| {
+                        if let Error::Store(store) = &e {
+                            warn!("{name}: {store}");
+                        }
+                        Response::from(e)
+                    })
+            }
+            Err(e) => Response::from(e),
+        };
+        // A client whose body was refused unread cannot be kept: the rest of it is still coming.
+        let keepalive = !*shutdown.borrow() && response.status != 413;
+        session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
+        write(&mut session, response).await?;
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(e) => {
+                debug!("could not finish a response: {e}");
+                None
+            }
+        }
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.options)
+    }
+}
+
+/// Writes a response; `None` when the client is gone.
+async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
+    let head = match response.head() {
+        Ok(head) => head,
+        Err(e) => {
+            warn!("could not build a response header: {e}");
+            return None;
+        }
+    };
+    let written = async {
+        session.write_response_header(Box::new(head)).await?;
+        if !response.body.is_empty() {
+            session.write_response_body(response.body, true).await?;
+        }
+        Ok::<(), Box<pingora_error::Error>>(())
+    };
+    if let Err(e) = written.await {
+        debug!("could not write a response: {e}");
+        return None;
+    }
+    Some(())
+}

@@ -1,0 +1,11 @@
+//! HTTP: the Pingora app that serves every route on the relay's one port.
+//!
+//! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
+//! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
+//! - `response`: responses, CORS, and the one mapping from errors to statuses.
+
+mod app;
+mod response;
+mod route;
+
+pub use app::RelayApp;

@@ -1,0 +1,129 @@
+//! Responses: what a handler answers, the CORS headers every response carries, and the one
+//! place where an [`Error`] becomes a status.
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+
+use crate::error::Error;
+use crate::store::StoreError;
+
+/// A complete response, built by a handler and written by the app.
+#[derive(Debug)]
+pub struct Response {
+    /// The HTTP status.
+    pub status: u16,
+    /// Headers beyond Content-Length and CORS.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body, possibly empty.
+    pub body: Bytes,
+}
+
+impl Response {
+    /// An empty response with `status`.
+    pub fn empty(status: u16) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// A one-line plain-text response, without a trailing newline, as the original wrote them.
+    pub fn text(status: u16, text: impl Into<String>) -> Response {
+        Response::empty(status)
+            .header("Content-Type", "text/plain")
+            .body(text.into())
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &'static str, value: impl ToString) -> Response {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Response {
+        self.body = body.into();
+        self
+    }
+
+    /// The header block to write: status, own headers, Content-Length and CORS.
+    pub fn head(&self) -> pingora_error::Result<ResponseHeader> {
+        let mut head = ResponseHeader::build(self.status, Some(self.headers.len() + 4))?;
+        for (name, value) in &self.headers {
+            head.append_header(*name, value.as_str())?;
+        }
+        // RFC 9110 forbids Content-Length on 204 and 304.
+        if self.status != 204 && self.status != 304 {
+            head.insert_header("Content-Length", self.body.len())?;
+        }
+        head.insert_header("Access-Control-Allow-Origin", "*")?;
+        head.insert_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")?;
+        head.insert_header(
+            "Access-Control-Expose-Headers",
+            "*, X-Message-Id, X-Queue-Size",
+        )?;
+        Ok(head)
+    }
+}
+
+impl From<Error> for Response {
+    /// The one mapping from errors to statuses.
+    fn from(error: Error) -> Response {
+        let status = match &error {
+            Error::MalformedUrl | Error::BadParameter(_) | Error::BadRequest(_) => 400,
+            Error::AccessDenied => 403,
+            Error::NotFound => 404,
+            Error::MethodNotAllowed { .. } => 405,
+            Error::TooLarge { .. } => 413,
+            Error::QueueFull { .. } => 507,
+            Error::Store(StoreError::Unavailable(_)) => 503,
+            Error::Store(StoreError::Internal(_)) => 500,
+        };
+        let text = match &error {
+            // The cause stays in the log; the client learns only what it can act on.
+            Error::Store(StoreError::Unavailable(_)) => "Store unavailable, retry later".into(),
+            Error::Store(StoreError::Internal(_)) => "Internal store error".into(),
+            other => other.to_string(),
+        };
+        let response = Response::text(status, text);
+        match error {
+            Error::MethodNotAllowed { allow } => response.header("Allow", allow),
+            Error::QueueFull { size } => response.header("X-Queue-Size", size),
+            Error::Store(StoreError::Unavailable(_)) => response.header("Retry-After", 1),
+            _ => response,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Errors carry the status and headers the protocol names.
+    #[test]
+    fn error_statuses() {
+        let r = Response::from(Error::QueueFull { size: 3 });
+        assert_eq!(r.status, 507);
+        assert!(r.headers.contains(&("X-Queue-Size", "3".into())));
+        assert_eq!(
+            &r.body[..],
+            b"Queue limit reached, consumers are not keeping up"
+        );
+        let r = Response::from(Error::Store(StoreError::Unavailable("down".into())));
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("Retry-After", "1".into())));
+        let r = Response::from(Error::MethodNotAllowed { allow: "GET" });
+        assert!(r.headers.contains(&("Allow", "GET".into())));
+    }
+
+    /// Every head carries CORS; a 204 carries no Content-Length.
+    #[test]
+    fn heads() {
+        let head = Response::empty(204).head().unwrap();
+        assert!(head.headers.get("Content-Length").is_none());
+        assert_eq!(head.headers["Access-Control-Allow-Origin"], "*");
+        let head = Response::text(400, "x").head().unwrap();
+        assert_eq!(head.headers["Content-Length"], "1");
+    }
+}

@@ -1,0 +1,416 @@
+//! Routing: a request's method, path and query parsed into one [`Route`], or the error that
+//! tells the client why not. Nothing here touches the store or the connection.
+
+use std::time::Duration;
+
+use http::Method;
+
+use crate::error::Error;
+use crate::store::Delivery;
+use crate::tunnel::{Limit, MessageId, TunnelId};
+
+/// What a request asks for, with its parameters validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /health`.
+    Health,
+    /// `GET /demo/`: the browser page.
+    Demo,
+    /// `OPTIONS` on any tunnel route: a CORS preflight.
+    Preflight,
+    /// `POST /t/{tunnel}`.
+    Produce { tunnel: TunnelId, limit: Limit },
+    /// `GET /t/{tunnel}`: consume without waiting.
+    Consume {
+        tunnel: TunnelId,
+        delivery: Delivery,
+    },
+    /// `GET /t/{tunnel}/poll`: consume, waiting up to `timeout` seconds (`None`: the default).
+    Poll {
+        tunnel: TunnelId,
+        delivery: Delivery,
+        timeout: Option<u64>,
+    },
+    /// `DELETE /t/{tunnel}/{msg}`.
+    Ack { tunnel: TunnelId, msg: MessageId },
+    /// `POST /t/{tunnel}/{msg}/reply`.
+    Reply { tunnel: TunnelId, msg: MessageId },
+    /// `GET /t/{tunnel}/{msg}/reply`.
+    ReadReply { tunnel: TunnelId, msg: MessageId },
+    /// `GET /t/{tunnel}/{msg}/reply/poll`.
+    PollReply {
+        tunnel: TunnelId,
+        msg: MessageId,
+        timeout: Option<u64>,
+    },
+    /// `GET /t/{tunnel}/{msg}`.
+    Status { tunnel: TunnelId, msg: MessageId },
+    /// `GET /t/{tunnel}/len`.
+    Len { tunnel: TunnelId },
+    /// `DELETE /t/{tunnel}/all`.
+    Clear { tunnel: TunnelId },
+}
+
+/// The shapes of `/t/...` paths, before the method picks the route.
+enum TunnelPath {
+    Tunnel(TunnelId),
+    Poll(TunnelId),
+    Len(TunnelId),
+    All(TunnelId),
+    Message(TunnelId, MessageId),
+    Reply(TunnelId, MessageId),
+    ReplyPoll(TunnelId, MessageId),
+}
+
+impl TunnelPath {
+    /// Matches the segments after `/t/`. A trailing `/` is allowed only where PROTOCOL.md
+    /// shows `[/]`, as the original's nginx locations did.
+    fn parse(rest: &str) -> Option<TunnelPath> {
+        let (rest, slash) = match rest.strip_suffix('/') {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        let tunnel = TunnelId::parse(segments[0])?;
+        let msg = || segments.get(1).and_then(|m| m.parse::<MessageId>().ok());
+        let path = match segments[1..] {
+            [] => TunnelPath::Tunnel(tunnel),
+            ["poll"] if !slash => TunnelPath::Poll(tunnel),
+            ["len"] if !slash => TunnelPath::Len(tunnel),
+            ["all"] if !slash => TunnelPath::All(tunnel),
+            [_] => TunnelPath::Message(tunnel, msg()?),
+            [_, "reply"] => TunnelPath::Reply(tunnel, msg()?),
+            [_, "reply", "poll"] => TunnelPath::ReplyPoll(tunnel, msg()?),
+            _ => return None,
+        };
+        Some(path)
+    }
+
+    /// The methods this path serves, for `Allow`.
+    fn allow(&self) -> &'static str {
+        match self {
+            TunnelPath::Tunnel(_) | TunnelPath::Reply(..) => "GET, POST, OPTIONS",
+            TunnelPath::Poll(_) | TunnelPath::Len(_) | TunnelPath::ReplyPoll(..) => "GET, OPTIONS",
+            TunnelPath::All(_) => "DELETE, OPTIONS",
+            TunnelPath::Message(..) => "GET, DELETE, OPTIONS",
+        }
+    }
+}
+
+impl Route {
+    /// Parses a request line. `query` is the raw query string, if any.
+    pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Error> {
+        let Some(rest) = path.strip_prefix("/t/") else {
+            return match path {
+                "/health" => only_get(method, Route::Health),
+                "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
+                _ => Err(Error::NotFound),
+            };
+        };
+        let shape = TunnelPath::parse(rest).ok_or(Error::MalformedUrl)?;
+        if method == Method::OPTIONS {
+            return Ok(Route::Preflight);
+        }
+        let query = Query::parse(query);
+        let route = match (shape, method.as_str()) {
+            (TunnelPath::Tunnel(tunnel), "POST") => Route::Produce {
+                tunnel,
+                limit: query.limit()?,
+            },
+            (TunnelPath::Tunnel(tunnel), "GET") => Route::Consume {
+                tunnel,
+                delivery: query.delivery()?,
+            },
+            (TunnelPath::Poll(tunnel), "GET") => Route::Poll {
+                tunnel,
+                delivery: query.delivery()?,
+                timeout: query.timeout()?,
+            },
+            (TunnelPath::Len(tunnel), "GET") => Route::Len { tunnel },
+            (TunnelPath::All(tunnel), "DELETE") => Route::Clear { tunnel },
+            (TunnelPath::Message(tunnel, msg), "GET") => Route::Status { tunnel, msg },
+            (TunnelPath::Message(tunnel, msg), "DELETE") => Route::Ack { tunnel, msg },
+            (TunnelPath::Reply(tunnel, msg), "POST") => Route::Reply { tunnel, msg },
+            (TunnelPath::Reply(tunnel, msg), "GET") => Route::ReadReply { tunnel, msg },
+            (TunnelPath::ReplyPoll(tunnel, msg), "GET") => Route::PollReply {
+                tunnel,
+                msg,
+                timeout: query.timeout()?,
+            },
+            (shape, _) => {
+                return Err(Error::MethodNotAllowed {
+                    allow: shape.allow(),
+                })
+            }
+        };
+        Ok(route)
+    }
+
+    /// The tunnel whose authorization this route needs, if any.
+    pub fn tunnel(&self) -> Option<&TunnelId> {
+        match self {
+            Route::Health | Route::Demo | Route::Preflight => None,
+            Route::Produce { tunnel, .. }
+            | Route::Consume { tunnel, .. }
+            | Route::Poll { tunnel, .. }
+            | Route::Ack { tunnel, .. }
+            | Route::Reply { tunnel, .. }
+            | Route::ReadReply { tunnel, .. }
+            | Route::PollReply { tunnel, .. }
+            | Route::Status { tunnel, .. }
+            | Route::Len { tunnel }
+            | Route::Clear { tunnel } => Some(tunnel),
+        }
+    }
+
+    /// Whether the route reads a request body.
+    pub fn takes_body(&self) -> bool {
+        matches!(self, Route::Produce { .. } | Route::Reply { .. })
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Demo => "demo",
+            Route::Preflight => "preflight",
+            Route::Produce { .. } => "produce",
+            Route::Consume { .. } => "consume",
+            Route::Poll { .. } => "poll",
+            Route::Ack { .. } => "ack",
+            Route::Reply { .. } => "reply",
+            Route::ReadReply { .. } => "read_reply",
+            Route::PollReply { .. } => "poll_reply",
+            Route::Status { .. } => "status",
+            Route::Len { .. } => "len",
+            Route::Clear { .. } => "clear",
+        }
+    }
+}
+
+fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
+    if method == Method::GET {
+        Ok(route)
+    } else {
+        Err(Error::MethodNotAllowed { allow: "GET" })
+    }
+}
+
+/// The query parameters tunnel routes read; the first occurrence of a name wins.
+struct Query {
+    limit: Option<String>,
+    timeout: Option<String>,
+    pending: Option<String>,
+}
+
+impl Query {
+    fn parse(raw: Option<&str>) -> Query {
+        let mut query = Query {
+            limit: None,
+            timeout: None,
+            pending: None,
+        };
+        for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            let slot = match name.as_ref() {
+                "limit" => &mut query.limit,
+                "timeout" => &mut query.timeout,
+                "pending" => &mut query.pending,
+                _ => continue,
+            };
+            slot.get_or_insert_with(|| value.into_owned());
+        }
+        query
+    }
+
+    /// `limit`: absent → the default, ≤ 0 → off, N → backpressure at N.
+    fn limit(&self) -> Result<Limit, Error> {
+        let Some(raw) = &self.limit else {
+            return Ok(Limit::Default);
+        };
+        match raw.trim().parse::<i64>() {
+            Ok(n) if n <= 0 => Ok(Limit::Off),
+            Ok(n) => Ok(Limit::At(n as u64)),
+            Err(_) => Err(Error::BadParameter(format!(
+                "Invalid limit {raw:?}: expected an integer"
+            ))),
+        }
+    }
+
+    /// `timeout`: whole seconds ≥ 0; absent → `None` (the relay's default).
+    fn timeout(&self) -> Result<Option<u64>, Error> {
+        self.timeout
+            .as_deref()
+            .map(|raw| {
+                raw.trim().parse::<u64>().map_err(|_| {
+                    Error::BadParameter(format!(
+                        "Invalid timeout {raw:?}: expected whole seconds (0 or more)"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// `pending`: absent → remove on delivery; empty or 0 → pending; N ≥ 1 → pending with a
+    /// visibility timeout of N seconds.
+    fn delivery(&self) -> Result<Delivery, Error> {
+        let Some(raw) = &self.pending else {
+            return Ok(Delivery::Remove);
+        };
+        let seconds = match raw.trim() {
+            "" => 0,
+            s => s.parse::<u64>().map_err(|_| {
+                Error::BadParameter(format!(
+                    "Invalid pending {raw:?}: expected nothing, 0, or whole seconds"
+                ))
+            })?,
+        };
+        Ok(Delivery::Pending {
+            redeliver_after: Duration::from_secs(seconds),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path_and_query: &str) -> Result<Route, Error> {
+        parse(Method::GET, path_and_query)
+    }
+
+    fn parse(method: Method, path_and_query: &str) -> Result<Route, Error> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        Route::parse(&method, path, query)
+    }
+
+    fn tunnel(id: &str) -> TunnelId {
+        TunnelId::parse(id).unwrap()
+    }
+
+    /// The fixed words are routes only in the second segment; `/t/poll` is a tunnel.
+    #[test]
+    fn fixed_words() {
+        assert!(matches!(get("/t/x/poll"), Ok(Route::Poll { .. })));
+        assert_eq!(
+            get("/t/poll").unwrap(),
+            Route::Consume {
+                tunnel: tunnel("poll"),
+                delivery: Delivery::Remove
+            }
+        );
+        assert_eq!(
+            get("/t/x/len").unwrap(),
+            Route::Len {
+                tunnel: tunnel("x")
+            }
+        );
+        assert_eq!(
+            parse(Method::DELETE, "/t/x/all").unwrap(),
+            Route::Clear {
+                tunnel: tunnel("x")
+            }
+        );
+    }
+
+    /// Trailing slashes are accepted exactly where the protocol shows `[/]`.
+    #[test]
+    fn trailing_slashes() {
+        for ok in [
+            "/t/x/",
+            "/t/x/1-0/",
+            "/t/x/1-0/reply/",
+            "/t/x/1-0/reply/poll/",
+        ] {
+            assert!(get(ok).is_ok(), "{ok}");
+        }
+        for bad in ["/t/x/poll/", "/t/x/len/", "/t/x//", "/t//", "/t/"] {
+            assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
+        }
+    }
+
+    /// Unknown suffixes, bad message ids and bad characters are malformed.
+    #[test]
+    fn malformed() {
+        for bad in [
+            "/t/a/b",
+            "/t/a.b",
+            "/t/a%20b",
+            "/t/x/1-0/other",
+            "/t/x/1-0/reply/x",
+        ] {
+            assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
+        }
+        assert!(matches!(get("/elsewhere"), Err(Error::NotFound)));
+    }
+
+    /// A wrong method names the allowed ones; OPTIONS is always a preflight.
+    #[test]
+    fn methods() {
+        let err = parse(Method::PUT, "/t/x").unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MethodNotAllowed {
+                allow: "GET, POST, OPTIONS"
+            }
+        ));
+        let err = parse(Method::GET, "/t/x/all").unwrap_err();
+        assert!(matches!(
+            err,
+            Error::MethodNotAllowed {
+                allow: "DELETE, OPTIONS"
+            }
+        ));
+        assert_eq!(
+            parse(Method::OPTIONS, "/t/x/len").unwrap(),
+            Route::Preflight
+        );
+        assert!(matches!(
+            parse(Method::POST, "/health"),
+            Err(Error::MethodNotAllowed { allow: "GET" })
+        ));
+    }
+
+    /// `limit`, `timeout` and `pending` parse as the protocol says, and reject junk.
+    #[test]
+    fn parameters() {
+        let limit = |q: &str| match parse(Method::POST, &format!("/t/x?{q}")) {
+            Ok(Route::Produce { limit, .. }) => Ok(limit),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(limit("").unwrap(), Limit::Default);
+        assert_eq!(limit("limit=0").unwrap(), Limit::Off);
+        assert_eq!(limit("limit=-3").unwrap(), Limit::Off);
+        assert_eq!(limit("limit=7").unwrap(), Limit::At(7));
+        assert!(limit("limit=abc").is_err());
+        assert!(limit("limit=1.5").is_err());
+
+        let poll = |q: &str| match get(&format!("/t/x/poll?{q}")) {
+            Ok(Route::Poll {
+                delivery, timeout, ..
+            }) => Ok((delivery, timeout)),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let pending = |s| Delivery::Pending {
+            redeliver_after: Duration::from_secs(s),
+        };
+        assert_eq!(poll("").unwrap(), (Delivery::Remove, None));
+        assert_eq!(poll("timeout=5&pending").unwrap(), (pending(0), Some(5)));
+        assert_eq!(poll("pending=").unwrap().0, pending(0));
+        assert_eq!(poll("pending=0").unwrap().0, pending(0));
+        assert_eq!(poll("pending=30").unwrap().0, pending(30));
+        for bad in [
+            "timeout=abc",
+            "timeout=-1",
+            "timeout=1.5",
+            "pending=x",
+            "pending=-1",
+        ] {
+            assert!(matches!(poll(bad), Err(Error::BadParameter(_))), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Burrow: an HTTP relay for parties that cannot reach each other directly.
+//!
+//! Producers and consumers meet at a tunnel id; Burrow is a drop-in replacement for
+//! http-event-relay (see `PROTOCOL.md`), served by Pingora and backed by an embedded store or by
+//! KeyDB / Redis streams.
+//!
+//! # Layout
+//! - [`config`]: the environment, read once into a typed `Config`; errors name the variable.
+//! - `cli`: the command line (`burrow serve`), parsed with clap.
+//! - `server`: builds Pingora's `Server` from `conf/burrow.yaml` and the config, and runs it.
+//! - `http`: the Pingora app — routing (`Route`), authorization, responses and the one place
+//!   where errors become statuses.
+//! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
+//! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
+//! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
+
+pub mod config;
+
+mod auth;
+mod cli;
+mod error;
+mod http;
+mod server;
+mod store;
+mod tunnel;
+mod wake;
+
+pub use cli::run;

@@ -1,0 +1,78 @@
+//! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
+//! signal stops it.
+
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::listening::Service;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::http::RelayApp;
+use crate::store::{Store, StoreError};
+use crate::tunnel::Tunnels;
+
+/// Pingora's settings when `BURROW_CONF` names no file.
+const DEFAULT_CONF: &str = include_str!("../conf/burrow.yaml");
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Pingora's YAML configuration is unreadable or invalid.
+    #[error("pingora configuration {source_name}: {message}")]
+    PingoraConf {
+        source_name: String,
+        message: String,
+    },
+    /// The store's runtime could not start.
+    #[error("could not start the store's runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Runs the relay until SIGTERM / SIGINT.
+pub fn run(config: Config) -> Result<(), ServeError> {
+    let conf = pingora_conf(&config)?;
+    // The store's background tasks (redis connections, the wake-up subscriber, expiry) live on
+    // their own runtime: Pingora's service runtimes come and go with the services.
+    let store_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("burrow-store")
+        .enable_all()
+        .build()?;
+    let store = store_runtime.block_on(Store::open(&config.store))?;
+    let tunnels = Tunnels::new(store, config.tunnel.clone());
+    let app = RelayApp::new(tunnels, Auth::new(config.auth.clone()));
+
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = Service::new("burrow".to_string(), app);
+    service.add_tcp(&config.listen);
+    server.add_service(service);
+    log::info!(
+        "Burrow listening on {} ({})",
+        config.listen,
+        config.store.name()
+    );
+    server.run(RunArgs::default());
+    store_runtime.shutdown_background();
+    Ok(())
+}
+
+fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
+    let (source_name, yaml) = match &config.pingora_conf {
+        Some(path) => {
+            let yaml = std::fs::read_to_string(path).map_err(|e| ServeError::PingoraConf {
+                source_name: path.clone(),
+                message: e.to_string(),
+            })?;
+            (path.clone(), yaml)
+        }
+        None => ("(built in)".to_string(), DEFAULT_CONF.to_string()),
+    };
+    ServerConf::from_yaml(&yaml).map_err(|e| ServeError::PingoraConf {
+        source_name,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,244 @@
+//! The embedded store: tunnels in this process's memory, with the same observable behaviour as
+//! the redis store. One `std::sync::Mutex` guards all state; it is never held across an `.await`,
+//! and every operation is a few map look-ups, so contention stays low and each step is atomic.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError};
+use crate::tunnel::{MessageId, TunnelId};
+use crate::wake::{WakeKey, Wakeups};
+
+/// How often expired replies are swept away.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+
+/// The embedded store.
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    wakeups: Wakeups,
+}
+
+#[derive(Default)]
+struct State {
+    tunnels: HashMap<TunnelId, Tunnel>,
+    replies: HashMap<(TunnelId, MessageId), StoredReply>,
+}
+
+/// One tunnel: a stream of messages, some of them pending.
+#[derive(Default)]
+struct Tunnel {
+    /// Messages not yet handed out, oldest first.
+    queued: VecDeque<(MessageId, Payload)>,
+    /// Messages handed out in pending mode, with when they were last handed out.
+    pending: BTreeMap<MessageId, (Payload, Instant)>,
+    /// The newest id given out, so ids keep increasing even after the tunnel empties.
+    last_id: Option<MessageId>,
+}
+
+impl Tunnel {
+    fn len(&self) -> u64 {
+        (self.queued.len() + self.pending.len()) as u64
+    }
+
+    /// Drops the oldest messages, pending or not, until at most `maxlen` remain.
+    fn trim(&mut self, maxlen: u64) {
+        while self.len() > maxlen {
+            let oldest_queued = self.queued.front().map(|(id, _)| *id);
+            let oldest_pending = self.pending.keys().next().copied();
+            match (oldest_queued, oldest_pending) {
+                (Some(q), Some(p)) if p < q => {
+                    self.pending.remove(&p);
+                }
+                (Some(_), _) => {
+                    self.queued.pop_front();
+                }
+                (None, Some(p)) => {
+                    self.pending.remove(&p);
+                }
+                (None, None) => break,
+            }
+        }
+    }
+}
+
+struct StoredReply {
+    payload: Payload,
+    expires: Instant,
+}
+
+impl MemoryStore {
+    /// An empty store reporting to `wakeups`; a background task sweeps expired replies.
+    pub fn new(wakeups: Wakeups) -> MemoryStore {
+        let state = Arc::new(Mutex::new(State::default()));
+        tokio::spawn(purge_expired(Arc::downgrade(&state)));
+        MemoryStore { state, wakeups }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every operation leaves the state consistent before it can panic, so poison is ignored.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sweeps expired replies until the store is dropped.
+async fn purge_expired(state: Weak<Mutex<State>>) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let now = Instant::now();
+        lock(&state).replies.retain(|_, r| r.expires > now);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[async_trait]
+impl Backend for MemoryStore {
+    async fn produce(
+        &self,
+        tunnel: &TunnelId,
+        payload: Payload,
+        bound: Bound,
+    ) -> Result<Produced, StoreError> {
+        let produced = {
+            let mut state = self.lock();
+            let t = state.tunnels.entry(tunnel.clone()).or_default();
+            if let Bound::Limit(limit) = bound {
+                if t.len() >= limit {
+                    return Ok(Produced::Full { size: t.len() });
+                }
+            }
+            let id = MessageId::next_after(t.last_id, now_ms());
+            t.last_id = Some(id);
+            t.queued.push_back((id, payload));
+            match bound {
+                Bound::Limit(_) => Produced::Stored {
+                    id,
+                    size: Some(t.len()),
+                },
+                Bound::Trim(maxlen) => {
+                    t.trim(maxlen);
+                    Produced::Stored { id, size: None }
+                }
+            }
+        };
+        self.wakeups.wake(&WakeKey::Message(tunnel.to_string()));
+        Ok(produced)
+    }
+
+    async fn consume(
+        &self,
+        tunnel: &TunnelId,
+        delivery: Delivery,
+    ) -> Result<Option<Message>, StoreError> {
+        let mut state = self.lock();
+        let Some(t) = state.tunnels.get_mut(tunnel) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if let Delivery::Pending { redeliver_after } = delivery {
+            let due = t
+                .pending
+                .iter_mut()
+                .find(|(_, (_, handed_out))| now.duration_since(*handed_out) >= redeliver_after);
+            if let Some((id, (payload, handed_out))) = due {
+                *handed_out = now;
+                return Ok(Some(Message {
+                    id: *id,
+                    payload: payload.clone(),
+                }));
+            }
+        }
+        let Some((id, payload)) = t.queued.pop_front() else {
+            return Ok(None);
+        };
+        if let Delivery::Pending { .. } = delivery {
+            t.pending.insert(id, (payload.clone(), now));
+        }
+        Ok(Some(Message { id, payload }))
+    }
+
+    async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(t) = state.tunnels.get_mut(tunnel) {
+            t.pending.remove(&msg);
+            if let Ok(at) = t.queued.binary_search_by_key(&msg, |(id, _)| *id) {
+                t.queued.remove(at);
+            }
+        }
+        Ok(())
+    }
+
+    async fn reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        reply: Payload,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        {
+            let mut state = self.lock();
+            let was_pending = state
+                .tunnels
+                .get_mut(tunnel)
+                .is_some_and(|t| t.pending.remove(&msg).is_some());
+            if !was_pending {
+                return Ok(false);
+            }
+            let stored = StoredReply {
+                payload: reply,
+                expires: Instant::now() + ttl,
+            };
+            state.replies.insert((tunnel.clone(), msg), stored);
+        }
+        self.wakeups
+            .wake(&WakeKey::Reply(tunnel.to_string(), msg.to_string()));
+        Ok(true)
+    }
+
+    async fn take_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError> {
+        let reply = self.lock().replies.remove(&(tunnel.clone(), msg));
+        Ok(reply
+            .filter(|r| r.expires > Instant::now())
+            .map(|r| r.payload))
+    }
+
+    async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
+        let state = self.lock();
+        let Some(t) = state.tunnels.get(tunnel) else {
+            return Ok(MessageStatus::Gone);
+        };
+        Ok(if t.pending.contains_key(&msg) {
+            MessageStatus::Pending
+        } else if t.queued.binary_search_by_key(&msg, |(id, _)| *id).is_ok() {
+            MessageStatus::Queued
+        } else {
+            MessageStatus::Gone
+        })
+    }
+
+    async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError> {
+        Ok(self.lock().tunnels.get(tunnel).map_or(0, Tunnel::len))
+    }
+
+    async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
+        self.lock().tunnels.remove(tunnel);
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! Stores: where tunnels live. One narrow [`Backend`] trait with the few operations the tunnel
+//! protocol needs, two implementations — [`memory`] (embedded) and [`redis`] (KeyDB / Redis
+//! streams in http-event-relay's key layout) — and the [`Store`] handle the rest of Burrow holds.
+//!
+//! Every backend makes each operation atomic on its own (produce-with-backpressure included) and
+//! reports new messages and replies to the process's [`Wakeups`], from whichever instance they came.
+
+mod memory;
+mod redis;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::config::StoreConfig;
+use crate::tunnel::{MessageId, TunnelId};
+use crate::wake::Wakeups;
+
+/// A store failure. Every backend converts its own errors into this one type.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer in time; the client should retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something Burrow cannot use.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// A body with its optional Content-Type: a message or a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// The bytes exactly as produced.
+    pub body: Bytes,
+    /// The producer's Content-Type, if it gave one.
+    pub content_type: Option<String>,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The message's id in its tunnel.
+    pub id: MessageId,
+    /// What the producer sent.
+    pub payload: Payload,
+}
+
+/// How a produce bounds the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// Backpressure: refuse the message if the tunnel already holds `limit` messages.
+    Limit(u64),
+    /// No backpressure: store, then drop the oldest messages beyond `maxlen`.
+    Trim(u64),
+}
+
+/// The outcome of a produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Produced {
+    /// Stored under `id`; `size` is the tunnel's size afterwards when backpressure was on.
+    Stored { id: MessageId, size: Option<u64> },
+    /// Refused by backpressure; the tunnel holds `size` messages.
+    Full { size: u64 },
+}
+
+/// How a consumer takes a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Removed as it is handed out.
+    Remove,
+    /// Kept pending until acknowledged. A pending message is handed out again once it has been
+    /// unacknowledged for `redeliver_after` (zero: at once, the original's `?pending`).
+    Pending { redeliver_after: Duration },
+}
+
+/// Where a message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    /// In the tunnel, not yet handed out.
+    Queued,
+    /// Handed out in pending mode and not acknowledged.
+    Pending,
+    /// Never existed, consumed without `pending`, or acknowledged.
+    Gone,
+}
+
+/// The operations a store provides; each one is atomic.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Appends a message, bounded as `bound` says, and wakes a consumer waiting on the tunnel.
+    async fn produce(
+        &self,
+        tunnel: &TunnelId,
+        payload: Payload,
+        bound: Bound,
+    ) -> Result<Produced, StoreError>;
+
+    /// Takes the next message for a consumer, if there is one.
+    async fn consume(
+        &self,
+        tunnel: &TunnelId,
+        delivery: Delivery,
+    ) -> Result<Option<Message>, StoreError>;
+
+    /// Acknowledges a message: removes it from the pending set and the tunnel. Idempotent.
+    async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
+
+    /// If `msg` is pending: acknowledges it, keeps `reply` for `ttl`, wakes its readers and
+    /// returns `true`. Otherwise stores nothing and returns `false`.
+    async fn reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        reply: Payload,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Hands out the reply to `msg` and deletes it (read once).
+    async fn take_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError>;
+
+    /// Where `msg` stands in `tunnel`.
+    async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError>;
+
+    /// Messages in the tunnel, pending ones included.
+    async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError>;
+
+    /// Deletes the tunnel with its pending state.
+    async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError>;
+}
+
+/// The store handle the relay holds: a backend plus the wake-ups it feeds. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    wakeups: Wakeups,
+}
+
+impl Store {
+    /// Opens the configured store. For redis this connects and starts the wake-up subscriber;
+    /// an unreachable server is not fatal — requests answer 503 until it is back.
+    pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        let wakeups = Wakeups::default();
+        let backend: Arc<dyn Backend> = match config {
+            StoreConfig::Memory => Arc::new(memory::MemoryStore::new(wakeups.clone())),
+            StoreConfig::Redis(redis) => {
+                Arc::new(redis::RedisStore::connect(redis, wakeups.clone()).await?)
+            }
+        };
+        Ok(Store { backend, wakeups })
+    }
+
+    /// The waiters of this process, fed by the backend.
+    pub fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
+    }
+}
+
+impl Deref for Store {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &(dyn Backend + 'static) {
+        self.backend.as_ref()
+    }
+}

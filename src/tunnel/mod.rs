@@ -1,0 +1,173 @@
+//! The tunnel protocol (PROTOCOL.md part 1): produce with backpressure, consume with or without
+//! pending mode, long-polls, acknowledgements and replies. Store-agnostic: it speaks only to the
+//! [`Store`] handle and knows nothing of HTTP.
+
+mod id;
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use id::{MessageId, TunnelId};
+
+use crate::config::TunnelConfig;
+use crate::error::Error;
+use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
+use crate::wake::WakeKey;
+
+/// How often a waiting poll re-reads the store even without a wake-up, so that a lost
+/// notification (or a producer that publishes none, like the Lua relay) delays a message by at
+/// most about this long.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A produce's `limit` parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// No `limit`: backpressure as `TUNNEL_BACKPRESSURE` says, at `TUNNEL_MAXLEN`.
+    Default,
+    /// `limit=0` or negative: no backpressure for this request.
+    Off,
+    /// `limit=N`: backpressure at N messages.
+    At(u64),
+}
+
+/// Signals that the server is shutting down (`true`); long-polls then answer at once.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// The tunnels of one relay process.
+#[derive(Clone)]
+pub struct Tunnels {
+    store: Store,
+    config: TunnelConfig,
+}
+
+impl Tunnels {
+    /// Tunnels kept in `store`, following `config`.
+    pub fn new(store: Store, config: TunnelConfig) -> Tunnels {
+        Tunnels { store, config }
+    }
+
+    /// The rules these tunnels follow.
+    pub fn config(&self) -> &TunnelConfig {
+        &self.config
+    }
+
+    /// Stores a message; [`Error::QueueFull`] when backpressure refuses it.
+    pub async fn produce(
+        &self,
+        tunnel: &TunnelId,
+        payload: Payload,
+        limit: Limit,
+    ) -> Result<(MessageId, Option<u64>), Error> {
+        let maxlen = self.config.maxlen;
+        let bound = match limit {
+            Limit::At(n) if n > maxlen => {
+                return Err(Error::BadParameter(
+                    "Limit must be less than the tunnel max length".into(),
+                ))
+            }
+            Limit::At(n) => Bound::Limit(n),
+            Limit::Default if self.config.backpressure => Bound::Limit(maxlen),
+            Limit::Default | Limit::Off => Bound::Trim(maxlen),
+        };
+        match self.store.produce(tunnel, payload, bound).await? {
+            Produced::Stored { id, size } => Ok((id, size)),
+            Produced::Full { size } => Err(Error::QueueFull { size }),
+        }
+    }
+
+    /// Takes a message, waiting up to `wait` for one (`None`: answer at once).
+    pub async fn consume(
+        &self,
+        tunnel: &TunnelId,
+        delivery: Delivery,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Option<Message>, Error> {
+        let key = WakeKey::Message(tunnel.to_string());
+        self.wait_for(key, wait, shutdown, || self.store.consume(tunnel, delivery))
+            .await
+    }
+
+    /// Acknowledges a message (always succeeds, also for unknown ids).
+    pub async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), Error> {
+        Ok(self.store.ack(tunnel, msg).await?)
+    }
+
+    /// Acknowledges a pending message with a reply; `false` if it was not pending.
+    pub async fn reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        reply: Payload,
+    ) -> Result<bool, Error> {
+        let ttl = self.config.reply_ttl;
+        Ok(self.store.reply(tunnel, msg, reply, ttl).await?)
+    }
+
+    /// Hands out the reply to `msg` once, waiting up to `wait` for it (`None`: answer at once).
+    pub async fn take_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Option<Payload>, Error> {
+        let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
+        self.wait_for(key, wait, shutdown, || self.store.take_reply(tunnel, msg))
+            .await
+    }
+
+    /// Where a message stands.
+    pub async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, Error> {
+        Ok(self.store.status(tunnel, msg).await?)
+    }
+
+    /// Messages in the tunnel, pending ones included.
+    pub async fn len(&self, tunnel: &TunnelId) -> Result<u64, Error> {
+        Ok(self.store.len(tunnel).await?)
+    }
+
+    /// Deletes the tunnel with its pending state.
+    pub async fn clear(&self, tunnel: &TunnelId) -> Result<(), Error> {
+        Ok(self.store.clear(tunnel).await?)
+    }
+
+    /// The long-poll: runs `attempt` until it yields something, re-running it on each wake-up of
+    /// `key` and every [`RECHECK_EVERY`], until `wait` runs out or the server shuts down.
+    async fn wait_for<T, F, Fut>(
+        &self,
+        key: WakeKey,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+        attempt: F,
+    ) -> Result<Option<T>, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, crate::store::StoreError>>,
+    {
+        let Some(wait) = wait.filter(|w| !w.is_zero()) else {
+            return Ok(attempt().await?);
+        };
+        let deadline = Instant::now() + wait;
+        let waiter = self.store.wakeups().register(key);
+        loop {
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(found) = attempt().await? {
+                return Ok(Some(found));
+            }
+            if *shutdown.borrow() || Instant::now() >= deadline {
+                return Ok(None);
+            }
+            let recheck = deadline.min(Instant::now() + RECHECK_EVERY);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(recheck) => {}
+                _ = shutdown.changed() => return Ok(None),
+            }
+        }
+    }
+}
