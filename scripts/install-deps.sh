@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs, via apt-get and only when missing, what building Burrow needs on a fresh Debian
+# machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
+# `--tests`, also redis-server (the tests start their own on a free port; no system service is used).
+set -euo pipefail
+
+# Debian packages, each with the commands that show it is installed.
+declare -A needs=(
+  [build-essential]="cc make"
+  [cmake]=cmake
+  [pkg-config]=pkg-config
+)
+[[ "${1:-}" == --tests ]] && needs[redis-server]=redis-server
+
+missing=()
+for pkg in "${!needs[@]}"; do
+  for cmd in ${needs[$pkg]}; do
+    command -v "$cmd" >/dev/null 2>&1 || { missing+=("$pkg"); break; }
+  done
+done
+if ((${#missing[@]})); then
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  echo "==> installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

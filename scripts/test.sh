@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every check and test of Burrow: the one command for CI and for a fresh Debian 12 machine.
+#
+# 1. Installs what the build and the tests need, via apt-get, only when it is missing
+#    (scripts/install-deps.sh: a C toolchain, cmake, pkg-config and redis-server — the tests
+#    start their own redis-server on a free port; no system redis service is used).
+# 2. Adds the rustfmt and clippy components when missing.
+# 3. Runs `cargo fmt --check`, `cargo clippy -D warnings`, then the tests (cargo-nextest when
+#    installed, else `cargo test`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh --tests
+
+# rustup's default install puts cargo in ~/.cargo/bin, which a non-login shell may not have on PATH.
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+echo "==> cargo fmt"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast
+else
+  cargo test --no-fail-fast
+fi
