@@ -107,6 +107,10 @@ pub struct TunnelConfig {
 pub struct Config {
     /// `BURROW_LISTEN`: the one HTTP listening address.
     pub listen: String,
+    /// `BURROW_METRICS_LISTEN`: where Prometheus metrics are served; off when unset.
+    pub metrics_listen: Option<String>,
+    /// `BURROW_ACCESS_LOG`: one info line per request.
+    pub access_log: bool,
     /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
@@ -157,7 +161,11 @@ impl Config {
                 .collect(),
         };
         Ok(Config {
-            listen: env.listen_address()?,
+            listen: env
+                .socket_address("BURROW_LISTEN")?
+                .unwrap_or_else(|| "0.0.0.0:8080".into()),
+            metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
+            access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             pingora_conf: env.get("BURROW_CONF"),
             store: store_config(&env)?,
             auth,
@@ -240,16 +248,16 @@ impl Env<'_> {
         }
     }
 
-    /// `BURROW_LISTEN`: an `IP:port` socket address.
-    fn listen_address(&self) -> Result<String, ConfigError> {
-        let listen = self
-            .get("BURROW_LISTEN")
-            .unwrap_or_else(|| "0.0.0.0:8080".into());
-        match listen.parse::<std::net::SocketAddr>() {
-            Ok(_) => Ok(listen),
+    /// An `IP:port` socket address, if set.
+    fn socket_address(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(value) = self.get(var) else {
+            return Ok(None);
+        };
+        match value.parse::<std::net::SocketAddr>() {
+            Ok(_) => Ok(Some(value)),
             Err(_) => Err(ConfigError::Invalid {
-                var: "BURROW_LISTEN",
-                value: listen,
+                var,
+                value,
                 expected: "an IP:port address such as 0.0.0.0:8080",
             }),
         }
@@ -328,6 +336,8 @@ mod tests {
             ("BURROW_STORE", "postgres"),
             ("TUNNEL_MAX_MESSAGE_SIZE", "1k"),
             ("BURROW_LISTEN", "localhost"),
+            ("BURROW_METRICS_LISTEN", "9090"),
+            ("BURROW_ACCESS_LOG", "yes please"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

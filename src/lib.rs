@@ -12,6 +12,7 @@
 //!   where errors become statuses.
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
+//! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
 //! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
 
 pub mod config;
@@ -20,6 +21,7 @@ mod auth;
 mod cli;
 mod error;
 mod http;
+mod metrics;
 mod server;
 mod store;
 mod tunnel;

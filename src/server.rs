@@ -43,13 +43,18 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let tunnels = Tunnels::new(store, config.tunnel.clone());
-    let app = RelayApp::new(tunnels, Auth::new(config.auth.clone()));
+    let app = RelayApp::new(tunnels, Auth::new(config.auth.clone()), config.access_log);
 
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = Service::new("burrow".to_string(), app);
     service.add_tcp(&config.listen);
     server.add_service(service);
+    if let Some(metrics_listen) = &config.metrics_listen {
+        let mut metrics = pingora_prometheus::prometheus_http_service();
+        metrics.add_tcp(metrics_listen);
+        server.add_service(metrics);
+    }
     log::info!(
         "Burrow listening on {} ({})",
         config.listen,

@@ -3,11 +3,11 @@
 //! owns the session, so a long-poll can wait on the shutdown signal and answer 204 when it fires.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use pingora_core::apps::{
     HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream,
 };
@@ -18,6 +18,7 @@ use super::response::Response;
 use super::route::Route;
 use crate::auth::{Auth, Credentials};
 use crate::error::Error;
+use crate::metrics;
 use crate::store::{Message, MessageStatus, Payload};
 use crate::tunnel::{Shutdown, Tunnels};
 
@@ -31,18 +32,20 @@ const KEEPALIVE_SECS: u64 = 60;
 pub struct RelayApp {
     tunnels: Tunnels,
     auth: Auth,
+    access_log: bool,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
-    /// An app serving `tunnels` under `auth`.
-    pub fn new(tunnels: Tunnels, auth: Auth) -> RelayApp {
+    /// An app serving `tunnels` under `auth`, logging each request when `access_log` is set.
+    pub fn new(tunnels: Tunnels, auth: Auth, access_log: bool) -> RelayApp {
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
         RelayApp {
             tunnels,
             auth,
+            access_log,
             options,
         }
     }
@@ -240,27 +243,40 @@ impl HttpServerApp for RelayApp {
                 return None;
             }
         }
+        let started = Instant::now();
         let mut shutdown = shutdown.clone();
         let head = session.req_header();
+        let method = head.method.clone();
         let route = Route::parse(&head.method, head.uri.path(), head.uri.query());
+        let name = route.as_ref().map_or("invalid", Route::name);
+        let tunnel = match &route {
+            Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
+            _ => None,
+        };
         let response = match route {
-            Ok(route) => {
-                let name = route.name();
-                self.handle(route, &mut session, &mut shutdown)
-                    .await
-                    .unwrap_or_else(|e| {
-                        if let Error::Store(store) = &e {
-                            warn!("{name}: {store}");
-                        }
-                        Response::from(e)
-                    })
-            }
+            Ok(route) => self
+                .handle(route, &mut session, &mut shutdown)
+                .await
+                .unwrap_or_else(|e| {
+                    if let Error::Store(store) = &e {
+                        warn!("{name}: {store}");
+                    }
+                    Response::from(e)
+                }),
             Err(e) => Response::from(e),
         };
+        let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
-        let keepalive = !*shutdown.borrow() && response.status != 413;
+        let keepalive = !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
-        write(&mut session, response).await?;
+        let written = write(&mut session, response).await;
+        metrics::request(name, status, started);
+        if self.access_log {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let tunnel = tunnel.as_deref().unwrap_or("-");
+            info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
+        }
+        written?;
         let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
             Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),

@@ -13,6 +13,7 @@ pub use id::{MessageId, TunnelId};
 
 use crate::config::TunnelConfig;
 use crate::error::Error;
+use crate::metrics::{self, MessageEvent, WaitingPoll};
 use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
 use crate::wake::WakeKey;
 
@@ -71,9 +72,16 @@ impl Tunnels {
             Limit::Default if self.config.backpressure => Bound::Limit(maxlen),
             Limit::Default | Limit::Off => Bound::Trim(maxlen),
         };
-        match self.store.produce(tunnel, payload, bound).await? {
-            Produced::Stored { id, size } => Ok((id, size)),
-            Produced::Full { size } => Err(Error::QueueFull { size }),
+        let produced = metrics::store_op("produce", self.store.produce(tunnel, payload, bound));
+        match produced.await? {
+            Produced::Stored { id, size } => {
+                metrics::message(MessageEvent::Produced);
+                Ok((id, size))
+            }
+            Produced::Full { size } => {
+                metrics::message(MessageEvent::Rejected);
+                Err(Error::QueueFull { size })
+            }
         }
     }
 
@@ -86,13 +94,19 @@ impl Tunnels {
         shutdown: &mut Shutdown,
     ) -> Result<Option<Message>, Error> {
         let key = WakeKey::Message(tunnel.to_string());
-        self.wait_for(key, wait, shutdown, || self.store.consume(tunnel, delivery))
-            .await
+        let attempt = || metrics::store_op("consume", self.store.consume(tunnel, delivery));
+        let message = self.wait_for(key, wait, shutdown, attempt).await?;
+        if message.is_some() {
+            metrics::message(MessageEvent::Consumed);
+        }
+        Ok(message)
     }
 
     /// Acknowledges a message (always succeeds, also for unknown ids).
     pub async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), Error> {
-        Ok(self.store.ack(tunnel, msg).await?)
+        metrics::store_op("ack", self.store.ack(tunnel, msg)).await?;
+        metrics::message(MessageEvent::Acknowledged);
+        Ok(())
     }
 
     /// Acknowledges a pending message with a reply; `false` if it was not pending.
@@ -103,7 +117,11 @@ impl Tunnels {
         reply: Payload,
     ) -> Result<bool, Error> {
         let ttl = self.config.reply_ttl;
-        Ok(self.store.reply(tunnel, msg, reply, ttl).await?)
+        let replied = metrics::store_op("reply", self.store.reply(tunnel, msg, reply, ttl)).await?;
+        if replied {
+            metrics::message(MessageEvent::Replied);
+        }
+        Ok(replied)
     }
 
     /// Hands out the reply to `msg` once, waiting up to `wait` for it (`None`: answer at once).
@@ -115,23 +133,23 @@ impl Tunnels {
         shutdown: &mut Shutdown,
     ) -> Result<Option<Payload>, Error> {
         let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
-        self.wait_for(key, wait, shutdown, || self.store.take_reply(tunnel, msg))
-            .await
+        let attempt = || metrics::store_op("take_reply", self.store.take_reply(tunnel, msg));
+        self.wait_for(key, wait, shutdown, attempt).await
     }
 
     /// Where a message stands.
     pub async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, Error> {
-        Ok(self.store.status(tunnel, msg).await?)
+        Ok(metrics::store_op("status", self.store.status(tunnel, msg)).await?)
     }
 
     /// Messages in the tunnel, pending ones included.
     pub async fn len(&self, tunnel: &TunnelId) -> Result<u64, Error> {
-        Ok(self.store.len(tunnel).await?)
+        Ok(metrics::store_op("len", self.store.len(tunnel)).await?)
     }
 
     /// Deletes the tunnel with its pending state.
     pub async fn clear(&self, tunnel: &TunnelId) -> Result<(), Error> {
-        Ok(self.store.clear(tunnel).await?)
+        Ok(metrics::store_op("clear", self.store.clear(tunnel)).await?)
     }
 
     /// The long-poll: runs `attempt` until it yields something, re-running it on each wake-up of
@@ -152,6 +170,7 @@ impl Tunnels {
         };
         let deadline = Instant::now() + wait;
         let waiter = self.store.wakeups().register(key);
+        let _waiting = WaitingPoll::start();
         loop {
             let notified = waiter.notified();
             tokio::pin!(notified);

@@ -1,0 +1,128 @@
+//! Prometheus metrics, served by Pingora's Prometheus service on `BURROW_METRICS_LISTEN`.
+//!
+//! The metrics are process-wide statics in the default registry, which is what that service
+//! reports; the rest of Burrow records through the small functions below.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use pingora_prometheus::prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, HistogramVec,
+    IntCounterVec, IntGauge,
+};
+
+// Registration fails only for a duplicate or malformed name, which these constants are not.
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "burrow_requests_total",
+        "HTTP requests answered, by route and status",
+        &["route", "status"]
+    )
+    .expect("metric definition is valid")
+});
+
+static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "burrow_request_duration_seconds",
+        "Time from a parsed request to its written response, by route",
+        &["route"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0, 30.0, 60.0]
+    )
+    .expect("metric definition is valid")
+});
+
+static WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("burrow_waiting_polls", "Long-polls waiting right now")
+        .expect("metric definition is valid")
+});
+
+static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "burrow_messages_total",
+        "Messages produced, consumed, acknowledged, replied to, or rejected by backpressure",
+        &["event"]
+    )
+    .expect("metric definition is valid")
+});
+
+static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "burrow_store_errors_total",
+        "Failed store operations, by operation",
+        &["op"]
+    )
+    .expect("metric definition is valid")
+});
+
+static STORE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "burrow_store_duration_seconds",
+        "Store operation latency, by operation",
+        &["op"],
+        vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 3.0]
+    )
+    .expect("metric definition is valid")
+});
+
+/// What happened to a message, for `burrow_messages_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum MessageEvent {
+    Produced,
+    Consumed,
+    Acknowledged,
+    Replied,
+    Rejected,
+}
+
+/// Records one answered request.
+pub fn request(route: &str, status: u16, started: Instant) {
+    REQUESTS
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    REQUEST_SECONDS
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Records a message event.
+pub fn message(event: MessageEvent) {
+    let label = match event {
+        MessageEvent::Produced => "produced",
+        MessageEvent::Consumed => "consumed",
+        MessageEvent::Acknowledged => "acknowledged",
+        MessageEvent::Replied => "replied",
+        MessageEvent::Rejected => "rejected",
+    };
+    MESSAGES.with_label_values(&[label]).inc();
+}
+
+/// Runs a store operation, recording its latency and whether it failed.
+pub async fn store_op<T, E>(op: &str, call: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let started = Instant::now();
+    let result = call.await;
+    STORE_SECONDS
+        .with_label_values(&[op])
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        STORE_ERRORS.with_label_values(&[op]).inc();
+    }
+    result
+}
+
+/// Counts a waiting long-poll for as long as it lives.
+pub struct WaitingPoll(());
+
+impl WaitingPoll {
+    /// Starts counting one waiting poll.
+    pub fn start() -> WaitingPoll {
+        WAITING.inc();
+        WaitingPoll(())
+    }
+}
+
+impl Drop for WaitingPoll {
+    fn drop(&mut self) {
+        WAITING.dec();
+    }
+}

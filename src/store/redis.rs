@@ -1,0 +1,588 @@
+//! The redis backend: tunnels in KeyDB / Redis / Valkey streams, in http-event-relay's key layout
+//! (`t:{tunnel}:s`, group `t:{tunnel}:g`, consumer `c-{tunnel}`, replies `t:{tunnel}:r-{msg}` and
+//! `t:{tunnel}:rt-{msg}`), so data written by either relay is read by the other.
+//!
+//! Each operation is one round trip and atomic: a Lua script from `redis/*.lua`, called by SHA.
+//! The produce and reply scripts publish wake-ups on [`WAKE_CHANNEL`]; one subscriber connection
+//! per process turns them into [`Wakeups::wake`] calls. The store uses a small fixed set of
+//! multiplexed connections, whatever the number of waiting polls.
+//!
+//! Outages: fred reconnects forever in the background; meanwhile every operation fails within
+//! [`OPERATION_TIMEOUT`] with [`StoreError::Unavailable`] instead of queueing.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::clients::WithOptions;
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, KeysInterface, Options, Pool,
+    PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+};
+use fred::types::config::UnresponsiveConfig;
+use fred::types::{ClusterHash, CustomCommand};
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::{Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError};
+use crate::config::RedisConfig;
+use crate::tunnel::{MessageId, TunnelId};
+use crate::wake::{WakeKey, Wakeups};
+
+/// The pub/sub channel carrying [`WakeKey`]s between relay instances.
+pub const WAKE_CHANNEL: &str = "burrow:wake";
+
+/// The longest any store operation may take before it answers `Unavailable`.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long after [`OPERATION_TIMEOUT`] an operation is abandoned if fred has not ended it.
+const SAFETY_MARGIN: Duration = Duration::from_millis(250);
+
+/// Multiplexed command connections; more would not make a single server faster.
+const MAX_POOL_SIZE: usize = 4;
+
+/// Time to open a TCP connection (and run its set-up commands) before trying again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause between reconnection attempts, in ms; short, so service resumes soon after an outage.
+const RECONNECT_DELAY_MS: u32 = 300;
+
+/// A connection that leaves a command unanswered this long is dropped and reopened, so a
+/// half-open TCP connection (server host gone) does not stay in use.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
+
+/// Wake-ups buffered for the listener; a burst beyond this loses some, which the waiters'
+/// periodic re-check absorbs.
+const WAKE_BUFFER: usize = 4096;
+
+static PRODUCE: Script = Script::new(include_str!("redis/produce.lua"));
+static CONSUME: Script = Script::new(include_str!("redis/consume.lua"));
+static ACK: Script = Script::new(include_str!("redis/ack.lua"));
+static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
+static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
+static STATUS: Script = Script::new(include_str!("redis/status.lua"));
+
+/// The redis store: a pool of command connections; the wake-up subscriber runs on its own task.
+pub struct RedisStore {
+    pool: Pool,
+}
+
+impl RedisStore {
+    /// Connects the command pool and the wake-up subscriber, waiting at most [`CONNECT_TIMEOUT`]:
+    /// a server that is down at start-up is an outage like any other, and operations answer
+    /// `Unavailable` until it is reachable. Fails only on a configuration error such as an
+    /// invalid URL.
+    pub async fn connect(config: &RedisConfig, wakeups: Wakeups) -> Result<RedisStore, StoreError> {
+        let mut fred_config = Config::from_url(&config.url)
+            .map_err(|e| StoreError::Internal(format!("invalid redis URL: {e}")))?;
+        if fred_config.password.is_none() {
+            fred_config.password.clone_from(&config.password);
+        }
+        // Retry the first connection like any later one instead of failing start-up.
+        fred_config.fail_fast = false;
+
+        let mut builder = Builder::from_config(fred_config);
+        builder
+            .set_policy(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS))
+            .with_connection_config(|connection| {
+                connection.connection_timeout = CONNECT_TIMEOUT;
+                connection.internal_command_timeout = OPERATION_TIMEOUT;
+                // A script whose connection dropped may have run; sending it again could store a
+                // message twice. The caller gets `Unavailable` and decides.
+                connection.max_command_attempts = 1;
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(UNRESPONSIVE_AFTER),
+                    interval: Duration::from_secs(1),
+                };
+            })
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = OPERATION_TIMEOUT;
+            });
+
+        let pool = builder
+            .build_pool(config.pool_size.clamp(1, MAX_POOL_SIZE))
+            .map_err(|e| StoreError::Internal(format!("redis pool: {e}")))?;
+        // The handle only reports the end of the connection tasks, which run for the process.
+        drop(pool.connect());
+
+        builder.with_performance_config(|performance| {
+            performance.broadcast_channel_capacity = WAKE_BUFFER;
+        });
+        let subscriber = builder
+            .build()
+            .map_err(|e| StoreError::Internal(format!("redis subscriber: {e}")))?;
+        // The receivers exist before the connection does, so its first connect event is not missed.
+        let events = SubscriberEvents {
+            messages: subscriber.message_rx(),
+            reconnects: subscriber.reconnect_rx(),
+            errors: subscriber.error_rx(),
+        };
+        tokio::spawn(listen(subscriber.clone(), events, wakeups));
+        drop(subscriber.connect());
+
+        // A relay that answers /health should not turn its first requests away while a reachable
+        // server is still being dialled; an unreachable one is an outage like any later one.
+        let first_connection = async {
+            pool.wait_for_connect().await?;
+            subscriber.wait_for_connect().await
+        };
+        if !matches!(
+            tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await,
+            Ok(Ok(()))
+        ) {
+            log::warn!("redis: not reachable at start-up; answering 503 until it is");
+        }
+        Ok(RedisStore { pool })
+    }
+
+    /// Starts an operation on a connected client of the pool (any, when none is).
+    fn call(&self) -> Call {
+        Call {
+            client: self.pool.next_connected().clone(),
+            deadline: Instant::now() + OPERATION_TIMEOUT,
+        }
+    }
+}
+
+/// One operation: its client and its deadline, shared by the one or two commands it sends.
+struct Call {
+    client: Client,
+    deadline: Instant,
+}
+
+impl Call {
+    /// The client for the operation's next command. The command fails at once while the client
+    /// is disconnected instead of queueing, is never sent twice, and times out at the operation's
+    /// deadline. fred's own timeout (not a dropped future) marks the command abandoned, so it is
+    /// not sent later, after the caller was told `Unavailable`.
+    fn client(&self) -> WithOptions<Client> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        self.client.with_options(&Options {
+            fail_fast: true,
+            max_attempts: Some(1),
+            timeout: Some(left.max(Duration::from_millis(1))),
+            ..Options::default()
+        })
+    }
+}
+
+/// What the subscriber connection reports.
+struct SubscriberEvents {
+    messages: broadcast::Receiver<fred::types::Message>,
+    reconnects: broadcast::Receiver<fred::types::config::Server>,
+    errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+}
+
+/// Feeds `wakeups` from the subscriber for the life of the process, subscribing again after every
+/// (re)connection since a new connection starts without subscriptions.
+async fn listen(subscriber: Client, mut events: SubscriberEvents, wakeups: Wakeups) {
+    // Logs one line per outage rather than one per reconnection attempt.
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            message = events.messages.recv() => match message {
+                Ok(message) if message.channel == WAKE_CHANNEL => {
+                    if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
+                        wakeups.wake(&key);
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    log::debug!("redis wake-ups: {missed} missed, waiters will re-check");
+                }
+                Err(RecvError::Closed) => return,
+            },
+            reconnect = events.reconnects.recv() => match reconnect {
+                Ok(server) => {
+                    log::info!("redis: connected to {server}");
+                    connected = true;
+                    subscribe(&subscriber).await;
+                }
+                Err(RecvError::Lagged(_)) => subscribe(&subscriber).await,
+                Err(RecvError::Closed) => return,
+            },
+            error = events.errors.recv() => match error {
+                Ok((error, _)) => {
+                    if std::mem::take(&mut connected) {
+                        log::warn!("redis: connection lost, reconnecting: {error}");
+                    } else {
+                        log::debug!("redis: {error}");
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// Subscribes to [`WAKE_CHANNEL`], retrying while the connection is up; a subscriber that stays
+/// unsubscribed would leave every waiter to its periodic re-check.
+async fn subscribe(subscriber: &Client) {
+    while subscriber.is_connected() {
+        match subscriber.subscribe(WAKE_CHANNEL).await {
+            Ok(()) => return,
+            Err(e) => {
+                log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// A Lua script run by SHA. The SHA is learnt from the first `SCRIPT LOAD`; the script is loaded
+/// again whenever the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+struct Script {
+    source: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Script {
+    const fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: OnceLock::new(),
+        }
+    }
+
+    /// Runs the script with `keys` and `args`. EVALSHA and SCRIPT LOAD go out as custom
+    /// commands because fred applies per-command [`Options`] only to those, not to its Lua API.
+    async fn run(
+        &self,
+        call: &Call,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, StoreError> {
+        let result = async {
+            if let Some(sha) = self.sha.get() {
+                match evalsha(&call.client(), sha, &keys, &args).await {
+                    Err(e) if e.details().starts_with("NOSCRIPT") => {}
+                    result => return result,
+                }
+            }
+            let load = CustomCommand::new_static("SCRIPT", ClusterHash::Random, false);
+            let sha: String = call
+                .client()
+                .custom(load, vec!["LOAD", self.source])
+                .await?;
+            // Every server derives the same SHA from the same source: the first one learnt stays.
+            let sha = self.sha.get_or_init(|| sha);
+            evalsha(&call.client(), sha, &keys, &args).await
+        };
+        bounded(result).await
+    }
+}
+
+/// `EVALSHA sha numkeys key... arg...`.
+async fn evalsha(
+    client: &WithOptions<Client>,
+    sha: &str,
+    keys: &[String],
+    args: &[Value],
+) -> Result<Value, fred::error::Error> {
+    let command = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+    let mut line = Vec::with_capacity(2 + keys.len() + args.len());
+    line.push(Value::from(sha));
+    line.push(Value::from(keys.len() as i64));
+    line.extend(keys.iter().map(|key| Value::from(key.as_str())));
+    line.extend(args.iter().cloned());
+    client.custom(command, line).await
+}
+
+/// The keys of one tunnel, as the original relay names them.
+struct TunnelKeys {
+    stream: String,
+    group: String,
+    consumer: String,
+}
+
+impl TunnelKeys {
+    fn new(tunnel: &TunnelId) -> TunnelKeys {
+        TunnelKeys {
+            stream: format!("t:{tunnel}:s"),
+            group: format!("t:{tunnel}:g"),
+            consumer: format!("c-{tunnel}"),
+        }
+    }
+}
+
+/// The reply body and reply Content-Type keys of `msg`.
+fn reply_keys(tunnel: &TunnelId, msg: MessageId) -> Vec<String> {
+    vec![
+        format!("t:{tunnel}:r-{msg}"),
+        format!("t:{tunnel}:rt-{msg}"),
+    ]
+}
+
+/// Runs one operation, converting fred's errors. Its commands time out by themselves at the
+/// deadline; this outer limit, a little later, only guards against a wait fred does not bound.
+async fn bounded<T>(
+    op: impl Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT + SAFETY_MARGIN, op).await {
+        Ok(result) => result.map_err(store_error),
+        Err(_) => Err(StoreError::Unavailable(
+            "redis did not answer in time".into(),
+        )),
+    }
+}
+
+/// Errors that say the server cannot be reached or cannot serve right now: retrying later can
+/// succeed. fred reports some connection trouble only as an `Unknown` error with these messages;
+/// the upper-case ones are server replies (loading a dump, a script running too long, failover).
+const TRANSIENT: [&str; 8] = [
+    "Failed to route command",
+    "Too many failed write attempts",
+    "Max attempts exceeded",
+    "Missing expected connection",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+];
+
+/// Connection trouble is `Unavailable`, anything else `Internal`.
+fn store_error(error: fred::error::Error) -> StoreError {
+    let transient = matches!(
+        error.kind(),
+        ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Backpressure
+            | ErrorKind::Routing
+    ) || TRANSIENT
+        .iter()
+        .any(|prefix| error.details().starts_with(prefix));
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Internal(error.to_string())
+    }
+}
+
+/// A reply of the wrong shape: the server is not what Burrow expects.
+fn unexpected(what: &str, value: &Value) -> StoreError {
+    StoreError::Internal(format!("unexpected redis reply to {what}: {value:?}"))
+}
+
+/// A bulk string's bytes exactly as stored (not necessarily UTF-8).
+fn bytes_of(value: Value) -> Option<Bytes> {
+    match value {
+        Value::Bytes(bytes) => Some(bytes),
+        Value::String(text) => Some(text.inner().clone()),
+        _ => None,
+    }
+}
+
+/// A stream id such as `1746450313373-0`.
+fn message_id(value: &Value) -> Option<MessageId> {
+    value.as_str()?.parse().ok()
+}
+
+/// A stored Content-Type; it came from an HTTP header, so it is text.
+fn content_type(bytes: Bytes) -> String {
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Reads a stream entry `[id, [field, value, ...]]`. Fields may come in any order; an entry
+/// without `data` (not written by a relay) is an empty body.
+fn parse_entry(value: Value) -> Result<Message, StoreError> {
+    let Value::Array(entry) = value else {
+        return Err(unexpected("consume", &value));
+    };
+    let [id, Value::Array(fields)] = <[Value; 2]>::try_from(entry)
+        .map_err(|entry| unexpected("consume", &Value::Array(entry)))?
+    else {
+        return Err(StoreError::Internal("malformed stream entry".into()));
+    };
+    let id = message_id(&id).ok_or_else(|| unexpected("consume", &id))?;
+    let mut body = None;
+    let mut content = None;
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        match name.as_bytes() {
+            Some(b"data") if body.is_none() => body = bytes_of(value),
+            Some(b"ct") if content.is_none() => content = bytes_of(value).map(content_type),
+            _ => {}
+        }
+    }
+    Ok(Message {
+        id,
+        payload: Payload {
+            body: body.unwrap_or_default(),
+            content_type: content,
+        },
+    })
+}
+
+/// Reads the produce script's `['full', size]` or `['stored', id(, size)]`.
+fn parse_produced(value: Value) -> Result<Produced, StoreError> {
+    let Value::Array(parts) = &value else {
+        return Err(unexpected("produce", &value));
+    };
+    let outcome = match parts.as_slice() {
+        [tag, size] if tag.as_str().as_deref() == Some("full") => {
+            size.as_u64().map(|size| Produced::Full { size })
+        }
+        [tag, id] if tag.as_str().as_deref() == Some("stored") => {
+            message_id(id).map(|id| Produced::Stored { id, size: None })
+        }
+        [tag, id, size] if tag.as_str().as_deref() == Some("stored") => message_id(id)
+            .zip(size.as_u64())
+            .map(|(id, size)| Produced::Stored {
+                id,
+                size: Some(size),
+            }),
+        _ => None,
+    };
+    outcome.ok_or_else(|| unexpected("produce", &value))
+}
+
+/// A duration as whole milliseconds for the scripts, at least 1 (0 would mean "no expiry").
+fn millis(duration: Duration) -> Value {
+    Value::Integer(
+        i64::try_from(duration.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1),
+    )
+}
+
+#[async_trait]
+impl Backend for RedisStore {
+    async fn produce(
+        &self,
+        tunnel: &TunnelId,
+        payload: Payload,
+        bound: Bound,
+    ) -> Result<Produced, StoreError> {
+        let (mode, n) = match bound {
+            Bound::Limit(n) => ("limit", n),
+            Bound::Trim(n) => ("trim", n),
+        };
+        let mut args = vec![
+            Value::from(mode),
+            Value::from(n.to_string()),
+            Value::Bytes(payload.body),
+            Value::from(WAKE_CHANNEL),
+            Value::from(WakeKey::Message(tunnel.to_string()).encode()),
+        ];
+        args.extend(payload.content_type.map(Value::from));
+        let keys = vec![TunnelKeys::new(tunnel).stream];
+        let reply = PRODUCE.run(&self.call(), keys, args).await?;
+        parse_produced(reply)
+    }
+
+    async fn consume(
+        &self,
+        tunnel: &TunnelId,
+        delivery: Delivery,
+    ) -> Result<Option<Message>, StoreError> {
+        let keys = TunnelKeys::new(tunnel);
+        let (mode, idle) = match delivery {
+            Delivery::Remove => ("remove", Value::Integer(0)),
+            Delivery::Pending { redeliver_after } => (
+                "pending",
+                Value::Integer(i64::try_from(redeliver_after.as_millis()).unwrap_or(i64::MAX)),
+            ),
+        };
+        let args = vec![
+            Value::from(keys.group),
+            Value::from(keys.consumer),
+            Value::from(mode),
+            idle,
+        ];
+        let reply = CONSUME.run(&self.call(), vec![keys.stream], args).await?;
+        match reply {
+            Value::Null => Ok(None),
+            entry => parse_entry(entry).map(Some),
+        }
+    }
+
+    async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
+        let keys = TunnelKeys::new(tunnel);
+        let args = vec![Value::from(keys.group), Value::from(msg.to_string())];
+        ACK.run(&self.call(), vec![keys.stream], args).await?;
+        Ok(())
+    }
+
+    async fn reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        reply: Payload,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let tunnel_keys = TunnelKeys::new(tunnel);
+        let mut keys = vec![tunnel_keys.stream];
+        keys.extend(reply_keys(tunnel, msg));
+        let mut args = vec![
+            Value::from(tunnel_keys.group),
+            Value::from(tunnel_keys.consumer),
+            Value::from(msg.to_string()),
+            Value::Bytes(reply.body),
+            millis(ttl),
+            Value::from(WAKE_CHANNEL),
+            Value::from(WakeKey::Reply(tunnel.to_string(), msg.to_string()).encode()),
+        ];
+        args.extend(reply.content_type.map(Value::from));
+        let stored = REPLY.run(&self.call(), keys, args).await?;
+        match stored.as_i64() {
+            Some(stored) => Ok(stored == 1),
+            None => Err(unexpected("reply", &stored)),
+        }
+    }
+
+    async fn take_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError> {
+        let reply = TAKE_REPLY
+            .run(&self.call(), reply_keys(tunnel, msg), Vec::new())
+            .await?;
+        let parts = match reply {
+            Value::Null => return Ok(None),
+            Value::Array(parts) => parts,
+            other => return Err(unexpected("take reply", &other)),
+        };
+        let mut parts = parts.into_iter();
+        let body = parts
+            .next()
+            .and_then(bytes_of)
+            .ok_or_else(|| StoreError::Internal("reply without a body".into()))?;
+        Ok(Some(Payload {
+            body,
+            content_type: parts.next().and_then(bytes_of).map(content_type),
+        }))
+    }
+
+    async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
+        let keys = TunnelKeys::new(tunnel);
+        let args = vec![
+            Value::from(keys.group),
+            Value::from(keys.consumer),
+            Value::from(msg.to_string()),
+        ];
+        let status = STATUS.run(&self.call(), vec![keys.stream], args).await?;
+        match status.as_str().as_deref() {
+            Some("pending") => Ok(MessageStatus::Pending),
+            Some("queued") => Ok(MessageStatus::Queued),
+            Some("gone") => Ok(MessageStatus::Gone),
+            _ => Err(unexpected("status", &status)),
+        }
+    }
+
+    async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError> {
+        bounded(self.call().client().xlen(TunnelKeys::new(tunnel).stream)).await
+    }
+
+    async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
+        bounded(
+            self.call()
+                .client()
+                .del::<(), _>(TunnelKeys::new(tunnel).stream),
+        )
+        .await
+    }
+}

@@ -1,0 +1,65 @@
+-- Hands the next message of a tunnel to its consumer; one atomic step.
+-- KEYS[1] stream
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] 'remove' or 'pending',
+-- ARGV[4] ('pending') ms a message must have stayed unacknowledged before it is handed out again
+-- Returns {id, {field, value, ...}} or nil.
+local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+
+-- A tunnel nobody produced to has no stream; creating one here would leave empty keys behind.
+if redis.call('EXISTS', stream) == 0 then
+  return false
+end
+
+-- Runs a group command; a stream without the group (made by a producer) gets it at id 0, so
+-- messages produced before the first consume are delivered too.
+local function in_group(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    if not string.find(reply.err, 'NOGROUP', 1, true) then
+      error(reply)
+    end
+    redis.call('XGROUP', 'CREATE', stream, group, '0')
+    reply = redis.call(...)
+  end
+  return reply
+end
+
+-- The first entry of an XREADGROUP reply: {{stream, {{id, fields}}}} or nil.
+local function first(read)
+  if not read or not read[1] or not read[1][2] then
+    return nil
+  end
+  return read[1][2][1]
+end
+
+if mode == 'pending' then
+  -- The oldest pending message idle long enough is handed out again. Entries deleted while
+  -- pending come back as nil (Redis 6.2) or only in the third element (Redis 7): skip them.
+  -- The scan is bounded so a huge pending list cannot stall the server.
+  local cursor = '0-0'
+  for _ = 1, 100 do
+    local claimed = in_group('XAUTOCLAIM', stream, group, consumer, ARGV[4], cursor, 'COUNT', 1)
+    for _, entry in ipairs(claimed[2]) do
+      if type(entry) == 'table' and entry[2] then
+        return entry
+      end
+    end
+    cursor = claimed[1]
+    if cursor == '0-0' then
+      break
+    end
+  end
+  local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
+    'STREAMS', stream, '>'))
+  return entry or false
+end
+
+-- Removed as it is handed out: read without a pending entry and delete in the same step, so the
+-- message is delivered once and can never be lost between the read and the delete.
+local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'NOACK',
+  'STREAMS', stream, '>'))
+if not entry then
+  return false
+end
+redis.call('XDEL', stream, entry[1])
+return entry

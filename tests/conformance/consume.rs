@@ -1,0 +1,166 @@
+//! Consume (routes 2 and 3): delivery, order and long-polls.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::support::{assert_prompt_wake, let_polls_start, spawn_get, tunnel_id, Backend, Client};
+
+/// A consumed message is gone: the next consume is 204 with an empty body, its status 204, len 0.
+pub(super) async fn consume_removes_message(api: &Client) {
+    let t = tunnel_id("consume");
+    let id = api.produce(&t, "once").await;
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "once");
+    api.consume(&t, "").await.expect_empty();
+    assert_eq!(api.status(&t, &id).await, 204);
+    assert_eq!(api.len(&t).await, 0);
+}
+
+/// Messages are handed out in the order they were produced.
+pub(super) async fn consume_is_fifo(api: &Client) {
+    let t = tunnel_id("fifo");
+    let ids = api.produce_numbered(&t, 3).await;
+    for (i, id) in ids.iter().enumerate() {
+        let consumed = api.consume(&t, "").await.expect(200);
+        assert_eq!(
+            (consumed.text(), consumed.message_id()),
+            (format!("m{i}"), id.clone())
+        );
+    }
+}
+
+/// Consuming a tunnel that never held anything answers 204 with an empty body.
+pub(super) async fn empty_tunnel_is_204(api: &Client) {
+    api.consume(&tunnel_id("empty"), "").await.expect_empty();
+}
+
+/// `timeout=0` on an empty tunnel answers 204 at once.
+pub(super) async fn poll_timeout_zero_answers_at_once(api: &Client) {
+    let started = Instant::now();
+    api.consume(&tunnel_id("poll0"), "/poll?timeout=0")
+        .await
+        .expect_empty();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// `timeout=1` on an empty tunnel answers 204 after about one second.
+pub(super) async fn poll_times_out_with_204(api: &Client) {
+    let started = Instant::now();
+    api.consume(&tunnel_id("poll1"), "/poll?timeout=1")
+        .await
+        .expect_empty();
+    assert_waited(started.elapsed(), 1);
+}
+
+/// A poll on a tunnel that holds a message answers at once with it.
+pub(super) async fn poll_takes_queued_message_at_once(api: &Client) {
+    let t = tunnel_id("pollready");
+    let id = api.produce(&t, "ready").await;
+    let started = Instant::now();
+    let consumed = api.consume(&t, "/poll?timeout=10").await.expect(200);
+    assert_eq!(
+        (consumed.text(), consumed.message_id()),
+        ("ready".to_owned(), id)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A waiting poll gets a message produced meanwhile, promptly rather than at its timeout.
+pub(super) async fn poll_wakes_on_produce(api: &Client) {
+    let t = tunnel_id("pollwake");
+    let poll = spawn_get(api, format!("/t/{t}/poll?timeout=10"));
+    let_polls_start().await;
+    let id = api.produce(&t, "wake up").await;
+    let produced = Instant::now();
+    let (consumed, _) = poll.await.expect("the poll task does not panic");
+    let consumed = consumed.expect(200);
+    assert_eq!(
+        (consumed.text(), consumed.message_id()),
+        ("wake up".to_owned(), id)
+    );
+    assert_prompt_wake(produced);
+}
+
+/// A `timeout` that is not a whole number of seconds is 400, on polls and reply polls.
+pub(super) async fn bad_poll_timeout_is_400(api: &Client) {
+    let t = tunnel_id("badtimeout");
+    for timeout in ["abc", "-1", "1.5"] {
+        for route in ["poll", "1-0/reply/poll"] {
+            let path = format!("/t/{t}/{route}?timeout={timeout}");
+            api.get(&path).await.expect_one_line_error(400);
+        }
+    }
+}
+
+/// Three polls wait, two messages arrive: two polls get one distinct message each, one times out.
+pub(super) async fn polls_share_messages(api: &Client) {
+    let t = tunnel_id("pollshare");
+    let polls: Vec<_> = (0..3)
+        .map(|_| spawn_get(api, format!("/t/{t}/poll?timeout=2")))
+        .collect();
+    let_polls_start().await;
+    api.produce_numbered(&t, 2).await;
+    let mut delivered = BTreeSet::new();
+    let mut timed_out = 0;
+    for poll in polls {
+        let (response, waited) = poll.await.expect("the poll task does not panic");
+        match response.status {
+            200 => assert!(
+                delivered.insert(response.text()),
+                "delivered twice: {response:?}"
+            ),
+            204 => {
+                assert_waited(waited, 2);
+                timed_out += 1;
+            }
+            _ => panic!("unexpected poll answer: {response:?}"),
+        }
+    }
+    assert_eq!(
+        delivered,
+        BTreeSet::from(["m0".to_owned(), "m1".to_owned()])
+    );
+    assert_eq!(timed_out, 1);
+}
+
+/// TUNNEL_MAX_POLL_TIMEOUT=1 caps `timeout=30`, for polls and reply polls.
+pub(super) async fn max_poll_timeout_caps_timeout(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_MAX_POLL_TIMEOUT", "1")]);
+    let api = relay.client();
+    let t = tunnel_id("maxpoll");
+    for route in ["poll", "1-0/reply/poll"] {
+        let started = Instant::now();
+        api.get(&format!("/t/{t}/{route}?timeout=30"))
+            .await
+            .expect_empty();
+        assert_waited(started.elapsed(), 1);
+    }
+}
+
+/// TUNNEL_DEFAULT_POLL_TIMEOUT=1 is the timeout of a poll that names none.
+pub(super) async fn default_poll_timeout_setting(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_DEFAULT_POLL_TIMEOUT", "1")]);
+    let api = relay.client();
+    let started = Instant::now();
+    api.consume(&tunnel_id("defaultpoll"), "/poll")
+        .await
+        .expect_empty();
+    assert_waited(started.elapsed(), 1);
+}
+
+/// Asserts that a poll with a `seconds` timeout waited for it, and not much longer.
+#[track_caller]
+pub(super) fn assert_waited(waited: Duration, seconds: u64) {
+    let timeout = Duration::from_secs(seconds);
+    assert!(
+        waited >= timeout - Duration::from_millis(100) && waited < timeout + Duration::from_secs(3),
+        "a {seconds} s poll answered after {waited:?}"
+    );
+}

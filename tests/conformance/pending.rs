@@ -1,0 +1,138 @@
+//! Pending mode, acknowledgement (route 4), status (8), len (9) and clear (10).
+
+use std::time::Duration;
+
+use crate::support::{tunnel_id, Client};
+
+/// `?pending`, `?pending=` and `?pending=0` hand out the same message until it is acknowledged.
+pub(super) async fn pending_consume_redelivers_until_ack(api: &Client) {
+    for flag in ["?pending", "?pending=", "?pending=0"] {
+        let t = tunnel_id("pending");
+        let ids = api.produce_numbered(&t, 2).await;
+        for _ in 0..2 {
+            let consumed = api.consume(&t, flag).await.expect(200);
+            assert_eq!(consumed.message_id(), ids[0], "{flag}");
+            assert_eq!(consumed.text(), "m0");
+            assert_eq!(api.status(&t, &ids[0]).await, 202, "{flag}");
+            assert_eq!(api.len(&t).await, 2, "{flag}: pending messages count");
+        }
+        api.delete(&format!("/t/{t}/{}", ids[0]))
+            .await
+            .expect_empty();
+        assert_eq!(api.status(&t, &ids[0]).await, 204, "{flag}");
+        assert_eq!(api.len(&t).await, 1, "{flag}");
+        let next = api.consume(&t, flag).await.expect(200);
+        assert_eq!(next.message_id(), ids[1], "{flag}");
+    }
+}
+
+/// Acknowledging an unknown id, on a used or an unknown tunnel, answers 204 and changes nothing.
+pub(super) async fn ack_unknown_is_204(api: &Client) {
+    let t = tunnel_id("ackunknown");
+    api.produce(&t, "stays").await;
+    api.delete(&format!("/t/{t}/1-0")).await.expect_empty();
+    api.delete(&format!("/t/{}/1-0", tunnel_id("nowhere")))
+        .await
+        .expect_empty();
+    assert_eq!(api.len(&t).await, 1);
+}
+
+/// A consume without `pending` after a pending consume hands out the next new message.
+pub(super) async fn plain_consume_skips_pending(api: &Client) {
+    let t = tunnel_id("skippending");
+    let ids = api.produce_numbered(&t, 2).await;
+    assert_eq!(
+        api.consume(&t, "?pending").await.expect(200).message_id(),
+        ids[0]
+    );
+    assert_eq!(api.consume(&t, "").await.expect(200).message_id(), ids[1]);
+    assert_eq!(api.status(&t, &ids[0]).await, 202);
+}
+
+/// `pending=1`: other consumers get newer messages, then the unacknowledged one returns after 1 s.
+pub(super) async fn visibility_timeout_redelivers_late(api: &Client) {
+    let t = tunnel_id("visibility");
+    let ids = api.produce_numbered(&t, 2).await;
+    assert_eq!(
+        api.consume(&t, "?pending=1").await.expect(200).message_id(),
+        ids[0]
+    );
+    assert_eq!(
+        api.consume(&t, "?pending=1").await.expect(200).message_id(),
+        ids[1]
+    );
+    api.consume(&t, "?pending=1").await.expect_empty();
+    // Inherent wait: the visibility timeout has to elapse.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let again = api.consume(&t, "?pending=1").await.expect(200);
+    assert_eq!(
+        (again.message_id(), again.text()),
+        (ids[0].clone(), "m0".to_owned())
+    );
+}
+
+/// `pending` that is neither a flag nor a whole number of seconds is 400 and consumes nothing.
+pub(super) async fn bad_pending_is_400(api: &Client) {
+    let t = tunnel_id("badpending");
+    api.produce(&t, "kept").await;
+    for pending in ["abc", "-1"] {
+        api.consume(&t, &format!("?pending={pending}"))
+            .await
+            .expect_one_line_error(400);
+    }
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "kept");
+}
+
+/// Status: 201 queued, 202 pending, 204 unknown id, unknown tunnel, acknowledged or consumed.
+pub(super) async fn status_codes(api: &Client) {
+    let t = tunnel_id("status");
+    let ids = api.produce_numbered(&t, 3).await;
+    assert_eq!(api.status(&t, &ids[0]).await, 201);
+    api.consume(&t, "?pending").await.expect(200);
+    assert_eq!(api.status(&t, &ids[0]).await, 202);
+    api.delete(&format!("/t/{t}/{}", ids[0]))
+        .await
+        .expect_empty();
+    assert_eq!(api.status(&t, &ids[0]).await, 204, "acknowledged");
+    api.consume(&t, "").await.expect(200);
+    assert_eq!(
+        api.status(&t, &ids[1]).await,
+        204,
+        "consumed without pending"
+    );
+    assert_eq!(api.status(&t, &ids[2]).await, 201);
+    assert_eq!(api.status(&t, "1-0").await, 204, "unknown id");
+    assert_eq!(
+        api.status(&tunnel_id("nowhere"), &ids[2]).await,
+        204,
+        "unknown tunnel"
+    );
+}
+
+/// `len` answers 204 with `X-Queue-Size`, pending messages included.
+pub(super) async fn len_counts_pending(api: &Client) {
+    let t = tunnel_id("len");
+    assert_eq!(api.len(&t).await, 0);
+    api.produce_numbered(&t, 3).await;
+    api.consume(&t, "?pending").await.expect(200);
+    assert_eq!(api.len(&t).await, 3);
+    api.consume(&t, "").await.expect(200);
+    assert_eq!(api.len(&t).await, 2);
+}
+
+/// `DELETE /t/x/all` answers 204 with `X-Queue-Size: 0` and removes queued and pending messages.
+pub(super) async fn clear_removes_everything(api: &Client) {
+    let t = tunnel_id("clear");
+    let ids = api.produce_numbered(&t, 2).await;
+    api.consume(&t, "?pending").await.expect(200);
+    let cleared = api.delete(&format!("/t/{t}/all")).await.expect_empty();
+    assert_eq!(cleared.header("x-queue-size"), Some("0"));
+    assert_eq!(api.len(&t).await, 0);
+    api.consume(&t, "").await.expect_empty();
+    api.consume(&t, "?pending").await.expect_empty();
+    assert_eq!(
+        api.status(&t, &ids[0]).await,
+        204,
+        "the pending message is gone"
+    );
+}

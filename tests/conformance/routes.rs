@@ -1,0 +1,272 @@
+//! URLs, methods, `/health` and `/demo/`, CORS and error bodies.
+
+use reqwest::Method;
+
+use crate::support::says::{FULL, LIMIT_TOO_BIG, MALFORMED};
+use crate::support::{tunnel_id, Client, Response};
+
+/// A tunnel id of 1024 characters works; 1025 characters is 400 `Malformed url`.
+pub(super) async fn tunnel_id_length_limit(api: &Client) {
+    let mut t = tunnel_id("long");
+    t.extend(std::iter::repeat_n('x', 1024 - t.len()));
+    api.produce(&t, "long").await;
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "long");
+    t.push('x');
+    api.post(&format!("/t/{t}"), "too long")
+        .await
+        .expect_error(400, MALFORMED);
+    api.consume(&t, "").await.expect_error(400, MALFORMED);
+}
+
+/// Paths under `/t/` that match no route are 400 `Malformed url`.
+pub(super) async fn malformed_urls_are_400(api: &Client) {
+    let cases = [
+        (Method::GET, "/t/a.b"),
+        (Method::POST, "/t/a.b"),
+        (Method::GET, "/t/a%20b"),
+        (Method::GET, "/t/a/b"),
+        (Method::DELETE, "/t/a/b"),
+        (Method::GET, "/t/"),
+        (Method::GET, "/t/a/1-0/x"),
+        (Method::GET, "/t/a/1-0/reply/x"),
+        (Method::GET, "/t/a/12345678901234567-0"),
+    ];
+    for (method, path) in cases {
+        let response = api.send(api.request(method.clone(), path)).await;
+        assert_eq!(response.status, 400, "{method} {path}: {response:?}");
+        response.expect_error(400, MALFORMED);
+    }
+}
+
+/// A trailing slash is accepted on every route the protocol marks `[/]`.
+pub(super) async fn trailing_slash_is_accepted(api: &Client) {
+    let t = tunnel_id("slash");
+    let acked = api
+        .post(&format!("/t/{t}/"), "one")
+        .await
+        .expect(201)
+        .message_id();
+    assert_eq!(api.get(&format!("/t/{t}/{acked}/")).await.status, 201);
+    assert_eq!(
+        api.get(&format!("/t/{t}/?pending"))
+            .await
+            .expect(200)
+            .message_id(),
+        acked
+    );
+    api.delete(&format!("/t/{t}/{acked}/")).await.expect_empty();
+    assert_eq!(api.status(&t, &acked).await, 204);
+
+    let replied = api.produce(&t, "two").await;
+    api.consume(&t, "?pending").await.expect(200);
+    api.get(&format!("/t/{t}/{replied}/reply/poll/?timeout=0"))
+        .await
+        .expect_empty();
+    api.post(&format!("/t/{t}/{replied}/reply/"), "answer")
+        .await
+        .expect(201);
+    let read = api
+        .get(&format!("/t/{t}/{replied}/reply/"))
+        .await
+        .expect(200);
+    assert_eq!(read.text(), "answer");
+
+    let polled = api.produce(&t, "three").await;
+    api.consume(&t, "?pending").await.expect(200);
+    api.post(&format!("/t/{t}/{polled}/reply"), "polled")
+        .await
+        .expect(201);
+    let read = api
+        .get(&format!("/t/{t}/{polled}/reply/poll/?timeout=1"))
+        .await
+        .expect(200);
+    assert_eq!(read.text(), "polled");
+}
+
+/// `poll`, `len` and `all` are routes in the second segment and plain tunnel ids in the first.
+pub(super) async fn fixed_words_are_routes_or_tunnels(api: &Client) {
+    let t = tunnel_id("words");
+    api.produce(&t, "queued").await;
+    assert_eq!(
+        api.get(&format!("/t/{t}/len"))
+            .await
+            .expect(204)
+            .queue_size(),
+        Some(1)
+    );
+    assert_eq!(
+        api.get(&format!("/t/{t}/poll?timeout=0"))
+            .await
+            .expect(200)
+            .text(),
+        "queued"
+    );
+    for word in ["poll", "len", "all"] {
+        let id = api.produce(word, "in a tunnel named after a route").await;
+        assert_eq!(api.status(word, &id).await, 201, "tunnel {word}");
+        api.delete(&format!("/t/{word}/{id}")).await.expect_empty();
+    }
+}
+
+/// Tunnel ids are case-sensitive: `X` and `x` are two tunnels.
+pub(super) async fn tunnel_ids_are_case_sensitive(api: &Client) {
+    let t = tunnel_id("Case");
+    api.produce(&t, "upper").await;
+    api.consume(&t.to_lowercase(), "").await.expect_empty();
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "upper");
+}
+
+/// A known route with a method it does not serve is 405 with an `Allow` header naming those it does.
+pub(super) async fn wrong_method_is_405(api: &Client) {
+    let t = tunnel_id("methods");
+    let cases = [
+        (Method::PUT, format!("/t/{t}"), &["GET", "POST"][..]),
+        (Method::POST, format!("/t/{t}/poll"), &["GET"][..]),
+        (Method::DELETE, format!("/t/{t}/len"), &["GET"][..]),
+        (Method::GET, format!("/t/{t}/all"), &["DELETE"][..]),
+        (Method::PUT, format!("/t/{t}/1-0"), &["GET", "DELETE"][..]),
+        (
+            Method::DELETE,
+            format!("/t/{t}/1-0/reply"),
+            &["GET", "POST"][..],
+        ),
+    ];
+    for (method, path, allowed) in cases {
+        let response = api.send(api.request(method.clone(), &path)).await;
+        let response = response.expect_one_line_error(405);
+        let allow = response.header("allow").unwrap_or_default().to_owned();
+        for served in allowed {
+            assert!(
+                allow.contains(served),
+                "{method} {path}: Allow {allow:?} lacks {served}"
+            );
+        }
+    }
+}
+
+/// `/health` answers `OK` as text/plain, `/demo/` is an HTML page using `fetch(`, `/nope` is 404.
+pub(super) async fn health_demo_and_not_found(api: &Client) {
+    let health = api.get("/health").await.expect(200);
+    assert_eq!(health.text().trim_end_matches('\n'), "OK");
+    assert!(
+        content_type(&health).starts_with("text/plain"),
+        "{health:?}"
+    );
+    let demo = api.get("/demo/").await.expect(200);
+    assert!(content_type(&demo).starts_with("text/html"), "{demo:?}");
+    assert!(
+        demo.text().contains("fetch("),
+        "the demo page does not call fetch"
+    );
+    api.get("/nope").await.expect(404);
+}
+
+/// Every response carries the CORS headers: 200, 201, 204, 400, 404, 405 and 507.
+pub(super) async fn cors_headers_on_every_response(api: &Client) {
+    let t = tunnel_id("cors");
+    let responses = [
+        api.post(&format!("/t/{t}?limit=1"), "one")
+            .await
+            .expect(201),
+        api.post(&format!("/t/{t}?limit=1"), "two")
+            .await
+            .expect(507),
+        api.consume(&t, "").await.expect(200),
+        api.consume(&t, "").await.expect(204),
+        api.get("/t/a.b").await.expect(400),
+        api.get("/nope").await.expect(404),
+        api.get(&format!("/t/{t}/all")).await.expect(405),
+        api.get("/health").await.expect(200),
+    ];
+    for response in &responses {
+        assert_cors(response);
+    }
+}
+
+/// `OPTIONS` on a tunnel answers 204 with `Max-Age: 3600` and the requested headers allowed.
+pub(super) async fn preflight_allows_requested_headers(api: &Client) {
+    let t = tunnel_id("preflight");
+    for path in [
+        format!("/t/{t}"),
+        format!("/t/{t}/poll"),
+        format!("/t/{t}/1-0/reply"),
+    ] {
+        let preflight = api
+            .request(Method::OPTIONS, &path)
+            .header("Origin", "https://example.org")
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            );
+        let response = api.send(preflight).await.expect(204);
+        assert_preflight(&response);
+    }
+}
+
+/// Error bodies are one line of plain text saying what was wrong.
+pub(super) async fn error_bodies_are_one_line(api: &Client) {
+    let t = tunnel_id("errors");
+    api.get("/t/a.b").await.expect_one_line_error(400);
+    api.post(&format!("/t/{t}?limit=1001"), "x")
+        .await
+        .expect_error(400, LIMIT_TOO_BIG);
+    api.post(&format!("/t/{t}?limit=abc"), "x")
+        .await
+        .expect_one_line_error(400);
+    api.consume(&t, "/poll?timeout=abc")
+        .await
+        .expect_one_line_error(400);
+    api.consume(&t, "?pending=abc")
+        .await
+        .expect_one_line_error(400);
+    api.get(&format!("/t/{t}/all"))
+        .await
+        .expect_one_line_error(405);
+    api.get("/nope").await.expect_one_line_error(404);
+    api.post(&format!("/t/{t}?limit=1"), "x").await.expect(201);
+    api.post(&format!("/t/{t}?limit=1"), "x")
+        .await
+        .expect_error(507, FULL);
+}
+
+/// Asserts the three CORS headers every response carries.
+#[track_caller]
+pub(super) fn assert_cors(response: &Response) {
+    let expected = [
+        ("access-control-allow-origin", "*"),
+        ("access-control-allow-methods", "GET, POST, DELETE, OPTIONS"),
+        (
+            "access-control-expose-headers",
+            "*, X-Message-Id, X-Queue-Size",
+        ),
+    ];
+    for (name, value) in expected {
+        assert_eq!(response.header(name), Some(value), "{name}: {response:?}");
+    }
+}
+
+/// Asserts a preflight answer for `Access-Control-Request-Headers: authorization, content-type`.
+#[track_caller]
+pub(super) fn assert_preflight(response: &Response) {
+    assert_cors(response);
+    assert_eq!(
+        response.header("access-control-max-age"),
+        Some("3600"),
+        "{response:?}"
+    );
+    let allowed = response
+        .header("access-control-allow-headers")
+        .unwrap_or_default()
+        .to_lowercase();
+    for requested in ["authorization", "content-type"] {
+        assert!(
+            allowed.contains(requested),
+            "Allow-Headers {allowed:?} lacks {requested}"
+        );
+    }
+}
+
+fn content_type(response: &Response) -> &str {
+    response.header("content-type").unwrap_or_default()
+}

@@ -1,0 +1,221 @@
+//! What only the redis store has: the original's key layout, several relays on one redis-server, and
+//! surviving a store outage.
+
+use std::time::{Duration, Instant};
+
+use crate::support::redis::Value;
+use crate::support::{assert_prompt_wake, let_polls_start, shared_redis, spawn_get, tunnel_id};
+use crate::support::{Backend, Relay, Store};
+use crate::support::{Client, RedisServer};
+
+/// The shared redis relay and the redis-server under it.
+fn shared() -> (Client, &'static RedisServer) {
+    (Backend::Redis.shared().client(), shared_redis())
+}
+
+/// Messages the Lua relay wrote with `XADD` are consumed through Burrow with body, type and id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_messages_written_by_original() {
+    let (api, redis) = shared();
+    let t = tunnel_id("lua-messages");
+    let stream = format!("t:{t}:s");
+    let typed = redis
+        .command(&[
+            "XADD",
+            &stream,
+            "*",
+            "data",
+            "hello",
+            "ct",
+            "application/json",
+        ])
+        .text();
+    let untyped = redis
+        .command(&["XADD", &stream, "*", "data", "plain"])
+        .text();
+    let expected = [
+        (typed, "hello", "application/json"),
+        (untyped, "plain", "text/plain"),
+    ];
+    for (id, body, content_type) in expected {
+        let consumed = api.consume(&t, "").await.expect(200);
+        assert_eq!(consumed.message_id(), id);
+        assert_eq!(consumed.text(), body);
+        assert_eq!(consumed.header("content-type"), Some(content_type));
+    }
+}
+
+/// Burrow writes the original layout: stream fields, group, consumer, and reply keys with a TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_original_layout() {
+    let (api, redis) = shared();
+    let t = tunnel_id("layout");
+    let (stream, group) = (format!("t:{t}:s"), format!("t:{t}:g"));
+    let typed = api
+        .post_typed(&format!("/t/{t}"), "application/json", "{}")
+        .await;
+    let typed = typed.expect(201).message_id();
+    let untyped = api.produce(&t, "bare").await;
+    let entries = redis.command(&["XRANGE", &stream, "-", "+"]);
+    let fields: Vec<(String, Vec<(String, String)>)> = entries
+        .items()
+        .iter()
+        .map(|entry| (entry.items()[0].text(), entry.items()[1].pairs()))
+        .collect();
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    assert_eq!(
+        fields,
+        [
+            (
+                typed.clone(),
+                vec![pair("data", "{}"), pair("ct", "application/json")]
+            ),
+            (untyped, vec![pair("data", "bare")]),
+        ]
+    );
+
+    assert_eq!(
+        api.consume(&t, "?pending").await.expect(200).message_id(),
+        typed
+    );
+    let groups = redis.command(&["XINFO", "GROUPS", &stream]);
+    let names: Vec<String> = groups.items().iter().map(|g| field(g, "name")).collect();
+    assert_eq!(names, [group.as_str()]);
+    let pending = redis.command(&["XPENDING", &stream, &group]);
+    let consumers = pending.items()[3].items()[0].items()[0].text();
+    assert_eq!(consumers, format!("c-{t}"));
+
+    api.post_typed(&format!("/t/{t}/{typed}/reply"), "text/csv", "a,b")
+        .await
+        .expect(201);
+    for (key, kind) in [
+        (format!("t:{t}:r-{typed}"), "list"),
+        (format!("t:{t}:rt-{typed}"), "string"),
+    ] {
+        assert_eq!(redis.command(&["TYPE", &key]).text(), kind, "{key}");
+        let ttl = redis.command(&["TTL", &key]).int();
+        assert!((1..=3600).contains(&ttl), "{key} has TTL {ttl}");
+    }
+}
+
+/// A reply the Lua relay wrote (`RPUSH` + `SET`) is read through Burrow's `GET …/reply`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_reply_written_by_original() {
+    let (api, redis) = shared();
+    let t = tunnel_id("lua-reply");
+    let msg = "1746450313373-0";
+    redis.command(&["RPUSH", &format!("t:{t}:r-{msg}"), "from lua"]);
+    redis.command(&[
+        "SET",
+        &format!("t:{t}:rt-{msg}"),
+        "application/xml",
+        "EX",
+        "60",
+    ]);
+    let read = api.get(&format!("/t/{t}/{msg}/reply")).await.expect(200);
+    assert_eq!(read.text(), "from lua");
+    assert_eq!(read.header("content-type"), Some("application/xml"));
+    api.get(&format!("/t/{t}/{msg}/reply")).await.expect_empty();
+}
+
+/// A poll waiting on one relay gets a message produced through another within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_wakes_across_instances() {
+    let (a, _) = shared();
+    let other = Backend::Redis.start(&[]);
+    let b = other.client();
+    let t = tunnel_id("cross-poll");
+    let poll = spawn_get(&a, format!("/t/{t}/poll?timeout=10"));
+    let_polls_start().await;
+    let id = b.produce(&t, "across").await;
+    let produced = Instant::now();
+    let (consumed, _) = poll.await.expect("the poll task does not panic");
+    assert_eq!(consumed.expect(200).message_id(), id);
+    assert_prompt_wake(produced);
+}
+
+/// A reply poll waiting on one relay gets a reply posted through another within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_poll_wakes_across_instances() {
+    let (a, _) = shared();
+    let other = Backend::Redis.start(&[]);
+    let b = other.client();
+    let t = tunnel_id("cross-reply");
+    let id = a.produce(&t, "question").await;
+    b.consume(&t, "?pending").await.expect(200);
+    let poll = spawn_get(&a, format!("/t/{t}/{id}/reply/poll?timeout=10"));
+    let_polls_start().await;
+    b.post(&format!("/t/{t}/{id}/reply"), "answer")
+        .await
+        .expect(201);
+    let replied = Instant::now();
+    let (read, _) = poll.await.expect("the poll task does not panic");
+    assert_eq!(read.expect(200).text(), "answer");
+    assert_prompt_wake(replied);
+}
+
+/// A fresh relay serves tunnels as soon as `/health` says it is up: the store is reachable, so no 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_work_once_healthy() {
+    let relay = Relay::start(Store::Redis(shared_redis()), &[]);
+    let api = relay.client();
+    let t = tunnel_id("fresh");
+    api.produce(&t, "first request").await;
+    assert_eq!(
+        api.consume(&t, "").await.expect(200).text(),
+        "first request"
+    );
+}
+
+/// With redis-server down, requests answer 503 + `Retry-After: 1` quickly; after it returns they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_is_503_then_recovers() {
+    let mut redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let t = tunnel_id("outage");
+    api.produce(&t, "before").await;
+
+    redis.stop();
+    let requests = [
+        api.request(reqwest::Method::POST, &format!("/t/{t}"))
+            .body("during"),
+        api.request(reqwest::Method::GET, &format!("/t/{t}")),
+    ];
+    for request in requests {
+        let started = Instant::now();
+        let response = api.send(request).await.expect_one_line_error(503);
+        assert_eq!(response.header("retry-after"), Some("1"), "{response:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "503 took {:?}",
+            started.elapsed()
+        );
+    }
+    api.get("/health").await.expect(200);
+
+    redis.restart();
+    let recovered = eventually_produces(&api, &t, Duration::from_secs(10)).await;
+    assert!(recovered, "the relay did not recover:\n{}", relay.output());
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "after");
+}
+
+/// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.
+async fn eventually_produces(api: &Client, t: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if api.post(&format!("/t/{t}"), "after").await.status == 201 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// One field of an `XINFO` row (a flat key/value array).
+fn field(row: &Value, name: &str) -> String {
+    row.pairs()
+        .into_iter()
+        .find_map(|(key, value)| (key == name).then_some(value))
+        .unwrap_or_else(|| panic!("no {name} in {row:?}"))
+}

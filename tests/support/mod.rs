@@ -1,0 +1,163 @@
+//! Test support: relays and redis-servers as child processes, an HTTP client, and the macro that runs
+//! one scenario against every store.
+
+pub mod client;
+pub mod process;
+pub mod redis;
+pub mod relay;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+
+pub use client::{Client, Response};
+pub use redis::RedisServer;
+pub use relay::{Relay, Store};
+
+/// Error bodies the protocol fixes word for word.
+pub mod says {
+    pub const MALFORMED: &str = "Malformed url";
+    pub const FULL: &str = "Queue limit reached, consumers are not keeping up";
+    pub const LIMIT_TOO_BIG: &str = "Limit must be less than the tunnel max length";
+    pub const ACCESS_DENIED: &str = "Access denied";
+}
+
+/// Sends `GET path` in a task of its own (a long-poll), answering the response and how long it took.
+pub fn spawn_get(client: &Client, path: String) -> JoinHandle<(Response, Duration)> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let response = client.get(&path).await;
+        (response, started.elapsed())
+    })
+}
+
+/// Gives long-polls just sent time to reach the relay and start waiting.
+///
+/// Whether a poll is already waiting cannot be observed from outside, and the scenarios pass in
+/// either order; this pause only makes sure the wake-up path, not the fast path, is what they test.
+pub async fn let_polls_start() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Asserts that a waiting poll answered promptly after the event that should wake it, well before
+/// the relay's one-second safety re-check could have found the message instead.
+#[track_caller]
+pub fn assert_prompt_wake(since: Instant) {
+    let late = since.elapsed();
+    assert!(
+        late < Duration::from_millis(500),
+        "woke {late:?} after the event"
+    );
+}
+
+/// Calls `ready` every 20 ms until it holds or `limit` has passed; returns whether it held.
+pub fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tunnel id no other test (or earlier run on the same store) uses: `{tag}-{unique suffix}`.
+pub fn tunnel_id(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{tag}-{}-{nanos}-{n}", std::process::id())
+}
+
+/// The two stores a relay can run on; scenarios needing their own settings start relays through it.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+impl Backend {
+    /// The relay with default settings that every test on this store shares (started on first use).
+    pub fn shared(self) -> &'static Relay {
+        static MEMORY: OnceLock<Relay> = OnceLock::new();
+        static REDIS: OnceLock<Relay> = OnceLock::new();
+        match self {
+            Backend::Memory => MEMORY.get_or_init(|| Relay::start(Store::Memory, &[])),
+            Backend::Redis => REDIS.get_or_init(|| Relay::start(Store::Redis(shared_redis()), &[])),
+        }
+    }
+
+    /// A relay of its own with `env` added; on redis it uses the shared redis-server.
+    pub fn start(self, env: &[(&str, &str)]) -> Relay {
+        match self {
+            Backend::Memory => Relay::start(Store::Memory, env),
+            Backend::Redis => Relay::start(Store::Redis(shared_redis()), env),
+        }
+    }
+}
+
+/// The redis-server every redis test shares (tunnel ids keep tests apart).
+pub fn shared_redis() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+/// A client for the relay at `BURROW_URL`, if set.
+pub fn external() -> Option<Client> {
+    std::env::var("BURROW_URL")
+        .ok()
+        .map(|url| Client::new(&url))
+}
+
+/// Generates one `#[tokio::test]` per store for each scenario.
+///
+/// `shared:` scenarios are `async fn(&Client)` and run on the memory and redis relays shared by all
+/// tests, and on the relay at `BURROW_URL` (module `external`, ignored by default: run them with
+/// `BURROW_URL=http://host:port cargo test --test tests external -- --ignored`). `dedicated:` scenarios are `async fn(Backend)` that start relays with their own
+/// settings, on memory and redis only.
+macro_rules! per_store {
+    (shared: [$($shared:ident),* $(,)?], dedicated: [$($dedicated:ident),* $(,)?] $(,)?) => {
+        per_store!(@store memory, Memory, [$($shared),*], [$($dedicated),*]);
+        per_store!(@store redis, Redis, [$($shared),*], [$($dedicated),*]);
+        mod external {
+            $(
+                #[doc = concat!("`", stringify!($shared), "` against the relay at `BURROW_URL`.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "targets an external relay: set BURROW_URL and run ignored tests"]
+                async fn $shared() {
+                    let client = $crate::support::external()
+                        .expect("BURROW_URL names the relay under test");
+                    super::$shared(&client).await;
+                }
+            )*
+        }
+    };
+    (@store $module:ident, $backend:ident, [$($shared:ident),*], [$($dedicated:ident),*]) => {
+        mod $module {
+            use $crate::support::Backend;
+            $(
+                #[doc = concat!("`", stringify!($shared), "` on the ", stringify!($module), " store.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $shared() {
+                    super::$shared(&Backend::$backend.shared().client()).await;
+                }
+            )*
+            $(
+                #[doc = concat!("`", stringify!($dedicated), "` on the ", stringify!($module), " store.")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $dedicated() {
+                    super::$dedicated(Backend::$backend).await;
+                }
+            )*
+        }
+    };
+}

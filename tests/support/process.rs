@@ -1,0 +1,76 @@
+//! Child processes that cannot outlive the test binary.
+//!
+//! Relays and redis-servers shared by many tests live in statics, which are never dropped. So every
+//! child runs under a tiny `sh` guardian that reads its stdin (a pipe held by this process): when the
+//! pipe closes — on `Drop`, or because the test binary exited or died — the guardian kills the child.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+/// Waits for stdin to close, then kills the program it started in the background.
+const GUARDIAN: &str =
+    r#""$@" </dev/null & pid=$!; read _; kill -9 "$pid" 2>/dev/null; wait "$pid""#;
+
+/// A running program, killed when this value is dropped or the test binary ends.
+pub struct Guarded {
+    guardian: Child,
+    lifeline: Option<ChildStdin>,
+    log: PathBuf,
+}
+
+impl Guarded {
+    /// Starts `program args…` with `env` added, its stdout and stderr appended to `log`.
+    pub fn spawn(program: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Guarded {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("the log file is in a fresh tempdir");
+        let err = out.try_clone().expect("a file handle can be duplicated");
+        let mut guardian = Command::new("sh")
+            .arg("-c")
+            .arg(GUARDIAN)
+            .arg("sh")
+            .arg(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let lifeline = guardian.stdin.take();
+        Guarded {
+            guardian,
+            lifeline,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Whatever the program has written so far, to explain a failed start.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the program and waits until it is gone.
+    pub fn stop(&mut self) {
+        if self.lifeline.take().is_some() {
+            let _ = self.guardian.wait();
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("the loopback interface has free ports")
+        .port()
+}

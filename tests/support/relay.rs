@@ -1,0 +1,90 @@
+//! A `burrow serve` process on a free port, configured by environment variables.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::client::Client;
+use super::process::{free_port, Guarded};
+use super::redis::RedisServer;
+use super::wait_until;
+
+/// Where a relay keeps its tunnels.
+#[derive(Clone, Copy)]
+pub enum Store<'a> {
+    /// The embedded store (no store variables set).
+    Memory,
+    /// `BURROW_STORE=redis` on this redis-server.
+    Redis(&'a RedisServer),
+}
+
+/// A running relay, killed on drop.
+pub struct Relay {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    process: Guarded,
+    _dir: TempDir,
+}
+
+impl Relay {
+    /// Starts a relay on `store` with `env` added, and waits until `GET /health` answers 200.
+    pub fn start(store: Store, env: &[(&str, &str)]) -> Relay {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let redis_url = match store {
+            Store::Memory => None,
+            Store::Redis(server) => Some(server.url()),
+        };
+        let mut vars = vec![("BURROW_LISTEN", listen.as_str()), ("RUST_LOG", "warn")];
+        if let Some(url) = &redis_url {
+            vars.extend([("BURROW_STORE", "redis"), ("REDIS_URL", url.as_str())]);
+        }
+        vars.extend_from_slice(env);
+        let dir = TempDir::new().expect("a tempdir for the relay's log");
+        let log = dir.path().join("relay.log");
+        let binary = Path::new(env!("CARGO_BIN_EXE_burrow"));
+        let process = Guarded::spawn(binary, &["serve"], &vars, &log);
+        let ready = wait_until(Duration::from_secs(10), || {
+            status_of(port, "/health") == Some(200)
+        });
+        assert!(
+            ready,
+            "burrow on port {port} did not become healthy:\n{}",
+            process.output()
+        );
+        Relay {
+            base: format!("http://{listen}"),
+            process,
+            _dir: dir,
+        }
+    }
+
+    /// A client for this relay.
+    pub fn client(&self) -> Client {
+        Client::new(&self.base)
+    }
+
+    /// The relay's log so far (stdout and stderr).
+    pub fn output(&self) -> String {
+        self.process.output()
+    }
+}
+
+/// The status of `GET path` on `port` right now, if the relay answers at all.
+fn status_of(port: u16, path: &str) -> Option<u16> {
+    let attempt = || -> std::io::Result<Option<u16>> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: burrow\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes())?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|code| code.parse().ok()))
+    };
+    attempt().ok().flatten()
+}

@@ -1,0 +1,17 @@
+//! Burrow's integration tests: one binary that runs the real `burrow` executable.
+//!
+//! - `support`: starting relays and redis-servers, the HTTP client, the per-store test macro.
+//! - `conformance`: PROTOCOL.md part 1, written once and run against the memory store, the redis
+//!   store and (when `BURROW_URL` is set) an external relay.
+//! - `concurrency`: many producers and consumers racing on one tunnel, against every store.
+//! - `redis_store`: what only the redis store has: the original key layout, several relay instances
+//!   on one redis-server, and a store outage.
+//! - `startup`: configuration errors at start-up.
+
+#[macro_use]
+mod support;
+
+mod concurrency;
+mod conformance;
+mod redis_store;
+mod startup;
