@@ -2,6 +2,7 @@
 # Installs, via apt-get and only when missing, what building Burrow needs on a fresh Debian
 # machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
 # `--tests`, also redis-server (the tests start their own on a free port; no system service is used).
+# With `--browser`, also Debian's chromium (/usr/bin/chromium, for tests/browser). Options combine.
 set -euo pipefail
 
 # Debian packages, each with the commands that show it is installed.
@@ -10,7 +11,13 @@ declare -A needs=(
   [cmake]=cmake
   [pkg-config]=pkg-config
 )
-[[ "${1:-}" == --tests ]] && needs[redis-server]=redis-server
+for opt in "$@"; do
+  case "$opt" in
+    --tests) needs[redis-server]=redis-server ;;
+    --browser) needs[chromium]=chromium ;;
+    *) echo "usage: $0 [--tests] [--browser]" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for pkg in "${!needs[@]}"; do

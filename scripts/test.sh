@@ -5,8 +5,11 @@
 #    (scripts/install-deps.sh: a C toolchain, cmake, pkg-config and redis-server — the tests
 #    start their own redis-server on a free port; no system redis service is used).
 # 2. Adds the rustfmt and clippy components when missing.
-# 3. Runs `cargo fmt --check`, `cargo clippy -D warnings`, then the tests (cargo-nextest when
-#    installed, else `cargo test`).
+# 3. Runs `cargo fmt --check` and `cargo clippy -D warnings`.
+# 4. Runs the browser test of the /demo/ page (tests/browser: headless Debian chromium, installed
+#    when missing, driven by playwright-core under `node --test`).
+# 5. Runs the conformance suite against an external relay (BURROW_URL, or one started here).
+# 6. Runs every Rust test (cargo-nextest when installed, else `cargo test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,12 +24,14 @@ echo "==> cargo fmt"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
-echo "==> tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast
-else
-  cargo test --no-fail-fast
-fi
+# ---- Browser test (tests/browser): drives the relay's /demo/ page in headless Chromium ----
+# Debian's chromium through playwright-core (no browser download), under Node's test runner; the
+# test starts target/debug/burrow on a free port itself and leaves a screenshot in target/demo.png.
+scripts/install-deps.sh --browser
+cargo build --bin burrow
+echo "==> browser test (tests/browser)"
+burrow_bin="$PWD/target/debug/burrow"
+(cd tests/browser && npm ci --no-audit --no-fund && BURROW_BIN="$burrow_bin" node --test)
 
 # The conformance suite's `external` variants target BURROW_URL; when none is given, they run
 # against a relay started here, so the external mode itself stays tested.
@@ -43,3 +48,10 @@ if [[ -z "${BURROW_URL:-}" ]]; then
 fi
 echo "==> conformance suite against $BURROW_URL"
 cargo test --test tests external -- --ignored
+
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast
+else
+  cargo test --no-fail-fast
+fi

@@ -18,19 +18,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay (the default). Configured by environment variables; see README.md.
-    Serve,
+    Serve {
+        /// Take over the listening socket of a running relay (graceful upgrade): start this, then
+        /// send SIGQUIT to the old process, which hands over its socket and drains.
+        #[arg(short, long)]
+        upgrade: bool,
+    },
 }
 
 /// Parses the command line and runs what it names; the exit code reports failure.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(),
+    match cli.command.unwrap_or(Command::Serve { upgrade: false }) {
+        Command::Serve { upgrade } => serve(upgrade),
     }
 }
 
-fn serve() -> ExitCode {
+fn serve(upgrade: bool) -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -38,7 +43,7 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match crate::server::run(config) {
+    match crate::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("burrow: {err}");

@@ -1,7 +1,7 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
-use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::listening::Service;
 
@@ -31,8 +31,9 @@ pub enum ServeError {
     Store(#[from] StoreError),
 }
 
-/// Runs the relay until SIGTERM / SIGINT.
-pub fn run(config: Config) -> Result<(), ServeError> {
+/// Runs the relay until a signal stops it: SIGTERM drains gracefully, SIGINT stops at once, and
+/// SIGQUIT hands the listening socket to a process started with `upgrade` before draining.
+pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     let conf = pingora_conf(&config)?;
     // The store's background tasks (redis connections, the wake-up subscriber, expiry) live on
     // their own runtime: Pingora's service runtimes come and go with the services.
@@ -45,7 +46,11 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let tunnels = Tunnels::new(store, config.tunnel.clone());
     let app = RelayApp::new(tunnels, Auth::new(config.auth.clone()), config.access_log);
 
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let mut service = Service::new("burrow".to_string(), app);
     service.add_tcp(&config.listen);

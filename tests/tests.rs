@@ -6,6 +6,7 @@
 //! - `concurrency`: many producers and consumers racing on one tunnel, against every store.
 //! - `redis_store`: what only the redis store has: the original key layout, several relay instances
 //!   on one redis-server, and a store outage.
+//! - `lifecycle`: graceful shutdown, graceful upgrade and metrics.
 //! - `startup`: configuration errors at start-up.
 
 #[macro_use]
@@ -13,5 +14,6 @@ mod support;
 
 mod concurrency;
 mod conformance;
+mod lifecycle;
 mod redis_store;
 mod startup;

@@ -74,7 +74,7 @@ impl Relay {
 }
 
 /// The status of `GET path` on `port` right now, if the relay answers at all.
-fn status_of(port: u16, path: &str) -> Option<u16> {
+pub fn status_of(port: u16, path: &str) -> Option<u16> {
     let attempt = || -> std::io::Result<Option<u16>> {
         let mut stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -1,0 +1,430 @@
+//! The relay's life as an operator sees it: SIGTERM drains gracefully, SIGQUIT hands the listening
+//! socket to a new process (graceful upgrade), and Prometheus metrics move with the traffic.
+//!
+//! These tests signal the relay and watch it exit, so they start it as a plain child process
+//! (killed on drop) instead of through the shared-relay guardian.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::support::process::free_port;
+use crate::support::relay::status_of;
+use crate::support::{shared_redis, spawn_get, tunnel_id, wait_until, Client};
+
+/// Pingora settings for these tests: the grace period of conf/burrow.yaml and an upgrade socket
+/// of the test's own, so parallel tests cannot hand sockets to each other.
+const CONF: &str = "---
+version: 1
+threads: 2
+grace_period_seconds: 1
+graceful_shutdown_timeout_seconds: 2
+upgrade_sock: UPGRADE_SOCK
+";
+
+/// How long SIGTERM may take: the grace period, the runtimes' shutdown timeout, and a margin.
+const EXIT_WITHIN: Duration = Duration::from_secs(5);
+
+/// A `burrow serve` child process with its own Pingora configuration; killed on drop.
+struct Burrow {
+    child: Child,
+    port: u16,
+}
+
+/// What every relay of one test shares: the Pingora configuration and the upgrade socket.
+struct Site {
+    dir: TempDir,
+}
+
+impl Site {
+    fn new() -> Site {
+        let dir = TempDir::new().expect("a tempdir for the relay's configuration");
+        let sock = dir.path().join("upgrade.sock");
+        let conf = CONF.replace("UPGRADE_SOCK", &sock.display().to_string());
+        std::fs::write(dir.path().join("burrow.yaml"), conf).expect("the tempdir is writable");
+        Site { dir }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("burrow.yaml")
+    }
+
+    fn upgrade_sock(&self) -> PathBuf {
+        self.dir.path().join("upgrade.sock")
+    }
+
+    /// Starts `burrow serve args…` on `port` with `env` added; waits for `/health` unless upgrading.
+    fn start(&self, port: u16, args: &[&str], env: &[(&str, &str)]) -> Burrow {
+        let listen = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join(format!("relay-{port}-{}.log", args.len())),
+        )
+        .expect("the tempdir is writable");
+        let child = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
+            .arg("serve")
+            .args(args)
+            .env("BURROW_LISTEN", &listen)
+            .env("BURROW_CONF", self.conf())
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("a file handle can be duplicated"))
+            .stderr(log)
+            .spawn()
+            .expect("the burrow binary starts");
+        let burrow = Burrow { child, port };
+        if !args.contains(&"--upgrade") {
+            let healthy = wait_until(Duration::from_secs(10), || {
+                status_of(port, "/health") == Some(200)
+            });
+            assert!(healthy, "burrow on port {port} did not become healthy");
+        }
+        burrow
+    }
+}
+
+impl Burrow {
+    fn client(&self) -> Client {
+        Client::new(&format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// Sends `signal` (`TERM`, `QUIT`) to the relay.
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIG{signal} could not be sent");
+    }
+
+    /// The exit status, if the relay exits within `limit`.
+    async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        eventually(limit, || {
+            status = self.child.try_wait().expect("the child can be waited on");
+            status.is_some()
+        })
+        .await;
+        status
+    }
+}
+
+impl Drop for Burrow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Awaits `ready` every 10 ms until it holds or `limit` has passed; returns whether it held.
+/// (A blocking wait inside these async tests would stall the tasks sharing its worker thread.)
+async fn eventually(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// A client that opens a new connection per request, so no request is sent on a kept-alive
+/// connection that the draining relay is closing: every failure is then a refused connection.
+fn fresh_connections(port: u16) -> (reqwest::Client, String) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a plain HTTP client builds");
+    (http, format!("http://127.0.0.1:{port}"))
+}
+
+/// Produces on `tunnel` until `stop` is set; returns the ids answered 201 and how many
+/// connections were refused. Any answer but 201 fails the test, and so does a connection closed
+/// after the relay took the request. Refused connections (no relay listening) and resets of
+/// connections still in the kernel's accept queue when the listener closed (never taken by the
+/// relay, so no request of theirs was in flight) are counted, not failed.
+async fn produce_until(port: u16, tunnel: String, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
+    let (http, base) = fresh_connections(port);
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for i in 0..100_000 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let sent = http
+            .post(format!("{base}/t/{tunnel}?limit=0"))
+            .body(format!("m{i}"))
+            .send()
+            .await;
+        match sent {
+            Ok(response) => {
+                assert_eq!(
+                    response.status().as_u16(),
+                    201,
+                    "a request in flight failed"
+                );
+                let id = response.headers()["x-message-id"]
+                    .to_str()
+                    .expect("ids are ASCII");
+                stored.push(id.to_owned());
+            }
+            Err(e) if e.is_connect() || was_reset(&e) => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("a request failed mid-flight: {e:?}"),
+        }
+    }
+    (stored, refused)
+}
+
+/// Whether the connection was reset (RST) rather than closed after taking the request.
+fn was_reset(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionReset;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// The ids in the redis stream of `tunnel`.
+fn stored_ids(tunnel: &str) -> Vec<String> {
+    let entries = shared_redis().command(&["XRANGE", &format!("t:{tunnel}:s"), "-", "+"]);
+    entries
+        .items()
+        .iter()
+        .map(|e| e.items()[0].text())
+        .collect()
+}
+
+/// A relay on the shared redis-server whose tunnels hold every message these tests produce.
+fn redis_env(redis_url: &str) -> [(&str, &str); 3] {
+    [
+        ("BURROW_STORE", "redis"),
+        ("REDIS_URL", redis_url),
+        ("TUNNEL_MAXLEN", "10000000"),
+    ]
+}
+
+/// How many messages the redis stream of `tunnel` holds.
+fn stored_count(tunnel: &str) -> i64 {
+    shared_redis()
+        .command(&["XLEN", &format!("t:{tunnel}:s")])
+        .int()
+}
+
+/// The value of one sample line of the metrics page, e.g. `burrow_waiting_polls`.
+async fn metric(metrics: &Client, sample: &str) -> f64 {
+    let page = metrics.get("/metrics").await.expect(200).text();
+    page.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |value| {
+            value.trim().parse().expect("samples are numbers")
+        })
+}
+
+/// Waits until the relay reports `n` waiting long-polls (the event the test needs, not a pause).
+async fn wait_for_waiting_polls(metrics: &Client, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(metrics, "burrow_waiting_polls").await != n {
+        assert!(Instant::now() < deadline, "{n} polls never started waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SIGTERM answers every waiting long-poll with 204 at once and exits 0 within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_waiting_polls_and_exits() {
+    let site = Site::new();
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let mut relay = site.start(
+        free_port(),
+        &[],
+        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
+    );
+    let api = relay.client();
+    let polls: Vec<_> = (0..5)
+        .map(|_| spawn_get(&api, format!("/t/{}/poll?timeout=30", tunnel_id("drain"))))
+        .collect();
+    wait_for_waiting_polls(&Client::new(&format!("http://{metrics_listen}")), 5.0).await;
+
+    relay.signal("TERM");
+    let signalled = Instant::now();
+    for poll in polls {
+        let (response, _) = poll.await.expect("the poll task does not panic");
+        response.expect(204);
+    }
+    let answered = signalled.elapsed();
+    assert!(
+        answered < Duration::from_millis(500),
+        "polls answered {answered:?} after SIGTERM"
+    );
+    let status = relay
+        .exit_within(EXIT_WITHIN)
+        .await
+        .expect("the relay exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Under a stream of produces, SIGTERM fails no request in flight and loses nothing it answered 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_loses_nothing_acknowledged() {
+    let site = Site::new();
+    let redis_url = shared_redis().url();
+    let env = redis_env(&redis_url);
+    let mut relay = site.start(free_port(), &[], &env);
+    let tunnel = tunnel_id("sigterm");
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let t = format!("{tunnel}-{p}");
+            tokio::spawn(produce_until(relay.port, t, stop.clone()))
+        })
+        .collect();
+    // Let real traffic flow before the signal: wait for stored messages, not for time.
+    assert!(wait_until(Duration::from_secs(10), || !stored_ids(
+        &format!("{tunnel}-0")
+    )
+    .is_empty()));
+    relay.signal("TERM");
+    let status = relay
+        .exit_within(EXIT_WITHIN)
+        .await
+        .expect("the relay exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    stop.store(true, Ordering::Relaxed);
+    for (p, producer) in producers.into_iter().enumerate() {
+        let (stored, _) = producer.await.expect("the producer does not panic");
+        assert!(!stored.is_empty());
+        assert_eq!(
+            stored_ids(&format!("{tunnel}-{p}")),
+            stored,
+            "every 201 is in the store"
+        );
+    }
+}
+
+/// SIGQUIT hands the socket to a relay started with `--upgrade`: no request fails, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_hands_over_the_socket() {
+    let site = Site::new();
+    let redis_url = shared_redis().url();
+    let env = redis_env(&redis_url);
+    let port = free_port();
+    let mut old = site.start(port, &[], &env);
+    let tunnel = tunnel_id("upgrade");
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn(produce_until(port, tunnel.clone(), stop.clone()));
+
+    let new = site.start(port, &["--upgrade"], &env);
+    let sock = site.upgrade_sock();
+    assert!(
+        eventually(Duration::from_secs(10), || sock.exists()).await,
+        "the new relay never listened for the socket"
+    );
+    old.signal("QUIT");
+    // The old relay keeps serving while it hands over, then drains and exits.
+    let status = old
+        .exit_within(Duration::from_secs(15))
+        .await
+        .expect("the old relay exits");
+    assert!(status.success(), "exit status {status}");
+    let served_after = new.client().get("/health").await.expect(200);
+    drop(served_after);
+    let before = stored_count(&tunnel);
+    assert!(
+        eventually(Duration::from_secs(10), || stored_count(&tunnel) > before).await,
+        "the new relay takes produces"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (stored, refused) = producer.await.expect("the producer does not panic");
+    assert_eq!(refused, 0, "the listening socket was never closed");
+    assert_eq!(stored_ids(&tunnel), stored, "every 201 is in the store");
+}
+
+/// The metrics page counts requests, messages and waiting polls as they happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_traffic() {
+    let site = Site::new();
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let relay = site.start(
+        free_port(),
+        &[],
+        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
+    );
+    let (api, metrics) = (
+        relay.client(),
+        Client::new(&format!("http://{metrics_listen}")),
+    );
+    let t = tunnel_id("metrics");
+    api.produce(&t, "a").await;
+    api.produce(&t, "b").await;
+    api.post(&format!("/t/{t}?limit=2"), "c").await.expect(507);
+    api.consume(&t, "").await.expect(200);
+    assert_eq!(
+        metric(&metrics, "burrow_messages_total{event=\"produced\"}").await,
+        2.0
+    );
+    assert_eq!(
+        metric(&metrics, "burrow_messages_total{event=\"rejected\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "burrow_messages_total{event=\"consumed\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "burrow_requests_total{route=\"produce\",status=\"201\"}"
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "burrow_requests_total{route=\"produce\",status=\"507\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "burrow_request_duration_seconds_count{route=\"consume\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "burrow_store_duration_seconds_count{op=\"produce\"}"
+        )
+        .await,
+        3.0
+    );
+
+    let idle = tunnel_id("metrics-poll");
+    let poll = spawn_get(&api, format!("/t/{idle}/poll?timeout=30"));
+    wait_for_waiting_polls(&metrics, 1.0).await;
+    api.produce(&idle, "wake").await;
+    poll.await
+        .expect("the poll task does not panic")
+        .0
+        .expect(200);
+    wait_for_waiting_polls(&metrics, 0.0).await;
+}
