@@ -4,6 +4,8 @@
 //! call [`Wakeups::wake`] when something a waiter may want has arrived: the embedded store does so
 //! directly, the redis store from its one pub/sub subscriber, so a produce on any instance wakes a
 //! poll on this one. A woken waiter re-reads the store, which alone decides who gets a message.
+//! Once a second the store checks every waited key at once (`Store::open` starts that re-check),
+//! so a lost notification delays a waiter by about a second, never forever.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -77,6 +79,19 @@ impl Wakeups {
                 WakeKey::Reply(..) => slot.notify.notify_waiters(),
             }
         }
+    }
+
+    /// Wakes every waiter of `key`: the periodic re-check found something that a lost
+    /// notification may have left several waiters unaware of.
+    pub fn wake_all(&self, key: &WakeKey) {
+        if let Some(slot) = self.lock().get(key) {
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// The keys waited on right now.
+    pub fn keys(&self) -> Vec<WakeKey> {
+        self.lock().keys().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WakeKey, Slot>> {

@@ -241,4 +241,18 @@ impl Backend for MemoryStore {
         self.lock().tunnels.remove(tunnel);
         Ok(())
     }
+
+    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {
+        let state = self.lock();
+        let ready = |key: &WakeKey| -> Option<bool> {
+            Some(match key {
+                WakeKey::Message(tunnel) => state.tunnels.get(&TunnelId::parse(tunnel)?)?.len() > 0,
+                WakeKey::Reply(tunnel, msg) => {
+                    let key = (TunnelId::parse(tunnel)?, msg.parse().ok()?);
+                    state.replies.contains_key(&key)
+                }
+            })
+        };
+        Ok(keys.iter().map(|key| ready(key).unwrap_or(false)).collect())
+    }
 }

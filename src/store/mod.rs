@@ -17,7 +17,12 @@ use bytes::Bytes;
 
 use crate::config::StoreConfig;
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::Wakeups;
+use crate::wake::{WakeKey, Wakeups};
+
+/// How often every waited key is re-checked against the store, so that a lost notification (or a
+/// producer that publishes none, like the Lua relay during a migration) delays a waiter by at most
+/// about this long.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A store failure. Every backend converts its own errors into this one type.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +138,10 @@ pub trait Backend: Send + Sync {
 
     /// Deletes the tunnel with its pending state.
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError>;
+
+    /// For each key, whether its waiters may find something now: a message in the tunnel, or the
+    /// reply. A false positive costs a waiter one store read; the answer must not miss anything.
+    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError>;
 }
 
 /// The store handle the relay holds: a backend plus the wake-ups it feeds. Cheap to clone.
@@ -143,8 +152,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the configured store. For redis this connects and starts the wake-up subscriber;
-    /// an unreachable server is not fatal — requests answer 503 until it is back.
+    /// Opens the configured store and starts the periodic re-check of waited keys. For redis this
+    /// connects and starts the wake-up subscriber; an unreachable server is not fatal — requests
+    /// answer 503 until it is back. Call within the runtime that should run the background tasks.
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let wakeups = Wakeups::default();
         let backend: Arc<dyn Backend> = match config {
@@ -153,12 +163,38 @@ impl Store {
                 Arc::new(redis::RedisStore::connect(redis, wakeups.clone()).await?)
             }
         };
+        tokio::spawn(recheck(Arc::downgrade(&backend), wakeups.clone()));
         Ok(Store { backend, wakeups })
     }
 
     /// The waiters of this process, fed by the backend.
     pub fn wakeups(&self) -> &Wakeups {
         &self.wakeups
+    }
+}
+
+/// Once per [`RECHECK_EVERY`], asks the store about every waited key in one batch and wakes the
+/// waiters of those that have something; ends when the store is dropped.
+async fn recheck(backend: std::sync::Weak<dyn Backend>, wakeups: Wakeups) {
+    let mut tick = tokio::time::interval(RECHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        let keys = wakeups.keys();
+        if keys.is_empty() {
+            continue;
+        }
+        match backend.ready(&keys).await {
+            Ok(ready) => {
+                let found = keys.iter().zip(ready).filter(|(_, ready)| *ready);
+                found.for_each(|(key, _)| wakeups.wake_all(key));
+            }
+            // The waiters' own reads report the outage; this one only waits for the next tick.
+            Err(e) => log::debug!("re-check of {} waited keys failed: {e}", keys.len()),
+        }
     }
 }
 

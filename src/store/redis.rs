@@ -62,6 +62,10 @@ static ACK: Script = Script::new(include_str!("redis/ack.lua"));
 static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
+static READY: Script = Script::new(include_str!("redis/ready.lua"));
+
+/// Keys per re-check script call, so one call never holds the server for long.
+const READY_BATCH: usize = 1000;
 
 /// The redis store: a pool of command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
@@ -575,6 +579,30 @@ impl Backend for RedisStore {
 
     async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError> {
         bounded(self.call().client().xlen(TunnelKeys::new(tunnel).stream)).await
+    }
+
+    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {
+        let mut ready = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(READY_BATCH) {
+            let (names, kinds): (Vec<String>, Vec<Value>) = batch
+                .iter()
+                .map(|key| match key {
+                    WakeKey::Message(tunnel) => (format!("t:{tunnel}:s"), Value::from("m")),
+                    WakeKey::Reply(tunnel, msg) => {
+                        (format!("t:{tunnel}:r-{msg}"), Value::from("r"))
+                    }
+                })
+                .unzip();
+            let flags = READY.run(&self.call(), names, kinds).await?;
+            let Value::Array(flags) = &flags else {
+                return Err(unexpected("ready", &flags));
+            };
+            if flags.len() != batch.len() {
+                return Err(unexpected("ready", &Value::Array(flags.clone())));
+            }
+            ready.extend(flags.iter().map(|flag| flag.as_i64() == Some(1)));
+        }
+        Ok(ready)
     }
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {

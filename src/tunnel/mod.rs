@@ -17,11 +17,6 @@ use crate::metrics::{self, MessageEvent, WaitingPoll};
 use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
 use crate::wake::WakeKey;
 
-/// How often a waiting poll re-reads the store even without a wake-up, so that a lost
-/// notification (or a producer that publishes none, like the Lua relay) delays a message by at
-/// most about this long.
-const RECHECK_EVERY: Duration = Duration::from_secs(1);
-
 /// A produce's `limit` parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -153,7 +148,8 @@ impl Tunnels {
     }
 
     /// The long-poll: runs `attempt` until it yields something, re-running it on each wake-up of
-    /// `key` and every [`RECHECK_EVERY`], until `wait` runs out or the server shuts down.
+    /// `key` (including the store's periodic re-check), until `wait` runs out or the server shuts
+    /// down. Waiting holds no store connection and no timer beyond the deadline.
     async fn wait_for<T, F, Fut>(
         &self,
         key: WakeKey,
@@ -181,10 +177,9 @@ impl Tunnels {
             if *shutdown.borrow() || Instant::now() >= deadline {
                 return Ok(None);
             }
-            let recheck = deadline.min(Instant::now() + RECHECK_EVERY);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(recheck) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
                 _ = shutdown.changed() => return Ok(None),
             }
         }

@@ -45,6 +45,31 @@ async fn reads_messages_written_by_original() {
     }
 }
 
+/// A poll waiting on Burrow finds a message the Lua relay wrote (which publishes no wake-up) through
+/// the periodic re-check, within about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_finds_messages_the_original_wrote() {
+    let (api, redis) = shared();
+    let t = tunnel_id("lua-poll");
+    let poll = spawn_get(&api, format!("/t/{t}/poll?timeout=10"));
+    let_polls_start().await;
+    let id = redis
+        .command(&["XADD", &format!("t:{t}:s"), "*", "data", "silent"])
+        .text();
+    let written = Instant::now();
+    let (response, _) = poll.await.expect("the poll task does not panic");
+    let response = response.expect(200);
+    assert_eq!(
+        (response.message_id(), response.text()),
+        (id, "silent".into())
+    );
+    let late = written.elapsed();
+    assert!(
+        late < Duration::from_millis(2500),
+        "found {late:?} after the write"
+    );
+}
+
 /// Burrow writes the original layout: stream fields, group, consumer, and reply keys with a TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_original_layout() {
