@@ -1,6 +1,7 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::listening::Service;
@@ -53,7 +54,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let mut service = Service::new("burrow".to_string(), app);
-    service.add_tcp(&config.listen);
+    // No L4 read buffer: Pingora's default allocates 64 KiB per connection up front, which would
+    // dominate the cost of an idle long-poll, and the HTTP/1 parser reads into a buffer of its own.
+    let unbuffered_reads = L4BufferSettings::default().read(0);
+    service.add_listener(ListenerConfig::tcp(&config.listen).l4_buffer(unbuffered_reads));
     server.add_service(service);
     if let Some(metrics_listen) = &config.metrics_listen {
         let mut metrics = pingora_prometheus::prometheus_http_service();

@@ -235,7 +235,9 @@ impl HttpServerApp for RelayApp {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
+        // Pingora's own futures are boxed so that they take memory only while they run: the
+        // state of this function is held for as long as a long-poll waits.
+        match Box::pin(session.read_request()).await {
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
@@ -269,7 +271,7 @@ impl HttpServerApp for RelayApp {
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
         let keepalive = !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
-        let written = write(&mut session, response).await;
+        let written = Box::pin(write(&mut session, response)).await;
         metrics::request(name, status, started);
         if self.access_log {
             let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -278,7 +280,7 @@ impl HttpServerApp for RelayApp {
         }
         written?;
         let settings = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
+        match Box::pin(session.finish()).await {
             Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
             Err(e) => {
                 debug!("could not finish a response: {e}");
