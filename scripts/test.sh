@@ -23,7 +23,7 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 echo "==> cargo fmt"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # ---- Browser test (tests/browser): drives the relay's /demo/ page in headless Chromium ----
 # Debian's chromium through playwright-core (no browser download), under Node's test runner; the
 # test starts target/debug/burrow on a free port itself and leaves a screenshot in target/demo.png.

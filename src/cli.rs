@@ -1,4 +1,4 @@
-//! The command line: `burrow [serve]`. Settings come from the environment (see `config`); the
+//! The command line: `burrow [serve | worker]`. Settings come from the environment (see `config`); the
 //! command line only picks what to run.
 
 use std::process::ExitCode;
@@ -24,6 +24,9 @@ enum Command {
         #[arg(short, long)]
         upgrade: bool,
     },
+    /// Take jobs from a queue on a relay and run a command for each, with the job's JSON on stdin;
+    /// its stdout is the result (PROTOCOL.md part 2).
+    Worker(crate::worker::WorkerArgs),
 }
 
 /// Parses the command line and runs what it names; the exit code reports failure.
@@ -32,6 +35,7 @@ pub fn run() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match cli.command.unwrap_or(Command::Serve { upgrade: false }) {
         Command::Serve { upgrade } => serve(upgrade),
+        Command::Worker(args) => crate::worker::run(args),
     }
 }
 

@@ -7,6 +7,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::tunnel::TunnelId;
+
 /// A configuration value that could not be used; the message names the variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -111,6 +113,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// `BURROW_ACCESS_LOG`: one info line per request.
     pub access_log: bool,
+    /// `BURROW_JOBS_QUEUE`: the queue of jobs triggered without `?queue=`.
+    pub jobs_queue: TunnelId,
     /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
@@ -166,6 +170,7 @@ impl Config {
                 .unwrap_or_else(|| "0.0.0.0:8080".into()),
             metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
+            jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
             pingora_conf: env.get("BURROW_CONF"),
             store: store_config(&env)?,
             auth,
@@ -246,6 +251,16 @@ impl Env<'_> {
                 expected,
             }),
         }
+    }
+
+    /// A tunnel id, such as a queue name.
+    fn tunnel_id(&self, var: &'static str, default: &str) -> Result<TunnelId, ConfigError> {
+        let value = self.get(var).unwrap_or_else(|| default.into());
+        TunnelId::parse(&value).ok_or(ConfigError::Invalid {
+            var,
+            value,
+            expected: "1 to 1024 characters from A-Z a-z 0-9 - _",
+        })
     }
 
     /// An `IP:port` socket address, if set.
@@ -338,6 +353,7 @@ mod tests {
             ("BURROW_LISTEN", "localhost"),
             ("BURROW_METRICS_LISTEN", "9090"),
             ("BURROW_ACCESS_LOG", "yes please"),
+            ("BURROW_JOBS_QUEUE", "a.b"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

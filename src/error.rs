@@ -36,6 +36,15 @@ pub enum Error {
         /// Messages in the tunnel.
         size: u64,
     },
+    /// A body that is not what the route takes (a job that is not a JSON object).
+    #[error("Invalid body: {0}")]
+    InvalidBody(String),
+    /// A job id that was never given out, expired, or was already collected.
+    #[error("Unknown job")]
+    UnknownJob(String),
+    /// A WebSocket route asked for without a valid WebSocket handshake.
+    #[error("Expected a WebSocket upgrade: {0}")]
+    NotWebSocket(&'static str),
     /// The request could not be read from the client.
     #[error("Could not read the request: {0}")]
     BadRequest(String),

@@ -11,8 +11,10 @@
 //! - `http`: the Pingora app — routing (`Route`), authorization, responses and the one place
 //!   where errors become statuses.
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
+//! - `jobs`: jobs on tunnels (`/trigger`, `/done`, `/ws`): ids, records, results, store-agnostic.
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
 //! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
+//! - `worker`: `burrow worker`, which takes jobs from a queue and runs a command for each.
 //! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
 
 pub mod config;
@@ -21,10 +23,12 @@ mod auth;
 mod cli;
 mod error;
 mod http;
+mod jobs;
 mod metrics;
 mod server;
 mod store;
 mod tunnel;
 mod wake;
+mod worker;
 
 pub use cli::run;

@@ -6,9 +6,9 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::listening::Service;
 
-use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::RelayApp;
+use crate::jobs::Jobs;
 use crate::store::{Store, StoreError};
 use crate::tunnel::Tunnels;
 
@@ -44,8 +44,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
-    let tunnels = Tunnels::new(store, config.tunnel.clone());
-    let app = RelayApp::new(tunnels, Auth::new(config.auth.clone()), config.access_log);
+    let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
+    let jobs = Jobs::new(tunnels.clone(), store);
+    let app = RelayApp::new(tunnels, jobs, &config);
 
     let opt = Opt {
         upgrade,

@@ -6,14 +6,19 @@
 //! - `concurrency`: many producers and consumers racing on one tunnel, against every store.
 //! - `redis_store`: what only the redis store has: the original key layout, several relay instances
 //!   on one redis-server, and a store outage.
+//! - `jobs`: PROTOCOL.md part 2 (trigger, done, WebSocket) on both stores and two instances.
 //! - `lifecycle`: graceful shutdown, graceful upgrade and metrics.
 //! - `startup`: configuration errors at start-up.
+//! - `worker`: `burrow worker` as a real process: results, failures, timeouts, concurrency,
+//!   redelivery after a worker dies, signals, relay outages and the token.
 
 #[macro_use]
 mod support;
 
 mod concurrency;
 mod conformance;
+mod jobs;
 mod lifecycle;
 mod redis_store;
 mod startup;
+mod worker;

@@ -16,11 +16,14 @@ use pingora_core::server::ShutdownWatch;
 
 use super::response::Response;
 use super::route::Route;
+use super::websocket;
 use crate::auth::{Auth, Credentials};
+use crate::config::Config;
 use crate::error::Error;
+use crate::jobs::Jobs;
 use crate::metrics;
 use crate::store::{Message, MessageStatus, Payload};
-use crate::tunnel::{Shutdown, Tunnels};
+use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
 /// The browser demo page, served at `/demo/`.
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -31,21 +34,25 @@ const KEEPALIVE_SECS: u64 = 60;
 /// The relay app: shared by every connection.
 pub struct RelayApp {
     tunnels: Tunnels,
+    jobs: Jobs,
     auth: Auth,
     access_log: bool,
+    jobs_queue: TunnelId,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
-    /// An app serving `tunnels` under `auth`, logging each request when `access_log` is set.
-    pub fn new(tunnels: Tunnels, auth: Auth, access_log: bool) -> RelayApp {
+    /// An app serving `tunnels` and `jobs` as `config` says.
+    pub fn new(tunnels: Tunnels, jobs: Jobs, config: &Config) -> RelayApp {
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
         RelayApp {
             tunnels,
-            auth,
-            access_log,
+            jobs,
+            auth: Auth::new(config.auth.clone()),
+            access_log: config.access_log,
+            jobs_queue: config.jobs_queue.clone(),
             options,
         }
     }
@@ -138,6 +145,29 @@ impl RelayApp {
                 tunnels.clear(&tunnel).await?;
                 Response::empty(204).header("X-Queue-Size", 0)
             }
+            Route::Trigger { queue } => {
+                let job = self.jobs.trigger(&queue, body).await?;
+                Response::json(202, &job.to_json()).header("Location", format!("/done/{}", job.id))
+            }
+            Route::Done { job, wait } => {
+                let wait = wait.map(|asked| self.poll_timeout(Some(asked)));
+                match self.jobs.collect(&job, wait, shutdown).await? {
+                    Some(job) => Response::json(200, &job.to_json()),
+                    None => return Err(Error::UnknownJob(job.to_string())),
+                }
+            }
+            Route::JobSocket { .. } if session.is_http2() => {
+                return Err(Error::NotWebSocket("WebSockets need HTTP/1.1"))
+            }
+            Route::JobSocket { .. } => websocket::accept(
+                session.get_header("Upgrade").map(|v| v.as_bytes()),
+                session
+                    .get_header("Sec-WebSocket-Version")
+                    .map(|v| v.as_bytes()),
+                session
+                    .get_header("Sec-WebSocket-Key")
+                    .map(|v| v.as_bytes()),
+            )?,
         };
         Ok(response)
     }
@@ -175,6 +205,17 @@ impl RelayApp {
             body.extend_from_slice(&chunk);
         }
         Ok(body.freeze())
+    }
+
+    /// Hands an upgraded connection to the jobs WebSocket until it closes.
+    async fn serve_websocket(&self, session: ServerSession, queue: TunnelId, shutdown: Shutdown) {
+        let ServerSession::H1(h1) = session else {
+            return;
+        };
+        let config = self.tunnels.config();
+        let (max_message, wait) = (config.max_message_size, config.max_poll_timeout);
+        let jobs = self.jobs.clone();
+        websocket::serve(h1.into_inner(), jobs, queue, max_message, wait, shutdown).await;
     }
 
     fn poll_timeout(&self, asked: Option<u64>) -> Duration {
@@ -249,8 +290,17 @@ impl HttpServerApp for RelayApp {
         let mut shutdown = shutdown.clone();
         let head = session.req_header();
         let method = head.method.clone();
-        let route = Route::parse(&head.method, head.uri.path(), head.uri.query());
+        let route = Route::parse(
+            &head.method,
+            head.uri.path(),
+            head.uri.query(),
+            &self.jobs_queue,
+        );
         let name = route.as_ref().map_or("invalid", Route::name);
+        let socket_queue = match &route {
+            Ok(Route::JobSocket { queue }) => Some(queue.clone()),
+            _ => None,
+        };
         let tunnel = match &route {
             Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
             _ => None,
@@ -279,6 +329,11 @@ impl HttpServerApp for RelayApp {
             info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
         }
         written?;
+        if let (101, Some(queue)) = (status, socket_queue) {
+            // The connection now speaks WebSocket until it closes; it is never reused for HTTP.
+            self.serve_websocket(session, queue, shutdown).await;
+            return None;
+        }
         let settings = HttpPersistentSettings::for_session(&session);
         match Box::pin(session.finish()).await {
             Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),

@@ -2,10 +2,12 @@
 //!
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
-//! - `response`: responses, CORS, and the one mapping from errors to statuses.
+//! - `response`: responses, CORS, and the one mapping from errors to statuses;
+//! - `websocket`: the jobs WebSocket (`/ws`), framed by tungstenite.
 
 mod app;
 mod response;
 mod route;
+mod websocket;
 
 pub use app::RelayApp;

@@ -35,6 +35,13 @@ impl Response {
             .body(text.into())
     }
 
+    /// A JSON response.
+    pub fn json(status: u16, value: &serde_json::Value) -> Response {
+        Response::empty(status)
+            .header("Content-Type", "application/json")
+            .body(value.to_string())
+    }
+
     /// Adds a header.
     pub fn header(mut self, name: &'static str, value: impl ToString) -> Response {
         self.headers.push((name, value.to_string()));
@@ -53,8 +60,8 @@ impl Response {
         for (name, value) in &self.headers {
             head.append_header(*name, value.as_str())?;
         }
-        // RFC 9110 forbids Content-Length on 204 and 304.
-        if self.status != 204 && self.status != 304 {
+        // RFC 9110 forbids Content-Length on 1xx, 204 and 304.
+        if self.status >= 200 && self.status != 204 && self.status != 304 {
             head.insert_header("Content-Length", self.body.len())?;
         }
         head.insert_header("Access-Control-Allow-Origin", "*")?;
@@ -70,8 +77,17 @@ impl Response {
 impl From<Error> for Response {
     /// The one mapping from errors to statuses.
     fn from(error: Error) -> Response {
+        if let Error::UnknownJob(id) = &error {
+            // highway's shape: clients of /done read JSON whatever the outcome.
+            return Response::json(404, &serde_json::json!({"id": id, "status": "Unknown"}));
+        }
         let status = match &error {
-            Error::MalformedUrl | Error::BadParameter(_) | Error::BadRequest(_) => 400,
+            Error::MalformedUrl
+            | Error::BadParameter(_)
+            | Error::BadRequest(_)
+            | Error::InvalidBody(_) => 400,
+            Error::UnknownJob(_) => 404,
+            Error::NotWebSocket(_) => 426,
             Error::AccessDenied => 403,
             Error::NotFound => 404,
             Error::MethodNotAllowed { .. } => 405,
@@ -91,6 +107,7 @@ impl From<Error> for Response {
             Error::MethodNotAllowed { allow } => response.header("Allow", allow),
             Error::QueueFull { size } => response.header("X-Queue-Size", size),
             Error::Store(StoreError::Unavailable(_)) => response.header("Retry-After", 1),
+            Error::NotWebSocket(_) => response.header("Upgrade", "websocket"),
             _ => response,
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::error::Error;
+use crate::jobs::JobId;
 use crate::store::Delivery;
 use crate::tunnel::{Limit, MessageId, TunnelId};
 
@@ -49,6 +50,12 @@ pub enum Route {
     Len { tunnel: TunnelId },
     /// `DELETE /t/{tunnel}/all`.
     Clear { tunnel: TunnelId },
+    /// `POST /trigger[?queue=Q]`: queue a job.
+    Trigger { queue: TunnelId },
+    /// `GET /done/{id}[?wait=S]`: a job's state, waiting up to `wait` seconds for it to finish.
+    Done { job: JobId, wait: Option<u64> },
+    /// `GET /ws[/{tag}][?queue=Q]`: a WebSocket that triggers jobs and pushes their results.
+    JobSocket { queue: TunnelId },
 }
 
 /// The shapes of `/t/...` paths, before the method picks the route.
@@ -98,14 +105,16 @@ impl TunnelPath {
 }
 
 impl Route {
-    /// Parses a request line. `query` is the raw query string, if any.
-    pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Route, Error> {
+    /// Parses a request line. `query` is the raw query string, if any; `jobs_queue` is the
+    /// queue of jobs whose request names none.
+    pub fn parse(
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        jobs_queue: &TunnelId,
+    ) -> Result<Route, Error> {
         let Some(rest) = path.strip_prefix("/t/") else {
-            return match path {
-                "/health" => only_get(method, Route::Health),
-                "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
-                _ => Err(Error::NotFound),
-            };
+            return Route::parse_other(method, path, Query::parse(query), jobs_queue);
         };
         let shape = TunnelPath::parse(rest).ok_or(Error::MalformedUrl)?;
         if method == Method::OPTIONS {
@@ -146,6 +155,29 @@ impl Route {
         Ok(route)
     }
 
+    /// The routes outside `/t/`.
+    fn parse_other(
+        method: &Method,
+        path: &str,
+        query: Query,
+        jobs_queue: &TunnelId,
+    ) -> Result<Route, Error> {
+        let queue = || query.queue(jobs_queue);
+        if let Some(id) = path.strip_prefix("/done/") {
+            let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
+            let wait = query.seconds("wait", query.wait.as_deref())?;
+            return only_get(method, Route::Done { job, wait });
+        }
+        match path {
+            "/health" => only_get(method, Route::Health),
+            "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
+            "/trigger" if method == Method::POST => Ok(Route::Trigger { queue: queue()? }),
+            "/trigger" => Err(Error::MethodNotAllowed { allow: "POST" }),
+            _ if is_socket_path(path) => only_get(method, Route::JobSocket { queue: queue()? }),
+            _ => Err(Error::NotFound),
+        }
+    }
+
     /// The tunnel whose authorization this route needs, if any.
     pub fn tunnel(&self) -> Option<&TunnelId> {
         match self {
@@ -160,12 +192,17 @@ impl Route {
             | Route::Status { tunnel, .. }
             | Route::Len { tunnel }
             | Route::Clear { tunnel } => Some(tunnel),
+            Route::Trigger { queue } | Route::JobSocket { queue } => Some(queue),
+            Route::Done { job, .. } => Some(job.queue()),
         }
     }
 
     /// Whether the route reads a request body.
     pub fn takes_body(&self) -> bool {
-        matches!(self, Route::Produce { .. } | Route::Reply { .. })
+        matches!(
+            self,
+            Route::Produce { .. } | Route::Reply { .. } | Route::Trigger { .. }
+        )
     }
 
     /// A short name for logs.
@@ -184,7 +221,21 @@ impl Route {
             Route::Status { .. } => "status",
             Route::Len { .. } => "len",
             Route::Clear { .. } => "clear",
+            Route::Trigger { .. } => "trigger",
+            Route::Done { .. } => "done",
+            Route::JobSocket { .. } => "job_socket",
         }
+    }
+}
+
+/// `/ws` or `/ws/{tag}`, where the tag is a free label such as highway's `/ws/0`.
+fn is_socket_path(path: &str) -> bool {
+    match path.strip_prefix("/ws") {
+        Some("") => true,
+        Some(tag) => tag
+            .strip_prefix('/')
+            .is_some_and(|tag| !tag.is_empty() && !tag.contains('/')),
+        None => false,
     }
 }
 
@@ -196,11 +247,13 @@ fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
     }
 }
 
-/// The query parameters tunnel routes read; the first occurrence of a name wins.
+/// The query parameters routes read; the first occurrence of a name wins.
 struct Query {
     limit: Option<String>,
     timeout: Option<String>,
     pending: Option<String>,
+    queue: Option<String>,
+    wait: Option<String>,
 }
 
 impl Query {
@@ -209,12 +262,16 @@ impl Query {
             limit: None,
             timeout: None,
             pending: None,
+            queue: None,
+            wait: None,
         };
         for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             let slot = match name.as_ref() {
                 "limit" => &mut query.limit,
                 "timeout" => &mut query.timeout,
                 "pending" => &mut query.pending,
+                "queue" => &mut query.queue,
+                "wait" => &mut query.wait,
                 _ => continue,
             };
             slot.get_or_insert_with(|| value.into_owned());
@@ -238,16 +295,31 @@ impl Query {
 
     /// `timeout`: whole seconds ≥ 0; absent → `None` (the relay's default).
     fn timeout(&self) -> Result<Option<u64>, Error> {
-        self.timeout
-            .as_deref()
-            .map(|raw| {
-                raw.trim().parse::<u64>().map_err(|_| {
-                    Error::BadParameter(format!(
-                        "Invalid timeout {raw:?}: expected whole seconds (0 or more)"
-                    ))
-                })
+        self.seconds("timeout", self.timeout.as_deref())
+    }
+
+    /// A parameter in whole seconds ≥ 0, if present.
+    fn seconds(&self, name: &str, raw: Option<&str>) -> Result<Option<u64>, Error> {
+        raw.map(|raw| {
+            raw.trim().parse::<u64>().map_err(|_| {
+                Error::BadParameter(format!(
+                    "Invalid {name} {raw:?}: expected whole seconds (0 or more)"
+                ))
             })
-            .transpose()
+        })
+        .transpose()
+    }
+
+    /// `queue`: a tunnel id; absent → `default`.
+    fn queue(&self, default: &TunnelId) -> Result<TunnelId, Error> {
+        match &self.queue {
+            None => Ok(default.clone()),
+            Some(raw) => TunnelId::parse(raw).ok_or_else(|| {
+                Error::BadParameter(format!(
+                    "Invalid queue {raw:?}: expected 1 to 1024 characters from A-Z a-z 0-9 - _"
+                ))
+            }),
+        }
     }
 
     /// `pending`: absent → remove on delivery; empty or 0 → pending; N ≥ 1 → pending with a
@@ -283,7 +355,7 @@ mod tests {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        Route::parse(&method, path, query)
+        Route::parse(&method, path, query, &tunnel("jobs"))
     }
 
     fn tunnel(id: &str) -> TunnelId {
@@ -371,6 +443,50 @@ mod tests {
             parse(Method::POST, "/health"),
             Err(Error::MethodNotAllowed { allow: "GET" })
         ));
+    }
+
+    /// The job routes: queue defaults, job ids, `wait`, socket tags.
+    #[test]
+    fn job_routes() {
+        let trigger = parse(Method::POST, "/trigger").unwrap();
+        assert_eq!(
+            trigger,
+            Route::Trigger {
+                queue: tunnel("jobs")
+            }
+        );
+        let trigger = parse(Method::POST, "/trigger?queue=q1").unwrap();
+        assert_eq!(
+            trigger,
+            Route::Trigger {
+                queue: tunnel("q1")
+            }
+        );
+        assert!(matches!(
+            parse(Method::POST, "/trigger?queue=a.b"),
+            Err(Error::BadParameter(_))
+        ));
+        assert!(matches!(
+            get("/trigger"),
+            Err(Error::MethodNotAllowed { allow: "POST" })
+        ));
+        let done = get("/done/q1.17-0?wait=5").unwrap();
+        let job = "q1.17-0".parse().unwrap();
+        assert_eq!(done, Route::Done { job, wait: Some(5) });
+        assert!(matches!(get("/done/nope"), Err(Error::UnknownJob(id)) if id == "nope"));
+        assert!(matches!(
+            get("/done/q1.17-0?wait=x"),
+            Err(Error::BadParameter(_))
+        ));
+        for socket in ["/ws", "/ws/0", "/ws/any-tag?queue=q2"] {
+            assert!(
+                matches!(get(socket), Ok(Route::JobSocket { .. })),
+                "{socket}"
+            );
+        }
+        for other in ["/ws/", "/ws/a/b", "/wsx"] {
+            assert!(matches!(get(other), Err(Error::NotFound)), "{other}");
+        }
     }
 
     /// `limit`, `timeout` and `pending` parse as the protocol says, and reject junk.

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::{Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError};
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::{WakeKey, Wakeups};
 
-/// How often expired replies are swept away.
+/// How often expired replies and job records are swept away.
 const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 /// The embedded store.
@@ -24,7 +25,8 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct State {
     tunnels: HashMap<TunnelId, Tunnel>,
-    replies: HashMap<(TunnelId, MessageId), StoredReply>,
+    replies: HashMap<(TunnelId, MessageId), Expiring<Payload>>,
+    jobs: HashMap<(TunnelId, MessageId), Expiring<Bytes>>,
 }
 
 /// One tunnel: a stream of messages, some of them pending.
@@ -64,13 +66,28 @@ impl Tunnel {
     }
 }
 
-struct StoredReply {
-    payload: Payload,
+/// A reply or a job record, dropped at `expires`.
+struct Expiring<T> {
+    value: T,
     expires: Instant,
 }
 
+impl<T> Expiring<T> {
+    fn new(value: T, ttl: Duration) -> Expiring<T> {
+        Expiring {
+            value,
+            expires: Instant::now() + ttl,
+        }
+    }
+
+    /// The value, unless it has expired.
+    fn live(self) -> Option<T> {
+        (self.expires > Instant::now()).then_some(self.value)
+    }
+}
+
 impl MemoryStore {
-    /// An empty store reporting to `wakeups`; a background task sweeps expired replies.
+    /// An empty store reporting to `wakeups`; a background task sweeps expired entries.
     pub fn new(wakeups: Wakeups) -> MemoryStore {
         let state = Arc::new(Mutex::new(State::default()));
         tokio::spawn(purge_expired(Arc::downgrade(&state)));
@@ -87,14 +104,16 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sweeps expired replies until the store is dropped.
+/// Sweeps expired replies and job records until the store is dropped.
 async fn purge_expired(state: Weak<Mutex<State>>) {
     let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         let now = Instant::now();
-        lock(&state).replies.retain(|_, r| r.expires > now);
+        let mut state = lock(&state);
+        state.replies.retain(|_, r| r.expires > now);
+        state.jobs.retain(|_, j| j.expires > now);
     }
 }
 
@@ -197,10 +216,7 @@ impl Backend for MemoryStore {
             if !was_pending {
                 return Ok(false);
             }
-            let stored = StoredReply {
-                payload: reply,
-                expires: Instant::now() + ttl,
-            };
+            let stored = Expiring::new(reply, ttl);
             state.replies.insert((tunnel.clone(), msg), stored);
         }
         self.wakeups
@@ -214,9 +230,7 @@ impl Backend for MemoryStore {
         msg: MessageId,
     ) -> Result<Option<Payload>, StoreError> {
         let reply = self.lock().replies.remove(&(tunnel.clone(), msg));
-        Ok(reply
-            .filter(|r| r.expires > Instant::now())
-            .map(|r| r.payload))
+        Ok(reply.and_then(Expiring::live))
     }
 
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
@@ -239,6 +253,31 @@ impl Backend for MemoryStore {
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
         self.lock().tunnels.remove(tunnel);
+        Ok(())
+    }
+
+    async fn put_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        fields: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let record = Expiring::new(fields, ttl);
+        self.lock().jobs.insert((queue.clone(), msg), record);
+        Ok(())
+    }
+
+    async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError> {
+        let state = self.lock();
+        let record = state.jobs.get(&(queue.clone(), msg));
+        Ok(record
+            .filter(|r| r.expires > Instant::now())
+            .map(|r| r.value.clone()))
+    }
+
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
+        self.lock().jobs.remove(&(queue.clone(), msg));
         Ok(())
     }
 

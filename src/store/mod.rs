@@ -139,6 +139,22 @@ pub trait Backend: Send + Sync {
     /// Deletes the tunnel with its pending state.
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError>;
 
+    /// Keeps a job's fields (the JSON object it was triggered with) for `ttl`, so that any
+    /// instance can answer for the job while it runs and once it is done.
+    async fn put_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        fields: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The fields of a job, if it is known (triggered, not expired, not yet collected).
+    async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError>;
+
+    /// Forgets a job once its final state has been handed out.
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
+
     /// For each key, whether its waiters may find something now: a message in the tunnel, or the
     /// reply. A false positive costs a waiter one store read; the answer must not miss anything.
     async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError>;

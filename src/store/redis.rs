@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::WithOptions;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, KeysInterface, Options, Pool,
-    PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, Expiration, KeysInterface,
+    Options, Pool, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
@@ -311,6 +311,11 @@ impl TunnelKeys {
     }
 }
 
+/// Where a job's fields are kept: Burrow's own prefix, beside the original's `t:` keys.
+fn job_key(queue: &TunnelId, msg: MessageId) -> String {
+    format!("burrow:job:{queue}:{msg}")
+}
+
 /// The reply body and reply Content-Type keys of `msg`.
 fn reply_keys(tunnel: &TunnelId, msg: MessageId) -> Vec<String> {
     vec![
@@ -445,11 +450,13 @@ fn parse_produced(value: Value) -> Result<Produced, StoreError> {
 
 /// A duration as whole milliseconds for the scripts, at least 1 (0 would mean "no expiry").
 fn millis(duration: Duration) -> Value {
-    Value::Integer(
-        i64::try_from(duration.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1),
-    )
+    Value::Integer(millis_i64(duration))
+}
+
+fn millis_i64(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
 }
 
 #[async_trait]
@@ -579,6 +586,31 @@ impl Backend for RedisStore {
 
     async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError> {
         bounded(self.call().client().xlen(TunnelKeys::new(tunnel).stream)).await
+    }
+
+    async fn put_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        fields: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let expiry = Some(Expiration::PX(millis_i64(ttl)));
+        let client = self.call().client();
+        bounded(client.set::<(), _, _>(job_key(queue, msg), fields, expiry, None, false)).await
+    }
+
+    async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError> {
+        bounded(
+            self.call()
+                .client()
+                .get::<Option<Bytes>, _>(job_key(queue, msg)),
+        )
+        .await
+    }
+
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
+        bounded(self.call().client().del::<(), _>(job_key(queue, msg))).await
     }
 
     async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {

@@ -27,6 +27,11 @@ impl Client {
         }
     }
 
+    /// The relay's base URL, `http://host:port`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The same client, sending `Authorization: Bearer <token>` with every request.
     pub fn with_bearer(&self, token: &str) -> Client {
         Client {
@@ -206,6 +211,12 @@ impl Response {
     fn line(&self) -> String {
         let text = self.text();
         text.strip_suffix('\n').unwrap_or(&text).to_owned()
+    }
+
+    /// The body as JSON.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
     }
 
     /// `X-Message-Id`, asserted present and of the form `<ms>-<seq>`.

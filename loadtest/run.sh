@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Burrow's load tests in one command: installs wrk and redis-server when missing, builds the relay
+# and the load generator in release mode, starts its own redis-server(s) on free ports, runs each
+# scenario against a fresh relay per store, prints a markdown table and writes it to
+# loadtest/results/latest.md (raw outputs next to it). Everything runs on 127.0.0.1, is bounded
+# in time and stops by itself; every process started here is stopped on exit.
+#
+#   loadtest/run.sh                          # every scenario, both stores
+#   loadtest/run.sh produce pairs            # a subset
+#   STORES=redis loadtest/run.sh wake idle   # one store
+#
+# Scenarios: health produce pairs wake idle race reply faults (faults: redis only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ALL=(health produce pairs wake idle race reply faults)
+SCENARIOS=("$@")
+((${#SCENARIOS[@]})) || SCENARIOS=("${ALL[@]}")
+read -r -a STORE_LIST <<<"${STORES:-memory redis}"
+WRK_DURATION=${WRK_DURATION:-10s}
+RESULTS=loadtest/results
+# BURROW_BIN: a relay binary built elsewhere (e.g. from a clean checkout); then only loadgen is built.
+BURROW=${BURROW_BIN:-target/release/burrow}
+LOADGEN=target/release/loadgen
+
+# --- dependencies, build, limits -----------------------------------------------------------------
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v curl >/dev/null || missing+=(curl)
+if ((${#missing[@]})); then
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  echo "==> installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
+if [[ -n ${BURROW_BIN:-} ]]; then
+  echo "==> cargo build --release -p loadgen (relay: $BURROW_BIN)"
+  cargo build --release -p loadgen
+  BUILT="binary $BURROW_BIN"
+else
+  echo "==> cargo build --release -p burrow -p loadgen"
+  cargo build --release -p burrow -p loadgen
+  BUILT="commit $(git rev-parse --short HEAD)$(git diff --quiet -- src Cargo.toml || echo ' + uncommitted changes')"
+fi
+# 10,000 waiters need 10,000+ descriptors in the relay and in the load generator.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+(($(ulimit -n) >= 12000)) || echo "warning: ulimit -n is $(ulimit -n); the idle scenario needs ~10,100"
+
+# --- processes (ports from 20000-31999, below the ephemeral range) ---------------------------------------------------------------------------------
+TMP=$(mktemp -d /tmp/burrow-loadtest.XXXXXX)
+RELAY_PID=
+RELAYS=0
+PIDFILES=()
+cleanup() {
+  [[ -n $RELAY_PID ]] && kill -9 "$RELAY_PID" 2>/dev/null || true
+  for f in "${PIDFILES[@]}"; do
+    if [[ -s $f ]]; then
+      kill -CONT "$(cat "$f")" 2>/dev/null || true
+      kill -9 "$(cat "$f")" 2>/dev/null || true
+    fi
+  done
+  jobs -p | xargs -r kill 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    ss -Htan "sport = :$p" | grep -q . || { echo "$p"; return; }
+  done
+}
+
+# start_redis NAME [extra config lines...]: a daemonized redis-server in $TMP/NAME; sets REDIS_PORT.
+start_redis() {
+  local name=$1 dir=$TMP/$1
+  shift
+  mkdir -p "$dir"
+  REDIS_PORT=$(free_port)
+  {
+    echo "port $REDIS_PORT"
+    echo "bind 127.0.0.1"
+    echo "dir $dir"
+    echo "daemonize yes"
+    echo "pidfile $dir/redis.pid"
+    echo "logfile $dir/redis.log"
+    echo "save \"\""
+    echo "maxclients 15000"
+    printf '%s\n' "$@"
+  } >"$dir/redis.conf"
+  PIDFILES+=("$dir/redis.pid")
+  redis-server "$dir/redis.conf"
+  for _ in $(seq 100); do
+    [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && return
+    sleep 0.05
+  done
+  echo "redis-server $name did not start:" >&2
+  tail -5 "$dir/redis.log" >&2
+  exit 1
+}
+
+# start_relay STORE [VAR=value...]: a fresh relay; sets RELAY_PID, PORT, MPORT, STORE_PORT/PID.
+start_relay() {
+  local store=$1
+  shift
+  PORT=$(free_port)
+  MPORT=$(free_port)
+  # Pingora's settings as built in, with the pid file and upgrade socket in $TMP instead of
+  # /tmp, so that no other relay on the machine shares them.
+  sed -e "s|^pid_file:.*|pid_file: $TMP/burrow.pid|" \
+    -e "s|^upgrade_sock:.*|upgrade_sock: $TMP/upgrade.sock|" conf/burrow.yaml >"$TMP/burrow.yaml"
+  local env=(BURROW_CONF="$TMP/burrow.yaml" BURROW_LISTEN="127.0.0.1:$PORT" BURROW_METRICS_LISTEN="127.0.0.1:$MPORT"
+    RUST_LOG=warn BURROW_ACCESS_LOG=0 BURROW_STORE="$store")
+  STORE_PORT=0 STORE_PID=0
+  if [[ $store == redis ]]; then
+    STORE_PORT=${RELAY_REDIS_PORT:-$MAIN_REDIS_PORT}
+    STORE_PID=$(cat "${RELAY_REDIS_PIDFILE:-$MAIN_REDIS_PIDFILE}")
+    redis-cli -p "$STORE_PORT" flushall >/dev/null
+    env+=(REDIS_URL="redis://127.0.0.1:$STORE_PORT")
+  fi
+  RELAY_LOG=$TMP/relay-$((++RELAYS)).log
+  env "${env[@]}" "$@" "$BURROW" serve >"$RELAY_LOG" 2>&1 &
+  RELAY_PID=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && return
+    sleep 0.05
+  done
+  echo "relay did not start:" >&2
+  tail "$RELAY_LOG" >&2
+  exit 1
+}
+
+stop_relay() {
+  kill -TERM "$RELAY_PID" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "$RELAY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$RELAY_PID" 2>/dev/null || true
+  local rc=0
+  wait "$RELAY_PID" 2>/dev/null || rc=$?
+  # Keeps what the relay said (warnings, panics), except access logs.
+  { echo "### relay $RELAYS: exit status $rc"; grep -v "burrow::access" "$RELAY_LOG" | tail -50 || true; } \
+    >>"$RESULTS/relay.log"
+  RELAY_PID=
+}
+
+rss_mib() { awk '/^VmRSS/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+# percent TICKS_AFTER TICKS_BEFORE SECONDS: CPU use in percent of one core (100 ticks/s).
+percent() { awk -v a="$1" -v b="$2" -v s="$3" 'BEGIN {printf "%.0f", (a - b) / s}'; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+store_conns() {
+  [[ $STORE_PORT == 0 ]] && { echo "-"; return; }
+  redis-cli -p "$STORE_PORT" info clients | awk -F: '/^connected_clients/ {print $2 - 1}' | tr -d '\r'
+}
+# field LINE KEY: the value of KEY=value in a RESULT line.
+field() { grep -o "\b$2=[^ ]*" <<<"$1" | head -1 | cut -d= -f2-; }
+
+ROWS=$TMP/rows.md
+mkdir -p "$RESULTS"
+: >"$RESULTS/raw.txt"
+: >"$RESULTS/relay.log"
+row() { printf '| %s |\n' "$(IFS='|'; echo "$*" | sed 's/|/ | /g')" | tee -a "$ROWS"; }
+keep() { printf '### %s (%s)\n%s\n\n' "$1" "$2" "$3" >>"$RESULTS/raw.txt"; }
+
+# --- scenarios ---------------------------------------------------------------------------------
+# wrk_scenario NAME SCRIPT STORE [VAR=value...]: wrk -t2 -c64 against a fresh relay.
+wrk_scenario() {
+  local name=$1 script=$2 store=$3
+  shift 3
+  start_relay "$store" "$@"
+  local r0 s0 t0 out sample
+  r0=$(ticks "$RELAY_PID") s0=$( ((STORE_PID)) && ticks "$STORE_PID" || echo 0) t0=$(date +%s.%N)
+  (sleep 5; echo "$(rss_mib "$RELAY_PID")|$(store_conns)" >"$TMP/sample") &
+  local sampler=$!
+  out=$(wrk -t2 -c64 -d"$WRK_DURATION" -s "loadtest/wrk/$script.lua" "http://127.0.0.1:$PORT")
+  wait "$sampler"
+  local secs cpu
+  secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')
+  cpu="relay CPU $(percent "$(ticks "$RELAY_PID")" "$r0" "$secs")%"
+  ((STORE_PID)) && cpu+=", redis CPU $(percent "$(ticks "$STORE_PID")" "$s0" "$secs")%"
+  if [[ $name == *"access log"* ]]; then
+    cpu+=", log $(du -h "$RELAY_LOG" | cut -f1)"
+  fi
+  keep "$name" "$store" "$out"
+  local res rate errors extra=""
+  res=$(grep '^RESULT' <<<"$out")
+  rate="$(field "$res" rate) req/s"
+  errors=$(($(field "$res" status_errors) + $(field "$res" socket_errors)))
+  if [[ $name == pairs ]]; then
+    rate="$(field "$res" pairs_per_s) pairs/s ($(field "$res" rate) req/s)"
+    errors=$((errors + $(field "$res" non2xx)))
+    extra="; GET 204: $(field "$res" get_204)"
+  fi
+  row "$name" "$store" "$rate" "$(field "$res" p50_ms) ms" "$(field "$res" p99_ms) ms" "$errors" \
+    "$(cut -d'|' -f1 "$TMP/sample")" "$(cut -d'|' -f2 "$TMP/sample")" "$cpu$extra"
+  stop_relay
+}
+
+loadgen() {
+  local name=$1 store=$2
+  shift 2
+  local out
+  out=$("$LOADGEN" "$name" --addr "127.0.0.1:$PORT" --metrics "127.0.0.1:$MPORT" "$@")
+  keep "$name" "$store" "$out"
+  grep '^RESULT' <<<"$out"
+}
+
+scenario() {
+  local name=$1 store=$2 res
+  case $name in
+    health) wrk_scenario health health "$store" ;;
+    produce)
+      wrk_scenario produce produce "$store"
+      wrk_scenario "produce (access log)" produce "$store" \
+        BURROW_ACCESS_LOG=1 RUST_LOG=warn,burrow::access=info
+      ;;
+    pairs) wrk_scenario pairs pairs "$store" ;;
+    wake)
+      start_relay "$store"
+      res=$(loadgen wake "$store" --n 1000)
+      row wake "$store" "1000 waiters, $(field "$res" delivered) delivered" \
+        "$(field "$res" p50_ms) ms" "$(field "$res" p99_ms) ms" "$(field "$res" errors)" \
+        "$(rss_mib "$RELAY_PID")" "$(store_conns)" "max $(field "$res" max_ms) ms; from produce sent: p50 $(field "$res" from_produce_sent_p50_ms) / p99 $(field "$res" from_produce_sent_p99_ms) ms"
+      stop_relay
+      ;;
+    idle)
+      start_relay "$store"
+      res=$(loadgen idle "$store" --n 10000 --hold 30 --pid "$RELAY_PID" \
+        --redis-pid "$STORE_PID" --redis-port "$STORE_PORT")
+      local cpu="relay CPU $(field "$res" relay_cpu_pct)%"
+      ((STORE_PID)) && cpu+=", redis CPU $(field "$res" store_cpu_pct)%"
+      row idle "$store" "10,000 waiters, $(field "$res" delivered) delivered" - - \
+        "$((10000 - $(field "$res" delivered)))" \
+        "$(($(field "$res" rss_before_kib) / 1024)) → $(($(field "$res" rss_holding_kib) / 1024)) MiB" \
+        "$(field "$res" store_clients)" \
+        "$(field "$res" per_waiter_kib) KiB/waiter; $cpu while holding; all waiting after $(field "$res" all_waiting_after_s) s"
+      stop_relay
+      ;;
+    race)
+      start_relay "$store"
+      res=$(loadgen race "$store" --trials 10 --producers 200 --limit 10)
+      row race "$store" "$(field "$res" exact)/10 trials exact" - - \
+        "$((10 - $(field "$res" exact)))" "$(rss_mib "$RELAY_PID")" "$(store_conns)" \
+        "201s/final size per trial: $(field "$res" 'per_trial_201/size')"
+      stop_relay
+      ;;
+    reply)
+      start_relay "$store"
+      res=$(loadgen reply "$store" --producers 32 --workers 32 --seconds 10 --max 20000 --threads 2)
+      row reply "$store" "$(field "$res" rate) round trips/s" "$(field "$res" p50_ms) ms" \
+        "$(field "$res" p99_ms) ms" "$(field "$res" errors)" "$(rss_mib "$RELAY_PID")" \
+        "$(store_conns)" "$(field "$res" round_trips) round trips in $(field "$res" seconds) s"
+      stop_relay
+      ;;
+    faults)
+      [[ $store == redis ]] || return 0
+      start_redis faults "appendonly yes" "appendfsync always"
+      local dir=$TMP/faults
+      RELAY_REDIS_PORT=$REDIS_PORT RELAY_REDIS_PIDFILE=$dir/redis.pid start_relay redis
+      res=$(loadgen faults "$store" --seconds 60 --redis-port "$REDIS_PORT" \
+        --redis-pidfile "$dir/redis.pid" --restart "redis-server $dir/redis.conf")
+      row faults "redis (AOF always)" "$(field "$res" produced_201) produced (201)" - - \
+        "$(field "$res" errors) (unexpected $(field "$res" unexpected_errors), hung $(field "$res" hung))" \
+        "$(rss_mib "$RELAY_PID")" "$(store_conns)" \
+        "lost $(field "$res" lost), duplicates $(field "$res" duplicates), pending redeliveries $(field "$res" pending_redeliveries), stored despite 503 $(field "$res" stored_despite_error); served again $(field "$res" recover_after_cont_ms) ms after SIGCONT, $(field "$res" recover_after_redis_up_ms) ms after redis answered PING ($(field "$res" recover_after_restart_ms) ms after restart); pass=$(field "$res" pass)"
+      stop_relay
+      ;;
+    *) echo "unknown scenario $name (${ALL[*]})" >&2; exit 2 ;;
+  esac
+}
+
+# --- run ---------------------------------------------------------------------------------------
+if [[ " ${STORE_LIST[*]} " == *" redis "* ]]; then
+  start_redis main
+  MAIN_REDIS_PORT=$REDIS_PORT MAIN_REDIS_PIDFILE=$TMP/main/redis.pid
+fi
+{
+  echo "| scenario | store | rate | p50 | p99 | errors | relay RSS | store conns | notes |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+} | tee "$ROWS"
+for store in "${STORE_LIST[@]}"; do
+  for name in "${SCENARIOS[@]}"; do
+    scenario "$name" "$store"
+  done
+done
+{
+  echo "# Burrow load test, $(date -u '+%Y-%m-%d %H:%M UTC'), $BUILT"
+  echo
+  echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(redis-server --version | cut -d' ' -f3)"
+  echo
+  cat "$ROWS"
+} >"$RESULTS/latest.md"
+echo
+echo "==> written to $RESULTS/latest.md (raw outputs: $RESULTS/raw.txt)"

@@ -1,0 +1,148 @@
+//! The jobs WebSocket (`/ws[/{tag}]`): each text frame a client sends is a job; the relay
+//! answers `{"id", "status": "started"}` at once and pushes the job's final state on the same
+//! socket when a worker finishes it. Many jobs may be in flight per socket. A waiting job holds no
+//! store connection: it waits on the same wake-ups as a long-poll. Framing is tungstenite's.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pingora_core::protocols::Stream;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::error::Error;
+use crate::jobs::{JobId, JobState, Jobs};
+use crate::tunnel::{Shutdown, TunnelId};
+
+use super::response::Response;
+
+/// How long to wait before asking the store again after it failed while a job was waited on.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The `101 Switching Protocols` answer to a valid handshake (RFC 6455 §4.2).
+pub fn accept(
+    upgrade: Option<&[u8]>,
+    version: Option<&[u8]>,
+    key: Option<&[u8]>,
+) -> Result<Response, Error> {
+    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(b"websocket")) {
+        return Err(Error::NotWebSocket("no `Upgrade: websocket` header"));
+    }
+    if version != Some(b"13".as_slice()) {
+        return Err(Error::NotWebSocket(
+            "only Sec-WebSocket-Version 13 is spoken",
+        ));
+    }
+    let key = key.ok_or(Error::NotWebSocket("no Sec-WebSocket-Key header"))?;
+    Ok(Response::empty(101)
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Accept", derive_accept_key(key)))
+}
+
+/// Serves one upgraded connection until the client closes it or the relay shuts down.
+pub async fn serve(
+    stream: Stream,
+    jobs: Jobs,
+    queue: TunnelId,
+    max_message: usize,
+    wait: Duration,
+    mut shutdown: Shutdown,
+) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
+    let (mut outgoing, mut incoming) = socket.split();
+    let (finished, mut results) = mpsc::unbounded_channel::<Value>();
+    let mut waiting = JoinSet::new();
+    loop {
+        let reply = tokio::select! {
+            frame = incoming.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let body = Bytes::copy_from_slice(text.as_bytes());
+                    match jobs.trigger(&queue, body).await {
+                        Ok(job) => {
+                            let task = wait_for(jobs.clone(), job.id.clone(), wait, shutdown.clone());
+                            let finished = finished.clone();
+                            waiting.spawn(async move {
+                                if let Some(result) = task.await {
+                                    let _ = finished.send(result);
+                                }
+                            });
+                            json!({"id": job.id.to_string(), "status": "started"})
+                        }
+                        Err(e) => json!({"status": "Error", "error": e.to_string()}),
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    json!({"status": "Error", "error": "send each job as a text frame holding a JSON object"})
+                }
+                // Pings are answered by tungstenite itself; pongs and raw frames need nothing.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+            Some(result) = results.recv() => result,
+            Some(_) = waiting.join_next() => continue,
+            _ = shutdown.changed() => {
+                let _ = outgoing.send(Message::Close(None)).await;
+                break;
+            }
+        };
+        if outgoing
+            .send(Message::text(reply.to_string()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Waits until job `id` is done or failed and returns what to push; `None` on shutdown.
+async fn wait_for(jobs: Jobs, id: JobId, wait: Duration, mut shutdown: Shutdown) -> Option<Value> {
+    loop {
+        if *shutdown.borrow() {
+            return None;
+        }
+        match jobs.collect(&id, Some(wait), &mut shutdown).await {
+            Ok(Some(job)) if job.state == JobState::Processing => {}
+            Ok(Some(job)) => return Some(job.to_json()),
+            Ok(None) => return Some(json!({"id": id.to_string(), "status": "Unknown"})),
+            Err(e) => {
+                log::debug!("waiting for job {id}: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept key is RFC 6455's example; a request without the headers is refused.
+    #[test]
+    fn handshake() {
+        let key = b"dGhlIHNhbXBsZSBub25jZQ==".as_slice();
+        let accepted = accept(Some(b"WebSocket"), Some(b"13"), Some(key)).unwrap();
+        assert_eq!(accepted.status, 101);
+        let expected = (
+            "Sec-WebSocket-Accept",
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string(),
+        );
+        assert!(accepted.headers.contains(&expected));
+        assert!(accept(None, Some(b"13"), Some(key)).is_err());
+        assert!(accept(Some(b"websocket"), Some(b"8"), Some(key)).is_err());
+        assert!(accept(Some(b"websocket"), Some(b"13"), None).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Jobs (PROTOCOL.md part 2): trigger a long-running job, let a worker anywhere do it, collect the
+//! result. Built on tunnels: a job queue is a tunnel, a job a message that a worker takes in
+//! pending mode, its result the message's reply. The job's fields are also kept as a job record,
+//! so that any instance can answer for it while it runs and once it is done.
+//!
+//! Workers mark a failure by replying with Content-Type `application/problem+json` (RFC 9457);
+//! its `detail` becomes the job's `error`. Store-agnostic: this speaks only to [`Tunnels`] and
+//! the [`Store`].
+
+mod id;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+pub use id::JobId;
+
+use crate::error::Error;
+use crate::store::{Payload, Store};
+use crate::tunnel::{Limit, Shutdown, TunnelId, Tunnels};
+
+/// The Content-Type a worker replies with to report a failure.
+pub const FAILURE_TYPE: &str = "application/problem+json";
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    /// Queued, or taken by a worker.
+    Processing,
+    /// Done, with the worker's result (JSON if the reply was JSON, else a string).
+    Done(Value),
+    /// The worker reported a failure.
+    Failed(String),
+}
+
+/// A job as clients see it: its id, the fields it was triggered with, and its state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The job's id.
+    pub id: JobId,
+    /// The fields of the object it was triggered with.
+    pub fields: Map<String, Value>,
+    /// Where it stands.
+    pub state: JobState,
+}
+
+impl Job {
+    /// `{"id", ...fields, "status", "result" | "error"}`, highway's shape.
+    pub fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("id".into(), Value::String(self.id.to_string()));
+        for (name, value) in &self.fields {
+            if !matches!(name.as_str(), "id" | "status" | "result" | "error") {
+                object.insert(name.clone(), value.clone());
+            }
+        }
+        let status = match &self.state {
+            JobState::Processing => "Processing",
+            JobState::Done(_) => "Done",
+            JobState::Failed(_) => "Failed",
+        };
+        object.insert("status".into(), status.into());
+        match &self.state {
+            JobState::Processing => {}
+            JobState::Done(result) => {
+                object.insert("result".into(), result.clone());
+            }
+            JobState::Failed(error) => {
+                object.insert("error".into(), error.clone().into());
+            }
+        }
+        Value::Object(object)
+    }
+}
+
+/// The jobs of one relay process.
+#[derive(Clone)]
+pub struct Jobs {
+    tunnels: Tunnels,
+    store: Store,
+}
+
+impl Jobs {
+    /// Jobs queued in `tunnels`, with their records in `store`.
+    pub fn new(tunnels: Tunnels, store: Store) -> Jobs {
+        Jobs { tunnels, store }
+    }
+
+    /// Queues a job whose fields are `body`, a JSON object.
+    pub async fn trigger(&self, queue: &TunnelId, body: Bytes) -> Result<Job, Error> {
+        let fields = match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(_) => return Err(Error::InvalidBody("a job must be a JSON object".into())),
+            Err(e) => {
+                return Err(Error::InvalidBody(format!(
+                    "a job must be a JSON object: {e}"
+                )))
+            }
+        };
+        let payload = Payload {
+            body: body.clone(),
+            content_type: Some("application/json".into()),
+        };
+        let (msg, _) = self.tunnels.produce(queue, payload, Limit::Default).await?;
+        let ttl = self.tunnels.config().reply_ttl;
+        self.store.put_job(queue, msg, body, ttl).await?;
+        Ok(Job {
+            id: JobId::new(queue.clone(), msg),
+            fields,
+            state: JobState::Processing,
+        })
+    }
+
+    /// The job `id`, waiting up to `wait` for it to finish; `None` if it is unknown (never
+    /// triggered, expired, or already collected). A finished job is handed out once.
+    pub async fn collect(
+        &self,
+        id: &JobId,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Option<Job>, Error> {
+        let Some(record) = self.store.job(id.queue(), id.msg()).await? else {
+            return Ok(None);
+        };
+        let fields = match serde_json::from_slice::<Value>(&record) {
+            Ok(Value::Object(fields)) => fields,
+            _ => Map::new(),
+        };
+        let reply = self
+            .tunnels
+            .take_reply(id.queue(), id.msg(), wait, shutdown)
+            .await?;
+        let state = match reply {
+            None => JobState::Processing,
+            Some(reply) => {
+                self.store.forget_job(id.queue(), id.msg()).await?;
+                outcome(reply)
+            }
+        };
+        Ok(Some(Job {
+            id: id.clone(),
+            fields,
+            state,
+        }))
+    }
+}
+
+/// What a worker's reply says: a failure report, a JSON result, or text.
+fn outcome(reply: Payload) -> JobState {
+    let content_type = reply.content_type.as_deref().unwrap_or("");
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let text = || String::from_utf8_lossy(&reply.body).into_owned();
+    if media_type == FAILURE_TYPE {
+        let problem = serde_json::from_slice::<Value>(&reply.body).ok();
+        let detail = problem.as_ref().and_then(|p| {
+            p.get("detail")
+                .or_else(|| p.get("title"))
+                .and_then(Value::as_str)
+        });
+        return JobState::Failed(detail.map_or_else(text, String::from));
+    }
+    if media_type == "application/json" || media_type.ends_with("+json") {
+        if let Ok(result) = serde_json::from_slice(&reply.body) {
+            return JobState::Done(result);
+        }
+    }
+    JobState::Done(Value::String(text()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reply(content_type: Option<&str>, body: &str) -> Payload {
+        Payload {
+            body: Bytes::from(body.to_owned()),
+            content_type: content_type.map(String::from),
+        }
+    }
+
+    /// JSON replies become JSON results, anything else a string, problem+json a failure.
+    #[test]
+    fn outcomes() {
+        let json_reply = reply(Some("application/json; charset=utf-8"), r#"{"n":1}"#);
+        assert_eq!(outcome(json_reply), JobState::Done(json!({"n": 1})));
+        let text = reply(Some("text/plain"), "hello");
+        assert_eq!(outcome(text), JobState::Done(json!("hello")));
+        assert_eq!(outcome(reply(None, "x")), JobState::Done(json!("x")));
+        let bad_json = reply(Some("application/json"), "not json");
+        assert_eq!(outcome(bad_json), JobState::Done(json!("not json")));
+        let problem = reply(
+            Some(FAILURE_TYPE),
+            r#"{"title":"job failed","detail":"boom"}"#,
+        );
+        assert_eq!(outcome(problem), JobState::Failed("boom".into()));
+        let bare = reply(Some(FAILURE_TYPE), "plain words");
+        assert_eq!(outcome(bare), JobState::Failed("plain words".into()));
+    }
+
+    /// The JSON shape echoes the fields, with Burrow's own keys winning.
+    #[test]
+    fn json_shape() {
+        let id: JobId = "jobs.17-0".parse().unwrap();
+        let fields = json!({"text": "hi", "status": "mine", "id": "x"});
+        let Value::Object(fields) = fields else {
+            unreachable!()
+        };
+        let job = Job {
+            id,
+            fields,
+            state: JobState::Done(json!(42)),
+        };
+        assert_eq!(
+            job.to_json(),
+            json!({"id": "jobs.17-0", "text": "hi", "status": "Done", "result": 42})
+        );
+        let keys: Vec<_> = job.to_json().as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["id", "text", "status", "result"]);
+    }
+}

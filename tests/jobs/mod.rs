@@ -1,0 +1,343 @@
+//! PROTOCOL.md part 2: jobs triggered over HTTP or a WebSocket, done by a worker through the
+//! tunnel API, on both stores and across two relay instances.
+//!
+//! The worker here is the protocol itself (a pending long-poll and a reply), so these tests pin
+//! the relay's side; `burrow worker` has tests of its own.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::support::{shared_redis, tunnel_id, Backend, Client, Relay, Store};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Triggers `fields` on `queue`; asserts the 202 answer and returns the job id.
+async fn trigger(api: &Client, queue: &str, fields: Value) -> String {
+    let response = api
+        .post_typed(
+            &format!("/trigger?queue={queue}"),
+            "application/json",
+            fields.to_string(),
+        )
+        .await
+        .expect(202);
+    let job = response.json();
+    let id = job["id"].as_str().expect("the job has an id").to_owned();
+    assert_eq!(
+        response.header("location"),
+        Some(format!("/done/{id}").as_str())
+    );
+    let mut expected = fields;
+    expected["id"] = json!(id);
+    expected["status"] = json!("Processing");
+    assert_eq!(job, expected);
+    id
+}
+
+/// Takes one job from `queue` as a worker does and replies `(content_type, body)`; returns the
+/// job's fields.
+async fn work(api: &Client, queue: &str, content_type: &str, body: &str) -> Value {
+    let job = api
+        .get(&format!("/t/{queue}/poll?pending=30&timeout=10"))
+        .await
+        .expect(200);
+    let msg = job.message_id();
+    api.post_typed(
+        &format!("/t/{queue}/{msg}/reply"),
+        content_type,
+        body.to_owned(),
+    )
+    .await
+    .expect(201);
+    job.json()
+}
+
+/// The JSON of `GET /done/{id}{query}` with status `status`.
+async fn done(api: &Client, id: &str, query: &str, status: u16) -> Value {
+    api.get(&format!("/done/{id}{query}"))
+        .await
+        .expect(status)
+        .json()
+}
+
+/// Trigger, poll while processing, a worker's JSON result, Done once, then Unknown.
+async fn trigger_work_and_collect(api: &Client) {
+    let queue = tunnel_id("jobs");
+    let id = trigger(api, &queue, json!({"text": "hello david"})).await;
+    let processing = done(api, &id, "", 200).await;
+    assert_eq!(
+        processing,
+        json!({"id": id, "text": "hello david", "status": "Processing"})
+    );
+    let fields = work(
+        api,
+        &queue,
+        "application/json",
+        r#"{"upper":"HELLO DAVID"}"#,
+    )
+    .await;
+    assert_eq!(fields, json!({"text": "hello david"}));
+    let finished = done(api, &id, "", 200).await;
+    let expected = json!({"id": id, "text": "hello david", "status": "Done",
+        "result": {"upper": "HELLO DAVID"}});
+    assert_eq!(finished, expected);
+    assert_eq!(
+        done(api, &id, "", 404).await,
+        json!({"id": id, "status": "Unknown"})
+    );
+}
+
+/// `?wait=` answers as soon as the worker replies; text results are strings; failures carry the
+/// worker's error.
+async fn wait_text_and_failure(api: &Client) {
+    let queue = tunnel_id("jobs-wait");
+    let id = trigger(api, &queue, json!({"n": 1})).await;
+    let waiting = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move { done(&api, &id, "?wait=10", 200).await })
+    };
+    work(api, &queue, "text/plain", "plain result").await;
+    let replied = Instant::now();
+    let finished = waiting.await.expect("the waiting task does not panic");
+    assert!(replied.elapsed() < Duration::from_millis(500), "woke late");
+    assert_eq!(finished["status"], "Done");
+    assert_eq!(finished["result"], "plain result");
+
+    let id = trigger(api, &queue, json!({"n": 2})).await;
+    let problem = r#"{"title":"job failed","detail":"exit status 3: boom"}"#;
+    work(api, &queue, "application/problem+json", problem).await;
+    let failed = done(api, &id, "?wait=1", 200).await;
+    assert_eq!(
+        failed,
+        json!({"id": id, "n": 2, "status": "Failed", "error": "exit status 3: boom"})
+    );
+}
+
+/// Bodies that are not a JSON object are 400; unknown ids 404 `Unknown`; wrong methods 405.
+async fn bad_requests(api: &Client) {
+    for body in ["not json", "[1,2]", "\"text\"", ""] {
+        api.post("/trigger", body).await.expect_one_line_error(400);
+    }
+    for id in ["jobs.1-0", "nope", "a.b.c"] {
+        assert_eq!(
+            done(api, id, "", 404).await,
+            json!({"id": id, "status": "Unknown"})
+        );
+    }
+    api.get("/trigger").await.expect(405);
+    api.post("/trigger?queue=bad.queue", "{}")
+        .await
+        .expect_one_line_error(400);
+    api.get("/done/jobs.1-0?wait=soon")
+        .await
+        .expect_one_line_error(400);
+}
+
+/// Opens the jobs WebSocket at `path` (`/ws…`), with `Authorization: Bearer token` if given.
+async fn socket(api: &Client, path: &str, token: Option<&str>) -> Socket {
+    let url = format!("{}{path}", api.base().replacen("http", "ws", 1));
+    let mut request = url.into_client_request().expect("a valid WebSocket URL");
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("a valid header");
+        request.headers_mut().insert("Authorization", value);
+    }
+    let (socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the relay accepts the WebSocket");
+    assert_eq!(response.status().as_u16(), 101);
+    socket
+}
+
+/// The next text frame as JSON (pongs and pings skipped), within 10 s.
+async fn next_json(socket: &mut Socket) -> Value {
+    let read = async {
+        loop {
+            match socket
+                .next()
+                .await
+                .expect("the socket stays open")
+                .expect("a frame")
+            {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON frames"),
+                Message::Pong(_) | Message::Ping(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a frame within 10 s")
+}
+
+/// Sends `value` as a text frame.
+async fn send_json(socket: &mut Socket, value: &Value) {
+    socket
+        .send(Message::text(value.to_string()))
+        .await
+        .expect("the socket takes a frame");
+}
+
+/// Over a WebSocket: `started` at once, then the result pushed when the worker replies; a bad
+/// frame gets an error object and the socket stays usable; pings are answered.
+async fn websocket_round_trip(api: &Client) {
+    let queue = tunnel_id("ws");
+    let mut ws = socket(api, &format!("/ws/0?queue={queue}"), None).await;
+    ws.send(Message::Ping("are you there".into()))
+        .await
+        .expect("ping sent");
+    let pong = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    let pong = pong
+        .expect("a pong within 5 s")
+        .expect("the socket stays open");
+    assert_eq!(
+        pong.expect("a frame"),
+        Message::Pong("are you there".into())
+    );
+    send_json(&mut ws, &json!(["not", "an", "object"])).await;
+    let error = next_json(&mut ws).await;
+    assert_eq!(error["status"], "Error");
+    assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()));
+    send_json(&mut ws, &json!({"text": "over the socket"})).await;
+    let started = next_json(&mut ws).await;
+    assert_eq!(started["status"], "started");
+    let id = started["id"].as_str().expect("an id").to_owned();
+    work(api, &queue, "application/json", r#"{"ok":true}"#).await;
+    let finished = next_json(&mut ws).await;
+    let expected =
+        json!({"id": id, "text": "over the socket", "status": "Done", "result": {"ok": true}});
+    assert_eq!(finished, expected);
+    // The pushed result was the one hand-out: polling afterwards finds nothing.
+    assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
+}
+
+/// 50 jobs in flight on one socket: each is answered once, with its own result.
+async fn many_jobs_on_one_socket(api: &Client) {
+    let queue = tunnel_id("ws-many");
+    let mut ws = socket(api, &format!("/ws?queue={queue}"), None).await;
+    for n in 0..50 {
+        send_json(&mut ws, &json!({"n": n})).await;
+    }
+    let mut started = std::collections::HashMap::new();
+    for _ in 0..50 {
+        let frame = next_json(&mut ws).await;
+        assert_eq!(frame["status"], "started");
+        started.insert(frame["id"].as_str().expect("an id").to_owned(), ());
+    }
+    assert_eq!(started.len(), 50, "every job has an id of its own");
+    for _ in 0..50 {
+        let job = api
+            .get(&format!("/t/{queue}/poll?pending=30&timeout=10"))
+            .await
+            .expect(200);
+        let n = job.json()["n"].as_i64().expect("the job's field");
+        let msg = job.message_id();
+        let result = json!({"double": n * 2}).to_string();
+        api.post_typed(
+            &format!("/t/{queue}/{msg}/reply"),
+            "application/json",
+            result,
+        )
+        .await
+        .expect(201);
+    }
+    for _ in 0..50 {
+        let frame = next_json(&mut ws).await;
+        assert_eq!(frame["status"], "Done");
+        let id = frame["id"].as_str().expect("an id");
+        assert!(
+            started.remove(id).is_some(),
+            "job {id} answered twice or never started"
+        );
+        assert_eq!(
+            frame["result"]["double"],
+            frame["n"].as_i64().expect("n") * 2
+        );
+    }
+    assert!(started.is_empty());
+}
+
+/// Backpressure applies to jobs (507), and the body limit (413).
+async fn limits(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_MAXLEN", "1"), ("TUNNEL_MAX_MESSAGE_SIZE", "64")]);
+    let api = relay.client();
+    let queue = tunnel_id("full");
+    trigger(&api, &queue, json!({"a": 1})).await;
+    let full = api
+        .post(&format!("/trigger?queue={queue}"), "{}")
+        .await
+        .expect(507);
+    assert_eq!(full.queue_size(), Some(1));
+    let big = json!({"pad": "x".repeat(100)}).to_string();
+    api.post("/trigger", big).await.expect(413);
+}
+
+/// With a token set, /trigger, /done and /ws need it.
+async fn auth(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);
+    let api = relay.client();
+    api.post("/trigger", "{}")
+        .await
+        .expect_error(403, "Access denied");
+    let authorized = api.with_bearer("tok");
+    let queue = tunnel_id("auth");
+    let id = trigger(&authorized, &queue, json!({})).await;
+    api.get(&format!("/done/{id}"))
+        .await
+        .expect_error(403, "Access denied");
+    done(&authorized, &id, "", 200).await;
+    let url = format!("{}/ws", api.base().replacen("http", "ws", 1));
+    let refused = tokio_tungstenite::connect_async(url).await;
+    assert!(refused.is_err(), "a WebSocket without the token is refused");
+    let mut ws = socket(&authorized, "/ws", Some("tok")).await;
+    send_json(&mut ws, &json!({"x": 1})).await;
+    assert_eq!(next_json(&mut ws).await["status"], "started");
+}
+
+per_store! {
+    shared: [
+        trigger_work_and_collect,
+        wait_text_and_failure,
+        bad_requests,
+        websocket_round_trip,
+        many_jobs_on_one_socket,
+    ],
+    dedicated: [limits, auth],
+}
+
+/// Two instances on one redis-server: trigger and WebSocket on A, the worker on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_cross_instances() {
+    let a = Relay::start(Store::Redis(shared_redis()), &[]);
+    let b = Relay::start(Store::Redis(shared_redis()), &[]);
+    let (api_a, api_b) = (a.client(), b.client());
+    let queue = tunnel_id("cross");
+    let mut ws = socket(&api_a, &format!("/ws?queue={queue}"), None).await;
+    send_json(&mut ws, &json!({"via": "socket"})).await;
+    let id = next_json(&mut ws).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let polled = trigger(&api_a, &queue, json!({"via": "http"})).await;
+    work(&api_b, &queue, "text/plain", "from b").await;
+    let replied = Instant::now();
+    let pushed = next_json(&mut ws).await;
+    assert!(
+        replied.elapsed() < Duration::from_millis(500),
+        "the socket woke late"
+    );
+    assert_eq!(
+        (pushed["id"].as_str(), pushed["result"].as_str()),
+        (Some(id.as_str()), Some("from b"))
+    );
+    work(&api_b, &queue, "text/plain", "also from b").await;
+    assert_eq!(
+        done(&api_a, &polled, "?wait=5", 200).await["result"],
+        "also from b"
+    );
+}
