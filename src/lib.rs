@@ -12,6 +12,7 @@
 //!   where errors become statuses.
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
 //! - `jobs`: jobs on tunnels (`/trigger`, `/done`, `/ws`): ids, records, results, store-agnostic.
+//! - `events`: topic subscribers of this process (`/e/{topic}`), fed by the store.
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
 //! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
 //! - `worker`: `burrow worker`, which takes jobs from a queue and runs a command for each.
@@ -22,6 +23,7 @@ pub mod config;
 mod auth;
 mod cli;
 mod error;
+mod events;
 mod http;
 mod jobs;
 mod metrics;

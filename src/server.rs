@@ -45,8 +45,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
-    let jobs = Jobs::new(tunnels.clone(), store);
-    let app = RelayApp::new(tunnels, jobs, &config);
+    let jobs = Jobs::new(tunnels.clone(), store.clone());
+    let app = RelayApp::new(tunnels, jobs, store, &config);
 
     let opt = Opt {
         upgrade,

@@ -6,6 +6,8 @@
 //! - `concurrency`: many producers and consumers racing on one tunnel, against every store.
 //! - `redis_store`: what only the redis store has: the original key layout, several relay instances
 //!   on one redis-server, and a store outage.
+//! - `events`: PROTOCOL.md part 3 events (SSE and WebSocket subscribers) on both stores and two
+//!   instances.
 //! - `jobs`: PROTOCOL.md part 2 (trigger, done, WebSocket) on both stores and two instances.
 //! - `lifecycle`: graceful shutdown, graceful upgrade and metrics.
 //! - `startup`: configuration errors at start-up.
@@ -17,6 +19,7 @@ mod support;
 
 mod concurrency;
 mod conformance;
+mod events;
 mod jobs;
 mod lifecycle;
 mod redis_store;

@@ -1,6 +1,8 @@
 //! The relay's Pingora app: reads a request, parses its [`Route`], authorizes it, hands it to
-//! the tunnel protocol and writes the [`Response`]. One `HttpServerApp` serves every route: it
-//! owns the session, so a long-poll can wait on the shutdown signal and answer 204 when it fires.
+//! the tunnel, job or event logic and writes the [`Response`] — or, for WebSockets and
+//! server-sent events, the head after which the connection stays open. One `HttpServerApp` serves
+//! every route: it owns the session, so a long-poll can wait on the shutdown signal and answer 204
+//! when it fires, and it can take the upgraded stream.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +18,14 @@ use pingora_core::server::ShutdownWatch;
 
 use super::response::Response;
 use super::route::Route;
-use super::websocket;
+use super::{sse, websocket};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::error::Error;
+use crate::events::Subscription;
 use crate::jobs::Jobs;
 use crate::metrics;
-use crate::store::{Message, MessageStatus, Payload};
+use crate::store::{Message, MessageStatus, Payload, Store};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
 /// The browser demo page, served at `/demo/`.
@@ -31,10 +34,43 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 /// How long an idle client connection is kept open between requests.
 const KEEPALIVE_SECS: u64 = 60;
 
+/// What a handler decided: the response, and what follows it on the connection, if anything.
+struct Outcome {
+    response: Response,
+    then: Option<After>,
+}
+
+impl Outcome {
+    /// A whole response; the connection may be reused.
+    fn whole(response: Response) -> Outcome {
+        Outcome {
+            response,
+            then: None,
+        }
+    }
+}
+
+/// What follows a written head on the same connection, which is then never reused.
+enum After {
+    /// After `101 Switching Protocols`, the connection speaks WebSocket.
+    Upgraded(Upgraded),
+    /// After `200 text/event-stream`, the subscription's events follow.
+    EventStream(Subscription),
+}
+
+/// What an upgraded connection serves.
+enum Upgraded {
+    /// Jobs sent as frames on this queue.
+    Jobs(TunnelId),
+    /// A topic's events pushed as frames.
+    Events(Subscription),
+}
+
 /// The relay app: shared by every connection.
 pub struct RelayApp {
     tunnels: Tunnels,
     jobs: Jobs,
+    events: Store,
     auth: Auth,
     access_log: bool,
     jobs_queue: TunnelId,
@@ -42,14 +78,15 @@ pub struct RelayApp {
 }
 
 impl RelayApp {
-    /// An app serving `tunnels` and `jobs` as `config` says.
-    pub fn new(tunnels: Tunnels, jobs: Jobs, config: &Config) -> RelayApp {
+    /// An app serving `tunnels`, `jobs` and the events of `store` as `config` says.
+    pub fn new(tunnels: Tunnels, jobs: Jobs, store: Store, config: &Config) -> RelayApp {
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
         RelayApp {
             tunnels,
             jobs,
+            events: store,
             auth: Auth::new(config.auth.clone()),
             access_log: config.access_log,
             jobs_queue: config.jobs_queue.clone(),
@@ -63,7 +100,7 @@ impl RelayApp {
         route: Route,
         session: &mut ServerSession,
         shutdown: &mut Shutdown,
-    ) -> Result<Response, Error> {
+    ) -> Result<Outcome, Error> {
         let body = if route.takes_body() {
             self.read_body(session).await?
         } else {
@@ -156,20 +193,40 @@ impl RelayApp {
                     None => return Err(Error::UnknownJob(job.to_string())),
                 }
             }
-            Route::JobSocket { .. } if session.is_http2() => {
-                return Err(Error::NotWebSocket("WebSockets need HTTP/1.1"))
+            Route::JobSocket { queue } => {
+                let then = Some(After::Upgraded(Upgraded::Jobs(queue)));
+                return Ok(Outcome {
+                    response: accept(session)?,
+                    then,
+                });
             }
-            Route::JobSocket { .. } => websocket::accept(
-                session.get_header("Upgrade").map(|v| v.as_bytes()),
-                session
-                    .get_header("Sec-WebSocket-Version")
-                    .map(|v| v.as_bytes()),
-                session
-                    .get_header("Sec-WebSocket-Key")
-                    .map(|v| v.as_bytes()),
-            )?,
+            Route::Publish { topic } => {
+                let reached = self.events.events().subscribers(topic.as_str());
+                self.events.publish(topic.as_str(), body).await?;
+                Response::empty(202).header("X-Subscribers", reached)
+            }
+            Route::Subscribe { topic } => {
+                // Subscribed before the head is written, so no event after it is missed.
+                let subscription = self.events.events().subscribe(topic.as_str());
+                let head = Response::streaming(200)
+                    .header("Content-Type", "text/event-stream")
+                    .header("Cache-Control", "no-cache");
+                return Ok(Outcome {
+                    response: head,
+                    then: Some(After::EventStream(subscription)),
+                });
+            }
+            Route::EventSocket { topic } => {
+                let head = accept(session)?;
+                let subscription = self.events.events().subscribe(topic.as_str());
+                let then = Some(After::Upgraded(Upgraded::Events(subscription)));
+                return Ok(Outcome {
+                    response: head,
+                    then,
+                });
+            }
         };
-        Ok(response)
+        Ok(Outcome::whole(response))
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.
@@ -207,15 +264,23 @@ impl RelayApp {
         Ok(body.freeze())
     }
 
-    /// Hands an upgraded connection to the jobs WebSocket until it closes.
-    async fn serve_websocket(&self, session: ServerSession, queue: TunnelId, shutdown: Shutdown) {
+    /// Serves an upgraded connection as a WebSocket until it closes.
+    async fn serve_upgraded(&self, session: ServerSession, upgraded: Upgraded, shutdown: Shutdown) {
         let ServerSession::H1(h1) = session else {
             return;
         };
         let config = self.tunnels.config();
-        let (max_message, wait) = (config.max_message_size, config.max_poll_timeout);
-        let jobs = self.jobs.clone();
-        websocket::serve(h1.into_inner(), jobs, queue, max_message, wait, shutdown).await;
+        let stream = h1.into_inner();
+        match upgraded {
+            Upgraded::Jobs(queue) => {
+                let (max_message, wait) = (config.max_message_size, config.max_poll_timeout);
+                let jobs = self.jobs.clone();
+                websocket::serve_jobs(stream, jobs, queue, max_message, wait, shutdown).await;
+            }
+            Upgraded::Events(subscription) => {
+                websocket::serve_events(stream, subscription, shutdown).await;
+            }
+        }
     }
 
     fn poll_timeout(&self, asked: Option<u64>) -> Duration {
@@ -255,6 +320,19 @@ fn payload(session: &ServerSession, body: Bytes) -> Payload {
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     Payload { body, content_type }
+}
+
+/// The 101 answer to a WebSocket handshake (HTTP/1.1 only: no RFC 8441 WebSockets over HTTP/2).
+fn accept(session: &ServerSession) -> Result<Response, Error> {
+    if session.is_http2() {
+        return Err(Error::NotWebSocket("WebSockets need HTTP/1.1"));
+    }
+    let header = |name: &str| session.get_header(name).map(|v| v.as_bytes());
+    websocket::accept(
+        header("Upgrade"),
+        header("Sec-WebSocket-Version"),
+        header("Sec-WebSocket-Key"),
+    )
 }
 
 /// A CORS preflight: lets browsers send whatever headers they asked for.
@@ -297,15 +375,11 @@ impl HttpServerApp for RelayApp {
             &self.jobs_queue,
         );
         let name = route.as_ref().map_or("invalid", Route::name);
-        let socket_queue = match &route {
-            Ok(Route::JobSocket { queue }) => Some(queue.clone()),
-            _ => None,
-        };
         let tunnel = match &route {
             Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
             _ => None,
         };
-        let response = match route {
+        let outcome = match route {
             Ok(route) => self
                 .handle(route, &mut session, &mut shutdown)
                 .await
@@ -313,13 +387,17 @@ impl HttpServerApp for RelayApp {
                     if let Error::Store(store) = &e {
                         warn!("{name}: {store}");
                     }
-                    Response::from(e)
+                    Outcome::whole(Response::from(e))
                 }),
-            Err(e) => Response::from(e),
+            Err(e) => Outcome::whole(Response::from(e)),
         };
+        let Outcome {
+            response,
+            then: after,
+        } = outcome;
         let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
-        let keepalive = !*shutdown.borrow() && status != 413;
+        let keepalive = after.is_none() && !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
         metrics::request(name, status, started);
@@ -329,10 +407,18 @@ impl HttpServerApp for RelayApp {
             info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
         }
         written?;
-        if let (101, Some(queue)) = (status, socket_queue) {
-            // The connection now speaks WebSocket until it closes; it is never reused for HTTP.
-            self.serve_websocket(session, queue, shutdown).await;
-            return None;
+        match after {
+            None => {}
+            // The connection now carries WebSocket frames or an event stream until it closes;
+            // it is never reused for another request.
+            Some(After::Upgraded(upgraded)) => {
+                self.serve_upgraded(session, upgraded, shutdown).await;
+                return None;
+            }
+            Some(After::EventStream(events)) => {
+                sse::serve(&mut session, events, shutdown).await;
+                return None;
+            }
         }
         let settings = HttpPersistentSettings::for_session(&session);
         match Box::pin(session.finish()).await {

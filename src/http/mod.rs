@@ -3,11 +3,13 @@
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
-//! - `websocket`: the jobs WebSocket (`/ws`), framed by tungstenite.
+//! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, framed by tungstenite;
+//! - `sse`: server-sent events (`GET /e/{topic}`).
 
 mod app;
 mod response;
 mod route;
+mod sse;
 mod websocket;
 
 pub use app::RelayApp;

@@ -16,6 +16,8 @@ pub struct Response {
     pub headers: Vec<(&'static str, String)>,
     /// The body, possibly empty.
     pub body: Bytes,
+    /// Whether the body follows as a stream after the head, with no Content-Length.
+    pub streamed: bool,
 }
 
 impl Response {
@@ -25,6 +27,15 @@ impl Response {
             status,
             headers: Vec::new(),
             body: Bytes::new(),
+            streamed: false,
+        }
+    }
+
+    /// The head of a response whose body is streamed afterwards (server-sent events).
+    pub fn streaming(status: u16) -> Response {
+        Response {
+            streamed: true,
+            ..Response::empty(status)
         }
     }
 
@@ -61,7 +72,7 @@ impl Response {
             head.append_header(*name, value.as_str())?;
         }
         // RFC 9110 forbids Content-Length on 1xx, 204 and 304.
-        if self.status >= 200 && self.status != 204 && self.status != 304 {
+        if self.status >= 200 && self.status != 204 && self.status != 304 && !self.streamed {
             head.insert_header("Content-Length", self.body.len())?;
         }
         head.insert_header("Access-Control-Allow-Origin", "*")?;

@@ -56,6 +56,12 @@ pub enum Route {
     Done { job: JobId, wait: Option<u64> },
     /// `GET /ws[/{tag}][?queue=Q]`: a WebSocket that triggers jobs and pushes their results.
     JobSocket { queue: TunnelId },
+    /// `POST /e/{topic}`: publish an event.
+    Publish { topic: TunnelId },
+    /// `GET /e/{topic}`: subscribe as server-sent events.
+    Subscribe { topic: TunnelId },
+    /// `GET /ws/e/{topic}`: subscribe over a WebSocket.
+    EventSocket { topic: TunnelId },
 }
 
 /// The shapes of `/t/...` paths, before the method picks the route.
@@ -163,6 +169,18 @@ impl Route {
         jobs_queue: &TunnelId,
     ) -> Result<Route, Error> {
         let queue = || query.queue(jobs_queue);
+        if let Some(topic) = path.strip_prefix("/e/") {
+            let topic = TunnelId::parse(topic).ok_or(Error::MalformedUrl)?;
+            return match method.as_str() {
+                "POST" => Ok(Route::Publish { topic }),
+                "GET" => Ok(Route::Subscribe { topic }),
+                _ => Err(Error::MethodNotAllowed { allow: "GET, POST" }),
+            };
+        }
+        if let Some(topic) = path.strip_prefix("/ws/e/") {
+            let topic = TunnelId::parse(topic).ok_or(Error::MalformedUrl)?;
+            return only_get(method, Route::EventSocket { topic });
+        }
         if let Some(id) = path.strip_prefix("/done/") {
             let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
             let wait = query.seconds("wait", query.wait.as_deref())?;
@@ -194,6 +212,9 @@ impl Route {
             | Route::Clear { tunnel } => Some(tunnel),
             Route::Trigger { queue } | Route::JobSocket { queue } => Some(queue),
             Route::Done { job, .. } => Some(job.queue()),
+            Route::Publish { topic }
+            | Route::Subscribe { topic }
+            | Route::EventSocket { topic } => Some(topic),
         }
     }
 
@@ -201,7 +222,10 @@ impl Route {
     pub fn takes_body(&self) -> bool {
         matches!(
             self,
-            Route::Produce { .. } | Route::Reply { .. } | Route::Trigger { .. }
+            Route::Produce { .. }
+                | Route::Reply { .. }
+                | Route::Trigger { .. }
+                | Route::Publish { .. }
         )
     }
 
@@ -224,6 +248,9 @@ impl Route {
             Route::Trigger { .. } => "trigger",
             Route::Done { .. } => "done",
             Route::JobSocket { .. } => "job_socket",
+            Route::Publish { .. } => "publish",
+            Route::Subscribe { .. } => "subscribe",
+            Route::EventSocket { .. } => "event_socket",
         }
     }
 }
@@ -484,9 +511,33 @@ mod tests {
                 "{socket}"
             );
         }
-        for other in ["/ws/", "/ws/a/b", "/wsx"] {
+        for other in ["/ws/", "/ws/a/b/c", "/wsx"] {
             assert!(matches!(get(other), Err(Error::NotFound)), "{other}");
         }
+    }
+
+    /// The event routes: publish, server-sent events, WebSocket.
+    #[test]
+    fn event_routes() {
+        let topic = tunnel("news");
+        assert_eq!(
+            parse(Method::POST, "/e/news").unwrap(),
+            Route::Publish {
+                topic: topic.clone()
+            }
+        );
+        assert_eq!(
+            get("/e/news").unwrap(),
+            Route::Subscribe {
+                topic: topic.clone()
+            }
+        );
+        assert_eq!(get("/ws/e/news").unwrap(), Route::EventSocket { topic });
+        assert!(matches!(get("/e/a.b"), Err(Error::MalformedUrl)));
+        assert!(matches!(
+            parse(Method::DELETE, "/e/x"),
+            Err(Error::MethodNotAllowed { .. })
+        ));
     }
 
     /// `limit`, `timeout` and `pending` parse as the protocol says, and reject junk.

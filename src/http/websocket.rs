@@ -1,7 +1,9 @@
-//! The jobs WebSocket (`/ws[/{tag}]`): each text frame a client sends is a job; the relay
-//! answers `{"id", "status": "started"}` at once and pushes the job's final state on the same
-//! socket when a worker finishes it. Many jobs may be in flight per socket. A waiting job holds no
-//! store connection: it waits on the same wake-ups as a long-poll. Framing is tungstenite's.
+//! The relay's WebSockets, framed by tungstenite over Pingora's upgraded stream:
+//! - jobs (`/ws[/{tag}]`): each text frame a client sends is a job; the relay answers
+//!   `{"id", "status": "started"}` at once and pushes the job's final state on the same socket when
+//!   a worker finishes it. Many jobs may be in flight per socket. A waiting job holds no store
+//!   connection: it waits on the same wake-ups as a long-poll;
+//! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame.
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::Error;
+use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::tunnel::{Shutdown, TunnelId};
 
@@ -46,8 +49,8 @@ pub fn accept(
         .header("Sec-WebSocket-Accept", derive_accept_key(key)))
 }
 
-/// Serves one upgraded connection until the client closes it or the relay shuts down.
-pub async fn serve(
+/// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
+pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
     queue: TunnelId,
@@ -100,6 +103,31 @@ pub async fn serve(
             .await
             .is_err()
         {
+            break;
+        }
+    }
+}
+
+/// Pushes a topic's events on an upgraded connection (text frames, or binary for bodies that are
+/// not UTF-8) until the client closes it or the relay shuts down.
+pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown: Shutdown) {
+    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    let (mut outgoing, mut incoming) = socket.split();
+    loop {
+        let frame = tokio::select! {
+            body = events.next() => match String::from_utf8(body.to_vec()) {
+                Ok(text) => Message::text(text),
+                Err(_) => Message::binary(body),
+            },
+            frame = incoming.next() => match frame {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                // Pings are answered by tungstenite; a subscriber has nothing else to say.
+                Some(Ok(_)) => continue,
+            },
+            _ = shutdown.changed() => Message::Close(None),
+        };
+        let closing = matches!(frame, Message::Close(_));
+        if outgoing.send(frame).await.is_err() || closing {
             break;
         }
     }

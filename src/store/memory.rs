@@ -9,9 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError};
+use super::{
+    Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
+};
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::{WakeKey, Wakeups};
+use crate::wake::WakeKey;
 
 /// How often expired replies and job records are swept away.
 const PURGE_EVERY: Duration = Duration::from_secs(10);
@@ -19,7 +21,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(10);
 /// The embedded store.
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
-    wakeups: Wakeups,
+    audience: Audience,
 }
 
 #[derive(Default)]
@@ -87,11 +89,11 @@ impl<T> Expiring<T> {
 }
 
 impl MemoryStore {
-    /// An empty store reporting to `wakeups`; a background task sweeps expired entries.
-    pub fn new(wakeups: Wakeups) -> MemoryStore {
+    /// An empty store reporting to `audience`; a background task sweeps expired entries.
+    pub fn new(audience: Audience) -> MemoryStore {
         let state = Arc::new(Mutex::new(State::default()));
         tokio::spawn(purge_expired(Arc::downgrade(&state)));
-        MemoryStore { state, wakeups }
+        MemoryStore { state, audience }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,7 +155,9 @@ impl Backend for MemoryStore {
                 }
             }
         };
-        self.wakeups.wake(&WakeKey::Message(tunnel.to_string()));
+        self.audience
+            .wakeups
+            .wake(&WakeKey::Message(tunnel.to_string()));
         Ok(produced)
     }
 
@@ -219,7 +223,8 @@ impl Backend for MemoryStore {
             let stored = Expiring::new(reply, ttl);
             state.replies.insert((tunnel.clone(), msg), stored);
         }
-        self.wakeups
+        self.audience
+            .wakeups
             .wake(&WakeKey::Reply(tunnel.to_string(), msg.to_string()));
         Ok(true)
     }
@@ -278,6 +283,11 @@ impl Backend for MemoryStore {
 
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
         self.lock().jobs.remove(&(queue.clone(), msg));
+        Ok(())
+    }
+
+    async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError> {
+        self.audience.events.deliver(topic, body);
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! streams in http-event-relay's key layout) — and the [`Store`] handle the rest of Burrow holds.
 //!
 //! Every backend makes each operation atomic on its own (produce-with-backpressure included) and
-//! reports new messages and replies to the process's [`Wakeups`], from whichever instance they came.
+//! reports new messages and replies to the process's [`Wakeups`], and published events to its
+//! [`Events`], from whichever instance they came.
 
 mod memory;
 mod redis;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::config::StoreConfig;
+use crate::events::Events;
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::{WakeKey, Wakeups};
 
@@ -155,16 +157,28 @@ pub trait Backend: Send + Sync {
     /// Forgets a job once its final state has been handed out.
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
 
+    /// Publishes an event to the subscribers of `topic` on every instance (fire-and-forget).
+    async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError>;
+
     /// For each key, whether its waiters may find something now: a message in the tunnel, or the
     /// reply. A false positive costs a waiter one store read; the answer must not miss anything.
     async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError>;
 }
 
-/// The store handle the relay holds: a backend plus the wake-ups it feeds. Cheap to clone.
+/// What a store reports to: the waiting long-polls and the event subscribers of this process.
+#[derive(Clone, Default)]
+pub struct Audience {
+    /// Waiters, woken when a message or reply they wait for arrives.
+    pub wakeups: Wakeups,
+    /// Event subscribers, handed every event published on their topic.
+    pub events: Events,
+}
+
+/// The store handle the relay holds: a backend plus the audience it feeds. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
-    wakeups: Wakeups,
+    audience: Audience,
 }
 
 impl Store {
@@ -172,20 +186,25 @@ impl Store {
     /// connects and starts the wake-up subscriber; an unreachable server is not fatal — requests
     /// answer 503 until it is back. Call within the runtime that should run the background tasks.
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        let wakeups = Wakeups::default();
+        let audience = Audience::default();
         let backend: Arc<dyn Backend> = match config {
-            StoreConfig::Memory => Arc::new(memory::MemoryStore::new(wakeups.clone())),
+            StoreConfig::Memory => Arc::new(memory::MemoryStore::new(audience.clone())),
             StoreConfig::Redis(redis) => {
-                Arc::new(redis::RedisStore::connect(redis, wakeups.clone()).await?)
+                Arc::new(redis::RedisStore::connect(redis, audience.clone()).await?)
             }
         };
-        tokio::spawn(recheck(Arc::downgrade(&backend), wakeups.clone()));
-        Ok(Store { backend, wakeups })
+        tokio::spawn(recheck(Arc::downgrade(&backend), audience.wakeups.clone()));
+        Ok(Store { backend, audience })
     }
 
     /// The waiters of this process, fed by the backend.
     pub fn wakeups(&self) -> &Wakeups {
-        &self.wakeups
+        &self.audience.wakeups
+    }
+
+    /// The event subscribers of this process, fed by the backend.
+    pub fn events(&self) -> &Events {
+        &self.audience.events
     }
 }
 

@@ -25,13 +25,18 @@ use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError};
+use super::{
+    Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
+};
 use crate::config::RedisConfig;
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::{WakeKey, Wakeups};
+use crate::wake::WakeKey;
 
 /// The pub/sub channel carrying [`WakeKey`]s between relay instances.
 pub const WAKE_CHANNEL: &str = "burrow:wake";
+
+/// The prefix of the pub/sub channel of each event topic: `burrow:event:{topic}`.
+const EVENT_PREFIX: &str = "burrow:event:";
 
 /// The longest any store operation may take before it answers `Unavailable`.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,7 +82,10 @@ impl RedisStore {
     /// a server that is down at start-up is an outage like any other, and operations answer
     /// `Unavailable` until it is reachable. Fails only on a configuration error such as an
     /// invalid URL.
-    pub async fn connect(config: &RedisConfig, wakeups: Wakeups) -> Result<RedisStore, StoreError> {
+    pub async fn connect(
+        config: &RedisConfig,
+        audience: Audience,
+    ) -> Result<RedisStore, StoreError> {
         let mut fred_config = Config::from_url(&config.url)
             .map_err(|e| StoreError::Internal(format!("invalid redis URL: {e}")))?;
         if fred_config.password.is_none() {
@@ -122,7 +130,7 @@ impl RedisStore {
             reconnects: subscriber.reconnect_rx(),
             errors: subscriber.error_rx(),
         };
-        tokio::spawn(listen(subscriber.clone(), events, wakeups));
+        tokio::spawn(listen(subscriber.clone(), events, audience));
         drop(subscriber.connect());
 
         // A relay that answers /health should not turn its first requests away while a reachable
@@ -178,9 +186,9 @@ struct SubscriberEvents {
     errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
 }
 
-/// Feeds `wakeups` from the subscriber for the life of the process, subscribing again after every
-/// (re)connection since a new connection starts without subscriptions.
-async fn listen(subscriber: Client, mut events: SubscriberEvents, wakeups: Wakeups) {
+/// Feeds `audience` from the subscriber for the life of the process, subscribing again after
+/// every (re)connection since a new connection starts without subscriptions.
+async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience) {
     // Logs one line per outage rather than one per reconnection attempt.
     let mut connected = false;
     loop {
@@ -188,10 +196,15 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, wakeups: Wakeu
             message = events.messages.recv() => match message {
                 Ok(message) if message.channel == WAKE_CHANNEL => {
                     if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
-                        wakeups.wake(&key);
+                        audience.wakeups.wake(&key);
                     }
                 }
-                Ok(_) => {}
+                Ok(message) => {
+                    let topic = message.channel.strip_prefix(EVENT_PREFIX);
+                    if let (Some(topic), Some(body)) = (topic, bytes_of(message.value)) {
+                        audience.events.deliver(topic, body);
+                    }
+                }
                 Err(RecvError::Lagged(missed)) => {
                     log::debug!("redis wake-ups: {missed} missed, waiters will re-check");
                 }
@@ -221,11 +234,15 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, wakeups: Wakeu
     }
 }
 
-/// Subscribes to [`WAKE_CHANNEL`], retrying while the connection is up; a subscriber that stays
-/// unsubscribed would leave every waiter to its periodic re-check.
+/// Subscribes to [`WAKE_CHANNEL`] and the event channels, retrying while the connection is up; a
+/// subscriber that stays unsubscribed would leave every waiter to its periodic re-check.
 async fn subscribe(subscriber: &Client) {
     while subscriber.is_connected() {
-        match subscriber.subscribe(WAKE_CHANNEL).await {
+        let subscribed = async {
+            subscriber.subscribe(WAKE_CHANNEL).await?;
+            subscriber.psubscribe(format!("{EVENT_PREFIX}*")).await
+        };
+        match subscribed.await {
             Ok(()) => return,
             Err(e) => {
                 log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
@@ -611,6 +628,11 @@ impl Backend for RedisStore {
 
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
         bounded(self.call().client().del::<(), _>(job_key(queue, msg))).await
+    }
+
+    async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError> {
+        let client = self.call().client();
+        bounded(client.publish::<(), _, _>(format!("{EVENT_PREFIX}{topic}"), body)).await
     }
 
     async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {

@@ -1,0 +1,59 @@
+//! Server-sent events (`GET /e/{topic}`): each event published on the topic becomes one SSE
+//! event (`data:` lines, a blank line), with a keep-alive comment when the topic is quiet so that
+//! proxies keep the connection and a vanished client is noticed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_core::protocols::http::ServerSession;
+
+use crate::events::Subscription;
+use crate::tunnel::Shutdown;
+
+/// How long the stream may stay silent before a keep-alive comment.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Streams the subscription's events until the client goes away or the relay shuts down.
+pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut shutdown: Shutdown) {
+    // A first comment tells the client the subscription is live.
+    let mut chunk = Bytes::from_static(b": subscribed\n\n");
+    let mut keepalive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        if session.write_response_body(chunk, false).await.is_err() {
+            return;
+        }
+        chunk = tokio::select! {
+            body = events.next() => event(&body),
+            _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+            _ = shutdown.changed() => break,
+        };
+    }
+    let _ = session.write_response_body(Bytes::new(), true).await;
+}
+
+/// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not
+/// UTF-8 are replaced).
+fn event(body: &[u8]) -> Bytes {
+    let text = String::from_utf8_lossy(body);
+    let mut event = String::with_capacity(text.len() + 8);
+    for line in text.split('\n') {
+        event.push_str("data: ");
+        event.push_str(line.strip_suffix('\r').unwrap_or(line));
+        event.push('\n');
+    }
+    event.push('\n');
+    Bytes::from(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Multi-line bodies become several `data:` lines of one event.
+    #[test]
+    fn event_format() {
+        assert_eq!(event(b"hello"), "data: hello\n\n");
+        assert_eq!(event(b"a\r\nb"), "data: a\ndata: b\n\n");
+    }
+}

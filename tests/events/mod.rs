@@ -1,0 +1,172 @@
+//! PROTOCOL.md part 3, events: `POST /e/{topic}` reaches every server-sent-event and WebSocket
+//! subscriber of the topic, on every instance of one store.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::support::{shared_redis, tunnel_id, Backend, Client, Relay, Store};
+
+/// A server-sent-event subscription, read chunk by chunk.
+struct Sse {
+    response: reqwest::Response,
+    buffered: String,
+}
+
+impl Sse {
+    /// Subscribes to `topic` and waits for the relay's first comment, so events published after
+    /// this returns are delivered.
+    async fn open(api: &Client, topic: &str) -> Sse {
+        let response = api
+            .request(reqwest::Method::GET, &format!("/e/{topic}"))
+            .send()
+            .await
+            .expect("the relay answers");
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers()["content-type"].to_str().expect("ASCII");
+        assert_eq!(content_type, "text/event-stream");
+        let mut sse = Sse {
+            response,
+            buffered: String::new(),
+        };
+        assert_eq!(sse.next_block().await, ": subscribed");
+        sse
+    }
+
+    /// The next block (up to a blank line), within 5 s.
+    async fn next_block(&mut self) -> String {
+        let read = async {
+            loop {
+                if let Some(end) = self.buffered.find("\n\n") {
+                    let block = self.buffered[..end].to_owned();
+                    self.buffered.drain(..end + 2);
+                    return block;
+                }
+                let chunk = self.response.chunk().await.expect("the stream stays open");
+                let chunk = chunk.expect("the stream does not end");
+                self.buffered.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("an event within 5 s")
+    }
+
+    /// The next event's data (its `data:` lines joined by newlines), skipping comments.
+    async fn next_event(&mut self) -> String {
+        loop {
+            let block = self.next_block().await;
+            if block.starts_with(':') {
+                continue;
+            }
+            let lines: Vec<&str> = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            return lines.join("\n");
+        }
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Subscribes to `topic` over a WebSocket.
+async fn ws(api: &Client, topic: &str) -> Socket {
+    let url = format!("{}/ws/e/{topic}", api.base().replacen("http", "ws", 1));
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("the relay accepts the WebSocket");
+    socket
+}
+
+/// The next text frame, within 5 s.
+async fn next_text(socket: &mut Socket) -> String {
+    let read = async {
+        loop {
+            match socket.next().await.expect("open").expect("a frame") {
+                Message::Text(text) => return text.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a frame within 5 s")
+}
+
+/// Publishes `body` on `topic`; returns `X-Subscribers`.
+async fn publish(api: &Client, topic: &str, body: &str) -> u64 {
+    let response = api.post(&format!("/e/{topic}"), body).await.expect(202);
+    response
+        .header("x-subscribers")
+        .expect("X-Subscribers")
+        .parse()
+        .expect("a count")
+}
+
+/// Every SSE and WebSocket subscriber gets each event, multi-line bodies included, and
+/// `X-Subscribers` counts them; events of other topics do not leak.
+async fn subscribers_get_every_event(api: &Client) {
+    let topic = tunnel_id("news");
+    let mut sse = Sse::open(api, &topic).await;
+    let mut socket = ws(api, &topic).await;
+    // The WebSocket is subscribed before its 101 is written: both count from here on.
+    assert_eq!(publish(api, &topic, "first").await, 2);
+    assert_eq!(sse.next_event().await, "first");
+    assert_eq!(next_text(&mut socket).await, "first");
+    publish(api, &tunnel_id("other"), "elsewhere").await;
+    publish(api, &topic, "two\nlines").await;
+    assert_eq!(sse.next_event().await, "two\nlines");
+    assert_eq!(next_text(&mut socket).await, "two\nlines");
+    drop(sse);
+    drop(socket);
+    assert_eq!(publish(api, &tunnel_id("empty"), "nobody").await, 0);
+}
+
+/// With a token set, publishing and subscribing need it.
+async fn events_need_auth(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);
+    let api = relay.client();
+    api.post("/e/t", "x")
+        .await
+        .expect_error(403, "Access denied");
+    api.get("/e/t").await.expect_error(403, "Access denied");
+    assert_eq!(publish(&api.with_bearer("tok"), "t", "x").await, 0);
+}
+
+per_store! {
+    shared: [subscribers_get_every_event],
+    dedicated: [events_need_auth],
+}
+
+/// Subscribers on two instances of one redis-server each get every event published on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_cross_instances() {
+    let a = Relay::start(Store::Redis(shared_redis()), &[]);
+    let b = Relay::start(Store::Redis(shared_redis()), &[]);
+    let (api_a, api_b) = (a.client(), b.client());
+    let topic = tunnel_id("fleet");
+    let mut sse_a = Sse::open(&api_a, &topic).await;
+    let mut sse_b = Sse::open(&api_b, &topic).await;
+    let mut ws_a = ws(&api_a, &topic).await;
+    let mut ws_b = ws(&api_b, &topic).await;
+    assert_eq!(
+        publish(&api_a, &topic, "from a").await,
+        2,
+        "A's own subscribers"
+    );
+    assert_eq!(
+        publish(&api_b, &topic, "from b").await,
+        2,
+        "B's own subscribers"
+    );
+    for expected in ["from a", "from b"] {
+        assert_eq!(sse_a.next_event().await, expected);
+        assert_eq!(sse_b.next_event().await, expected);
+        assert_eq!(next_text(&mut ws_a).await, expected);
+        assert_eq!(next_text(&mut ws_b).await, expected);
+    }
+}
