@@ -294,10 +294,8 @@ async fn sigterm_loses_nothing_acknowledged() {
         })
         .collect();
     // Let real traffic flow before the signal: wait for stored messages, not for time.
-    assert!(wait_until(Duration::from_secs(10), || !stored_ids(
-        &format!("{tunnel}-0")
-    )
-    .is_empty()));
+    let all_stored = || (0..4).all(|p| stored_count(&format!("{tunnel}-{p}")) > 0);
+    assert!(eventually(Duration::from_secs(10), all_stored).await);
     relay.signal("TERM");
     let status = relay
         .exit_within(EXIT_WITHIN)
