@@ -1,4 +1,4 @@
-//! The command line: `burrow [serve | worker]`. Settings come from the environment (see `config`); the
+//! The command line: `burrow [serve | worker | agent]`. Settings come from the environment (see `config`); the
 //! command line only picks what to run.
 
 use std::process::ExitCode;
@@ -27,6 +27,9 @@ enum Command {
     /// Take jobs from a queue on a relay and run a command for each, with the job's JSON on stdin;
     /// its stdout is the result (PROTOCOL.md part 2).
     Worker(crate::worker::WorkerArgs),
+    /// Dial out to a relay, register a name, and forward the requests routed to that name to an
+    /// upstream HTTP service (PROTOCOL.md part 3).
+    Agent(crate::agent::AgentArgs),
 }
 
 /// Parses the command line and runs what it names; the exit code reports failure.
@@ -36,6 +39,7 @@ pub fn run() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve { upgrade: false }) {
         Command::Serve { upgrade } => serve(upgrade),
         Command::Worker(args) => crate::worker::run(args),
+        Command::Agent(args) => crate::agent::run(args),
     }
 }
 

@@ -16,10 +16,14 @@
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
 //! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
 //! - `worker`: `burrow worker`, which takes jobs from a queue and runs a command for each.
+//! - `routing`: tunnel routing to agents, relay side: the agent wire protocol, connected agents
+//!   (`Agents`) and forwarded requests (`Exchange`), without Pingora.
+//! - `agent`: `burrow agent`, which dials out to a relay and forwards routed requests upstream.
 //! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
 
 pub mod config;
 
+mod agent;
 mod auth;
 mod cli;
 mod error;
@@ -27,6 +31,7 @@ mod events;
 mod http;
 mod jobs;
 mod metrics;
+mod routing;
 mod server;
 mod store;
 mod tunnel;

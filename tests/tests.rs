@@ -13,6 +13,8 @@
 //! - `startup`: configuration errors at start-up.
 //! - `worker`: `burrow worker` as a real process: results, failures, timeouts, concurrency,
 //!   redelivery after a worker dies, signals, relay outages and the token.
+//! - `routing`: `burrow agent` as a real process against a hand-written relay side: the agent wire
+//!   protocol byte by byte, the token, SIGTERM, outages, reconnects and configuration errors.
 
 #[macro_use]
 mod support;
@@ -23,5 +25,6 @@ mod events;
 mod jobs;
 mod lifecycle;
 mod redis_store;
+mod routing;
 mod startup;
 mod worker;

@@ -1,0 +1,402 @@
+//! `burrow agent`: dials out to a relay, registers a name, and forwards the requests the relay
+//! routes to that name to an upstream HTTP service (PROTOCOL.md part 3, docs/AGENT-PROTOCOL.md).
+//!
+//! The agent keeps one WebSocket to the relay (`connection`), reconnecting forever with back-off;
+//! each request runs in a task of its own (`upstream`). SIGTERM or SIGINT: the agent says GOAWAY,
+//! refuses new requests (the relay retries them on another agent), lets those in flight finish
+//! within 10 s, and exits 0.
+
+pub(crate) mod connection;
+pub(crate) mod upstream;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::tunnel::TunnelId;
+use connection::Ended;
+use upstream::Upstream;
+
+/// How long requests in flight may take to finish after SIGTERM.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// The first reconnect delay; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest reconnect delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long dialling the relay (TCP, TLS and the WebSocket handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest WebSocket message accepted: a 64 KiB DATA frame, or a head with large headers.
+pub(crate) const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// The agent's command line, as typed. (No `Debug`: it holds the token.)
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The relay's base URL, `http://` or `https://` (a path prefix is kept).
+    #[arg(long, env = "BURROW_RELAY", value_name = "URL")]
+    relay: String,
+
+    /// The name clients address this agent by (1 to 1024 characters from A-Z a-z 0-9 - _).
+    #[arg(long, env = "BURROW_AGENT_NAME")]
+    name: String,
+
+    /// The HTTP service requests are forwarded to, `http://` or `https://` (a path prefix is kept).
+    #[arg(long, env = "BURROW_UPSTREAM", value_name = "URL")]
+    upstream: String,
+
+    /// Sent to the relay as `Authorization: Bearer <TOKEN>`.
+    #[arg(long, env = "BURROW_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// Why the command line does not make an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} {url:?} is not a URL: {reason}")]
+    NotAUrl {
+        flag: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("--{0} must be an http:// or https:// URL without query or fragment, not {1:?}")]
+    NotHttp(&'static str, String),
+    #[error("--name {0:?} is not a valid name (1 to 1024 characters from A-Z a-z 0-9 - _)")]
+    InvalidName(String),
+    #[error("--token cannot be sent in an HTTP header")]
+    InvalidToken,
+}
+
+/// A validated agent configuration.
+pub struct AgentConfig {
+    /// `ws(s)://…/agent/connect?name=NAME`.
+    connect_url: String,
+    name: TunnelId,
+    upstream: String,
+    token: Option<String>,
+}
+
+impl AgentConfig {
+    /// Checks the command line and derives the relay's WebSocket URL.
+    pub fn from_args(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
+        let relay = http_url("relay", &args.relay)?;
+        let upstream = http_url("upstream", &args.upstream)?;
+        let name = TunnelId::parse(&args.name).ok_or(ConfigError::InvalidName(args.name))?;
+        if let Some(token) = &args.token {
+            HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ConfigError::InvalidToken)?;
+        }
+        let mut connect = relay.clone();
+        // http → ws and https → wss; `http_url` allowed no other scheme.
+        let scheme = if relay.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
+        connect
+            .set_scheme(scheme)
+            .map_err(|()| ConfigError::NotHttp("relay", args.relay.clone()))?;
+        let path = format!("{}/agent/connect", relay.path().trim_end_matches('/'));
+        connect.set_path(&path);
+        connect.query_pairs_mut().append_pair("name", name.as_str());
+        Ok(AgentConfig {
+            connect_url: connect.to_string(),
+            name,
+            upstream: upstream.as_str().trim_end_matches('/').to_owned(),
+            token: args.token,
+        })
+    }
+}
+
+impl std::fmt::Debug for AgentConfig {
+    /// Everything but the token's value, so that the configuration can be printed safely.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("connect_url", &self.connect_url)
+            .field("name", &self.name)
+            .field("upstream", &self.upstream)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn http_url(flag: &'static str, raw: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(raw).map_err(|err| ConfigError::NotAUrl {
+        flag,
+        url: raw.to_owned(),
+        reason: err.to_string(),
+    })?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(ConfigError::NotHttp(flag, raw.to_owned()));
+    }
+    Ok(url)
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen for SIGTERM and SIGINT: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
+/// Runs `burrow agent` until a signal stops it; the exit code says how it ended.
+pub fn run(args: AgentArgs) -> ExitCode {
+    let config = match AgentConfig::from_args(args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("burrow agent: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let ended = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)
+        .and_then(|runtime| runtime.block_on(agent(config)));
+    match ended {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("burrow agent: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connects, serves and reconnects until a signal asks to stop.
+async fn agent(config: AgentConfig) -> Result<(), AgentError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let upstream = Arc::new(Upstream::new(&config.upstream).map_err(AgentError::Http)?);
+    let (drain_tx, drain) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        log::info!("stopping: taking no more requests, finishing those in flight");
+        drain_tx.send_replace(true);
+        // Keep the sender, so that the connection never sees the channel close.
+        std::future::pending::<()>().await;
+    });
+    log::info!(
+        "agent started: name={} relay={} upstream={}",
+        config.name,
+        config.connect_url,
+        config.upstream
+    );
+
+    let mut backoff = Backoff::new();
+    let mut outage: Option<(Instant, u32)> = None;
+    while !*drain.borrow() {
+        let mut stop = drain.clone();
+        let dialled = tokio::select! {
+            dialled = dial(&config) => dialled,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match dialled {
+            Ok(socket) => {
+                match outage.take() {
+                    Some((since, attempts)) => log::info!(
+                        "connected to the relay again after {:.1}s ({attempts} failed attempts)",
+                        since.elapsed().as_secs_f64()
+                    ),
+                    None => log::info!("connected to the relay"),
+                }
+                backoff.reset();
+                match connection::serve(socket, upstream.clone(), drain.clone(), DRAIN_GRACE).await
+                {
+                    Ended::Drained => break,
+                    Ended::Lost(reason) => {
+                        log::warn!("connection to the relay lost: {reason}; reconnecting");
+                        outage = Some((Instant::now(), 0));
+                    }
+                }
+            }
+            Err(reason) => match &mut outage {
+                Some((_, attempts)) => *attempts += 1,
+                None => {
+                    log::warn!("cannot reach the relay: {reason}; retrying with back-off");
+                    outage = Some((Instant::now(), 1));
+                }
+            },
+        }
+        let pause = backoff.next();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop_signal(drain.clone()) => break,
+        }
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn stop_signal(mut drain: watch::Receiver<bool>) {
+    if drain.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Opens the WebSocket to the relay; `Err` says why not, on one line.
+async fn dial(
+    config: &AgentConfig,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    String,
+> {
+    let mut request = config
+        .connect_url
+        .as_str()
+        .into_client_request()
+        .map_err(|err| err.to_string())?;
+    if let Some(token) = &config.token {
+        if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
+            value.set_sensitive(true);
+            request.headers_mut().insert("Authorization", value);
+        }
+    }
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok((socket, _response))) => Ok(socket),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+    }
+}
+
+/// Exponential back-off with jitter: 100 ms doubling to 10 s, each delay drawn from its upper half
+/// so that many agents cut off together do not reconnect in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_BACKOFF;
+    }
+
+    fn next(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        delay.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
+            .expect("the arguments parse");
+        AgentConfig::from_args(cli.agent)
+    }
+
+    /// http → ws and https → wss, a path prefix kept, the name in the query.
+    #[test]
+    fn connect_url() {
+        let args = [
+            "--relay",
+            "http://relay:8080/",
+            "--name",
+            "svc-1",
+            "--upstream",
+            "http://127.0.0.1:81/",
+        ];
+        let c = config(&args).unwrap();
+        assert_eq!(c.connect_url, "ws://relay:8080/agent/connect?name=svc-1");
+        assert_eq!(c.upstream, "http://127.0.0.1:81");
+        let args = [
+            "--relay",
+            "https://r/p",
+            "--name",
+            "a",
+            "--upstream",
+            "http://u",
+        ];
+        let c = config(&args).unwrap();
+        assert_eq!(c.connect_url, "wss://r/p/agent/connect?name=a");
+    }
+
+    /// Bad schemes, names and tokens are refused, naming the flag.
+    #[test]
+    fn refused() {
+        let err = config(&[
+            "--relay",
+            "ftp://r",
+            "--name",
+            "a",
+            "--upstream",
+            "http://u",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("--relay"), "{err}");
+        let err = config(&[
+            "--relay",
+            "http://r",
+            "--name",
+            "a/b",
+            "--upstream",
+            "http://u",
+        ])
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidName(_)), "{err}");
+        let err = config(&["--relay", "http://r", "--name", "a", "--upstream", "u"]).unwrap_err();
+        assert!(err.to_string().contains("--upstream"), "{err}");
+        let err = config(&[
+            "--relay",
+            "http://r",
+            "--name",
+            "a",
+            "--upstream",
+            "http://u",
+            "--token",
+            "a\nb",
+        ])
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidToken), "{err}");
+    }
+
+    /// Delays double from 100 ms to at most 10 s, jittered within their upper half.
+    #[test]
+    fn backoff() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= FIRST_BACKOFF);
+        assert!(delays.iter().all(|d| *d <= MAX_BACKOFF));
+        assert!(delays[11] >= MAX_BACKOFF / 2);
+        backoff.reset();
+        assert!(backoff.next() <= FIRST_BACKOFF);
+    }
+}

@@ -1,0 +1,124 @@
+//! The registry of agents connected to this process: name → links, presence, and the choice of a
+//! link for each request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::exchange::{Exchange, RouteError};
+use super::head::RequestHead;
+use super::link::Link;
+
+/// One connected agent, for presence (`GET /agents`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub name: String,
+    /// Unix time in milliseconds.
+    pub connected_since_ms: u64,
+    /// Unix time in milliseconds of the last frame, ping or pong heard from the agent.
+    pub last_heartbeat_ms: u64,
+    pub in_flight: usize,
+}
+
+/// The agents connected to this process; a cheap clone around shared state.
+#[derive(Clone, Default)]
+pub struct Agents {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// A std mutex: held only for map updates and picks, never across an await.
+    links: Mutex<HashMap<String, Vec<Arc<Link>>>>,
+    next_link: AtomicU64,
+    /// Rotates the choice between equally busy links.
+    turn: AtomicUsize,
+}
+
+impl Agents {
+    pub fn new() -> Agents {
+        Agents::default()
+    }
+
+    /// Every connected agent, grouped by name in connection order.
+    pub fn names(&self) -> Vec<AgentInfo> {
+        let links = self.links();
+        let mut names: Vec<&String> = links.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|name| &links[name])
+            .map(|link| AgentInfo {
+                name: link.name.clone(),
+                connected_since_ms: link.connected_since_ms,
+                last_heartbeat_ms: link.last_heartbeat_ms(),
+                in_flight: link.in_flight(),
+            })
+            .collect()
+    }
+
+    /// Sends `head` to an agent named `name` and answers the exchange that carries the request
+    /// body and the response. `timeout` bounds everything up to the response head (see
+    /// [`Exchange`]); a request whose agent vanishes before taking it is retried on another agent
+    /// of that name.
+    pub async fn forward(
+        &self,
+        name: &str,
+        head: RequestHead,
+        timeout: Duration,
+    ) -> Result<Exchange, RouteError> {
+        Exchange::start(self.clone(), name, head, timeout).await
+    }
+
+    /// The least busy accepting link of `name` not in `exclude`; ties go round-robin.
+    pub(crate) fn pick(&self, name: &str, exclude: &[u64]) -> Option<Arc<Link>> {
+        let links = self.links();
+        let candidates: Vec<&Arc<Link>> = links
+            .get(name)?
+            .iter()
+            .filter(|link| link.accepting() && !exclude.contains(&link.id))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.shared.turn.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        (0..candidates.len())
+            .map(|offset| candidates[(start + offset) % candidates.len()])
+            .min_by_key(|link| link.in_flight())
+            .cloned()
+    }
+
+    pub(crate) fn next_link_id(&self) -> u64 {
+        self.shared.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn insert(&self, link: Arc<Link>) {
+        self.links()
+            .entry(link.name.clone())
+            .or_default()
+            .push(link);
+    }
+
+    pub(crate) fn remove(&self, link: &Link) {
+        let mut links = self.links();
+        if let Some(list) = links.get_mut(&link.name) {
+            list.retain(|other| other.id != link.id);
+            if list.is_empty() {
+                links.remove(&link.name);
+            }
+        }
+    }
+
+    fn links(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<Link>>>> {
+        // Poisoning only means a panic elsewhere mid-update of a plain map.
+        self.shared.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Now, in Unix milliseconds (0 on a clock before 1970).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,311 @@
+//! One request forwarded to an agent, relay side: the request body going out, the response
+//! coming back, and the retry on another agent when the first one vanished before taking it.
+//!
+//! An agent has taken a request once it sent anything but `RESET` on its stream (it acknowledges
+//! each `HEAD` with `WINDOW 0`). Until then the request may be replayed elsewhere, so the body
+//! chunks sent so far are kept; there are at most one window of them (256 KiB), because the agent
+//! grants no more credit before taking the request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::agents::Agents;
+use super::frame::Kind;
+use super::head::{RequestHead, ResponseHead};
+use super::link::Link;
+use super::stream::{BodyReader, BodyWriter, Inbound, Reason};
+
+/// Why a request did not get through; the HTTP layer maps each to a status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No agent of that name is connected (422).
+    #[error("connection for clientID='{0}' not found")]
+    NoAgent(String),
+    /// The agent failed, reset the request or hung up mid-request (502).
+    #[error("agent failed: {0}")]
+    AgentFailed(String),
+    /// No response head within the timeout (504).
+    #[error("agent did not answer in time")]
+    Timeout,
+}
+
+/// Where the response side stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitingHead,
+    Body,
+    Done,
+}
+
+/// A request in flight to an agent.
+///
+/// Use it in order: [`send`](Self::send) the body chunks, [`finish`](Self::finish), then
+/// [`response`](Self::response) and [`next_chunk`](Self::next_chunk) until `None`. The timeout
+/// given to `forward` bounds everything up to the response head (body sends included); the
+/// response body then streams without a deadline. If `send` fails, still call `response`: an
+/// upstream may answer without reading the whole body. Dropping an unfinished exchange resets the
+/// stream, which aborts the upstream request.
+pub struct Exchange {
+    agents: Agents,
+    name: String,
+    head: RequestHead,
+    deadline: Instant,
+    /// Links tried so far, so that a retry goes elsewhere.
+    tried: Vec<u64>,
+    link: Arc<Link>,
+    writer: BodyWriter,
+    reader: BodyReader,
+    /// Body chunks sent but not yet taken; `None` once the agent took the request.
+    replay: Option<Vec<Bytes>>,
+    finished: bool,
+    phase: Phase,
+}
+
+impl Exchange {
+    pub(crate) async fn start(
+        agents: Agents,
+        name: &str,
+        head: RequestHead,
+        timeout: Duration,
+    ) -> Result<Exchange, RouteError> {
+        let deadline = Instant::now() + timeout;
+        let mut tried = Vec::new();
+        let attempt = connect(&agents, name, &head, &mut tried, &[], false, None);
+        let (link, writer, reader) = tokio::time::timeout_at(deadline, attempt)
+            .await
+            .map_err(|_| RouteError::Timeout)??;
+        Ok(Exchange {
+            agents,
+            name: name.to_owned(),
+            head,
+            deadline,
+            tried,
+            link,
+            writer,
+            reader,
+            replay: Some(Vec::new()),
+            finished: false,
+            phase: Phase::AwaitingHead,
+        })
+    }
+
+    /// The name of the agent connection carrying the request now (for logs).
+    pub fn link_id(&self) -> u64 {
+        self.link.id
+    }
+
+    /// Sends one request body chunk (any size; split into frames within the agent's credit).
+    pub async fn send(&mut self, chunk: Bytes) -> Result<(), RouteError> {
+        if self.finished {
+            return Err(RouteError::AgentFailed(
+                "request body already finished".into(),
+            ));
+        }
+        loop {
+            let deadline = self.head_deadline();
+            let Some(outcome) = within(deadline, self.writer.write(chunk.clone())).await else {
+                return Err(self.timed_out());
+            };
+            match outcome {
+                Ok(()) => {
+                    self.note_sent(chunk);
+                    return Ok(());
+                }
+                Err(reason) => self.retry(reason).await?,
+            }
+        }
+    }
+
+    /// Ends the request body.
+    pub async fn finish(&mut self) -> Result<(), RouteError> {
+        if self.finished {
+            return Ok(());
+        }
+        loop {
+            let deadline = self.head_deadline();
+            let Some(outcome) = within(deadline, self.writer.end()).await else {
+                return Err(self.timed_out());
+            };
+            match outcome {
+                Ok(()) => {
+                    self.finished = true;
+                    return Ok(());
+                }
+                Err(reason) => self.retry(reason).await?,
+            }
+        }
+    }
+
+    /// Waits for the response head (within the timeout).
+    pub async fn response(&mut self) -> Result<ResponseHead, RouteError> {
+        if self.phase != Phase::AwaitingHead {
+            return Err(RouteError::AgentFailed(
+                "response head already taken".into(),
+            ));
+        }
+        loop {
+            let deadline = self.head_deadline();
+            let Some(item) = within(deadline, self.reader.next()).await else {
+                return Err(self.timed_out());
+            };
+            match item {
+                Inbound::Response(payload) => {
+                    self.replay = None;
+                    return match ResponseHead::from_json(&payload) {
+                        Ok(head) => {
+                            self.phase = Phase::Body;
+                            Ok(head)
+                        }
+                        Err(err) => Err(self.fail(format!("bad RESPONSE from the agent: {err}"))),
+                    };
+                }
+                Inbound::Reset(reason) => self.retry(reason).await?,
+                Inbound::Data(_) | Inbound::End => {
+                    return Err(self.fail("the agent sent a body before its response head".into()))
+                }
+            }
+        }
+    }
+
+    /// The next response body chunk; `None` once the body is complete.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, RouteError>> {
+        if self.phase != Phase::Body {
+            return None;
+        }
+        match self.reader.next().await {
+            Inbound::Data(chunk) => Some(Ok(chunk)),
+            Inbound::End => {
+                self.phase = Phase::Done;
+                if !self.finished {
+                    // The upstream answered without the rest of the request body; the stream is
+                    // complete from the client's side.
+                    self.writer.reset("response complete");
+                }
+                None
+            }
+            Inbound::Reset(reason) => Some(Err(self.fail(reason))),
+            Inbound::Response(_) => Some(Err(self.fail("a second RESPONSE".into()))),
+        }
+    }
+
+    /// The deadline while no response head has arrived; none after.
+    fn head_deadline(&self) -> Option<Instant> {
+        (self.phase == Phase::AwaitingHead).then_some(self.deadline)
+    }
+
+    /// The deadline passed: the stream is reset, which aborts the upstream request.
+    fn timed_out(&mut self) -> RouteError {
+        self.writer.reset("timeout");
+        self.phase = Phase::Done;
+        RouteError::Timeout
+    }
+
+    /// Keeps a sent chunk for replay until the agent has taken the request.
+    fn note_sent(&mut self, chunk: Bytes) {
+        if self.writer.taken() {
+            self.replay = None;
+        } else if let Some(replay) = &mut self.replay {
+            replay.push(chunk);
+        }
+    }
+
+    /// The stream failed with `reason`: replays the request on another link if the agent never
+    /// took it, else fails.
+    async fn retry(&mut self, reason: Reason) -> Result<(), RouteError> {
+        let Some(replay) = self.replay.as_ref().filter(|_| !self.writer.taken()) else {
+            return Err(self.fail(reason));
+        };
+        log::debug!(
+            "agent {} link {} lost a request before taking it ({reason}); retrying",
+            self.name,
+            self.link.id
+        );
+        let attempt = connect(
+            &self.agents,
+            &self.name,
+            &self.head,
+            &mut self.tried,
+            replay,
+            self.finished,
+            Some(reason),
+        );
+        let (link, writer, reader) = match tokio::time::timeout_at(self.deadline, attempt).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(err)) => {
+                self.phase = Phase::Done;
+                return Err(err);
+            }
+            Err(_) => {
+                self.phase = Phase::Done;
+                return Err(RouteError::Timeout);
+            }
+        };
+        self.link = link;
+        self.writer = writer;
+        self.reader = reader;
+        Ok(())
+    }
+
+    fn fail(&mut self, reason: Reason) -> RouteError {
+        self.writer.reset(&reason);
+        self.phase = Phase::Done;
+        RouteError::AgentFailed(reason)
+    }
+}
+
+/// Runs `work` until `deadline` if there is one; `None` when the deadline passed first.
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// Opens a stream for `head` on the least busy untried link of `name` and sends the head, the
+/// body chunks sent so far and, if `finished`, the end; tries the next link when one fails.
+async fn connect(
+    agents: &Agents,
+    name: &str,
+    head: &RequestHead,
+    tried: &mut Vec<u64>,
+    replay: &[Bytes],
+    finished: bool,
+    mut failure: Option<Reason>,
+) -> Result<(Arc<Link>, BodyWriter, BodyReader), RouteError> {
+    loop {
+        let Some(link) = agents.pick(name, tried) else {
+            return Err(match failure {
+                None => RouteError::NoAgent(name.to_owned()),
+                Some(reason) => RouteError::AgentFailed(reason),
+            });
+        };
+        tried.push(link.id);
+        match send_request(&link, head, replay, finished).await {
+            Ok((writer, reader)) => return Ok((link, writer, reader)),
+            Err(reason) => failure = Some(reason),
+        }
+    }
+}
+
+async fn send_request(
+    link: &Link,
+    head: &RequestHead,
+    replay: &[Bytes],
+    finished: bool,
+) -> Result<(BodyWriter, BodyReader), Reason> {
+    let (writer, reader) = link.open()?;
+    writer.send(Kind::Head, head.to_json()).await?;
+    for chunk in replay {
+        writer.write(chunk.clone()).await?;
+    }
+    if finished {
+        writer.end().await?;
+    }
+    Ok((writer, reader))
+}

@@ -1,0 +1,185 @@
+//! One connected agent, relay side: [`serve`] runs its WebSocket from registration to goodbye.
+//!
+//! The reader (this task) dispatches frames to streams and watches heartbeats; one writer task
+//! (`writer`) sends frames and pings. Requests reach the agent through [`Link::open`], called by
+//! `Exchange`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::agents::{unix_ms, Agents};
+use super::frame::{Frame, Kind};
+use super::stream::{BodyReader, BodyWriter, Reason, Streams};
+use super::writer::write_frames;
+
+/// How often the relay pings an agent.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+
+/// Silence after which an agent counts as gone: three missed heartbeats.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a shutting-down relay lets an agent's requests in flight finish.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the reader checks heartbeats and drain progress.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// A connected agent as the registry and exchanges see it.
+pub struct Link {
+    /// Unique within this process, so that a retry can avoid links it already tried.
+    pub id: u64,
+    pub name: String,
+    pub connected_since_ms: u64,
+    last_heartbeat_ms: AtomicU64,
+    /// The next stream id: odd, increasing.
+    next_stream: AtomicU32,
+    /// Set once either side said GOAWAY: no new requests go to this link.
+    draining: AtomicBool,
+    streams: Arc<Streams>,
+}
+
+impl Link {
+    /// Requests in flight on this link.
+    pub fn in_flight(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn last_heartbeat_ms(&self) -> u64 {
+        self.last_heartbeat_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether new requests may be sent here.
+    pub fn accepting(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Opens a new stream for a request; `Err` when the connection is gone or out of ids.
+    pub fn open(&self) -> Result<(BodyWriter, BodyReader), Reason> {
+        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        if id > u32::MAX - 2 {
+            // After two billion requests: let this connection go so that the agent reconnects.
+            self.draining.store(true, Ordering::Relaxed);
+            return Err("agent connection ran out of stream ids".into());
+        }
+        self.streams.open(id)
+    }
+
+    fn heard(&self) {
+        self.last_heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Runs one agent's connection until it closes, stops heart-beating or the relay shuts down:
+/// registers it under `name` in `registry`, carries its streams, and unregisters it.
+///
+/// `socket` is the already upgraded WebSocket (for Pingora, built with
+/// `WebSocketStream::from_raw_socket(stream, Role::Server, config)`). On shutdown the relay sends
+/// `GOAWAY`, lets requests in flight finish for up to 10 s, and closes.
+pub async fn serve<S>(
+    socket: WebSocketStream<S>,
+    name: String,
+    registry: Agents,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, mut incoming) = socket.split();
+    let (out, queues) = super::stream::Outbound::new();
+    let now = unix_ms();
+    let link = Arc::new(Link {
+        id: registry.next_link_id(),
+        name,
+        connected_since_ms: now,
+        last_heartbeat_ms: AtomicU64::new(now),
+        next_stream: AtomicU32::new(1),
+        draining: AtomicBool::new(false),
+        streams: Streams::new(out),
+    });
+    let (stop, stopped) = oneshot::channel();
+    let writer = tokio::spawn(write_frames(sink, queues, Some(PING_EVERY), stopped));
+    registry.insert(link.clone());
+    log::info!("agent connected: name={} link={}", link.name, link.id);
+
+    let mut last_heard = Instant::now();
+    // A relay already shutting down takes no agents: it drains at once.
+    let mut drain_until = (*shutdown.borrow()).then(|| begin_drain(&link));
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    let reason: Reason = loop {
+        tokio::select! {
+            message = incoming.next() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    last_heard = Instant::now();
+                    link.heard();
+                    if let Err(reason) = receive(&link, bytes) {
+                        break reason;
+                    }
+                }
+                // tungstenite answers pings itself.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                    last_heard = Instant::now();
+                    link.heard();
+                }
+                Some(Ok(Message::Text(_))) => break "protocol error: text message".into(),
+                Some(Ok(Message::Close(_))) | None => break "closed by the agent".into(),
+                Some(Err(err)) => break format!("connection failed: {err}"),
+            },
+            _ = check.tick() => {
+                if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
+                    break "no heartbeat for 30 s".into();
+                }
+                if drain_until.is_some_and(|until| link.in_flight() == 0 || Instant::now() > until) {
+                    break "relay shutting down".into();
+                }
+            }
+            changed = shutdown.changed(), if drain_until.is_none() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    drain_until = Some(begin_drain(&link));
+                }
+            }
+        }
+    };
+
+    registry.remove(&link);
+    link.streams
+        .close_all(&format!("agent connection lost: {reason}"));
+    let _ = stop.send(());
+    let _ = writer.await;
+    log::info!(
+        "agent disconnected: name={} link={} reason={reason}",
+        link.name,
+        link.id
+    );
+}
+
+/// Stops new requests to `link` and tells the agent (GOAWAY); answers when the grace period ends.
+fn begin_drain(link: &Link) -> Instant {
+    link.draining.store(true, Ordering::Relaxed);
+    link.streams
+        .out()
+        .control(Frame::new(Kind::GoAway, 0, Default::default()));
+    Instant::now() + DRAIN_GRACE
+}
+
+/// Handles one binary message from the agent; `Err` ends the connection.
+fn receive(link: &Link, bytes: bytes::Bytes) -> Result<(), Reason> {
+    let frame = Frame::decode(bytes).map_err(|err| format!("protocol error: {err}"))?;
+    match frame.kind {
+        Kind::GoAway => {
+            link.draining.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Kind::Head => Err("protocol error: an agent sent HEAD".into()),
+        _ => {
+            link.streams.dispatch(frame);
+            Ok(())
+        }
+    }
+}

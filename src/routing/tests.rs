@@ -1,0 +1,634 @@
+//! The relay core end to end, without Pingora: `serve` on the accepting end of a real TCP loopback
+//! WebSocket, the agent's connection handler on the dialling end, and a real HTTP upstream (hyper)
+//! behind the agent.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame as BodyFrame, Incoming};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::frame::{Frame, Kind};
+use super::*;
+use crate::agent::connection::{self, Ended};
+use crate::agent::upstream::Upstream;
+
+const MB: usize = 1024 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---- the upstream service ----
+
+/// The byte at `offset` of every generated body: a pattern that a shifted or dropped chunk breaks.
+fn pattern(offset: usize) -> u8 {
+    (offset % 251) as u8 ^ (offset / 251) as u8
+}
+
+fn pattern_chunk(start: usize, len: usize) -> Bytes {
+    (start..start + len)
+        .map(pattern)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn pattern_hash(len: usize) -> String {
+    let mut hash = Sha256::new();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(64 * 1024);
+        hash.update(pattern_chunk(at, n));
+        at += n;
+    }
+    hex::encode(hash.finalize())
+}
+
+fn query_number(uri: &hyper::Uri, key: &str) -> usize {
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// `/echo`: what arrived, as JSON (body as length and SHA-256); `/download?size=N`: N pattern bytes
+/// streamed; `/sleep?ms=N`: answers after N ms; `/teapot`: 418 with a custom header.
+async fn upstream_service(
+    tag: &'static str,
+    request: hyper::Request<Incoming>,
+) -> hyper::Response<Body> {
+    let uri = request.uri().clone();
+    match uri.path() {
+        "/echo" => {
+            let method = request.method().to_string();
+            let headers: Vec<Value> = request
+                .headers()
+                .iter()
+                .map(|(n, v)| json!([n.as_str(), String::from_utf8_lossy(v.as_bytes())]))
+                .collect();
+            let mut body = request.into_body();
+            let mut hash = Sha256::new();
+            let mut len = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    hash.update(&data);
+                }
+            }
+            let answer = json!({
+                "tag": tag, "method": method, "uri": uri.to_string(), "headers": headers,
+                "len": len, "sha256": hex::encode(hash.finalize()),
+            });
+            hyper::Response::builder()
+                .header("Content-Type", "application/json")
+                .body(Full::new(Bytes::from(answer.to_string())).boxed())
+                .expect("a valid response")
+        }
+        "/download" => {
+            let size = query_number(&uri, "size");
+            let chunks = futures_util::stream::iter((0..size).step_by(64 * 1024).map(move |at| {
+                Ok::<_, Infallible>(BodyFrame::data(pattern_chunk(
+                    at,
+                    (size - at).min(64 * 1024),
+                )))
+            }));
+            hyper::Response::builder()
+                .header("Content-Length", size.to_string())
+                .body(BodyExt::boxed(StreamBody::new(chunks)))
+                .expect("a valid response")
+        }
+        "/sleep" => {
+            tokio::time::sleep(Duration::from_millis(query_number(&uri, "ms") as u64)).await;
+            hyper::Response::new(Full::new(Bytes::from_static(b"slept")).boxed())
+        }
+        _ => hyper::Response::builder()
+            .status(418)
+            .header("X-Custom", "short and stout")
+            .header("Connection", "close")
+            .body(Full::new(Bytes::from_static(b"teapot")).boxed())
+            .expect("a valid response"),
+    }
+}
+
+/// Starts an upstream on a free port; answers its base URL.
+async fn start_upstream(tag: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| async move {
+                    Ok::<_, Infallible>(upstream_service(tag, request).await)
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+// ---- the relay side and agents ----
+
+/// `serve` behind a TCP listener, as the HTTP layer will run it after the upgrade.
+struct Relay {
+    agents: Agents,
+    addr: SocketAddr,
+    _shutdown: watch::Sender<bool>,
+}
+
+// The handshake callback's error type is tungstenite's, large as it is.
+#[allow(clippy::result_large_err)]
+async fn start_relay() -> Relay {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agents = Agents::new();
+    let (shutdown, watching) = watch::channel(false);
+    let registry = agents.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (registry, watching) = (registry.clone(), watching.clone());
+            tokio::spawn(async move {
+                let mut name = String::new();
+                let callback =
+                    |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                     response| {
+                        let query = request.uri().query().unwrap_or_default();
+                        name = query.trim_start_matches("name=").to_owned();
+                        Ok(response)
+                    };
+                if let Ok(socket) = tokio_tungstenite::accept_hdr_async(tcp, callback).await {
+                    serve(socket, name, registry, watching).await;
+                }
+            });
+        }
+    });
+    Relay {
+        agents,
+        addr,
+        _shutdown: shutdown,
+    }
+}
+
+impl Relay {
+    /// Waits until `count` agents named `name` are registered.
+    async fn wait_for(&self, name: &str, count: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self
+            .agents
+            .names()
+            .iter()
+            .filter(|a| a.name == name)
+            .count()
+            != count
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{count} agents {name} never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn dial(&self, name: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let url = format!("ws://{}/agent/connect?name={name}", self.addr);
+        tokio_tungstenite::client_async(url, tcp).await.unwrap().0
+    }
+}
+
+/// The agent's connection handler, serving `upstream`.
+struct Agent {
+    drain: watch::Sender<bool>,
+    task: JoinHandle<Ended>,
+}
+
+async fn start_agent(relay: &Relay, name: &str, upstream: &str) -> Agent {
+    let socket = relay.dial(name).await;
+    let upstream = Arc::new(Upstream::new(upstream).unwrap());
+    let (drain, watching) = watch::channel(false);
+    let task = tokio::spawn(connection::serve(
+        socket,
+        upstream,
+        watching,
+        Duration::from_secs(10),
+    ));
+    Agent { drain, task }
+}
+
+/// A relay with one agent `name` in front of a fresh upstream.
+async fn setup(name: &str) -> (Relay, Agent) {
+    let relay = start_relay().await;
+    let upstream = start_upstream("a").await;
+    let agent = start_agent(&relay, name, &upstream).await;
+    relay.wait_for(name, 1).await;
+    (relay, agent)
+}
+
+fn head(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestHead {
+    RequestHead {
+        method: method.into(),
+        path: path.into(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// Sends a whole request and collects the whole response.
+async fn call(
+    agents: &Agents,
+    name: &str,
+    head: RequestHead,
+    body: Bytes,
+) -> Result<(ResponseHead, Bytes), RouteError> {
+    let mut exchange = agents.forward(name, head, TIMEOUT).await?;
+    let mut at = 0;
+    while at < body.len() {
+        let n = (body.len() - at).min(100_000);
+        exchange.send(body.slice(at..at + n)).await?;
+        at += n;
+    }
+    exchange.finish().await?;
+    let response = exchange.response().await?;
+    let mut collected = Vec::new();
+    while let Some(chunk) = exchange.next_chunk().await {
+        collected.extend_from_slice(&chunk?);
+    }
+    Ok((response, collected.into()))
+}
+
+fn header<'a>(head: &'a ResponseHead, name: &str) -> Option<&'a str> {
+    head.headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+// ---- the scenarios ----
+
+/// Method, path, query and headers (hop-by-hop and Host dropped) reach the upstream; status,
+/// headers and body come back; presence lists the agent.
+#[tokio::test]
+async fn request_and_response_cross() {
+    let (relay, _agent) = setup("svc").await;
+    let headers = [
+        ("X-Test", "one"),
+        ("x-test", "two"),
+        ("Connection", "X-Hop"),
+        ("X-Hop", "1"),
+        ("Host", "client.example"),
+    ];
+    let request = head("PUT", "/echo?x=1&y=two%20words", &headers);
+    let (response, body) = call(&relay.agents, "svc", request, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(header(&response, "content-type"), Some("application/json"));
+    let seen: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["uri"], "/echo?x=1&y=two%20words");
+    assert_eq!(seen["len"], 5);
+    let seen_headers = seen["headers"].as_array().unwrap();
+    let values = |name: &str| -> Vec<&str> {
+        seen_headers
+            .iter()
+            .filter(|h| h[0] == name)
+            .filter_map(|h| h[1].as_str())
+            .collect()
+    };
+    assert_eq!(values("x-test"), ["one", "two"]);
+    assert!(values("x-hop").is_empty() && values("connection").is_empty());
+    assert!(values("host")[0].starts_with("127.0.0.1:"));
+
+    let (response, body) = call(
+        &relay.agents,
+        "svc",
+        head("GET", "/teapot", &[]),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 418);
+    assert_eq!(header(&response, "x-custom"), Some("short and stout"));
+    assert_eq!(header(&response, "connection"), None);
+    assert_eq!(&body[..], b"teapot");
+
+    let present = relay.agents.names();
+    assert_eq!(present.len(), 1);
+    assert_eq!(present[0].name, "svc");
+    assert_eq!(present[0].in_flight, 0);
+    assert!(
+        present[0].connected_since_ms > 0
+            && present[0].last_heartbeat_ms >= present[0].connected_since_ms
+    );
+}
+
+/// A 20 MB upload and a 20 MB download arrive intact (compared by hash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_bodies() {
+    let (relay, _agent) = setup("big").await;
+    let size = 20 * MB;
+    let upload: Bytes = (0..size).map(pattern).collect::<Vec<u8>>().into();
+    let (response, body) = call(&relay.agents, "big", head("POST", "/echo", &[]), upload)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let seen: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["len"], size);
+    assert_eq!(seen["sha256"], pattern_hash(size));
+
+    let path = format!("/download?size={size}");
+    let (response, body) = call(&relay.agents, "big", head("GET", &path, &[]), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        header(&response, "content-length"),
+        Some(size.to_string().as_str())
+    );
+    assert_eq!(body.len(), size);
+    assert_eq!(hex::encode(Sha256::digest(&body)), pattern_hash(size));
+}
+
+/// 100 requests at once over one agent connection all get their own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_concurrent_requests() {
+    let (relay, _agent) = setup("many").await;
+    let calls: Vec<_> = (0..100)
+        .map(|i| {
+            let agents = relay.agents.clone();
+            tokio::spawn(async move {
+                let body = Bytes::from(format!("request {i}").repeat(i * 100 + 1));
+                let path = format!("/echo?i={i}");
+                let (response, answer) =
+                    call(&agents, "many", head("POST", &path, &[]), body.clone())
+                        .await
+                        .unwrap();
+                assert_eq!(response.status, 200);
+                let seen: Value = serde_json::from_slice(&answer).unwrap();
+                assert_eq!(seen["uri"], path);
+                assert_eq!(seen["sha256"], hex::encode(Sha256::digest(&body)));
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    assert_eq!(relay.agents.names()[0].in_flight, 0);
+}
+
+/// A response body nobody reads holds back only its own stream: another download on the same
+/// connection completes, and the unread one still arrives whole afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_consumer_does_not_stall_others() {
+    let (relay, _agent) = setup("slow").await;
+    let size = 20 * MB;
+    let path = format!("/download?size={size}");
+    let mut stalled = relay
+        .agents
+        .forward("slow", head("GET", &path, &[]), TIMEOUT)
+        .await
+        .unwrap();
+    stalled.finish().await.unwrap();
+    assert_eq!(stalled.response().await.unwrap().status, 200);
+    // Give the agent time to fill the stalled stream's window.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let other = format!("/download?size={}", 5 * MB);
+    let (_, body) = tokio::time::timeout(
+        TIMEOUT,
+        call(
+            &relay.agents,
+            "slow",
+            head("GET", &other, &[]),
+            Bytes::new(),
+        ),
+    )
+    .await
+    .expect("the other stream was stalled")
+    .unwrap();
+    assert_eq!(body.len(), 5 * MB);
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let mut hash = Sha256::new();
+    let mut len = 0;
+    while let Some(chunk) = stalled.next_chunk().await {
+        let chunk = chunk.unwrap();
+        len += chunk.len();
+        hash.update(&chunk);
+    }
+    assert_eq!(len, size);
+    assert_eq!(hex::encode(hash.finalize()), pattern_hash(size));
+}
+
+/// Two agents of one name share the requests.
+#[tokio::test]
+async fn one_name_many_agents() {
+    let relay = start_relay().await;
+    let (a, b) = (start_upstream("a").await, start_upstream("b").await);
+    let _agents = (
+        start_agent(&relay, "pair", &a).await,
+        start_agent(&relay, "pair", &b).await,
+    );
+    relay.wait_for("pair", 2).await;
+    let mut tags = Vec::new();
+    for _ in 0..10 {
+        let (_, body) = call(
+            &relay.agents,
+            "pair",
+            head("GET", "/echo", &[]),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        let seen: Value = serde_json::from_slice(&body).unwrap();
+        tags.push(seen["tag"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        tags.contains(&"a".to_owned()) && tags.contains(&"b".to_owned()),
+        "{tags:?}"
+    );
+}
+
+/// A request sent to an agent that hangs up before taking it is replayed (body included) on
+/// another agent of the same name.
+#[tokio::test]
+async fn retried_when_agent_vanishes_before_taking() {
+    let relay = start_relay().await;
+    let upstream = start_upstream("real").await;
+    let _real = start_agent(&relay, "flaky", &upstream).await;
+    // An agent that hangs up as soon as a request arrives.
+    let mut vanishing = relay.dial("flaky").await;
+    let (got_head, head_seen) = oneshot::channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = vanishing.next().await {
+            if let Message::Binary(bytes) = message {
+                if Frame::decode(bytes).is_ok_and(|f| f.kind == Kind::Head) {
+                    let _ = got_head.send(());
+                    let _ = vanishing.close(None).await;
+                    return;
+                }
+            }
+        }
+    });
+    relay.wait_for("flaky", 2).await;
+    let body: Bytes = (0..200_000).map(pattern).collect::<Vec<u8>>().into();
+    // Equally idle links take turns, so one of two requests goes to the vanishing agent.
+    for _ in 0..2 {
+        let (response, answer) = call(
+            &relay.agents,
+            "flaky",
+            head("POST", "/echo", &[]),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200);
+        let seen: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(seen["tag"], "real");
+        assert_eq!(seen["sha256"], pattern_hash(200_000));
+    }
+    head_seen.await.expect("the vanishing agent got a request");
+    relay.wait_for("flaky", 1).await;
+}
+
+/// No agent of that name: `NoAgent`, with the message backstream gives.
+#[tokio::test]
+async fn no_agent() {
+    let (relay, _agent) = setup("here").await;
+    let err = relay
+        .agents
+        .forward("absent", head("GET", "/", &[]), TIMEOUT)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err, RouteError::NoAgent("absent".into()));
+    assert_eq!(
+        err.to_string(),
+        "connection for clientID='absent' not found"
+    );
+}
+
+/// No response head within the timeout: `Timeout`, and the stream is reset at the agent.
+#[tokio::test]
+async fn timeout() {
+    let (relay, _agent) = setup("late").await;
+    let started = Instant::now();
+    let mut exchange = relay
+        .agents
+        .forward(
+            "late",
+            head("GET", "/sleep?ms=5000", &[]),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    exchange.finish().await.unwrap();
+    assert_eq!(exchange.response().await.err(), Some(RouteError::Timeout));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(exchange);
+    let deadline = Instant::now() + TIMEOUT;
+    while relay.agents.names()[0].in_flight != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out stream stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An unreachable upstream is a 502 with a one-line reason.
+#[tokio::test]
+async fn upstream_unreachable() {
+    let relay = start_relay().await;
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _agent = start_agent(&relay, "down", &format!("http://{closed}")).await;
+    relay.wait_for("down", 1).await;
+    let (response, body) = call(&relay.agents, "down", head("GET", "/", &[]), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 502);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.starts_with("upstream unreachable") && text.ends_with('\n'),
+        "{text}"
+    );
+}
+
+/// A draining agent says GOAWAY (no new requests reach it), finishes the request in flight, and
+/// its connection ends as drained.
+#[tokio::test]
+async fn agent_drains() {
+    let (relay, agent) = setup("drain").await;
+    let agents = relay.agents.clone();
+    let in_flight = tokio::spawn(async move {
+        call(
+            &agents,
+            "drain",
+            head("GET", "/sleep?ms=500", &[]),
+            Bytes::new(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent.drain.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = relay
+        .agents
+        .forward("drain", head("GET", "/", &[]), TIMEOUT)
+        .await
+        .err();
+    assert_eq!(refused, Some(RouteError::NoAgent("drain".into())));
+    let (response, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!((response.status, &body[..]), (200, &b"slept"[..]));
+    assert_eq!(agent.task.await.unwrap(), Ended::Drained);
+    relay.wait_for("drain", 0).await;
+}
+
+/// Dropping an exchange mid-response resets the stream; the link stays usable.
+#[tokio::test]
+async fn dropped_exchange_resets() {
+    let (relay, _agent) = setup("drop").await;
+    let path = format!("/download?size={}", 10 * MB);
+    let mut exchange = relay
+        .agents
+        .forward("drop", head("GET", &path, &[]), TIMEOUT)
+        .await
+        .unwrap();
+    exchange.finish().await.unwrap();
+    exchange.response().await.unwrap();
+    let _ = exchange.next_chunk().await;
+    drop(exchange);
+    let (response, _) = call(
+        &relay.agents,
+        "drop",
+        head("GET", "/teapot", &[]),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 418);
+    let deadline = Instant::now() + TIMEOUT;
+    while relay.agents.names()[0].in_flight != 0 {
+        assert!(Instant::now() < deadline, "the dropped stream stayed open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

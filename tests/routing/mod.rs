@@ -1,0 +1,283 @@
+//! `burrow agent` as a real process against a hand-written relay side: the wire protocol byte by
+//! byte (docs/AGENT-PROTOCOL.md), the token, SIGTERM, outages and configuration errors. The relay's
+//! own `/agent/connect` route is covered where the HTTP layer wires it.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::support::process::free_port;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `burrow agent` child process logging to a file of its own; killed on drop.
+struct Agent {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Agent {
+    fn start(args: &[&str]) -> Agent {
+        let dir = TempDir::new().expect("a tempdir for the agent's log");
+        let log =
+            std::fs::File::create(dir.path().join("agent.log")).expect("the tempdir is writable");
+        let child = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
+            .arg("agent")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("BURROW_TOKEN")
+            .env_remove("BURROW_RELAY")
+            .env_remove("BURROW_AGENT_NAME")
+            .env_remove("BURROW_UPSTREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("a file handle can be duplicated"))
+            .stderr(log)
+            .spawn()
+            .expect("the burrow binary starts");
+        Agent { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    }
+
+    /// Waits up to `limit` for the agent to exit.
+    async fn exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An upstream that answers every request `200`, `X-Up: yes`, body `hi`, after reading its head.
+async fn tiny_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: yes\r\nConnection: close\r\n\r\nhi";
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+/// A frame as the wire has it: type, big-endian stream id, payload.
+fn frame(kind: u8, stream: u32, payload: &[u8]) -> Message {
+    let mut bytes = vec![kind];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    Message::binary(bytes)
+}
+
+/// The next binary message's bytes, skipping pings and pongs.
+async fn next_frame(socket: &mut WebSocketStream<TcpStream>) -> Vec<u8> {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("the connection is open")
+            .expect("a valid message");
+        if let Message::Binary(bytes) = message {
+            return bytes.to_vec();
+        }
+    }
+}
+
+/// Accepts the agent's WebSocket, answering the request line and Authorization header it sent.
+// The handshake callback's error type is tungstenite's, large as it is.
+#[allow(clippy::result_large_err)]
+async fn accept_agent(listener: &TcpListener) -> (WebSocketStream<TcpStream>, String, String) {
+    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the agent dials in time")
+        .unwrap();
+    let mut seen = (String::new(), String::new());
+    let callback = |request: &Request, response: Response| {
+        seen.0 = request.uri().to_string();
+        seen.1 = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(response)
+    };
+    let socket = tokio_tungstenite::accept_hdr_async(tcp, callback)
+        .await
+        .unwrap();
+    (socket, seen.0, seen.1)
+}
+
+/// The agent dials `/agent/connect?name=…` with its token, answers a HEAD with WINDOW 0, RESPONSE,
+/// DATA and END byte for byte as documented, and on SIGTERM says GOAWAY and exits 0.
+#[tokio::test]
+async fn agent_speaks_the_wire_protocol() {
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}/", relay.local_addr().unwrap());
+    let upstream = format!("http://127.0.0.1:{}", tiny_upstream().await);
+    let mut agent = Agent::start(&[
+        "--relay",
+        &relay_url,
+        "--name",
+        "wire-1",
+        "--upstream",
+        &upstream,
+        "--token",
+        "s3cret",
+    ]);
+    let (mut socket, uri, authorization) = accept_agent(&relay).await;
+    assert_eq!(uri, "/agent/connect?name=wire-1");
+    assert_eq!(authorization, "Bearer s3cret");
+
+    let head = br#"{"method":"GET","path":"/x?y=1","headers":[["Accept","*/*"]]}"#;
+    socket.send(frame(1, 1, head)).await.unwrap();
+    socket.send(frame(3, 1, b"")).await.unwrap();
+    assert_eq!(next_frame(&mut socket).await, [6, 0, 0, 0, 1, 0, 0, 0, 0]);
+    let response = next_frame(&mut socket).await;
+    assert_eq!(response[..5], [4, 0, 0, 0, 1]);
+    let response: serde_json::Value = serde_json::from_slice(&response[5..]).unwrap();
+    assert_eq!(response["status"], 200);
+    let headers = response["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&serde_json::json!(["x-up", "yes"])),
+        "{headers:?}"
+    );
+    assert!(!headers.iter().any(|h| h[0] == "connection"), "{headers:?}");
+    assert_eq!(next_frame(&mut socket).await, [2, 0, 0, 0, 1, b'h', b'i']);
+    assert_eq!(next_frame(&mut socket).await, [3, 0, 0, 0, 1]);
+
+    agent.terminate();
+    assert_eq!(next_frame(&mut socket).await, [7, 0, 0, 0, 0]);
+    let status = agent.exit(WAIT).await;
+    assert!(status.success(), "{status}\n{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("GET /x status=200"), "{log}");
+    assert!(!log.contains("s3cret"), "the token was logged:\n{log}");
+}
+
+/// A relay that is not there is logged once, not once per attempt; SIGTERM still exits 0 at once.
+#[tokio::test]
+async fn outage_logged_once_and_sigterm_exits() {
+    let relay = format!("http://127.0.0.1:{}", free_port());
+    let mut agent = Agent::start(&[
+        "--relay",
+        &relay,
+        "--name",
+        "alone",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = agent.log();
+    assert_eq!(log.matches("cannot reach the relay").count(), 1, "{log}");
+    let asked = Instant::now();
+    agent.terminate();
+    assert!(agent.exit(WAIT).await.success(), "{}", agent.log());
+    assert!(asked.elapsed() < Duration::from_secs(2));
+}
+
+/// The agent reconnects after the relay drops its connection.
+#[tokio::test]
+async fn reconnects_after_the_relay_hangs_up() {
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}", relay.local_addr().unwrap());
+    let _agent = Agent::start(&[
+        "--relay",
+        &relay_url,
+        "--name",
+        "again",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    let (socket, _, authorization) = accept_agent(&relay).await;
+    assert_eq!(authorization, "");
+    drop(socket);
+    let (_socket, uri, _) = accept_agent(&relay).await;
+    assert_eq!(uri, "/agent/connect?name=again");
+}
+
+/// Unusable arguments stop the agent with exit code 2 and a message naming the flag.
+#[test]
+fn configuration_errors() {
+    for (args, flag) in [
+        (
+            [
+                "--relay",
+                "ftp://r",
+                "--name",
+                "a",
+                "--upstream",
+                "http://u",
+            ],
+            "--relay",
+        ),
+        (
+            [
+                "--relay",
+                "http://r",
+                "--name",
+                "a b",
+                "--upstream",
+                "http://u",
+            ],
+            "--name",
+        ),
+        (
+            ["--relay", "http://r", "--name", "a", "--upstream", "nope"],
+            "--upstream",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .arg("agent")
+            .args(args)
+            .env_remove("BURROW_TOKEN")
+            .output()
+            .expect("the burrow binary runs");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag), "{stderr}");
+    }
+}
