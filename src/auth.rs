@@ -29,6 +29,16 @@ impl Auth {
         Auth { config }
     }
 
+    /// Whether authorization is on at all.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled()
+    }
+
+    /// Whether `name` is open to everyone.
+    pub fn is_public(&self, name: &str) -> bool {
+        self.config.public_ids.contains(name)
+    }
+
     /// Whether a request for `name` (a tunnel id, queue or agent name) with `body` may pass.
     pub fn allows(&self, name: &str, credentials: Credentials<'_>, body: &[u8]) -> bool {
         if !self.config.enabled() || self.config.public_ids.contains(name) {

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::duration::parse_go_duration;
 use crate::tunnel::TunnelId;
 
 /// A configuration value that could not be used; the message names the variable.
@@ -115,6 +116,9 @@ pub struct Config {
     pub access_log: bool,
     /// `BURROW_JOBS_QUEUE`: the queue of jobs triggered without `?queue=`.
     pub jobs_queue: TunnelId,
+    /// `BURROW_ROUTE_TIMEOUT`: the round-trip limit of a routed request without
+    /// `x-backstream-request-timeout` (a Go duration).
+    pub route_timeout: Duration,
     /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
@@ -171,6 +175,7 @@ impl Config {
             metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
+            route_timeout: env.go_duration("BURROW_ROUTE_TIMEOUT", Duration::from_secs(3))?,
             pingora_conf: env.get("BURROW_CONF"),
             store: store_config(&env)?,
             auth,
@@ -251,6 +256,18 @@ impl Env<'_> {
                 expected,
             }),
         }
+    }
+
+    /// A Go-style duration such as `3s` or `1m30s`.
+    fn go_duration(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(value) = self.get(var) else {
+            return Ok(default);
+        };
+        parse_go_duration(&value).ok_or(ConfigError::Invalid {
+            var,
+            value,
+            expected: "a Go duration such as 500ms, 3s or 1m30s",
+        })
     }
 
     /// A tunnel id, such as a queue name.
@@ -354,6 +371,7 @@ mod tests {
             ("BURROW_METRICS_LISTEN", "9090"),
             ("BURROW_ACCESS_LOG", "yes please"),
             ("BURROW_JOBS_QUEUE", "a.b"),
+            ("BURROW_ROUTE_TIMEOUT", "3"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

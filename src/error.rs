@@ -48,6 +48,9 @@ pub enum Error {
     /// The request could not be read from the client.
     #[error("Could not read the request: {0}")]
     BadRequest(String),
+    /// A request for an agent could not be served.
+    #[error(transparent)]
+    Route(#[from] crate::routing::RouteError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -26,6 +26,7 @@ pub mod config;
 mod agent;
 mod auth;
 mod cli;
+mod duration;
 mod error;
 mod events;
 mod http;

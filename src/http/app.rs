@@ -17,14 +17,15 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 
 use super::response::Response;
-use super::route::Route;
-use super::{sse, websocket};
+use super::route::{Route, RoutingHeaders};
+use super::{forward, sse, websocket};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::Jobs;
 use crate::metrics;
+use crate::routing::{self, Agents, Exchange};
 use crate::store::{Message, MessageStatus, Payload, Store};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
@@ -50,12 +51,14 @@ impl Outcome {
     }
 }
 
-/// What follows a written head on the same connection, which is then never reused.
+/// What follows a written head on the same connection.
 enum After {
-    /// After `101 Switching Protocols`, the connection speaks WebSocket.
+    /// After `101 Switching Protocols`, the connection speaks WebSocket (never reused).
     Upgraded(Upgraded),
-    /// After `200 text/event-stream`, the subscription's events follow.
+    /// After `200 text/event-stream`, the subscription's events follow (never reused).
     EventStream(Subscription),
+    /// An agent's response body, streamed.
+    Forward(Exchange),
 }
 
 /// What an upgraded connection serves.
@@ -64,6 +67,8 @@ enum Upgraded {
     Jobs(TunnelId),
     /// A topic's events pushed as frames.
     Events(Subscription),
+    /// An agent dialling in under this name.
+    Agent(TunnelId),
 }
 
 /// The relay app: shared by every connection.
@@ -71,9 +76,11 @@ pub struct RelayApp {
     tunnels: Tunnels,
     jobs: Jobs,
     events: Store,
+    agents: Agents,
     auth: Auth,
     access_log: bool,
     jobs_queue: TunnelId,
+    route_timeout: Duration,
     options: HttpServerOptions,
 }
 
@@ -87,9 +94,11 @@ impl RelayApp {
             tunnels,
             jobs,
             events: store,
+            agents: Agents::new(),
             auth: Auth::new(config.auth.clone()),
             access_log: config.access_log,
             jobs_queue: config.jobs_queue.clone(),
+            route_timeout: config.route_timeout,
             options,
         }
     }
@@ -216,6 +225,29 @@ impl RelayApp {
                     then: Some(After::EventStream(subscription)),
                 });
             }
+            Route::AgentConnect { name } => {
+                let then = Some(After::Upgraded(Upgraded::Agent(name)));
+                return Ok(Outcome {
+                    response: accept(session)?,
+                    then,
+                });
+            }
+            Route::Agents => Response::json(200, &agents_json(&self.agents)),
+            Route::Forward {
+                agent,
+                path,
+                timeout,
+            } => {
+                let timeout = timeout.unwrap_or(self.route_timeout);
+                // The relay's bearer token is the relay's business, unless the agent is public.
+                let withhold = self.auth.enabled() && !self.auth.is_public(agent.as_str());
+                let (head, exchange) =
+                    forward::open(session, &self.agents, &agent, path, timeout, withhold).await?;
+                return Ok(Outcome {
+                    response: head,
+                    then: Some(After::Forward(exchange)),
+                });
+            }
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
                 let subscription = self.events.events().subscribe(topic.as_str());
@@ -280,6 +312,10 @@ impl RelayApp {
             Upgraded::Events(subscription) => {
                 websocket::serve_events(stream, subscription, shutdown).await;
             }
+            Upgraded::Agent(name) => {
+                let socket = websocket::agent_socket(stream).await;
+                routing::serve(socket, name.to_string(), self.agents.clone(), shutdown).await;
+            }
         }
     }
 
@@ -320,6 +356,23 @@ fn payload(session: &ServerSession, body: Bytes) -> Payload {
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     Payload { body, content_type }
+}
+
+/// `GET /agents`: the agents connected to this instance.
+fn agents_json(agents: &Agents) -> serde_json::Value {
+    let agents: Vec<_> = agents
+        .names()
+        .into_iter()
+        .map(|a| {
+            serde_json::json!({
+                "name": a.name,
+                "connected_since_ms": a.connected_since_ms,
+                "last_heartbeat_ms": a.last_heartbeat_ms,
+                "requests_in_flight": a.in_flight,
+            })
+        })
+        .collect();
+    serde_json::json!({ "agents": agents })
 }
 
 /// The 101 answer to a WebSocket handshake (HTTP/1.1 only: no RFC 8441 WebSockets over HTTP/2).
@@ -368,10 +421,16 @@ impl HttpServerApp for RelayApp {
         let mut shutdown = shutdown.clone();
         let head = session.req_header();
         let method = head.method.clone();
+        let header = |name: &str| session.get_header(name).and_then(|v| v.to_str().ok());
+        let routing = RoutingHeaders {
+            client_id: header("x-backstream-client-id"),
+            timeout: header("x-backstream-request-timeout"),
+        };
         let route = Route::parse(
             &head.method,
             head.uri.path(),
             head.uri.query(),
+            routing,
             &self.jobs_queue,
         );
         let name = route.as_ref().map_or("invalid", Route::name);
@@ -397,7 +456,8 @@ impl HttpServerApp for RelayApp {
         } = outcome;
         let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
-        let keepalive = after.is_none() && !*shutdown.borrow() && status != 413;
+        let reusable = matches!(after, None | Some(After::Forward(_)));
+        let keepalive = reusable && !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
         metrics::request(name, status, started);
@@ -409,6 +469,10 @@ impl HttpServerApp for RelayApp {
         written?;
         match after {
             None => {}
+            // A response body cut short leaves the connection unusable.
+            Some(After::Forward(exchange)) => forward::stream_body(&mut session, exchange)
+                .await
+                .then_some(())?,
             // The connection now carries WebSocket frames or an event stream until it closes;
             // it is never reused for another request.
             Some(After::Upgraded(upgraded)) => {

@@ -4,9 +4,11 @@
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
 //! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, framed by tungstenite;
-//! - `sse`: server-sent events (`GET /e/{topic}`).
+//! - `sse`: server-sent events (`GET /e/{topic}`);
+//! - `forward`: requests for agents, streamed through their connection.
 
 mod app;
+mod forward;
 mod response;
 mod route;
 mod sse;

@@ -1,10 +1,13 @@
 //! Responses: what a handler answers, the CORS headers every response carries, and the one
 //! place where an [`Error`] becomes a status.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use crate::error::Error;
+use crate::routing::RouteError;
 use crate::store::StoreError;
 
 /// A complete response, built by a handler and written by the app.
@@ -13,11 +16,13 @@ pub struct Response {
     /// The HTTP status.
     pub status: u16,
     /// Headers beyond Content-Length and CORS.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(Cow<'static, str>, String)>,
     /// The body, possibly empty.
     pub body: Bytes,
-    /// Whether the body follows as a stream after the head, with no Content-Length.
+    /// Whether the body follows as a stream after the head, with no Content-Length of ours.
     pub streamed: bool,
+    /// Whether the relay's CORS headers are added (not to an upstream's response).
+    pub cors: bool,
 }
 
 impl Response {
@@ -28,6 +33,20 @@ impl Response {
             headers: Vec::new(),
             body: Bytes::new(),
             streamed: false,
+            cors: true,
+        }
+    }
+
+    /// The head of an upstream's response, passed on as it is; its body follows as a stream
+    /// (chunked, unless the upstream gave a length).
+    pub fn forwarded(status: u16, headers: Vec<(String, String)>) -> Response {
+        Response {
+            headers: headers
+                .into_iter()
+                .map(|(name, value)| (Cow::Owned(name), value))
+                .collect(),
+            cors: false,
+            ..Response::streaming(status)
         }
     }
 
@@ -55,7 +74,7 @@ impl Response {
 
     /// Adds a header.
     pub fn header(mut self, name: &'static str, value: impl ToString) -> Response {
-        self.headers.push((name, value.to_string()));
+        self.headers.push((Cow::Borrowed(name), value.to_string()));
         self
     }
 
@@ -69,11 +88,18 @@ impl Response {
     pub fn head(&self) -> pingora_error::Result<ResponseHeader> {
         let mut head = ResponseHeader::build(self.status, Some(self.headers.len() + 4))?;
         for (name, value) in &self.headers {
-            head.append_header(*name, value.as_str())?;
+            head.append_header(name.to_string(), value.as_str())?;
         }
         // RFC 9110 forbids Content-Length on 1xx, 204 and 304.
         if self.status >= 200 && self.status != 204 && self.status != 304 && !self.streamed {
             head.insert_header("Content-Length", self.body.len())?;
+        }
+        let has_body = self.status >= 200 && self.status != 204 && self.status != 304;
+        if self.streamed && has_body && head.headers.get("Content-Length").is_none() {
+            head.insert_header("Transfer-Encoding", "chunked")?;
+        }
+        if !self.cors {
+            return Ok(head);
         }
         head.insert_header("Access-Control-Allow-Origin", "*")?;
         head.insert_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")?;
@@ -104,6 +130,9 @@ impl From<Error> for Response {
             Error::MethodNotAllowed { .. } => 405,
             Error::TooLarge { .. } => 413,
             Error::QueueFull { .. } => 507,
+            Error::Route(RouteError::NoAgent(_)) => 422,
+            Error::Route(RouteError::AgentFailed(_)) => 502,
+            Error::Route(RouteError::Timeout) => 504,
             Error::Store(StoreError::Unavailable(_)) => 503,
             Error::Store(StoreError::Internal(_)) => 500,
         };
@@ -133,16 +162,16 @@ mod tests {
     fn error_statuses() {
         let r = Response::from(Error::QueueFull { size: 3 });
         assert_eq!(r.status, 507);
-        assert!(r.headers.contains(&("X-Queue-Size", "3".into())));
+        assert!(r.headers.contains(&("X-Queue-Size".into(), "3".into())));
         assert_eq!(
             &r.body[..],
             b"Queue limit reached, consumers are not keeping up"
         );
         let r = Response::from(Error::Store(StoreError::Unavailable("down".into())));
         assert_eq!(r.status, 503);
-        assert!(r.headers.contains(&("Retry-After", "1".into())));
+        assert!(r.headers.contains(&("Retry-After".into(), "1".into())));
         let r = Response::from(Error::MethodNotAllowed { allow: "GET" });
-        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert!(r.headers.contains(&("Allow".into(), "GET".into())));
     }
 
     /// Every head carries CORS; a 204 carries no Content-Length.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::Method;
 
+use crate::duration::parse_go_duration;
 use crate::error::Error;
 use crate::jobs::JobId;
 use crate::store::Delivery;
@@ -62,6 +63,26 @@ pub enum Route {
     Subscribe { topic: TunnelId },
     /// `GET /ws/e/{topic}`: subscribe over a WebSocket.
     EventSocket { topic: TunnelId },
+    /// `GET /agent/connect?name=NAME`: an agent dialling in (upgraded to a WebSocket).
+    AgentConnect { name: TunnelId },
+    /// `GET /agents`: presence.
+    Agents,
+    /// A request for agent `agent` (`x-backstream-client-id` on any path, or `/r/{agent}/...`):
+    /// forwarded as `path` (with its query), within `timeout` (`None`: the relay's default).
+    Forward {
+        agent: TunnelId,
+        path: String,
+        timeout: Option<Duration>,
+    },
+}
+
+/// What routing needs from the request besides its line: backstream's two headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoutingHeaders<'a> {
+    /// `x-backstream-client-id`: forward to this agent, whatever the path.
+    pub client_id: Option<&'a str>,
+    /// `x-backstream-request-timeout`: a Go duration bounding the round trip.
+    pub timeout: Option<&'a str>,
 }
 
 /// The shapes of `/t/...` paths, before the method picks the route.
@@ -117,8 +138,12 @@ impl Route {
         method: &Method,
         path: &str,
         query: Option<&str>,
+        routing: RoutingHeaders<'_>,
         jobs_queue: &TunnelId,
     ) -> Result<Route, Error> {
+        if let Some(route) = Route::parse_forward(path, query, routing)? {
+            return Ok(route);
+        }
         let Some(rest) = path.strip_prefix("/t/") else {
             return Route::parse_other(method, path, Query::parse(query), jobs_queue);
         };
@@ -161,6 +186,47 @@ impl Route {
         Ok(route)
     }
 
+    /// A request for an agent, if it is one: backstream's header on any path, or `/r/{agent}/...`.
+    fn parse_forward(
+        path: &str,
+        query: Option<&str>,
+        routing: RoutingHeaders<'_>,
+    ) -> Result<Option<Route>, Error> {
+        let (agent, forwarded_path) = match (routing.client_id, path.strip_prefix("/r/")) {
+            (Some(id), _) => {
+                let agent = TunnelId::parse(id.trim()).ok_or_else(|| {
+                    Error::BadParameter(format!("Invalid x-backstream-client-id {id:?}"))
+                })?;
+                (agent, path.to_owned())
+            }
+            (None, Some(rest)) => {
+                let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
+                let agent = TunnelId::parse(name).ok_or(Error::MalformedUrl)?;
+                (agent, format!("/{rest}"))
+            }
+            (None, None) => return Ok(None),
+        };
+        let timeout = routing
+            .timeout
+            .map(|raw| {
+                parse_go_duration(raw).ok_or_else(|| {
+                    Error::BadParameter(format!(
+                        "Invalid x-backstream-request-timeout {raw:?}: expected a Go duration such as 3s"
+                    ))
+                })
+            })
+            .transpose()?;
+        let path = match query {
+            Some(query) => format!("{forwarded_path}?{query}"),
+            None => forwarded_path,
+        };
+        Ok(Some(Route::Forward {
+            agent,
+            path,
+            timeout,
+        }))
+    }
+
     /// The routes outside `/t/`.
     fn parse_other(
         method: &Method,
@@ -189,6 +255,16 @@ impl Route {
         match path {
             "/health" => only_get(method, Route::Health),
             "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
+            "/agents" => only_get(method, Route::Agents),
+            "/agent/connect" => {
+                let name = query.name.as_deref().and_then(TunnelId::parse);
+                let name = name.ok_or_else(|| {
+                    Error::BadParameter(
+                        "Invalid or missing name: expected a tunnel-id-shaped agent name".into(),
+                    )
+                })?;
+                only_get(method, Route::AgentConnect { name })
+            }
             "/trigger" if method == Method::POST => Ok(Route::Trigger { queue: queue()? }),
             "/trigger" => Err(Error::MethodNotAllowed { allow: "POST" }),
             _ if is_socket_path(path) => only_get(method, Route::JobSocket { queue: queue()? }),
@@ -215,6 +291,9 @@ impl Route {
             Route::Publish { topic }
             | Route::Subscribe { topic }
             | Route::EventSocket { topic } => Some(topic),
+            Route::AgentConnect { name } => Some(name),
+            Route::Forward { agent, .. } => Some(agent),
+            Route::Agents => None,
         }
     }
 
@@ -251,6 +330,9 @@ impl Route {
             Route::Publish { .. } => "publish",
             Route::Subscribe { .. } => "subscribe",
             Route::EventSocket { .. } => "event_socket",
+            Route::AgentConnect { .. } => "agent_connect",
+            Route::Agents => "agents",
+            Route::Forward { .. } => "forward",
         }
     }
 }
@@ -281,6 +363,7 @@ struct Query {
     pending: Option<String>,
     queue: Option<String>,
     wait: Option<String>,
+    name: Option<String>,
 }
 
 impl Query {
@@ -291,6 +374,7 @@ impl Query {
             pending: None,
             queue: None,
             wait: None,
+            name: None,
         };
         for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             let slot = match name.as_ref() {
@@ -299,6 +383,7 @@ impl Query {
                 "pending" => &mut query.pending,
                 "queue" => &mut query.queue,
                 "wait" => &mut query.wait,
+                "name" => &mut query.name,
                 _ => continue,
             };
             slot.get_or_insert_with(|| value.into_owned());
@@ -382,7 +467,13 @@ mod tests {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        Route::parse(&method, path, query, &tunnel("jobs"))
+        Route::parse(
+            &method,
+            path,
+            query,
+            RoutingHeaders::default(),
+            &tunnel("jobs"),
+        )
     }
 
     fn tunnel(id: &str) -> TunnelId {
@@ -514,6 +605,45 @@ mod tests {
         for other in ["/ws/", "/ws/a/b/c", "/wsx"] {
             assert!(matches!(get(other), Err(Error::NotFound)), "{other}");
         }
+    }
+
+    /// Requests for agents: the header on any path, or `/r/{agent}/...`, with the query kept.
+    #[test]
+    fn forward_routes() {
+        let headers = RoutingHeaders {
+            client_id: Some("svc"),
+            timeout: Some("1m30s"),
+        };
+        let route = Route::parse(&Method::PUT, "/t/x", Some("a=1"), headers, &tunnel("jobs"));
+        let expected = Route::Forward {
+            agent: tunnel("svc"),
+            path: "/t/x?a=1".into(),
+            timeout: Some(Duration::from_secs(90)),
+        };
+        assert_eq!(route.unwrap(), expected);
+        let bad = RoutingHeaders {
+            client_id: Some("svc"),
+            timeout: Some("soon"),
+        };
+        let route = Route::parse(&Method::GET, "/", None, bad, &tunnel("jobs"));
+        assert!(matches!(route, Err(Error::BadParameter(_))));
+        let route = get("/r/svc/api/v1?q=2").unwrap();
+        let expected = Route::Forward {
+            agent: tunnel("svc"),
+            path: "/api/v1?q=2".into(),
+            timeout: None,
+        };
+        assert_eq!(route, expected);
+        assert!(matches!(get("/r/svc").unwrap(), Route::Forward { path, .. } if path == "/"));
+        assert!(matches!(get("/r/a.b/x"), Err(Error::MalformedUrl)));
+        assert_eq!(
+            get("/agent/connect?name=svc").unwrap(),
+            Route::AgentConnect {
+                name: tunnel("svc")
+            }
+        );
+        assert!(matches!(get("/agent/connect"), Err(Error::BadParameter(_))));
+        assert_eq!(get("/agents").unwrap(), Route::Agents);
     }
 
     /// The event routes: publish, server-sent events, WebSocket.

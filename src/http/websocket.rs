@@ -25,6 +25,9 @@ use crate::tunnel::{Shutdown, TunnelId};
 
 use super::response::Response;
 
+/// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
+const AGENT_FRAME_LIMIT: usize = 1 << 20;
+
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -133,6 +136,14 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
     }
 }
 
+/// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.
+pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(AGENT_FRAME_LIMIT))
+        .max_frame_size(Some(AGENT_FRAME_LIMIT));
+    WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
+}
+
 /// Waits until job `id` is done or failed and returns what to push; `None` on shutdown.
 async fn wait_for(jobs: Jobs, id: JobId, wait: Duration, mut shutdown: Shutdown) -> Option<Value> {
     loop {
@@ -165,7 +176,7 @@ mod tests {
         let accepted = accept(Some(b"WebSocket"), Some(b"13"), Some(key)).unwrap();
         assert_eq!(accepted.status, 101);
         let expected = (
-            "Sec-WebSocket-Accept",
+            "Sec-WebSocket-Accept".into(),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string(),
         );
         assert!(accepted.headers.contains(&expected));

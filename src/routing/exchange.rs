@@ -92,11 +92,6 @@ impl Exchange {
         })
     }
 
-    /// The name of the agent connection carrying the request now (for logs).
-    pub fn link_id(&self) -> u64 {
-        self.link.id
-    }
-
     /// Sends one request body chunk (any size; split into frames within the agent's credit).
     pub async fn send(&mut self, chunk: Bytes) -> Result<(), RouteError> {
         if self.finished {

@@ -13,10 +13,6 @@
 //! The HTTP layer upgrades `GET /agent/connect?name=NAME` and hands the socket to [`serve`]; for a
 //! routed request it calls [`Agents::forward`] and maps [`RouteError`] to a status.
 
-// Until the HTTP layer wires `/agent/connect`, routed requests and `/agents`, only the tests and
-// the agent use part of this module. Remove this when wiring.
-#![allow(dead_code)]
-
 mod agents;
 mod exchange;
 pub(crate) mod frame;
@@ -28,11 +24,7 @@ pub(crate) mod writer;
 #[cfg(test)]
 mod tests;
 
-#[allow(unused_imports)] // As above: unused until the HTTP layer is wired.
-pub use agents::{AgentInfo, Agents};
-#[allow(unused_imports)]
+pub use agents::Agents;
 pub use exchange::{Exchange, RouteError};
-#[allow(unused_imports)]
-pub use head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
-#[allow(unused_imports)]
-pub use link::{serve, HEARTBEAT_TIMEOUT, PING_EVERY};
+pub use head::{strip_hop_by_hop, Headers, RequestHead};
+pub use link::{serve, HEARTBEAT_TIMEOUT};

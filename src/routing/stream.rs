@@ -324,10 +324,6 @@ pub struct BodyWriter {
 }
 
 impl BodyWriter {
-    pub fn id(&self) -> u32 {
-        self.guard.id
-    }
-
     /// Whether the peer has sent anything but a `RESET` on this stream.
     pub fn taken(&self) -> bool {
         self.guard.state.flow().taken

@@ -1,0 +1,156 @@
+//! Forwarding a client's request to an agent (PROTOCOL.md part 3): the request head goes out with
+//! hop-by-hop headers removed and `X-Forwarded-*` added, then its body and the agent's response
+//! are streamed through the agent's connection, never held whole.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_core::protocols::http::ServerSession;
+
+use super::response::Response;
+use crate::error::Error;
+use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead};
+use crate::tunnel::TunnelId;
+
+/// Headers meant for the relay, not for the service behind the agent.
+const RELAY_HEADERS: [&str; 2] = ["x-backstream-client-id", "x-backstream-request-timeout"];
+
+/// Sends the request to an agent named `agent` as `path`, streams the request body to it, and
+/// returns the head of the agent's answer with the exchange whose body follows. The
+/// `Authorization` header is withheld when it was the relay's own credential.
+pub async fn open(
+    session: &mut ServerSession,
+    agents: &Agents,
+    agent: &TunnelId,
+    path: String,
+    timeout: Duration,
+    withhold_authorization: bool,
+) -> Result<(Response, Exchange), Error> {
+    let head = request_head(session, path, withhold_authorization);
+    let mut exchange = agents.forward(agent.as_str(), head, timeout).await?;
+    let expects_continue = session
+        .get_header("Expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+    }
+    // An upstream may answer before it has read the whole body: the response still counts.
+    let _ = send_body(session, &mut exchange).await;
+    let answer = exchange.response().await?;
+    Ok((Response::forwarded(answer.status, answer.headers), exchange))
+}
+
+/// Streams the request body to the agent, chunk by chunk.
+async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Result<(), Error> {
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| Error::BadRequest(e.to_string()))?
+    {
+        exchange.send(chunk).await?;
+    }
+    exchange.finish().await?;
+    Ok(())
+}
+
+/// Streams the agent's response body to the client; whether it all arrived (only then can the
+/// connection be reused).
+pub async fn stream_body(session: &mut ServerSession, mut exchange: Exchange) -> bool {
+    while let Some(chunk) = exchange.next_chunk().await {
+        let Ok(chunk) = chunk else {
+            return false;
+        };
+        if session.write_response_body(chunk, false).await.is_err() {
+            return false;
+        }
+    }
+    session
+        .write_response_body(Bytes::new(), true)
+        .await
+        .is_ok()
+}
+
+/// The request as the upstream should see it.
+fn request_head(
+    session: &ServerSession,
+    path: String,
+    withhold_authorization: bool,
+) -> RequestHead {
+    let request = session.req_header();
+    let mut headers: Headers = request
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .filter(|(name, _)| {
+            let relays_own = withhold_authorization && name == "authorization";
+            !(RELAY_HEADERS.contains(&name.as_str()) || relays_own)
+        })
+        .collect();
+    strip_hop_by_hop(&mut headers);
+    let client = session.client_addr().map(|addr| match addr.as_inet() {
+        Some(inet) => inet.ip().to_string(),
+        None => addr.to_string(),
+    });
+    let host = request
+        .headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    add_forwarded(&mut headers, client, host);
+    RequestHead {
+        method: request.method.as_str().to_owned(),
+        path,
+        headers,
+    }
+}
+
+/// `X-Forwarded-For` (appended to a proxy chain already there), `-Proto` and `-Host`.
+fn add_forwarded(headers: &mut Headers, client: Option<String>, host: Option<String>) {
+    let existing = |headers: &Headers, name: &str| headers.iter().position(|(n, _)| n == name);
+    if let Some(client) = client {
+        match existing(headers, "x-forwarded-for") {
+            Some(at) => headers[at].1 = format!("{}, {client}", headers[at].1),
+            None => headers.push(("x-forwarded-for".into(), client)),
+        }
+    }
+    // Behind the load balancer that ends TLS, its own X-Forwarded-Proto is the truth.
+    if existing(headers, "x-forwarded-proto").is_none() {
+        headers.push(("x-forwarded-proto".into(), "http".into()));
+    }
+    if let (Some(host), None) = (host, existing(headers, "x-forwarded-host")) {
+        headers.push(("x-forwarded-host".into(), host));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy chain is extended, an upstream proto kept, the host recorded.
+    #[test]
+    fn forwarded_headers() {
+        let mut headers = vec![("x-forwarded-for".into(), "10.0.0.1".into())];
+        add_forwarded(
+            &mut headers,
+            Some("127.0.0.1".into()),
+            Some("relay:8080".into()),
+        );
+        assert_eq!(
+            headers,
+            vec![
+                (
+                    "x-forwarded-for".to_string(),
+                    "10.0.0.1, 127.0.0.1".to_string()
+                ),
+                ("x-forwarded-proto".into(), "http".into()),
+                ("x-forwarded-host".into(), "relay:8080".into()),
+            ]
+        );
+    }
+}
