@@ -116,6 +116,9 @@ pub struct Config {
     pub access_log: bool,
     /// `BURROW_JOBS_QUEUE`: the queue of jobs triggered without `?queue=`.
     pub jobs_queue: TunnelId,
+    /// `BURROW_ADVERTISE`: the `host:port` other instances reach this one at (default: the listen
+    /// address, with an unspecified IP replaced by 127.0.0.1).
+    pub advertise: String,
     /// `BURROW_ROUTE_TIMEOUT`: the round-trip limit of a routed request without
     /// `x-backstream-request-timeout` (a Go duration).
     pub route_timeout: Duration,
@@ -168,10 +171,14 @@ impl Config {
                 .map(String::from)
                 .collect(),
         };
+        let listen = env
+            .socket_address("BURROW_LISTEN")?
+            .unwrap_or_else(|| "0.0.0.0:8080".into());
         Ok(Config {
-            listen: env
-                .socket_address("BURROW_LISTEN")?
-                .unwrap_or_else(|| "0.0.0.0:8080".into()),
+            advertise: env
+                .get("BURROW_ADVERTISE")
+                .unwrap_or_else(|| reachable(&listen)),
+            listen,
             metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
@@ -181,6 +188,14 @@ impl Config {
             auth,
             tunnel,
         })
+    }
+}
+
+/// The listen address as another process on this host reaches it.
+fn reachable(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        _ => listen.to_owned(),
     }
 }
 
@@ -339,6 +354,7 @@ mod tests {
         assert_eq!(c.tunnel.reply_ttl, Duration::from_secs(3600));
         assert_eq!(c.tunnel.max_message_size, 131_072);
         assert_eq!(c.listen, "0.0.0.0:8080");
+        assert_eq!(c.advertise, "127.0.0.1:8080");
         assert!(!c.auth.enabled());
     }
 

@@ -13,6 +13,7 @@
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
 //! - `jobs`: jobs on tunnels (`/trigger`, `/done`, `/ws`): ids, records, results, store-agnostic.
 //! - `events`: topic subscribers of this process (`/e/{topic}`), fed by the store.
+//! - `presence`: which agents are connected to which instance, announced in the store.
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
 //! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
 //! - `worker`: `burrow worker`, which takes jobs from a queue and runs a command for each.
@@ -32,6 +33,7 @@ mod events;
 mod http;
 mod jobs;
 mod metrics;
+mod presence;
 mod routing;
 mod server;
 mod store;

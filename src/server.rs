@@ -1,16 +1,18 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
+use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::Config;
 use crate::http::RelayApp;
-use crate::jobs::Jobs;
+use crate::presence::{Presence, ANNOUNCE_EVERY};
 use crate::store::{Store, StoreError};
-use crate::tunnel::Tunnels;
 
 /// Pingora's settings when `BURROW_CONF` names no file.
 const DEFAULT_CONF: &str = include_str!("../conf/burrow.yaml");
@@ -44,9 +46,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
-    let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
-    let jobs = Jobs::new(tunnels.clone(), store.clone());
-    let app = RelayApp::new(tunnels, jobs, store, &config);
+    let app = RelayApp::new(&config, store);
+    let announcer = background_service("presence", Announcer(app.presence()));
 
     let opt = Opt {
         upgrade,
@@ -60,6 +61,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     let unbuffered_reads = L4BufferSettings::default().read(0);
     service.add_listener(ListenerConfig::tcp(&config.listen).l4_buffer(unbuffered_reads));
     server.add_service(service);
+    server.add_service(announcer);
     if let Some(metrics_listen) = &config.metrics_listen {
         let mut metrics = pingora_prometheus::prometheus_http_service();
         metrics.add_tcp(metrics_listen);
@@ -73,6 +75,26 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     server.run(RunArgs::default());
     store_runtime.shutdown_background();
     Ok(())
+}
+
+/// Announces this instance's agents in the store until shutdown (see `presence`).
+struct Announcer(Presence);
+
+#[async_trait]
+impl BackgroundService for Announcer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.0.announce().await {
+                        log::debug!("presence: {e}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {

@@ -25,7 +25,8 @@ use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::Jobs;
 use crate::metrics;
-use crate::routing::{self, Agents, Exchange};
+use crate::presence::Presence;
+use crate::routing::{self, Agents, Exchange, RouteError};
 use crate::store::{Message, MessageStatus, Payload, Store};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
@@ -58,7 +59,15 @@ enum After {
     /// After `200 text/event-stream`, the subscription's events follow (never reused).
     EventStream(Subscription),
     /// An agent's response body, streamed.
-    Forward(Exchange),
+    Forward(Body),
+}
+
+/// Where a forwarded response body comes from.
+pub enum Body {
+    /// An agent connected to this instance.
+    Agent(Exchange),
+    /// Another instance, which has the agent.
+    Instance(reqwest::Response),
 }
 
 /// What an upgraded connection serves.
@@ -77,6 +86,8 @@ pub struct RelayApp {
     jobs: Jobs,
     events: Store,
     agents: Agents,
+    presence: Presence,
+    proxy: reqwest::Client,
     auth: Auth,
     access_log: bool,
     jobs_queue: TunnelId,
@@ -85,8 +96,12 @@ pub struct RelayApp {
 }
 
 impl RelayApp {
-    /// An app serving `tunnels`, `jobs` and the events of `store` as `config` says.
-    pub fn new(tunnels: Tunnels, jobs: Jobs, store: Store, config: &Config) -> RelayApp {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says.
+    pub fn new(config: &Config, store: Store) -> RelayApp {
+        let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
+        let jobs = Jobs::new(tunnels.clone(), store.clone());
+        let agents = Agents::new();
+        let presence = Presence::new(store.clone(), agents.clone(), config.advertise.clone());
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
@@ -94,13 +109,21 @@ impl RelayApp {
             tunnels,
             jobs,
             events: store,
-            agents: Agents::new(),
+            agents,
+            presence,
+            // Requests for agents on other instances go there over plain HTTP, pooled.
+            proxy: reqwest::Client::new(),
             auth: Auth::new(config.auth.clone()),
             access_log: config.access_log,
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
             options,
         }
+    }
+
+    /// This instance's presence, announced by a background service.
+    pub fn presence(&self) -> Presence {
+        self.presence.clone()
     }
 
     /// Answers one parsed request.
@@ -232,7 +255,10 @@ impl RelayApp {
                     then,
                 });
             }
-            Route::Agents => Response::json(200, &agents_json(&self.agents)),
+            Route::Agents => {
+                let agents = self.presence.all().await?;
+                Response::json(200, &serde_json::json!({ "agents": agents }))
+            }
             Route::Forward {
                 agent,
                 path,
@@ -241,11 +267,27 @@ impl RelayApp {
                 let timeout = timeout.unwrap_or(self.route_timeout);
                 // The relay's bearer token is the relay's business, unless the agent is public.
                 let withhold = self.auth.enabled() && !self.auth.is_public(agent.as_str());
-                let (head, exchange) =
-                    forward::open(session, &self.agents, &agent, path, timeout, withhold).await?;
+                let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
+                let (head, body) = match local.await {
+                    Ok((head, exchange)) => (head, Body::Agent(exchange)),
+                    // Not connected here: maybe to another instance, unless it sent this one.
+                    Err(Error::Route(RouteError::NoAgent(name)))
+                        if session.get_header(forward::HOP_HEADER).is_none() =>
+                    {
+                        let Some(address) = self.presence.find(&name).await? else {
+                            return Err(Error::Route(RouteError::NoAgent(name)));
+                        };
+                        let instance = self.presence.instance();
+                        let proxied =
+                            forward::proxy(session, &self.proxy, &address, instance, timeout);
+                        let (head, response) = proxied.await?;
+                        (head, Body::Instance(response))
+                    }
+                    Err(e) => return Err(e),
+                };
                 return Ok(Outcome {
                     response: head,
-                    then: Some(After::Forward(exchange)),
+                    then: Some(After::Forward(body)),
                 });
             }
             Route::EventSocket { topic } => {
@@ -356,23 +398,6 @@ fn payload(session: &ServerSession, body: Bytes) -> Payload {
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     Payload { body, content_type }
-}
-
-/// `GET /agents`: the agents connected to this instance.
-fn agents_json(agents: &Agents) -> serde_json::Value {
-    let agents: Vec<_> = agents
-        .names()
-        .into_iter()
-        .map(|a| {
-            serde_json::json!({
-                "name": a.name,
-                "connected_since_ms": a.connected_since_ms,
-                "last_heartbeat_ms": a.last_heartbeat_ms,
-                "requests_in_flight": a.in_flight,
-            })
-        })
-        .collect();
-    serde_json::json!({ "agents": agents })
 }
 
 /// The 101 answer to a WebSocket handshake (HTTP/1.1 only: no RFC 8441 WebSockets over HTTP/2).

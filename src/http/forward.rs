@@ -1,19 +1,29 @@
 //! Forwarding a client's request to an agent (PROTOCOL.md part 3): the request head goes out with
 //! hop-by-hop headers removed and `X-Forwarded-*` added, then its body and the agent's response
-//! are streamed through the agent's connection, never held whole.
+//! are streamed through the agent's connection, never held whole. A request for an agent
+//! connected to another instance is sent on to that instance, as it came, with a hop marker.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
+use super::app::Body;
 use super::response::Response;
 use crate::error::Error;
-use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead};
+use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
 use crate::tunnel::TunnelId;
 
+/// Marks a request one relay instance sent to another, which then serves it only with its own
+/// agents: requests never loop between instances.
+pub const HOP_HEADER: &str = "x-burrow-hop";
+
 /// Headers meant for the relay, not for the service behind the agent.
-const RELAY_HEADERS: [&str; 2] = ["x-backstream-client-id", "x-backstream-request-timeout"];
+const RELAY_HEADERS: [&str; 3] = [
+    "x-backstream-client-id",
+    "x-backstream-request-timeout",
+    HOP_HEADER,
+];
 
 /// Sends the request to an agent named `agent` as `path`, streams the request body to it, and
 /// returns the head of the agent's answer with the exchange whose body follows. The
@@ -56,21 +66,103 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
     Ok(())
 }
 
-/// Streams the agent's response body to the client; whether it all arrived (only then can the
-/// connection be reused).
-pub async fn stream_body(session: &mut ServerSession, mut exchange: Exchange) -> bool {
-    while let Some(chunk) = exchange.next_chunk().await {
-        let Ok(chunk) = chunk else {
-            return false;
-        };
-        if session.write_response_body(chunk, false).await.is_err() {
-            return false;
-        }
+/// Sends the request as it came to the relay instance at `address`, which has the agent, and
+/// returns the head of its answer with the response whose body follows. The request body is
+/// streamed to it while the request is sent.
+pub async fn proxy(
+    session: &mut ServerSession,
+    client: &reqwest::Client,
+    address: &str,
+    instance: &str,
+    timeout: Duration,
+) -> Result<(Response, reqwest::Response), Error> {
+    let request = session.req_header();
+    let url = format!("http://{address}{}", request.uri);
+    let method = reqwest::Method::from_bytes(request.method.as_str().as_bytes())
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
+    let mut headers = header_list(&request.headers);
+    headers.retain(|(name, _)| name != "host");
+    strip_hop_by_hop(&mut headers);
+    headers.push((HOP_HEADER.into(), instance.into()));
+    let has_body = request.headers.contains_key("content-length")
+        || request.headers.contains_key("transfer-encoding");
+    let mut builder = client.request(method, url);
+    for (name, value) in &headers {
+        builder = builder.header(name, value);
     }
-    session
-        .write_response_body(Bytes::new(), true)
-        .await
-        .is_ok()
+    let (chunks, body) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    if has_body {
+        let body = futures_util::stream::unfold(body, |mut body| async move {
+            body.recv().await.map(|chunk| (chunk, body))
+        });
+        builder = builder.body(reqwest::Body::wrap_stream(body));
+    }
+    let pump = async {
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            if chunks.send(Ok(chunk)).await.is_err() {
+                break;
+            }
+        }
+        drop(chunks);
+    };
+    let (sent, ()) = tokio::join!(tokio::time::timeout(timeout, builder.send()), pump);
+    let response = match sent {
+        Err(_) => return Err(RouteError::Timeout.into()),
+        Ok(Err(e)) => {
+            let why = format!("instance {address}: {e}");
+            return Err(RouteError::AgentFailed(why).into());
+        }
+        Ok(Ok(response)) => response,
+    };
+    let mut answer = header_list(response.headers());
+    strip_hop_by_hop(&mut answer);
+    let head = Response::forwarded(response.status().as_u16(), answer);
+    Ok((head, response))
+}
+
+/// Headers as name/value strings.
+fn header_list(headers: &http::HeaderMap) -> Headers {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
+/// Streams a forwarded response body to the client; whether it all arrived (only then can the
+/// connection be reused).
+pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
+    let complete = match body {
+        Body::Agent(mut exchange) => loop {
+            match exchange.next_chunk().await {
+                None => break true,
+                Some(Err(_)) => break false,
+                Some(Ok(chunk)) => {
+                    if session.write_response_body(chunk, false).await.is_err() {
+                        break false;
+                    }
+                }
+            }
+        },
+        Body::Instance(mut response) => loop {
+            match response.chunk().await {
+                Ok(None) => break true,
+                Err(_) => break false,
+                Ok(Some(chunk)) => {
+                    if session.write_response_body(chunk, false).await.is_err() {
+                        break false;
+                    }
+                }
+            }
+        },
+    };
+    complete
+        && session
+            .write_response_body(Bytes::new(), true)
+            .await
+            .is_ok()
 }
 
 /// The request as the upstream should see it.
@@ -80,13 +172,8 @@ fn request_head(
     withhold_authorization: bool,
 ) -> RequestHead {
     let request = session.req_header();
-    let mut headers: Headers = request
-        .headers
-        .iter()
-        .map(|(name, value)| {
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-            (name.as_str().to_owned(), value)
-        })
+    let mut headers: Headers = header_list(&request.headers)
+        .into_iter()
         .filter(|(name, _)| {
             let relays_own = withhold_authorization && name == "authorization";
             !(RELAY_HEADERS.contains(&name.as_str()) || relays_own)

@@ -29,6 +29,7 @@ struct State {
     tunnels: HashMap<TunnelId, Tunnel>,
     replies: HashMap<(TunnelId, MessageId), Expiring<Payload>>,
     jobs: HashMap<(TunnelId, MessageId), Expiring<Bytes>>,
+    instances: HashMap<String, Expiring<Bytes>>,
 }
 
 /// One tunnel: a stream of messages, some of them pending.
@@ -116,6 +117,7 @@ async fn purge_expired(state: Weak<Mutex<State>>) {
         let mut state = lock(&state);
         state.replies.retain(|_, r| r.expires > now);
         state.jobs.retain(|_, j| j.expires > now);
+        state.instances.retain(|_, i| i.expires > now);
     }
 }
 
@@ -284,6 +286,24 @@ impl Backend for MemoryStore {
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
         self.lock().jobs.remove(&(queue.clone(), msg));
         Ok(())
+    }
+
+    async fn announce(
+        &self,
+        instance: &str,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let record = Expiring::new(record, ttl);
+        self.lock().instances.insert(instance.to_owned(), record);
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<Bytes>, StoreError> {
+        let now = Instant::now();
+        let state = self.lock();
+        let live = state.instances.values().filter(|i| i.expires > now);
+        Ok(live.map(|i| i.value.clone()).collect())
     }
 
     async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError> {

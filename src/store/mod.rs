@@ -157,6 +157,17 @@ pub trait Backend: Send + Sync {
     /// Forgets a job once its final state has been handed out.
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
 
+    /// Records the presence of relay instance `instance` (its address and agents) for `ttl`.
+    async fn announce(
+        &self,
+        instance: &str,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// The presence records of every live instance, this one included.
+    async fn instances(&self) -> Result<Vec<Bytes>, StoreError>;
+
     /// Publishes an event to the subscribers of `topic` on every instance (fire-and-forget).
     async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError>;
 

@@ -68,6 +68,12 @@ static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
 static READY: Script = Script::new(include_str!("redis/ready.lua"));
+static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
+static INSTANCES: Script = Script::new(include_str!("redis/instances.lua"));
+
+/// The set of live relay instances, and the prefix of their presence records.
+const INSTANCES_KEY: &str = "burrow:instances";
+const INSTANCE_PREFIX: &str = "burrow:instance:";
 
 /// Keys per re-check script call, so one call never holds the server for long.
 const READY_BATCH: usize = 1000;
@@ -465,6 +471,13 @@ fn parse_produced(value: Value) -> Result<Produced, StoreError> {
     outcome.ok_or_else(|| unexpected("produce", &value))
 }
 
+/// Now, in unix milliseconds (presence expiry is compared across instances).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A duration as whole milliseconds for the scripts, at least 1 (0 would mean "no expiry").
 fn millis(duration: Duration) -> Value {
     Value::Integer(millis_i64(duration))
@@ -628,6 +641,35 @@ impl Backend for RedisStore {
 
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
         bounded(self.call().client().del::<(), _>(job_key(queue, msg))).await
+    }
+
+    async fn announce(
+        &self,
+        instance: &str,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let keys = vec![format!("{INSTANCE_PREFIX}{instance}"), INSTANCES_KEY.into()];
+        let args = vec![
+            Value::from(instance),
+            Value::Bytes(record),
+            millis(ttl),
+            Value::Integer(unix_ms()),
+        ];
+        ANNOUNCE.run(&self.call(), keys, args).await?;
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<Bytes>, StoreError> {
+        let args = vec![Value::from(INSTANCE_PREFIX), Value::Integer(unix_ms())];
+        let records = INSTANCES
+            .run(&self.call(), vec![INSTANCES_KEY.into()], args)
+            .await?;
+        match records {
+            Value::Array(records) => Ok(records.into_iter().filter_map(bytes_of).collect()),
+            Value::Null => Ok(Vec::new()),
+            other => Err(unexpected("instances", &other)),
+        }
     }
 
     async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError> {
