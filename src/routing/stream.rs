@@ -307,11 +307,17 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let complete = {
+        let (sent_end, recv_end) = {
             let flow = self.state.flow();
-            flow.sent_end && flow.recv_end
+            (flow.sent_end, flow.recv_end)
         };
-        if !complete {
+        if sent_end && !recv_end {
+            // Everything this side sends is already queued, in order; a RESET would go out ahead
+            // of it and cut the answer short (an upstream may answer before reading the whole
+            // request body). Instead the peer gets credit enough never to wait on this stream,
+            // and whatever it still sends is dropped as belonging to no stream.
+            self.streams.out.control(Frame::window(self.id, u32::MAX));
+        } else if !(sent_end && recv_end) {
             self.reset("stream abandoned");
         }
         self.streams.remove(self.id);

@@ -1,6 +1,6 @@
 //! `burrow agent` as a real process against a hand-written relay side: the wire protocol byte by
 //! byte (docs/AGENT-PROTOCOL.md), the token, SIGTERM, outages and configuration errors. The relay's
-//! own `/agent/connect` route is covered where the HTTP layer wires it.
+//! own side is in `end_to_end`: client, relay, agent and an upstream (`upstream`) for real.
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -281,3 +281,6 @@ fn configuration_errors() {
         assert!(stderr.contains(flag), "{stderr}");
     }
 }
+
+mod end_to_end;
+mod upstream;

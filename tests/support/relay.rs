@@ -32,7 +32,11 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on `store` with `env` added, and waits until `GET /health` answers 200.
     pub fn start(store: Store, env: &[(&str, &str)]) -> Relay {
-        let port = free_port();
+        Relay::start_on(free_port(), store, env)
+    }
+
+    /// [`Relay::start`] on a given port (to restart a relay where its clients and agents expect it).
+    pub fn start_on(port: u16, store: Store, env: &[(&str, &str)]) -> Relay {
         let listen = format!("127.0.0.1:{port}");
         let redis_url = match store {
             Store::Memory => None,
@@ -65,6 +69,20 @@ impl Relay {
     /// A client for this relay.
     pub fn client(&self) -> Client {
         Client::new(&self.base)
+    }
+
+    /// The port the relay listens on.
+    pub fn port(&self) -> u16 {
+        self.base
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("the base URL ends with the port")
+    }
+
+    /// Kills the relay (SIGKILL) and waits until it is gone; its log stays readable.
+    pub fn kill(&mut self) {
+        self.process.stop();
     }
 
     /// The relay's log so far (stdout and stderr).

@@ -1,0 +1,617 @@
+//! PROTOCOL.md part 3 end to end: a client, the real relay, a real `burrow agent` process and an
+//! upstream HTTP service inside the test, all over real sockets.
+//!
+//! Waiting is on events (an agent listed by `GET /agents`, a line in the agent's log, the upstream
+//! receiving a request), each bounded by a deadline; nothing sleeps a fixed time to synchronise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use tokio::task::JoinSet;
+
+use super::upstream::{blob, sha256, Echo, Upstream};
+use super::Agent;
+use crate::support::process::free_port;
+use crate::support::{says, tunnel_id, Backend, Client, Relay, Response, Store};
+
+/// How long an agent may take to (re)connect: its back-off reaches 10 s.
+const RECONNECT: Duration = Duration::from_secs(15);
+/// How long anything else may take.
+const WAIT: Duration = Duration::from_secs(10);
+
+const CLIENT_ID: &str = "x-backstream-client-id";
+const TIMEOUT: &str = "x-backstream-request-timeout";
+
+impl Agent {
+    /// `burrow agent --relay RELAY --name NAME --upstream UPSTREAM [--token TOKEN]`.
+    fn serve(relay: &str, name: &str, upstream: &str, token: Option<&str>) -> Agent {
+        let mut args = vec!["--relay", relay, "--name", name, "--upstream", upstream];
+        if let Some(token) = token {
+            args.extend(["--token", token]);
+        }
+        Agent::start(&args)
+    }
+
+    /// SIGKILL: the agent vanishes without a goodbye.
+    fn kill(&mut self) {
+        self.child.kill().expect("the agent can be killed");
+        self.child.wait().expect("the agent can be waited on");
+    }
+
+    /// Waits until the agent's log contains `text`; whether it did within `limit`.
+    async fn logged(&self, text: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(text) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// How many agents named `name` `GET /agents` lists (0 while the relay does not answer).
+async fn agents_named(client: &Client, name: &str) -> usize {
+    let Ok(response) = client
+        .request(Method::GET, "/agents")
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let Ok(body) = response.bytes().await else {
+        return 0;
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("/agents answers JSON");
+    json["agents"]
+        .as_array()
+        .expect("/agents has an `agents` array")
+        .iter()
+        .filter(|agent| agent["name"] == name)
+        .count()
+}
+
+/// Waits until `GET /agents` lists exactly `count` agents named `name`; panics after `limit` with
+/// the logs of `agents`.
+async fn wait_agents(
+    client: &Client,
+    name: &str,
+    count: usize,
+    limit: Duration,
+    agents: &[&Agent],
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let listed = agents_named(client, name).await;
+        if listed == count {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            panic!(
+                "after {limit:?} /agents lists {listed} agents named {name}, not {count}; agent logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A relay, an upstream and one agent in front of it, connected.
+struct Setup {
+    relay: Relay,
+    upstream: Upstream,
+    agent: Agent,
+    name: String,
+    client: Client,
+}
+
+impl Setup {
+    async fn start(store: Store<'_>, env: &[(&str, &str)]) -> Setup {
+        let relay = Relay::start(store, env);
+        Setup::on(relay).await
+    }
+
+    async fn on(relay: Relay) -> Setup {
+        let upstream = Upstream::start("up").await;
+        let name = tunnel_id("agent");
+        let agent = Agent::serve(&relay.base, &name, &upstream.url(), None);
+        let client = relay.client();
+        wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+        Setup {
+            relay,
+            upstream,
+            agent,
+            name,
+            client,
+        }
+    }
+}
+
+/// `GET /r/{name}/echo` answered 200 by upstream `id`.
+async fn echo_through(client: &Client, name: &str, id: &str) {
+    let response = client.get(&format!("/r/{name}/echo")).await.expect(200);
+    assert_eq!(Echo::parse(&response.body).upstream, id);
+}
+
+/// The request's method, path, query, headers and body reach the upstream (hop-by-hop headers,
+/// the relay's own headers removed; `X-Forwarded-*` added), and its status, headers and body come
+/// back, whichever way the agent is addressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_query_preserved() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (&setup.client, &setup.name);
+    let relay_host = setup.relay.base.strip_prefix("http://").unwrap().to_owned();
+    let upstream_host = format!("127.0.0.1:{}", setup.upstream.port);
+    let request = |client: &Client, path: &str| {
+        client
+            .request(Method::PUT, path)
+            .header("Content-Type", "text/plain")
+            .header("X-Custom", "kept as is")
+            .header("X-Multi", "1")
+            .header("X-Multi", "2")
+            .header("Connection", "keep-alive, X-Hop")
+            .header("X-Hop", "named in Connection")
+            .header("Keep-Alive", "timeout=5")
+            .header("X-Echo-Status", "201")
+            .header(TIMEOUT, "5s")
+            .body("the body")
+    };
+
+    // The client really sends the hop-by-hop headers: straight to the upstream they arrive.
+    let direct = Client::new(&setup.upstream.url());
+    let echo = Echo::parse(&direct.send(request(&direct, "/x")).await.expect(201).body);
+    for sent in ["connection", "keep-alive", "x-hop"] {
+        assert!(echo.has(sent), "{sent} not sent: {echo:?}");
+    }
+
+    let query = "?x=1&y=a%20b&x=2&empty=&flag";
+    let cases = [
+        (
+            request(client, &format!("/some/a%20b/path{query}")).header(CLIENT_ID, name.as_str()),
+            format!("/some/a%20b/path{query}"),
+        ),
+        (
+            request(client, &format!("/r/{name}/some/a%20b/path{query}")),
+            format!("/some/a%20b/path{query}"),
+        ),
+        (request(client, &format!("/r/{name}?q=1")), "/?q=1".into()),
+        (
+            request(client, &format!("/r/{name}/t/x?limit=1")),
+            "/t/x?limit=1".into(),
+        ),
+    ];
+    for (request, uri) in cases {
+        let response = client.send(request).await.expect(201);
+        let echo = Echo::parse(&response.body);
+        assert_eq!(echo.method, "PUT", "{echo:?}");
+        assert_eq!(echo.uri, uri, "{echo:?}");
+        assert_eq!(echo.body, "the body", "{echo:?}");
+        assert_eq!(echo.one("content-type"), "text/plain");
+        assert_eq!(echo.one("x-custom"), "kept as is");
+        assert_eq!(echo.all("x-multi"), ["1", "2"], "{echo:?}");
+        assert_eq!(echo.one("content-length"), "8");
+        assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1");
+        assert_eq!(echo.one("x-forwarded-proto"), "http");
+        assert_eq!(echo.one("x-forwarded-host"), relay_host);
+        assert_eq!(
+            echo.one("host"),
+            upstream_host,
+            "the upstream gets its own host"
+        );
+        for removed in [
+            "x-backstream-client-id",
+            "x-backstream-request-timeout",
+            "connection",
+            "keep-alive",
+            "x-hop",
+        ] {
+            assert!(
+                !echo.has(removed),
+                "{removed} reached the upstream: {echo:?}"
+            );
+        }
+
+        assert_eq!(response.header("x-upstream-id"), Some("up"));
+        assert_eq!(response.header("x-reply"), Some("yes"));
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        let cookies: Vec<_> = response.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "{response:?}");
+    }
+
+    // A GET without a body arrives without one.
+    let response = client.get(&format!("/r/{name}/plain")).await.expect(200);
+    let echo = Echo::parse(&response.body);
+    assert_eq!((echo.method.as_str(), echo.uri.as_str()), ("GET", "/plain"));
+    assert_eq!(echo.body, "");
+    assert!(!echo.has("transfer-encoding"), "{echo:?}");
+}
+
+/// 422 for a name no agent has, 400 for a timeout that does not parse, 504 when the upstream is
+/// slower than the timeout, 502 when the agent cannot reach its upstream or dies mid-request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_status() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (setup.client.clone(), setup.name.clone());
+
+    let nobody = tunnel_id("nobody");
+    let not_found = format!("connection for clientID='{nobody}' not found");
+    let by_header = client.request(Method::GET, "/x").header(CLIENT_ID, &nobody);
+    client.send(by_header).await.expect_error(422, &not_found);
+    let by_path = client.get(&format!("/r/{nobody}/x?y=1")).await;
+    by_path.expect_error(422, &not_found);
+
+    for bad in ["soon", "12", "1.5.s", "-"] {
+        let request = client
+            .request(Method::GET, &format!("/r/{name}/echo"))
+            .header(TIMEOUT, bad);
+        let response = client.send(request).await;
+        assert_eq!(response.status, 400, "timeout {bad:?}: {response:?}");
+        let response = response.expect_one_line_error(400);
+        assert!(response.text().contains(TIMEOUT), "{response:?}");
+    }
+    // The same request with a good timeout goes through.
+    let request = client
+        .request(Method::GET, &format!("/r/{name}/echo"))
+        .header(TIMEOUT, "1m30s");
+    client.send(request).await.expect(200);
+
+    let asked = Instant::now();
+    let request = client
+        .request(Method::GET, "/sleep")
+        .header(CLIENT_ID, &name)
+        .header(TIMEOUT, "300ms");
+    let response = client.send(request).await;
+    let took = asked.elapsed();
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "504 after {took:?}"
+    );
+
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let broken = tunnel_id("broken");
+    let broken_agent = Agent::serve(&setup.relay.base, &broken, &closed, None);
+    wait_agents(&client, &broken, 1, RECONNECT, &[&broken_agent]).await;
+    let response = client.get(&format!("/r/{broken}/x")).await;
+    assert_eq!(response.status, 502, "{response:?}");
+
+    // The agent dies while its upstream works on the request (it was taken: no replay).
+    let slept_before = *setup.upstream.sleeping.borrow();
+    let request = client
+        .request(Method::GET, &format!("/r/{name}/sleep"))
+        .header(TIMEOUT, "10s");
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let asked = Instant::now();
+            (client.send(request).await, asked.elapsed())
+        }
+    });
+    let mut sleeping = setup.upstream.sleeping.subscribe();
+    let reached = sleeping.wait_for(|&n| n > slept_before);
+    tokio::time::timeout(WAIT, reached)
+        .await
+        .expect("the request reaches the upstream")
+        .expect("the upstream runs");
+    setup.agent.kill();
+    let (response, took) = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(
+        took < Duration::from_millis(1900),
+        "502 only after {took:?}"
+    );
+}
+
+/// The size of the large bodies.
+const LARGE: usize = 20 * 1024 * 1024;
+
+/// 20 MB up through relay and agent to the upstream, compared by SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (&setup.client, &setup.name);
+    let data = blob(LARGE);
+    let expected = sha256(&data);
+    let request = client
+        .request(Method::POST, &format!("/r/{name}/sha256"))
+        .header("Content-Type", "application/octet-stream")
+        .header(TIMEOUT, "30s")
+        .body(data);
+    let response = client.send(request).await.expect(200);
+    let json = response.json();
+    assert_eq!(json["len"], LARGE, "{json}");
+    assert_eq!(json["sha256"], expected.as_str(), "{json}");
+}
+
+/// 20 MB down from the upstream through agent and relay, compared by SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_download() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (&setup.client, &setup.name);
+    let response = client
+        .get(&format!("/r/{name}/blob?bytes={LARGE}"))
+        .await
+        .expect(200);
+    assert_eq!(response.body.len(), LARGE);
+    assert_eq!(sha256(&response.body), sha256(&blob(LARGE)));
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/octet-stream")
+    );
+}
+
+/// 100 requests at once over one agent connection each get their own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let mut requests = JoinSet::new();
+    for i in 0..100 {
+        let (client, name) = (setup.client.clone(), setup.name.clone());
+        requests.spawn(async move {
+            let body = format!("request {i}: {}", "x".repeat(i * 97));
+            let request = client
+                .request(Method::POST, &format!("/r/{name}/mirror/{i}"))
+                .header(TIMEOUT, "20s")
+                .body(body.clone());
+            (client.send(request).await, body)
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = requests.join_next().await {
+        let (response, body) = joined.expect("the request task ends");
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.text(), body);
+        answered += 1;
+    }
+    assert_eq!(answered, 100);
+    assert_eq!(setup.upstream.arrived(), 100);
+}
+
+/// Two agents under one name share the requests; when one is killed, the other serves them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_agents_one_name() {
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("pair");
+    let (up_a, up_b) = (Upstream::start("A").await, Upstream::start("B").await);
+    let mut agent_a = Agent::serve(&relay.base, &name, &up_a.url(), None);
+    let agent_b = Agent::serve(&relay.base, &name, &up_b.url(), None);
+    wait_agents(&client, &name, 2, RECONNECT, &[&agent_a, &agent_b]).await;
+
+    let mut served = Vec::new();
+    for _ in 0..20 {
+        let response = client.get(&format!("/r/{name}/who")).await.expect(200);
+        served.push(Echo::parse(&response.body).upstream);
+    }
+    for id in ["A", "B"] {
+        assert!(
+            served.iter().any(|s| s == id),
+            "{id} served none: {served:?}"
+        );
+    }
+
+    // Traffic keeps flowing while agent A is killed.
+    let before = up_a.arrived();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = JoinSet::new();
+    for _ in 0..4 {
+        let (stop, url) = (stop.clone(), format!("{}/r/{name}/during", relay.base));
+        senders.spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                sent += 1;
+                let outcome = match http.get(&url).timeout(WAIT).send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        match response.bytes().await {
+                            Ok(body) if status == 200 => Echo::parse(&body).upstream,
+                            Ok(body) => format!("{status} {}", String::from_utf8_lossy(&body)),
+                            Err(e) => format!("{status}, body failed: {e}"),
+                        }
+                    }
+                    Err(e) => format!("no answer: {e}"),
+                };
+                if outcome != "A" && outcome != "B" {
+                    failed.push(outcome);
+                }
+            }
+            (sent, failed)
+        });
+    }
+    // The kill lands amid the traffic: A has received some of it.
+    wait_arrivals(&up_a, before, 10).await;
+    agent_a.kill();
+    wait_agents(&client, &name, 1, WAIT, &[&agent_b]).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut sent, mut failed) = (0, Vec::new());
+    while let Some(joined) = senders.join_next().await {
+        let (s, f) = joined.expect("the sender ends");
+        sent += s;
+        failed.extend(f);
+    }
+    // Only a request agent A had already taken can fail: one per sender at most, and a 502.
+    eprintln!("during the kill: {sent} requests, failed: {failed:?}");
+    assert!(failed.len() <= 4, "{failed:?}");
+    for failure in &failed {
+        assert!(failure.starts_with("502"), "{failed:?}");
+    }
+
+    for _ in 0..20 {
+        echo_through(&client, &name, "B").await;
+    }
+}
+
+/// Waits until `up` has received `more` requests beyond the `since` it had.
+async fn wait_arrivals(up: &Upstream, since: u64, more: u64) {
+    let deadline = Instant::now() + WAIT;
+    while up.arrived() < since + more {
+        assert!(Instant::now() < deadline, "upstream A got no requests");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A killed agent's name is free (422) until a new agent of that name connects; a relay killed
+/// and started again on the same port gets its agent back by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_relay_restarts() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (setup.client.clone(), setup.name.clone());
+    echo_through(&client, &name, "up").await;
+
+    setup.agent.kill();
+    wait_agents(&client, &name, 0, WAIT, &[&setup.agent]).await;
+    let response = client.get(&format!("/r/{name}/echo")).await;
+    response.expect_error(422, &format!("connection for clientID='{name}' not found"));
+    setup.agent = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
+    wait_agents(&client, &name, 1, RECONNECT, &[&setup.agent]).await;
+    echo_through(&client, &name, "up").await;
+
+    let port = setup.relay.port();
+    setup.relay.kill();
+    assert!(
+        setup
+            .agent
+            .logged("connection to the relay lost", WAIT)
+            .await,
+        "{}",
+        setup.agent.log()
+    );
+    setup.relay = Relay::start_on(port, Store::Memory, &[]);
+    wait_agents(&client, &name, 1, RECONNECT, &[&setup.agent]).await;
+    echo_through(&client, &name, "up").await;
+    let response = client
+        .request(Method::GET, "/again?x=1")
+        .header(CLIENT_ID, &name);
+    let echo = Echo::parse(&client.send(response).await.expect(200).body);
+    assert_eq!(echo.uri, "/again?x=1");
+    assert!(
+        setup.agent.log().contains("connected to the relay again"),
+        "{}",
+        setup.agent.log()
+    );
+}
+
+/// With `TUNNEL_ACCESS_TOKEN`, agents need the token to connect and requests need the bearer,
+/// which is not passed on; a public name needs neither and gets `Authorization` passed through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth() {
+    let token = "relay-token-0123";
+    let public = tunnel_id("public");
+    let relay = Relay::start(
+        Store::Memory,
+        &[
+            ("TUNNEL_ACCESS_TOKEN", token),
+            ("TUNNEL_PUBLIC_IDS", &format!("other,{public}")),
+        ],
+    );
+    let client = relay.client();
+    let authorized = client.with_bearer(token);
+    let upstream = Upstream::start("up").await;
+
+    // The WebSocket handshake itself is refused without the token.
+    let ws = relay.base.replace("http://", "ws://");
+    let refused = tokio_tungstenite::connect_async(format!("{ws}/agent/connect?name=raw")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("connecting without the token: {:?}", other.map(|(_, r)| r)),
+    }
+
+    // Agents without the token, or with a wrong one, keep being refused and are never listed.
+    for agent_token in [None, Some("wrong")] {
+        let name = tunnel_id("refused");
+        let agent = Agent::serve(&relay.base, &name, &upstream.url(), agent_token);
+        assert!(
+            agent.logged("cannot reach the relay", WAIT).await,
+            "{}",
+            agent.log()
+        );
+        assert!(agent.log().contains("403"), "{}", agent.log());
+        assert_eq!(agents_named(&client, &name).await, 0);
+        let response = authorized.get(&format!("/r/{name}/echo")).await;
+        response.expect_error(422, &format!("connection for clientID='{name}' not found"));
+    }
+
+    let name = tunnel_id("private");
+    let agent = Agent::serve(&relay.base, &name, &upstream.url(), Some(token));
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    let path = format!("/r/{name}/echo");
+    client
+        .get(&path)
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    let by_header = client
+        .request(Method::GET, "/echo")
+        .header(CLIENT_ID, &name);
+    client
+        .send(by_header)
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    let wrong = client.with_bearer("wrong");
+    wrong
+        .get(&path)
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    let response = authorized.get(&path).await.expect(200);
+    let echo = Echo::parse(&response.body);
+    assert!(
+        !echo.has("authorization"),
+        "the relay's token reached the upstream: {echo:?}"
+    );
+    let by_header = authorized
+        .request(Method::POST, "/echo?a=b")
+        .header(CLIENT_ID, &name)
+        .body("x");
+    let echo = Echo::parse(&authorized.send(by_header).await.expect(200).body);
+    assert_eq!((echo.uri.as_str(), echo.body.as_str()), ("/echo?a=b", "x"));
+    assert!(!echo.has("authorization"), "{echo:?}");
+
+    // A public agent connects without the token; its requests need none and keep Authorization.
+    let public_agent = Agent::serve(&relay.base, &public, &upstream.url(), None);
+    wait_agents(&client, &public, 1, RECONNECT, &[&public_agent]).await;
+    let path = format!("/r/{public}/echo");
+    let echo = Echo::parse(&client.get(&path).await.expect(200).body);
+    assert!(!echo.has("authorization"), "{echo:?}");
+    let own = client.with_bearer("upstream-credential");
+    let echo = Echo::parse(&own.get(&path).await.expect(200).body);
+    assert_eq!(echo.one("authorization"), "Bearer upstream-credential");
+    let echo = Echo::parse(&authorized.get(&path).await.expect(200).body);
+    assert_eq!(echo.one("authorization"), format!("Bearer {token}"));
+}
+
+/// The basic round trip, agent and client on one relay, on each store.
+async fn round_trip(backend: Backend) {
+    let setup = Setup::on(backend.start(&[])).await;
+    let (client, name) = (&setup.client, &setup.name);
+    let request = client
+        .request(Method::POST, "/items?page=2")
+        .header(CLIENT_ID, name.as_str())
+        .header("X-A", "1")
+        .body("hello");
+    let response: Response = client.send(request).await.expect(200);
+    let echo = Echo::parse(&response.body);
+    assert_eq!(echo.method, "POST");
+    assert_eq!(echo.uri, "/items?page=2");
+    assert_eq!(echo.body, "hello");
+    assert_eq!(echo.one("x-a"), "1");
+    assert_eq!(response.header("x-upstream-id"), Some("up"));
+    let response = client
+        .get(&format!("/r/{name}/r/rest?q=1"))
+        .await
+        .expect(200);
+    assert_eq!(Echo::parse(&response.body).uri, "/r/rest?q=1");
+    let missing = tunnel_id("missing");
+    client.get(&format!("/r/{missing}/x")).await.expect_error(
+        422,
+        &format!("connection for clientID='{missing}' not found"),
+    );
+}
+
+per_store!(shared: [], dedicated: [round_trip]);
