@@ -615,3 +615,37 @@ async fn round_trip(backend: Backend) {
 }
 
 per_store!(shared: [], dedicated: [round_trip]);
+
+/// Two instances on one redis-server: an agent connected to A serves requests arriving at B (both
+/// addressing forms, bodies streamed through both instances), and B lists it in `/agents`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_on_another_instance() {
+    let redis = crate::support::shared_redis();
+    let setup = Setup::start(Store::Redis(redis), &[]).await;
+    let b = Relay::start(Store::Redis(redis), &[]);
+    let (client_b, name) = (b.client(), &setup.name);
+    // B learns of the agent from A's next announcement (every 5 s).
+    wait_agents(&client_b, name, 1, WAIT, &[&setup.agent]).await;
+    let request = client_b
+        .request(Method::PUT, "/upload?via=b")
+        .header(CLIENT_ID, name.as_str())
+        .body("0123456789".repeat(30_000));
+    let response = client_b.send(request).await.expect(200);
+    let echo = Echo::parse(&response.body);
+    assert_eq!(
+        (echo.method.as_str(), echo.uri.as_str()),
+        ("PUT", "/upload?via=b")
+    );
+    assert_eq!(echo.body, "0123456789".repeat(30_000));
+    assert_eq!(response.header("x-upstream-id"), Some("up"));
+    let path_form = client_b
+        .get(&format!("/r/{name}/r/rest?q=1"))
+        .await
+        .expect(200);
+    assert_eq!(Echo::parse(&path_form.body).uri, "/r/rest?q=1");
+    // A request already sent on by another instance is served only with local agents: no loops.
+    let hopped = client_b
+        .request(Method::GET, &format!("/r/{name}/x"))
+        .header("x-burrow-hop", "elsewhere");
+    client_b.send(hopped).await.expect(422);
+}
