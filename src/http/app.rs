@@ -314,16 +314,7 @@ impl RelayApp {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large);
         }
-        let expects_continue = session
-            .get_header("Expect")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue {
-            // curl waits a second for this before sending bodies over 1 KiB.
-            session
-                .write_continue_response()
-                .await
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-        }
+        continue_if_expected(session).await?;
         let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(chunk) = session
             .read_request_body()
@@ -389,6 +380,21 @@ impl RelayApp {
             .header("Content-Type", content_type)
             .body(payload.body)
     }
+}
+
+/// Answers `Expect: 100-continue` before a body is read: curl waits a second for it before
+/// sending bodies over 1 KiB.
+pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<(), Error> {
+    let expected = session
+        .get_header("Expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expected {
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// A body with the request's Content-Type.

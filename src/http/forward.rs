@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
-use super::app::Body;
+use super::app::{continue_if_expected, Body};
 use super::response::Response;
 use crate::error::Error;
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
@@ -38,15 +38,7 @@ pub async fn open(
 ) -> Result<(Response, Exchange), Error> {
     let head = request_head(session, path, withhold_authorization);
     let mut exchange = agents.forward(agent.as_str(), head, timeout).await?;
-    let expects_continue = session
-        .get_header("Expect")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        session
-            .write_continue_response()
-            .await
-            .map_err(|e| Error::BadRequest(e.to_string()))?;
-    }
+    continue_if_expected(session).await?;
     // An upstream may answer before it has read the whole body: the response still counts.
     let _ = send_body(session, &mut exchange).await;
     let answer = exchange.response().await?;
