@@ -73,7 +73,8 @@ pub async fn proxy(
     let method = reqwest::Method::from_bytes(request.method.as_str().as_bytes())
         .map_err(|e| Error::BadRequest(e.to_string()))?;
     let mut headers = header_list(&request.headers);
-    headers.retain(|(name, _)| name != "host");
+    // This instance answers `Expect: 100-continue` itself, below.
+    headers.retain(|(name, _)| name != "host" && name != "expect");
     strip_hop_by_hop(&mut headers);
     headers.push((HOP_HEADER.into(), instance.into()));
     let has_body = request.headers.contains_key("content-length")
@@ -89,6 +90,7 @@ pub async fn proxy(
         });
         builder = builder.body(reqwest::Body::wrap_stream(body));
     }
+    continue_if_expected(session).await?;
     let pump = async {
         while let Ok(Some(chunk)) = session.read_request_body().await {
             if chunks.send(Ok(chunk)).await.is_err() {
