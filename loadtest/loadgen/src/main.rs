@@ -1,14 +1,18 @@
 //! `loadgen`: Burrow's load generator for the scenarios wrk cannot express. Each subcommand runs
 //! one bounded scenario against a relay on 127.0.0.1 and prints one parseable `RESULT` line.
 //!
-//! Usage: `loadgen <wake|idle|race|reply|faults> --addr 127.0.0.1:PORT [--option value]...`
+//! Usage: `loadgen <scenario> --addr 127.0.0.1:PORT [--option value]...` with scenario one of
+//! wake, idle, race, reply, faults, jobs, jobs-ws, upstream (a service to route to), transfer
 //! (options per scenario in loadtest/README.md; `--threads N` sets tokio worker threads).
 
 mod faults;
 mod http;
 mod idle;
+mod jobs;
 mod race;
 mod reply;
+mod transfer;
+mod upstream;
 mod util;
 mod wake;
 
@@ -40,8 +44,12 @@ fn main() {
             "race" => race::run(&args).await,
             "reply" => reply::run(&args).await,
             "faults" => faults::run(&args).await,
+            "jobs" => jobs::throughput(&args).await,
+            "jobs-ws" => jobs::websocket(&args).await,
+            "upstream" => upstream::run(&args).await,
+            "transfer" => transfer::run(&args).await,
             other => {
-                eprintln!("loadgen: unknown scenario {other:?} (wake, idle, race, reply, faults)");
+                eprintln!("loadgen: unknown scenario {other:?} (see src/main.rs)");
                 std::process::exit(2)
             }
         }
