@@ -25,18 +25,7 @@ BURROW=${BURROW_BIN:-target/release/burrow}
 LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
 
 # --- dependencies, build, limits -----------------------------------------------------------------
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v curl >/dev/null || missing+=(curl)
-if ((${#missing[@]})); then
-  sudo=()
-  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-  echo "==> installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update -q
-  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+scripts/install-deps.sh --loadtest
 command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
 packages=()
 [[ -n ${BURROW_BIN:-} ]] || packages+=(-p burrow)

@@ -2,7 +2,8 @@
 # Installs, via apt-get and only when missing, what building Burrow needs on a fresh Debian
 # machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
 # `--tests`, also redis-server (the tests start their own on a free port; no system service is used).
-# With `--browser`, also Debian's chromium (/usr/bin/chromium, for tests/browser). Options combine.
+# With `--browser`, also Debian's chromium (/usr/bin/chromium, for tests/browser); with
+# `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options combine.
 set -euo pipefail
 
 # Debian packages, each with the commands that show it is installed.
@@ -15,7 +16,8 @@ for opt in "$@"; do
   case "$opt" in
     --tests) needs[redis-server]=redis-server ;;
     --browser) needs[chromium]=chromium ;;
-    *) echo "usage: $0 [--tests] [--browser]" >&2; exit 2 ;;
+    --loadtest) needs[redis-server]=redis-server needs[wrk]=wrk needs[curl]=curl ;;
+    *) echo "usage: $0 [--tests] [--browser] [--loadtest]" >&2; exit 2 ;;
   esac
 done
 
