@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::support::process::free_port;
+use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
-use crate::support::{shared_redis, spawn_get, tunnel_id, wait_until, Client};
+use crate::support::{eventually, shared_redis, spawn_get, tunnel_id, wait_until, Client};
 
 /// Pingora settings for these tests: the grace period of conf/burrow.yaml and an upgrade socket
 /// of the test's own, so parallel tests cannot hand sockets to each other.
@@ -96,23 +96,12 @@ impl Burrow {
 
     /// Sends `signal` (`TERM`, `QUIT`) to the relay.
     fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "SIG{signal} could not be sent");
+        process::signal(&self.child, signal);
     }
 
     /// The exit status, if the relay exits within `limit`.
     async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        eventually(limit, || {
-            status = self.child.try_wait().expect("the child can be waited on");
-            status.is_some()
-        })
-        .await;
-        status
+        process::exit_within(&mut self.child, limit).await
     }
 }
 
@@ -121,19 +110,6 @@ impl Drop for Burrow {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Awaits `ready` every 10 ms until it holds or `limit` has passed; returns whether it held.
-/// (A blocking wait inside these async tests would stall the tasks sharing its worker thread.)
-async fn eventually(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
 
 /// A client that opens a new connection per request, so no request is sent on a kept-alive
@@ -295,7 +271,7 @@ async fn sigterm_loses_nothing_acknowledged() {
         .collect();
     // Let real traffic flow before the signal: wait for stored messages, not for time.
     let all_stored = || (0..4).all(|p| stored_count(&format!("{tunnel}-{p}")) > 0);
-    assert!(eventually(Duration::from_secs(10), all_stored).await);
+    assert!(eventually(Duration::from_secs(10), || std::future::ready(all_stored())).await);
     relay.signal("TERM");
     let status = relay
         .exit_within(EXIT_WITHIN)
@@ -329,7 +305,10 @@ async fn graceful_upgrade_hands_over_the_socket() {
     let new = site.start(port, &["--upgrade"], &env);
     let sock = site.upgrade_sock();
     assert!(
-        eventually(Duration::from_secs(10), || sock.exists()).await,
+        eventually(Duration::from_secs(10), || std::future::ready(
+            sock.exists()
+        ))
+        .await,
         "the new relay never listened for the socket"
     );
     old.signal("QUIT");
@@ -343,7 +322,10 @@ async fn graceful_upgrade_hands_over_the_socket() {
     drop(served_after);
     let before = stored_count(&tunnel);
     assert!(
-        eventually(Duration::from_secs(10), || stored_count(&tunnel) > before).await,
+        eventually(Duration::from_secs(10), || {
+            std::future::ready(stored_count(&tunnel) > before)
+        })
+        .await,
         "the new relay takes produces"
     );
     stop.store(true, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::support::process::free_port;
+use crate::support::process::{self, free_port};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -50,27 +50,19 @@ impl Agent {
     }
 
     fn terminate(&self) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success());
+        process::signal(&self.child, "TERM");
     }
 
     /// Waits up to `limit` for the agent to exit.
     async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not exit:\n{}",
+        let status = process::exit_within(&mut self.child, limit).await;
+        status.unwrap_or_else(|| {
+            panic!(
+                "the agent did not exit:
+{}",
                 self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            )
+        })
     }
 }
 

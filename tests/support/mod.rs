@@ -67,6 +67,22 @@ pub fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Awaits `ready` every 20 ms until it holds or `limit` has passed; returns whether it held.
+/// (Inside async tests a blocking wait would stall the tasks sharing its worker thread.)
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut ready: impl FnMut() -> F,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    while !ready().await {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// A tunnel id no other test (or earlier run on the same store) uses: `{tag}-{unique suffix}`.
 pub fn tunnel_id(tag: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -6,7 +6,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 /// Waits for stdin to close, then kills the program it started in the background.
 const GUARDIAN: &str =
@@ -73,4 +74,26 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("the loopback interface has free ports")
         .port()
+}
+
+/// Sends `signal` (`TERM`, `QUIT`, `KILL`…) to `child`.
+#[track_caller]
+pub fn signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "SIG{signal} could not be sent");
+}
+
+/// The exit status of `child`, if it exits within `limit`.
+pub async fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    super::eventually(limit, || {
+        status = child.try_wait().expect("the child can be waited on");
+        std::future::ready(status.is_some())
+    })
+    .await;
+    status
 }

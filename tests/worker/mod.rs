@@ -4,16 +4,15 @@
 //! The worker is a plain child process (killed on drop), not a guarded one, because these tests
 //! signal it and watch how it exits.
 
-use std::future::Future;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::support::process::{free_port, Guarded};
+use crate::support::process::{self, free_port, Guarded};
 use crate::support::relay::status_of;
-use crate::support::{shared_redis, tunnel_id, wait_until, Backend, Client, Response};
+use crate::support::{eventually, shared_redis, tunnel_id, wait_until, Backend, Client, Response};
 
 /// A `burrow worker` child process logging to a file of its own; killed on drop.
 struct Worker {
@@ -54,23 +53,12 @@ impl Worker {
 
     /// Sends `signal` (`TERM`, `KILL`…) to the worker.
     fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "SIG{signal} could not be sent");
+        process::signal(&self.child, signal);
     }
 
     /// The exit status, if the worker exits within `limit`.
     async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        eventually(limit, || {
-            status = self.child.try_wait().expect("the child can be waited on");
-            std::future::ready(status.is_some())
-        })
-        .await;
-        status
+        process::exit_within(&mut self.child, limit).await
     }
 
     /// Waits until the log contains `text`; panics with the log otherwise.
@@ -88,21 +76,6 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Awaits `ready` every 20 ms until it holds or `limit` has passed; returns whether it held.
-async fn eventually<F: Future<Output = bool>>(
-    limit: Duration,
-    mut ready: impl FnMut() -> F,
-) -> bool {
-    let deadline = Instant::now() + limit;
-    while !ready().await {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
 }
 
 /// A relay on `port` (memory store, or redis at `redis_url`) logging into `dir`, once healthy.
