@@ -59,3 +59,12 @@ fn serve(upgrade: bool) -> ExitCode {
         }
     }
 }
+
+/// Runs a client subcommand (`worker`, `agent`) to completion on a one-thread runtime: both
+/// mostly wait on sockets and child processes, and one thread saves cross-thread wake-ups.
+pub(crate) fn on_one_thread<F: std::future::Future>(work: F) -> std::io::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(work))
+}

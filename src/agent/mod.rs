@@ -164,14 +164,11 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One thread: the agent mostly moves bytes between two sockets, and on a multi-threaded
-    // runtime each request cost several cross-thread wake-ups (measured in docs/PERFORMANCE.md:
-    // 88 % → 69 % of a core at the same rate, one-connection latency 0.36 → 0.24 ms).
-    let ended = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    // One thread (measured in docs/PERFORMANCE.md: 88 % → 69 % of a core at the same rate,
+    // one-connection latency 0.36 → 0.24 ms against a multi-threaded runtime).
+    let ended = crate::cli::on_one_thread(agent(config))
         .map_err(AgentError::Runtime)
-        .and_then(|runtime| runtime.block_on(agent(config)));
+        .and_then(|ended| ended);
     match ended {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -189,12 +189,9 @@ pub fn run(args: WorkerArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One thread is plenty: the worker mostly waits on the relay and on its commands.
-    let ended = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let ended = crate::cli::on_one_thread(work(config))
         .map_err(WorkerError::Runtime)
-        .and_then(|runtime| runtime.block_on(work(config)));
+        .and_then(|ended| ended);
     match ended {
         Ok(Phase::Aborting) => ExitCode::FAILURE,
         Ok(_) => ExitCode::SUCCESS,
