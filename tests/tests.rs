@@ -10,7 +10,7 @@
 //!   instances.
 //! - `jobs`: PROTOCOL.md part 2 (trigger, done, WebSocket) on both stores and two instances.
 //! - `lifecycle`: graceful shutdown, graceful upgrade and metrics.
-//! - `startup`: configuration errors at start-up.
+//! - `startup`: configuration errors at start-up, and the access-log switch.
 //! - `worker`: `burrow worker` as a real process: results, failures, timeouts, concurrency,
 //!   redelivery after a worker dies, signals, relay outages and the token.
 //! - `routing`: `burrow agent` as a real process against a hand-written relay side: the agent wire

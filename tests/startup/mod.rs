@@ -1,4 +1,5 @@
-//! Start-up: a setting that does not parse stops the relay with a message naming it.
+//! Start-up: a setting that does not parse stops the relay with a message naming it; the access
+//! log is on or off as `BURROW_ACCESS_LOG` says.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -53,4 +54,34 @@ fn serve_with(var: &str, value: &str) -> (bool, String) {
     pipe.read_to_string(&mut stderr)
         .expect("stderr is readable");
     (status.success(), stderr)
+}
+
+/// `BURROW_ACCESS_LOG=1` writes one line per request (method, route, status, duration, tunnel);
+/// `0` writes none. A second request on the same kept-alive connection is answered only after the
+/// first one's line was written, so reading the log then is no race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_switch() {
+    use crate::support::{tunnel_id, Relay, Store};
+    for (setting, logged) in [("1", true), ("0", false)] {
+        let env = [("BURROW_ACCESS_LOG", setting), ("RUST_LOG", "info")];
+        let relay = Relay::start(Store::Memory, &env);
+        let api = relay.client();
+        let t = tunnel_id("logged");
+        api.produce(&t, "x").await;
+        api.get("/health").await.expect(200);
+        let line = relay
+            .output()
+            .lines()
+            .find(|l| l.contains("burrow::access") && l.contains(&t))
+            .map(String::from);
+        assert_eq!(
+            line.is_some(),
+            logged,
+            "BURROW_ACCESS_LOG={setting}: {line:?}"
+        );
+        if let Some(line) = line {
+            assert!(line.contains("POST produce 201"), "{line}");
+            assert!(line.contains("ms tunnel="), "{line}");
+        }
+    }
 }
