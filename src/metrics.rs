@@ -77,9 +77,10 @@ pub enum MessageEvent {
 
 /// Records one answered request.
 pub fn request(route: &str, status: u16, started: Instant) {
-    REQUESTS
-        .with_label_values(&[route, &status.to_string()])
-        .inc();
+    // `StatusCode::as_str` reads a static table: no allocation per request on this hot path.
+    let code = http::StatusCode::from_u16(status);
+    let label = code.as_ref().map_or("invalid", |code| code.as_str());
+    REQUESTS.with_label_values(&[route, label]).inc();
     REQUEST_SECONDS
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
