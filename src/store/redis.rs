@@ -19,7 +19,7 @@ use bytes::Bytes;
 use fred::clients::WithOptions;
 use fred::prelude::{
     Builder, Client, ClientLike, Config, ErrorKind, EventInterface, Expiration, KeysInterface,
-    Options, Pool, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+    Options, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
@@ -29,6 +29,9 @@ use super::{
     Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
 };
 use crate::config::RedisConfig;
+use clients::Clients;
+
+mod clients;
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::WakeKey;
 
@@ -80,7 +83,7 @@ const READY_BATCH: usize = 1000;
 
 /// The redis store: a pool of command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
-    pool: Pool,
+    clients: Clients,
 }
 
 impl RedisStore {
@@ -118,6 +121,7 @@ impl RedisStore {
                 performance.default_command_timeout = OPERATION_TIMEOUT;
             });
 
+        let command_builder = builder.clone();
         let pool = builder
             .build_pool(config.pool_size.clamp(1, MAX_POOL_SIZE))
             .map_err(|e| StoreError::Internal(format!("redis pool: {e}")))?;
@@ -151,13 +155,15 @@ impl RedisStore {
         ) {
             log::warn!("redis: not reachable at start-up; answering 503 until it is");
         }
-        Ok(RedisStore { pool })
+        Ok(RedisStore {
+            clients: Clients::new(pool, command_builder),
+        })
     }
 
-    /// Starts an operation on a connected client of the pool (any, when none is).
+    /// Starts an operation on the connection [`Clients::pick`] chooses.
     fn call(&self) -> Call {
         Call {
-            client: self.pool.next_connected().clone(),
+            client: self.clients.pick(),
             deadline: Instant::now() + OPERATION_TIMEOUT,
         }
     }
