@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use http::Method;
 use log::{debug, info, warn};
 use pingora_core::apps::{
-    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream,
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
 };
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
+use super::parked::{self, Wait};
 use super::response::Response;
 use super::route::{Route, RoutingHeaders};
 use super::{forward, sse, websocket};
@@ -36,19 +39,20 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 /// How long an idle client connection is kept open between requests.
 const KEEPALIVE_SECS: u64 = 60;
 
-/// What a handler decided: the response, and what follows it on the connection, if anything.
-struct Outcome {
-    response: Response,
-    then: Option<After>,
+/// What a handler decided.
+// Lives on the stack for one request; boxing the response would allocate for every request.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    /// A response, and what follows it on the connection, if anything.
+    Respond(Response, Option<After>),
+    /// A long-poll with nothing to answer yet.
+    Wait(Wait),
 }
 
 impl Outcome {
     /// A whole response; the connection may be reused.
     fn whole(response: Response) -> Outcome {
-        Outcome {
-            response,
-            then: None,
-        }
+        Outcome::Respond(response, None)
     }
 }
 
@@ -174,9 +178,12 @@ impl RelayApp {
                 delivery,
                 timeout,
             } => {
-                let wait = Some(self.poll_timeout(timeout));
-                let message = tunnels.consume(&tunnel, delivery, wait, shutdown).await?;
-                self.message(message)
+                let timeout = self.poll_timeout(timeout);
+                return Ok(Outcome::Wait(Wait::Message {
+                    tunnel,
+                    delivery,
+                    timeout,
+                }));
             }
             Route::Ack { tunnel, msg } => {
                 tunnels.ack(&tunnel, msg).await?;
@@ -195,9 +202,12 @@ impl RelayApp {
                 msg,
                 timeout,
             } => {
-                let wait = Some(self.poll_timeout(timeout));
-                let reply = tunnels.take_reply(&tunnel, msg, wait, shutdown).await?;
-                self.payload_response(reply)
+                let timeout = self.poll_timeout(timeout);
+                return Ok(Outcome::Wait(Wait::Reply {
+                    tunnel,
+                    msg,
+                    timeout,
+                }));
             }
             Route::Status { tunnel, msg } => {
                 Response::empty(match tunnels.status(&tunnel, msg).await? {
@@ -227,10 +237,7 @@ impl RelayApp {
             }
             Route::JobSocket { queue } => {
                 let then = Some(After::Upgraded(Upgraded::Jobs(queue)));
-                return Ok(Outcome {
-                    response: accept(session)?,
-                    then,
-                });
+                return Ok(Outcome::Respond(accept(session)?, then));
             }
             Route::Publish { topic } => {
                 let reached = self.events.events().subscribers(topic.as_str());
@@ -243,17 +250,14 @@ impl RelayApp {
                 let head = Response::streaming(200)
                     .header("Content-Type", "text/event-stream")
                     .header("Cache-Control", "no-cache");
-                return Ok(Outcome {
-                    response: head,
-                    then: Some(After::EventStream(subscription)),
-                });
+                return Ok(Outcome::Respond(
+                    head,
+                    Some(After::EventStream(subscription)),
+                ));
             }
             Route::AgentConnect { name } => {
                 let then = Some(After::Upgraded(Upgraded::Agent(name)));
-                return Ok(Outcome {
-                    response: accept(session)?,
-                    then,
-                });
+                return Ok(Outcome::Respond(accept(session)?, then));
             }
             Route::Agents => {
                 let agents = self.presence.all().await?;
@@ -285,19 +289,13 @@ impl RelayApp {
                     }
                     Err(e) => return Err(e),
                 };
-                return Ok(Outcome {
-                    response: head,
-                    then: Some(After::Forward(body)),
-                });
+                return Ok(Outcome::Respond(head, Some(After::Forward(body))));
             }
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
                 let subscription = self.events.events().subscribe(topic.as_str());
                 let then = Some(After::Upgraded(Upgraded::Events(subscription)));
-                return Ok(Outcome {
-                    response: head,
-                    then,
-                });
+                return Ok(Outcome::Respond(head, then));
             }
         };
         Ok(Outcome::whole(response))
@@ -465,38 +463,39 @@ impl HttpServerApp for RelayApp {
             &self.jobs_queue,
         );
         let name = route.as_ref().map_or("invalid", Route::name);
-        let tunnel = match &route {
-            Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
-            _ => None,
+        let served = Served {
+            method,
+            name,
+            tunnel: match &route {
+                Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
+                _ => None,
+            },
+            started,
         };
         let outcome = match route {
             Ok(route) => self
                 .handle(route, &mut session, &mut shutdown)
                 .await
-                .unwrap_or_else(|e| {
-                    if let Error::Store(store) = &e {
-                        warn!("{name}: {store}");
-                    }
-                    Outcome::whole(Response::from(e))
-                }),
+                .unwrap_or_else(|e| Outcome::whole(failed(name, e))),
             Err(e) => Outcome::whole(Response::from(e)),
         };
-        let Outcome {
-            response,
-            then: after,
-        } = outcome;
+        let (response, after) = match outcome {
+            Outcome::Respond(response, after) => (response, after),
+            Outcome::Wait(wait) if parked::can_detach(&session) => {
+                let (stream, keepalive) = parked::detach(session)?;
+                let parked = self.clone().park(stream, keepalive, wait, served, shutdown);
+                tokio::spawn(parked);
+                return None;
+            }
+            Outcome::Wait(wait) => (self.wait(name, wait, &mut shutdown).await, None),
+        };
         let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
         let reusable = matches!(after, None | Some(After::Forward(_)));
         let keepalive = reusable && !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
-        metrics::request(name, status, started);
-        if self.access_log {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            let tunnel = tunnel.as_deref().unwrap_or("-");
-            info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
-        }
+        self.record(&served, status);
         written?;
         match after {
             None => {}
@@ -528,6 +527,85 @@ impl HttpServerApp for RelayApp {
     fn server_options(&self) -> Option<&HttpServerOptions> {
         Some(&self.options)
     }
+}
+
+/// What the metrics and the access log say of a request once it is answered.
+struct Served {
+    method: Method,
+    name: &'static str,
+    /// Only when the access log is on.
+    tunnel: Option<String>,
+    started: Instant,
+}
+
+impl RelayApp {
+    /// Counts an answered request, and logs it when the access log is on.
+    fn record(&self, served: &Served, status: u16) {
+        metrics::request(served.name, status, served.started);
+        if self.access_log {
+            let Served { method, name, .. } = served;
+            let ms = served.started.elapsed().as_secs_f64() * 1000.0;
+            let tunnel = served.tunnel.as_deref().unwrap_or("-");
+            info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
+        }
+    }
+
+    /// Answers a long-poll once what it waits for arrives, its time is up, or the relay stops.
+    async fn wait(&self, name: &str, wait: Wait, shutdown: &mut Shutdown) -> Response {
+        let answered = match wait {
+            Wait::Message {
+                tunnel,
+                delivery,
+                timeout,
+            } => self
+                .tunnels
+                .consume(&tunnel, delivery, Some(timeout), shutdown)
+                .await
+                .map(|message| self.message(message)),
+            Wait::Reply {
+                tunnel,
+                msg,
+                timeout,
+            } => self
+                .tunnels
+                .take_reply(&tunnel, msg, Some(timeout), shutdown)
+                .await
+                .map(|reply| self.payload_response(reply)),
+        };
+        answered.unwrap_or_else(|e| failed(name, e))
+    }
+
+    /// A long-poll's own task (see `parked`): waits, answers, and hands the connection back to
+    /// Pingora for the client's next request.
+    async fn park(
+        self: Arc<Self>,
+        mut stream: Stream,
+        keepalive: bool,
+        wait: Wait,
+        served: Served,
+        mut shutdown: Shutdown,
+    ) {
+        let response = self.wait(served.name, wait, &mut shutdown).await;
+        let keepalive = keepalive && !*shutdown.borrow();
+        let status = response.status;
+        let written = parked::write(&mut stream, response, keepalive).await;
+        self.record(&served, status);
+        match written {
+            Ok(()) if keepalive => {
+                self.process_new(stream, &shutdown).await;
+            }
+            Ok(()) => {}
+            Err(e) => debug!("could not write a response: {e}"),
+        }
+    }
+}
+
+/// A handler's error as the response telling the client; store trouble is logged too.
+fn failed(name: &str, error: Error) -> Response {
+    if let Error::Store(store) = &error {
+        warn!("{name}: {store}");
+    }
+    Response::from(error)
 }
 
 /// Writes a response; `None` when the client is gone.

@@ -2,6 +2,7 @@
 //!
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
+//! - `parked`: long-polls that wait outside Pingora's per-connection state;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
 //! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, framed by tungstenite;
 //! - `sse`: server-sent events (`GET /e/{topic}`);
@@ -9,6 +10,7 @@
 
 mod app;
 mod forward;
+mod parked;
 mod response;
 mod route;
 mod sse;

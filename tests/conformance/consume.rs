@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::support::raw::Connection;
 use crate::support::{assert_prompt_wake, let_polls_start, spawn_get, tunnel_id, Backend, Client};
 
 /// A consumed message is gone: the next consume is 204 with an empty body, its status 204, len 0.
@@ -163,4 +164,43 @@ pub(super) fn assert_waited(waited: Duration, seconds: u64) {
         waited >= timeout - Duration::from_millis(100) && waited < timeout + Duration::from_secs(3),
         "a {seconds} s poll answered after {waited:?}"
     );
+}
+
+/// A long-poll leaves its connection open for the client's next requests, whether it timed out
+/// or took a message, as an HTTP/1.1 client expects.
+pub(super) async fn poll_keeps_the_connection(api: &Client) {
+    let t = tunnel_id("pollkeep");
+    let mut connection = Connection::open(api.base()).await;
+    let poll = format!("GET /t/{t}/poll?timeout=1 HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let timed_out = connection.exchange(&poll).await;
+    assert_eq!(
+        (timed_out.status, timed_out.header("connection")),
+        (204, Some("keep-alive"))
+    );
+    let produce = format!("POST /t/{t} HTTP/1.1\r\nHost: relay\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(connection.exchange(&produce).await.status, 201);
+    let taken = connection.exchange(&poll).await;
+    assert_eq!((taken.status, taken.body.as_slice()), (200, &b"hello"[..]));
+    let health = connection
+        .exchange("GET /health HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await;
+    assert_eq!(health.status, 200);
+}
+
+/// A long-poll closes its connection after answering when the client asks for that: with
+/// `Connection: close`, or as an HTTP/1.0 client that did not ask to keep it.
+pub(super) async fn poll_closes_when_asked(api: &Client) {
+    let t = tunnel_id("pollclose");
+    for request in [
+        format!("GET /t/{t}/poll?timeout=0 HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"),
+        format!("GET /t/{t}/poll?timeout=0 HTTP/1.0\r\n\r\n"),
+    ] {
+        let mut connection = Connection::open(api.base()).await;
+        let answer = connection.exchange(&request).await;
+        assert_eq!(
+            (answer.status, answer.header("connection")),
+            (204, Some("close"))
+        );
+        assert!(connection.closed().await, "still open after {request:?}");
+    }
 }

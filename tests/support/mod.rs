@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod process;
+pub mod raw;
 pub mod redis;
 pub mod relay;
 

@@ -1,0 +1,91 @@
+//! Long-polls that wait with almost nothing held.
+//!
+//! While a request runs, Pingora keeps about 12 KiB per connection: the 4 KiB buffer the request
+//! head was read into (its headers point into it), the session, and the futures and task that
+//! drive the connection. A long-poll can wait for a minute, and a relay holds thousands of them, so
+//! an HTTP/1 long-poll leaves all that behind: it takes the connection's stream out of the
+//! session, returns to Pingora (which frees its part), and waits in a task of its own that holds
+//! only the stream and what it waits for. It then writes its response itself and hands the
+//! connection back to Pingora for the client's next request.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{CONNECTION, DATE};
+use http::Version;
+use pingora_core::protocols::http::date::get_cached_date;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
+use tokio::io::AsyncWriteExt;
+
+use super::response::Response;
+use crate::store::Delivery;
+use crate::tunnel::{MessageId, TunnelId};
+
+/// What a long-poll that has nothing to answer yet waits for, and for how long at most.
+pub enum Wait {
+    /// A message on the tunnel.
+    Message {
+        tunnel: TunnelId,
+        delivery: Delivery,
+        timeout: Duration,
+    },
+    /// The reply to a message.
+    Reply {
+        tunnel: TunnelId,
+        msg: MessageId,
+        timeout: Duration,
+    },
+}
+
+/// Whether a session can be parked: HTTP/1 only, as h2c streams share one connection.
+pub fn can_detach(session: &ServerSession) -> bool {
+    matches!(session, ServerSession::H1(_))
+}
+
+/// Takes an HTTP/1 connection's stream out of its session, with whether the client keeps the
+/// connection open after the response; `None` for any other session.
+pub fn detach(session: ServerSession) -> Option<(Stream, bool)> {
+    match session {
+        ServerSession::H1(h1) => {
+            let head = h1.req_header();
+            let connection = head
+                .headers
+                .get(CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_ascii_lowercase);
+            // RFC 9112 §9.3: HTTP/1.1 persists unless told to close; HTTP/1.0 only when asked.
+            let keepalive = match connection.as_deref() {
+                Some(c) if c.contains("close") => false,
+                Some(c) if c.contains("keep-alive") => true,
+                _ => head.version == Version::HTTP_11,
+            };
+            Some((h1.into_inner(), keepalive))
+        }
+        _ => None,
+    }
+}
+
+/// Writes `response` as Pingora would have: its head with `Date` and `Connection`, then its body.
+pub async fn write(
+    stream: &mut Stream,
+    response: Response,
+    keepalive: bool,
+) -> std::io::Result<()> {
+    let mut head = response.head().map_err(std::io::Error::other)?;
+    let connection = if keepalive { "keep-alive" } else { "close" };
+    head.insert_header(DATE, get_cached_date())
+        .and_then(|_| head.insert_header(CONNECTION, connection))
+        .map_err(std::io::Error::other)?;
+    let mut wire = BytesMut::with_capacity(256 + response.body.len());
+    wire.put_slice(b"HTTP/1.1 ");
+    wire.put_slice(head.status.as_str().as_bytes());
+    wire.put_u8(b' ');
+    wire.put_slice(head.status.canonical_reason().unwrap_or("").as_bytes());
+    wire.put_slice(b"\r\n");
+    head.header_to_h1_wire(&mut wire);
+    wire.put_slice(b"\r\n");
+    wire.put_slice(&response.body);
+    stream.write_all(&wire).await?;
+    stream.flush().await
+}
