@@ -16,6 +16,9 @@ use super::stream::OutboundQueues;
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The most frames written with one flush.
+const BATCH: usize = 64;
+
 /// The write half of a connection's WebSocket.
 pub type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
@@ -48,10 +51,35 @@ pub async fn write_frames<S>(
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            sent = sink.send(message) => if sent.is_err() { break },
+            sent = write_batch(&mut sink, &mut queues, message) => if sent.is_err() { break },
         }
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+}
+
+/// Writes `first` and the frames already queued behind it (at most [`BATCH`]) with one flush: a
+/// small request or response is several frames (head, data, end), and many requests share a
+/// connection, so one socket write carries many frames.
+async fn write_batch<S>(
+    sink: &mut Sink<S>,
+    queues: &mut OutboundQueues,
+    first: Message,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    sink.feed(first).await?;
+    for _ in 1..BATCH {
+        let Ok(frame) = queues
+            .control
+            .try_recv()
+            .or_else(|_| queues.ordered.try_recv())
+        else {
+            break;
+        };
+        sink.feed(Message::Binary(frame.encode())).await?;
+    }
+    sink.flush().await
 }
 
 async fn tick(timer: &mut Option<tokio::time::Interval>) {
