@@ -48,7 +48,7 @@ pub struct RedisConfig {
     pub url: String,
     /// `REDIS_PASSWORD`, applied when the URL carries none.
     pub password: Option<String>,
-    /// The most store connections this process opens (`REDIS_POOL_SIZE`).
+    /// The shared pool's size (`REDIS_POOL_SIZE`); the store opens at most 4 of them.
     pub pool_size: usize,
     /// `REDIS_POOL_KEEPALIVE`: kept for compatibility; Burrow's connections are persistent.
     pub keepalive: Duration,

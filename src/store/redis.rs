@@ -5,7 +5,8 @@
 //! Each operation is one round trip and atomic: a Lua script from `redis/*.lua`, called by SHA.
 //! The produce and reply scripts publish wake-ups on [`WAKE_CHANNEL`]; one subscriber connection
 //! per process turns them into [`Wakeups::wake`] calls. The store uses a small fixed set of
-//! multiplexed connections, whatever the number of waiting polls.
+//! multiplexed connections, whatever the number of waiting polls: one per worker thread and a
+//! shared pool (see `clients`).
 //!
 //! Outages: fred reconnects forever in the background; meanwhile every operation fails within
 //! [`OPERATION_TIMEOUT`] with [`StoreError::Unavailable`] instead of queueing.
@@ -81,7 +82,7 @@ const INSTANCE_PREFIX: &str = "burrow:instance:";
 /// Keys per re-check script call, so one call never holds the server for long.
 const READY_BATCH: usize = 1000;
 
-/// The redis store: a pool of command connections; the wake-up subscriber runs on its own task.
+/// The redis store: its command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
     clients: Clients,
 }
