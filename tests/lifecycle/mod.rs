@@ -407,4 +407,10 @@ async fn metrics_follow_the_traffic() {
         .0
         .expect(200);
     wait_for_waiting_polls(&metrics, 0.0).await;
+    // A long-poll that waited (outside Pingora's session) is counted once answered, like any.
+    let answered = "burrow_requests_total{route=\"poll\",status=\"200\"}";
+    let counted = eventually(Duration::from_secs(5), || async {
+        metric(&metrics, answered).await == 1.0
+    });
+    assert!(counted.await, "{answered} never reached 1");
 }

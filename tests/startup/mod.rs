@@ -68,6 +68,9 @@ async fn access_log_switch() {
         let api = relay.client();
         let t = tunnel_id("logged");
         api.produce(&t, "x").await;
+        // A long-poll that waits is answered outside Pingora's session, and logged too.
+        let polled = format!("/t/{t}-poll/poll?timeout=1");
+        api.get(&polled).await.expect_empty();
         api.get("/health").await.expect(200);
         let line = relay
             .output()
@@ -83,5 +86,13 @@ async fn access_log_switch() {
             assert!(line.contains("POST produce 201"), "{line}");
             assert!(line.contains("ms tunnel="), "{line}");
         }
+        let poll_logged = relay
+            .output()
+            .lines()
+            .any(|l| l.contains("GET poll 204") && l.contains(&format!("tunnel={t}-poll")));
+        assert_eq!(
+            poll_logged, logged,
+            "BURROW_ACCESS_LOG={setting}: poll line"
+        );
     }
 }
