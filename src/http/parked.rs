@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use http::header::{CONNECTION, DATE};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::Version;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
@@ -55,11 +55,18 @@ pub fn detach(session: ServerSession) -> Option<(Stream, bool)> {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_ascii_lowercase);
             // RFC 9112 §9.3: HTTP/1.1 persists unless told to close; HTTP/1.0 only when asked.
-            let keepalive = match connection.as_deref() {
+            let asked = match connection.as_deref() {
                 Some(c) if c.contains("close") => false,
                 Some(c) if c.contains("keep-alive") => true,
                 _ => head.version == Version::HTTP_11,
             };
+            // A body nobody reads would be taken for the next request: close after answering.
+            let no_body = !head.headers.contains_key(TRANSFER_ENCODING)
+                && head
+                    .headers
+                    .get(CONTENT_LENGTH)
+                    .is_none_or(|length| length.as_bytes() == b"0");
+            let keepalive = asked && no_body;
             Some((h1.into_inner(), keepalive))
         }
         _ => None,

@@ -204,3 +204,23 @@ pub(super) async fn poll_closes_when_asked(api: &Client) {
         assert!(connection.closed().await, "still open after {request:?}");
     }
 }
+
+/// Burrow: a body sent with a long-poll is not read, so the connection is closed after the answer
+/// rather than left for the next request to trip on.
+pub(super) async fn poll_with_a_body_closes_after_answering(backend: Backend) {
+    let api = backend.shared().client();
+    let t = tunnel_id("pollbody");
+    let mut connection = Connection::open(api.base()).await;
+    let poll = format!(
+        "GET /t/{t}/poll?timeout=0 HTTP/1.1\r\nHost: relay\r\nContent-Length: 3\r\n\r\nabc"
+    );
+    let answer = connection.exchange(&poll).await;
+    assert_eq!(
+        (answer.status, answer.header("connection")),
+        (204, Some("close"))
+    );
+    assert!(
+        connection.closed().await,
+        "still open after a poll with a body"
+    );
+}

@@ -70,6 +70,7 @@ per_store! {
         error_bodies_are_one_line,
     ],
     dedicated: [
+        poll_with_a_body_closes_after_answering,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         backpressure_off_setting,
