@@ -481,13 +481,17 @@ impl HttpServerApp for RelayApp {
         };
         let (response, after) = match outcome {
             Outcome::Respond(response, after) => (response, after),
-            Outcome::Wait(wait) if parked::can_detach(&session) => {
-                let (stream, keepalive) = parked::detach(session)?;
-                let parked = self.clone().park(stream, keepalive, wait, served, shutdown);
-                tokio::spawn(parked);
-                return None;
-            }
-            Outcome::Wait(wait) => (self.wait(name, wait, &mut shutdown).await, None),
+            Outcome::Wait(wait) => match parked::detach(session) {
+                Ok((stream, keepalive)) => {
+                    let parked = self.clone().park(stream, keepalive, wait, served, shutdown);
+                    tokio::spawn(parked);
+                    return None;
+                }
+                Err(whole) => {
+                    session = *whole;
+                    (self.wait(name, wait, &mut shutdown).await, None)
+                }
+            },
         };
         let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.

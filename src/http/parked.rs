@@ -38,14 +38,10 @@ pub enum Wait {
     },
 }
 
-/// Whether a session can be parked: HTTP/1 only, as h2c streams share one connection.
-pub fn can_detach(session: &ServerSession) -> bool {
-    matches!(session, ServerSession::H1(_))
-}
-
 /// Takes an HTTP/1 connection's stream out of its session, with whether the client keeps the
-/// connection open after the response; `None` for any other session.
-pub fn detach(session: ServerSession) -> Option<(Stream, bool)> {
+/// connection open after the response. Any other session is handed back: h2c streams share one
+/// connection, so they wait in place.
+pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSession>> {
     match session {
         ServerSession::H1(h1) => {
             let head = h1.req_header();
@@ -67,9 +63,9 @@ pub fn detach(session: ServerSession) -> Option<(Stream, bool)> {
                     .get(CONTENT_LENGTH)
                     .is_none_or(|length| length.as_bytes() == b"0");
             let keepalive = asked && no_body;
-            Some((h1.into_inner(), keepalive))
+            Ok((h1.into_inner(), keepalive))
         }
-        _ => None,
+        other => Err(Box::new(other)),
     }
 }
 
