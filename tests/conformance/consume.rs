@@ -224,3 +224,29 @@ pub(super) async fn poll_with_a_body_closes_after_answering(backend: Backend) {
         "still open after a poll with a body"
     );
 }
+
+/// Burrow: over h2c (HTTP/2 without TLS, streams sharing one connection) a long-poll waits in
+/// place instead of leaving the session, and is woken like any other.
+pub(super) async fn h2c_poll_wakes_on_produce(backend: Backend) {
+    let api = backend.shared().client();
+    let t = tunnel_id("h2cpoll");
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client builds");
+    let url = format!("{}/t/{t}/poll?timeout=10", api.base());
+    let poll = tokio::spawn(async move { h2c.get(url).send().await });
+    let_polls_start().await;
+    api.produce(&t, "over h2c").await;
+    let produced = Instant::now();
+    let response = poll
+        .await
+        .expect("the poll task does not panic")
+        .expect("the relay answers over h2c");
+    assert_eq!(
+        (response.version(), response.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
+    assert_eq!(response.text().await.expect("a body"), "over h2c");
+    assert_prompt_wake(produced);
+}

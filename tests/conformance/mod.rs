@@ -71,6 +71,7 @@ per_store! {
     ],
     dedicated: [
         poll_with_a_body_closes_after_answering,
+        h2c_poll_wakes_on_produce,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         backpressure_off_setting,
