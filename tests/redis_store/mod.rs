@@ -244,3 +244,50 @@ fn field(row: &Value, name: &str) -> String {
         .find_map(|(key, value)| (key == name).then_some(value))
         .unwrap_or_else(|| panic!("no {name} in {row:?}"))
 }
+
+/// Each worker thread sends its commands on a store connection of its own (besides the shared
+/// pool and the subscriber), and the count stays fixed however many clients there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_connections_are_per_thread_and_fixed() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_POOL_SIZE", "1")]);
+    // Connections other than the one asking.
+    let relay_connections = || {
+        let list = redis.command(&["CLIENT", "LIST"]).text();
+        list.lines()
+            .filter(|l| !l.contains("cmd=client|list"))
+            .count()
+    };
+    // Many clients, each with its own connection, so both worker threads serve some.
+    let traffic = |round: usize| {
+        let handles: Vec<_> = (0..32)
+            .map(|i| {
+                let api = Client::new(relay.client().base());
+                let t = tunnel_id(&format!("conns{round}-{i}"));
+                tokio::spawn(async move {
+                    api.produce(&t, "x").await;
+                    api.consume(&t, "").await.expect(200);
+                })
+            })
+            .collect();
+        futures_util::future::join_all(handles)
+    };
+    traffic(0).await;
+    // The pool (1) and the subscriber, plus one per worker thread once its own is up.
+    let per_thread = crate::support::eventually(Duration::from_secs(5), || {
+        let ready = relay_connections() >= 4;
+        async move { ready }
+    });
+    assert!(
+        per_thread.await,
+        "{} store connections",
+        relay_connections()
+    );
+    let before = relay_connections();
+    traffic(1).await;
+    assert_eq!(
+        relay_connections(),
+        before,
+        "more clients opened more store connections"
+    );
+}
