@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, via apt-get and only when missing, what building Burrow needs on a fresh Debian
 # machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
-# `--tests`, also redis-server (the tests start their own on a free port; no system service is used).
+# `--tests`, also redis-server (the tests start their own on a free port; no system service is used)
+# and openssl (the https-upstream test makes its certificates with it).
 # With `--browser`, also Debian's chromium (/usr/bin/chromium, for tests/browser); with
 # `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options combine.
 set -euo pipefail
@@ -14,7 +15,7 @@ declare -A needs=(
 )
 for opt in "$@"; do
   case "$opt" in
-    --tests) needs[redis-server]=redis-server ;;
+    --tests) needs[redis-server]=redis-server needs[openssl]=openssl ;;
     --browser) needs[chromium]=chromium ;;
     --loadtest) needs[redis-server]=redis-server needs[wrk]=wrk needs[curl]=curl ;;
     *) echo "usage: $0 [--tests] [--browser] [--loadtest]" >&2; exit 2 ;;

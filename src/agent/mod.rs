@@ -6,6 +6,7 @@
 //! refuses new requests (the relay retries them on another agent), lets those in flight finish
 //! within 10 s, and exits 0.
 
+pub(crate) mod client;
 pub(crate) mod connection;
 pub(crate) mod upstream;
 
@@ -81,7 +82,7 @@ pub struct AgentConfig {
     /// `ws(s)://…/agent/connect?name=NAME`.
     connect_url: String,
     name: TunnelId,
-    upstream: String,
+    upstream: url::Url,
     token: Option<String>,
 }
 
@@ -111,7 +112,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             connect_url: connect.to_string(),
             name,
-            upstream: upstream.as_str().trim_end_matches('/').to_owned(),
+            upstream,
             token: args.token,
         })
     }
@@ -123,14 +124,14 @@ impl std::fmt::Debug for AgentConfig {
         f.debug_struct("AgentConfig")
             .field("connect_url", &self.connect_url)
             .field("name", &self.name)
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream.as_str())
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
 
-fn http_url(flag: &'static str, raw: &str) -> Result<reqwest::Url, ConfigError> {
-    let url = reqwest::Url::parse(raw).map_err(|err| ConfigError::NotAUrl {
+fn http_url(flag: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(raw).map_err(|err| ConfigError::NotAUrl {
         flag,
         url: raw.to_owned(),
         reason: err.to_string(),
@@ -151,8 +152,8 @@ pub enum AgentError {
     Runtime(#[source] std::io::Error),
     #[error("cannot listen for SIGTERM and SIGINT: {0}")]
     Signals(#[source] std::io::Error),
-    #[error("cannot build the HTTP client: {0}")]
-    Http(#[source] reqwest::Error),
+    #[error("cannot use the upstream: {0}")]
+    Upstream(String),
 }
 
 /// Runs `burrow agent` until a signal stops it; the exit code says how it ended.
@@ -182,7 +183,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
 async fn agent(config: AgentConfig) -> Result<(), AgentError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let upstream = Arc::new(Upstream::new(&config.upstream).map_err(AgentError::Http)?);
+    let upstream = Arc::new(Upstream::new(&config.upstream).map_err(AgentError::Upstream)?);
     let (drain_tx, drain) = watch::channel(false);
     tokio::spawn(async move {
         tokio::select! {
@@ -336,7 +337,7 @@ mod tests {
         ];
         let c = config(&args).unwrap();
         assert_eq!(c.connect_url, "ws://relay:8080/agent/connect?name=svc-1");
-        assert_eq!(c.upstream, "http://127.0.0.1:81");
+        assert_eq!(c.upstream.as_str(), "http://127.0.0.1:81/");
         let args = [
             "--relay",
             "https://r/p",

@@ -1,34 +1,31 @@
-//! Forwards one stream's request to the upstream service with reqwest and streams the answer
-//! back, both bodies within the stream's flow control.
+//! Forwards one stream's request to the upstream service and streams the answer back, both
+//! bodies within the stream's flow control.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::BodyExt;
 
+use super::client::{Client, RequestBody};
 use crate::routing::frame::Kind;
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
 use crate::routing::stream::{BodyReader, BodyWriter, Inbound};
 
 /// The upstream service every request goes to.
 pub struct Upstream {
-    client: reqwest::Client,
-    /// `http://host:port[/prefix]`, without a trailing slash; the request's path is appended.
-    base: String,
+    client: Client,
+    /// The upstream URL's path without a trailing slash (often empty); the request's path is
+    /// appended.
+    prefix: String,
 }
 
 impl Upstream {
-    /// An upstream at `base` (an `http(s)://` URL without query).
-    pub fn new(base: &str) -> Result<Upstream, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            // The client's redirects and proxies are the client's business, not the agent's.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(5))
-            .build()?;
+    /// An upstream at `url` (`http(s)://`, without query).
+    pub fn new(url: &url::Url) -> Result<Upstream, String> {
         Ok(Upstream {
-            client,
-            base: base.trim_end_matches('/').to_owned(),
+            client: Client::new(url)?,
+            prefix: url.path().trim_end_matches('/').to_owned(),
         })
     }
 
@@ -72,8 +69,8 @@ impl Upstream {
             Err(Outcome::Failed(status, why)) => return answer_error(writer, status, why).await,
             Err(outcome) => return outcome,
         };
-        let mut response = match request.send().await {
-            Ok(response) => response,
+        let (response, connection) = match self.client.send(request).await {
+            Ok(sent) => sent,
             Err(err) => {
                 let why = format!("upstream unreachable: {}", error_chain(&err));
                 return answer_error(writer, 502, why).await;
@@ -93,21 +90,26 @@ impl Upstream {
         if let Err(reason) = writer.send(Kind::Response, head.to_json()).await {
             return Outcome::Reset(reason);
         }
+        let mut body = response.into_body();
         loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue; // trailers are not relayed
+                    };
                     if let Err(reason) = writer.write(chunk).await {
                         return Outcome::Reset(reason);
                     }
                 }
-                Ok(None) => break,
-                Err(err) => {
+                None => break,
+                Some(Err(err)) => {
                     let why = format!("upstream body failed: {}", error_chain(&err));
                     writer.reset(&why);
                     return Outcome::Reset(why);
                 }
             }
         }
+        self.client.release(connection);
         match writer.end().await {
             Ok(()) => Outcome::Answered(status),
             Err(reason) => Outcome::Reset(reason),
@@ -120,20 +122,23 @@ impl Upstream {
         &self,
         head: &RequestHead,
         mut reader: BodyReader,
-    ) -> Result<reqwest::RequestBuilder, Outcome> {
-        let method = reqwest::Method::from_bytes(head.method.as_bytes())
+    ) -> Result<http::Request<RequestBody>, Outcome> {
+        let method = http::Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Outcome::Failed(400, format!("invalid method {:?}", head.method)))?;
-        let url = format!("{}{}", self.base, head.path);
-        let builder = self
-            .client
-            .request(method, url)
-            .headers(upstream_headers(&head.headers));
-        match reader.next().await {
-            Inbound::End => Ok(builder),
-            Inbound::Data(first) => Ok(builder.body(body_stream(first, reader))),
-            Inbound::Reset(reason) => Err(Outcome::Reset(reason)),
-            Inbound::Response(_) => Err(Outcome::Reset("a RESPONSE from the relay".into())),
-        }
+        let target = format!("{}{}", self.prefix, head.path);
+        let uri = http::Uri::try_from(target)
+            .map_err(|err| Outcome::Failed(400, format!("invalid path: {err}")))?;
+        let body = match reader.next().await {
+            Inbound::End => RequestBody::empty(),
+            Inbound::Data(first) => RequestBody::streaming(first, reader),
+            Inbound::Reset(reason) => return Err(Outcome::Reset(reason)),
+            Inbound::Response(_) => return Err(Outcome::Reset("a RESPONSE from the relay".into())),
+        };
+        let mut request = http::Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = upstream_headers(&head.headers);
+        Ok(request)
     }
 }
 
@@ -164,30 +169,6 @@ fn upstream_headers(headers: &Headers) -> HeaderMap {
     map
 }
 
-/// The request body as reqwest streams it: `first`, then what the relay sends until `END`.
-fn body_stream(first: Bytes, mut reader: BodyReader) -> reqwest::Body {
-    let mut first = Some(first);
-    let mut ended = false;
-    let stream = futures_util::stream::poll_fn(move |cx| {
-        if let Some(chunk) = first.take() {
-            return std::task::Poll::Ready(Some(Ok(chunk)));
-        }
-        if ended {
-            return std::task::Poll::Ready(None);
-        }
-        reader.poll_next(cx).map(|item| match item {
-            Inbound::Data(chunk) => Some(Ok(chunk)),
-            Inbound::End => {
-                ended = true;
-                None
-            }
-            Inbound::Reset(reason) => Some(Err(std::io::Error::other(reason))),
-            Inbound::Response(_) => Some(Err(std::io::Error::other("a RESPONSE from the relay"))),
-        })
-    });
-    reqwest::Body::wrap_stream(stream)
-}
-
 /// Answers `status` with a one-line text body saying why.
 async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome {
     let head = ResponseHead {
@@ -205,7 +186,7 @@ async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome 
     }
 }
 
-/// An error with its sources, on one line (reqwest's own message hides the cause).
+/// An error with its sources, on one line (hyper's own message hides the cause).
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

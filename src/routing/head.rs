@@ -2,10 +2,11 @@
 //! hop-by-hop headers that never cross the relay (RFC 9110 §7.6.1).
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
-/// Header names and values in order, repeated names kept (`Set-Cookie`). Values are text: a
-/// non-UTF-8 byte is replaced (U+FFFD) where headers enter the protocol.
+/// Header names and values in order, repeated names kept (`Set-Cookie`); in JSON a list of
+/// `[name, value]` pairs. Values are text: a non-UTF-8 byte is replaced (U+FFFD) where headers
+/// enter the protocol.
 pub type Headers = Vec<(String, String)>;
 
 /// The headers only meaningful on one connection, dropped before a head crosses the relay.
@@ -22,89 +23,77 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// A request as the agent sends it upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestHead {
     /// `GET`, `POST`…
     pub method: String,
     /// Path and query as sent upstream (`/items?page=2`).
     pub path: String,
+    #[serde(default)]
     pub headers: Headers,
 }
 
 /// The upstream's answer as the relay passes it to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {
     pub status: u16,
+    #[serde(default)]
     pub headers: Headers,
 }
 
 /// Why a head's JSON is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
-    #[error("head is not JSON: {0}")]
+    #[error("head is not valid JSON of its kind: {0}")]
     Json(String),
     #[error("head field {0:?} is missing or of the wrong type")]
     Field(&'static str),
     #[error("status {0} is not an HTTP status (100-999)")]
-    Status(u64),
+    Status(u16),
 }
 
 impl RequestHead {
     /// The `HEAD` frame payload.
     pub fn to_json(&self) -> Bytes {
-        let value = json!({
-            "method": self.method,
-            "path": self.path,
-            "headers": headers_json(&self.headers),
-        });
-        Bytes::from(value.to_string())
+        to_json(self)
     }
 
     /// Parses a `HEAD` frame payload.
     pub fn from_json(bytes: &[u8]) -> Result<RequestHead, HeadError> {
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|err| HeadError::Json(err.to_string()))?;
-        let method = text_field(&value, "method")?;
-        let path = text_field(&value, "path")?;
-        if method.is_empty() || !path.starts_with('/') {
-            return Err(HeadError::Field(if method.is_empty() {
-                "method"
-            } else {
-                "path"
-            }));
+        let head: RequestHead = from_json(bytes)?;
+        if head.method.is_empty() {
+            return Err(HeadError::Field("method"));
         }
-        Ok(RequestHead {
-            method,
-            path,
-            headers: headers_from(&value)?,
-        })
+        if !head.path.starts_with('/') {
+            return Err(HeadError::Field("path"));
+        }
+        Ok(head)
     }
 }
 
 impl ResponseHead {
     /// The `RESPONSE` frame payload.
     pub fn to_json(&self) -> Bytes {
-        let value = json!({"status": self.status, "headers": headers_json(&self.headers)});
-        Bytes::from(value.to_string())
+        to_json(self)
     }
 
     /// Parses a `RESPONSE` frame payload.
     pub fn from_json(bytes: &[u8]) -> Result<ResponseHead, HeadError> {
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|err| HeadError::Json(err.to_string()))?;
-        let status = value
-            .get("status")
-            .and_then(Value::as_u64)
-            .ok_or(HeadError::Field("status"))?;
-        let status = u16::try_from(status)
-            .ok()
-            .filter(|s| (100..=999).contains(s))
-            .ok_or(HeadError::Status(status))?;
-        Ok(ResponseHead {
-            status,
-            headers: headers_from(&value)?,
-        })
+        let head: ResponseHead = from_json(bytes)?;
+        if !(100..=999).contains(&head.status) {
+            return Err(HeadError::Status(head.status));
+        }
+        Ok(head)
     }
+}
+
+fn to_json(head: &impl Serialize) -> Bytes {
+    // Strings, a number and lists of them: serialising cannot fail.
+    Bytes::from(serde_json::to_vec(head).unwrap_or_default())
+}
+
+fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, HeadError> {
+    serde_json::from_slice(bytes).map_err(|err| HeadError::Json(err.to_string()))
 }
 
 /// Removes the hop-by-hop headers, including those the `Connection` header names.
@@ -113,43 +102,13 @@ pub fn strip_hop_by_hop(headers: &mut Headers) {
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, value)| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
+        .map(|token| token.trim().to_owned())
         .filter(|token| !token.is_empty())
         .collect();
     headers.retain(|(name, _)| {
-        let name = name.to_ascii_lowercase();
-        !HOP_BY_HOP.contains(&name.as_str()) && !named.contains(&name)
+        let is = |other: &str| name.eq_ignore_ascii_case(other);
+        !HOP_BY_HOP.iter().copied().any(is) && !named.iter().any(|other| is(other))
     });
-}
-
-fn headers_json(headers: &Headers) -> Value {
-    Value::Array(
-        headers
-            .iter()
-            .map(|(name, value)| json!([name, value]))
-            .collect(),
-    )
-}
-
-fn text_field(value: &Value, field: &'static str) -> Result<String, HeadError> {
-    value
-        .get(field)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or(HeadError::Field(field))
-}
-
-fn headers_from(value: &Value) -> Result<Headers, HeadError> {
-    let Some(list) = value.get("headers") else {
-        return Ok(Vec::new());
-    };
-    let list = list.as_array().ok_or(HeadError::Field("headers"))?;
-    list.iter()
-        .map(|pair| match pair.as_array().map(Vec::as_slice) {
-            Some([Value::String(name), Value::String(value)]) => Ok((name.clone(), value.clone())),
-            _ => Err(HeadError::Field("headers")),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -188,21 +147,23 @@ mod tests {
             RequestHead::from_json(b"{"),
             Err(HeadError::Json(_))
         ));
-        assert_eq!(
-            RequestHead::from_json(br#"{"method":"GET"}"#),
-            Err(HeadError::Field("path"))
-        );
+        let missing = RequestHead::from_json(br#"{"method":"GET"}"#).unwrap_err();
+        assert!(missing.to_string().contains("`path`"), "{missing}");
         assert_eq!(
             RequestHead::from_json(br#"{"method":"GET","path":"x"}"#),
             Err(HeadError::Field("path"))
         );
-        assert_eq!(
+        assert!(matches!(
             RequestHead::from_json(br#"{"method":"GET","path":"/","headers":[["a"]]}"#),
-            Err(HeadError::Field("headers"))
-        );
-        assert_eq!(
+            Err(HeadError::Json(_))
+        ));
+        assert!(matches!(
             ResponseHead::from_json(br#"{"status":70000}"#),
-            Err(HeadError::Status(70000))
+            Err(HeadError::Json(_))
+        ));
+        assert_eq!(
+            ResponseHead::from_json(br#"{"status":99}"#),
+            Err(HeadError::Status(99))
         );
     }
 

@@ -218,7 +218,8 @@ struct Agent {
 
 async fn start_agent(relay: &Relay, name: &str, upstream: &str) -> Agent {
     let socket = relay.dial(name).await;
-    let upstream = Arc::new(Upstream::new(upstream).unwrap());
+    let url = url::Url::parse(upstream).unwrap();
+    let upstream = Arc::new(Upstream::new(&url).unwrap());
     let (drain, watching) = watch::channel(false);
     let task = tokio::spawn(connection::serve(
         socket,

@@ -4,6 +4,7 @@
 //! Waiting is on events (an agent listed by `GET /agents`, a line in the agent's log, the upstream
 //! receiving a request), each bounded by a deadline; nothing sleeps a fixed time to synchronise.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -305,6 +306,125 @@ async fn every_status() {
         took < Duration::from_millis(1900),
         "502 only after {took:?}"
     );
+}
+
+/// The agent keeps its upstream connections alive: sequential requests share one connection,
+/// and one the upstream closes (`Connection: close`) is not used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_kept_alive() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (&setup.client, &setup.name);
+    echo_through(client, name, "up").await;
+    let opened = setup.upstream.connections();
+    for _ in 0..20 {
+        echo_through(client, name, "up").await;
+    }
+    assert_eq!(
+        setup.upstream.connections(),
+        opened,
+        "20 requests, no new connection"
+    );
+    for i in 1..=5 {
+        let response = client.get(&format!("/r/{name}/close")).await.expect(200);
+        assert_eq!(response.text(), "bye");
+        echo_through(client, name, "up").await;
+        assert_eq!(
+            setup.upstream.connections(),
+            opened + i,
+            "a new one after each close"
+        );
+    }
+}
+
+/// An `https://` upstream: the agent verifies its certificate against the system's roots
+/// (`SSL_CERT_FILE` here) and sends `Host` as the upstream URL has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), "up");
+    let (other, _, _) = certificates(dir.path(), "other");
+    let upstream = Upstream::start_tls("secure", &cert, &key).await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("tls");
+    let args = [
+        "--relay",
+        &relay.base,
+        "--name",
+        &name,
+        "--upstream",
+        &upstream.url(),
+    ];
+    let agent = Agent::start_with(&args, &[("SSL_CERT_FILE", ca.as_os_str())]);
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    let response = client.get(&format!("/r/{name}/echo?q=1")).await.expect(200);
+    let echo = Echo::parse(&response.body);
+    assert_eq!(
+        (echo.upstream.as_str(), echo.uri.as_str()),
+        ("secure", "/echo?q=1")
+    );
+    assert_eq!(echo.one("host"), format!("localhost:{}", upstream.port));
+
+    // With another authority as its only root the agent refuses the upstream: 502.
+    let doubting = tunnel_id("tls");
+    let args = [
+        "--relay",
+        &relay.base,
+        "--name",
+        &doubting,
+        "--upstream",
+        &upstream.url(),
+    ];
+    let agent = Agent::start_with(&args, &[("SSL_CERT_FILE", other.as_os_str())]);
+    wait_agents(&client, &doubting, 1, RECONNECT, &[&agent]).await;
+    let response = client.get(&format!("/r/{doubting}/echo")).await;
+    assert_eq!(response.status, 502, "{response:?}");
+    assert!(response.text().contains("certificate"), "{response:?}");
+}
+
+/// A certificate authority `dir/NAME-ca.pem` and a certificate for `localhost` it signed, with
+/// its key: `(ca, cert, key)`.
+fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let file = |suffix: &str| dir.join(format!("{name}{suffix}"));
+    let (ca, ca_key, cert, key) = (file("-ca.pem"), file("-ca.key"), file(".pem"), file(".key"));
+    let new_certificate = || {
+        let mut openssl = std::process::Command::new("openssl");
+        openssl
+            .args(["req", "-x509", "-nodes", "-days", "1"])
+            .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]);
+        openssl
+    };
+    let mut authority = new_certificate();
+    authority
+        .args(["-subj", "/CN=test CA", "-keyout"])
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca);
+    let mut leaf = new_certificate();
+    leaf.args([
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+    ])
+    .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+    .arg("-CA")
+    .arg(&ca)
+    .arg("-CAkey")
+    .arg(&ca_key)
+    .arg("-keyout")
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    for mut openssl in [authority, leaf] {
+        let made = openssl.output().expect("openssl runs");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    (ca, cert, key)
 }
 
 /// The size of the large bodies.

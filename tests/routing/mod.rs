@@ -26,6 +26,11 @@ struct Agent {
 
 impl Agent {
     fn start(args: &[&str]) -> Agent {
+        Agent::start_with(args, &[])
+    }
+
+    /// `burrow agent ARGS` with extra environment variables.
+    fn start_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let dir = TempDir::new().expect("a tempdir for the agent's log");
         let log =
             std::fs::File::create(dir.path().join("agent.log")).expect("the tempdir is writable");
@@ -37,6 +42,7 @@ impl Agent {
             .env_remove("BURROW_RELAY")
             .env_remove("BURROW_AGENT_NAME")
             .env_remove("BURROW_UPSTREAM")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("a file handle can be duplicated"))
             .stderr(log)

@@ -5,6 +5,7 @@
 //! - `/blob?bytes=N`: `N` bytes of [`blob`], streamed in 64 KiB chunks.
 //! - `/sha256`: reads the request body as it streams and answers `{"len", "sha256"}`.
 //! - `/mirror…`: answers the request body as it is.
+//! - `/close`: `200 bye` with `Connection: close`, then closes the connection.
 //! - anything else: [`Echo`] as JSON, with status `x-echo-status` (200 without it), headers
 //!   `X-Upstream-Id`, `X-Reply: yes` and two `Set-Cookie`.
 
@@ -21,8 +22,13 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::TlsAcceptor;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -33,29 +39,58 @@ pub struct Upstream {
     pub sleeping: watch::Sender<u64>,
     /// How many requests have arrived.
     pub arrived: Arc<AtomicU64>,
+    /// How many connections have been accepted.
+    pub connections: Arc<AtomicU64>,
+    tls: bool,
 }
 
 impl Upstream {
     /// Starts an upstream that says `id` in `X-Upstream-Id` and in its echoes.
     pub async fn start(id: &str) -> Upstream {
+        Upstream::serve(id, None).await
+    }
+
+    /// The same over TLS, with the certificate and key in PEM files (a certificate for
+    /// `localhost`).
+    pub async fn start_tls(id: &str, cert: &std::path::Path, key: &std::path::Path) -> Upstream {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .expect("the certificate file reads")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("the certificate parses");
+        let key = PrivateKeyDer::from_pem_file(key).expect("the key parses");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("the certificate and key match");
+        Upstream::serve(id, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(id: &str, tls: Option<TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let sleeping = watch::Sender::new(0);
         let id: Arc<str> = id.into();
         let arrived = Arc::new(AtomicU64::new(0));
-        let (signal, count) = (sleeping.clone(), arrived.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let (signal, count, accepted) = (sleeping.clone(), arrived.clone(), connections.clone());
+        let secure = tls.is_some();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (id, signal, count) = (id.clone(), signal.clone(), count.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let (id, signal) = (id.clone(), signal.clone());
-                        async move { Ok::<_, Infallible>(answer(request, &id, &signal).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
+                    match tls {
+                        None => serve_connection(tcp, id, signal, count).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_connection(stream, id, signal, count).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -63,6 +98,8 @@ impl Upstream {
             port,
             sleeping,
             arrived,
+            connections,
+            tls: secure,
         }
     }
 
@@ -71,10 +108,36 @@ impl Upstream {
         self.arrived.load(Ordering::SeqCst)
     }
 
-    /// `http://127.0.0.1:PORT`, the agent's `--upstream`.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// How many connections have been accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
+
+    /// The agent's `--upstream`: `http://127.0.0.1:PORT`, or `https://localhost:PORT` over TLS.
+    pub fn url(&self) -> String {
+        match self.tls {
+            false => format!("http://127.0.0.1:{}", self.port),
+            true => format!("https://localhost:{}", self.port),
+        }
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    id: Arc<str>,
+    signal: watch::Sender<u64>,
+    count: Arc<AtomicU64>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let (id, signal) = (id.clone(), signal.clone());
+        async move { Ok::<_, Infallible>(answer(request, &id, &signal).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// What the upstream received, as its echo reports it.
@@ -148,6 +211,12 @@ async fn answer(
         sleeping.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         return whole(200, "late");
+    }
+    if path == "/close" {
+        return Response::builder()
+            .header("Connection", "close")
+            .body(Full::new(Bytes::from("bye")).boxed())
+            .unwrap();
     }
     if path == "/blob" {
         let len = request
