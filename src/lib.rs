@@ -16,6 +16,7 @@
 //! - `presence`: which agents are connected to which instance, announced in the store.
 //! - `store`: the `Backend` trait and its two implementations, `memory` and `redis`.
 //! - `metrics`: Prometheus metrics, served on `BURROW_METRICS_LISTEN`.
+//! - `access_log`: one line per request (`BURROW_ACCESS_LOG`), written to stderr in batches.
 //! - `worker`: `burrow worker`, which takes jobs from a queue and runs a command for each.
 //! - `routing`: tunnel routing to agents, relay side: the agent wire protocol, connected agents
 //!   (`Agents`) and forwarded requests (`Exchange`), without Pingora.
@@ -24,6 +25,7 @@
 
 pub mod config;
 
+mod access_log;
 mod agent;
 mod auth;
 mod cli;

@@ -9,6 +9,7 @@ use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
+use crate::access_log;
 use crate::config::Config;
 use crate::http::RelayApp;
 use crate::presence::{Presence, ANNOUNCE_EVERY};
@@ -48,6 +49,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let app = RelayApp::new(&config, store);
     let announcer = background_service("presence", Announcer(app.presence()));
+    let access_log = background_service("access log", AccessLogFlusher);
 
     let opt = Opt {
         upgrade,
@@ -62,6 +64,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     service.add_listener(ListenerConfig::tcp(&config.listen).l4_buffer(unbuffered_reads));
     server.add_service(service);
     server.add_service(announcer);
+    server.add_service(access_log);
     if let Some(metrics_listen) = &config.metrics_listen {
         let mut metrics = pingora_prometheus::prometheus_http_service();
         metrics.add_tcp(metrics_listen);
@@ -73,6 +76,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         config.store.name()
     );
     server.run(RunArgs::default());
+    // The requests drained at shutdown were logged after the flusher's last round.
+    access_log::flush();
     store_runtime.shutdown_background();
     Ok(())
 }
@@ -94,6 +99,23 @@ impl BackgroundService for Announcer {
                 }
             }
         }
+    }
+}
+
+/// Writes out the access log's buffered lines every second, and once more at shutdown.
+struct AccessLogFlusher;
+
+#[async_trait]
+impl BackgroundService for AccessLogFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(access_log::FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => access_log::flush(),
+            }
+        }
+        access_log::flush();
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::Method;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use pingora_core::apps::{
     HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
 };
@@ -22,6 +22,7 @@ use super::parked::{self, Wait};
 use super::response::Response;
 use super::route::{Route, RoutingHeaders};
 use super::{forward, sse, websocket};
+use crate::access_log;
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::error::Error;
@@ -118,7 +119,8 @@ impl RelayApp {
             // Requests for agents on other instances go there over plain HTTP, pooled.
             proxy: reqwest::Client::new(),
             auth: Auth::new(config.auth.clone()),
-            access_log: config.access_log,
+            // `RUST_LOG` is read once at start: whether it passes access lines cannot change.
+            access_log: config.access_log && access_log::enabled(),
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
             options,
@@ -550,7 +552,9 @@ impl RelayApp {
             let Served { method, name, .. } = served;
             let ms = served.started.elapsed().as_secs_f64() * 1000.0;
             let tunnel = served.tunnel.as_deref().unwrap_or("-");
-            info!(target: "burrow::access", "{method} {name} {status} {ms:.3}ms tunnel={tunnel}");
+            access_log::line(format_args!(
+                "{method} {name} {status} {ms:.3}ms tunnel={tunnel}"
+            ));
         }
     }
 

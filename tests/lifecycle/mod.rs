@@ -1,5 +1,6 @@
 //! The relay's life as an operator sees it: SIGTERM drains gracefully, SIGQUIT hands the listening
-//! socket to a new process (graceful upgrade), and Prometheus metrics move with the traffic.
+//! socket to a new process (graceful upgrade), Prometheus metrics move with the traffic, and the
+//! access log is written (batched, and all of it by the time the relay exits).
 //!
 //! These tests signal the relay and watch it exit, so they start it as a plain child process
 //! (killed on drop) instead of through the shared-relay guardian.
@@ -33,6 +34,7 @@ const EXIT_WITHIN: Duration = Duration::from_secs(5);
 struct Burrow {
     child: Child,
     port: u16,
+    log: PathBuf,
 }
 
 /// What every relay of one test shares: the Pingora configuration and the upgrade socket.
@@ -60,12 +62,11 @@ impl Site {
     /// Starts `burrow serve args…` on `port` with `env` added; waits for `/health` unless upgrading.
     fn start(&self, port: u16, args: &[&str], env: &[(&str, &str)]) -> Burrow {
         let listen = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(
-            self.dir
-                .path()
-                .join(format!("relay-{port}-{}.log", args.len())),
-        )
-        .expect("the tempdir is writable");
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("relay-{port}-{}.log", args.len()));
+        let log = std::fs::File::create(&log_path).expect("the tempdir is writable");
         let child = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
             .arg("serve")
             .args(args)
@@ -78,7 +79,11 @@ impl Site {
             .stderr(log)
             .spawn()
             .expect("the burrow binary starts");
-        let burrow = Burrow { child, port };
+        let burrow = Burrow {
+            child,
+            port,
+            log: log_path,
+        };
         if !args.contains(&"--upgrade") {
             let healthy = wait_until(Duration::from_secs(10), || {
                 status_of(port, "/health") == Some(200)
@@ -97,6 +102,11 @@ impl Burrow {
     /// Sends `signal` (`TERM`, `QUIT`) to the relay.
     fn signal(&self, signal: &str) {
         process::signal(&self.child, signal);
+    }
+
+    /// What the relay has written to stdout and stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The exit status, if the relay exits within `limit`.
@@ -252,6 +262,66 @@ async fn sigterm_answers_waiting_polls_and_exits() {
         .await
         .expect("the relay exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
+}
+
+/// `BURROW_ACCESS_LOG=1` writes one line per request (method, route, status, duration, tunnel),
+/// a long-poll answered outside Pingora's session included, within a few seconds and in any case
+/// before the relay exits; `0`, or a `RUST_LOG` that filters `burrow::access` out, writes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_switch() {
+    let site = Site::new();
+    let cases = [
+        ("1", "info", true),
+        ("0", "info", false),
+        ("1", "warn", false),
+    ];
+    for (setting, filter, logged) in cases {
+        let env = [("BURROW_ACCESS_LOG", setting), ("RUST_LOG", filter)];
+        let mut relay = site.start(free_port(), &[], &env);
+        let api = relay.client();
+        let t = tunnel_id("logged");
+        api.produce(&t, "x").await;
+        api.get(&format!("/t/{t}-poll/poll?timeout=1"))
+            .await
+            .expect_empty();
+        let line_for = |log: &str, tunnel: &str| {
+            log.lines()
+                .find(|l| l.contains("burrow::access") && l.ends_with(&format!("tunnel={tunnel}")))
+                .map(String::from)
+        };
+        if logged {
+            // Written by the flusher while the relay runs.
+            let written = || std::future::ready(line_for(&relay.log(), &t).is_some());
+            assert!(
+                eventually(Duration::from_secs(5), written).await,
+                "{}",
+                relay.log()
+            );
+        }
+        let last = tunnel_id("last");
+        api.produce(&last, "x").await;
+        relay.signal("TERM");
+        let status = relay.exit_within(EXIT_WITHIN).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "exit status {status:?}"
+        );
+        let log = relay.log();
+        let case = format!("BURROW_ACCESS_LOG={setting} RUST_LOG={filter}");
+        assert_eq!(line_for(&log, &t).is_some(), logged, "{case}: {log}");
+        assert_eq!(line_for(&log, &last).is_some(), logged, "{case}: {log}");
+        assert_eq!(log.contains("burrow::access"), logged, "{case}: {log}");
+        if logged {
+            let line = line_for(&log, &t).unwrap_or_default();
+            assert!(
+                line.contains("INFO  burrow::access] POST produce 201 "),
+                "{line}"
+            );
+            assert!(line.contains("ms tunnel="), "{line}");
+            let poll = line_for(&log, &format!("{t}-poll")).unwrap_or_default();
+            assert!(poll.contains("] GET poll 204 "), "{log}");
+        }
+    }
 }
 
 /// Under a stream of produces, SIGTERM fails no request in flight and loses nothing it answered 201.

@@ -1,5 +1,4 @@
-//! Start-up: a setting that does not parse stops the relay with a message naming it; the access
-//! log is on or off as `BURROW_ACCESS_LOG` says.
+//! Start-up: a setting that does not parse stops the relay with a message naming it.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -54,45 +53,4 @@ fn serve_with(var: &str, value: &str) -> (bool, String) {
     pipe.read_to_string(&mut stderr)
         .expect("stderr is readable");
     (status.success(), stderr)
-}
-
-/// `BURROW_ACCESS_LOG=1` writes one line per request (method, route, status, duration, tunnel);
-/// `0` writes none. A second request on the same kept-alive connection is answered only after the
-/// first one's line was written, so reading the log then is no race.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_switch() {
-    use crate::support::{tunnel_id, Relay, Store};
-    for (setting, logged) in [("1", true), ("0", false)] {
-        let env = [("BURROW_ACCESS_LOG", setting), ("RUST_LOG", "info")];
-        let relay = Relay::start(Store::Memory, &env);
-        let api = relay.client();
-        let t = tunnel_id("logged");
-        api.produce(&t, "x").await;
-        // A long-poll that waits is answered outside Pingora's session, and logged too.
-        let polled = format!("/t/{t}-poll/poll?timeout=1");
-        api.get(&polled).await.expect_empty();
-        api.get("/health").await.expect(200);
-        let line = relay
-            .output()
-            .lines()
-            .find(|l| l.contains("burrow::access") && l.contains(&t))
-            .map(String::from);
-        assert_eq!(
-            line.is_some(),
-            logged,
-            "BURROW_ACCESS_LOG={setting}: {line:?}"
-        );
-        if let Some(line) = line {
-            assert!(line.contains("POST produce 201"), "{line}");
-            assert!(line.contains("ms tunnel="), "{line}");
-        }
-        let poll_logged = relay
-            .output()
-            .lines()
-            .any(|l| l.contains("GET poll 204") && l.contains(&format!("tunnel={t}-poll")));
-        assert_eq!(
-            poll_logged, logged,
-            "BURROW_ACCESS_LOG={setting}: poll line"
-        );
-    }
 }
