@@ -164,14 +164,15 @@ pub async fn run(args: &Args) {
         }
     };
     tokio::time::sleep_until((started + Duration::from_secs(stop_at)).into()).await;
-    signal("-STOP").await;
+    // An outage begins when its signal is sent: `kill` may land before its own process exits.
     let t_stop = Instant::now();
+    signal("-STOP").await;
     tokio::time::sleep(Duration::from_secs(stop_for)).await;
     signal("-CONT").await;
     let t_cont = Instant::now();
     tokio::time::sleep_until((started + Duration::from_secs(kill_at)).into()).await;
-    signal("-KILL").await;
     let t_kill = Instant::now();
+    signal("-KILL").await;
     tokio::time::sleep(Duration::from_secs(down_for)).await;
     let t_restart = Instant::now();
     let _ = tokio::process::Command::new("sh")
