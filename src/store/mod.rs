@@ -27,7 +27,7 @@ use crate::wake::{WakeKey, Wakeups};
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A store failure. Every backend converts its own errors into this one type.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or did not answer in time; the client should retry.
     #[error("store unavailable: {0}")]

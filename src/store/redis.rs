@@ -12,7 +12,7 @@
 //! [`OPERATION_TIMEOUT`] with [`StoreError::Unavailable`] instead of queueing.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,8 +30,10 @@ use super::{
     Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
 };
 use crate::config::RedisConfig;
+use batch::{Batched, Operation};
 use clients::Clients;
 
+mod batch;
 mod clients;
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::WakeKey;
@@ -65,8 +67,16 @@ const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 /// periodic re-check absorbs.
 const WAKE_BUFFER: usize = 4096;
 
-static PRODUCE: Script = Script::new(include_str!("redis/produce.lua"));
-static CONSUME: Script = Script::new(include_str!("redis/consume.lua"));
+static PRODUCE: Batched = Batched {
+    script: Script::new(include_str!("redis/produce.lua")),
+    arity: 6,
+    name: "produce",
+};
+static CONSUME: Batched = Batched {
+    script: Script::new(include_str!("redis/consume.lua")),
+    arity: 4,
+    name: "consume",
+};
 static ACK: Script = Script::new(include_str!("redis/ack.lua"));
 static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
@@ -84,7 +94,7 @@ const READY_BATCH: usize = 1000;
 
 /// The redis store: its command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
-    clients: Clients,
+    clients: Arc<Clients>,
 }
 
 impl RedisStore {
@@ -157,7 +167,7 @@ impl RedisStore {
             log::warn!("redis: not reachable at start-up; answering 503 until it is");
         }
         Ok(RedisStore {
-            clients: Clients::new(pool, command_builder),
+            clients: Arc::new(Clients::new(pool, command_builder)),
         })
     }
 
@@ -508,16 +518,21 @@ impl Backend for RedisStore {
             Bound::Limit(n) => ("limit", n),
             Bound::Trim(n) => ("trim", n),
         };
-        let mut args = vec![
-            Value::from(mode),
-            Value::from(n.to_string()),
-            Value::Bytes(payload.body),
-            Value::from(WAKE_CHANNEL),
-            Value::from(WakeKey::Message(tunnel.to_string()).encode()),
-        ];
-        args.extend(payload.content_type.map(Value::from));
-        let keys = vec![TunnelKeys::new(tunnel).stream];
-        let reply = PRODUCE.run(&self.call(), keys, args).await?;
+        let body_len = payload.body.len();
+        let operation = Operation {
+            key: TunnelKeys::new(tunnel).stream,
+            args: vec![
+                Value::from(mode),
+                Value::from(n.to_string()),
+                Value::Bytes(payload.body),
+                Value::from(WAKE_CHANNEL),
+                Value::from(WakeKey::Message(tunnel.to_string()).encode()),
+                // The script reads '' as none: an empty Content-Type says nothing either.
+                Value::from(payload.content_type.unwrap_or_default()),
+            ],
+            bytes: body_len,
+        };
+        let reply = batch::run(&self.clients, &PRODUCE, operation).await?;
         parse_produced(reply)
     }
 
@@ -534,13 +549,17 @@ impl Backend for RedisStore {
                 Value::Integer(i64::try_from(redeliver_after.as_millis()).unwrap_or(i64::MAX)),
             ),
         };
-        let args = vec![
-            Value::from(keys.group),
-            Value::from(keys.consumer),
-            Value::from(mode),
-            idle,
-        ];
-        let reply = CONSUME.run(&self.call(), vec![keys.stream], args).await?;
+        let operation = Operation {
+            args: vec![
+                Value::from(keys.group),
+                Value::from(keys.consumer),
+                Value::from(mode),
+                idle,
+            ],
+            key: keys.stream,
+            bytes: 0,
+        };
+        let reply = batch::run(&self.clients, &CONSUME, operation).await?;
         match reply {
             Value::Null => Ok(None),
             entry => parse_entry(entry).map(Some),

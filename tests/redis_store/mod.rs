@@ -291,3 +291,71 @@ async fn store_connections_are_per_thread_and_fixed() {
         "more clients opened more store connections"
     );
 }
+
+/// Produces (and consumes) that arrive together on a worker thread reach redis in shared script
+/// calls, fewer EVALSHA calls than operations, and are still answered one by one: the one whose
+/// key holds another type fails alone (500) while every other one in its calls succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_script_calls() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let bad = tunnel_id("wrongtype");
+    redis.command(&["SET", &format!("t:{bad}:s"), "not a stream"]);
+    let evalsha_calls = || {
+        let stats = redis.command(&["INFO", "commandstats"]).text();
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Loads the scripts and opens the worker threads' own connections.
+    let warm = relay.client();
+    let t = tunnel_id("warm");
+    warm.produce(&t, "x").await;
+    warm.consume(&t, "").await.expect(200);
+    let before = evalsha_calls();
+
+    const CLIENTS: usize = 64;
+    const ROUNDS: usize = 5;
+    // One connection each (client 0 asks for the bad tunnel), reused every round.
+    let clients: Vec<Client> = (0..=CLIENTS)
+        .map(|_| Client::new(relay.client().base()))
+        .collect();
+    for round in 0..ROUNDS {
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+        let tasks: Vec<_> = (0..=CLIENTS)
+            .map(|i| {
+                let (api, start) = (clients[i].clone(), start.clone());
+                let t = match i {
+                    0 => bad.clone(),
+                    _ => tunnel_id(&format!("batch{round}-{i}")),
+                };
+                tokio::spawn(async move {
+                    // Every client connected first, so that the requests arrive together.
+                    api.get("/health").await.expect(200);
+                    start.wait().await;
+                    let produced = api.post(&format!("/t/{t}"), format!("m{i}")).await;
+                    let consumed = api.consume(&t, "").await;
+                    (i, produced, consumed)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (i, produced, consumed) = task.await.expect("the client task does not panic");
+            if i == 0 {
+                produced.expect_one_line_error(500);
+                consumed.expect_one_line_error(500);
+            } else {
+                produced.expect(201);
+                assert_eq!(consumed.expect(200).text(), format!("m{i}"));
+            }
+        }
+    }
+    let calls = evalsha_calls() - before;
+    let operations = (2 * (CLIENTS + 1) * ROUNDS) as u64;
+    assert!(
+        calls < operations,
+        "{calls} EVALSHA calls for {operations} produces and consumes"
+    );
+}

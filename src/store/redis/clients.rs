@@ -39,6 +39,11 @@ impl Clients {
         }
     }
 
+    /// Tells this store apart from the others of the process.
+    pub(super) fn id(&self) -> u64 {
+        self.store
+    }
+
     /// The connection for a command issued from the current thread: its own when connected,
     /// otherwise a connected one of the pool (any, when none is: the command then fails fast).
     pub(super) fn pick(&self) -> Client {

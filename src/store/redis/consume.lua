@@ -1,28 +1,9 @@
--- Hands the next message of a tunnel to its consumer; one atomic step.
--- KEYS[1] stream
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] 'remove' or 'pending',
--- ARGV[4] ('pending') ms a message must have stayed unacknowledged before it is handed out again
--- Returns {id, {field, value, ...}} or nil.
-local stream, group, consumer, mode = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-
--- A tunnel nobody produced to has no stream; creating one here would leave empty keys behind.
-if redis.call('EXISTS', stream) == 0 then
-  return false
-end
-
--- Runs a group command; a stream without the group (made by a producer) gets it at id 0, so
--- messages produced before the first consume are delivered too.
-local function in_group(...)
-  local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err then
-    if not string.find(reply.err, 'NOGROUP', 1, true) then
-      error(reply)
-    end
-    redis.call('XGROUP', 'CREATE', stream, group, '0')
-    reply = redis.call(...)
-  end
-  return reply
-end
+-- Hands the next message of tunnels to their consumers; each one atomic step. One call carries
+-- the consumes that queued up on one relay thread while its previous call ran (often just one).
+-- KEYS[i] the stream of consume i
+-- ARGV[4i-3] group, ARGV[4i-2] consumer, ARGV[4i-1] 'remove' or 'pending',
+-- ARGV[4i] ('pending') ms a message must have stayed unacknowledged before it is handed out again
+-- Returns, per consume, {id, {field, value, ...}}, false (nothing to hand out) or {'error', why}.
 
 -- The first entry of an XREADGROUP reply: {{stream, {{id, fields}}}} or nil.
 local function first(read)
@@ -32,34 +13,67 @@ local function first(read)
   return read[1][2][1]
 end
 
-if mode == 'pending' then
-  -- The oldest pending message idle long enough is handed out again. Entries deleted while
-  -- pending come back as nil (Redis 6.2) or only in the third element (Redis 7): skip them.
-  -- The scan is bounded so a huge pending list cannot stall the server.
-  local cursor = '0-0'
-  for _ = 1, 100 do
-    local claimed = in_group('XAUTOCLAIM', stream, group, consumer, ARGV[4], cursor, 'COUNT', 1)
-    for _, entry in ipairs(claimed[2]) do
-      if type(entry) == 'table' and entry[2] then
-        return entry
+local function consume(stream, group, consumer, mode, idle)
+  -- A tunnel nobody produced to has no stream; creating one here would leave empty keys behind.
+  if redis.call('EXISTS', stream) == 0 then
+    return false
+  end
+
+  -- Runs a group command; a stream without the group (made by a producer) gets it at id 0, so
+  -- messages produced before the first consume are delivered too.
+  local function in_group(...)
+    local reply = redis.pcall(...)
+    if type(reply) == 'table' and reply.err then
+      if not string.find(reply.err, 'NOGROUP', 1, true) then
+        error(reply)
+      end
+      redis.call('XGROUP', 'CREATE', stream, group, '0')
+      reply = redis.call(...)
+    end
+    return reply
+  end
+
+  if mode == 'pending' then
+    -- The oldest pending message idle long enough is handed out again. Entries deleted while
+    -- pending come back as nil (Redis 6.2) or only in the third element (Redis 7): skip them.
+    -- The scan is bounded so a huge pending list cannot stall the server.
+    local cursor = '0-0'
+    for _ = 1, 100 do
+      local claimed = in_group('XAUTOCLAIM', stream, group, consumer, idle, cursor, 'COUNT', 1)
+      for _, entry in ipairs(claimed[2]) do
+        if type(entry) == 'table' and entry[2] then
+          return entry
+        end
+      end
+      cursor = claimed[1]
+      if cursor == '0-0' then
+        break
       end
     end
-    cursor = claimed[1]
-    if cursor == '0-0' then
-      break
-    end
+    local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
+      'STREAMS', stream, '>'))
+    return entry or false
   end
-  local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
+
+  -- Removed as it is handed out: read without a pending entry and delete in the same step, so
+  -- the message is delivered once and can never be lost between the read and the delete.
+  local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'NOACK',
     'STREAMS', stream, '>'))
-  return entry or false
+  if not entry then
+    return false
+  end
+  redis.call('XDEL', stream, entry[1])
+  return entry
 end
 
--- Removed as it is handed out: read without a pending entry and delete in the same step, so the
--- message is delivered once and can never be lost between the read and the delete.
-local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'NOACK',
-  'STREAMS', stream, '>'))
-if not entry then
-  return false
+-- A consume that fails (a key of another type) fails alone: {'error', why}.
+local replies = {}
+for i, stream in ipairs(KEYS) do
+  local a = 4 * (i - 1)
+  local ok, reply = pcall(consume, stream, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+  if not ok then
+    reply = { 'error', type(reply) == 'table' and reply.err or tostring(reply) }
+  end
+  replies[i] = reply
 end
-redis.call('XDEL', stream, entry[1])
-return entry
+return replies

@@ -1,31 +1,48 @@
--- Appends a message to a tunnel's stream, bounded, and announces it; one atomic step, so
--- concurrent producers can never push a stream past its limit.
--- KEYS[1] stream
--- ARGV[1] 'limit' (refuse when full) or 'trim' (drop the oldest beyond the bound), ARGV[2] the bound,
--- ARGV[3] body, ARGV[4] wake-up channel, ARGV[5] wake-up payload, ARGV[6] Content-Type (optional)
--- Returns {'full', size} or {'stored', id, size after} ('limit') or {'stored', id} ('trim').
-local stream, mode, bound = KEYS[1], ARGV[1], ARGV[2]
-local fields = { 'data', ARGV[3] }
-if ARGV[6] then
-  fields[3] = 'ct'
-  fields[4] = ARGV[6]
-end
-
-local id, size
-if mode == 'limit' then
-  local len = redis.call('XLEN', stream)
-  if len >= tonumber(bound) then
-    return { 'full', len }
+-- Appends messages to tunnels' streams, bounded, and announces each; every message is one
+-- atomic step, so concurrent producers can never push a stream past its limit. One call carries
+-- the produces that queued up on one relay thread while its previous call ran (often just one).
+-- KEYS[i] the stream of message i
+-- ARGV[6i-5] 'limit' (refuse when full) or 'trim' (drop the oldest beyond the bound),
+-- ARGV[6i-4] the bound, ARGV[6i-3] body, ARGV[6i-2] wake-up channel, ARGV[6i-1] wake-up payload,
+-- ARGV[6i] Content-Type ('' for none)
+-- Returns, per message, {'full', size} or {'stored', id, size after} ('limit') or {'stored', id}
+-- ('trim'), or {'error', why}.
+local function produce(stream, mode, bound, body, channel, payload, content_type)
+  local fields = { 'data', body }
+  if content_type ~= '' then
+    fields[3] = 'ct'
+    fields[4] = content_type
   end
-  id = redis.call('XADD', stream, '*', unpack(fields))
-  size = len + 1
-else
-  -- Exact MAXLEN: the tunnel holds at most `bound` messages, never "about" that many.
-  id = redis.call('XADD', stream, 'MAXLEN', bound, '*', unpack(fields))
+
+  local id, size
+  if mode == 'limit' then
+    local len = redis.call('XLEN', stream)
+    if len >= tonumber(bound) then
+      return { 'full', len }
+    end
+    id = redis.call('XADD', stream, '*', unpack(fields))
+    size = len + 1
+  else
+    -- Exact MAXLEN: the tunnel holds at most `bound` messages, never "about" that many.
+    id = redis.call('XADD', stream, 'MAXLEN', bound, '*', unpack(fields))
+  end
+
+  redis.call('PUBLISH', channel, payload)
+  if size then
+    return { 'stored', id, size }
+  end
+  return { 'stored', id }
 end
 
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-if size then
-  return { 'stored', id, size }
+-- A message that fails (a key of another type) fails alone: {'error', why}.
+local replies = {}
+for i, stream in ipairs(KEYS) do
+  local a = 6 * (i - 1)
+  local ok, reply = pcall(produce, stream, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    ARGV[a + 5], ARGV[a + 6])
+  if not ok then
+    reply = { 'error', type(reply) == 'table' and reply.err or tostring(reply) }
+  end
+  replies[i] = reply
 end
-return { 'stored', id }
+return replies
