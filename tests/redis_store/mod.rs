@@ -225,6 +225,61 @@ async fn store_outage_is_503_then_recovers() {
     assert_eq!(api.consume(&t, "").await.expect(200).text(), "after");
 }
 
+/// With redis-server hung (SIGSTOP) under concurrent load, every produce and consume (the first
+/// call stuck at the server and those queued behind it) answers 503 + `Retry-After: 1` within the
+/// store timeout; once the server runs again, so does the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_store_answers_every_queued_operation() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let t = tunnel_id("hung");
+    api.produce(&t, "before").await;
+    let pid = redis
+        .command(&["INFO", "server"])
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .map(|pid| pid.trim().to_owned())
+        .expect("INFO server names the process");
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, pid.as_str()])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {name} {pid}");
+    };
+
+    signal("-STOP");
+    let clients: Vec<_> = (0..32).map(|_| Client::new(api.base())).collect();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let t = format!("{t}-{i}");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = match i % 4 {
+                    0 => client.consume(&t, "").await,
+                    _ => client.post(&format!("/t/{t}"), "during").await,
+                };
+                (response, started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("the client task does not panic"));
+    }
+    signal("-CONT");
+    for (response, took) in answers {
+        let response = response.expect_one_line_error(503);
+        assert_eq!(response.header("retry-after"), Some("1"), "{response:?}");
+        assert!(took < Duration::from_secs(4), "503 after {took:?}");
+    }
+    let recovered = eventually_produces(&api, &t, Duration::from_secs(10)).await;
+    assert!(recovered, "the relay did not recover:\n{}", relay.output());
+}
+
 /// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.
 async fn eventually_produces(api: &Client, t: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
