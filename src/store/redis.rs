@@ -6,7 +6,8 @@
 //! The produce and reply scripts publish wake-ups on [`WAKE_CHANNEL`]; one subscriber connection
 //! per process turns them into [`Wakeups::wake`] calls. The store uses a small fixed set of
 //! multiplexed connections, whatever the number of waiting polls: one per worker thread and a
-//! shared pool (see `clients`).
+//! shared pool (see `clients`). Produces and consumes issued on one thread while its previous
+//! call of that script is at the server share the next call (see `batch`).
 //!
 //! Outages: fred reconnects forever in the background; meanwhile every operation fails within
 //! [`OPERATION_TIMEOUT`] with [`StoreError::Unavailable`] instead of queueing.
