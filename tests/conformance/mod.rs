@@ -74,6 +74,7 @@ per_store! {
         h2c_poll_wakes_on_produce,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
+        trimmed_pending_message_is_skipped,
         backpressure_off_setting,
         default_content_type_setting,
         oversize_is_413,

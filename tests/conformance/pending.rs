@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{tunnel_id, Client};
+use crate::support::{tunnel_id, Backend, Client};
 
 /// `?pending`, `?pending=` and `?pending=0` hand out the same message until it is acknowledged.
 pub(super) async fn pending_consume_redelivers_until_ack(api: &Client) {
@@ -69,6 +69,28 @@ pub(super) async fn visibility_timeout_redelivers_late(api: &Client) {
         (again.message_id(), again.text()),
         (ids[0].clone(), "m0".to_owned())
     );
+}
+
+/// A pending message trimmed away (TUNNEL_MAXLEN, no backpressure) is not handed out again: once
+/// its visibility timeout has passed, a pending consume skips it for the next message.
+pub(super) async fn trimmed_pending_message_is_skipped(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_MAXLEN", "2")]);
+    let api = relay.client();
+    let t = tunnel_id("trimpending");
+    let first = api.post(&format!("/t/{t}?limit=0"), "m0").await;
+    let first = first.expect(201).message_id();
+    let taken = api.consume(&t, "?pending=1").await.expect(200);
+    assert_eq!(taken.message_id(), first);
+    for i in 1..=3 {
+        let produced = api.post(&format!("/t/{t}?limit=0"), format!("m{i}")).await;
+        produced.expect(201);
+    }
+    // The tunnel now holds m2 and m3; m0, still pending, is gone.
+    // Inherent wait: the visibility timeout has to elapse.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(api.consume(&t, "?pending=1").await.expect(200).text(), "m2");
+    assert_eq!(api.consume(&t, "?pending=1").await.expect(200).text(), "m3");
+    api.consume(&t, "?pending=1").await.expect_empty();
 }
 
 /// `pending` that is neither a flag nor a whole number of seconds is 400 and consumes nothing.

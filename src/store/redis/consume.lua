@@ -34,21 +34,22 @@ local function consume(stream, group, consumer, mode, idle)
   end
 
   if mode == 'pending' then
-    -- The oldest pending message idle long enough is handed out again. Entries deleted while
-    -- pending come back as nil (Redis 6.2) or only in the third element (Redis 7): skip them.
-    -- The scan is bounded so a huge pending list cannot stall the server.
-    local cursor = '0-0'
+    -- The oldest pending message idle long enough is handed out again: XPENDING's IDLE filter
+    -- finds it in one scan of the pending list (XAUTOCLAIM with COUNT 1 took ~17 µs a call and
+    -- several calls per consume), XCLAIM takes it. A message deleted while pending cannot be
+    -- handed out: XCLAIM returns no entry for it (nil in Redis 6.2; Redis 7 also drops it from
+    -- the pending list), so it is acknowledged away and the next one tried, a bounded number of
+    -- times so that a huge pending list cannot stall the server.
     for _ = 1, 100 do
-      local claimed = in_group('XAUTOCLAIM', stream, group, consumer, idle, cursor, 'COUNT', 1)
-      for _, entry in ipairs(claimed[2]) do
-        if type(entry) == 'table' and entry[2] then
-          return entry
-        end
-      end
-      cursor = claimed[1]
-      if cursor == '0-0' then
+      local oldest = in_group('XPENDING', stream, group, 'IDLE', idle, '-', '+', 1)[1]
+      if not oldest then
         break
       end
+      local entry = redis.call('XCLAIM', stream, group, consumer, idle, oldest[1])[1]
+      if type(entry) == 'table' and entry[2] then
+        return entry
+      end
+      redis.call('XACK', stream, group, oldest[1])
     end
     local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
       'STREAMS', stream, '>'))
