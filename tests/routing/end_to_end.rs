@@ -346,17 +346,19 @@ async fn https_upstream() {
     let upstream = Upstream::start_tls("secure", &cert, &key).await;
     let relay = Relay::start(Store::Memory, &[]);
     let client = relay.client();
-    let name = tunnel_id("tls");
-    let args = [
-        "--relay",
-        &relay.base,
-        "--name",
-        &name,
-        "--upstream",
-        &upstream.url(),
-    ];
-    let agent = Agent::start_with(&args, &[("SSL_CERT_FILE", ca.as_os_str())]);
-    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    // An agent for the upstream whose only root is `roots`, connected; its name.
+    let agent_trusting = |roots: PathBuf| {
+        let (relay, upstream, client) = (&relay.base, upstream.url(), &client);
+        async move {
+            let name = tunnel_id("tls");
+            let args = ["--relay", relay, "--name", &name, "--upstream", &upstream];
+            let agent = Agent::start_with(&args, &[("SSL_CERT_FILE", roots.as_os_str())]);
+            wait_agents(client, &name, 1, RECONNECT, &[&agent]).await;
+            (name, agent)
+        }
+    };
+
+    let (name, _agent) = agent_trusting(ca).await;
     let response = client.get(&format!("/r/{name}/echo?q=1")).await.expect(200);
     let echo = Echo::parse(&response.body);
     assert_eq!(
@@ -366,17 +368,7 @@ async fn https_upstream() {
     assert_eq!(echo.one("host"), format!("localhost:{}", upstream.port));
 
     // With another authority as its only root the agent refuses the upstream: 502.
-    let doubting = tunnel_id("tls");
-    let args = [
-        "--relay",
-        &relay.base,
-        "--name",
-        &doubting,
-        "--upstream",
-        &upstream.url(),
-    ];
-    let agent = Agent::start_with(&args, &[("SSL_CERT_FILE", other.as_os_str())]);
-    wait_agents(&client, &doubting, 1, RECONNECT, &[&agent]).await;
+    let (doubting, _agent) = agent_trusting(other).await;
     let response = client.get(&format!("/r/{doubting}/echo")).await;
     assert_eq!(response.status, 502, "{response:?}");
     assert!(response.text().contains("certificate"), "{response:?}");
