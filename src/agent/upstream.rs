@@ -30,12 +30,12 @@ impl Upstream {
     }
 
     /// Serves one stream: acknowledges the request, forwards it, answers, and logs one line.
-    pub async fn forward(&self, head: RequestHead, writer: BodyWriter, reader: BodyReader) {
+    pub async fn forward(&self, mut head: RequestHead, writer: BodyWriter, reader: BodyReader) {
         let started = Instant::now();
         // Tells the relay the request is taken: from now on it will not be retried elsewhere.
         writer.grant(0);
         let outcome = tokio::select! {
-            outcome = self.exchange(&head, &writer, reader) => outcome,
+            outcome = self.exchange(&mut head, &writer, reader) => outcome,
             reason = writer.closed() => Outcome::Reset(reason),
         };
         let path = head.path.split('?').next().unwrap_or_default();
@@ -60,7 +60,7 @@ impl Upstream {
 
     async fn exchange(
         &self,
-        head: &RequestHead,
+        head: &mut RequestHead,
         writer: &BodyWriter,
         reader: BodyReader,
     ) -> Outcome {
@@ -120,7 +120,7 @@ impl Upstream {
     /// request whose first item is `END` goes without a body.
     async fn request(
         &self,
-        head: &RequestHead,
+        head: &mut RequestHead,
         mut reader: BodyReader,
     ) -> Result<http::Request<RequestBody>, Outcome> {
         let method = http::Method::from_bytes(head.method.as_bytes())
@@ -137,7 +137,8 @@ impl Upstream {
         let mut request = http::Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
-        *request.headers_mut() = upstream_headers(&head.headers);
+        // The headers go upstream; the log line needs only the method and the path.
+        *request.headers_mut() = upstream_headers(std::mem::take(&mut head.headers));
         Ok(request)
     }
 }
@@ -151,8 +152,7 @@ enum Outcome {
 
 /// The request's headers for the upstream: hop-by-hop ones and `Host` dropped (the upstream's
 /// own host is sent; the relay passes the client's in `X-Forwarded-Host`), unusable ones skipped.
-fn upstream_headers(headers: &Headers) -> HeaderMap {
-    let mut headers = headers.clone();
+fn upstream_headers(mut headers: Headers) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let mut map = HeaderMap::new();
     for (name, value) in headers {
@@ -161,7 +161,7 @@ fn upstream_headers(headers: &Headers) -> HeaderMap {
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
+            HeaderValue::try_from(value),
         ) {
             map.append(name, value);
         }
