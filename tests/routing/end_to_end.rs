@@ -13,7 +13,7 @@ use reqwest::Method;
 use tokio::task::JoinSet;
 
 use super::upstream::{blob, sha256, Echo, Upstream};
-use super::Agent;
+use super::{upstream_answering, Agent};
 use crate::support::process::free_port;
 use crate::support::{says, tunnel_id, Backend, Client, Relay, Response, Store};
 
@@ -333,6 +333,24 @@ async fn upstream_connections_kept_alive() {
             opened + i,
             "a new one after each close"
         );
+    }
+}
+
+/// An upstream that closes each connection after one answer without saying so (no `Connection:
+/// close`, as after an idle timeout): the agent does not send a request on a connection already
+/// closed, so every request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_silently() {
+    let port = upstream_answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("curt");
+    let upstream = format!("http://127.0.0.1:{port}");
+    let agent = Agent::serve(&relay.base, &name, &upstream, None);
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    for _ in 0..30 {
+        let response = client.get(&format!("/r/{name}/x")).await.expect(200);
+        assert_eq!(response.text(), "hi");
     }
 }
 

@@ -81,6 +81,12 @@ impl Drop for Agent {
 
 /// An upstream that answers every request `200`, `X-Up: yes`, body `hi`, after reading its head.
 async fn tiny_upstream() -> u16 {
+    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: yes\r\nConnection: close\r\n\r\nhi";
+    upstream_answering(answer).await
+}
+
+/// An upstream that answers `answer` to the first request of each connection, then closes it.
+async fn upstream_answering(answer: &'static str) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -94,7 +100,6 @@ async fn tiny_upstream() -> u16 {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: yes\r\nConnection: close\r\n\r\nhi";
                 let _ = tcp.write_all(answer.as_bytes()).await;
             });
         }
