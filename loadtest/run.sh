@@ -132,14 +132,8 @@ start_relay() {
 }
 
 stop_relay() {
-  kill -TERM "$RELAY_PID" 2>/dev/null || true
-  for _ in $(seq 50); do
-    kill -0 "$RELAY_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$RELAY_PID" 2>/dev/null || true
   local rc=0
-  wait "$RELAY_PID" 2>/dev/null || rc=$?
+  stop_pid "$RELAY_PID" || rc=$?
   # Keeps what the relay said (warnings, panics), except access logs.
   { echo "### relay $RELAYS: exit status $rc"; grep -v "burrow::access" "$RELAY_LOG" | tail -50 || true; } \
     >>"$RESULTS/relay.log"
@@ -156,15 +150,20 @@ start_helper() {
   HELPERS+=("$HELPER_PID")
 }
 
-# stop_helper PID: SIGTERM, then SIGKILL after 5 s.
+# stop_helper PID: stops a worker, agent or upstream (see stop_pid).
 stop_helper() {
+  stop_pid "$1" || true
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL after 5 s; returns the process's exit status.
+stop_pid() {
   kill -TERM "$1" 2>/dev/null || true
   for _ in $(seq 50); do
     kill -0 "$1" 2>/dev/null || break
     sleep 0.1
   done
   kill -9 "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null
 }
 
 rss_mib() { awk '/^VmRSS/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
