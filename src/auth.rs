@@ -48,6 +48,11 @@ impl Auth {
             || self.signature_matches(credentials.signature, body)
     }
 
+    /// Whether a request that only the bearer token opens (one spanning every name) may pass.
+    pub fn allows_token(&self, credentials: Credentials<'_>) -> bool {
+        !self.config.enabled() || self.token_matches(credentials.authorization)
+    }
+
     fn token_matches(&self, authorization: Option<&[u8]>) -> bool {
         let (Some(expected), Some(header)) = (&self.config.token, authorization) else {
             return false;
@@ -148,6 +153,17 @@ mod tests {
         let a = auth(None, None, &["open"]);
         assert!(a.allows("open", Credentials::default(), b""));
         assert!(!a.allows("closed", Credentials::default(), b""));
+    }
+
+    /// What only the token opens stays shut to public ids and signatures, open when auth is off.
+    #[test]
+    fn token_only() {
+        assert!(auth(None, None, &[]).allows_token(Credentials::default()));
+        let a = auth(Some("tok"), Some("sec"), &["open"]);
+        assert!(a.allows_token(with_token("Bearer tok")));
+        assert!(!a.allows_token(with_token("Bearer nope")));
+        assert!(!a.allows_token(Credentials::default()));
+        assert!(!auth(None, None, &["open"]).allows_token(Credentials::default()));
     }
 
     /// A signature passes only over the exact, non-empty body.

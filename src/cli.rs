@@ -53,6 +53,10 @@ fn serve(upgrade: bool) -> ExitCode {
     };
     match crate::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err @ crate::server::ServeError::PingoraConf { .. }) => {
+            eprintln!("burrow: configuration error: {err}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("burrow: {err}");
             ExitCode::FAILURE

@@ -176,7 +176,7 @@ impl Config {
             .unwrap_or_else(|| "0.0.0.0:8080".into());
         Ok(Config {
             advertise: env
-                .get("BURROW_ADVERTISE")
+                .host_port("BURROW_ADVERTISE")?
                 .unwrap_or_else(|| reachable(&listen)),
             listen,
             metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
@@ -310,6 +310,30 @@ impl Env<'_> {
         }
     }
 
+    /// A `host:port` address (a name or an IP; an IPv6 one in brackets), if set.
+    fn host_port(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(value) = self.get(var) else {
+            return Ok(None);
+        };
+        let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
+            let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+            let host_ok = match bare {
+                Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
+                None => !host.is_empty() && !host.contains([':', '/', ' ', '[', ']']),
+            };
+            host_ok && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if valid {
+            Ok(Some(value))
+        } else {
+            Err(ConfigError::Invalid {
+                var,
+                value,
+                expected: "a host:port address such as 10.0.3.7:8080",
+            })
+        }
+    }
+
     fn seconds(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
         self.parse(var, default, "a whole number of seconds", |_| true)
             .map(Duration::from_secs)
@@ -358,6 +382,15 @@ mod tests {
         assert!(!c.auth.enabled());
     }
 
+    /// `BURROW_ADVERTISE` takes a name or an IP with a port.
+    #[test]
+    fn advertise_forms() {
+        for value in ["relay-0.relay:8080", "10.0.3.7:80", "[fd00::7]:8080"] {
+            let c = config(&[("BURROW_ADVERTISE", value)]).expect(value);
+            assert_eq!(c.advertise, value);
+        }
+    }
+
     /// REDIS_HOST alone selects the redis store; REDIS_URL wins over host and port.
     #[test]
     fn redis_selection() {
@@ -388,6 +421,12 @@ mod tests {
             ("BURROW_ACCESS_LOG", "yes please"),
             ("BURROW_JOBS_QUEUE", "a.b"),
             ("BURROW_ROUTE_TIMEOUT", "3"),
+            ("BURROW_ADVERTISE", "bad"),
+            ("BURROW_ADVERTISE", "host:notport"),
+            ("BURROW_ADVERTISE", "host:0"),
+            ("BURROW_ADVERTISE", ":8080"),
+            ("BURROW_ADVERTISE", "http://host:8080"),
+            ("BURROW_ADVERTISE", "[::1:8080"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

@@ -21,12 +21,9 @@ const DEFAULT_CONF: &str = include_str!("../conf/burrow.yaml");
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Pingora's YAML configuration is unreadable or invalid.
-    #[error("pingora configuration {source_name}: {message}")]
-    PingoraConf {
-        source_name: String,
-        message: String,
-    },
+    /// The Pingora YAML file `BURROW_CONF` names is unreadable or invalid.
+    #[error("BURROW_CONF={path:?} is not usable: {message}")]
+    PingoraConf { path: String, message: String },
     /// The store's runtime could not start.
     #[error("could not start the store's runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -120,18 +117,17 @@ impl BackgroundService for AccessLogFlusher {
 }
 
 fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
-    let (source_name, yaml) = match &config.pingora_conf {
-        Some(path) => {
-            let yaml = std::fs::read_to_string(path).map_err(|e| ServeError::PingoraConf {
-                source_name: path.clone(),
-                message: e.to_string(),
-            })?;
-            (path.clone(), yaml)
-        }
-        None => ("(built in)".to_string(), DEFAULT_CONF.to_string()),
+    let Some(path) = &config.pingora_conf else {
+        // Cannot fail in practice: every relay the tests start uses it.
+        return ServerConf::from_yaml(DEFAULT_CONF).map_err(|e| ServeError::PingoraConf {
+            path: "(built in)".into(),
+            message: e.to_string(),
+        });
     };
-    ServerConf::from_yaml(&yaml).map_err(|e| ServeError::PingoraConf {
-        source_name,
-        message: e.to_string(),
-    })
+    let unusable = |message: String| ServeError::PingoraConf {
+        path: path.clone(),
+        message,
+    };
+    let yaml = std::fs::read_to_string(path).map_err(|e| unusable(e.to_string()))?;
+    ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.to_string()))
 }

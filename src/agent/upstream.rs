@@ -186,13 +186,17 @@ async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome 
     }
 }
 
-/// An error with its sources, on one line (hyper's own message hides the cause).
+/// An error with its sources, on one line (hyper's own message hides the cause); a cause that
+/// its error already printed is not repeated.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

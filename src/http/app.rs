@@ -20,7 +20,7 @@ use pingora_core::server::ShutdownWatch;
 
 use super::parked::{self, Wait};
 use super::response::Response;
-use super::route::{Route, RoutingHeaders};
+use super::route::{Access, Route, RoutingHeaders};
 use super::{forward, sse, websocket};
 use crate::access_log;
 use crate::auth::{Auth, Credentials};
@@ -144,16 +144,19 @@ impl RelayApp {
         } else {
             Bytes::new()
         };
-        if let Some(tunnel) = route.tunnel() {
-            let credentials = Credentials {
-                authorization: session.get_header("Authorization").map(|v| v.as_bytes()),
-                signature: session
-                    .get_header("X-Hub-Signature-256")
-                    .map(|v| v.as_bytes()),
-            };
-            if !self.auth.allows(tunnel.as_str(), credentials, &body) {
-                return Err(Error::AccessDenied);
-            }
+        let credentials = || Credentials {
+            authorization: session.get_header("Authorization").map(|v| v.as_bytes()),
+            signature: session
+                .get_header("X-Hub-Signature-256")
+                .map(|v| v.as_bytes()),
+        };
+        let allowed = match route.access() {
+            Access::Open => true,
+            Access::Name(name) => self.auth.allows(name.as_str(), credentials(), &body),
+            Access::Token => self.auth.allows_token(credentials()),
+        };
+        if !allowed {
+            return Err(Error::AccessDenied);
         }
         let tunnels = &self.tunnels;
         let response = match route {

@@ -76,6 +76,9 @@ pub async fn proxy(
     // This instance answers `Expect: 100-continue` itself, below.
     headers.retain(|(name, _)| name != "host" && name != "expect");
     strip_hop_by_hop(&mut headers);
+    // The instance with the agent keeps these: the upstream learns the client's address and the
+    // host it asked for, not this instance's.
+    add_forwarded(&mut headers, client_address(session), host(session));
     headers.push((HOP_HEADER.into(), instance.into()));
     let has_body = request.headers.contains_key("content-length")
         || request.headers.contains_key("transfer-encoding");
@@ -174,21 +177,26 @@ fn request_head(
         })
         .collect();
     strip_hop_by_hop(&mut headers);
-    let client = session.client_addr().map(|addr| match addr.as_inet() {
-        Some(inet) => inet.ip().to_string(),
-        None => addr.to_string(),
-    });
-    let host = request
-        .headers
-        .get("host")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    add_forwarded(&mut headers, client, host);
+    add_forwarded(&mut headers, client_address(session), host(session));
     RequestHead {
         method: request.method.as_str().to_owned(),
         path,
         headers,
     }
+}
+
+/// The client's IP address, for `X-Forwarded-For`.
+fn client_address(session: &ServerSession) -> Option<String> {
+    session.client_addr().map(|addr| match addr.as_inet() {
+        Some(inet) => inet.ip().to_string(),
+        None => addr.to_string(),
+    })
+}
+
+/// The `Host` the client asked for, for `X-Forwarded-Host`.
+fn host(session: &ServerSession) -> Option<String> {
+    let host = session.req_header().headers.get("host")?;
+    host.to_str().ok().map(String::from)
 }
 
 /// `X-Forwarded-For` (appended to a proxy chain already there), `-Proto` and `-Host`.

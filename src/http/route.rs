@@ -76,6 +76,17 @@ pub enum Route {
     },
 }
 
+/// What a request must show to pass when authorization is on (see [`crate::auth::Auth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access<'a> {
+    /// Nothing: `/health`, `/demo/`, preflights.
+    Open,
+    /// What the rules ask for this tunnel id, queue, topic or agent name.
+    Name(&'a TunnelId),
+    /// The bearer token.
+    Token,
+}
+
 /// What routing needs from the request besides its line: backstream's two headers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RoutingHeaders<'a> {
@@ -272,7 +283,17 @@ impl Route {
         }
     }
 
-    /// The tunnel whose authorization this route needs, if any.
+    /// What the request must show when authorization is on.
+    pub fn access(&self) -> Access<'_> {
+        match (self, self.tunnel()) {
+            // The list spans every agent name, public or not.
+            (Route::Agents, _) => Access::Token,
+            (_, Some(name)) => Access::Name(name),
+            (_, None) => Access::Open,
+        }
+    }
+
+    /// The tunnel id (or queue, topic, agent name) the route concerns, if any.
     pub fn tunnel(&self) -> Option<&TunnelId> {
         match self {
             Route::Health | Route::Demo | Route::Preflight => None,
@@ -644,6 +665,16 @@ mod tests {
         );
         assert!(matches!(get("/agent/connect"), Err(Error::BadParameter(_))));
         assert_eq!(get("/agents").unwrap(), Route::Agents);
+    }
+
+    /// What each kind of route asks of a request when authorization is on.
+    #[test]
+    fn access() {
+        let svc = tunnel("svc");
+        assert_eq!(get("/health").unwrap().access(), Access::Open);
+        assert_eq!(get("/t/svc").unwrap().access(), Access::Name(&svc));
+        assert_eq!(get("/r/svc/x").unwrap().access(), Access::Name(&svc));
+        assert_eq!(get("/agents").unwrap().access(), Access::Token);
     }
 
     /// The event routes: publish, server-sent events, WebSocket.

@@ -279,7 +279,11 @@ async fn every_status() {
     let broken_agent = Agent::serve(&setup.relay.base, &broken, &closed, None);
     wait_agents(&client, &broken, 1, RECONNECT, &[&broken_agent]).await;
     let response = client.get(&format!("/r/{broken}/x")).await;
-    assert_eq!(response.status, 502, "{response:?}");
+    let response = response.expect_one_line_error(502);
+    let text = response.text();
+    assert!(text.starts_with("upstream unreachable: "), "{text}");
+    // The cause is named once, though hyper's error and its source both print it.
+    assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
 
     // The agent dies while its upstream works on the request (it was taken: no replay).
     let slept_before = *setup.upstream.sleeping.borrow();
@@ -644,6 +648,18 @@ async fn auth() {
     let authorized = client.with_bearer(token);
     let upstream = Upstream::start("up").await;
 
+    // The list of agents spans every name: only the token opens it.
+    client
+        .get("/agents")
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    client
+        .with_bearer("wrong")
+        .get("/agents")
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    authorized.get("/agents").await.expect(200);
+
     // The WebSocket handshake itself is refused without the token.
     let ws = relay.base.replace("http://", "ws://");
     let refused = tokio_tungstenite::connect_async(format!("{ws}/agent/connect?name=raw")).await;
@@ -664,14 +680,14 @@ async fn auth() {
             agent.log()
         );
         assert!(agent.log().contains("403"), "{}", agent.log());
-        assert_eq!(agents_named(&client, &name).await, 0);
+        assert_eq!(agents_named(&authorized, &name).await, 0);
         let response = authorized.get(&format!("/r/{name}/echo")).await;
         response.expect_error(422, &format!("connection for clientID='{name}' not found"));
     }
 
     let name = tunnel_id("private");
     let agent = Agent::serve(&relay.base, &name, &upstream.url(), Some(token));
-    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    wait_agents(&authorized, &name, 1, RECONNECT, &[&agent]).await;
     let path = format!("/r/{name}/echo");
     client
         .get(&path)
@@ -705,7 +721,7 @@ async fn auth() {
 
     // A public agent connects without the token; its requests need none and keep Authorization.
     let public_agent = Agent::serve(&relay.base, &public, &upstream.url(), None);
-    wait_agents(&client, &public, 1, RECONNECT, &[&public_agent]).await;
+    wait_agents(&authorized, &public, 1, RECONNECT, &[&public_agent]).await;
     let path = format!("/r/{public}/echo");
     let echo = Echo::parse(&client.get(&path).await.expect(200).body);
     assert!(!echo.has("authorization"), "{echo:?}");
@@ -759,6 +775,7 @@ async fn agent_on_another_instance() {
     let request = client_b
         .request(Method::PUT, "/upload?via=b")
         .header(CLIENT_ID, name.as_str())
+        .header("Host", "public.example")
         .body("0123456789".repeat(30_000));
     let response = client_b.send(request).await.expect(200);
     let echo = Echo::parse(&response.body);
@@ -767,6 +784,12 @@ async fn agent_on_another_instance() {
         ("PUT", "/upload?via=b")
     );
     assert_eq!(echo.body, "0123456789".repeat(30_000));
+    // The upstream learns what the client asked B for, not B's request to A: the client's host,
+    // then the proxy chain client → B.
+    assert_eq!(echo.one("x-forwarded-host"), "public.example", "{echo:?}");
+    assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1, 127.0.0.1");
+    assert_eq!(echo.one("x-forwarded-proto"), "http");
+    assert!(!echo.has("x-burrow-hop"), "{echo:?}");
     assert_eq!(response.header("x-upstream-id"), Some("up"));
     let path_form = client_b
         .get(&format!("/r/{name}/r/rest?q=1"))

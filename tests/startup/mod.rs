@@ -7,27 +7,35 @@ use std::time::Duration;
 use crate::support::process::free_port;
 use crate::support::wait_until;
 
-/// An unparsable setting makes `burrow serve` exit non-zero with stderr naming the variable.
+/// An unusable setting makes `burrow serve` exit with code 2 and stderr naming the variable: values
+/// that do not parse, and a `BURROW_CONF` file that is missing or not Pingora's YAML.
 #[test]
 fn unparsable_setting_is_fatal() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let not_yaml = dir.path().join("not.yaml");
+    std::fs::write(&not_yaml, "threads: [unclosed").expect("the file is written");
+    let missing = dir.path().join("missing.yaml");
     let settings = [
         ("TUNNEL_MAXLEN", "abc"),
         ("TUNNEL_MAX_POLL_TIMEOUT", "soon"),
         ("TUNNEL_BACKPRESSURE", "maybe"),
         ("TUNNEL_MAX_MESSAGE_SIZE", "128k"),
+        ("BURROW_ADVERTISE", "host:notport"),
+        ("BURROW_CONF", missing.to_str().expect("a UTF-8 path")),
+        ("BURROW_CONF", not_yaml.to_str().expect("a UTF-8 path")),
     ];
     for (var, value) in settings {
-        let (success, stderr) = serve_with(var, value);
-        assert!(!success, "{var}={value} did not stop start-up");
+        let (code, stderr) = serve_with(var, value);
+        assert_eq!(code, Some(2), "{var}={value}: {stderr}");
         assert!(
-            stderr.contains(var),
+            stderr.contains(var) && stderr.contains("configuration error"),
             "{var}={value}: stderr does not name it: {stderr:?}"
         );
     }
 }
 
-/// Runs `burrow serve` with `var=value`; answers whether it exited successfully, and its stderr.
-fn serve_with(var: &str, value: &str) -> (bool, String) {
+/// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
+fn serve_with(var: &str, value: &str) -> (Option<i32>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_burrow"))
         .arg("serve")
         .env("BURROW_LISTEN", format!("127.0.0.1:{}", free_port()))
@@ -52,5 +60,5 @@ fn serve_with(var: &str, value: &str) -> (bool, String) {
     let mut pipe = child.stderr.take().expect("stderr is piped");
     pipe.read_to_string(&mut stderr)
         .expect("stderr is readable");
-    (status.success(), stderr)
+    (status.code(), stderr)
 }

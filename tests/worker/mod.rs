@@ -354,11 +354,19 @@ async fn reply_survives_a_relay_restart() {
     let mut relay = start_relay();
     let client = Client::new(&base);
     let queue = tunnel_id("worker-reply-outage");
-    let command = ["sh", "-c", "sleep 1; cat"];
+    // The command says when it has the job: the store marks a job pending before the worker has
+    // its poll's answer, and a relay stopped in between would take the answer with it.
+    let started = dir.path().join("started");
+    let script = format!("touch '{}'; sleep 1; cat", started.display());
+    let command = ["sh", "-c", script.as_str()];
     let worker = Worker::start(&base, &queue, &["--job-timeout", "5"], &command);
     let job = r#"{"through":"an outage"}"#;
     let id = submit(&client, &queue, job).await;
-    wait_until_taken(&client, &queue, &id).await;
+    let running = eventually(Duration::from_secs(10), || {
+        std::future::ready(started.exists())
+    })
+    .await;
+    assert!(running, "the worker never ran job {id}:\n{}", worker.log());
     relay.stop();
     worker.wait_for_log(&format!("handing in job {id}")).await;
     let _relay = start_relay();
