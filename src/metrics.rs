@@ -75,6 +75,78 @@ pub enum MessageEvent {
     Rejected,
 }
 
+/// A store operation, for `burrow_store_duration_seconds` and `burrow_store_errors_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreOp {
+    Produce,
+    Consume,
+    Ack,
+    Reply,
+    TakeReply,
+    Status,
+    Len,
+    Clear,
+}
+
+impl StoreOp {
+    const ALL: [StoreOp; 8] = [
+        StoreOp::Produce,
+        StoreOp::Consume,
+        StoreOp::Ack,
+        StoreOp::Reply,
+        StoreOp::TakeReply,
+        StoreOp::Status,
+        StoreOp::Len,
+        StoreOp::Clear,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            StoreOp::Produce => "produce",
+            StoreOp::Consume => "consume",
+            StoreOp::Ack => "ack",
+            StoreOp::Reply => "reply",
+            StoreOp::TakeReply => "take_reply",
+            StoreOp::Status => "status",
+            StoreOp::Len => "len",
+            StoreOp::Clear => "clear",
+        }
+    }
+}
+
+impl MessageEvent {
+    const ALL: [MessageEvent; 5] = [
+        MessageEvent::Produced,
+        MessageEvent::Consumed,
+        MessageEvent::Acknowledged,
+        MessageEvent::Replied,
+        MessageEvent::Rejected,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            MessageEvent::Produced => "produced",
+            MessageEvent::Consumed => "consumed",
+            MessageEvent::Acknowledged => "acknowledged",
+            MessageEvent::Replied => "replied",
+            MessageEvent::Rejected => "rejected",
+        }
+    }
+}
+
+/// Creates every series whose labels are known in advance at zero, so that dashboards and
+/// alerts (`rate()`, `absent()`) see them from the start, not from their first event.
+pub fn init() {
+    LazyLock::force(&WAITING);
+    for event in MessageEvent::ALL {
+        MESSAGES.with_label_values(&[event.label()]);
+    }
+    for op in StoreOp::ALL {
+        STORE_ERRORS.with_label_values(&[op.label()]);
+        STORE_SECONDS.with_label_values(&[op.label()]);
+    }
+}
+
 /// Records one answered request.
 pub fn request(route: &str, status: u16, started: Instant) {
     // `StatusCode::as_str` reads a static table: no allocation per request on this hot path.
@@ -88,25 +160,18 @@ pub fn request(route: &str, status: u16, started: Instant) {
 
 /// Records a message event.
 pub fn message(event: MessageEvent) {
-    let label = match event {
-        MessageEvent::Produced => "produced",
-        MessageEvent::Consumed => "consumed",
-        MessageEvent::Acknowledged => "acknowledged",
-        MessageEvent::Replied => "replied",
-        MessageEvent::Rejected => "rejected",
-    };
-    MESSAGES.with_label_values(&[label]).inc();
+    MESSAGES.with_label_values(&[event.label()]).inc();
 }
 
 /// Runs a store operation, recording its latency and whether it failed.
-pub async fn store_op<T, E>(op: &str, call: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+pub async fn store_op<T, E>(op: StoreOp, call: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     let started = Instant::now();
     let result = call.await;
     STORE_SECONDS
-        .with_label_values(&[op])
+        .with_label_values(&[op.label()])
         .observe(started.elapsed().as_secs_f64());
     if result.is_err() {
-        STORE_ERRORS.with_label_values(&[op]).inc();
+        STORE_ERRORS.with_label_values(&[op.label()]).inc();
     }
     result
 }

@@ -63,6 +63,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     server.add_service(announcer);
     server.add_service(access_log);
     if let Some(metrics_listen) = &config.metrics_listen {
+        crate::metrics::init();
         let mut metrics = pingora_prometheus::prometheus_http_service();
         metrics.add_tcp(metrics_listen);
         server.add_service(metrics);

@@ -13,7 +13,7 @@ pub use id::{MessageId, TunnelId};
 
 use crate::config::TunnelConfig;
 use crate::error::Error;
-use crate::metrics::{self, MessageEvent, WaitingPoll};
+use crate::metrics::{self, MessageEvent, StoreOp, WaitingPoll};
 use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
 use crate::wake::WakeKey;
 
@@ -67,7 +67,8 @@ impl Tunnels {
             Limit::Default if self.config.backpressure => Bound::Limit(maxlen),
             Limit::Default | Limit::Off => Bound::Trim(maxlen),
         };
-        let produced = metrics::store_op("produce", self.store.produce(tunnel, payload, bound));
+        let produced =
+            metrics::store_op(StoreOp::Produce, self.store.produce(tunnel, payload, bound));
         match produced.await? {
             Produced::Stored { id, size } => {
                 metrics::message(MessageEvent::Produced);
@@ -89,7 +90,7 @@ impl Tunnels {
         shutdown: &mut Shutdown,
     ) -> Result<Option<Message>, Error> {
         let key = WakeKey::Message(tunnel.to_string());
-        let attempt = || metrics::store_op("consume", self.store.consume(tunnel, delivery));
+        let attempt = || metrics::store_op(StoreOp::Consume, self.store.consume(tunnel, delivery));
         let message = self.wait_for(key, wait, shutdown, attempt).await?;
         if message.is_some() {
             metrics::message(MessageEvent::Consumed);
@@ -99,7 +100,7 @@ impl Tunnels {
 
     /// Acknowledges a message (always succeeds, also for unknown ids).
     pub async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), Error> {
-        metrics::store_op("ack", self.store.ack(tunnel, msg)).await?;
+        metrics::store_op(StoreOp::Ack, self.store.ack(tunnel, msg)).await?;
         metrics::message(MessageEvent::Acknowledged);
         Ok(())
     }
@@ -112,7 +113,8 @@ impl Tunnels {
         reply: Payload,
     ) -> Result<bool, Error> {
         let ttl = self.config.reply_ttl;
-        let replied = metrics::store_op("reply", self.store.reply(tunnel, msg, reply, ttl)).await?;
+        let replied =
+            metrics::store_op(StoreOp::Reply, self.store.reply(tunnel, msg, reply, ttl)).await?;
         if replied {
             metrics::message(MessageEvent::Replied);
         }
@@ -128,23 +130,23 @@ impl Tunnels {
         shutdown: &mut Shutdown,
     ) -> Result<Option<Payload>, Error> {
         let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
-        let attempt = || metrics::store_op("take_reply", self.store.take_reply(tunnel, msg));
+        let attempt = || metrics::store_op(StoreOp::TakeReply, self.store.take_reply(tunnel, msg));
         self.wait_for(key, wait, shutdown, attempt).await
     }
 
     /// Where a message stands.
     pub async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, Error> {
-        Ok(metrics::store_op("status", self.store.status(tunnel, msg)).await?)
+        Ok(metrics::store_op(StoreOp::Status, self.store.status(tunnel, msg)).await?)
     }
 
     /// Messages in the tunnel, pending ones included.
     pub async fn len(&self, tunnel: &TunnelId) -> Result<u64, Error> {
-        Ok(metrics::store_op("len", self.store.len(tunnel)).await?)
+        Ok(metrics::store_op(StoreOp::Len, self.store.len(tunnel)).await?)
     }
 
     /// Deletes the tunnel with its pending state.
     pub async fn clear(&self, tunnel: &TunnelId) -> Result<(), Error> {
-        Ok(metrics::store_op("clear", self.store.clear(tunnel)).await?)
+        Ok(metrics::store_op(StoreOp::Clear, self.store.clear(tunnel)).await?)
     }
 
     /// The long-poll: runs `attempt` until it yields something, re-running it on each wake-up of

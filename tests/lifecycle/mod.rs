@@ -418,6 +418,21 @@ async fn metrics_follow_the_traffic() {
         relay.client(),
         Client::new(&format!("http://{metrics_listen}")),
     );
+    // Series with labels known in advance are there at zero before any traffic.
+    let page = metrics.get("/metrics").await.expect(200).text();
+    for sample in [
+        "burrow_waiting_polls 0",
+        "burrow_messages_total{event=\"produced\"} 0",
+        "burrow_messages_total{event=\"rejected\"} 0",
+        "burrow_store_errors_total{op=\"produce\"} 0",
+        "burrow_store_errors_total{op=\"take_reply\"} 0",
+        "burrow_store_duration_seconds_count{op=\"consume\"} 0",
+    ] {
+        assert!(
+            page.lines().any(|line| line == sample),
+            "no {sample}:\n{page}"
+        );
+    }
     let t = tunnel_id("metrics");
     api.produce(&t, "a").await;
     api.produce(&t, "b").await;
