@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::duration::parse_go_duration;
+use crate::duration::{parse_go_duration, MAX_ROUTE_TIMEOUT};
 use crate::tunnel::TunnelId;
 
 /// A configuration value that could not be used; the message names the variable.
@@ -182,7 +182,7 @@ impl Config {
             metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
-            route_timeout: env.go_duration("BURROW_ROUTE_TIMEOUT", Duration::from_secs(3))?,
+            route_timeout: env.route_timeout("BURROW_ROUTE_TIMEOUT", Duration::from_secs(3))?,
             pingora_conf: env.get("BURROW_CONF"),
             store: store_config(&env)?,
             auth,
@@ -273,16 +273,19 @@ impl Env<'_> {
         }
     }
 
-    /// A Go-style duration such as `3s` or `1m30s`.
-    fn go_duration(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+    /// A Go-style round-trip timeout such as `3s` or `1m30s`, at most a day.
+    fn route_timeout(&self, var: &'static str, default: Duration) -> Result<Duration, ConfigError> {
         let Some(value) = self.get(var) else {
             return Ok(default);
         };
-        parse_go_duration(&value).ok_or(ConfigError::Invalid {
-            var,
-            value,
-            expected: "a Go duration such as 500ms, 3s or 1m30s",
-        })
+        match parse_go_duration(&value) {
+            Some(timeout) if timeout <= MAX_ROUTE_TIMEOUT => Ok(timeout),
+            _ => Err(ConfigError::Invalid {
+                var,
+                value,
+                expected: "a Go duration up to 24h, such as 500ms, 3s or 1m30s",
+            }),
+        }
     }
 
     /// A tunnel id, such as a queue name.
@@ -334,8 +337,11 @@ impl Env<'_> {
         }
     }
 
+    /// Whole seconds, at most ten years (timeouts and TTLs are added to the clock).
     fn seconds(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        self.parse(var, default, "a whole number of seconds", |_| true)
+        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+        let expected = "a whole number of seconds up to 315360000 (ten years)";
+        self.parse(var, default, expected, |s| *s <= TEN_YEARS)
             .map(Duration::from_secs)
     }
 
@@ -421,6 +427,9 @@ mod tests {
             ("BURROW_ACCESS_LOG", "yes please"),
             ("BURROW_JOBS_QUEUE", "a.b"),
             ("BURROW_ROUTE_TIMEOUT", "3"),
+            ("BURROW_ROUTE_TIMEOUT", "25h"),
+            ("TUNNEL_REPLY_TTL", "315360001"),
+            ("TUNNEL_MAX_POLL_TIMEOUT", "18446744073709551615"),
             ("BURROW_ADVERTISE", "bad"),
             ("BURROW_ADVERTISE", "host:notport"),
             ("BURROW_ADVERTISE", "host:0"),

@@ -3,6 +3,11 @@
 
 use std::time::Duration;
 
+/// The longest round-trip timeout a routed request may ask for (`x-backstream-request-timeout`,
+/// `BURROW_ROUTE_TIMEOUT`): a day, far beyond any sensible wait for a response head, and far
+/// from the clock arithmetic's limits.
+pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Parses a Go duration: one or more `<number><unit>` with units `ns`, `us` (or `µs`), `ms`,
 /// `s`, `m`, `h`; numbers may have a fraction; `0` alone is zero. Negative durations are refused.
 pub fn parse_go_duration(raw: &str) -> Option<Duration> {

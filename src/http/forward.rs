@@ -39,10 +39,17 @@ pub async fn open(
     let head = request_head(session, path, withhold_authorization);
     let mut exchange = agents.forward(agent.as_str(), head, timeout).await?;
     continue_if_expected(session).await?;
-    // An upstream may answer before it has read the whole body: the response still counts.
-    let _ = send_body(session, &mut exchange).await;
+    // An upstream may answer before it has read the whole body: the response still counts, so a
+    // failed send is not an answer yet (if the exchange itself failed, `response` says why).
+    // A client body that broke off is: dropping the exchange aborts the upstream request.
+    if let Err(err @ Error::BadRequest(_)) = send_body(session, &mut exchange).await {
+        return Err(err);
+    }
     let answer = exchange.response().await?;
-    Ok((Response::forwarded(answer.status, answer.headers), exchange))
+    let mut headers = answer.headers;
+    // The agent strips these too, but an agent is a remote peer: the relay does not rely on it.
+    strip_hop_by_hop(&mut headers);
+    Ok((Response::forwarded(answer.status, headers), exchange))
 }
 
 /// Streams the request body to the agent, chunk by chunk.
@@ -69,7 +76,12 @@ pub async fn proxy(
     timeout: Duration,
 ) -> Result<(Response, reqwest::Response), Error> {
     let request = session.req_header();
-    let url = format!("http://{address}{}", request.uri);
+    // Over HTTP/2 the URI is absolute: only its path and query go on.
+    let target = request
+        .uri
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    let url = format!("http://{address}{target}");
     let method = reqwest::Method::from_bytes(request.method.as_str().as_bytes())
         .map_err(|e| Error::BadRequest(e.to_string()))?;
     let mut headers = header_list(&request.headers);
@@ -95,8 +107,15 @@ pub async fn proxy(
     }
     continue_if_expected(session).await?;
     let pump = async {
-        while let Ok(Some(chunk)) = session.read_request_body().await {
-            if chunks.send(Ok(chunk)).await.is_err() {
+        loop {
+            let chunk = match session.read_request_body().await {
+                Ok(Some(chunk)) => Ok(chunk),
+                Ok(None) => break,
+                // The other instance must not take a body cut short for a whole one.
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            let failed = chunk.is_err();
+            if chunks.send(chunk).await.is_err() || failed {
                 break;
             }
         }
@@ -106,7 +125,9 @@ pub async fn proxy(
     let response = match sent {
         Err(_) => return Err(RouteError::Timeout.into()),
         Ok(Err(e)) => {
-            let why = format!("instance {address}: {e}");
+            // The client learns that the hop failed, not the store's addresses of instances.
+            log::warn!("forwarding to the instance at {address}: {e}");
+            let why = "the relay instance with the agent did not answer".to_owned();
             return Err(RouteError::AgentFailed(why).into());
         }
         Ok(Ok(response)) => response,

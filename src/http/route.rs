@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::duration::parse_go_duration;
+use crate::duration::{parse_go_duration, MAX_ROUTE_TIMEOUT};
 use crate::error::Error;
 use crate::jobs::JobId;
 use crate::store::Delivery;
@@ -18,7 +18,7 @@ pub enum Route {
     Health,
     /// `GET /demo/`: the browser page.
     Demo,
-    /// `OPTIONS` on any tunnel route: a CORS preflight.
+    /// `OPTIONS` on any of the relay's own routes: a CORS preflight.
     Preflight,
     /// `POST /t/{tunnel}`.
     Produce { tunnel: TunnelId, limit: Limit },
@@ -220,11 +220,13 @@ impl Route {
         let timeout = routing
             .timeout
             .map(|raw| {
-                parse_go_duration(raw).ok_or_else(|| {
-                    Error::BadParameter(format!(
-                        "Invalid x-backstream-request-timeout {raw:?}: expected a Go duration such as 3s"
-                    ))
-                })
+                parse_go_duration(raw)
+                    .filter(|timeout| *timeout <= MAX_ROUTE_TIMEOUT)
+                    .ok_or_else(|| {
+                        Error::BadParameter(format!(
+                            "Invalid x-backstream-request-timeout {raw:?}: expected a Go duration up to 24h such as 3s"
+                        ))
+                    })
             })
             .transpose()?;
         let path = match query {
@@ -251,7 +253,10 @@ impl Route {
             return match method.as_str() {
                 "POST" => Ok(Route::Publish { topic }),
                 "GET" => Ok(Route::Subscribe { topic }),
-                _ => Err(Error::MethodNotAllowed { allow: "GET, POST" }),
+                "OPTIONS" => Ok(Route::Preflight),
+                _ => Err(Error::MethodNotAllowed {
+                    allow: "GET, POST, OPTIONS",
+                }),
             };
         }
         if let Some(topic) = path.strip_prefix("/ws/e/") {
@@ -277,7 +282,10 @@ impl Route {
                 only_get(method, Route::AgentConnect { name })
             }
             "/trigger" if method == Method::POST => Ok(Route::Trigger { queue: queue()? }),
-            "/trigger" => Err(Error::MethodNotAllowed { allow: "POST" }),
+            "/trigger" if method == Method::OPTIONS => Ok(Route::Preflight),
+            "/trigger" => Err(Error::MethodNotAllowed {
+                allow: "POST, OPTIONS",
+            }),
             _ if is_socket_path(path) => only_get(method, Route::JobSocket { queue: queue()? }),
             _ => Err(Error::NotFound),
         }
@@ -369,11 +377,14 @@ fn is_socket_path(path: &str) -> bool {
     }
 }
 
+/// `route` for a GET, a preflight for an OPTIONS (browsers ask before sending `Authorization`).
 fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
-    if method == Method::GET {
-        Ok(route)
-    } else {
-        Err(Error::MethodNotAllowed { allow: "GET" })
+    match method.as_str() {
+        "GET" => Ok(route),
+        "OPTIONS" => Ok(Route::Preflight),
+        _ => Err(Error::MethodNotAllowed {
+            allow: "GET, OPTIONS",
+        }),
     }
 }
 
@@ -580,8 +591,22 @@ mod tests {
         );
         assert!(matches!(
             parse(Method::POST, "/health"),
-            Err(Error::MethodNotAllowed { allow: "GET" })
+            Err(Error::MethodNotAllowed {
+                allow: "GET, OPTIONS"
+            })
         ));
+        // Every route of the relay's own answers a preflight, without credentials.
+        for path in [
+            "/trigger",
+            "/done/q1.17-0",
+            "/e/topic",
+            "/agents",
+            "/ws/e/topic",
+        ] {
+            let route = parse(Method::OPTIONS, path).unwrap();
+            assert_eq!(route, Route::Preflight, "{path}");
+            assert_eq!(route.access(), Access::Open, "{path}");
+        }
     }
 
     /// The job routes: queue defaults, job ids, `wait`, socket tags.
@@ -607,7 +632,9 @@ mod tests {
         ));
         assert!(matches!(
             get("/trigger"),
-            Err(Error::MethodNotAllowed { allow: "POST" })
+            Err(Error::MethodNotAllowed {
+                allow: "POST, OPTIONS"
+            })
         ));
         let done = get("/done/q1.17-0?wait=5").unwrap();
         let job = "q1.17-0".parse().unwrap();

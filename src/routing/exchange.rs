@@ -62,6 +62,8 @@ pub struct Exchange {
     replay: Option<Vec<Bytes>>,
     finished: bool,
     phase: Phase,
+    /// Why the exchange failed, once it has: what `response` answers after a failed `send`.
+    failure: Option<RouteError>,
 }
 
 impl Exchange {
@@ -89,6 +91,7 @@ impl Exchange {
             replay: Some(Vec::new()),
             finished: false,
             phase: Phase::AwaitingHead,
+            failure: None,
         })
     }
 
@@ -137,9 +140,10 @@ impl Exchange {
     /// Waits for the response head (within the timeout).
     pub async fn response(&mut self) -> Result<ResponseHead, RouteError> {
         if self.phase != Phase::AwaitingHead {
-            return Err(RouteError::AgentFailed(
-                "response head already taken".into(),
-            ));
+            return Err(self
+                .failure
+                .clone()
+                .unwrap_or_else(|| RouteError::AgentFailed("response head already taken".into())));
         }
         loop {
             let deadline = self.head_deadline();
@@ -194,8 +198,7 @@ impl Exchange {
     /// The deadline passed: the stream is reset, which aborts the upstream request.
     fn timed_out(&mut self) -> RouteError {
         self.writer.reset("timeout");
-        self.phase = Phase::Done;
-        RouteError::Timeout
+        self.end_with(RouteError::Timeout)
     }
 
     /// Keeps a sent chunk for replay until the agent has taken the request.
@@ -229,14 +232,8 @@ impl Exchange {
         );
         let (link, writer, reader) = match tokio::time::timeout_at(self.deadline, attempt).await {
             Ok(Ok(opened)) => opened,
-            Ok(Err(err)) => {
-                self.phase = Phase::Done;
-                return Err(err);
-            }
-            Err(_) => {
-                self.phase = Phase::Done;
-                return Err(RouteError::Timeout);
-            }
+            Ok(Err(err)) => return Err(self.end_with(err)),
+            Err(_) => return Err(self.end_with(RouteError::Timeout)),
         };
         self.link = link;
         self.writer = writer;
@@ -246,8 +243,14 @@ impl Exchange {
 
     fn fail(&mut self, reason: Reason) -> RouteError {
         self.writer.reset(&reason);
+        self.end_with(RouteError::AgentFailed(reason))
+    }
+
+    /// Ends the exchange with `failure`, which later calls answer too.
+    fn end_with(&mut self, failure: RouteError) -> RouteError {
         self.phase = Phase::Done;
-        RouteError::AgentFailed(reason)
+        self.failure = Some(failure.clone());
+        failure
     }
 }
 

@@ -48,8 +48,10 @@ pub enum HeadError {
     Json(String),
     #[error("head field {0:?} is missing or of the wrong type")]
     Field(&'static str),
-    #[error("status {0} is not an HTTP status (100-999)")]
+    #[error("status {0} is not a final HTTP status (200-999)")]
     Status(u16),
+    #[error("header {0:?} is not a valid HTTP header")]
+    Header(String),
 }
 
 impl RequestHead {
@@ -77,11 +79,19 @@ impl ResponseHead {
         to_json(self)
     }
 
-    /// Parses a `RESPONSE` frame payload.
+    /// Parses a `RESPONSE` frame payload, checking what the relay will write to its client: a
+    /// final status (interim ones and upgrades do not cross the relay) and valid headers.
     pub fn from_json(bytes: &[u8]) -> Result<ResponseHead, HeadError> {
         let head: ResponseHead = from_json(bytes)?;
-        if !(100..=999).contains(&head.status) {
+        if !(200..=999).contains(&head.status) {
             return Err(HeadError::Status(head.status));
+        }
+        for (name, value) in &head.headers {
+            let valid = http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(value).is_ok();
+            if !valid {
+                return Err(HeadError::Header(name.clone()));
+            }
         }
         Ok(head)
     }
@@ -165,6 +175,20 @@ mod tests {
             ResponseHead::from_json(br#"{"status":99}"#),
             Err(HeadError::Status(99))
         );
+        // Interim statuses and upgrades cannot be relayed as a final answer.
+        assert_eq!(
+            ResponseHead::from_json(br#"{"status":101}"#),
+            Err(HeadError::Status(101))
+        );
+        // The relay would fail to write these to its client.
+        for (name, value) in [("bad name", "v"), ("x", "line\nbreak"), ("", "v")] {
+            let json = serde_json::json!({"status": 200, "headers": [[name, value]]});
+            assert_eq!(
+                ResponseHead::from_json(json.to_string().as_bytes()),
+                Err(HeadError::Header(name.into())),
+                "{name:?}: {value:?}"
+            );
+        }
     }
 
     /// Hop-by-hop headers and those `Connection` names go; the rest stay in order.

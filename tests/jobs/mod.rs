@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -131,6 +132,23 @@ async fn bad_requests(api: &Client) {
         );
     }
     api.get("/trigger").await.expect(405);
+    // Browsers ask before a JSON POST or a GET with Authorization: a preflight, no credentials.
+    for path in ["/trigger", "/done/jobs.1-0", "/e/topic", "/agents"] {
+        let preflight = api
+            .request(Method::OPTIONS, path)
+            .header("Origin", "https://example.org")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            );
+        let response = api.send(preflight).await.expect(204);
+        assert_eq!(response.header("access-control-allow-origin"), Some("*"));
+        assert_eq!(
+            response.header("access-control-allow-headers"),
+            Some("authorization, content-type"),
+            "{path}"
+        );
+    }
     api.post("/trigger?queue=bad.queue", "{}")
         .await
         .expect_one_line_error(400);

@@ -246,7 +246,7 @@ async fn every_status() {
     let by_path = client.get(&format!("/r/{nobody}/x?y=1")).await;
     by_path.expect_error(422, &not_found);
 
-    for bad in ["soon", "12", "1.5.s", "-"] {
+    for bad in ["soon", "12", "1.5.s", "-", "25h", "3000000000000000h"] {
         let request = client
             .request(Method::GET, &format!("/r/{name}/echo"))
             .header(TIMEOUT, bad);
@@ -310,6 +310,70 @@ async fn every_status() {
         took < Duration::from_millis(1900),
         "502 only after {took:?}"
     );
+}
+
+/// A request body the upstream does not take runs out of credit: when the timeout passes while
+/// the relay is still sending it, the answer is 504 (the timeout), not a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_while_sending_the_body() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let len = 64 << 20;
+    let head = format!(
+        "PUT /r/{}/sleep HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 300ms\r\nContent-Length: {len}\r\n\r\n",
+        setup.name
+    );
+    let (status, took) = raw_request(&setup.relay.base, head, vec![7; len], true).await;
+    assert_eq!(status, 504);
+    assert!(took < Duration::from_secs(2), "504 only after {took:?}");
+}
+
+/// A client whose body breaks off gets 400 at once, not the route timeout's 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_request_body() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let head = format!(
+        "PUT /r/{}/sha256 HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 10s\r\nContent-Length: 100\r\n\r\n",
+        setup.name
+    );
+    let (status, took) = raw_request(&setup.relay.base, head, vec![7; 10], false).await;
+    assert_eq!(status, 400);
+    assert!(took < Duration::from_secs(2), "400 only after {took:?}");
+}
+
+/// Sends `head` and then `body` on a raw connection (keeping the write side open when `keep_open`,
+/// else closing it), and answers the status of the response with how long it took. The body is
+/// written by its own task, so that a relay that stops reading it still gets its answer read.
+async fn raw_request(base: &str, head: String, body: Vec<u8>, keep_open: bool) -> (u16, Duration) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let address = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let (read, mut write) = stream.into_split();
+    let asked = Instant::now();
+    let writer = tokio::spawn(async move {
+        // The relay may stop reading and close: a failed write is expected then.
+        if write.write_all(head.as_bytes()).await.is_ok() && write.write_all(&body).await.is_ok() {
+            if keep_open {
+                return Some(write);
+            }
+            let _ = write.shutdown().await;
+        }
+        None
+    });
+    let mut line = String::new();
+    let mut read = BufReader::new(read);
+    tokio::time::timeout(WAIT, read.read_line(&mut line))
+        .await
+        .expect("the relay answers in time")
+        .expect("the status line is readable");
+    let took = asked.elapsed();
+    writer.abort();
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok());
+    (
+        status.unwrap_or_else(|| panic!("not a status line: {line:?}")),
+        took,
+    )
 }
 
 /// The agent keeps its upstream connections alive: sequential requests share one connection,
@@ -796,6 +860,19 @@ async fn agent_on_another_instance() {
         .await
         .expect(200);
     assert_eq!(Echo::parse(&path_form.body).uri, "/r/rest?q=1");
+    // Over HTTP/2 too (the request's URI is absolute there).
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client builds");
+    let response = h2
+        .get(format!("{}/r/{name}/over/h2?q=1", b.base))
+        .send()
+        .await
+        .expect("B answers over HTTP/2");
+    assert_eq!(response.status(), 200);
+    let echo = Echo::parse(&response.bytes().await.expect("a whole body"));
+    assert_eq!(echo.uri, "/over/h2?q=1");
     // A request already sent on by another instance is served only with local agents: no loops.
     let hopped = client_b
         .request(Method::GET, &format!("/r/{name}/x"))
