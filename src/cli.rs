@@ -1,5 +1,6 @@
-//! The command line: `burrow [serve | worker | agent]`. Settings come from the environment (see `config`); the
-//! command line only picks what to run.
+//! The command line: `burrow [serve | worker | agent]`, parsed with clap. The relay's settings come
+//! from the environment (see `config`); `worker` and `agent` take flags, each with an environment
+//! variable of its own.
 
 use std::process::ExitCode;
 

@@ -50,8 +50,6 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// The shared pool's size (`REDIS_POOL_SIZE`); the store opens at most 4 of them.
     pub pool_size: usize,
-    /// `REDIS_POOL_KEEPALIVE`: kept for compatibility; Burrow's connections are persistent.
-    pub keepalive: Duration,
 }
 
 /// Which requests must prove who they are.
@@ -229,6 +227,9 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
             format!("redis://{host}:{port}")
         }
     };
+    // The Lua relay's setting is still checked, so that a deployment's environment carries over
+    // as it is; Burrow's connections are persistent and have no idle keep-alive to tune.
+    env.seconds("REDIS_POOL_KEEPALIVE", 10)?;
     Ok(StoreConfig::Redis(RedisConfig {
         url,
         password: env.get("REDIS_PASSWORD"),
@@ -238,7 +239,6 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
             "a whole number ≥ 1",
             |n: &usize| *n >= 1,
         )?,
-        keepalive: env.seconds("REDIS_POOL_KEEPALIVE", 10)?,
     }))
 }
 

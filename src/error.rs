@@ -6,7 +6,7 @@ use crate::store::StoreError;
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A `/t/...` path that matches no route.
+    /// A path under a known prefix (`/t/`, `/r/`, `/e/`, `/ws/e/`) whose id or shape is wrong.
     #[error("Malformed url")]
     MalformedUrl,
     /// A path outside every route.

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: the environment, read once into a typed `Config`; errors name the variable.
-//! - `cli`: the command line (`burrow serve`), parsed with clap.
+//! - `cli`: the command line (`burrow serve | worker | agent`), parsed with clap.
 //! - `server`: builds Pingora's `Server` from `conf/burrow.yaml` and the config, and runs it.
 //! - `http`: the Pingora app — routing (`Route`), authorization, responses and the one place
 //!   where errors become statuses.
@@ -22,6 +22,8 @@
 //!   (`Agents`) and forwarded requests (`Exchange`), without Pingora.
 //! - `agent`: `burrow agent`, which dials out to a relay and forwards routed requests upstream.
 //! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
+//! - `auth`: the token, signature and public-id rules; `error`: the errors handlers return;
+//!   `duration`: Go-style durations (`1m30s`).
 
 pub mod config;
 

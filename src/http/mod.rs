@@ -4,7 +4,8 @@
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
 //! - `parked`: long-polls that wait outside Pingora's per-connection state;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
-//! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, framed by tungstenite;
+//! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, and the agents'
+//!   (`/agent/connect`) handshake, framed by tungstenite;
 //! - `sse`: server-sent events (`GET /e/{topic}`);
 //! - `forward`: requests for agents, streamed through their connection.
 

@@ -111,6 +111,16 @@ impl Response {
     }
 }
 
+/// What a client is told of `error` (in a response body or a WebSocket message): its message,
+/// except for store trouble, whose cause stays in the log.
+pub fn client_text(error: &Error) -> String {
+    match error {
+        Error::Store(StoreError::Unavailable(_)) => "Store unavailable, retry later".into(),
+        Error::Store(StoreError::Internal(_)) => "Internal store error".into(),
+        other => other.to_string(),
+    }
+}
+
 impl From<Error> for Response {
     /// The one mapping from errors to statuses.
     fn from(error: Error) -> Response {
@@ -136,13 +146,7 @@ impl From<Error> for Response {
             Error::Store(StoreError::Unavailable(_)) => 503,
             Error::Store(StoreError::Internal(_)) => 500,
         };
-        let text = match &error {
-            // The cause stays in the log; the client learns only what it can act on.
-            Error::Store(StoreError::Unavailable(_)) => "Store unavailable, retry later".into(),
-            Error::Store(StoreError::Internal(_)) => "Internal store error".into(),
-            other => other.to_string(),
-        };
-        let response = Response::text(status, text);
+        let response = Response::text(status, client_text(&error));
         match error {
             Error::MethodNotAllowed { allow } => response.header("Allow", allow),
             Error::QueueFull { size } => response.header("X-Queue-Size", size),

@@ -3,7 +3,8 @@
 //!   `{"id", "status": "started"}` at once and pushes the job's final state on the same socket when
 //!   a worker finishes it. Many jobs may be in flight per socket. A waiting job holds no store
 //!   connection: it waits on the same wake-ups as a long-poll;
-//! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame.
+//! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame;
+//! - agents (`/agent/connect`): the handshake and the socket's settings; `routing` carries it.
 
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::tunnel::{Shutdown, TunnelId};
 
-use super::response::Response;
+use super::response::{client_text, Response};
 
 /// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
 const AGENT_FRAME_LIMIT: usize = 1 << 20;
@@ -84,7 +85,12 @@ pub async fn serve_jobs(
                             });
                             json!({"id": job.id.to_string(), "status": "started"})
                         }
-                        Err(e) => json!({"status": "Error", "error": e.to_string()}),
+                        Err(e) => {
+                            if let Error::Store(store) = &e {
+                                log::warn!("job socket: {store}");
+                            }
+                            json!({"status": "Error", "error": client_text(&e)})
+                        }
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {

@@ -134,7 +134,11 @@ impl Jobs {
         let state = match reply {
             None => JobState::Processing,
             Some(reply) => {
-                self.store.forget_job(id.queue(), id.msg()).await?;
+                // The reply is taken already: failing now would lose the result. A record left
+                // behind expires with the reply TTL; until then it reads as Processing.
+                if let Err(e) = self.store.forget_job(id.queue(), id.msg()).await {
+                    log::warn!("job {id}: its record stays until it expires: {e}");
+                }
                 outcome(reply)
             }
         };

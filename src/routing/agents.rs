@@ -13,11 +13,13 @@ use super::link::Link;
 /// One connected agent, for presence (`GET /agents`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentInfo {
+    /// The name requests address it by.
     pub name: String,
     /// Unix time in milliseconds.
     pub connected_since_ms: u64,
     /// Unix time in milliseconds of the last frame, ping or pong heard from the agent.
     pub last_heartbeat_ms: u64,
+    /// Requests it is serving now.
     pub in_flight: usize,
 }
 
@@ -37,6 +39,7 @@ struct Shared {
 }
 
 impl Agents {
+    /// An empty registry.
     pub fn new() -> Agents {
         Agents::default()
     }
@@ -89,10 +92,12 @@ impl Agents {
             .cloned()
     }
 
+    /// A link id not used before in this process.
     pub(crate) fn next_link_id(&self) -> u64 {
         self.shared.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Lists a newly connected link under its name.
     pub(crate) fn insert(&self, link: Arc<Link>) {
         self.links()
             .entry(link.name.clone())
@@ -100,6 +105,7 @@ impl Agents {
             .push(link);
     }
 
+    /// Forgets a link that disconnected; a name without links leaves the map.
     pub(crate) fn remove(&self, link: &Link) {
         let mut links = self.links();
         if let Some(list) = links.get_mut(&link.name) {

@@ -67,6 +67,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// Sends `head` to the least busy agent named `name` (see [`Agents::forward`]).
     pub(crate) async fn start(
         agents: Agents,
         name: &str,

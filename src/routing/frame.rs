@@ -55,9 +55,11 @@ impl Kind {
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// What the frame says.
     pub kind: Kind,
     /// 0 for connection-level frames (`GOAWAY`); streams are numbered from 1.
     pub stream: u32,
+    /// What follows the header; its meaning depends on `kind`.
     pub payload: Bytes,
 }
 

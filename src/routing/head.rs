@@ -29,6 +29,7 @@ pub struct RequestHead {
     pub method: String,
     /// Path and query as sent upstream (`/items?page=2`).
     pub path: String,
+    /// The client's headers, hop-by-hop ones removed and `X-Forwarded-*` added.
     #[serde(default)]
     pub headers: Headers,
 }
@@ -36,7 +37,9 @@ pub struct RequestHead {
 /// The upstream's answer as the relay passes it to the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {
+    /// A final status, 200 to 999.
     pub status: u16,
+    /// The upstream's headers, hop-by-hop ones removed.
     #[serde(default)]
     pub headers: Headers,
 }

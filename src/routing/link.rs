@@ -36,7 +36,9 @@ const CHECK_EVERY: Duration = Duration::from_millis(500);
 pub struct Link {
     /// Unique within this process, so that a retry can avoid links it already tried.
     pub id: u64,
+    /// The name it registered.
     pub name: String,
+    /// When it connected, in Unix milliseconds.
     pub connected_since_ms: u64,
     last_heartbeat_ms: AtomicU64,
     /// The next stream id: odd, increasing.
@@ -52,6 +54,7 @@ impl Link {
         self.streams.len()
     }
 
+    /// When anything was last heard from the agent, in Unix milliseconds.
     pub fn last_heartbeat_ms(&self) -> u64 {
         self.last_heartbeat_ms.load(Ordering::Relaxed)
     }

@@ -39,11 +39,14 @@ pub struct Outbound {
 
 /// What the connection's writer drains, control frames first.
 pub struct OutboundQueues {
+    /// `HEAD`, `RESPONSE`, `DATA` and `END`, in the order streams sent them.
     pub ordered: mpsc::Receiver<Frame>,
+    /// `WINDOW`, `RESET` and `GOAWAY`, which go first.
     pub control: mpsc::UnboundedReceiver<Frame>,
 }
 
 impl Outbound {
+    /// A connection's sending side and the queues its writer drains.
     pub fn new() -> (Outbound, OutboundQueues) {
         let (ordered, ordered_rx) = mpsc::channel(ORDERED_CAPACITY);
         let (control, control_rx) = mpsc::unbounded_channel();
@@ -74,7 +77,9 @@ impl Outbound {
 pub enum Inbound {
     /// A `RESPONSE` payload (only the relay expects these).
     Response(Bytes),
+    /// A body chunk.
     Data(Bytes),
+    /// The peer's body is complete.
     End,
     /// The peer reset the stream, or the connection went.
     Reset(Reason),
@@ -158,6 +163,7 @@ pub struct Streams {
 }
 
 impl Streams {
+    /// An empty table for a connection that sends through `out`.
     pub fn new(out: Outbound) -> Arc<Streams> {
         Arc::new(Streams {
             table: Mutex::new(Table {

@@ -2,7 +2,9 @@
 //! (`t:{tunnel}:s`, group `t:{tunnel}:g`, consumer `c-{tunnel}`, replies `t:{tunnel}:r-{msg}` and
 //! `t:{tunnel}:rt-{msg}`), so data written by either relay is read by the other.
 //!
-//! Each operation is one round trip and atomic: a Lua script from `redis/*.lua`, called by SHA.
+//! Each tunnel operation that touches more than one key is atomic, a Lua script from
+//! `redis/*.lua` called by SHA (loaded again after a `NOSCRIPT`); the simple ones (`len`,
+//! `clear`, job records, event publishes) are plain commands.
 //! The produce and reply scripts publish wake-ups on [`WAKE_CHANNEL`]; one subscriber connection
 //! per process turns them into [`Wakeups::wake`] calls. The store uses a small fixed set of
 //! multiplexed connections, whatever the number of waiting polls: one per worker thread and a

@@ -106,9 +106,8 @@ pub async fn websocket(args: &Args) {
     let spawns: usize = args.get("spawns", 200);
 
     let url = format!("ws://{addr}/ws?queue={queue}");
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .expect("WebSocket to the relay");
+    let connected = tokio_tungstenite::connect_async(url.as_str()).await;
+    let (mut socket, _) = crate::util::or_exit(connected, "WebSocket to the relay");
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut done, mut started, mut errors) = (Vec::new(), Vec::new(), 0);
     // Job 0 is a warm-up (the worker is polling once it is done); it is not counted.

@@ -26,7 +26,7 @@ fn main() {
         std::process::exit(2)
     });
     let threads: usize = args.get("threads", 1);
-    let runtime = if threads <= 1 {
+    let built = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -35,8 +35,8 @@ fn main() {
             .worker_threads(threads)
             .enable_all()
             .build()
-    }
-    .expect("tokio runtime");
+    };
+    let runtime = util::or_exit(built, "start the tokio runtime");
     runtime.block_on(async {
         match scenario.as_str() {
             "wake" => wake::run(&args).await,

@@ -25,7 +25,7 @@ pub async fn run(args: &Args) {
         let mut tasks = Vec::with_capacity(producers);
         for _ in 0..producers {
             let mut conn = Conn::new(&addr);
-            conn.open().await.expect("connect to the relay");
+            crate::util::or_exit(conn.open().await, "connect to the relay");
             let (barrier, path) = (barrier.clone(), format!("/t/{tunnel}?limit={limit}"));
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;

@@ -24,9 +24,8 @@ static BLOCK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
 pub async fn run(args: &Args) {
     let port: u16 = args.get("port", 8081);
     let seconds: u64 = args.get("seconds", 300);
-    let listener = TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind the upstream port");
+    let bound = TcpListener::bind(("127.0.0.1", port)).await;
+    let listener = crate::util::or_exit(bound, "bind the upstream port");
     let accept = async {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {

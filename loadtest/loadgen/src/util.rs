@@ -154,3 +154,12 @@ pub fn redis_clients(port: u16) -> Option<u64> {
     let n: u64 = line.trim_end().split(':').nth(1)?.parse().ok()?;
     Some(n.saturating_sub(1))
 }
+
+/// The value, or exits with a one-line message saying what failed (the relay is not up, a port is
+/// taken): a load run that cannot start has nothing to report.
+pub fn or_exit<T, E: std::fmt::Display>(result: Result<T, E>, doing: &str) -> T {
+    result.unwrap_or_else(|e| {
+        eprintln!("loadgen: {doing}: {e}");
+        std::process::exit(2)
+    })
+}

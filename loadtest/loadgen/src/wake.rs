@@ -18,7 +18,7 @@ pub async fn run(args: &Args) {
     let mut arrivals = Vec::with_capacity(n);
     for i in 0..n {
         let mut conn = Conn::new(&addr);
-        conn.open().await.expect("connect to the relay");
+        crate::util::or_exit(conn.open().await, "connect to the relay");
         let (tx, rx) = oneshot::channel();
         let path = format!("/t/{prefix}-{i}/poll?timeout=60");
         tokio::spawn(async move {

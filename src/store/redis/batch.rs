@@ -37,7 +37,9 @@ type Owner = (u64, &'static str);
 /// arguments from `ARGV[arity × (i - 1) + 1]` are operation `i`, and the reply is the list of
 /// their replies, in order.
 pub(super) struct Batched {
+    /// The script, taking N operations.
     pub script: Script,
+    /// Arguments per operation.
     pub arity: usize,
     /// What the script does, for errors.
     pub name: &'static str,
@@ -45,8 +47,11 @@ pub(super) struct Batched {
 
 /// One operation: its key, its arguments (`arity` of them) and their size in bytes.
 pub(super) struct Operation {
+    /// The tunnel's stream key.
     pub key: String,
+    /// `arity` arguments.
     pub args: Vec<Value>,
+    /// Their size, which bounds a call's size.
     pub bytes: usize,
 }
 
