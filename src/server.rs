@@ -1,6 +1,8 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -11,7 +13,7 @@ use pingora_core::services::listening::Service;
 
 use crate::access_log;
 use crate::config::Config;
-use crate::http::RelayApp;
+use crate::http::{Connections, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY};
 use crate::store::{Store, StoreError};
 
@@ -54,7 +56,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let mut service = Service::new("burrow".to_string(), app);
+    let mut service = Service::new("burrow".to_string(), Connections::new(Arc::new(app)));
     // No L4 read buffer: Pingora's default allocates 64 KiB per connection up front, which would
     // dominate the cost of an idle long-poll, and the HTTP/1 parser reads into a buffer of its own.
     let unbuffered_reads = L4BufferSettings::default().read(0);

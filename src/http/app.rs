@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::Method;
 use log::{debug, warn};
 use pingora_core::apps::{
-    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream,
 };
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
@@ -21,7 +21,7 @@ use pingora_core::server::ShutdownWatch;
 use super::parked::{self, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::{forward, sse, websocket};
+use super::{connection, forward, sse, websocket};
 use crate::access_log;
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
@@ -586,8 +586,8 @@ impl RelayApp {
         answered.unwrap_or_else(|e| failed(name, e))
     }
 
-    /// A long-poll's own task (see `parked`): waits, answers, and hands the connection back to
-    /// Pingora for the client's next request.
+    /// A long-poll's own task (see `parked`): waits, answers, and goes on serving the client's
+    /// next requests on the connection.
     async fn park(
         self: Arc<Self>,
         mut stream: Stream,
@@ -602,9 +602,7 @@ impl RelayApp {
         let written = parked::write(&mut stream, response, keepalive).await;
         self.record(&served, status);
         match written {
-            Ok(()) if keepalive => {
-                self.process_new(stream, &shutdown).await;
-            }
+            Ok(()) if keepalive => connection::serve_http1(&self, stream, &shutdown).await,
             Ok(()) => {}
             Err(e) => debug!("could not write a response: {e}"),
         }

@@ -1,6 +1,8 @@
 //! HTTP: the Pingora app that serves every route on the relay's one port.
 //!
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
+//! - `connection`: tells HTTP/2 (h2c) from HTTP/1 on a new connection without waiting for bytes
+//!   a short request never sends, and serves HTTP/1's keep-alive loop;
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
 //! - `parked`: long-polls that wait outside Pingora's per-connection state;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
@@ -10,6 +12,7 @@
 //! - `forward`: requests for agents, streamed through their connection.
 
 mod app;
+mod connection;
 mod forward;
 mod parked;
 mod response;
@@ -18,3 +21,4 @@ mod sse;
 mod websocket;
 
 pub use app::RelayApp;
+pub use connection::Connections;

@@ -72,6 +72,7 @@ per_store! {
     dedicated: [
         poll_with_a_body_closes_after_answering,
         h2c_poll_wakes_on_produce,
+        short_requests_are_answered,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         trimmed_pending_message_is_skipped,

@@ -1,9 +1,12 @@
 //! URLs, methods, `/health` and `/demo/`, CORS and error bodies.
 
+use std::time::{Duration, Instant};
+
 use reqwest::Method;
 
+use crate::support::raw::Connection;
 use crate::support::says::{FULL, LIMIT_TOO_BIG, MALFORMED};
-use crate::support::{tunnel_id, Client, Response};
+use crate::support::{tunnel_id, Backend, Client, Response};
 
 /// A tunnel id of 1024 characters works; 1025 characters is 400 `Malformed url`.
 pub(super) async fn tunnel_id_length_limit(api: &Client) {
@@ -269,4 +272,31 @@ pub(super) fn assert_preflight(response: &Response) {
 
 fn content_type(response: &Response) -> &str {
     response.header("content-type").unwrap_or_default()
+}
+
+/// Burrow: a whole HTTP/1.0 request shorter than HTTP/2's 24-byte preface (HAProxy's default
+/// health check, `OPTIONS / HTTP/1.0`, is 22 bytes) is answered at once, not held while the
+/// relay waits for bytes that tell HTTP/2 from HTTP/1. HTTP/2 without TLS still works
+/// (`h2c_poll_wakes_on_produce`).
+pub(super) async fn short_requests_are_answered(backend: Backend) {
+    let relay = backend.shared();
+    for (request, status) in [
+        ("OPTIONS / HTTP/1.0\r\n\r\n", 404),
+        ("GET /t/x HTTP/1.0\r\n\r\n", 204),
+        ("GET /demo HTTP/1.0\r\n\r\n", 200),
+    ] {
+        assert!(
+            request.len() < 24,
+            "{request:?} is not shorter than the preface"
+        );
+        let mut connection = Connection::open(&relay.base).await;
+        let asked = Instant::now();
+        let answer = connection.exchange(request).await;
+        assert_eq!(answer.status, status, "{request:?}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{request:?} answered after {:?}",
+            asked.elapsed()
+        );
+    }
 }

@@ -1,0 +1,107 @@
+//! What a new connection speaks: HTTP/2 without TLS (h2c, prior knowledge) or HTTP/1.
+//!
+//! Pingora decides by waiting for the 24 bytes of the HTTP/2 preface, so a complete HTTP/1.0
+//! request shorter than that (`OPTIONS / HTTP/1.0` and a blank line, HAProxy's default health
+//! check, is 22 bytes) would wait forever for bytes that never come. [`Connections`] decides as
+//! soon as the bytes read stop matching the preface, hands HTTP/2 to Pingora as before, and
+//! serves HTTP/1 itself with Pingora's own session loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as TcpStream;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+
+use super::app::RelayApp;
+
+/// The client preface every HTTP/2 connection starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a new connection may stay silent before it is closed, as long as an idle keep-alive.
+const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(60);
+
+/// Seconds an idle HTTP/1 connection is kept between requests (Pingora's default).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// The service's app: tells HTTP/2 from HTTP/1 on each new connection, then serves it.
+pub struct Connections {
+    app: Arc<RelayApp>,
+}
+
+impl Connections {
+    /// Serves new connections with `app`.
+    pub fn new(app: Arc<RelayApp>) -> Connections {
+        Connections { app }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Connections {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let (stream, h2) = sniff(stream).await?;
+        if h2 {
+            // The preface is back in front of the stream: Pingora's own check finds it at once.
+            return ServerApp::process_new(&self.app, stream, shutdown).await;
+        }
+        serve_http1(&self.app, stream, shutdown).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(self.app.as_ref()).await;
+    }
+}
+
+/// Serves HTTP/1 requests on `stream` until the connection closes or is handed elsewhere, as
+/// Pingora does: keep-alive on unless the server is shutting down, settings carried from one
+/// request to the next.
+pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
+    let mut session = ServerSession::new_http1(stream);
+    session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
+    let mut reused = app.process_new_http(session, shutdown).await;
+    while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        reused = app.process_new_http(session, shutdown).await;
+    }
+}
+
+/// Reads until the bytes either stop matching the HTTP/2 preface or are all of it, then puts
+/// them back in front of the stream; answers whether it is HTTP/2. `None` when the client left
+/// or stayed silent. A stream that cannot take bytes back (none here: TLS ends at the load
+/// balancer) is left to Pingora's check.
+async fn sniff(stream: Stream) -> Option<(Stream, bool)> {
+    if !stream.as_any().is::<TcpStream>() {
+        return Some((stream, true));
+    }
+    let mut tcp = stream.into_any().downcast::<TcpStream>().ok()?;
+    let mut seen = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let reading = async {
+        while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
+            match tcp.read(&mut seen[len..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => len += n,
+            }
+        }
+        true
+    };
+    let read = tokio::time::timeout(FIRST_BYTES_WITHIN, reading).await;
+    if !matches!(read, Ok(true)) {
+        return None;
+    }
+    let h2 = seen[..len] == *H2_PREFACE;
+    tcp.rewind(&seen[..len]);
+    Some((tcp, h2))
+}
