@@ -588,15 +588,22 @@ impl RelayApp {
 
     /// A long-poll's own task (see `parked`): waits, answers, and goes on serving the client's
     /// next requests on the connection.
+    ///
+    /// A client that hangs up while it waits takes nothing: the wait ends with it (logged as 499,
+    /// nginx's "client closed request"), so a message or reply stays for the next consumer.
     async fn park(
         self: Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         keepalive: bool,
         wait: Wait,
         served: Served,
         mut shutdown: Shutdown,
     ) {
-        let response = self.wait(served.name, wait, &mut shutdown).await;
+        let waiting = self.wait(served.name, wait, &mut shutdown);
+        let Some((response, mut stream)) = parked::unless_hung_up(stream, waiting).await else {
+            self.record(&served, 499);
+            return;
+        };
         let keepalive = keepalive && !*shutdown.borrow();
         let status = response.status;
         let written = parked::write(&mut stream, response, keepalive).await;

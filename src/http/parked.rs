@@ -5,9 +5,11 @@
 //! drive the connection. A long-poll can wait for a minute, and a relay holds thousands of them, so
 //! an HTTP/1 long-poll leaves all that behind: it takes the connection's stream out of the
 //! session, returns to Pingora (which frees its part), and waits in a task of its own that holds
-//! only the stream and what it waits for. It then writes its response itself and hands the
-//! connection back to Pingora for the client's next request.
+//! only the stream and what it waits for, and watches the socket: a client that hangs up ends the
+//! wait, taking nothing. It then writes its response itself and serves the client's next requests
+//! (`connection::serve_http1`).
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -15,8 +17,9 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::Version;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::response::Response;
 use crate::store::Delivery;
@@ -67,6 +70,33 @@ pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSessio
         }
         other => Err(Box::new(other)),
     }
+}
+
+/// Runs `waiting` unless the client hangs up first (`None`), and gives the stream back. Watching
+/// the socket reads it, so a byte of a request sent behind the poll (pipelining) is put back in
+/// front of the stream for the next request.
+pub async fn unless_hung_up<T>(
+    stream: Stream,
+    waiting: impl Future<Output = T>,
+) -> Option<(T, Stream)> {
+    // Only a plain TCP stream can take a byte back (TLS ends at the load balancer).
+    if !stream.as_any().is::<TcpStream>() {
+        return Some((waiting.await, stream));
+    }
+    let mut tcp = stream.into_any().downcast::<TcpStream>().ok()?;
+    tokio::pin!(waiting);
+    let mut byte = [0u8; 1];
+    let answer = tokio::select! {
+        answer = &mut waiting => answer,
+        read = tcp.read(&mut byte) => match read {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {
+                tcp.rewind(&byte);
+                waiting.await
+            }
+        },
+    };
+    Some((answer, tcp))
 }
 
 /// Writes `response` as Pingora would have: its head with `Date` and `Connection`, then its body.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
 
 use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
@@ -262,6 +263,52 @@ async fn sigterm_answers_waiting_polls_and_exits() {
         .await
         .expect("the relay exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
+}
+
+/// A long-poll whose client hangs up stops waiting at once and takes nothing: the message (or
+/// reply) produced afterwards is there for the next consumer, on both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_polls_take_nothing() {
+    for store in [None, Some(shared_redis().url())] {
+        let site = Site::new();
+        let metrics_listen = format!("127.0.0.1:{}", free_port());
+        let mut env = vec![("BURROW_METRICS_LISTEN", metrics_listen.as_str())];
+        if let Some(url) = &store {
+            env.extend([("BURROW_STORE", "redis"), ("REDIS_URL", url.as_str())]);
+        }
+        let relay = site.start(free_port(), &[], &env);
+        let (api, metrics) = (
+            relay.client(),
+            Client::new(&format!("http://{metrics_listen}")),
+        );
+        let t = tunnel_id("abandoned");
+        let msg = api.produce(&t, "question").await;
+        api.consume(&t, "?pending").await.expect(200);
+        let address = format!("127.0.0.1:{}", relay.port);
+        let mut hung_up = Vec::new();
+        for path in [
+            format!("/t/{t}/poll?timeout=30"),
+            format!("/t/{t}/{msg}/reply/poll?timeout=30"),
+        ] {
+            let mut socket = tokio::net::TcpStream::connect(&address)
+                .await
+                .expect("the relay accepts");
+            let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+            socket.write_all(request.as_bytes()).await.expect("sent");
+            hung_up.push(socket);
+        }
+        wait_for_waiting_polls(&metrics, 2.0).await;
+        drop(hung_up);
+        wait_for_waiting_polls(&metrics, 0.0).await;
+
+        api.produce(&t, "kept").await;
+        api.post(&format!("/t/{t}/{msg}/reply"), "answer")
+            .await
+            .expect(201);
+        assert_eq!(api.consume(&t, "").await.expect(200).text(), "kept");
+        let reply = api.get(&format!("/t/{t}/{msg}/reply")).await.expect(200);
+        assert_eq!(reply.text(), "answer");
+    }
 }
 
 /// `BURROW_ACCESS_LOG=1` writes one line per request (method, route, status, duration, tunnel),
