@@ -501,7 +501,8 @@ impl HttpServerApp for RelayApp {
         let status = response.status;
         // A client whose body was refused unread cannot be kept: the rest of it is still coming.
         let reusable = matches!(after, None | Some(After::Forward(_)));
-        let keepalive = reusable && !*shutdown.borrow() && status != 413;
+        let asked = session.is_http2() || parked::client_keeps_alive(session.req_header());
+        let keepalive = asked && reusable && !*shutdown.borrow() && status != 413;
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
         self.record(&served, status);

@@ -19,6 +19,7 @@ use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
+use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::response::Response;
@@ -48,17 +49,7 @@ pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSessio
     match session {
         ServerSession::H1(h1) => {
             let head = h1.req_header();
-            let connection = head
-                .headers
-                .get(CONNECTION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_ascii_lowercase);
-            // RFC 9112 §9.3: HTTP/1.1 persists unless told to close; HTTP/1.0 only when asked.
-            let asked = match connection.as_deref() {
-                Some(c) if c.contains("close") => false,
-                Some(c) if c.contains("keep-alive") => true,
-                _ => head.version == Version::HTTP_11,
-            };
+            let asked = client_keeps_alive(head);
             // A body nobody reads would be taken for the next request: close after answering.
             let no_body = !head.headers.contains_key(TRANSFER_ENCODING)
                 && head
@@ -69,6 +60,21 @@ pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSessio
             Ok((h1.into_inner(), keepalive))
         }
         other => Err(Box::new(other)),
+    }
+}
+
+/// Whether an HTTP/1 client keeps its connection after this request (RFC 9112 §9.3): HTTP/1.1
+/// unless it says `close`, HTTP/1.0 only when it asks for `keep-alive`.
+pub fn client_keeps_alive(head: &RequestHeader) -> bool {
+    let connection = head
+        .headers
+        .get(CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match connection.as_deref() {
+        Some(c) if c.contains("close") => false,
+        Some(c) if c.contains("keep-alive") => true,
+        _ => head.version == Version::HTTP_11,
     }
 }
 

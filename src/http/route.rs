@@ -269,6 +269,8 @@ impl Route {
             return only_get(method, Route::Done { job, wait });
         }
         match path {
+            // Load balancers' health checks may ask with HEAD.
+            "/health" if method == Method::HEAD => Ok(Route::Health),
             "/health" => only_get(method, Route::Health),
             "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
             "/agents" => only_get(method, Route::Agents),

@@ -33,13 +33,14 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
 }
 
 /// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not
-/// UTF-8 are replaced).
+/// UTF-8 are replaced). Lines end at CRLF, LF or a lone CR, as SSE parsers read them: a body
+/// cannot smuggle an `event:`, `id:` or `retry:` field of its own.
 fn event(body: &[u8]) -> Bytes {
     let text = String::from_utf8_lossy(body);
     let mut event = String::with_capacity(text.len() + 8);
-    for line in text.split('\n') {
+    for line in text.split("\r\n").flat_map(|line| line.split(['\n', '\r'])) {
         event.push_str("data: ");
-        event.push_str(line.strip_suffix('\r').unwrap_or(line));
+        event.push_str(line);
         event.push('\n');
     }
     event.push('\n');
@@ -55,5 +56,11 @@ mod tests {
     fn event_format() {
         assert_eq!(event(b"hello"), "data: hello\n\n");
         assert_eq!(event(b"a\r\nb"), "data: a\ndata: b\n\n");
+        // A lone CR ends a line too: what follows stays data.
+        assert_eq!(
+            event(b"hi\revent: evil\rid: 6"),
+            "data: hi\ndata: event: evil\ndata: id: 6\n\n"
+        );
+        assert_eq!(event(b"a\n\rb"), "data: a\ndata: \ndata: b\n\n");
     }
 }

@@ -89,11 +89,20 @@ impl ResponseHead {
         if !(200..=999).contains(&head.status) {
             return Err(HeadError::Status(head.status));
         }
+        let mut length = None;
         for (name, value) in &head.headers {
             let valid = http::HeaderName::from_bytes(name.as_bytes()).is_ok()
                 && http::HeaderValue::from_str(value).is_ok();
             if !valid {
                 return Err(HeadError::Header(name.clone()));
+            }
+            // One body length, or the client could not tell where the body ends.
+            if name.eq_ignore_ascii_case("content-length") {
+                let this = value.trim().parse::<u64>().ok();
+                if this.is_none() || length.is_some_and(|first| Some(first) != this) {
+                    return Err(HeadError::Header(name.clone()));
+                }
+                length = this;
             }
         }
         Ok(head)
@@ -183,8 +192,21 @@ mod tests {
             ResponseHead::from_json(br#"{"status":101}"#),
             Err(HeadError::Status(101))
         );
-        // The relay would fail to write these to its client.
-        for (name, value) in [("bad name", "v"), ("x", "line\nbreak"), ("", "v")] {
+        // The relay would fail to write these to its client, or the client to read the body.
+        let lengths = [("Content-Length", "3"), ("content-length", "5")];
+        let json = serde_json::json!({"status": 200, "headers": lengths});
+        assert_eq!(
+            ResponseHead::from_json(json.to_string().as_bytes()),
+            Err(HeadError::Header("content-length".into()))
+        );
+        let same = serde_json::json!({"status": 200, "headers": [["content-length", "3"], ["Content-Length", "3"]]});
+        assert!(ResponseHead::from_json(same.to_string().as_bytes()).is_ok());
+        for (name, value) in [
+            ("bad name", "v"),
+            ("x", "line\nbreak"),
+            ("", "v"),
+            ("content-length", "-1"),
+        ] {
             let json = serde_json::json!({"status": 200, "headers": [[name, value]]});
             assert_eq!(
                 ResponseHead::from_json(json.to_string().as_bytes()),

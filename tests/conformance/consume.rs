@@ -205,6 +205,35 @@ pub(super) async fn poll_closes_when_asked(api: &Client) {
     }
 }
 
+/// Any request, not only a long-poll, closes its connection after answering when the client
+/// asks for that, and an HTTP/1.0 client that asked for keep-alive keeps it.
+pub(super) async fn requests_close_when_asked(api: &Client) {
+    let t = tunnel_id("plainclose");
+    for request in [
+        format!("GET /t/{t} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"),
+        format!("GET /t/{t} HTTP/1.0\r\n\r\n"),
+        format!("GET /t/{t}/len HTTP/1.0\r\nHost: relay\r\n\r\n"),
+    ] {
+        let mut connection = Connection::open(api.base()).await;
+        let answer = connection.exchange(&request).await;
+        assert_eq!(
+            (answer.status, answer.header("connection")),
+            (204, Some("close")),
+            "{request:?}"
+        );
+        assert!(connection.closed().await, "still open after {request:?}");
+    }
+    let mut connection = Connection::open(api.base()).await;
+    for _ in 0..2 {
+        let request = format!("GET /t/{t} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let answer = connection.exchange(&request).await;
+        assert_eq!(
+            answer.status, 204,
+            "the connection was kept for a second request"
+        );
+    }
+}
+
 /// Burrow: a body sent with a long-poll is not read, so the connection is closed after the answer
 /// rather than left for the next request to trip on.
 pub(super) async fn poll_with_a_body_closes_after_answering(backend: Backend) {

@@ -68,11 +68,13 @@ per_store! {
         cors_headers_on_every_response,
         preflight_allows_requested_headers,
         error_bodies_are_one_line,
+        requests_close_when_asked,
     ],
     dedicated: [
         poll_with_a_body_closes_after_answering,
         h2c_poll_wakes_on_produce,
         short_requests_are_answered,
+        head_health,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         trimmed_pending_message_is_skipped,

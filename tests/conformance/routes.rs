@@ -300,3 +300,18 @@ pub(super) async fn short_requests_are_answered(backend: Backend) {
         );
     }
 }
+
+/// Burrow: `HEAD /health` (some load balancers' health check) is 200 without a body, and the
+/// connection stays usable for the next request.
+pub(super) async fn head_health(backend: Backend) {
+    let api = backend.shared().client();
+    for _ in 0..2 {
+        let head = api.send(api.request(Method::HEAD, "/health")).await;
+        assert_eq!(head.status, 200);
+        assert!(head.body.is_empty(), "{head:?}");
+        assert_eq!(api.get("/health").await.expect(200).text(), "OK");
+    }
+    api.send(api.request(Method::HEAD, "/t/x"))
+        .await
+        .expect(405);
+}
