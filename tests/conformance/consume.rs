@@ -187,29 +187,14 @@ pub(super) async fn poll_keeps_the_connection(api: &Client) {
     assert_eq!(health.status, 200);
 }
 
-/// A long-poll closes its connection after answering when the client asks for that: with
-/// `Connection: close`, or as an HTTP/1.0 client that did not ask to keep it.
-pub(super) async fn poll_closes_when_asked(api: &Client) {
-    let t = tunnel_id("pollclose");
-    for request in [
-        format!("GET /t/{t}/poll?timeout=0 HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"),
-        format!("GET /t/{t}/poll?timeout=0 HTTP/1.0\r\n\r\n"),
-    ] {
-        let mut connection = Connection::open(api.base()).await;
-        let answer = connection.exchange(&request).await;
-        assert_eq!(
-            (answer.status, answer.header("connection")),
-            (204, Some("close"))
-        );
-        assert!(connection.closed().await, "still open after {request:?}");
-    }
-}
-
-/// Any request, not only a long-poll, closes its connection after answering when the client
-/// asks for that, and an HTTP/1.0 client that asked for keep-alive keeps it.
+/// A request, a long-poll as any other, closes its connection after answering when the client
+/// asks for that (`Connection: close`, or HTTP/1.0 without keep-alive), and an HTTP/1.0 client
+/// that asked for keep-alive keeps it.
 pub(super) async fn requests_close_when_asked(api: &Client) {
     let t = tunnel_id("plainclose");
     for request in [
+        format!("GET /t/{t}/poll?timeout=0 HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"),
+        format!("GET /t/{t}/poll?timeout=0 HTTP/1.0\r\n\r\n"),
         format!("GET /t/{t} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"),
         format!("GET /t/{t} HTTP/1.0\r\n\r\n"),
         format!("GET /t/{t}/len HTTP/1.0\r\nHost: relay\r\n\r\n"),

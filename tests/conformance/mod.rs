@@ -41,7 +41,6 @@ per_store! {
         bad_poll_timeout_is_400,
         polls_share_messages,
         poll_keeps_the_connection,
-        poll_closes_when_asked,
         // pending, status, len, clear
         pending_consume_redelivers_until_ack,
         ack_unknown_is_204,
