@@ -27,7 +27,7 @@ use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::error::Error;
 use crate::events::Subscription;
-use crate::jobs::Jobs;
+use crate::jobs::{JobId, Jobs};
 use crate::metrics;
 use crate::presence::Presence;
 use crate::routing::{self, Agents, Exchange, RouteError};
@@ -233,12 +233,13 @@ impl RelayApp {
                 let job = self.jobs.trigger(&queue, body).await?;
                 Response::json(202, &job.to_json()).header("Location", format!("/done/{}", job.id))
             }
-            Route::Done { job, wait } => {
-                let wait = wait.map(|asked| self.poll_timeout(Some(asked)));
-                match self.jobs.collect(&job, wait, shutdown).await? {
-                    Some(job) => Response::json(200, &job.to_json()),
-                    None => return Err(Error::UnknownJob(job.to_string())),
-                }
+            Route::Done { job, wait: None } => self.done(&job, None, shutdown).await?,
+            Route::Done {
+                job,
+                wait: Some(asked),
+            } => {
+                let timeout = self.poll_timeout(Some(asked));
+                return Ok(Outcome::Wait(Wait::Job { job, timeout }));
             }
             Route::JobSocket { queue } => {
                 let then = Some(After::Upgraded(Upgraded::Jobs(queue)));
@@ -352,6 +353,19 @@ impl RelayApp {
                 let socket = websocket::agent_socket(stream).await;
                 routing::serve(socket, name.to_string(), self.agents.clone(), shutdown).await;
             }
+        }
+    }
+
+    /// The job's state, waiting up to `wait` for it to finish (`GET /done/{id}`).
+    async fn done(
+        &self,
+        job: &JobId,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Response, Error> {
+        match self.jobs.collect(job, wait, shutdown).await? {
+            Some(job) => Ok(Response::json(200, &job.to_json())),
+            None => Err(Error::UnknownJob(job.to_string())),
         }
     }
 
@@ -583,6 +597,7 @@ impl RelayApp {
                 .take_reply(&tunnel, msg, Some(timeout), shutdown)
                 .await
                 .map(|reply| self.payload_response(reply)),
+            Wait::Job { job, timeout } => self.done(&job, Some(timeout), shutdown).await,
         };
         answered.unwrap_or_else(|e| failed(name, e))
     }

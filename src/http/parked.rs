@@ -23,6 +23,7 @@ use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::response::Response;
+use crate::jobs::JobId;
 use crate::store::Delivery;
 use crate::tunnel::{MessageId, TunnelId};
 
@@ -40,6 +41,8 @@ pub enum Wait {
         msg: MessageId,
         timeout: Duration,
     },
+    /// A job to finish (`GET /done/{id}?wait=N`).
+    Job { job: JobId, timeout: Duration },
 }
 
 /// Takes an HTTP/1 connection's stream out of its session, with whether the client keeps the

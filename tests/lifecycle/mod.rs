@@ -265,8 +265,8 @@ async fn sigterm_answers_waiting_polls_and_exits() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// A long-poll whose client hangs up stops waiting at once and takes nothing: the message (or
-/// reply) produced afterwards is there for the next consumer, on both stores.
+/// A long-poll whose client hangs up stops waiting at once and takes nothing: the message, reply
+/// or job result that arrives afterwards is there for the next client, on both stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_polls_take_nothing() {
     for store in [None, Some(shared_redis().url())] {
@@ -284,11 +284,19 @@ async fn abandoned_polls_take_nothing() {
         let t = tunnel_id("abandoned");
         let msg = api.produce(&t, "question").await;
         api.consume(&t, "?pending").await.expect(200);
+        let queue = tunnel_id("abandonedjobs");
+        let trigger = api
+            .post(&format!("/trigger?queue={queue}"), r#"{"n":1}"#)
+            .await;
+        let job: serde_json::Value =
+            serde_json::from_slice(&trigger.expect(202).body).expect("JSON");
+        let job = job["id"].as_str().expect("a job id").to_owned();
         let address = format!("127.0.0.1:{}", relay.port);
         let mut hung_up = Vec::new();
         for path in [
             format!("/t/{t}/poll?timeout=30"),
             format!("/t/{t}/{msg}/reply/poll?timeout=30"),
+            format!("/done/{job}?wait=30"),
         ] {
             let mut socket = tokio::net::TcpStream::connect(&address)
                 .await
@@ -297,7 +305,7 @@ async fn abandoned_polls_take_nothing() {
             socket.write_all(request.as_bytes()).await.expect("sent");
             hung_up.push(socket);
         }
-        wait_for_waiting_polls(&metrics, 2.0).await;
+        wait_for_waiting_polls(&metrics, 3.0).await;
         drop(hung_up);
         wait_for_waiting_polls(&metrics, 0.0).await;
 
@@ -308,6 +316,15 @@ async fn abandoned_polls_take_nothing() {
         assert_eq!(api.consume(&t, "").await.expect(200).text(), "kept");
         let reply = api.get(&format!("/t/{t}/{msg}/reply")).await.expect(200);
         assert_eq!(reply.text(), "answer");
+        let taken = api.consume(&queue, "?pending").await.expect(200);
+        let path = format!("/t/{queue}/{}/reply", taken.message_id());
+        api.post(&path, "done").await.expect(201);
+        let done = api.get(&format!("/done/{job}")).await.expect(200);
+        let done: serde_json::Value = serde_json::from_slice(&done.body).expect("JSON");
+        assert_eq!(
+            (done["status"].as_str(), done["result"].as_str()),
+            (Some("Done"), Some("done"))
+        );
     }
 }
 
