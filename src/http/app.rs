@@ -462,6 +462,13 @@ impl HttpServerApp for RelayApp {
             Ok(false) => return None,
             Err(e) => {
                 debug!("could not read a request: {e}");
+                // A head that came but does not parse still gets its one-line answer.
+                if e.etype() == &pingora_error::ErrorType::InvalidHTTPHeader {
+                    let response = Response::text(400, "Malformed request head");
+                    if let Ok(head) = response.head() {
+                        let _ = session.write_error_response(head, response.body).await;
+                    }
+                }
                 return None;
             }
         }

@@ -74,6 +74,7 @@ per_store! {
         h2c_poll_wakes_on_produce,
         short_requests_are_answered,
         head_health,
+        malformed_heads_get_400,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         trimmed_pending_message_is_skipped,
