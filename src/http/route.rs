@@ -380,6 +380,12 @@ fn is_socket_path(path: &str) -> bool {
 }
 
 /// `route` for a GET, a preflight for an OPTIONS (browsers ask before sending `Authorization`).
+/// Whether `text` is an integer, however large: an optional sign, then digits.
+fn is_integer(text: &str) -> bool {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
     match method.as_str() {
         "GET" => Ok(route),
@@ -430,9 +436,13 @@ impl Query {
         let Some(raw) = &self.limit else {
             return Ok(Limit::Default);
         };
-        match raw.trim().parse::<i64>() {
+        let digits = raw.trim();
+        match digits.parse::<i64>() {
             Ok(n) if n <= 0 => Ok(Limit::Off),
             Ok(n) => Ok(Limit::At(n as u64)),
+            // An integer beyond 64 bits: as any negative one, or as any too large one.
+            Err(_) if is_integer(digits) && digits.starts_with('-') => Ok(Limit::Off),
+            Err(_) if is_integer(digits) => Ok(Limit::At(u64::MAX)),
             Err(_) => Err(Error::BadParameter(format!(
                 "Invalid limit {raw:?}: expected an integer"
             ))),
@@ -744,6 +754,13 @@ mod tests {
         assert_eq!(limit("limit=7").unwrap(), Limit::At(7));
         assert!(limit("limit=abc").is_err());
         assert!(limit("limit=1.5").is_err());
+        // Beyond 64 bits: off when negative, over any TUNNEL_MAXLEN when positive.
+        assert_eq!(limit("limit=-99999999999999999999").unwrap(), Limit::Off);
+        assert_eq!(
+            limit("limit=18446744073709551616").unwrap(),
+            Limit::At(u64::MAX)
+        );
+        assert!(limit("limit=-").is_err());
 
         let poll = |q: &str| match get(&format!("/t/x/poll?{q}")) {
             Ok(Route::Poll {
