@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -98,6 +100,13 @@ pub async fn serve_jobs(
                 }
                 // Pings are answered by tungstenite itself; pongs and raw frames need nothing.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                // Too big a job: the client learns why the socket closes (1009, RFC 6455 §7.4.1).
+                Some(Err(WsError::Capacity(_))) => {
+                    let why = format!("a job is limited to {max_message} bytes");
+                    let frame = CloseFrame { code: CloseCode::Size, reason: why.into() };
+                    let _ = outgoing.send(Message::Close(Some(frame))).await;
+                    break;
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
             Some(result) = results.recv() => result,

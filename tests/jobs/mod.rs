@@ -292,7 +292,22 @@ async fn limits(backend: Backend) {
         .expect(507);
     assert_eq!(full.queue_size(), Some(1));
     let big = json!({"pad": "x".repeat(100)}).to_string();
-    api.post("/trigger", big).await.expect(413);
+    api.post("/trigger", big.clone()).await.expect(413);
+    // Over the WebSocket, too big a job closes it with 1009 and says why.
+    let mut ws = socket(&api, "/ws", None).await;
+    ws.send(Message::text(big))
+        .await
+        .expect("the frame goes out");
+    let closing = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer within 10 s");
+    match closing {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1009);
+            assert_eq!(frame.reason.as_str(), "a job is limited to 64 bytes");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
 }
 
 /// With a token set, /trigger, /done and /ws need it.
