@@ -38,7 +38,7 @@ use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 const DEMO_PAGE: &str = include_str!("demo.html");
 
 /// How long an idle client connection is kept open between requests.
-const KEEPALIVE_SECS: u64 = 60;
+pub(super) const KEEPALIVE_SECS: u64 = 60;
 
 /// What a handler decided.
 // Lives on the stack for one request; boxing the response would allocate for every request.

@@ -17,16 +17,13 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 
-use super::app::RelayApp;
+use super::app::{RelayApp, KEEPALIVE_SECS};
 
 /// The client preface every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a new connection may stay silent before it is closed, as long as an idle keep-alive.
-const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(60);
-
-/// Seconds an idle HTTP/1 connection is kept between requests (Pingora's default).
-const KEEPALIVE_SECS: u64 = 60;
+const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(KEEPALIVE_SECS);
 
 /// The service's app: tells HTTP/2 from HTTP/1 on each new connection, then serves it.
 pub struct Connections {
