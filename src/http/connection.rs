@@ -74,15 +74,28 @@ pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &Shutdow
     }
 }
 
+/// The stream as plain TCP, which can take bytes back (`rewind`) once they are read; any other
+/// stream as it was.
+pub(super) fn plain_tcp(stream: Stream) -> Result<Box<TcpStream>, Stream> {
+    if !stream.as_any().is::<TcpStream>() {
+        return Err(stream);
+    }
+    // Checked just above; `into_any` cannot hand the stream back on a failed downcast.
+    stream
+        .into_any()
+        .downcast::<TcpStream>()
+        .map_err(|_| unreachable!("the stream was checked to be plain TCP"))
+}
+
 /// Reads until the bytes either stop matching the HTTP/2 preface or are all of it, then puts
 /// them back in front of the stream; answers whether it is HTTP/2. `None` when the client left
 /// or stayed silent. A stream that cannot take bytes back (none here: TLS ends at the load
 /// balancer) is left to Pingora's check.
 async fn sniff(stream: Stream) -> Option<(Stream, bool)> {
-    if !stream.as_any().is::<TcpStream>() {
-        return Some((stream, true));
-    }
-    let mut tcp = stream.into_any().downcast::<TcpStream>().ok()?;
+    let mut tcp = match plain_tcp(stream) {
+        Ok(tcp) => tcp,
+        Err(other) => return Some((other, true)),
+    };
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
     let reading = async {

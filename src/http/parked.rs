@@ -17,11 +17,11 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::Version;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::connection::plain_tcp;
 use super::response::Response;
 use crate::jobs::JobId;
 use crate::store::Delivery;
@@ -69,16 +69,19 @@ pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSessio
 /// Whether an HTTP/1 client keeps its connection after this request (RFC 9112 §9.3): HTTP/1.1
 /// unless it says `close`, HTTP/1.0 only when it asks for `keep-alive`.
 pub fn client_keeps_alive(head: &RequestHeader) -> bool {
-    let connection = head
-        .headers
-        .get(CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase);
-    match connection.as_deref() {
-        Some(c) if c.contains("close") => false,
-        Some(c) if c.contains("keep-alive") => true,
-        _ => head.version == Version::HTTP_11,
+    // Runs for every request: the `Connection` tokens are compared in place, not lowercased.
+    let says = |token: &str| {
+        head.headers.get_all(CONNECTION).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if says("close") {
+        return false;
     }
+    says("keep-alive") || head.version == Version::HTTP_11
 }
 
 /// Runs `waiting` unless the client hangs up first (`None`), and gives the stream back. Watching
@@ -89,10 +92,10 @@ pub async fn unless_hung_up<T>(
     waiting: impl Future<Output = T>,
 ) -> Option<(T, Stream)> {
     // Only a plain TCP stream can take a byte back (TLS ends at the load balancer).
-    if !stream.as_any().is::<TcpStream>() {
-        return Some((waiting.await, stream));
-    }
-    let mut tcp = stream.into_any().downcast::<TcpStream>().ok()?;
+    let mut tcp = match plain_tcp(stream) {
+        Ok(tcp) => tcp,
+        Err(other) => return Some((waiting.await, other)),
+    };
     tokio::pin!(waiting);
     let mut byte = [0u8; 1];
     let answer = tokio::select! {
@@ -130,4 +133,42 @@ pub async fn write(
     wire.put_slice(&response.body);
     stream.write_all(&wire).await?;
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(version: Version, connection: Option<&str>) -> RequestHeader {
+        let mut head = RequestHeader::build("GET", b"/", None).expect("a valid head");
+        head.set_version(version);
+        if let Some(value) = connection {
+            head.insert_header(CONNECTION, value)
+                .expect("a valid header");
+        }
+        head
+    }
+
+    /// `Connection` tokens in any case and list position decide; else the version does.
+    #[test]
+    fn keep_alive_asked() {
+        assert!(client_keeps_alive(&head(Version::HTTP_11, None)));
+        assert!(!client_keeps_alive(&head(Version::HTTP_10, None)));
+        assert!(client_keeps_alive(&head(
+            Version::HTTP_10,
+            Some("Upgrade, Keep-Alive")
+        )));
+        assert!(!client_keeps_alive(&head(
+            Version::HTTP_11,
+            Some("x, CLOSE")
+        )));
+        assert!(!client_keeps_alive(&head(
+            Version::HTTP_11,
+            Some("keep-alive, close")
+        )));
+        assert!(client_keeps_alive(&head(
+            Version::HTTP_11,
+            Some("closed-caption")
+        )));
+    }
 }
