@@ -46,10 +46,7 @@ pub async fn open(
         return Err(err);
     }
     let answer = exchange.response().await?;
-    let mut headers = answer.headers;
-    // The agent strips these too, but an agent is a remote peer: the relay does not rely on it.
-    strip_hop_by_hop(&mut headers);
-    Ok((Response::forwarded(answer.status, headers), exchange))
+    Ok((Response::forwarded(answer.status, answer.headers), exchange))
 }
 
 /// Streams the request body to the agent, chunk by chunk.

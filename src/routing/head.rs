@@ -83,9 +83,11 @@ impl ResponseHead {
     }
 
     /// Parses a `RESPONSE` frame payload, checking what the relay will write to its client: a
-    /// final status (interim ones and upgrades do not cross the relay) and valid headers.
+    /// final status (interim ones and upgrades do not cross the relay) and valid headers. The
+    /// agent strips hop-by-hop headers, but it is a remote peer: they are stripped here again.
     pub fn from_json(bytes: &[u8]) -> Result<ResponseHead, HeadError> {
-        let head: ResponseHead = from_json(bytes)?;
+        let mut head: ResponseHead = from_json(bytes)?;
+        strip_hop_by_hop(&mut head.headers);
         if !(200..=999).contains(&head.status) {
             return Err(HeadError::Status(head.status));
         }
@@ -199,6 +201,10 @@ mod tests {
             ResponseHead::from_json(json.to_string().as_bytes()),
             Err(HeadError::Header("content-length".into()))
         );
+        // Hop-by-hop headers an agent should not have sent do not reach the client.
+        let hop = serde_json::json!({"status": 200, "headers": [["Connection", "close, X-Private"], ["X-Private", "1"], ["X-Kept", "2"]]});
+        let parsed = ResponseHead::from_json(hop.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.headers, pairs(&[("X-Kept", "2")]));
         let same = serde_json::json!({"status": 200, "headers": [["content-length", "3"], ["Content-Length", "3"]]});
         assert!(ResponseHead::from_json(same.to_string().as_bytes()).is_ok());
         for (name, value) in [
