@@ -885,4 +885,10 @@ async fn agent_on_another_instance() {
         .request(Method::GET, &format!("/r/{name}/x"))
         .header("x-burrow-hop", "elsewhere");
     client_b.send(hopped).await.expect(422);
+    // A gone but still listed: the client learns that the hop failed, not A's address.
+    let (a_address, name) = (setup.relay.base.replace("http://", ""), name.clone());
+    drop(setup);
+    let response = client_b.get(&format!("/r/{name}/x")).await;
+    let text = response.expect_one_line_error(502).text();
+    assert!(!text.contains(&a_address), "{text}");
 }
