@@ -430,6 +430,7 @@ mod tests {
             ("BURROW_ROUTE_TIMEOUT", "25h"),
             ("TUNNEL_REPLY_TTL", "315360001"),
             ("TUNNEL_MAX_POLL_TIMEOUT", "18446744073709551615"),
+            ("REDIS_POOL_KEEPALIVE", "soon"),
             ("BURROW_ADVERTISE", "bad"),
             ("BURROW_ADVERTISE", "host:notport"),
             ("BURROW_ADVERTISE", "host:0"),
