@@ -4,6 +4,7 @@
 //! every route: it owns the session, so a long-poll can wait on the shutdown signal and answer 204
 //! when it fires, and it can take the upgraded stream.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -515,7 +516,12 @@ impl HttpServerApp for RelayApp {
                 }
                 Err(whole) => {
                     session = *whole;
-                    (self.wait(name, wait, &mut shutdown).await, None)
+                    let waiting = self.wait(name, wait, &mut shutdown);
+                    let Some(response) = unless_reset(&mut session, waiting).await else {
+                        self.record(&served, 499);
+                        return None;
+                    };
+                    (response, None)
                 }
             },
         };
@@ -636,6 +642,21 @@ impl RelayApp {
             Ok(()) => {}
             Err(e) => debug!("could not write a response: {e}"),
         }
+    }
+}
+
+/// Runs an HTTP/2 long-poll's `waiting` unless the client resets its stream first (`None`): like
+/// a hung-up HTTP/1 client (`parked::unless_hung_up`), it takes nothing.
+async fn unless_reset(
+    session: &mut ServerSession,
+    waiting: impl Future<Output = Response>,
+) -> Option<Response> {
+    match session.watch_h2_stream_close() {
+        Some(closed) => tokio::select! {
+            response = waiting => Some(response),
+            _ = closed => None,
+        },
+        None => Some(waiting.await),
     }
 }
 

@@ -47,7 +47,7 @@ pub enum Wait {
 
 /// Takes an HTTP/1 connection's stream out of its session, with whether the client keeps the
 /// connection open after the response. Any other session is handed back: h2c streams share one
-/// connection, so they wait in place.
+/// connection, so they wait in place, watching for the client to reset the stream.
 pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSession>> {
     match session {
         ServerSession::H1(h1) => {

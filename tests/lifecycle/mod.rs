@@ -265,8 +265,9 @@ async fn sigterm_answers_waiting_polls_and_exits() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// A long-poll whose client hangs up stops waiting at once and takes nothing: the message, reply
-/// or job result that arrives afterwards is there for the next client, on both stores.
+/// A long-poll whose client hangs up (or, over h2c, resets its stream) stops waiting at once and
+/// takes nothing: the message, reply or job result that arrives afterwards is there for the next
+/// client, on both stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_polls_take_nothing() {
     for store in [None, Some(shared_redis().url())] {
@@ -305,8 +306,18 @@ async fn abandoned_polls_take_nothing() {
             socket.write_all(request.as_bytes()).await.expect("sent");
             hung_up.push(socket);
         }
-        wait_for_waiting_polls(&metrics, 3.0).await;
+        // Over h2c the poll waits on a stream of a shared connection: the client resets it.
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("an h2c client builds");
+        let reset = tokio::spawn(
+            h2c.get(format!("http://{address}/t/{t}/poll?timeout=30"))
+                .send(),
+        );
+        wait_for_waiting_polls(&metrics, 4.0).await;
         drop(hung_up);
+        reset.abort();
         wait_for_waiting_polls(&metrics, 0.0).await;
 
         api.produce(&t, "kept").await;
