@@ -18,7 +18,7 @@ pub use id::JobId;
 
 use crate::error::Error;
 use crate::store::{Payload, Store};
-use crate::tunnel::{Limit, Shutdown, TunnelId, Tunnels};
+use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
 /// The Content-Type a worker replies with to report a failure.
 pub const FAILURE_TYPE: &str = "application/problem+json";
@@ -99,12 +99,10 @@ impl Jobs {
             }
         };
         let payload = Payload {
-            body: body.clone(),
+            body,
             content_type: Some("application/json".into()),
         };
-        let (msg, _) = self.tunnels.produce(queue, payload, Limit::Default).await?;
-        let ttl = self.tunnels.config().reply_ttl;
-        self.store.put_job(queue, msg, body, ttl).await?;
+        let msg = self.tunnels.produce_job(queue, payload).await?;
         Ok(Job {
             id: JobId::new(queue.clone(), msg),
             fields,

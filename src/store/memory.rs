@@ -134,6 +134,7 @@ impl Backend for MemoryStore {
         tunnel: &TunnelId,
         payload: Payload,
         bound: Bound,
+        job_ttl: Option<Duration>,
     ) -> Result<Produced, StoreError> {
         let produced = {
             let mut state = self.lock();
@@ -145,8 +146,9 @@ impl Backend for MemoryStore {
             }
             let id = MessageId::next_after(t.last_id, now_ms());
             t.last_id = Some(id);
+            let record = job_ttl.map(|ttl| Expiring::new(payload.body.clone(), ttl));
             t.queued.push_back((id, payload));
-            match bound {
+            let produced = match bound {
                 Bound::Limit(_) => Produced::Stored {
                     id,
                     size: Some(t.len()),
@@ -155,7 +157,11 @@ impl Backend for MemoryStore {
                     t.trim(maxlen);
                     Produced::Stored { id, size: None }
                 }
+            };
+            if let Some(record) = record {
+                state.jobs.insert((tunnel.clone(), id), record);
             }
+            produced
         };
         self.audience
             .wakeups
@@ -260,18 +266,6 @@ impl Backend for MemoryStore {
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
         self.lock().tunnels.remove(tunnel);
-        Ok(())
-    }
-
-    async fn put_job(
-        &self,
-        queue: &TunnelId,
-        msg: MessageId,
-        fields: Bytes,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let record = Expiring::new(fields, ttl);
-        self.lock().jobs.insert((queue.clone(), msg), record);
         Ok(())
     }
 

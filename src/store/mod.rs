@@ -98,11 +98,14 @@ pub enum MessageStatus {
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Appends a message, bounded as `bound` says, and wakes a consumer waiting on the tunnel.
+    /// With `job_ttl`, the same atomic step keeps the body as the job record of the new message
+    /// for that long (see [`Backend::job`]), so a job is never queued without its record.
     async fn produce(
         &self,
         tunnel: &TunnelId,
         payload: Payload,
         bound: Bound,
+        job_ttl: Option<Duration>,
     ) -> Result<Produced, StoreError>;
 
     /// Takes the next message for a consumer, if there is one.
@@ -141,17 +144,9 @@ pub trait Backend: Send + Sync {
     /// Deletes the tunnel with its pending state.
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError>;
 
-    /// Keeps a job's fields (the JSON object it was triggered with) for `ttl`, so that any
-    /// instance can answer for the job while it runs and once it is done.
-    async fn put_job(
-        &self,
-        queue: &TunnelId,
-        msg: MessageId,
-        fields: Bytes,
-        ttl: Duration,
-    ) -> Result<(), StoreError>;
-
-    /// The fields of a job, if it is known (triggered, not expired, not yet collected).
+    /// The fields of a job (the JSON object it was triggered with, kept by `produce` with a
+    /// `job_ttl`), if it is known: triggered, not expired, not yet collected. Any instance can
+    /// answer for the job with it while it runs and once it is done.
     async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError>;
 
     /// Forgets a job once its final state has been handed out.

@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::WithOptions;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, Expiration, KeysInterface,
-    Options, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, KeysInterface, Options,
+    PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
@@ -72,7 +72,7 @@ const WAKE_BUFFER: usize = 4096;
 
 static PRODUCE: Batched = Batched {
     script: Script::new(include_str!("redis/produce.lua")),
-    arity: 6,
+    arity: 8,
     name: "produce",
 };
 static CONSUME: Batched = Batched {
@@ -356,7 +356,12 @@ impl TunnelKeys {
 
 /// Where a job's fields are kept: Burrow's own prefix, beside the original's `t:` keys.
 fn job_key(queue: &TunnelId, msg: MessageId) -> String {
-    format!("burrow:job:{queue}:{msg}")
+    format!("{}{msg}", job_key_prefix(queue))
+}
+
+/// The job keys of `queue` without the message id, which the produce script appends.
+fn job_key_prefix(queue: &TunnelId) -> String {
+    format!("burrow:job:{queue}:")
 }
 
 /// The reply body and reply Content-Type keys of `msg`.
@@ -516,6 +521,7 @@ impl Backend for RedisStore {
         tunnel: &TunnelId,
         payload: Payload,
         bound: Bound,
+        job_ttl: Option<Duration>,
     ) -> Result<Produced, StoreError> {
         let (mode, n) = match bound {
             Bound::Limit(n) => ("limit", n),
@@ -532,6 +538,8 @@ impl Backend for RedisStore {
                 Value::from(WakeKey::Message(tunnel.to_string()).encode()),
                 // The script reads '' as none: an empty Content-Type says nothing either.
                 Value::from(payload.content_type.unwrap_or_default()),
+                Value::from(job_ttl.map_or(String::new(), |_| job_key_prefix(tunnel))),
+                Value::Integer(job_ttl.map_or(0, millis_i64)),
             ],
             bytes: body_len,
         };
@@ -645,18 +653,6 @@ impl Backend for RedisStore {
 
     async fn len(&self, tunnel: &TunnelId) -> Result<u64, StoreError> {
         bounded(self.call().client().xlen(TunnelKeys::new(tunnel).stream)).await
-    }
-
-    async fn put_job(
-        &self,
-        queue: &TunnelId,
-        msg: MessageId,
-        fields: Bytes,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let expiry = Some(Expiration::PX(millis_i64(ttl)));
-        let client = self.call().client();
-        bounded(client.set::<(), _, _>(job_key(queue, msg), fields, expiry, None, false)).await
     }
 
     async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError> {

@@ -56,6 +56,31 @@ impl Tunnels {
         payload: Payload,
         limit: Limit,
     ) -> Result<(MessageId, Option<u64>), Error> {
+        self.produce_kept(tunnel, payload, limit, None).await
+    }
+
+    /// Stores a job's message (its body the job's fields) with the job's record, kept as long as
+    /// a reply, in one step; [`Error::QueueFull`] when backpressure refuses it.
+    pub async fn produce_job(
+        &self,
+        queue: &TunnelId,
+        payload: Payload,
+    ) -> Result<MessageId, Error> {
+        let ttl = Some(self.config.reply_ttl);
+        let (msg, _) = self
+            .produce_kept(queue, payload, Limit::Default, ttl)
+            .await?;
+        Ok(msg)
+    }
+
+    /// Stores a message, with a job record kept for `job_ttl` if given.
+    async fn produce_kept(
+        &self,
+        tunnel: &TunnelId,
+        payload: Payload,
+        limit: Limit,
+        job_ttl: Option<Duration>,
+    ) -> Result<(MessageId, Option<u64>), Error> {
         let maxlen = self.config.maxlen;
         let bound = match limit {
             Limit::At(n) if n > maxlen => {
@@ -67,8 +92,10 @@ impl Tunnels {
             Limit::Default if self.config.backpressure => Bound::Limit(maxlen),
             Limit::Default | Limit::Off => Bound::Trim(maxlen),
         };
-        let produced =
-            metrics::store_op(StoreOp::Produce, self.store.produce(tunnel, payload, bound));
+        let produced = metrics::store_op(
+            StoreOp::Produce,
+            self.store.produce(tunnel, payload, bound, job_ttl),
+        );
         match produced.await? {
             Produced::Stored { id, size } => {
                 metrics::message(MessageEvent::Produced);

@@ -1,6 +1,7 @@
 //! What only the redis store has: the original's key layout, several relays on one redis-server, and
 //! surviving a store outage.
 
+use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use crate::support::redis::Value;
@@ -121,6 +122,36 @@ async fn writes_original_layout() {
         let ttl = redis.command(&["TTL", &key]).int();
         assert!((1..=3600).contains(&ttl), "{key} has TTL {ttl}");
     }
+}
+
+/// A job's message and its record are written by one script call, so a store that fails between
+/// two calls cannot leave a job queued that `/done` does not know (its record has the reply TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_and_record_are_stored_together() {
+    let (api, redis) = shared();
+    let queue = tunnel_id("jobrecord");
+    let mut monitor = redis.monitor();
+    let triggered = api.post(&format!("/trigger?queue={queue}"), "{}").await;
+    let job = triggered.expect(202).json()["id"]
+        .as_str()
+        .expect("a job id")
+        .to_owned();
+    let msg = job
+        .rsplit('.')
+        .next()
+        .expect("the id ends with the message id");
+    let key = format!("burrow:job:{queue}:{msg}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let set = std::iter::from_fn(|| {
+        let mut line = String::new();
+        monitor.read_line(&mut line).ok()?;
+        (Instant::now() < deadline).then_some(line)
+    })
+    .find(|line| line.contains(&format!("\"{key}\"")))
+    .expect("the record is written");
+    assert!(set.contains("[0 lua]"), "written outside the script: {set}");
+    let ttl = redis.command(&["TTL", &key]).int();
+    assert!((1..=3600).contains(&ttl), "{key} has TTL {ttl}");
 }
 
 /// A reply the Lua relay wrote (`RPUSH` + `SET`) is read through Burrow's `GET …/reply`.

@@ -45,17 +45,34 @@ impl RedisServer {
         self.launch();
     }
 
+    /// A connection in `MONITOR` mode: each line it reads is one command the server ran, with
+    /// who ran it (`[0 127.0.0.1:port]` for a client, `[0 lua]` for a script).
+    pub fn monitor(&self) -> BufReader<TcpStream> {
+        let mut monitor = self.send(&["MONITOR"]);
+        let mut ok = String::new();
+        monitor
+            .read_line(&mut ok)
+            .expect("redis-server answers MONITOR");
+        assert_eq!(ok.trim_end(), "+OK");
+        monitor
+    }
+
     /// Runs one command on a fresh connection and returns its reply.
     pub fn command(&self, args: &[&str]) -> Value {
+        Value::read(&mut self.send(args)).expect("redis-server answers in RESP")
+    }
+
+    /// Sends one command on a fresh connection, to read the answer from.
+    fn send(&self, args: &[&str]) -> BufReader<TcpStream> {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis-server is up");
         stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("a socket accepts a timeout");
         let mut writer = stream.try_clone().expect("a socket can be duplicated");
         writer
             .write_all(&encode(args))
             .expect("redis-server accepts the command");
-        Value::read(&mut BufReader::new(stream)).expect("redis-server answers in RESP")
+        BufReader::new(stream)
     }
 
     fn launch(&mut self) {

@@ -1,13 +1,15 @@
 -- Appends messages to tunnels' streams, bounded, and announces each; every message is one
--- atomic step, so concurrent producers can never push a stream past its limit. One call carries
--- the produces that queued up on one relay thread while its previous call ran (often just one).
+-- atomic step, so concurrent producers can never push a stream past its limit, and a job is never
+-- queued without its record. One call carries the produces that queued up on one relay thread
+-- while its previous call ran (often just one).
 -- KEYS[i] the stream of message i
--- ARGV[6i-5] 'limit' (refuse when full) or 'trim' (drop the oldest beyond the bound),
--- ARGV[6i-4] the bound, ARGV[6i-3] body, ARGV[6i-2] wake-up channel, ARGV[6i-1] wake-up payload,
--- ARGV[6i] Content-Type ('' for none)
+-- ARGV[8i-7] 'limit' (refuse when full) or 'trim' (drop the oldest beyond the bound),
+-- ARGV[8i-6] the bound, ARGV[8i-5] body, ARGV[8i-4] wake-up channel, ARGV[8i-3] wake-up payload,
+-- ARGV[8i-2] Content-Type ('' for none), ARGV[8i-1] for a job, the key its record is kept under
+-- without the message id ('' for none), ARGV[8i] the record's time to live in milliseconds
 -- Returns, per message, {'full', size} or {'stored', id, size after} ('limit') or {'stored', id}
 -- ('trim'), or {'error', why}.
-local function produce(stream, mode, bound, body, channel, payload, content_type)
+local function produce(stream, mode, bound, body, channel, payload, content_type, job, job_ttl)
   local fields = { 'data', body }
   if content_type ~= '' then
     fields[3] = 'ct'
@@ -26,6 +28,9 @@ local function produce(stream, mode, bound, body, channel, payload, content_type
     -- Exact MAXLEN: the tunnel holds at most `bound` messages, never "about" that many.
     id = redis.call('XADD', stream, 'MAXLEN', bound, '*', unpack(fields))
   end
+  if job ~= '' then
+    redis.call('SET', job .. id, body, 'PX', job_ttl)
+  end
 
   redis.call('PUBLISH', channel, payload)
   if size then
@@ -37,9 +42,9 @@ end
 -- A message that fails (a key of another type) fails alone: {'error', why}.
 local replies = {}
 for i, stream in ipairs(KEYS) do
-  local a = 6 * (i - 1)
+  local a = 8 * (i - 1)
   local ok, reply = pcall(produce, stream, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-    ARGV[a + 5], ARGV[a + 6])
+    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8])
   if not ok then
     reply = { 'error', type(reply) == 'table' and reply.err or tostring(reply) }
   end
