@@ -19,7 +19,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
-use super::parked::{self, Wait};
+use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
 use super::{connection, forward, sse, websocket};
@@ -508,13 +508,17 @@ impl HttpServerApp for RelayApp {
         };
         let (response, after) = match outcome {
             Outcome::Respond(response, after) => (response, after),
-            Outcome::Wait(wait) => match parked::detach(session) {
-                Ok((stream, keepalive)) => {
+            Outcome::Wait(wait) => match parked::detach(session).await {
+                Detached::Stream(stream, keepalive) => {
                     let parked = self.clone().park(stream, keepalive, wait, served, shutdown);
                     tokio::spawn(parked);
                     return None;
                 }
-                Err(whole) => {
+                Detached::Lost => {
+                    self.record(&served, 499);
+                    return None;
+                }
+                Detached::InPlace(whole) => {
                     session = *whole;
                     let waiting = self.wait(name, wait, &mut shutdown);
                     let Some(response) = unless_reset(&mut session, waiting).await else {

@@ -64,6 +64,9 @@ impl ServerApp for Connections {
 pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
     let mut session = ServerSession::new_http1(stream);
     session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
+    // Requests a client sends before its previous answer are served in order (RFC 9112 §9.3.2),
+    // not dropped with the connection; the setting is carried to each next request.
+    session.set_pipelining_enabled(true);
     let mut reused = app.process_new_http(session, shutdown).await;
     while let Some((stream, settings)) = reused.map(|r| r.consume()) {
         let mut session = ServerSession::new_http1(stream);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::Version;
+use log::debug;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
@@ -45,24 +46,52 @@ pub enum Wait {
     Job { job: JobId, timeout: Duration },
 }
 
-/// Takes an HTTP/1 connection's stream out of its session, with whether the client keeps the
-/// connection open after the response. Any other session is handed back: h2c streams share one
-/// connection, so they wait in place, watching for the client to reset the stream.
-pub fn detach(session: ServerSession) -> Result<(Stream, bool), Box<ServerSession>> {
-    match session {
-        ServerSession::H1(h1) => {
-            let head = h1.req_header();
-            let asked = client_keeps_alive(head);
-            // A body nobody reads would be taken for the next request: close after answering.
-            let no_body = !head.headers.contains_key(TRANSFER_ENCODING)
-                && head
-                    .headers
-                    .get(CONTENT_LENGTH)
-                    .is_none_or(|length| length.as_bytes() == b"0");
-            let keepalive = asked && no_body;
-            Ok((h1.into_inner(), keepalive))
+/// A long-poll's connection, taken out of its session or not.
+pub enum Detached {
+    /// An HTTP/1 connection's stream, with whether the client keeps it open after the response.
+    Stream(Stream, bool),
+    /// Any other session, handed back: h2c streams share one connection, so they wait in place,
+    /// watching for the client to reset the stream.
+    InPlace(Box<ServerSession>),
+    /// The connection failed while it was taken out.
+    Lost,
+}
+
+/// Takes an HTTP/1 connection's stream out of its session. Bytes of the client's next requests,
+/// pipelined behind the poll and read with its head, are put back in front of the stream.
+pub async fn detach(session: ServerSession) -> Detached {
+    let ServerSession::H1(h1) = session else {
+        return Detached::InPlace(Box::new(session));
+    };
+    let head = h1.req_header();
+    let asked = client_keeps_alive(head);
+    // A body nobody reads would be taken for the next request: close after answering.
+    let no_body = !head.headers.contains_key(TRANSFER_ENCODING)
+        && head
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_none_or(|length| length.as_bytes() == b"0");
+    if !(asked && no_body && h1.will_keepalive()) {
+        return Detached::Stream(h1.into_inner(), false);
+    }
+    // Pingora's own hand-over to the next request, which carries the pipelined bytes along.
+    let reusable = match h1.reuse().await {
+        Ok(Some(reusable)) => reusable,
+        Ok(None) => return Detached::Lost,
+        Err(e) => {
+            debug!("could not take a long-poll's connection: {e}");
+            return Detached::Lost;
         }
-        other => Err(Box::new(other)),
+    };
+    match reusable.into_parts() {
+        (stream, None) => Detached::Stream(stream, true),
+        (stream, Some(pipelined)) => match plain_tcp(stream) {
+            Ok(mut tcp) => {
+                tcp.rewind(&pipelined);
+                Detached::Stream(tcp, true)
+            }
+            Err(other) => Detached::Stream(other, false),
+        },
     }
 }
 

@@ -187,6 +187,43 @@ pub(super) async fn poll_keeps_the_connection(api: &Client) {
     assert_eq!(health.status, 200);
 }
 
+/// Requests sent together before any answer (HTTP/1.1 pipelining) are all answered, in order,
+/// a long-poll that waits among them too.
+pub(super) async fn pipelined_requests_are_answered_in_order(api: &Client) {
+    let t = tunnel_id("pipelined");
+    let mut connection = Connection::open(api.base()).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let post = |body: &str| {
+        let length = body.len();
+        format!(
+            "POST /t/{t}?limit=0 HTTP/1.1\r\nHost: relay\r\nContent-Length: {length}\r\n\r\n{body}"
+        )
+    };
+    let answers = connection
+        .pipeline(&[
+            get(&format!("/t/{t}/poll?timeout=1")),
+            post("m1"),
+            post("m2"),
+            get(&format!("/t/{t}")),
+            get(&format!("/t/{t}/poll?timeout=5")),
+        ])
+        .await;
+    let seen: Vec<(u16, &[u8])> = answers
+        .iter()
+        .map(|a| (a.status, a.body.as_slice()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (204, &b""[..]),
+            (201, b""),
+            (201, b""),
+            (200, b"m1"),
+            (200, b"m2")
+        ]
+    );
+}
+
 /// A request, a long-poll as any other, closes its connection after answering when the client
 /// asks for that (`Connection: close`, or HTTP/1.0 without keep-alive), and an HTTP/1.0 client
 /// that asked for keep-alive keeps it.

@@ -54,6 +54,21 @@ impl Connection {
             .expect("the relay answers in time")
     }
 
+    /// Sends `requests` in one write, before any answer (pipelining), and reads an answer for each.
+    pub async fn pipeline(&mut self, requests: &[String]) -> Vec<Answer> {
+        let stream = self.stream.get_mut();
+        stream
+            .write_all(requests.concat().as_bytes())
+            .await
+            .expect("sent");
+        let mut answers = Vec::new();
+        for _ in requests {
+            let answer = tokio::time::timeout(PATIENCE, self.answer()).await;
+            answers.push(answer.expect("the relay answers in time"));
+        }
+        answers
+    }
+
     async fn answer(&mut self) -> Answer {
         let mut line = String::new();
         self.stream
