@@ -120,6 +120,9 @@ pub struct Config {
     /// `BURROW_ROUTE_TIMEOUT`: the round-trip limit of a routed request without
     /// `x-backstream-request-timeout` (a Go duration).
     pub route_timeout: Duration,
+    /// `BURROW_HEADER_TIMEOUT`: how long a request head may take to arrive once its first byte
+    /// has (a client trickling a head, slowloris, is cut off then).
+    pub header_timeout: Duration,
     /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
@@ -181,6 +184,14 @@ impl Config {
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
             route_timeout: env.route_timeout("BURROW_ROUTE_TIMEOUT", Duration::from_secs(3))?,
+            header_timeout: env
+                .parse(
+                    "BURROW_HEADER_TIMEOUT",
+                    10,
+                    "a whole number of seconds from 1 to 3600",
+                    |s: &u64| (1..=3600).contains(s),
+                )
+                .map(Duration::from_secs)?,
             pingora_conf: env.get("BURROW_CONF"),
             store: store_config(&env)?,
             auth,
@@ -385,6 +396,7 @@ mod tests {
         assert_eq!(c.tunnel.max_message_size, 131_072);
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.advertise, "127.0.0.1:8080");
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert!(!c.auth.enabled());
     }
 
@@ -437,6 +449,8 @@ mod tests {
             ("BURROW_ADVERTISE", ":8080"),
             ("BURROW_ADVERTISE", "http://host:8080"),
             ("BURROW_ADVERTISE", "[::1:8080"),
+            ("BURROW_HEADER_TIMEOUT", "0"),
+            ("BURROW_HEADER_TIMEOUT", "3601"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

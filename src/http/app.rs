@@ -98,6 +98,7 @@ pub struct RelayApp {
     access_log: bool,
     jobs_queue: TunnelId,
     route_timeout: Duration,
+    header_timeout: Duration,
     options: HttpServerOptions,
 }
 
@@ -124,6 +125,7 @@ impl RelayApp {
             access_log: config.access_log && access_log::enabled(),
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
+            header_timeout: config.header_timeout,
             options,
         }
     }
@@ -458,20 +460,31 @@ impl HttpServerApp for RelayApp {
     ) -> Option<ReusedHttpStream> {
         // Pingora's own futures are boxed so that they take memory only while they run: the
         // state of this function is held for as long as a long-poll waits.
-        match Box::pin(session.read_request()).await {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => {
+        // The head's first byte is here already (`connection` waits for it), so this bounds only
+        // how long the rest may take, not how long a kept-alive connection may stay idle.
+        let read = tokio::time::timeout(self.header_timeout, Box::pin(session.read_request()));
+        let refused = match read.await {
+            Ok(Ok(true)) => None,
+            Ok(Ok(false)) => return None,
+            Err(_) => {
+                let secs = self.header_timeout.as_secs();
+                Some(Response::text(
+                    408,
+                    format!("Request head not complete within {secs} s"),
+                ))
+            }
+            Ok(Err(e)) => {
                 debug!("could not read a request: {e}");
                 // A head that came but does not parse still gets its one-line answer.
-                if e.etype() == &pingora_error::ErrorType::InvalidHTTPHeader {
-                    let response = Response::text(400, "Malformed request head");
-                    if let Ok(head) = response.head() {
-                        let _ = session.write_error_response(head, response.body).await;
-                    }
-                }
-                return None;
+                (e.etype() == &pingora_error::ErrorType::InvalidHTTPHeader)
+                    .then(|| Response::text(400, "Malformed request head"))
             }
+        };
+        if let Some(response) = refused {
+            if let Ok(head) = response.head() {
+                let _ = session.write_error_response(head, response.body).await;
+            }
+            return None;
         }
         let started = Instant::now();
         let mut shutdown = shutdown.clone();
@@ -557,7 +570,10 @@ impl HttpServerApp for RelayApp {
         }
         let settings = HttpPersistentSettings::for_session(&session);
         match Box::pin(session.finish()).await {
-            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Ok(reusable) => match connection::with_pipelined(reusable?) {
+                Ok(stream) => Some(ReusedHttpStream::new(stream, Some(settings))),
+                Err(_) => None,
+            },
             Err(e) => {
                 debug!("could not finish a response: {e}");
                 None

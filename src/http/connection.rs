@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora_core::apps::{HttpServerApp, ServerApp};
-use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::http::{ReusableHttpStream, ServerSession};
 use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -22,8 +23,11 @@ use super::app::{RelayApp, KEEPALIVE_SECS};
 /// The client preface every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How long a new connection may stay silent before it is closed, as long as an idle keep-alive.
+/// How long a connection may stay silent before its first request, or between requests.
 const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(KEEPALIVE_SECS);
+
+/// The first read of a request head: Pingora's own size for the buffer it parses a head in.
+const HEAD_BUFFER: usize = 4096;
 
 /// The service's app: tells HTTP/2 from HTTP/1 on each new connection, then serves it.
 pub struct Connections {
@@ -60,7 +64,8 @@ impl ServerApp for Connections {
 
 /// Serves HTTP/1 requests on `stream` until the connection closes or is handed elsewhere, as
 /// Pingora does: keep-alive on unless the server is shutting down, settings carried from one
-/// request to the next.
+/// request to the next. Between requests it waits for the next one's first bytes itself, so
+/// that the app's header timeout bounds a head in transit, not the idle time before it.
 pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
     let mut session = ServerSession::new_http1(stream);
     session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
@@ -69,11 +74,42 @@ pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &Shutdow
     session.set_pipelining_enabled(true);
     let mut reused = app.process_new_http(session, shutdown).await;
     while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+        let Some((stream, head)) = next_request(stream).await else {
+            return;
+        };
         let mut session = ServerSession::new_http1(stream);
         if let Some(settings) = settings {
             settings.apply_to_session(&mut session);
         }
+        session.set_pipelined_prefix(head);
         reused = app.process_new_http(session, shutdown).await;
+    }
+}
+
+/// Waits as long as a keep-alive lasts for the client's next request, and returns the stream with
+/// its first bytes, for the session to parse before it reads more; `None` when the client leaves
+/// or stays silent.
+async fn next_request(mut stream: Stream) -> Option<(Stream, BytesMut)> {
+    let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+    // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
+    match pingora_timeout::timeout(FIRST_BYTES_WITHIN, stream.read_buf(&mut head)).await {
+        Ok(Ok(n)) if n > 0 => Some((stream, head)),
+        _ => None,
+    }
+}
+
+/// A finished request's connection, ready for the next request: bytes the client pipelined
+/// behind it (read with it) are put back in front of the stream, where the next read finds
+/// them. `Err` hands back a stream that cannot take them back (none here: TLS ends at the load
+/// balancer), to be closed after any answer it still owes.
+pub(super) fn with_pipelined(reusable: ReusableHttpStream) -> Result<Stream, Stream> {
+    match reusable.into_parts() {
+        (stream, None) => Ok(stream),
+        (stream, Some(pipelined)) => {
+            let mut tcp = plain_tcp(stream)?;
+            tcp.rewind(&pipelined);
+            Ok(tcp)
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use pingora_core::protocols::Stream;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::connection::plain_tcp;
+use super::connection::{plain_tcp, with_pipelined};
 use super::response::Response;
 use crate::jobs::JobId;
 use crate::store::Delivery;
@@ -83,15 +83,9 @@ pub async fn detach(session: ServerSession) -> Detached {
             return Detached::Lost;
         }
     };
-    match reusable.into_parts() {
-        (stream, None) => Detached::Stream(stream, true),
-        (stream, Some(pipelined)) => match plain_tcp(stream) {
-            Ok(mut tcp) => {
-                tcp.rewind(&pipelined);
-                Detached::Stream(tcp, true)
-            }
-            Err(other) => Detached::Stream(other, false),
-        },
+    match with_pipelined(reusable) {
+        Ok(stream) => Detached::Stream(stream, true),
+        Err(stream) => Detached::Stream(stream, false),
     }
 }
 

@@ -3,6 +3,8 @@
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::support::raw::Connection;
 use crate::support::says::{FULL, LIMIT_TOO_BIG, MALFORMED};
@@ -314,6 +316,51 @@ pub(super) async fn head_health(backend: Backend) {
     api.send(api.request(Method::HEAD, "/t/x"))
         .await
         .expect(405);
+}
+
+/// Burrow: a request head still incomplete `BURROW_HEADER_TIMEOUT` after its first byte (a client
+/// trickling it, as slowloris does) is answered 408 and its connection closed, however often
+/// bytes arrive; a kept-alive connection may still stay idle longer than that between requests.
+pub(super) async fn slow_heads_get_408(backend: Backend) {
+    let relay = backend.start(&[("BURROW_HEADER_TIMEOUT", "1")]);
+    let health = "GET /health HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut idle = Connection::open(&relay.base).await;
+    assert_eq!(idle.exchange(health).await.status, 200);
+    let idle_since = Instant::now();
+
+    let address = relay.base.trim_start_matches("http://");
+    let mut slow = TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let (mut reader, mut writer) = slow.split();
+    writer
+        .write_all(b"GET /health HTTP/1.1\r\n")
+        .await
+        .expect("sent");
+    let trickle = async {
+        // A header line every 200 ms, for up to ten times the timeout.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if writer.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                break;
+            }
+        }
+    };
+    let mut answer = Vec::new();
+    tokio::select! {
+        _ = trickle => panic!("a trickled head was never cut off"),
+        read = reader.read_to_end(&mut answer) => read.expect("the answer, then the close"),
+    };
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\nRequest head not complete within 1 s"),
+        "{answer}"
+    );
+
+    // Longer than the header timeout: idle time between requests is not head time.
+    tokio::time::sleep_until((idle_since + Duration::from_millis(1500)).into()).await;
+    assert_eq!(idle.exchange(health).await.status, 200);
 }
 
 /// Burrow: a request head that does not parse (unknown HTTP version, a NUL in a header, too many
