@@ -326,7 +326,7 @@ impl RelayApp {
         while let Some(chunk) = session
             .read_request_body()
             .await
-            .map_err(|e| Error::BadRequest(e.to_string()))?
+            .map_err(|e| unreadable(&e))?
         {
             if body.len() + chunk.len() > limit {
                 return Err(too_large);
@@ -402,6 +402,21 @@ impl RelayApp {
     }
 }
 
+/// Why a request could not be read, as the client is told: Pingora's own text (error kinds,
+/// parser contexts) goes only to the debug log.
+pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
+    use pingora_error::ErrorType;
+    debug!("could not read a request: {error}");
+    let why = match error.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "the connection stalled",
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            "the connection was cut off"
+        }
+        _ => "the body is malformed",
+    };
+    Error::BadRequest(why.into())
+}
+
 /// Answers `Expect: 100-continue` before a body is read: curl waits a second for it before
 /// sending bodies over 1 KiB.
 pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<(), Error> {
@@ -412,7 +427,7 @@ pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<
         session
             .write_continue_response()
             .await
-            .map_err(|e| Error::BadRequest(e.to_string()))?;
+            .map_err(|e| unreadable(&e))?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
-use super::app::{continue_if_expected, Body};
+use super::app::{continue_if_expected, unreadable, Body};
 use super::response::Response;
 use crate::error::Error;
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
@@ -54,7 +54,7 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
     while let Some(chunk) = session
         .read_request_body()
         .await
-        .map_err(|e| Error::BadRequest(e.to_string()))?
+        .map_err(|e| unreadable(&e))?
     {
         exchange.send(chunk).await?;
     }

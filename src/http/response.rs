@@ -151,7 +151,10 @@ impl From<Error> for Response {
             Error::MethodNotAllowed { allow } => response.header("Allow", allow),
             Error::QueueFull { size } => response.header("X-Queue-Size", size),
             Error::Store(StoreError::Unavailable(_)) => response.header("Retry-After", 1),
-            Error::NotWebSocket(_) => response.header("Upgrade", "websocket"),
+            // RFC 6455 §4.4: a refused handshake names the version the server speaks.
+            Error::NotWebSocket(_) => response
+                .header("Upgrade", "websocket")
+                .header("Sec-WebSocket-Version", 13),
             _ => response,
         }
     }
@@ -176,6 +179,12 @@ mod tests {
         assert!(r.headers.contains(&("Retry-After".into(), "1".into())));
         let r = Response::from(Error::MethodNotAllowed { allow: "GET" });
         assert!(r.headers.contains(&("Allow".into(), "GET".into())));
+        let r = Response::from(Error::NotWebSocket("no Sec-WebSocket-Key header"));
+        assert_eq!(r.status, 426);
+        assert!(r.headers.contains(&("Upgrade".into(), "websocket".into())));
+        assert!(r
+            .headers
+            .contains(&("Sec-WebSocket-Version".into(), "13".into())));
     }
 
     /// Every head carries CORS; a 204 carries no Content-Length.

@@ -206,7 +206,7 @@ impl Route {
         let (agent, forwarded_path) = match (routing.client_id, path.strip_prefix("/r/")) {
             (Some(id), _) => {
                 let agent = TunnelId::parse(id.trim()).ok_or_else(|| {
-                    Error::BadParameter(format!("Invalid x-backstream-client-id {id:?}"))
+                    Error::BadParameter(format!("Invalid x-backstream-client-id {}", shown(id)))
                 })?;
                 (agent, path.to_owned())
             }
@@ -224,7 +224,8 @@ impl Route {
                     .filter(|timeout| *timeout <= MAX_ROUTE_TIMEOUT)
                     .ok_or_else(|| {
                         Error::BadParameter(format!(
-                            "Invalid x-backstream-request-timeout {raw:?}: expected a Go duration up to 24h such as 3s"
+                            "Invalid x-backstream-request-timeout {}: expected a Go duration up to 24h such as 3s",
+                            shown(raw)
                         ))
                     })
             })
@@ -264,9 +265,11 @@ impl Route {
             return only_get(method, Route::EventSocket { topic });
         }
         if let Some(id) = path.strip_prefix("/done/") {
-            let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
-            let wait = query.seconds("wait", query.wait.as_deref())?;
-            return only_get(method, Route::Done { job, wait });
+            return only_get_with(method, || {
+                let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
+                let wait = query.seconds("wait", query.wait.as_deref())?;
+                Ok(Route::Done { job, wait })
+            });
         }
         match path {
             // Load balancers' health checks may ask with HEAD.
@@ -387,12 +390,31 @@ fn is_integer(text: &str) -> bool {
 }
 
 fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
+    only_get_with(method, || Ok(route))
+}
+
+/// As [`only_get`], for a route whose parameters are checked only once the method is right: a
+/// wrong method is 405 whatever they are.
+fn only_get_with(
+    method: &Method,
+    route: impl FnOnce() -> Result<Route, Error>,
+) -> Result<Route, Error> {
     match method.as_str() {
-        "GET" => Ok(route),
+        "GET" => route(),
         "OPTIONS" => Ok(Route::Preflight),
         _ => Err(Error::MethodNotAllowed {
             allow: "GET, OPTIONS",
         }),
+    }
+}
+
+/// A value from the request as an error message quotes it: escaped, and cut at 64 characters,
+/// so that an answer never echoes a huge input.
+fn shown(raw: &str) -> String {
+    const SHOWN: usize = 64;
+    match raw.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}…", &raw[..cut]),
+        None => format!("{raw:?}"),
     }
 }
 
@@ -444,7 +466,8 @@ impl Query {
             Err(_) if is_integer(digits) && digits.starts_with('-') => Ok(Limit::Off),
             Err(_) if is_integer(digits) => Ok(Limit::At(u64::MAX)),
             Err(_) => Err(Error::BadParameter(format!(
-                "Invalid limit {raw:?}: expected an integer"
+                "Invalid limit {}: expected an integer",
+                shown(raw)
             ))),
         }
     }
@@ -459,7 +482,8 @@ impl Query {
         raw.map(|raw| {
             raw.trim().parse::<u64>().map_err(|_| {
                 Error::BadParameter(format!(
-                    "Invalid {name} {raw:?}: expected whole seconds (0 or more)"
+                    "Invalid {name} {}: expected whole seconds (0 or more)",
+                    shown(raw)
                 ))
             })
         })
@@ -472,7 +496,8 @@ impl Query {
             None => Ok(default.clone()),
             Some(raw) => TunnelId::parse(raw).ok_or_else(|| {
                 Error::BadParameter(format!(
-                    "Invalid queue {raw:?}: expected 1 to 1024 characters from A-Z a-z 0-9 - _"
+                    "Invalid queue {}: expected 1 to 1024 characters from A-Z a-z 0-9 - _",
+                    shown(raw)
                 ))
             }),
         }
@@ -488,7 +513,8 @@ impl Query {
             "" => 0,
             s => s.parse::<u64>().map_err(|_| {
                 Error::BadParameter(format!(
-                    "Invalid pending {raw:?}: expected nothing, 0, or whole seconds"
+                    "Invalid pending {}: expected nothing, 0, or whole seconds",
+                    shown(raw)
                 ))
             })?,
         };
@@ -652,6 +678,11 @@ mod tests {
         let job = "q1.17-0".parse().unwrap();
         assert_eq!(done, Route::Done { job, wait: Some(5) });
         assert!(matches!(get("/done/nope"), Err(Error::UnknownJob(id)) if id == "nope"));
+        // The method is checked first: a wrong one is 405 whatever the id.
+        assert!(matches!(
+            parse(Method::PUT, "/done/nope"),
+            Err(Error::MethodNotAllowed { .. })
+        ));
         assert!(matches!(
             get("/done/q1.17-0?wait=x"),
             Err(Error::BadParameter(_))
@@ -665,6 +696,27 @@ mod tests {
         for other in ["/ws/", "/ws/a/b/c", "/wsx"] {
             assert!(matches!(get(other), Err(Error::NotFound)), "{other}");
         }
+    }
+
+    /// An error quotes a parameter's value cut at 64 characters, never a huge input whole.
+    #[test]
+    fn long_values_are_cut_in_errors() {
+        let huge = "9x".repeat(5000);
+        let Err(Error::BadParameter(text)) = parse(Method::POST, &format!("/t/a?limit={huge}"))
+        else {
+            panic!("a bad limit is a bad parameter");
+        };
+        assert_eq!(
+            text,
+            format!("Invalid limit \"{}\"…: expected an integer", &huge[..64])
+        );
+        let Err(Error::BadParameter(text)) = get("/t/a/poll?timeout=é") else {
+            panic!("a bad timeout is a bad parameter");
+        };
+        assert_eq!(
+            text,
+            "Invalid timeout \"é\": expected whole seconds (0 or more)"
+        );
     }
 
     /// Requests for agents: the header on any path, or `/r/{agent}/...`, with the query kept.

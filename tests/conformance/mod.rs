@@ -76,6 +76,7 @@ per_store! {
         short_requests_are_answered,
         head_health,
         malformed_heads_get_400,
+        malformed_bodies_get_400,
         slow_heads_get_408,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,

@@ -318,6 +318,24 @@ pub(super) async fn head_health(backend: Backend) {
         .expect(405);
 }
 
+/// Burrow: a chunked body that does not parse is 400 with a plain reason (not the HTTP library's
+/// wording), and nothing is stored.
+pub(super) async fn malformed_bodies_get_400(backend: Backend) {
+    let relay = backend.shared();
+    let t = tunnel_id("badchunk");
+    let mut connection = Connection::open(&relay.base).await;
+    let request = format!(
+        "POST /t/{t} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n"
+    );
+    let answer = connection.exchange(&request).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(
+        String::from_utf8_lossy(&answer.body),
+        "Could not read the request: the body is malformed"
+    );
+    assert_eq!(relay.client().len(&t).await, 0);
+}
+
 /// Burrow: a request head still incomplete `BURROW_HEADER_TIMEOUT` after its first byte (a client
 /// trickling it, as slowloris does) is answered 408 and its connection closed, however often
 /// bytes arrive; a kept-alive connection may still stay idle longer than that between requests.
