@@ -49,19 +49,28 @@ pub(super) async fn plain_consume_skips_pending(api: &Client) {
     assert_eq!(api.status(&t, &ids[0]).await, 202);
 }
 
-/// `pending=1`: other consumers get newer messages, then the unacknowledged one returns after 1 s.
+/// `pending=N` is how long a consumer lets others' messages stay unacknowledged: consumers with a
+/// minute's window get newer messages, and one with `pending=1` gets the unacknowledged one back
+/// after 1 s.
 pub(super) async fn visibility_timeout_redelivers_late(api: &Client) {
     let t = tunnel_id("visibility");
     let ids = api.produce_numbered(&t, 2).await;
+    // Consumers with a minute's window: however slow this machine, nothing is due again yet.
     assert_eq!(
-        api.consume(&t, "?pending=1").await.expect(200).message_id(),
+        api.consume(&t, "?pending=60")
+            .await
+            .expect(200)
+            .message_id(),
         ids[0]
     );
     assert_eq!(
-        api.consume(&t, "?pending=1").await.expect(200).message_id(),
+        api.consume(&t, "?pending=60")
+            .await
+            .expect(200)
+            .message_id(),
         ids[1]
     );
-    api.consume(&t, "?pending=1").await.expect_empty();
+    api.consume(&t, "?pending=60").await.expect_empty();
     // Inherent wait: the visibility timeout has to elapse.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let again = api.consume(&t, "?pending=1").await.expect(200);
@@ -89,8 +98,12 @@ pub(super) async fn trimmed_pending_message_is_skipped(backend: Backend) {
     // Inherent wait: the visibility timeout has to elapse.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(api.consume(&t, "?pending=1").await.expect(200).text(), "m2");
-    assert_eq!(api.consume(&t, "?pending=1").await.expect(200).text(), "m3");
-    api.consume(&t, "?pending=1").await.expect_empty();
+    // A minute's window from here: m2 must not come back however slow this machine is.
+    assert_eq!(
+        api.consume(&t, "?pending=60").await.expect(200).text(),
+        "m3"
+    );
+    api.consume(&t, "?pending=60").await.expect_empty();
 }
 
 /// `pending` that is neither a flag nor a whole number of seconds is 400 and consumes nothing.
