@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::support::{shared_redis, tunnel_id, Backend, Client, Relay, Store};
+use crate::support::{shared_redis, tunnel_id, Backend, Client, RedisServer, Relay, Store};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -373,4 +373,22 @@ async fn jobs_cross_instances() {
         done(&api_a, &polled, "?wait=5", 200).await["result"],
         "also from b"
     );
+}
+
+/// A job sent on a socket while the store is down gets an error object that says so in the
+/// words an HTTP answer uses, without the store's own message, and the socket stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_hides_store_trouble() {
+    let mut redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let mut ws = socket(&api, "/ws", None).await;
+    redis.stop();
+    for _ in 0..2 {
+        send_json(&mut ws, &json!({"n": 1})).await;
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"status": "Error", "error": "Store unavailable, retry later"})
+        );
+    }
 }
