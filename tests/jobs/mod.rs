@@ -392,3 +392,27 @@ async fn socket_hides_store_trouble() {
         );
     }
 }
+
+/// A job whose record cannot be forgotten (the store refuses `DEL` to the relay's user) is still
+/// answered with its result: the reply is taken by then, and failing would lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_survives_a_failed_forget() {
+    let redis = RedisServer::start();
+    let user = [
+        "ACL", "SETUSER", "relay", "on", ">secret", "~*", "&*", "+@all", "-del",
+    ];
+    redis.command(&user);
+    let url = redis.url().replacen("redis://", "redis://relay:secret@", 1);
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", &url)]);
+    let api = relay.client();
+    let queue = tunnel_id("forgetfail");
+    let id = trigger(&api, &queue, json!({"n": 1})).await;
+    let taken = api.consume(&queue, "?pending").await.expect(200);
+    let reply = format!("/t/{queue}/{}/reply", taken.message_id());
+    api.post(&reply, "done").await.expect(201);
+    let done = api.get(&format!("/done/{id}")).await.expect(200).json();
+    assert_eq!(
+        (done["status"].as_str(), done["result"].as_str()),
+        (Some("Done"), Some("done"))
+    );
+}
