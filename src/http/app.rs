@@ -490,9 +490,12 @@ impl HttpServerApp for RelayApp {
             }
             Ok(Err(e)) => {
                 debug!("could not read a request: {e}");
-                // A head that came but does not parse still gets its one-line answer.
-                (e.etype() == &pingora_error::ErrorType::InvalidHTTPHeader)
-                    .then(|| Response::text(400, "Malformed request head"))
+                // A head that came but does not parse still gets its one-line answer; a client
+                // that left or stalled mid-head gets none.
+                if e.etype() != &pingora_error::ErrorType::InvalidHTTPHeader {
+                    return None;
+                }
+                Some(Response::text(400, "Malformed request head"))
             }
         };
         if let Some(response) = refused {
@@ -527,11 +530,17 @@ impl HttpServerApp for RelayApp {
             },
             started,
         };
+        // A body refused unread (too large) or broken off is still on the wire, where nothing
+        // tells its bytes from the next request's: such a connection is closed after answering.
+        let mut body_left = false;
         let outcome = match route {
-            Ok(route) => self
-                .handle(route, &mut session, &mut shutdown)
-                .await
-                .unwrap_or_else(|e| Outcome::whole(failed(name, e))),
+            Ok(route) => match self.handle(route, &mut session, &mut shutdown).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    body_left = matches!(e, Error::TooLarge { .. } | Error::BadRequest(_));
+                    Outcome::whole(failed(name, e))
+                }
+            },
             Err(e) => Outcome::whole(Response::from(e)),
         };
         let (response, after) = match outcome {
@@ -558,10 +567,10 @@ impl HttpServerApp for RelayApp {
             },
         };
         let status = response.status;
-        // A client whose body was refused unread cannot be kept: the rest of it is still coming.
+        // Upgraded connections and event streams are never handed back for another request.
         let reusable = matches!(after, None | Some(After::Forward(_)));
         let asked = session.is_http2() || parked::client_keeps_alive(session.req_header());
-        let keepalive = asked && reusable && !*shutdown.borrow() && status != 413;
+        let keepalive = asked && reusable && !body_left && !*shutdown.borrow();
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
         self.record(&served, status);
@@ -622,6 +631,11 @@ impl RelayApp {
                 "{method} {name} {status} {ms:.3}ms tunnel={tunnel}"
             ));
         }
+    }
+
+    /// How long a request head may take once its first bytes are in (`BURROW_HEADER_TIMEOUT`).
+    pub(super) fn header_timeout(&self) -> Duration {
+        self.header_timeout
     }
 
     /// Answers a long-poll once what it waits for arrives, its time is up, or the relay stops.

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::{ReusableHttpStream, ServerSession};
 use pingora_core::protocols::l4::stream::Stream as TcpStream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 use super::app::{RelayApp, KEEPALIVE_SECS};
 
@@ -48,7 +49,7 @@ impl ServerApp for Connections {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (stream, h2) = sniff(stream).await?;
+        let (stream, h2) = sniff(stream, self.app.header_timeout()).await?;
         if h2 {
             // The preface is back in front of the stream: Pingora's own check finds it at once.
             return ServerApp::process_new(&self.app, stream, shutdown).await;
@@ -67,22 +68,26 @@ impl ServerApp for Connections {
 /// request to the next. Between requests it waits for the next one's first bytes itself, so
 /// that the app's header timeout bounds a head in transit, not the idle time before it.
 pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
-    let mut session = ServerSession::new_http1(stream);
-    session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
-    // Requests a client sends before its previous answer are served in order (RFC 9112 §9.3.2),
-    // not dropped with the connection; the setting is carried to each next request.
-    session.set_pipelining_enabled(true);
-    let mut reused = app.process_new_http(session, shutdown).await;
-    while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+    let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
+    while let Some((stream, settings)) = next {
         let Some((stream, head)) = next_request(stream).await else {
             return;
         };
         let mut session = ServerSession::new_http1(stream);
-        if let Some(settings) = settings {
-            settings.apply_to_session(&mut session);
+        match settings {
+            Some(settings) => settings.apply_to_session(&mut session),
+            None => {
+                session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
+                // Requests a client sends before its previous answer are served in order (RFC
+                // 9112 §9.3.2), not dropped with the connection; carried to each next request.
+                session.set_pipelining_enabled(true);
+            }
         }
         session.set_pipelined_prefix(head);
-        reused = app.process_new_http(session, shutdown).await;
+        next = app
+            .process_new_http(session, shutdown)
+            .await
+            .map(|reused| reused.consume());
     }
 }
 
@@ -127,28 +132,26 @@ pub(super) fn plain_tcp(stream: Stream) -> Result<Box<TcpStream>, Stream> {
 }
 
 /// Reads until the bytes either stop matching the HTTP/2 preface or are all of it, then puts
-/// them back in front of the stream; answers whether it is HTTP/2. `None` when the client left
-/// or stayed silent. A stream that cannot take bytes back (none here: TLS ends at the load
-/// balancer) is left to Pingora's check.
-async fn sniff(stream: Stream) -> Option<(Stream, bool)> {
+/// them back in front of the stream; answers whether it is HTTP/2. `None` when the client left,
+/// stayed silent, or sent its first bytes but not the rest within `rest_within` (the header
+/// timeout). A stream that cannot take bytes back (none here: TLS ends at the load balancer) is
+/// left to Pingora's check.
+async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool)> {
     let mut tcp = match plain_tcp(stream) {
         Ok(tcp) => tcp,
         Err(other) => return Some((other, true)),
     };
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
-    let reading = async {
-        while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
-            match tcp.read(&mut seen[len..]).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => len += n,
-            }
+    // Silence before the first bytes is idle time; after them, the rest is head time.
+    let mut deadline = Instant::now() + FIRST_BYTES_WITHIN;
+    let mut rest_deadline = None;
+    while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut seen[len..])).await {
+            Ok(Ok(n)) if n > 0 => len += n,
+            _ => return None,
         }
-        true
-    };
-    let read = tokio::time::timeout(FIRST_BYTES_WITHIN, reading).await;
-    if !matches!(read, Ok(true)) {
-        return None;
+        deadline = *rest_deadline.get_or_insert_with(|| Instant::now() + rest_within);
     }
     let h2 = seen[..len] == *H2_PREFACE;
     tcp.rewind(&seen[..len]);

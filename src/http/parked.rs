@@ -28,6 +28,10 @@ use crate::jobs::JobId;
 use crate::store::Delivery;
 use crate::tunnel::{MessageId, TunnelId};
 
+/// How much of what a client sends behind a waiting poll is kept while the socket is watched; a
+/// client that sends more is not watched for a hang-up beyond that.
+const WATCHED_BYTES: usize = 64 * 1024;
+
 /// What a long-poll that has nothing to answer yet waits for, and for how long at most.
 pub enum Wait {
     /// A message on the tunnel.
@@ -108,29 +112,32 @@ pub fn client_keeps_alive(head: &RequestHeader) -> bool {
 }
 
 /// Runs `waiting` unless the client hangs up first (`None`), and gives the stream back. Watching
-/// the socket reads it, so a byte of a request sent behind the poll (pipelining) is put back in
-/// front of the stream for the next request.
+/// the socket reads it: what the client sends behind the poll (its next requests, pipelined) is
+/// kept, up to [`WATCHED_BYTES`], and put back in front of the stream for the next request; the
+/// socket is watched for a hang-up until then.
 pub async fn unless_hung_up<T>(
     stream: Stream,
     waiting: impl Future<Output = T>,
 ) -> Option<(T, Stream)> {
-    // Only a plain TCP stream can take a byte back (TLS ends at the load balancer).
+    // Only a plain TCP stream can take bytes back (TLS ends at the load balancer).
     let mut tcp = match plain_tcp(stream) {
         Ok(tcp) => tcp,
         Err(other) => return Some((waiting.await, other)),
     };
     tokio::pin!(waiting);
-    let mut byte = [0u8; 1];
-    let answer = tokio::select! {
-        answer = &mut waiting => answer,
-        read = tcp.read(&mut byte) => match read {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {
-                tcp.rewind(&byte);
-                waiting.await
-            }
-        },
+    let mut ahead = BytesMut::new();
+    let answer = loop {
+        tokio::select! {
+            answer = &mut waiting => break answer,
+            read = tcp.read_buf(&mut ahead), if ahead.len() < WATCHED_BYTES => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
     };
+    if !ahead.is_empty() {
+        tcp.rewind(&ahead);
+    }
     Some((answer, tcp))
 }
 

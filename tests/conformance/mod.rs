@@ -78,6 +78,7 @@ per_store! {
         malformed_heads_get_400,
         malformed_bodies_get_400,
         slow_heads_get_408,
+        hung_up_heads_are_dropped,
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         trimmed_pending_message_is_skipped,

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::support::raw::Connection;
 use crate::support::says::{FULL, LIMIT_TOO_BIG, MALFORMED};
-use crate::support::{tunnel_id, Backend, Client, Response};
+use crate::support::{tunnel_id, wait_until, Backend, Client, Response};
 
 /// A tunnel id of 1024 characters works; 1025 characters is 400 `Malformed url`.
 pub(super) async fn tunnel_id_length_limit(api: &Client) {
@@ -333,6 +333,9 @@ pub(super) async fn malformed_bodies_get_400(backend: Backend) {
         String::from_utf8_lossy(&answer.body),
         "Could not read the request: the body is malformed"
     );
+    // What followed the broken body cannot be told from a next request: the connection closes.
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(connection.closed().await);
     assert_eq!(relay.client().len(&t).await, 0);
 }
 
@@ -376,9 +379,57 @@ pub(super) async fn slow_heads_get_408(backend: Backend) {
         "{answer}"
     );
 
-    // Longer than the header timeout: idle time between requests is not head time.
+    // Longer than the header timeout: idle time between requests is not head time, also after a
+    // long-poll that waited (and so was answered outside Pingora's session).
     tokio::time::sleep_until((idle_since + Duration::from_millis(1500)).into()).await;
     assert_eq!(idle.exchange(health).await.status, 200);
+    let poll = format!(
+        "GET /t/{}/poll?timeout=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        tunnel_id("idlepoll")
+    );
+    assert_eq!(idle.exchange(&poll).await.status, 204);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(idle.exchange(health).await.status, 200);
+
+    // A first byte that could start the HTTP/2 preface, and nothing more: closed at the deadline
+    // too, not after the minute a silent connection may wait.
+    let mut preface = TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    preface.write_all(b"P").await.expect("sent");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), preface.read_to_end(&mut rest));
+    assert!(
+        matches!(closed.await, Ok(Ok(0))),
+        "still open or answered: {rest:?}"
+    );
+}
+
+/// Burrow: a client that hangs up in the middle of a request head is dropped quietly: no answer,
+/// no panic in the relay, which goes on serving.
+pub(super) async fn hung_up_heads_are_dropped(backend: Backend) {
+    let relay = backend.start(&[("RUST_LOG", "warn,burrow=debug")]);
+    let address = relay.base.trim_start_matches("http://");
+    for _ in 0..3 {
+        let mut socket = TcpStream::connect(address)
+            .await
+            .expect("the relay accepts");
+        socket
+            .write_all(b"GET /health HTTP/1.1\r\nHo")
+            .await
+            .expect("sent");
+    }
+    // The event to wait for: the relay noticed each of them (its debug line).
+    let noticed = wait_until(Duration::from_secs(10), || {
+        relay.output().matches("could not read a request").count() >= 3
+    });
+    assert!(noticed, "{}", relay.output());
+    relay.client().get("/health").await.expect(200);
+    // A panic would follow its debug line within microseconds.
+    let panicked = wait_until(Duration::from_millis(500), || {
+        relay.output().contains("panicked")
+    });
+    assert!(!panicked, "{}", relay.output());
 }
 
 /// Burrow: a request head that does not parse (unknown HTTP version, a NUL in a header, too many

@@ -294,15 +294,22 @@ async fn abandoned_polls_take_nothing() {
         let job = job["id"].as_str().expect("a job id").to_owned();
         let address = format!("127.0.0.1:{}", relay.port);
         let mut hung_up = Vec::new();
-        for path in [
-            format!("/t/{t}/poll?timeout=30"),
-            format!("/t/{t}/{msg}/reply/poll?timeout=30"),
-            format!("/done/{job}?wait=30"),
+        // The last two send more behind the poll (a next request, pipelined, and the first byte
+        // of one): the socket is still watched for the hang-up.
+        for (path, behind) in [
+            (format!("/t/{t}/poll?timeout=30"), ""),
+            (format!("/t/{t}/{msg}/reply/poll?timeout=30"), ""),
+            (format!("/done/{job}?wait=30"), ""),
+            (
+                format!("/t/{t}/poll?timeout=30"),
+                "GET /health HTTP/1.1\r\n\r\n",
+            ),
+            (format!("/t/{t}/poll?timeout=30"), "G"),
         ] {
             let mut socket = tokio::net::TcpStream::connect(&address)
                 .await
                 .expect("the relay accepts");
-            let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+            let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n{behind}");
             socket.write_all(request.as_bytes()).await.expect("sent");
             hung_up.push(socket);
         }
@@ -315,7 +322,7 @@ async fn abandoned_polls_take_nothing() {
             h2c.get(format!("http://{address}/t/{t}/poll?timeout=30"))
                 .send(),
         );
-        wait_for_waiting_polls(&metrics, 4.0).await;
+        wait_for_waiting_polls(&metrics, 6.0).await;
         drop(hung_up);
         reset.abort();
         wait_for_waiting_polls(&metrics, 0.0).await;
