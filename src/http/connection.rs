@@ -65,7 +65,7 @@ impl ServerApp for Connections {
 
 /// Serves HTTP/1 requests on `stream` until the connection closes or is handed elsewhere, as
 /// Pingora does: keep-alive on unless the server is shutting down, settings carried from one
-/// request to the next. Between requests it waits for the next one's first bytes itself, so
+/// request to the next. Before each request it waits for the request's first bytes itself, so
 /// that the app's header timeout bounds a head in transit, not the idle time before it.
 pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
     let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
