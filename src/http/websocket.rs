@@ -31,6 +31,9 @@ use super::response::{client_text, Response};
 /// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
 const AGENT_FRAME_LIMIT: usize = 1 << 20;
 
+/// The largest frame an event subscriber may send (it has nothing to say beyond pings).
+const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
+
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -107,7 +110,11 @@ pub async fn serve_jobs(
                     let _ = outgoing.send(Message::Close(Some(frame))).await;
                     break;
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Close(_))) => {
+                    close_answered(&mut outgoing).await;
+                    break;
+                }
+                Some(Err(_)) | None => break,
             },
             Some(result) = results.recv() => result,
             Some(_) = waiting.join_next() => continue,
@@ -129,7 +136,12 @@ pub async fn serve_jobs(
 /// Pushes a topic's events on an upgraded connection (text frames, or binary for bodies that are
 /// not UTF-8) until the client closes it or the relay shuts down.
 pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown: Shutdown) {
-    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    // A subscriber has nothing to send but control frames: anything bigger closes the socket
+    // instead of being buffered.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(SUBSCRIBER_FRAME_LIMIT))
+        .max_frame_size(Some(SUBSCRIBER_FRAME_LIMIT));
+    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let (mut outgoing, mut incoming) = socket.split();
     loop {
         let frame = tokio::select! {
@@ -138,7 +150,11 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
                 Err(_) => Message::binary(body),
             },
             frame = incoming.next() => match frame {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Close(_))) => {
+                    close_answered(&mut outgoing).await;
+                    break;
+                }
+                Some(Err(_)) | None => break,
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.
                 Some(Ok(_)) => continue,
             },
@@ -149,6 +165,15 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
             break;
         }
     }
+}
+
+/// Sends the answer to a client's Close frame (queued by tungstenite when it read the frame), so
+/// that the socket closes cleanly (RFC 6455 §5.5.1) rather than with a dropped connection.
+async fn close_answered<S>(outgoing: &mut S)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let _ = outgoing.close().await;
 }
 
 /// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.

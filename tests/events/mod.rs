@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -126,6 +126,35 @@ async fn subscribers_get_every_event(api: &Client) {
     assert_eq!(publish(api, &tunnel_id("empty"), "nobody").await, 0);
 }
 
+/// A subscriber's Close is answered with a Close (a clean close, not a dropped connection), and a
+/// subscriber that sends more than a control frame's worth is closed rather than buffered.
+async fn subscriber_sockets_close_cleanly(api: &Client) {
+    let topic = tunnel_id("closing");
+    let mut socket = ws(api, &topic).await;
+    socket.close(None).await.expect("a Close frame goes out");
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+    let answer = answer.expect("an answer within 5 s");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "no Close frame back: {answer:?}"
+    );
+
+    let mut socket = ws(api, &topic).await;
+    let sent = socket.send(Message::binary(vec![0u8; 100_000])).await;
+    sent.expect("the frame goes out");
+    let ended = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the socket is closed within 5 s");
+}
+
 /// With a token set, publishing and subscribing need it.
 async fn events_need_auth(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);
@@ -138,7 +167,7 @@ async fn events_need_auth(backend: Backend) {
 }
 
 per_store! {
-    shared: [subscribers_get_every_event],
+    shared: [subscribers_get_every_event, subscriber_sockets_close_cleanly],
     dedicated: [events_need_auth],
 }
 

@@ -202,7 +202,7 @@ async fn send_json(socket: &mut Socket, value: &Value) {
 }
 
 /// Over a WebSocket: `started` at once, then the result pushed when the worker replies; a bad
-/// frame gets an error object and the socket stays usable; pings are answered.
+/// frame gets an error object and the socket stays usable; pings are answered, and so is Close.
 async fn websocket_round_trip(api: &Client) {
     let queue = tunnel_id("ws");
     let mut ws = socket(api, &format!("/ws/0?queue={queue}"), None).await;
@@ -232,6 +232,14 @@ async fn websocket_round_trip(api: &Client) {
     assert_eq!(finished, expected);
     // The pushed result was the one hand-out: polling afterwards finds nothing.
     assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
+    // A Close is answered with a Close: the socket closes cleanly.
+    ws.close(None).await.expect("a Close frame goes out");
+    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    let answer = answer.expect("an answer within 5 s");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "no Close frame back: {answer:?}"
+    );
 }
 
 /// 50 jobs in flight on one socket: each is answered once, with its own result.
