@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::support::{shared_redis, tunnel_id, Backend, Client, Relay, Store};
+use crate::support::{assert_close_answered, shared_redis, tunnel_id, Backend, Client};
+use crate::support::{Relay, Store, WebSocket};
 
 /// A server-sent-event subscription, read chunk by chunk.
 struct Sse {
@@ -70,7 +70,7 @@ impl Sse {
     }
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = WebSocket;
 
 /// Subscribes to `topic` over a WebSocket.
 async fn ws(api: &Client, topic: &str) -> Socket {
@@ -130,14 +130,7 @@ async fn subscribers_get_every_event(api: &Client) {
 /// subscriber that sends more than a control frame's worth is closed rather than buffered.
 async fn subscriber_sockets_close_cleanly(api: &Client) {
     let topic = tunnel_id("closing");
-    let mut socket = ws(api, &topic).await;
-    socket.close(None).await.expect("a Close frame goes out");
-    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
-    let answer = answer.expect("an answer within 5 s");
-    assert!(
-        matches!(answer, Some(Ok(Message::Close(_)))),
-        "no Close frame back: {answer:?}"
-    );
+    assert_close_answered(&mut ws(api, &topic).await).await;
 
     let mut socket = ws(api, &topic).await;
     let sent = socket.send(Message::binary(vec![0u8; 100_000])).await;

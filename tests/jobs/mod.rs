@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::support::{shared_redis, tunnel_id, Backend, Client, RedisServer, Relay, Store};
+use crate::support::{assert_close_answered, shared_redis, tunnel_id, Backend, Client};
+use crate::support::{RedisServer, Relay, Store, WebSocket};
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocket;
 
 /// Triggers `fields` on `queue`; asserts the 202 answer and returns the job id.
 async fn trigger(api: &Client, queue: &str, fields: Value) -> String {
@@ -232,14 +231,7 @@ async fn websocket_round_trip(api: &Client) {
     assert_eq!(finished, expected);
     // The pushed result was the one hand-out: polling afterwards finds nothing.
     assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
-    // A Close is answered with a Close: the socket closes cleanly.
-    ws.close(None).await.expect("a Close frame goes out");
-    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
-    let answer = answer.expect("an answer within 5 s");
-    assert!(
-        matches!(answer, Some(Ok(Message::Close(_)))),
-        "no Close frame back: {answer:?}"
-    );
+    assert_close_answered(&mut ws).await;
 }
 
 /// 50 jobs in flight on one socket: each is answered once, with its own result.

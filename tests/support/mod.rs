@@ -54,6 +54,24 @@ pub fn assert_prompt_wake(since: Instant) {
     );
 }
 
+/// A WebSocket client connection, as `tokio_tungstenite::connect_async` opens it.
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends a Close on `socket` and asserts that the relay answers with a Close within 5 s (a clean
+/// close, RFC 6455 §5.5.1), not a dropped connection.
+pub async fn assert_close_answered(socket: &mut WebSocket) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    socket.close(None).await.expect("a Close frame goes out");
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+    let answer = answer.expect("an answer within 5 s");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "no Close frame back: {answer:?}"
+    );
+}
+
 /// Calls `ready` every 20 ms until it holds or `limit` has passed; returns whether it held.
 pub fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
