@@ -48,6 +48,9 @@ pub enum Error {
     /// The request could not be read from the client.
     #[error("Could not read the request: {0}")]
     BadRequest(String),
+    /// The client left before its answer was ready (logged as nginx's 499).
+    #[error("Client closed request")]
+    ClientGone,
     /// A request for an agent could not be served.
     #[error(transparent)]
     Route(#[from] crate::routing::RouteError),

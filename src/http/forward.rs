@@ -45,8 +45,19 @@ pub async fn open(
     if let Err(err @ Error::BadRequest(_)) = send_body(session, &mut exchange).await {
         return Err(err);
     }
-    let answer = exchange.response().await?;
+    // A client that leaves meanwhile ends the exchange: dropping it aborts the upstream request.
+    let answer = tokio::select! {
+        answer = exchange.response() => answer?,
+        () = client_gone(session) => return Err(Error::ClientGone),
+    };
     Ok((Response::forwarded(answer.status, answer.headers), exchange))
+}
+
+/// Resolves once the client has closed or reset its connection (or, over HTTP/2, its stream).
+/// What it sends meanwhile is read: the rest of a body the upstream did not wait for is dropped,
+/// the start of a pipelined next request kept for it by Pingora.
+async fn client_gone(session: &mut ServerSession) {
+    while let Ok(_body) = session.read_body_or_idle(false).await {}
 }
 
 /// Streams the request body to the agent, chunk by chunk.
@@ -103,6 +114,7 @@ pub async fn proxy(
         builder = builder.body(reqwest::Body::wrap_stream(body));
     }
     continue_if_expected(session).await?;
+    // Streams the body, then watches for the client leaving (resolving only then).
     let pump = async {
         loop {
             let chunk = match session.read_request_body().await {
@@ -117,8 +129,12 @@ pub async fn proxy(
             }
         }
         drop(chunks);
+        client_gone(session).await;
     };
-    let (sent, ()) = tokio::join!(tokio::time::timeout(timeout, builder.send()), pump);
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(timeout, builder.send()) => sent,
+        () = pump => return Err(Error::ClientGone),
+    };
     let response = match sent {
         Err(_) => return Err(RouteError::Timeout.into()),
         Ok(Err(e)) => {

@@ -135,6 +135,7 @@ impl From<Error> for Response {
             | Error::InvalidBody(_) => 400,
             Error::UnknownJob(_) => 404,
             Error::NotWebSocket(_) => 426,
+            Error::ClientGone => 499,
             Error::AccessDenied => 403,
             Error::NotFound => 404,
             Error::MethodNotAllowed { .. } => 405,

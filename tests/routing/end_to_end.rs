@@ -327,6 +327,59 @@ async fn timeout_while_sending_the_body() {
     assert!(took < Duration::from_secs(2), "504 only after {took:?}");
 }
 
+/// A client that leaves while the upstream has not answered yet (here it never will) ends its
+/// exchange with the agent at once, over HTTP/1 and h2c, not when the request's timeout (an hour
+/// here) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_ends_the_upstream_request() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let mut hanging = setup.upstream.hanging.subscribe();
+    let address = setup.relay.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let head = format!(
+        "GET /r/{}/hang HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 1h\r\n\r\n",
+        setup.name
+    );
+    socket.write_all(head.as_bytes()).await.expect("sent");
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client builds");
+    let url = format!("{}/r/{}/hang", setup.relay.base, setup.name);
+    let reset = tokio::spawn(h2c.get(url).header(TIMEOUT, "1h").send());
+    let both_wait = hanging.wait_for(|&n| n == 2);
+    tokio::time::timeout(WAIT, both_wait)
+        .await
+        .expect("both requests reach the upstream")
+        .expect("the upstream runs");
+    assert_eq!(in_flight(&setup.client, &setup.name).await, 2);
+    drop(socket);
+    reset.abort();
+    let deadline = Instant::now() + WAIT;
+    while in_flight(&setup.client, &setup.name).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exchanges outlived their clients"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The requests in flight on the agents named `name`, as `GET /agents` counts them.
+async fn in_flight(client: &Client, name: &str) -> u64 {
+    let agents = client.get("/agents").await.expect(200).json();
+    agents["agents"]
+        .as_array()
+        .expect("/agents has an `agents` array")
+        .iter()
+        .filter(|agent| agent["name"] == name)
+        .filter_map(|agent| agent["requests_in_flight"].as_u64())
+        .sum()
+}
+
 /// A client whose body breaks off gets 400 at once, not the route timeout's 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_request_body() {
@@ -885,6 +938,26 @@ async fn agent_on_another_instance() {
         .request(Method::GET, &format!("/r/{name}/x"))
         .header("x-burrow-hop", "elsewhere");
     client_b.send(hopped).await.expect(422);
+    // A client of B that leaves before the answer ends the exchange on A too.
+    let mut hanging = setup.upstream.hanging.subscribe();
+    let hang = client_b
+        .request(Method::GET, &format!("/r/{name}/hang"))
+        .header(TIMEOUT, "1h");
+    let left = tokio::spawn(hang.send());
+    let reached = hanging.wait_for(|&n| n == 1);
+    tokio::time::timeout(WAIT, reached)
+        .await
+        .expect("the request reaches the upstream")
+        .expect("the upstream runs");
+    left.abort();
+    let deadline = Instant::now() + WAIT;
+    while in_flight(&setup.client, name).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exchange on A outlived B's client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A gone but still listed: the client learns that the hop failed, not A's address.
     let (a_address, name) = (setup.relay.base.replace("http://", ""), name.clone());
     drop(setup);

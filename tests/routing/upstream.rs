@@ -2,6 +2,7 @@
 //! port of its own, whose answers depend on the path.
 //!
 //! - `/sleep…`: counts itself in [`Upstream::sleeping`], waits two seconds, then answers `200 late`.
+//! - `/hang`: never answers; counted in [`Upstream::hanging`] until the agent drops it.
 //! - `/blob?bytes=N`: `N` bytes of [`blob`], streamed in 64 KiB chunks.
 //! - `/sha256`: reads the request body as it streams and answers `{"len", "sha256"}`.
 //! - `/mirror…`: answers the request body as it is.
@@ -37,6 +38,8 @@ pub struct Upstream {
     pub port: u16,
     /// How many `/sleep` requests have arrived.
     pub sleeping: watch::Sender<u64>,
+    /// How many `/hang` requests are waiting now.
+    pub hanging: watch::Sender<u64>,
     /// How many requests have arrived.
     pub arrived: Arc<AtomicU64>,
     /// How many connections have been accepted.
@@ -72,22 +75,27 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let sleeping = watch::Sender::new(0);
+        let hanging = watch::Sender::new(0);
         let id: Arc<str> = id.into();
         let arrived = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let (signal, count, accepted) = (sleeping.clone(), arrived.clone(), connections.clone());
+        let (count, accepted) = (arrived.clone(), connections.clone());
+        let waits = Waits {
+            sleeping: sleeping.clone(),
+            hanging: hanging.clone(),
+        };
         let secure = tls.is_some();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (id, signal, count) = (id.clone(), signal.clone(), count.clone());
+                let (id, waits, count) = (id.clone(), waits.clone(), count.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     match tls {
-                        None => serve_connection(tcp, id, signal, count).await,
+                        None => serve_connection(tcp, id, waits, count).await,
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                serve_connection(stream, id, signal, count).await;
+                                serve_connection(stream, id, waits, count).await;
                             }
                         }
                     }
@@ -97,6 +105,7 @@ impl Upstream {
         Upstream {
             port,
             sleeping,
+            hanging,
             arrived,
             connections,
             tls: secure,
@@ -122,18 +131,30 @@ impl Upstream {
     }
 }
 
-async fn serve_connection<S>(
-    stream: S,
-    id: Arc<str>,
-    signal: watch::Sender<u64>,
-    count: Arc<AtomicU64>,
-) where
+/// The counts of requests that wait, which tests await.
+#[derive(Clone)]
+struct Waits {
+    sleeping: watch::Sender<u64>,
+    hanging: watch::Sender<u64>,
+}
+
+/// Counts a `/hang` request out when it is dropped.
+struct Hanging(watch::Sender<u64>);
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn serve_connection<S>(stream: S, id: Arc<str>, waits: Waits, count: Arc<AtomicU64>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |request| {
         count.fetch_add(1, Ordering::SeqCst);
-        let (id, signal) = (id.clone(), signal.clone());
-        async move { Ok::<_, Infallible>(answer(request, &id, &signal).await) }
+        let (id, waits) = (id.clone(), waits.clone());
+        async move { Ok::<_, Infallible>(answer(request, &id, &waits).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
@@ -201,14 +222,15 @@ impl Echo {
     }
 }
 
-async fn answer(
-    request: Request<Incoming>,
-    id: &str,
-    sleeping: &watch::Sender<u64>,
-) -> Response<Body> {
+async fn answer(request: Request<Incoming>, id: &str, waits: &Waits) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    if path == "/hang" {
+        waits.hanging.send_modify(|n| *n += 1);
+        let _counted = Hanging(waits.hanging.clone());
+        return std::future::pending().await;
+    }
     if path.starts_with("/sleep") {
-        sleeping.send_modify(|n| *n += 1);
+        waits.sleeping.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         return whole(200, "late");
     }
