@@ -133,9 +133,15 @@ impl Jobs {
             None => JobState::Processing,
             Some(reply) => {
                 // The reply is taken already: failing now would lose the result. A record left
-                // behind expires with the reply TTL; until then it reads as Processing.
-                if let Err(e) = self.store.forget_job(id.queue(), id.msg()).await {
-                    log::warn!("job {id}: its record stays until it expires: {e}");
+                // behind expires with the reply TTL; until then it reads as Processing. Forgetting
+                // runs as a task of its own, so that a caller dropped meanwhile (its client left)
+                // does not leave the record behind.
+                let (store, job) = (self.store.clone(), id.clone());
+                let forget = async move { store.forget_job(job.queue(), job.msg()).await };
+                match tokio::spawn(forget).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::warn!("job {id}: its record stays until it expires: {e}"),
+                    Err(e) => log::warn!("job {id}: its record stays until it expires: {e}"),
                 }
                 outcome(reply)
             }
