@@ -570,7 +570,8 @@ impl HttpServerApp for RelayApp {
         // Upgraded connections and event streams are never handed back for another request.
         let reusable = matches!(after, None | Some(After::Forward(_)));
         let asked = session.is_http2() || parked::client_keeps_alive(session.req_header());
-        let keepalive = asked && reusable && !body_left && !*shutdown.borrow();
+        let until_close = close_delimited(&session, &response);
+        let keepalive = asked && reusable && !body_left && !until_close && !*shutdown.borrow();
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
         let written = Box::pin(write(&mut session, response)).await;
         self.record(&served, status);
@@ -717,15 +718,24 @@ fn failed(name: &str, error: Error) -> Response {
     Response::from(error)
 }
 
+/// Whether a streamed body without a length goes to an HTTP/1.0 client, which knows no chunked
+/// encoding (RFC 9112 §6.1): the body then ends where the connection does.
+fn close_delimited(session: &ServerSession, response: &Response) -> bool {
+    response.streamed && session.req_header().version == http::Version::HTTP_10
+}
+
 /// Writes a response; `None` when the client is gone.
 async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
-    let head = match response.head() {
+    let mut head = match response.head() {
         Ok(head) => head,
         Err(e) => {
             warn!("could not build a response header: {e}");
             return None;
         }
     };
+    if close_delimited(session, &response) {
+        head.remove_header("Transfer-Encoding");
+    }
     let written = async {
         session.write_response_header(Box::new(head)).await?;
         if !response.body.is_empty() {

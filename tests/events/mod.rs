@@ -148,6 +148,50 @@ async fn subscriber_sockets_close_cleanly(api: &Client) {
         .expect("the socket is closed within 5 s");
 }
 
+/// An HTTP/1.0 subscriber, which knows no chunked encoding, gets the event stream as it is, ended
+/// by closing the connection (`Connection: close`, no `Transfer-Encoding`).
+async fn http10_subscribers_get_a_plain_stream(api: &Client) {
+    use tokio::io::AsyncWriteExt;
+    let topic = tunnel_id("http10");
+    let address = api.base().trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let request = format!("GET /e/{topic} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("sent");
+    let mut seen = Vec::new();
+    // The head, then the stream's first comment: the subscription is in place.
+    read_until(&mut socket, &mut seen, "\r\n\r\n:").await;
+    publish(api, &topic, "plain").await;
+    read_until(&mut socket, &mut seen, "data: plain\n\n").await;
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(body.starts_with(':'), "not the bare stream: {body:?}");
+}
+
+/// Reads from `socket` into `seen` until it holds `end`, within 5 s.
+async fn read_until(socket: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, end: &str) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(seen).contains(end) {
+            let n = socket.read(&mut chunk).await.expect("readable");
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(seen));
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no {end:?} within 5 s in {:?}",
+                String::from_utf8_lossy(seen)
+            )
+        });
+}
+
 /// With a token set, publishing and subscribing need it.
 async fn events_need_auth(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);
@@ -160,7 +204,11 @@ async fn events_need_auth(backend: Backend) {
 }
 
 per_store! {
-    shared: [subscribers_get_every_event, subscriber_sockets_close_cleanly],
+    shared: [
+        subscribers_get_every_event,
+        subscriber_sockets_close_cleanly,
+        http10_subscribers_get_a_plain_stream,
+    ],
     dedicated: [events_need_auth],
 }
 
