@@ -695,19 +695,23 @@ impl RelayApp {
     }
 }
 
-/// Runs an HTTP/2 long-poll's `waiting` unless the client resets its stream first (`None`): like
-/// a hung-up HTTP/1 client (`parked::unless_hung_up`), it takes nothing.
+/// Runs a long-poll's `waiting` in its session (HTTP/2) unless the client resets its stream first
+/// (`None`): like a hung-up HTTP/1 client (`parked::unless_hung_up`), it takes nothing.
 async fn unless_reset(
     session: &mut ServerSession,
     waiting: impl Future<Output = Response>,
 ) -> Option<Response> {
-    match session.watch_h2_stream_close() {
-        Some(closed) => tokio::select! {
-            response = waiting => Some(response),
-            _ = closed => None,
-        },
-        None => Some(waiting.await),
+    tokio::select! {
+        response = waiting => Some(response),
+        () = client_gone(session) => None,
     }
+}
+
+/// Resolves once the client has closed or reset its connection (or, over HTTP/2, its stream).
+/// What it sends meanwhile is read: the rest of a body nobody waits for is dropped, the start of
+/// a pipelined next request kept for it by Pingora.
+pub(super) async fn client_gone(session: &mut ServerSession) {
+    while let Ok(_body) = session.read_body_or_idle(false).await {}
 }
 
 /// A handler's error as the response telling the client; store trouble is logged too.

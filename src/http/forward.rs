@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
-use super::app::{continue_if_expected, unreadable, Body};
+use super::app::{client_gone, continue_if_expected, unreadable, Body};
 use super::response::Response;
 use crate::error::Error;
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
@@ -51,13 +51,6 @@ pub async fn open(
         () = client_gone(session) => return Err(Error::ClientGone),
     };
     Ok((Response::forwarded(answer.status, answer.headers), exchange))
-}
-
-/// Resolves once the client has closed or reset its connection (or, over HTTP/2, its stream).
-/// What it sends meanwhile is read: the rest of a body the upstream did not wait for is dropped,
-/// the start of a pipelined next request kept for it by Pingora.
-async fn client_gone(session: &mut ServerSession) {
-    while let Ok(_body) = session.read_body_or_idle(false).await {}
 }
 
 /// Streams the request body to the agent, chunk by chunk.

@@ -138,10 +138,12 @@ impl Jobs {
                 // does not leave the record behind.
                 let (store, job) = (self.store.clone(), id.clone());
                 let forget = async move { store.forget_job(job.queue(), job.msg()).await };
-                match tokio::spawn(forget).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => log::warn!("job {id}: its record stays until it expires: {e}"),
-                    Err(e) => log::warn!("job {id}: its record stays until it expires: {e}"),
+                let forgotten = match tokio::spawn(forget).await {
+                    Ok(forgotten) => forgotten.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = forgotten {
+                    log::warn!("job {id}: its record stays until it expires: {e}");
                 }
                 outcome(reply)
             }
