@@ -474,10 +474,11 @@ impl HttpServerApp for RelayApp {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // Pingora's own futures are boxed so that they take memory only while they run: the
-        // state of this function is held for as long as a long-poll waits.
-        // The head's first byte is here already (`connection` waits for it), so this bounds only
-        // how long the rest may take, not how long a kept-alive connection may stay idle.
-        let read = tokio::time::timeout(self.header_timeout, Box::pin(session.read_request()));
+        // state of this function is held for as long as a long-poll waits. The head's first
+        // bytes are here already (`connection` waits for them), so the header timeout bounds only
+        // how long the rest may take, not how long a kept-alive connection may stay idle; it runs
+        // on Pingora's timer, cheaper than tokio's on this per-request path.
+        let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
             Ok(Ok(true)) => None,
             Ok(Ok(false)) => return None,

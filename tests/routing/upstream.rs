@@ -2,7 +2,7 @@
 //! port of its own, whose answers depend on the path.
 //!
 //! - `/sleep…`: counts itself in [`Upstream::sleeping`], waits two seconds, then answers `200 late`.
-//! - `/hang`: never answers; counted in [`Upstream::hanging`] until the agent drops it.
+//! - `/hang`: counts itself in [`Upstream::hanging`] and never answers.
 //! - `/blob?bytes=N`: `N` bytes of [`blob`], streamed in 64 KiB chunks.
 //! - `/sha256`: reads the request body as it streams and answers `{"len", "sha256"}`.
 //! - `/mirror…`: answers the request body as it is.
@@ -38,7 +38,7 @@ pub struct Upstream {
     pub port: u16,
     /// How many `/sleep` requests have arrived.
     pub sleeping: watch::Sender<u64>,
-    /// How many `/hang` requests are waiting now.
+    /// How many `/hang` requests have arrived.
     pub hanging: watch::Sender<u64>,
     /// How many requests have arrived.
     pub arrived: Arc<AtomicU64>,
@@ -138,15 +138,6 @@ struct Waits {
     hanging: watch::Sender<u64>,
 }
 
-/// Counts a `/hang` request out when it is dropped.
-struct Hanging(watch::Sender<u64>);
-
-impl Drop for Hanging {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-    }
-}
-
 async fn serve_connection<S>(stream: S, id: Arc<str>, waits: Waits, count: Arc<AtomicU64>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -226,7 +217,6 @@ async fn answer(request: Request<Incoming>, id: &str, waits: &Waits) -> Response
     let path = request.uri().path().to_owned();
     if path == "/hang" {
         waits.hanging.send_modify(|n| *n += 1);
-        let _counted = Hanging(waits.hanging.clone());
         return std::future::pending().await;
     }
     if path.starts_with("/sleep") {
