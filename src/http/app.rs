@@ -276,6 +276,7 @@ impl RelayApp {
                 agent,
                 path,
                 timeout,
+                ..
             } => {
                 let timeout = timeout.unwrap_or(self.route_timeout);
                 // The relay's bearer token is the relay's business, unless the agent is public.
@@ -513,6 +514,10 @@ impl HttpServerApp for RelayApp {
         let routing = RoutingHeaders {
             client_id: header("x-backstream-client-id"),
             timeout: header("x-backstream-request-timeout"),
+            preflight: method == Method::OPTIONS
+                && header("Access-Control-Request-Method").is_some()
+                && header("Transfer-Encoding").is_none()
+                && header("Content-Length").is_none_or(|length| length.trim() == "0"),
         };
         let route = Route::parse(
             &head.method,

@@ -69,10 +69,12 @@ pub enum Route {
     Agents,
     /// A request for agent `agent` (`x-backstream-client-id` on any path, or `/r/{agent}/...`):
     /// forwarded as `path` (with its query), within `timeout` (`None`: the relay's default).
+    /// A CORS `preflight` is forwarded without credentials: browsers never send any with one.
     Forward {
         agent: TunnelId,
         path: String,
         timeout: Option<Duration>,
+        preflight: bool,
     },
 }
 
@@ -94,6 +96,9 @@ pub struct RoutingHeaders<'a> {
     pub client_id: Option<&'a str>,
     /// `x-backstream-request-timeout`: a Go duration bounding the round trip.
     pub timeout: Option<&'a str>,
+    /// Whether the request is a CORS preflight: `OPTIONS` asking with
+    /// `Access-Control-Request-Method`, without a body.
+    pub preflight: bool,
 }
 
 /// The shapes of `/t/...` paths, before the method picks the route.
@@ -238,6 +243,7 @@ impl Route {
             agent,
             path,
             timeout,
+            preflight: routing.preflight,
         }))
     }
 
@@ -301,6 +307,13 @@ impl Route {
         match (self, self.tunnel()) {
             // The list spans every agent name, public or not.
             (Route::Agents, _) => Access::Token,
+            // The service behind answers its own preflights, as the relay does for its routes.
+            (
+                Route::Forward {
+                    preflight: true, ..
+                },
+                _,
+            ) => Access::Open,
             (_, Some(name)) => Access::Name(name),
             (_, None) => Access::Open,
         }
@@ -725,17 +738,20 @@ mod tests {
         let headers = RoutingHeaders {
             client_id: Some("svc"),
             timeout: Some("1m30s"),
+            preflight: false,
         };
         let route = Route::parse(&Method::PUT, "/t/x", Some("a=1"), headers, &tunnel("jobs"));
         let expected = Route::Forward {
             agent: tunnel("svc"),
             path: "/t/x?a=1".into(),
             timeout: Some(Duration::from_secs(90)),
+            preflight: false,
         };
         assert_eq!(route.unwrap(), expected);
         let bad = RoutingHeaders {
             client_id: Some("svc"),
             timeout: Some("soon"),
+            preflight: false,
         };
         let route = Route::parse(&Method::GET, "/", None, bad, &tunnel("jobs"));
         assert!(matches!(route, Err(Error::BadParameter(_))));
@@ -744,6 +760,7 @@ mod tests {
             agent: tunnel("svc"),
             path: "/api/v1?q=2".into(),
             timeout: None,
+            preflight: false,
         };
         assert_eq!(route, expected);
         assert!(matches!(get("/r/svc").unwrap(), Route::Forward { path, .. } if path == "/"));
@@ -765,6 +782,12 @@ mod tests {
         assert_eq!(get("/health").unwrap().access(), Access::Open);
         assert_eq!(get("/t/svc").unwrap().access(), Access::Name(&svc));
         assert_eq!(get("/r/svc/x").unwrap().access(), Access::Name(&svc));
+        let preflight = RoutingHeaders {
+            preflight: true,
+            ..RoutingHeaders::default()
+        };
+        let route = Route::parse(&Method::OPTIONS, "/r/svc/x", None, preflight, &svc);
+        assert_eq!(route.unwrap().access(), Access::Open);
         assert_eq!(get("/agents").unwrap().access(), Access::Token);
     }
 

@@ -822,6 +822,30 @@ async fn auth() {
         .get(&path)
         .await
         .expect_error(403, says::ACCESS_DENIED);
+
+    // Browsers send no credentials with a CORS preflight: the service behind answers it. Any
+    // other OPTIONS, or one carrying a body, needs the token.
+    let preflight = |body: &'static str| {
+        client
+            .request(Method::OPTIONS, &path)
+            .header("Origin", "https://app.example")
+            .header("Access-Control-Request-Method", "PUT")
+            .body(body)
+    };
+    let echo = Echo::parse(&client.send(preflight("")).await.expect(200).body);
+    assert_eq!(
+        (echo.method.as_str(), echo.uri.as_str()),
+        ("OPTIONS", "/echo")
+    );
+    assert_eq!(echo.one("access-control-request-method"), "PUT");
+    client
+        .send(preflight("not a preflight"))
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
+    client
+        .send(client.request(Method::OPTIONS, &path))
+        .await
+        .expect_error(403, says::ACCESS_DENIED);
     let response = authorized.get(&path).await.expect(200);
     let echo = Echo::parse(&response.body);
     assert!(
