@@ -68,14 +68,22 @@ impl Presence {
         Ok(agents)
     }
 
-    /// The address of another instance with an agent named `name`, if any.
-    pub async fn find(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let found = self.others().await?.into_iter().find(|record| {
-            record["agents"]
-                .as_array()
-                .is_some_and(|agents| agents.iter().any(|a| a["name"] == name))
-        });
-        Ok(found.and_then(|record| record["address"].as_str().map(String::from)))
+    /// The addresses of the other instances with an agent named `name`, in random order so that
+    /// instances sharing a name share its requests.
+    pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let mut addresses: Vec<String> = self
+            .others()
+            .await?
+            .into_iter()
+            .filter(|record| {
+                record["agents"]
+                    .as_array()
+                    .is_some_and(|agents| agents.iter().any(|a| a["name"] == name))
+            })
+            .filter_map(|record| record["address"].as_str().map(String::from))
+            .collect();
+        fastrand::shuffle(&mut addresses);
+        Ok(addresses)
     }
 
     /// The records of the other live instances.

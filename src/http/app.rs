@@ -5,7 +5,7 @@
 //! when it fires, and it can take the upgraded stream.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,7 +32,7 @@ use crate::jobs::{JobId, Jobs};
 use crate::metrics;
 use crate::presence::Presence;
 use crate::routing::{self, Agents, Exchange, RouteError};
-use crate::store::{Message, MessageStatus, Payload, Store};
+use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
 /// The browser demo page, served at `/demo/`.
@@ -288,13 +288,21 @@ impl RelayApp {
                     Err(Error::Route(RouteError::NoAgent(name)))
                         if session.get_header(forward::HOP_HEADER).is_none() =>
                     {
-                        let Some(address) = self.presence.find(&name).await? else {
+                        // An instance killed without a goodbye stays listed until its record
+                        // expires: a request it never received goes on to the next one.
+                        let instance = self.presence.instance();
+                        let mut answer = None;
+                        for address in self.presence.holders(&name).await? {
+                            let proxied =
+                                forward::proxy(session, &self.proxy, &address, instance, timeout);
+                            answer = proxied.await?;
+                            if answer.is_some() {
+                                break;
+                            }
+                        }
+                        let Some((head, response)) = answer else {
                             return Err(Error::Route(RouteError::NoAgent(name)));
                         };
-                        let instance = self.presence.instance();
-                        let proxied =
-                            forward::proxy(session, &self.proxy, &address, instance, timeout);
-                        let (head, response) = proxied.await?;
                         (head, Body::Instance(response))
                     }
                     Err(e) => return Err(e),
@@ -723,9 +731,30 @@ pub(super) async fn client_gone(session: &mut ServerSession) {
 /// A handler's error as the response telling the client; store trouble is logged too.
 fn failed(name: &str, error: Error) -> Response {
     if let Error::Store(store) = &error {
-        warn!("{name}: {store}");
+        log_store_failure(name, store);
     }
     Response::from(error)
+}
+
+/// At most one line per this long about store failures: an outage under load would otherwise
+/// write one per request.
+const STORE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs a store failure unless one was logged less than [`STORE_LOG_EVERY`] ago; the next line
+/// counts those left out.
+fn log_store_failure(name: &str, error: &StoreError) {
+    static LOGGED: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    let (last, left_out) = &mut *logged;
+    if last.is_some_and(|at| at.elapsed() < STORE_LOG_EVERY) {
+        *left_out += 1;
+        return;
+    }
+    *last = Some(Instant::now());
+    match std::mem::take(left_out) {
+        0 => warn!("{name}: {error}"),
+        n => warn!("{name}: {error} ({n} more store failures since the last line)"),
+    }
 }
 
 /// Whether a streamed body without a length goes to an HTTP/1.0 client, which knows no chunked

@@ -68,14 +68,15 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
 
 /// Sends the request as it came to the relay instance at `address`, which has the agent, and
 /// returns the head of its answer with the response whose body follows. The request body is
-/// streamed to it while the request is sent.
+/// streamed to it while the request is sent. `None`: the instance refused the connection and
+/// the request, having no body, can go to another.
 pub async fn proxy(
     session: &mut ServerSession,
     client: &reqwest::Client,
     address: &str,
     instance: &str,
     timeout: Duration,
-) -> Result<(Response, reqwest::Response), Error> {
+) -> Result<Option<(Response, reqwest::Response)>, Error> {
     let request = session.req_header();
     // Over HTTP/2 the URI is absolute: only its path and query go on.
     let target = request
@@ -130,6 +131,11 @@ pub async fn proxy(
     };
     let response = match sent {
         Err(_) => return Err(RouteError::Timeout.into()),
+        // Nothing of the request was sent or read, so nothing is lost by trying elsewhere.
+        Ok(Err(e)) if e.is_connect() && !has_body => {
+            log::warn!("forwarding to the instance at {address}: {e}");
+            return Ok(None);
+        }
         Ok(Err(e)) => {
             // The client learns that the hop failed, not the store's addresses of instances.
             log::warn!("forwarding to the instance at {address}: {e}");
@@ -141,7 +147,7 @@ pub async fn proxy(
     let mut answer = header_list(response.headers());
     strip_hop_by_hop(&mut answer);
     let head = Response::forwarded(response.status().as_u16(), answer);
-    Ok((head, response))
+    Ok(Some((head, response)))
 }
 
 /// Headers as name/value strings.

@@ -1,12 +1,13 @@
 //! Server-sent events (`GET /e/{topic}`): each event published on the topic becomes one SSE
 //! event (`data:` lines, a blank line), with a keep-alive comment when the topic is quiet so that
-//! proxies keep the connection and a vanished client is noticed.
+//! proxies keep the connection and a client vanished without closing (host gone) is noticed.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
+use super::app::client_gone;
 use crate::events::Subscription;
 use crate::tunnel::Shutdown;
 
@@ -27,6 +28,8 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             body = events.next() => event(&body),
             _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
             _ = shutdown.changed() => break,
+            // Noticed at once, not at the next write, so `X-Subscribers` counts live clients.
+            () = client_gone(session) => return,
         };
     }
     let _ = session.write_response_body(Bytes::new(), true).await;

@@ -11,8 +11,11 @@
 //! shared pool (see `clients`). Produces and consumes issued on one thread while its previous
 //! call of that script is at the server share the next call (see `batch`).
 //!
-//! Outages: fred reconnects forever in the background; meanwhile every operation fails within
-//! [`OPERATION_TIMEOUT`] with [`StoreError::Unavailable`] instead of queueing.
+//! Outages: fred reconnects forever in the background; meanwhile every operation fails at once
+//! with [`StoreError::Unavailable`] instead of queueing. A command already at the server is
+//! awaited up to [`ANSWER_TIMEOUT`], past the point where a hung connection is dropped: giving up
+//! sooner would answer 503 for a consume or produce the server runs later anyway, losing the
+//! message taken or storing the one the client then sends again.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -47,10 +50,15 @@ pub const WAKE_CHANNEL: &str = "burrow:wake";
 /// The prefix of the pub/sub channel of each event topic: `burrow:event:{topic}`.
 const EVENT_PREFIX: &str = "burrow:event:";
 
-/// The longest any store operation may take before it answers `Unavailable`.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest an operation may wait to be sent (queued behind a call at the server, or for a
+/// connection's set-up) before it answers `Unavailable`, having done nothing.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long after [`OPERATION_TIMEOUT`] an operation is abandoned if fred has not ended it.
+/// The longest a sent command waits for its answer: past [`UNRESPONSIVE_AFTER`], so that a slow
+/// server's answer is not abandoned while its connection is still deemed alive.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// How long after [`ANSWER_TIMEOUT`] an operation is abandoned if fred has not ended it.
 const SAFETY_MARGIN: Duration = Duration::from_millis(250);
 
 /// Multiplexed command connections; more would not make a single server faster.
@@ -61,6 +69,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Pause between reconnection attempts, in ms; short, so service resumes soon after an outage.
 const RECONNECT_DELAY_MS: u32 = 300;
+
+/// The first reconnection attempt's pause, in ms, doubling up to [`RECONNECT_DELAY_MS`]. Until
+/// that attempt, fred still deems the lost connection up and queues commands on it instead of
+/// failing them fast; they would then wait for the answer timeout.
+const FIRST_RECONNECT_DELAY_MS: u32 = 10;
 
 /// A connection that leaves a command unanswered this long is dropped and reopened, so a
 /// half-open TCP connection (server host gone) does not stay in use.
@@ -117,12 +130,15 @@ impl RedisStore {
         // Retry the first connection like any later one instead of failing start-up.
         fred_config.fail_fast = false;
 
+        let mut policy =
+            ReconnectPolicy::new_exponential(0, FIRST_RECONNECT_DELAY_MS, RECONNECT_DELAY_MS, 2);
+        policy.set_jitter(FIRST_RECONNECT_DELAY_MS);
         let mut builder = Builder::from_config(fred_config);
         builder
-            .set_policy(ReconnectPolicy::new_constant(0, RECONNECT_DELAY_MS))
+            .set_policy(policy)
             .with_connection_config(|connection| {
                 connection.connection_timeout = CONNECT_TIMEOUT;
-                connection.internal_command_timeout = OPERATION_TIMEOUT;
+                connection.internal_command_timeout = QUEUE_TIMEOUT;
                 // A script whose connection dropped may have run; sending it again could store a
                 // message twice. The caller gets `Unavailable` and decides.
                 connection.max_command_attempts = 1;
@@ -132,7 +148,7 @@ impl RedisStore {
                 };
             })
             .with_performance_config(|performance| {
-                performance.default_command_timeout = OPERATION_TIMEOUT;
+                performance.default_command_timeout = ANSWER_TIMEOUT;
             });
 
         let command_builder = builder.clone();
@@ -176,10 +192,7 @@ impl RedisStore {
 
     /// Starts an operation on the connection [`Clients::pick`] chooses.
     fn call(&self) -> Call {
-        Call {
-            client: self.clients.pick(),
-            deadline: Instant::now() + OPERATION_TIMEOUT,
-        }
+        Call::new(self.clients.pick())
     }
 }
 
@@ -190,6 +203,14 @@ struct Call {
 }
 
 impl Call {
+    /// An operation sent now on `client`.
+    fn new(client: Client) -> Call {
+        Call {
+            client,
+            deadline: Instant::now() + ANSWER_TIMEOUT,
+        }
+    }
+
     /// The client for the operation's next command. The command fails at once while the client
     /// is disconnected instead of queueing, is never sent twice, and times out at the operation's
     /// deadline. fred's own timeout (not a dropped future) marks the command abandoned, so it is
@@ -377,7 +398,7 @@ fn reply_keys(tunnel: &TunnelId, msg: MessageId) -> Vec<String> {
 async fn bounded<T>(
     op: impl Future<Output = Result<T, fred::error::Error>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(OPERATION_TIMEOUT + SAFETY_MARGIN, op).await {
+    match tokio::time::timeout(ANSWER_TIMEOUT + SAFETY_MARGIN, op).await {
         Ok(result) => result.map_err(store_error),
         Err(_) => Err(StoreError::Unavailable(
             "redis did not answer in time".into(),

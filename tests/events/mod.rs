@@ -126,6 +126,31 @@ async fn subscribers_get_every_event(api: &Client) {
     assert_eq!(publish(api, &tunnel_id("empty"), "nobody").await, 0);
 }
 
+/// A server-sent-event subscriber that closes its side is let go at once, not at the next
+/// keep-alive write 15 s later: its stream ends and `X-Subscribers` no longer counts it.
+async fn closed_subscribers_are_let_go(api: &Client) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let topic = tunnel_id("leaving");
+    let address = api.base().trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("sent");
+    let mut seen = Vec::new();
+    read_until(&mut socket, &mut seen, "subscribed").await;
+    assert_eq!(publish(api, &topic, "one").await, 1);
+    socket.shutdown().await.expect("the write side closes");
+    let ended = async {
+        let mut chunk = [0u8; 4096];
+        while socket.read(&mut chunk).await.is_ok_and(|n| n > 0) {}
+    };
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the relay ends the stream within 5 s");
+    assert_eq!(publish(api, &topic, "anyone?").await, 0);
+}
+
 /// A subscriber's Close is answered with a Close (a clean close, not a dropped connection), and a
 /// subscriber that sends more than a control frame's worth is closed rather than buffered.
 async fn subscriber_sockets_close_cleanly(api: &Client) {
@@ -206,6 +231,7 @@ async fn events_need_auth(backend: Backend) {
 per_store! {
     shared: [
         subscribers_get_every_event,
+        closed_subscribers_are_let_go,
         subscriber_sockets_close_cleanly,
         http10_subscribers_get_a_plain_stream,
     ],

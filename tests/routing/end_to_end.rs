@@ -982,10 +982,27 @@ async fn agent_on_another_instance() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A gone but still listed: the client learns that the hop failed, not A's address.
+    // C has an agent of the same name too. Once A is killed, it stays listed until its record
+    // expires, but B's requests without a body go on to C, whichever record B reads first.
+    let c = Relay::start(Store::Redis(redis), &[]);
+    let c_upstream = Upstream::start("c").await;
+    let c_agent = Agent::serve(&c.base, name, &c_upstream.url(), None);
+    wait_agents(&client_b, name, 2, WAIT, &[&setup.agent, &c_agent]).await;
     let (a_address, name) = (setup.relay.base.replace("http://", ""), name.clone());
     drop(setup);
-    let response = client_b.get(&format!("/r/{name}/x")).await;
+    for _ in 0..10 {
+        echo_through(&client_b, &name, "c").await;
+    }
+    // C gone too: no listed instance answers, so the agent is not connected anywhere reachable.
+    // A request with a body is not sent twice: the client learns that the hop failed, not A's
+    // address.
+    drop((c, c_agent));
+    let gone = format!("connection for clientID='{name}' not found");
+    client_b
+        .get(&format!("/r/{name}/x"))
+        .await
+        .expect_error(422, &gone);
+    let response = client_b.post(&format!("/r/{name}/x"), "body").await;
     let text = response.expect_one_line_error(502).text();
     assert!(!text.contains(&a_address), "{text}");
 }

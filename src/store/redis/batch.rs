@@ -17,7 +17,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 
 use super::clients::Clients;
-use super::{unexpected, Call, Script, StoreError, OPERATION_TIMEOUT};
+use super::{unexpected, Call, Script, StoreError, QUEUE_TIMEOUT};
 
 /// The most operations one call carries.
 const MAX_OPERATIONS: usize = 64;
@@ -57,7 +57,7 @@ pub(super) struct Operation {
 
 struct Queued {
     operation: Operation,
-    /// The operation's own deadline, counted from when it was asked for.
+    /// When the operation gives up waiting to be sent, counted from when it was asked for.
     deadline: Instant,
     reply: oneshot::Sender<Result<Value, StoreError>>,
 }
@@ -76,10 +76,10 @@ pub(super) async fn run(
     batched: &'static Batched,
     operation: Operation,
 ) -> Result<Value, StoreError> {
-    let deadline = Instant::now() + OPERATION_TIMEOUT;
+    let deadline = Instant::now() + QUEUE_TIMEOUT;
     let Some(queue) = local_queue((clients.id(), batched.name)) else {
         // On a multi-threaded runtime nothing ties a queue to a connection: one call each.
-        let mut replies = send(clients, batched, vec![operation], deadline).await?;
+        let mut replies = send(clients, batched, vec![operation]).await?;
         return replies.pop().unwrap_or_else(|| Err(no_reply(batched)));
     };
     let (reply, answer) = oneshot::channel();
@@ -122,12 +122,12 @@ async fn drain(queue: Arc<Mutex<Queue>>, clients: Arc<Clients>, batched: &'stati
                 "redis did not answer in time".into(),
             )));
         }
-        let Some(deadline) = batch.iter().map(|q| q.deadline).min() else {
+        if batch.is_empty() {
             continue;
-        };
+        }
         let (operations, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|q| (q.operation, q.reply)).unzip();
-        match send(&clients, batched, operations, deadline).await {
+        match send(&clients, batched, operations).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -178,7 +178,6 @@ async fn send(
     clients: &Clients,
     batched: &Batched,
     operations: Vec<Operation>,
-    deadline: Instant,
 ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
     let count = operations.len();
     let mut keys = Vec::with_capacity(count);
@@ -187,10 +186,7 @@ async fn send(
         keys.push(operation.key);
         args.extend(operation.args);
     }
-    let call = Call {
-        client: clients.pick(),
-        deadline,
-    };
+    let call = Call::new(clients.pick());
     match batched.script.run(&call, keys, args).await? {
         Value::Array(replies) if replies.len() == count => Ok(replies
             .into_iter()
