@@ -354,9 +354,8 @@ impl RelayApp {
         let stream = h1.into_inner();
         match upgraded {
             Upgraded::Jobs(queue) => {
-                let (max_message, wait) = (config.max_message_size, config.max_poll_timeout);
-                let jobs = self.jobs.clone();
-                websocket::serve_jobs(stream, jobs, queue, max_message, wait, shutdown).await;
+                let (jobs, max_message) = (self.jobs.clone(), config.max_message_size);
+                websocket::serve_jobs(stream, jobs, queue, max_message, shutdown).await;
             }
             Upgraded::Events(subscription) => {
                 websocket::serve_events(stream, subscription, shutdown).await;
@@ -441,11 +440,14 @@ pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<
     Ok(())
 }
 
-/// A body with the request's Content-Type.
+/// A body with the request's Content-Type; an empty one is none (the default type applies), on
+/// either store.
 fn payload(session: &ServerSession, body: Bytes) -> Payload {
     let content_type = session
         .get_header("Content-Type")
         .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
         .map(String::from);
     Payload { body, content_type }
 }

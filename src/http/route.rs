@@ -384,6 +384,17 @@ impl Route {
     }
 }
 
+/// A whole number of seconds: digits only; one too large for a `u64` is as good as forever
+/// (limits cap it later), not malformed.
+fn whole_seconds(raw: &str) -> Option<u64> {
+    let digits = raw.trim();
+    let digits = digits.strip_prefix('+').unwrap_or(digits);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(digits.parse().unwrap_or(u64::MAX))
+}
+
 /// `/ws` or `/ws/{tag}`, where the tag is a free label such as highway's `/ws/0`.
 fn is_socket_path(path: &str) -> bool {
     match path.strip_prefix("/ws") {
@@ -493,7 +504,7 @@ impl Query {
     /// A parameter in whole seconds ≥ 0, if present.
     fn seconds(&self, name: &str, raw: Option<&str>) -> Result<Option<u64>, Error> {
         raw.map(|raw| {
-            raw.trim().parse::<u64>().map_err(|_| {
+            whole_seconds(raw).ok_or_else(|| {
                 Error::BadParameter(format!(
                     "Invalid {name} {}: expected whole seconds (0 or more)",
                     shown(raw)
@@ -524,7 +535,7 @@ impl Query {
         };
         let seconds = match raw.trim() {
             "" => 0,
-            s => s.parse::<u64>().map_err(|_| {
+            s => whole_seconds(s).ok_or_else(|| {
                 Error::BadParameter(format!(
                     "Invalid pending {}: expected nothing, 0, or whole seconds",
                     shown(raw)
@@ -852,6 +863,13 @@ mod tests {
         assert_eq!(poll("pending=").unwrap().0, pending(0));
         assert_eq!(poll("pending=0").unwrap().0, pending(0));
         assert_eq!(poll("pending=30").unwrap().0, pending(30));
+        // Too large for a u64 is still whole seconds: capped later, not refused.
+        let huge = "99999999999999999999999";
+        assert_eq!(poll(&format!("timeout={huge}")).unwrap().1, Some(u64::MAX));
+        assert_eq!(
+            poll(&format!("pending={huge}")).unwrap().0,
+            pending(u64::MAX)
+        );
         for bad in [
             "timeout=abc",
             "timeout=-1",

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pingora_core::protocols::Stream;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -37,6 +37,10 @@ const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a job is waited on before checking that it is still known (not collected through
+/// `/done`, not expired).
+const JOB_WAIT_SLICE: Duration = Duration::from_secs(30);
+
 /// The `101 Switching Protocols` answer to a valid handshake (RFC 6455 §4.2).
 pub fn accept(
     upgrade: Option<&[u8]>,
@@ -59,12 +63,15 @@ pub fn accept(
 }
 
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
+///
+/// A job's result is collected (taken from the store) only when it is about to be pushed: the
+/// tasks waiting for jobs only learn that one has finished. A socket that closes, or a relay that
+/// stops, while results arrive leaves them for `/done` instead of dropping them with its queue.
 pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
     queue: TunnelId,
     max_message: usize,
-    wait: Duration,
     mut shutdown: Shutdown,
 ) {
     let config = WebSocketConfig::default()
@@ -72,8 +79,13 @@ pub async fn serve_jobs(
         .max_frame_size(Some(max_message));
     let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let (mut outgoing, mut incoming) = socket.split();
-    let (finished, mut results) = mpsc::unbounded_channel::<Value>();
-    let mut waiting = JoinSet::new();
+    let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
+    let mut waiters = Waiters {
+        tasks: JoinSet::new(),
+        finished,
+        jobs: jobs.clone(),
+        shutdown: shutdown.clone(),
+    };
     loop {
         let reply = tokio::select! {
             frame = incoming.next() => match frame {
@@ -81,13 +93,7 @@ pub async fn serve_jobs(
                     let body = Bytes::copy_from_slice(text.as_bytes());
                     match jobs.trigger(&queue, body).await {
                         Ok(job) => {
-                            let task = wait_for(jobs.clone(), job.id.clone(), wait, shutdown.clone());
-                            let finished = finished.clone();
-                            waiting.spawn(async move {
-                                if let Some(result) = task.await {
-                                    let _ = finished.send(result);
-                                }
-                            });
+                            waiters.wait(job.id.clone(), Duration::ZERO);
                             json!({"id": job.id.to_string(), "status": "started"})
                         }
                         Err(e) => {
@@ -116,8 +122,21 @@ pub async fn serve_jobs(
                 }
                 Some(Err(_)) | None => break,
             },
-            Some(result) = results.recv() => result,
-            Some(_) = waiting.join_next() => continue,
+            Some(id) = done.recv() => match jobs.collect(&id, None, &mut shutdown).await {
+                Ok(Some(job)) if job.state != JobState::Processing => job.to_json(),
+                Ok(None) => json!({"id": id.to_string(), "status": "Unknown"}),
+                // Not finished after all, or the store failed: wait again.
+                Ok(Some(_)) => {
+                    waiters.wait(id, Duration::ZERO);
+                    continue;
+                }
+                Err(e) => {
+                    log::debug!("collecting job {id}: {e}");
+                    waiters.wait(id, RETRY_AFTER);
+                    continue;
+                }
+            },
+            Some(_) = waiters.tasks.join_next() => continue,
             _ = shutdown.changed() => {
                 let _ = outgoing.send(Message::Close(None)).await;
                 break;
@@ -184,22 +203,56 @@ pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
 }
 
-/// Waits until job `id` is done or failed and returns what to push; `None` on shutdown.
-async fn wait_for(jobs: Jobs, id: JobId, wait: Duration, mut shutdown: Shutdown) -> Option<Value> {
+/// The tasks of one jobs socket that wait for its jobs to finish, each sending its job's id to
+/// `finished` when it has.
+struct Waiters {
+    tasks: JoinSet<()>,
+    finished: mpsc::UnboundedSender<JobId>,
+    jobs: Jobs,
+    shutdown: Shutdown,
+}
+
+impl Waiters {
+    /// Waits for job `id`, starting after `delay`.
+    fn wait(&mut self, id: JobId, delay: Duration) {
+        let task = wait_for(self.jobs.clone(), id, delay, self.shutdown.clone());
+        let finished = self.finished.clone();
+        self.tasks.spawn(async move {
+            if let Some(id) = task.await {
+                let _ = finished.send(id);
+            }
+        });
+    }
+}
+
+/// Waits, after `delay`, until job `id` has finished or is no longer known (collected through
+/// `/done`, or expired), and returns its id to collect; `None` on shutdown.
+async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown) -> Option<JobId> {
+    let mut delay = delay;
     loop {
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return None,
+            }
+        }
         if *shutdown.borrow() {
             return None;
         }
-        match jobs.collect(&id, Some(wait), &mut shutdown).await {
-            Ok(Some(job)) if job.state == JobState::Processing => {}
-            Ok(Some(job)) => return Some(job.to_json()),
-            Ok(None) => return Some(json!({"id": id.to_string(), "status": "Unknown"})),
+        delay = Duration::ZERO;
+        match jobs
+            .await_finished(&id, JOB_WAIT_SLICE, &mut shutdown)
+            .await
+        {
+            Ok(true) => return Some(id),
+            Ok(false) => match jobs.known(&id).await {
+                Ok(true) => {}
+                Ok(false) => return Some(id),
+                Err(_) => delay = RETRY_AFTER,
+            },
             Err(e) => {
                 log::debug!("waiting for job {id}: {e}");
-                tokio::select! {
-                    _ = tokio::time::sleep(RETRY_AFTER) => {}
-                    _ = shutdown.changed() => return None,
-                }
+                delay = RETRY_AFTER;
             }
         }
     }

@@ -110,6 +110,24 @@ impl Jobs {
         })
     }
 
+    /// Waits up to `wait` until job `id` has finished, collecting nothing; whether it has.
+    pub async fn await_finished(
+        &self,
+        id: &JobId,
+        wait: Duration,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, Error> {
+        let tunnels = &self.tunnels;
+        tunnels
+            .await_reply(id.queue(), id.msg(), wait, shutdown)
+            .await
+    }
+
+    /// Whether job `id` is still known (triggered, and neither expired nor collected).
+    pub async fn known(&self, id: &JobId) -> Result<bool, Error> {
+        Ok(self.store.job(id.queue(), id.msg()).await?.is_some())
+    }
+
     /// The job `id`, waiting up to `wait` for it to finish; `None` if it is unknown (never
     /// triggered, expired, or already collected). A finished job is handed out once.
     pub async fn collect(

@@ -37,32 +37,34 @@ struct State {
 struct Tunnel {
     /// Messages not yet handed out, oldest first.
     queued: VecDeque<(MessageId, Payload)>,
-    /// Messages handed out in pending mode, with when they were last handed out.
-    pending: BTreeMap<MessageId, (Payload, Instant)>,
+    /// Messages handed out in pending mode, with when they were last handed out. A message
+    /// trimmed away while pending keeps its entry without a body, as in a stream's pending list:
+    /// its consumer may still answer it, and it is dropped when it would be handed out again.
+    pending: BTreeMap<MessageId, (Option<Payload>, Instant)>,
     /// The newest id given out, so ids keep increasing even after the tunnel empties.
     last_id: Option<MessageId>,
 }
 
 impl Tunnel {
     fn len(&self) -> u64 {
-        (self.queued.len() + self.pending.len()) as u64
+        let pending = self.pending.values().filter(|(body, _)| body.is_some());
+        (self.queued.len() + pending.count()) as u64
     }
 
     /// Drops the oldest messages, pending or not, until at most `maxlen` remain.
     fn trim(&mut self, maxlen: u64) {
         while self.len() > maxlen {
             let oldest_queued = self.queued.front().map(|(id, _)| *id);
-            let oldest_pending = self.pending.keys().next().copied();
+            let oldest_pending = self
+                .pending
+                .iter_mut()
+                .find(|(_, (body, _))| body.is_some());
             match (oldest_queued, oldest_pending) {
-                (Some(q), Some(p)) if p < q => {
-                    self.pending.remove(&p);
-                }
+                (Some(q), Some((p, (body, _)))) if *p < q => *body = None,
                 (Some(_), _) => {
                     self.queued.pop_front();
                 }
-                (None, Some(p)) => {
-                    self.pending.remove(&p);
-                }
+                (None, Some((_, (body, _)))) => *body = None,
                 (None, None) => break,
             }
         }
@@ -180,11 +182,12 @@ impl Backend for MemoryStore {
         };
         let now = Instant::now();
         if let Delivery::Pending { redeliver_after } = delivery {
-            let due = t
-                .pending
-                .iter_mut()
-                .find(|(_, (_, handed_out))| now.duration_since(*handed_out) >= redeliver_after);
-            if let Some((id, (payload, handed_out))) = due {
+            let is_due = |handed_out: &Instant| now.duration_since(*handed_out) >= redeliver_after;
+            // A trimmed message found due is dropped, as XCLAIM drops it from a stream's list.
+            t.pending
+                .retain(|_, (body, handed_out)| body.is_some() || !is_due(handed_out));
+            let due = t.pending.iter_mut().find(|(_, (_, at))| is_due(at));
+            if let Some((id, (Some(payload), handed_out))) = due {
                 *handed_out = now;
                 return Ok(Some(Message {
                     id: *id,
@@ -196,7 +199,7 @@ impl Backend for MemoryStore {
             return Ok(None);
         };
         if let Delivery::Pending { .. } = delivery {
-            t.pending.insert(id, (payload.clone(), now));
+            t.pending.insert(id, (Some(payload.clone()), now));
         }
         Ok(Some(Message { id, payload }))
     }

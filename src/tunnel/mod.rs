@@ -161,6 +161,26 @@ impl Tunnels {
         self.wait_for(key, wait, shutdown, attempt).await
     }
 
+    /// Waits up to `wait` until `msg` has a reply, leaving it in place; whether it has one.
+    pub async fn await_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        wait: Duration,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, Error> {
+        let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
+        let keys = [key.clone()];
+        let attempt = || async {
+            let ready = self.store.ready(&keys).await?;
+            Ok(ready.first().copied().unwrap_or(false).then_some(()))
+        };
+        Ok(self
+            .wait_for(key, Some(wait), shutdown, attempt)
+            .await?
+            .is_some())
+    }
+
     /// Where a message stands.
     pub async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, Error> {
         Ok(metrics::store_op(StoreOp::Status, self.store.status(tunnel, msg)).await?)

@@ -94,16 +94,34 @@ pub(super) async fn trimmed_pending_message_is_skipped(backend: Backend) {
         let produced = api.post(&format!("/t/{t}?limit=0"), format!("m{i}")).await;
         produced.expect(201);
     }
-    // The tunnel now holds m2 and m3; m0, still pending, is gone.
+    // The tunnel now holds m2 and m3. m0's body is gone, but as in a stream's pending list, its
+    // consumer still holds it: pending (202) until it would be handed out again.
+    assert_eq!(api.len(&t).await, 2);
+    assert_eq!(api.status(&t, &first).await, 202);
     // Inherent wait: the visibility timeout has to elapse.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(api.consume(&t, "?pending=1").await.expect(200).text(), "m2");
+    assert_eq!(api.status(&t, &first).await, 204);
     // A minute's window from here: m2 must not come back however slow this machine is.
     assert_eq!(
         api.consume(&t, "?pending=60").await.expect(200).text(),
         "m3"
     );
     api.consume(&t, "?pending=60").await.expect_empty();
+
+    // Its consumer can still answer a message trimmed while it worked on it.
+    let u = tunnel_id("trimreply");
+    let asked = api.post(&format!("/t/{u}?limit=0"), "a0").await;
+    let asked = asked.expect(201).message_id();
+    api.consume(&u, "?pending=60").await.expect(200);
+    for i in 1..=3 {
+        let produced = api.post(&format!("/t/{u}?limit=0"), format!("a{i}")).await;
+        produced.expect(201);
+    }
+    let reply = format!("/t/{u}/{asked}/reply");
+    api.post(&reply, "answer").await.expect(201);
+    assert_eq!(api.get(&reply).await.expect(200).text(), "answer");
+    assert_eq!(api.status(&u, &asked).await, 204);
 }
 
 /// `pending` that is neither a flag nor a whole number of seconds is 400 and consumes nothing.

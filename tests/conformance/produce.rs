@@ -52,6 +52,17 @@ pub(super) async fn missing_content_type_gets_default(api: &Client) {
     let consumed = api.consume(&t, "").await.expect(200);
     assert_eq!(consumed.header("content-type"), Some("text/plain"));
     assert_eq!(consumed.text(), "plain");
+
+    // An empty Content-Type is none, on a message and on a reply.
+    api.post_typed(&format!("/t/{t}"), "", "empty")
+        .await
+        .expect(201);
+    let consumed = api.consume(&t, "?pending").await.expect(200);
+    assert_eq!(consumed.header("content-type"), Some("text/plain"));
+    let reply = format!("/t/{t}/{}/reply", consumed.message_id());
+    api.post_typed(&reply, "", "answer").await.expect(201);
+    let answer = api.get(&reply).await.expect(200);
+    assert_eq!(answer.header("content-type"), Some("text/plain"));
 }
 
 /// Every byte value 0..=255 survives the round trip unchanged.

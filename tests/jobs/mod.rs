@@ -280,6 +280,63 @@ async fn many_jobs_on_one_socket(api: &Client) {
     assert!(started.is_empty());
 }
 
+/// A socket closed while results arrive loses none: each job's result is either pushed before
+/// the relay's Close or left for `/done`.
+async fn closing_leaves_results_for_done(api: &Client) {
+    const JOBS: usize = 200;
+    let queue = tunnel_id("ws-close");
+    let mut ws = socket(api, &format!("/ws?queue={queue}"), None).await;
+    for n in 0..JOBS {
+        send_json(&mut ws, &json!({"n": n})).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        let frame = next_json(&mut ws).await;
+        ids.push(frame["id"].as_str().expect("an id").to_owned());
+    }
+    let mut msgs = Vec::new();
+    for _ in 0..JOBS {
+        let job = api.get(&format!("/t/{queue}?pending=60")).await.expect(200);
+        msgs.push(job.message_id());
+    }
+    // The results arrive while the client closes.
+    let replies: Vec<_> = msgs
+        .into_iter()
+        .map(|msg| {
+            let (api, reply) = (api.clone(), format!("/t/{queue}/{msg}/reply"));
+            tokio::spawn(async move { api.post(&reply, "result").await.expect(201) })
+        })
+        .collect();
+    let mut replies = replies.into_iter();
+    for reply in replies.by_ref().take(JOBS / 2) {
+        reply.await.expect("the reply task does not panic");
+    }
+    ws.send(Message::Close(None)).await.expect("Close sent");
+    for reply in replies {
+        reply.await.expect("the reply task does not panic");
+    }
+    let mut pushed = std::collections::HashSet::new();
+    let drained = async {
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Text(text) = frame {
+                let frame: Value = serde_json::from_str(&text).expect("JSON frames");
+                assert_eq!(frame["status"], "Done", "{frame}");
+                pushed.insert(frame["id"].as_str().expect("an id").to_owned());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("the socket closes within 10 s");
+    for id in ids.iter().filter(|id| !pushed.contains(*id)) {
+        let job = done(api, id, "", 200).await;
+        assert_eq!(
+            (job["status"].as_str(), job["result"].as_str()),
+            (Some("Done"), Some("result"))
+        );
+    }
+}
+
 /// Backpressure applies to jobs (507), and the body limit (413).
 async fn limits(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_MAXLEN", "1"), ("TUNNEL_MAX_MESSAGE_SIZE", "64")]);
@@ -308,6 +365,24 @@ async fn limits(backend: Backend) {
         }
         other => panic!("expected a close frame, got {other:?}"),
     }
+}
+
+/// Jobs waited on over a WebSocket do not depend on the long-poll limit: with
+/// `TUNNEL_MAX_POLL_TIMEOUT=0` a waiting job once spun its thread, and the relay stopped answering.
+async fn socket_jobs_without_long_polls(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_MAX_POLL_TIMEOUT", "0")]);
+    let api = relay.client();
+    let queue = tunnel_id("nopoll");
+    let mut ws = socket(&api, &format!("/ws?queue={queue}"), None).await;
+    send_json(&mut ws, &json!({"n": 1})).await;
+    assert_eq!(next_json(&mut ws).await["status"], "started");
+    for _ in 0..20 {
+        api.get("/health").await.expect(200);
+    }
+    let job = api.get(&format!("/t/{queue}?pending=60")).await.expect(200);
+    let reply = format!("/t/{queue}/{}/reply", job.message_id());
+    api.post(&reply, "fine").await.expect(201);
+    assert_eq!(next_json(&mut ws).await["result"], "fine");
 }
 
 /// With a token set, /trigger, /done and /ws need it.
@@ -339,8 +414,9 @@ per_store! {
         bad_requests,
         websocket_round_trip,
         many_jobs_on_one_socket,
+        closing_leaves_results_for_done,
     ],
-    dedicated: [limits, auth],
+    dedicated: [limits, auth, socket_jobs_without_long_polls],
 }
 
 /// Two instances on one redis-server: trigger and WebSocket on A, the worker on B.
