@@ -53,6 +53,11 @@ impl Auth {
         !self.config.enabled() || self.token_matches(credentials.authorization)
     }
 
+    /// Whether `authorization` is the relay's own bearer token, which is never passed on.
+    pub fn is_relay_token(&self, authorization: Option<&[u8]>) -> bool {
+        self.token_matches(authorization)
+    }
+
     fn token_matches(&self, authorization: Option<&[u8]>) -> bool {
         let (Some(expected), Some(header)) = (&self.config.token, authorization) else {
             return false;

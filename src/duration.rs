@@ -12,6 +12,8 @@ pub const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// `s`, `m`, `h`; numbers may have a fraction; `0` alone is zero. Negative durations are refused.
 pub fn parse_go_duration(raw: &str) -> Option<Duration> {
     let raw = raw.trim();
+    // Go takes a sign; a negative bound is no bound, so only `+` is accepted.
+    let raw = raw.strip_prefix('+').unwrap_or(raw);
     if raw == "0" {
         return Some(Duration::ZERO);
     }
@@ -31,7 +33,8 @@ pub fn parse_go_duration(raw: &str) -> Option<Duration> {
             .unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_len] {
             "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
+            // Go accepts both micro signs: U+00B5 and the Greek U+03BC.
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
             "ms" => 1e-3,
             "s" => 1.0,
             "m" => 60.0,
@@ -58,7 +61,11 @@ mod tests {
         assert_eq!(parse_go_duration("1.5h"), Some(ms(5_400_000)));
         assert_eq!(parse_go_duration("250us"), Some(Duration::from_micros(250)));
         assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
-        for bad in ["", "5", "abc", "-1s", "1x", "s", "1.2.3s"] {
+        assert_eq!(parse_go_duration("+2s"), Some(ms(2_000)));
+        let micros = Some(Duration::from_micros(300));
+        assert_eq!(parse_go_duration("300\u{b5}s"), micros);
+        assert_eq!(parse_go_duration("300\u{3bc}s"), micros);
+        for bad in ["", "+", "5", "abc", "-1s", "1x", "s", "1.2.3s"] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
     }

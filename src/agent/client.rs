@@ -29,6 +29,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept beyond this many are closed.
 const MAX_IDLE: usize = 256;
 
+/// The most headers an upstream response may carry (hyper's default is 100; nginx sets no
+/// count, only a size, which the agent's frames bound).
+const MAX_RESPONSE_HEADERS: usize = 1000;
+
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -143,7 +147,11 @@ impl Client {
             .await
             .map_err(|_| ClientError::ConnectTimeout(self.address.clone()))?
             .map_err(|err| ClientError::Connect(self.address.clone(), err))?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        // Past hyper's default of 100: a response head with more headers is still a response.
+        let (sender, connection) = http1::Builder::new()
+            .max_headers(MAX_RESPONSE_HEADERS)
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 log::debug!("upstream connection ended: {err}");

@@ -15,7 +15,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::upstream::Upstream;
 use crate::routing::frame::{Frame, Kind};
 use crate::routing::head::RequestHead;
-use crate::routing::stream::{Outbound, Reason, Streams};
+use crate::routing::stream::{Outbound, Reason, Side, Streams};
 use crate::routing::writer::write_frames;
 use crate::routing::HEARTBEAT_TIMEOUT;
 
@@ -45,7 +45,7 @@ where
 {
     let (sink, mut incoming) = socket.split();
     let (out, queues) = Outbound::new();
-    let streams = Streams::new(out);
+    let streams = Streams::new(out, Side::Answers);
     let (stop, stopped) = oneshot::channel();
     let writer = tokio::spawn(write_frames(sink, queues, None, stopped));
     let mut requests = JoinSet::new();

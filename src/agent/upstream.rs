@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 
-use super::client::{Client, RequestBody};
+use super::client::{Client, ClientError, RequestBody};
 use crate::routing::frame::Kind;
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
 use crate::routing::stream::{BodyReader, BodyWriter, Inbound};
@@ -72,7 +72,13 @@ impl Upstream {
         let (response, connection) = match self.client.send(request).await {
             Ok(sent) => sent,
             Err(err) => {
-                let why = format!("upstream unreachable: {}", error_chain(&err));
+                let what = match err {
+                    ClientError::Http(_) => "upstream answered badly",
+                    ClientError::Connect(..) | ClientError::ConnectTimeout(_) => {
+                        "upstream unreachable"
+                    }
+                };
+                let why = format!("{what}: {}", error_chain(&err));
                 return answer_error(writer, 502, why).await;
             }
         };

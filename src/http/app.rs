@@ -103,8 +103,9 @@ pub struct RelayApp {
 }
 
 impl RelayApp {
-    /// An app serving tunnels, jobs, events and agents on `store` as `config` says.
-    pub fn new(config: &Config, store: Store) -> RelayApp {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says; fails only if
+    /// the HTTP client for other instances cannot be built.
+    pub fn new(config: &Config, store: Store) -> Result<RelayApp, reqwest::Error> {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -112,14 +113,19 @@ impl RelayApp {
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
-        RelayApp {
+        Ok(RelayApp {
             tunnels,
             jobs,
             events: store,
             agents,
             presence,
-            // Requests for agents on other instances go there over plain HTTP, pooled.
-            proxy: reqwest::Client::new(),
+            // Requests for agents on other instances go there over plain HTTP, pooled, and
+            // straight: a redirect is the upstream's answer for the client, and the hop inside
+            // the cluster goes through no proxy of the environment.
+            proxy: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()?,
             auth: Auth::new(config.auth.clone()),
             // `RUST_LOG` is read once at start: whether it passes access lines cannot change.
             access_log: config.access_log && access_log::enabled(),
@@ -127,7 +133,7 @@ impl RelayApp {
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
             options,
-        }
+        })
     }
 
     /// This instance's presence, announced by a background service.
@@ -279,8 +285,12 @@ impl RelayApp {
                 ..
             } => {
                 let timeout = timeout.unwrap_or(self.route_timeout);
-                // The relay's bearer token is the relay's business, unless the agent is public.
-                let withhold = self.auth.enabled() && !self.auth.is_public(agent.as_str());
+                // `Authorization` is the relay's business, unless the agent is public; even then
+                // the relay's own token is never passed on.
+                let authorization = session.get_header("Authorization").map(|v| v.as_bytes());
+                let withhold = self.auth.enabled()
+                    && (!self.auth.is_public(agent.as_str())
+                        || self.auth.is_relay_token(authorization));
                 let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
                 let (head, body) = match local.await {
                     Ok((head, exchange)) => (head, Body::Agent(exchange)),
@@ -521,9 +531,18 @@ impl HttpServerApp for RelayApp {
         let head = session.req_header();
         let method = head.method.clone();
         let header = |name: &str| session.get_header(name).and_then(|v| v.to_str().ok());
+        // Not `to_str`: a value that is not ASCII (`300µs`) is parsed, or refused, not ignored.
+        let text = |name: &str| {
+            let value = session.get_header(name)?;
+            Some(String::from_utf8_lossy(value.as_bytes()))
+        };
+        let (client_id, timeout) = (
+            text("x-backstream-client-id"),
+            text("x-backstream-request-timeout"),
+        );
         let routing = RoutingHeaders {
-            client_id: header("x-backstream-client-id"),
-            timeout: header("x-backstream-request-timeout"),
+            client_id: client_id.as_deref(),
+            timeout: timeout.as_deref(),
             preflight: method == Method::OPTIONS
                 && header("Access-Control-Request-Method").is_some()
                 && header("Transfer-Encoding").is_none()

@@ -94,8 +94,10 @@ pub async fn proxy(
     // host it asked for, not this instance's.
     add_forwarded(&mut headers, client_address(session), host(session));
     headers.push((HOP_HEADER.into(), instance.into()));
+    // An HTTP/2 body may come with neither header: only the stream's end tells.
     let has_body = request.headers.contains_key("content-length")
-        || request.headers.contains_key("transfer-encoding");
+        || request.headers.contains_key("transfer-encoding")
+        || (session.is_http2() && !session.is_body_empty());
     let mut builder = client.request(method, url);
     for (name, value) in &headers {
         builder = builder.header(name, value);
@@ -226,10 +228,14 @@ fn client_address(session: &ServerSession) -> Option<String> {
     })
 }
 
-/// The `Host` the client asked for, for `X-Forwarded-Host`.
+/// The host the client asked for, for `X-Forwarded-Host`: `Host`, or over HTTP/2 the URI's
+/// authority (`:authority`).
 fn host(session: &ServerSession) -> Option<String> {
-    let host = session.req_header().headers.get("host")?;
-    host.to_str().ok().map(String::from)
+    let request = session.req_header();
+    match request.headers.get("host") {
+        Some(host) => host.to_str().ok().map(String::from),
+        None => request.uri.authority().map(|a| a.as_str().to_owned()),
+    }
 }
 
 /// `X-Forwarded-For` (appended to a proxy chain already there), `-Proto` and `-Host`.

@@ -305,8 +305,9 @@ impl Route {
     /// What the request must show when authorization is on.
     pub fn access(&self) -> Access<'_> {
         match (self, self.tunnel()) {
-            // The list spans every agent name, public or not.
-            (Route::Agents, _) => Access::Token,
+            // The list spans every agent name, public or not; serving a name is never public:
+            // whoever connected as an agent would receive its requests.
+            (Route::Agents | Route::AgentConnect { .. }, _) => Access::Token,
             // The service behind answers its own preflights, as the relay does for its routes.
             (
                 Route::Forward {
@@ -800,6 +801,8 @@ mod tests {
         let route = Route::parse(&Method::OPTIONS, "/r/svc/x", None, preflight, &svc);
         assert_eq!(route.unwrap().access(), Access::Open);
         assert_eq!(get("/agents").unwrap().access(), Access::Token);
+        let connect = get("/agent/connect?name=svc").unwrap();
+        assert_eq!(connect.access(), Access::Token);
     }
 
     /// The event routes: publish, server-sent events, WebSocket.

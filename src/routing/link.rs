@@ -17,7 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::agents::{unix_ms, Agents};
 use super::frame::{Frame, Kind};
-use super::stream::{BodyReader, BodyWriter, Reason, Streams};
+use super::stream::{BodyReader, BodyWriter, Reason, Side, Streams};
 use super::writer::write_frames;
 
 /// How often the relay pings an agent.
@@ -104,7 +104,7 @@ pub async fn serve<S>(
         last_heartbeat_ms: AtomicU64::new(now),
         next_stream: AtomicU32::new(1),
         draining: AtomicBool::new(false),
-        streams: Streams::new(out),
+        streams: Streams::new(out, Side::Asks),
     });
     let (stop, stopped) = oneshot::channel();
     let writer = tokio::spawn(write_frames(sink, queues, Some(PING_EVERY), stopped));

@@ -156,16 +156,29 @@ struct Table {
     closed: Option<Reason>,
 }
 
+/// Which end of the connection this is, which decides what dropping an unfinished stream means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The relay: it sends requests. A stream it drops before the answer ended was abandoned
+    /// (its client left, or it timed out), and the agent is told to drop the upstream request.
+    Asks,
+    /// The agent: it answers. A stream it drops once its answer is sent is finished, even if the
+    /// request body was not read to its end.
+    Answers,
+}
+
 /// The streams of one connection. The reader dispatches into it; handles open and leave it.
 pub struct Streams {
     table: Mutex<Table>,
     out: Outbound,
+    side: Side,
 }
 
 impl Streams {
-    /// An empty table for a connection that sends through `out`.
-    pub fn new(out: Outbound) -> Arc<Streams> {
+    /// An empty table for the `side` of a connection that sends through `out`.
+    pub fn new(out: Outbound, side: Side) -> Arc<Streams> {
         Arc::new(Streams {
+            side,
             table: Mutex::new(Table {
                 entries: HashMap::new(),
                 closed: None,
@@ -317,7 +330,7 @@ impl Drop for Guard {
             let flow = self.state.flow();
             (flow.sent_end, flow.recv_end)
         };
-        if sent_end && !recv_end {
+        if sent_end && !recv_end && self.streams.side == Side::Answers {
             // Everything this side sends is already queued, in order; a RESET would go out ahead
             // of it and cut the answer short (an upstream may answer before reading the whole
             // request body). Instead the peer gets credit enough never to wait on this stream,
@@ -494,7 +507,7 @@ mod tests {
     #[tokio::test]
     async fn credit_limits_sending() {
         let (out, mut queues) = Outbound::new();
-        let streams = Streams::new(out);
+        let streams = Streams::new(out, Side::Answers);
         let (writer, _reader) = streams.open(1).unwrap();
         let body = Bytes::from(vec![1; INITIAL_WINDOW as usize + 1000]);
         let sending = tokio::spawn(async move {
@@ -520,7 +533,7 @@ mod tests {
     #[tokio::test]
     async fn grants_and_overrun() {
         let (out, mut queues) = Outbound::new();
-        let streams = Streams::new(out);
+        let streams = Streams::new(out, Side::Answers);
         let (_writer, mut reader) = streams.open(1).unwrap();
         for _ in 0..4 {
             streams.dispatch(data(1, MAX_DATA));
@@ -551,7 +564,7 @@ mod tests {
     #[tokio::test]
     async fn drop_resets_unfinished() {
         let (out, mut queues) = Outbound::new();
-        let streams = Streams::new(out);
+        let streams = Streams::new(out, Side::Answers);
         let (writer, reader) = streams.open(1).unwrap();
         assert!(streams.open(1).is_err());
         drop((writer, reader));
@@ -571,7 +584,7 @@ mod tests {
     #[tokio::test]
     async fn close_all() {
         let (out, _queues) = Outbound::new();
-        let streams = Streams::new(out);
+        let streams = Streams::new(out, Side::Answers);
         let (writer, mut reader) = streams.open(1).unwrap();
         streams.close_all("gone");
         assert!(matches!(reader.next().await, Inbound::Reset(r) if r == "gone"));

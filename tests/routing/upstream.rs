@@ -2,10 +2,12 @@
 //! port of its own, whose answers depend on the path.
 //!
 //! - `/sleep…`: counts itself in [`Upstream::sleeping`], waits two seconds, then answers `200 late`.
-//! - `/hang`: counts itself in [`Upstream::hanging`] and never answers.
+//! - `/hang`: counts itself in [`Upstream::hanging`] while in progress, and never answers.
 //! - `/blob?bytes=N`: `N` bytes of [`blob`], streamed in 64 KiB chunks.
 //! - `/sha256`: reads the request body as it streams and answers `{"len", "sha256"}`.
 //! - `/mirror…`: answers the request body as it is.
+//! - `/many-headers`: `200 many` with 150 headers `x-h-0`… beyond hyper's default limit.
+//! - `/redirect`: `302` to an address where no one listens.
 //! - `/close`: `200 bye` with `Connection: close`, then closes the connection.
 //! - anything else: [`Echo`] as JSON, with status `x-echo-status` (200 without it), headers
 //!   `X-Upstream-Id`, `X-Reply: yes` and two `Set-Cookie`.
@@ -38,7 +40,7 @@ pub struct Upstream {
     pub port: u16,
     /// How many `/sleep` requests have arrived.
     pub sleeping: watch::Sender<u64>,
-    /// How many `/hang` requests have arrived.
+    /// How many `/hang` requests are in progress (arrived, and their connection still open).
     pub hanging: watch::Sender<u64>,
     /// How many requests have arrived.
     pub arrived: Arc<AtomicU64>,
@@ -131,6 +133,15 @@ impl Upstream {
     }
 }
 
+/// One `/hang` request in progress.
+struct Hanging(watch::Sender<u64>);
+
+impl Drop for Hanging {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// The counts of requests that wait, which tests await.
 #[derive(Clone)]
 struct Waits {
@@ -217,12 +228,31 @@ async fn answer(request: Request<Incoming>, id: &str, waits: &Waits) -> Response
     let path = request.uri().path().to_owned();
     if path == "/hang" {
         waits.hanging.send_modify(|n| *n += 1);
+        // Counted out when hyper drops the request: its connection closed.
+        let _hanging = Hanging(waits.hanging.clone());
         return std::future::pending().await;
     }
     if path.starts_with("/sleep") {
         waits.sleeping.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         return whole(200, "late");
+    }
+    if path == "/many-headers" {
+        let mut response = Response::builder();
+        for i in 0..150 {
+            response = response.header(format!("x-h-{i}"), i);
+        }
+        return response
+            .body(Full::new(Bytes::from("many")).boxed())
+            .expect("a valid response");
+    }
+    if path == "/redirect" {
+        // Somewhere no one listens: followed by the relay, it would fail.
+        return Response::builder()
+            .status(302)
+            .header("Location", "http://127.0.0.1:9/elsewhere")
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("a valid response");
     }
     if path == "/close" {
         return Response::builder()

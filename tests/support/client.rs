@@ -16,8 +16,10 @@ pub struct Client {
 impl Client {
     /// A client for the relay at `base` (`http://host:port`, no trailing slash).
     pub fn new(base: &str) -> Client {
+        // Redirects are answers to check, not to follow.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a plain HTTP client builds");
         Client {
