@@ -99,6 +99,9 @@ pub struct TunnelConfig {
     pub default_content_type: String,
     /// `TUNNEL_REPLY_TTL`: how long an unread reply is kept.
     pub reply_ttl: Duration,
+    /// `BURROW_JOB_TTL`: how long a triggered job's record is kept while it is queued or
+    /// running; once it is done, it is kept as long as its result.
+    pub job_ttl: Duration,
     /// `TUNNEL_MAX_MESSAGE_SIZE`: the largest body accepted, in bytes.
     pub max_message_size: usize,
 }
@@ -153,6 +156,7 @@ impl Config {
                 .get("TUNNEL_DEFAULT_CONTENT_TYPE")
                 .unwrap_or_else(|| "text/plain".into()),
             reply_ttl: env.seconds("TUNNEL_REPLY_TTL", 3600)?,
+            job_ttl: env.seconds("BURROW_JOB_TTL", 86_400)?,
             max_message_size: env.parse(
                 "TUNNEL_MAX_MESSAGE_SIZE",
                 131_072,
@@ -393,6 +397,7 @@ mod tests {
         assert_eq!(c.tunnel.default_poll_timeout, Duration::from_secs(30));
         assert_eq!(c.tunnel.default_content_type, "text/plain");
         assert_eq!(c.tunnel.reply_ttl, Duration::from_secs(3600));
+        assert_eq!(c.tunnel.job_ttl, Duration::from_secs(86_400));
         assert_eq!(c.tunnel.max_message_size, 131_072);
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.advertise, "127.0.0.1:8080");

@@ -37,8 +37,8 @@ const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a job is waited on before checking that it is still known (not collected through
-/// `/done`, not expired).
+/// How long a job is waited on before checking that it may still finish (not collected through
+/// `/done`, not expired, still in its queue).
 const JOB_WAIT_SLICE: Duration = Duration::from_secs(30);
 
 /// The `101 Switching Protocols` answer to a valid handshake (RFC 6455 §4.2).
@@ -225,8 +225,8 @@ impl Waiters {
     }
 }
 
-/// Waits, after `delay`, until job `id` has finished or is no longer known (collected through
-/// `/done`, or expired), and returns its id to collect; `None` on shutdown.
+/// Waits, after `delay`, until job `id` has finished or never will (collected through `/done`,
+/// expired, or gone from its queue), and returns its id to collect; `None` on shutdown.
 async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown) -> Option<JobId> {
     let mut delay = delay;
     loop {
@@ -245,7 +245,7 @@ async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown
             .await
         {
             Ok(true) => return Some(id),
-            Ok(false) => match jobs.known(&id).await {
+            Ok(false) => match jobs.unfinished(&id).await {
                 Ok(true) => {}
                 Ok(false) => return Some(id),
                 Err(_) => delay = RETRY_AFTER,

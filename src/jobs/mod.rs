@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 pub use id::JobId;
 
 use crate::error::Error;
-use crate::store::{Payload, Store};
+use crate::store::{MessageStatus, Payload, Store};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
 /// The Content-Type a worker replies with to report a failure.
@@ -46,6 +46,14 @@ pub struct Job {
 }
 
 impl Job {
+    fn new(id: &JobId, fields: Map<String, Value>, state: JobState) -> Job {
+        Job {
+            id: id.clone(),
+            fields,
+            state,
+        }
+    }
+
     /// `{"id", ...fields, "status", "result" | "error"}`, highway's shape.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
@@ -123,9 +131,14 @@ impl Jobs {
             .await
     }
 
-    /// Whether job `id` is still known (triggered, and neither expired nor collected).
-    pub async fn known(&self, id: &JobId) -> Result<bool, Error> {
-        Ok(self.store.job(id.queue(), id.msg()).await?.is_some())
+    /// Whether job `id` may still finish: known (triggered, neither expired nor collected) and
+    /// still in its queue.
+    pub async fn unfinished(&self, id: &JobId) -> Result<bool, Error> {
+        if self.store.job(id.queue(), id.msg()).await?.is_none() {
+            return Ok(false);
+        }
+        let status = self.tunnels.status(id.queue(), id.msg()).await?;
+        Ok(status != MessageStatus::Gone)
     }
 
     /// The job `id`, waiting up to `wait` for it to finish; `None` if it is unknown (never
@@ -143,36 +156,48 @@ impl Jobs {
             Ok(Value::Object(fields)) => fields,
             _ => Map::new(),
         };
-        let reply = self
-            .tunnels
-            .take_reply(id.queue(), id.msg(), wait, shutdown)
-            .await?;
+        let (queue, msg) = (id.queue(), id.msg());
+        let mut reply = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
+        if reply.is_none() && self.tunnels.status(queue, msg).await? == MessageStatus::Gone {
+            // Gone from its queue: replied just now (a reply removes the message in the same
+            // step), or removed without a result and never to finish.
+            reply = self.tunnels.take_reply(queue, msg, None, shutdown).await?;
+            if reply.is_none() {
+                self.forget(id).await;
+                let state = JobState::Failed(LEFT_THE_QUEUE.into());
+                return Ok(Some(Job::new(id, fields, state)));
+            }
+        }
         let state = match reply {
             None => JobState::Processing,
             Some(reply) => {
                 // The reply is taken already: failing now would lose the result. A record left
-                // behind expires with the reply TTL; until then it reads as Processing. Forgetting
-                // runs as a task of its own, so that a caller dropped meanwhile (its client left)
-                // does not leave the record behind.
-                let (store, job) = (self.store.clone(), id.clone());
-                let forget = async move { store.forget_job(job.queue(), job.msg()).await };
-                let forgotten = match tokio::spawn(forget).await {
-                    Ok(forgotten) => forgotten.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = forgotten {
-                    log::warn!("job {id}: its record stays until it expires: {e}");
-                }
+                // behind expires with the reply; until then it reads as Processing.
+                self.forget(id).await;
                 outcome(reply)
             }
         };
-        Ok(Some(Job {
-            id: id.clone(),
-            fields,
-            state,
-        }))
+        Ok(Some(Job::new(id, fields, state)))
+    }
+
+    /// Deletes job `id`'s record, its final state having been handed out. This runs as a task of
+    /// its own, so that a caller dropped meanwhile (its client left) does not leave it behind.
+    async fn forget(&self, id: &JobId) {
+        let (store, job) = (self.store.clone(), id.clone());
+        let forget = async move { store.forget_job(job.queue(), job.msg()).await };
+        let forgotten = match tokio::spawn(forget).await {
+            Ok(forgotten) => forgotten.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = forgotten {
+            log::warn!("job {id}: its record stays until it expires: {e}");
+        }
     }
 }
+
+/// Why a job without a result whose message is gone failed.
+const LEFT_THE_QUEUE: &str =
+    "the job left its queue without a result (queue cleared or trimmed, or taken without pending)";
 
 /// What a worker's reply says: a failure report, a JSON result, or text.
 fn outcome(reply: Payload) -> JobState {

@@ -233,6 +233,10 @@ impl Backend for MemoryStore {
             }
             let stored = Expiring::new(reply, ttl);
             state.replies.insert((tunnel.clone(), msg), stored);
+            // A job's record is kept as long as its result.
+            if let Some(record) = state.jobs.get_mut(&(tunnel.clone(), msg)) {
+                record.expires = Instant::now() + ttl;
+            }
         }
         self.audience
             .wakeups

@@ -118,8 +118,9 @@ pub trait Backend: Send + Sync {
     /// Acknowledges a message: removes it from the pending set and the tunnel. Idempotent.
     async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
 
-    /// If `msg` is pending: acknowledges it, keeps `reply` for `ttl`, wakes its readers and
-    /// returns `true`. Otherwise stores nothing and returns `false`.
+    /// If `msg` is pending: acknowledges it, keeps `reply` (and the message's job record, if it is
+    /// a job) for `ttl`, wakes its readers and returns `true`. Otherwise stores nothing and
+    /// returns `false`.
     async fn reply(
         &self,
         tunnel: &TunnelId,

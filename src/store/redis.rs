@@ -615,6 +615,7 @@ impl Backend for RedisStore {
         let tunnel_keys = TunnelKeys::new(tunnel);
         let mut keys = vec![tunnel_keys.stream];
         keys.extend(reply_keys(tunnel, msg));
+        keys.push(job_key(tunnel, msg));
         let mut args = vec![
             Value::from(tunnel_keys.group),
             Value::from(tunnel_keys.consumer),

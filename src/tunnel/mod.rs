@@ -59,14 +59,15 @@ impl Tunnels {
         self.produce_kept(tunnel, payload, limit, None).await
     }
 
-    /// Stores a job's message (its body the job's fields) with the job's record, kept as long as
-    /// a reply, in one step; [`Error::QueueFull`] when backpressure refuses it.
+    /// Stores a job's message (its body the job's fields) with the job's record, kept for the job
+    /// TTL (a reply shortens it to its own), in one step; [`Error::QueueFull`] when backpressure
+    /// refuses it.
     pub async fn produce_job(
         &self,
         queue: &TunnelId,
         payload: Payload,
     ) -> Result<MessageId, Error> {
-        let ttl = Some(self.config.reply_ttl);
+        let ttl = Some(self.config.job_ttl);
         let (msg, _) = self
             .produce_kept(queue, payload, Limit::Default, ttl)
             .await?;

@@ -385,6 +385,40 @@ async fn socket_jobs_without_long_polls(backend: Backend) {
     assert_eq!(next_json(&mut ws).await["result"], "fine");
 }
 
+/// A job that leaves its queue without a result (the queue cleared) fails instead of reading
+/// Processing until its record expires; its record is then forgotten.
+async fn removed_jobs_fail(api: &Client) {
+    let queue = tunnel_id("cleared");
+    let id = trigger(api, &queue, json!({"n": 1})).await;
+    assert_eq!(done(api, &id, "", 200).await["status"], "Processing");
+    api.delete(&format!("/t/{queue}/all")).await.expect(204);
+    let failed = done(api, &id, "", 200).await;
+    assert_eq!(failed["status"], "Failed", "{failed}");
+    assert!(failed["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("left its queue")));
+    assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
+}
+
+/// A job's record outlives `TUNNEL_REPLY_TTL` while the job waits (`BURROW_JOB_TTL`), and once
+/// the job is done it is kept as long as the result.
+async fn job_records_last_as_long_as_the_job(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_REPLY_TTL", "1"), ("BURROW_JOB_TTL", "600")]);
+    let api = relay.client();
+    let queue = tunnel_id("slowjob");
+    let id = trigger(&api, &queue, json!({"n": 1})).await;
+    // Inherent wait: the reply TTL has to pass.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(done(&api, &id, "", 200).await["status"], "Processing");
+    work(&api, &queue, "text/plain", "late but done").await;
+    let id2 = trigger(&api, &queue, json!({"n": 2})).await;
+    work(&api, &queue, "text/plain", "never collected").await;
+    assert_eq!(done(&api, &id, "", 200).await["result"], "late but done");
+    // Uncollected, the result and the record expire together with the reply TTL.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(done(&api, &id2, "", 404).await["status"], "Unknown");
+}
+
 /// With a token set, /trigger, /done and /ws need it.
 async fn auth(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);
@@ -415,8 +449,14 @@ per_store! {
         websocket_round_trip,
         many_jobs_on_one_socket,
         closing_leaves_results_for_done,
+        removed_jobs_fail,
     ],
-    dedicated: [limits, auth, socket_jobs_without_long_polls],
+    dedicated: [
+        limits,
+        auth,
+        socket_jobs_without_long_polls,
+        job_records_last_as_long_as_the_job,
+    ],
 }
 
 /// Two instances on one redis-server: trigger and WebSocket on A, the worker on B.

@@ -1,5 +1,6 @@
 -- Acknowledges a pending message with a reply, keeps the reply for a while and announces it.
--- KEYS[1] stream, KEYS[2] reply list, KEYS[3] reply Content-Type
+-- KEYS[1] stream, KEYS[2] reply list, KEYS[3] reply Content-Type, KEYS[4] the message's job record
+-- (if it is a job: then kept as long as the reply)
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] message id, ARGV[4] body, ARGV[5] ttl in ms,
 -- ARGV[6] wake-up channel, ARGV[7] wake-up payload, ARGV[8] Content-Type (optional)
 -- Returns 1 when stored, 0 when the message was not pending (nothing stored).
@@ -21,6 +22,7 @@ redis.call('XACK', stream, group, id)
 redis.call('XDEL', stream, id)
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 if ARGV[8] then
   redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[5])
 end
