@@ -46,10 +46,25 @@ impl Presence {
 
     /// Records this instance's address and agents in the store.
     pub async fn announce(&self) -> Result<(), StoreError> {
+        self.record(self.local_agents()).await
+    }
+
+    /// Records this instance with no agents, as it stops: other instances stop sending it
+    /// requests at once instead of when its record expires.
+    pub async fn withdraw(&self) -> Result<(), StoreError> {
+        self.record(Vec::new()).await
+    }
+
+    /// Resolves when an agent connects here or leaves, which is worth announcing at once.
+    pub async fn agents_changed(&self) {
+        self.agents.changed().await;
+    }
+
+    async fn record(&self, agents: Vec<Value>) -> Result<(), StoreError> {
         let record = json!({
             "instance": self.instance,
             "address": self.address,
-            "agents": self.local_agents(),
+            "agents": agents,
         });
         let record = Bytes::from(record.to_string());
         self.store

@@ -94,12 +94,18 @@ impl BackgroundService for Announcer {
         let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.0.announce().await {
+                _ = shutdown.changed() => {
+                    if let Err(e) = self.0.withdraw().await {
                         log::debug!("presence: {e}");
                     }
+                    return;
                 }
+                _ = tick.tick() => {}
+                // A new agent is reachable from other instances at once, not at the next tick.
+                () = self.0.agents_changed() => {}
+            }
+            if let Err(e) = self.0.announce().await {
+                log::debug!("presence: {e}");
             }
         }
     }

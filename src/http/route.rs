@@ -298,6 +298,10 @@ impl Route {
                 allow: "POST, OPTIONS",
             }),
             _ if is_socket_path(path) => only_get(method, Route::JobSocket { queue: queue()? }),
+            // A browser's preflight for a request addressed by `x-backstream-client-id` cannot
+            // carry that header, so it lands here on whatever path the service has; so does
+            // HAProxy's `OPTIONS /` health check.
+            _ if method == Method::OPTIONS => Ok(Route::Preflight),
             _ => Err(Error::NotFound),
         }
     }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::Notify;
+
 use super::exchange::{Exchange, RouteError};
 use super::head::RequestHead;
 use super::link::Link;
@@ -36,6 +38,8 @@ struct Shared {
     next_link: AtomicU64,
     /// Rotates the choice between equally busy links.
     turn: AtomicUsize,
+    /// Told when an agent connects or leaves, so presence is announced without waiting.
+    changed: Notify,
 }
 
 impl Agents {
@@ -97,12 +101,19 @@ impl Agents {
         self.shared.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Resolves at the next connection or departure of an agent (or at once, if one happened
+    /// since the last call).
+    pub async fn changed(&self) {
+        self.shared.changed.notified().await;
+    }
+
     /// Lists a newly connected link under its name.
     pub(crate) fn insert(&self, link: Arc<Link>) {
         self.links()
             .entry(link.name.clone())
             .or_default()
             .push(link);
+        self.shared.changed.notify_one();
     }
 
     /// Forgets a link that disconnected; a name without links leaves the map.
@@ -114,6 +125,8 @@ impl Agents {
                 links.remove(&link.name);
             }
         }
+        drop(links);
+        self.shared.changed.notify_one();
     }
 
     fn links(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<Link>>>> {

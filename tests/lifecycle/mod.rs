@@ -406,6 +406,33 @@ async fn access_log_switch() {
     }
 }
 
+/// Presence follows agents at once: an agent connecting is announced without waiting for the
+/// 5 s tick, and a relay stopped with SIGTERM withdraws its agents as it stops, instead of other
+/// instances listing them (and sending it their requests) until its record expires (15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_announced_and_withdrawn_at_once() {
+    let site = Site::new();
+    let redis_url = shared_redis().url();
+    let mut relay = site.start(free_port(), &[], &redis_env(&redis_url));
+    let other = site.start(free_port(), &[], &redis_env(&redis_url));
+    let name = tunnel_id("present");
+    let url = format!("ws://127.0.0.1:{}/agent/connect?name={name}", relay.port);
+    let (_agent, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("the relay accepts the agent");
+    let listed = || async {
+        let agents = other.client().get("/agents").await.expect(200).json();
+        let agents = agents["agents"].as_array().cloned().unwrap_or_default();
+        agents.iter().filter(|a| a["name"] == name.as_str()).count()
+    };
+    let announced = eventually(Duration::from_secs(3), || async { listed().await == 1 }).await;
+    assert!(announced, "not listed by the other instance within 3 s");
+    relay.signal("TERM");
+    let status = relay.exit_within(EXIT_WITHIN).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(listed().await, 0, "still listed after the relay stopped");
+}
+
 /// Under a stream of produces, SIGTERM fails no request in flight and loses nothing it answered 201.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_loses_nothing_acknowledged() {

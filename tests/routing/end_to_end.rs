@@ -971,7 +971,7 @@ async fn agent_on_another_instance() {
     let setup = Setup::start(Store::Redis(redis), &[]).await;
     let b = Relay::start(Store::Redis(redis), &[]);
     let (client_b, name) = (b.client(), &setup.name);
-    // B learns of the agent from A's next announcement (every 5 s).
+    // B learns of the agent from A's announcement, made as the agent connected.
     wait_agents(&client_b, name, 1, WAIT, &[&setup.agent]).await;
     let request = client_b
         .request(Method::PUT, "/upload?via=b")
