@@ -120,7 +120,11 @@ pub async fn serve_jobs(
                     close_answered(&mut outgoing).await;
                     break;
                 }
-                Some(Err(_)) | None => break,
+                Some(Err(e)) => {
+                    close_for(&mut outgoing, &e).await;
+                    break;
+                }
+                None => break,
             },
             Some(id) = done.recv() => match jobs.collect(&id, None, &mut shutdown).await {
                 Ok(Some(job)) if job.state != JobState::Processing => job.to_json(),
@@ -173,7 +177,11 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
                     close_answered(&mut outgoing).await;
                     break;
                 }
-                Some(Err(_)) | None => break,
+                Some(Err(e)) => {
+                    close_for(&mut outgoing, &e).await;
+                    break;
+                }
+                None => break,
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.
                 Some(Ok(_)) => continue,
             },
@@ -184,6 +192,31 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
             break;
         }
     }
+}
+
+/// Closes the socket with the status that says what was wrong with the client's frames (RFC 6455
+/// §7.4.1): 1002 for a protocol error, 1007 for text that is not UTF-8, 1009 for too big a frame.
+/// A connection that failed is just dropped.
+async fn close_for<S>(outgoing: &mut S, error: &WsError)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let (code, reason) = match error {
+        WsError::Protocol(e) => (CloseCode::Protocol, e.to_string()),
+        WsError::Utf8(_) => (CloseCode::Invalid, "a text frame must be UTF-8".to_owned()),
+        WsError::Capacity(e) => (CloseCode::Size, e.to_string()),
+        _ => return,
+    };
+    // A Close frame's reason is at most 123 bytes.
+    let mut reason = reason;
+    if let Some(cut) = (0..=123).rev().find(|&at| reason.is_char_boundary(at)) {
+        reason.truncate(cut);
+    }
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = outgoing.send(Message::Close(Some(frame))).await;
 }
 
 /// Sends the answer to a client's Close frame (queued by tungstenite when it read the frame), so

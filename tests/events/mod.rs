@@ -6,7 +6,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{assert_close_answered, shared_redis, tunnel_id, Backend, Client};
+use crate::support::{assert_close_answered, assert_closed_for, shared_redis, tunnel_id};
+use crate::support::{Backend, Client};
 use crate::support::{Relay, Store, WebSocket};
 
 /// A server-sent-event subscription, read chunk by chunk.
@@ -152,25 +153,26 @@ async fn closed_subscribers_are_let_go(api: &Client) {
 }
 
 /// A subscriber's Close is answered with a Close (a clean close, not a dropped connection), and a
-/// subscriber that sends more than a control frame's worth is closed rather than buffered.
+/// subscriber that sends more than a control frame's worth is closed rather than buffered. A
+/// broken frame (RSV1 set, no extension agreed) is closed with 1002, text that is not UTF-8 with
+/// 1007.
 async fn subscriber_sockets_close_cleanly(api: &Client) {
     let topic = tunnel_id("closing");
     assert_close_answered(&mut ws(api, &topic).await).await;
+    // Masked frames, as from a client: FIN + RSV1 + text, empty; then FIN + text, 0xff.
+    let broken = [0xc1, 0x80, 1, 2, 3, 4];
+    assert_closed_for(&mut ws(api, &topic).await, &broken, 1002).await;
+    let not_utf8 = [0x81, 0x81, 0, 0, 0, 0, 0xff];
+    assert_closed_for(&mut ws(api, &topic).await, &not_utf8, 1007).await;
 
     let mut socket = ws(api, &topic).await;
     let sent = socket.send(Message::binary(vec![0u8; 100_000])).await;
     sent.expect("the frame goes out");
-    let ended = async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => continue,
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), ended)
-        .await
-        .expect("the socket is closed within 5 s");
+    let ended = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+    match ended.expect("the socket is closed within 5 s") {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("no Close frame with status 1009: {other:?}"),
+    }
 }
 
 /// An HTTP/1.0 subscriber, which knows no chunked encoding, gets the event stream as it is, ended

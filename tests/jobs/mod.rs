@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{assert_close_answered, shared_redis, tunnel_id, Backend, Client};
+use crate::support::{assert_close_answered, assert_closed_for, shared_redis, tunnel_id};
+use crate::support::{Backend, Client};
 use crate::support::{RedisServer, Relay, Store, WebSocket};
 
 type Socket = WebSocket;
@@ -232,6 +233,9 @@ async fn websocket_round_trip(api: &Client) {
     // The pushed result was the one hand-out: polling afterwards finds nothing.
     assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
     assert_close_answered(&mut ws).await;
+    // A broken frame (RSV1 set, no extension agreed; masked, as from a client) closes with 1002.
+    let broken = [0xc1, 0x80, 1, 2, 3, 4];
+    assert_closed_for(&mut socket(api, "/ws", None).await, &broken, 1002).await;
 }
 
 /// 50 jobs in flight on one socket: each is answered once, with its own result.

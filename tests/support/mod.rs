@@ -72,6 +72,23 @@ pub async fn assert_close_answered(socket: &mut WebSocket) {
     );
 }
 
+/// Sends `bytes` as they are on the socket's connection (a frame tungstenite would not make), then
+/// asserts that the relay answers with a Close frame of status `code`, within 5 s.
+pub async fn assert_closed_for(socket: &mut WebSocket, bytes: &[u8], code: u16) {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = socket.get_mut() else {
+        panic!("a plain TCP WebSocket");
+    };
+    tcp.write_all(bytes).await.expect("the bytes go out");
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+    match answer.expect("an answer within 5 s") {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), code, "{frame}"),
+        other => panic!("no Close frame with status {code}: {other:?}"),
+    }
+}
+
 /// Calls `ready` every 20 ms until it holds or `limit` has passed; returns whether it held.
 pub fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
