@@ -287,10 +287,10 @@ impl RelayApp {
                 let timeout = timeout.unwrap_or(self.route_timeout);
                 // `Authorization` is the relay's business, unless the agent is public; even then
                 // the relay's own token is never passed on.
-                let authorization = session.get_header("Authorization").map(|v| v.as_bytes());
+                let authorizations = session.req_header().headers.get_all("Authorization");
+                let relays = |v: &http::HeaderValue| self.auth.is_relay_token(Some(v.as_bytes()));
                 let withhold = self.auth.enabled()
-                    && (!self.auth.is_public(agent.as_str())
-                        || self.auth.is_relay_token(authorization));
+                    && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
                 let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
                 let (head, body) = match local.await {
                     Ok((head, exchange)) => (head, Body::Agent(exchange)),
@@ -528,6 +528,8 @@ impl HttpServerApp for RelayApp {
         }
         let started = Instant::now();
         let mut shutdown = shutdown.clone();
+        // An HTTP/2 body may come with neither length nor chunking: only its stream tells.
+        let (http2, body_empty) = (session.is_http2(), session.is_body_empty());
         let head = session.req_header();
         let method = head.method.clone();
         let header = |name: &str| session.get_header(name).and_then(|v| v.to_str().ok());
@@ -546,7 +548,8 @@ impl HttpServerApp for RelayApp {
             preflight: method == Method::OPTIONS
                 && header("Access-Control-Request-Method").is_some()
                 && header("Transfer-Encoding").is_none()
-                && header("Content-Length").is_none_or(|length| length.trim() == "0"),
+                && header("Content-Length").is_none_or(|length| length.trim() == "0")
+                && (!http2 || body_empty),
         };
         let route = Route::parse(
             &head.method,
@@ -763,7 +766,7 @@ const STORE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Logs a store failure unless one was logged less than [`STORE_LOG_EVERY`] ago; the next line
 /// counts those left out.
-fn log_store_failure(name: &str, error: &StoreError) {
+pub(super) fn log_store_failure(name: &str, error: &StoreError) {
     static LOGGED: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
     let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
     let (last, left_out) = &mut *logged;

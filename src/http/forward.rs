@@ -212,7 +212,12 @@ fn request_head(
         })
         .collect();
     strip_hop_by_hop(&mut headers);
-    add_forwarded(&mut headers, client_address(session), host(session));
+    // Sent on by another instance, which added its client: this hop is inside the relay.
+    let client = match request.headers.contains_key(HOP_HEADER) {
+        true => None,
+        false => client_address(session),
+    };
+    add_forwarded(&mut headers, client, host(session));
     RequestHead {
         method: request.method.as_str().to_owned(),
         path,

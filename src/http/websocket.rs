@@ -26,6 +26,7 @@ use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::tunnel::{Shutdown, TunnelId};
 
+use super::app::log_store_failure;
 use super::response::{client_text, Response};
 
 /// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
@@ -64,9 +65,9 @@ pub fn accept(
 
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
 ///
-/// A job's result is collected (taken from the store) only when it is about to be pushed: the
-/// tasks waiting for jobs only learn that one has finished. A socket that closes, or a relay that
-/// stops, while results arrive leaves them for `/done` instead of dropping them with its queue.
+/// A job's result is handed out (taken from the store) only once its frame is out: the tasks
+/// waiting for jobs only learn that one has finished. A socket that closes or resets, or a relay
+/// that stops, while results arrive leaves them for `/done` instead of dropping them.
 pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
@@ -98,7 +99,7 @@ pub async fn serve_jobs(
                         }
                         Err(e) => {
                             if let Error::Store(store) = &e {
-                                log::warn!("job socket: {store}");
+                                log_store_failure("job socket", store);
                             }
                             json!({"status": "Error", "error": client_text(&e)})
                         }
@@ -126,8 +127,18 @@ pub async fn serve_jobs(
                 }
                 None => break,
             },
-            Some(id) = done.recv() => match jobs.collect(&id, None, &mut shutdown).await {
-                Ok(Some(job)) if job.state != JobState::Processing => job.to_json(),
+            Some(id) = done.recv() => match jobs.peek(&id).await {
+                Ok(Some(job)) if job.state != JobState::Processing => {
+                    // Handed out only once the frame is out: a socket reset before then leaves
+                    // the result for `/done`.
+                    if send_text(&mut outgoing, job.to_json()).await.is_err() {
+                        break;
+                    }
+                    if let Err(e) = jobs.settle(&id).await {
+                        log::debug!("job {id} was pushed but stays collectable: {e}");
+                    }
+                    continue;
+                }
                 Ok(None) => json!({"id": id.to_string(), "status": "Unknown"}),
                 // Not finished after all, or the store failed: wait again.
                 Ok(Some(_)) => {
@@ -146,14 +157,18 @@ pub async fn serve_jobs(
                 break;
             }
         };
-        if outgoing
-            .send(Message::text(reply.to_string()))
-            .await
-            .is_err()
-        {
+        if send_text(&mut outgoing, reply).await.is_err() {
             break;
         }
     }
+}
+
+/// Sends `value` as a text frame, flushed.
+async fn send_text<S>(outgoing: &mut S, value: serde_json::Value) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    outgoing.send(Message::text(value.to_string())).await
 }
 
 /// Pushes a topic's events on an upgraded connection (text frames, or binary for bodies that are

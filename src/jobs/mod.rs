@@ -149,12 +149,8 @@ impl Jobs {
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Option<Job>, Error> {
-        let Some(record) = self.store.job(id.queue(), id.msg()).await? else {
+        let Some(fields) = self.fields(id).await? else {
             return Ok(None);
-        };
-        let fields = match serde_json::from_slice::<Value>(&record) {
-            Ok(Value::Object(fields)) => fields,
-            _ => Map::new(),
         };
         let (queue, msg) = (id.queue(), id.msg());
         let mut reply = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
@@ -163,35 +159,61 @@ impl Jobs {
             // step), or removed without a result and never to finish.
             reply = self.tunnels.take_reply(queue, msg, None, shutdown).await?;
             if reply.is_none() {
-                self.forget(id).await;
+                // Handed out once: by whoever forgets the record; to anyone else (another
+                // collector, or one that took the result meanwhile) the job is unknown.
+                if !self.store.forget_job(queue, msg).await? {
+                    return Ok(None);
+                }
                 let state = JobState::Failed(LEFT_THE_QUEUE.into());
                 return Ok(Some(Job::new(id, fields, state)));
             }
         }
-        let state = match reply {
-            None => JobState::Processing,
-            Some(reply) => {
-                // The reply is taken already: failing now would lose the result. A record left
-                // behind expires with the reply; until then it reads as Processing.
-                self.forget(id).await;
-                outcome(reply)
-            }
-        };
+        // Taking the reply forgot the job in the same step: its final state is handed out once.
+        let state = reply.map_or(JobState::Processing, outcome);
         Ok(Some(Job::new(id, fields, state)))
     }
 
-    /// Deletes job `id`'s record, its final state having been handed out. This runs as a task of
-    /// its own, so that a caller dropped meanwhile (its client left) does not leave it behind.
-    async fn forget(&self, id: &JobId) {
-        let (store, job) = (self.store.clone(), id.clone());
-        let forget = async move { store.forget_job(job.queue(), job.msg()).await };
-        let forgotten = match tokio::spawn(forget).await {
-            Ok(forgotten) => forgotten.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+    /// Job `id` as [`Jobs::collect`] would answer it without waiting, but handing nothing out:
+    /// [`Jobs::settle`] does, once the answer has reached its client.
+    pub async fn peek(&self, id: &JobId) -> Result<Option<Job>, Error> {
+        let Some(fields) = self.fields(id).await? else {
+            return Ok(None);
         };
-        if let Err(e) = forgotten {
-            log::warn!("job {id}: its record stays until it expires: {e}");
+        let (queue, msg) = (id.queue(), id.msg());
+        let mut reply = self.store.peek_reply(queue, msg).await?;
+        if reply.is_none() && self.tunnels.status(queue, msg).await? == MessageStatus::Gone {
+            reply = self.store.peek_reply(queue, msg).await?;
+            if reply.is_none() {
+                return Ok(Some(Job::new(
+                    id,
+                    fields,
+                    JobState::Failed(LEFT_THE_QUEUE.into()),
+                )));
+            }
         }
+        let state = reply.map_or(JobState::Processing, outcome);
+        Ok(Some(Job::new(id, fields, state)))
+    }
+
+    /// Hands out the final state of job `id` that [`Jobs::peek`] showed: its result (or, for a
+    /// job that left its queue, its record) goes.
+    pub async fn settle(&self, id: &JobId) -> Result<(), Error> {
+        let (queue, msg) = (id.queue(), id.msg());
+        if self.store.take_reply(queue, msg).await?.is_none() {
+            self.store.forget_job(queue, msg).await?;
+        }
+        Ok(())
+    }
+
+    /// The fields job `id` was triggered with; `None` if it is unknown.
+    async fn fields(&self, id: &JobId) -> Result<Option<Map<String, Value>>, Error> {
+        let Some(record) = self.store.job(id.queue(), id.msg()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match serde_json::from_slice::<Value>(&record) {
+            Ok(Value::Object(fields)) => fields,
+            _ => Map::new(),
+        }))
     }
 }
 

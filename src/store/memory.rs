@@ -249,8 +249,25 @@ impl Backend for MemoryStore {
         tunnel: &TunnelId,
         msg: MessageId,
     ) -> Result<Option<Payload>, StoreError> {
-        let reply = self.lock().replies.remove(&(tunnel.clone(), msg));
-        Ok(reply.and_then(Expiring::live))
+        let mut state = self.lock();
+        let key = (tunnel.clone(), msg);
+        let reply = state.replies.remove(&key).and_then(Expiring::live);
+        if reply.is_some() {
+            state.jobs.remove(&key);
+        }
+        Ok(reply)
+    }
+
+    async fn peek_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError> {
+        let state = self.lock();
+        let reply = state.replies.get(&(tunnel.clone(), msg));
+        Ok(reply
+            .filter(|r| r.expires > Instant::now())
+            .map(|r| r.value.clone()))
     }
 
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
@@ -284,9 +301,9 @@ impl Backend for MemoryStore {
             .map(|r| r.value.clone()))
     }
 
-    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
-        self.lock().jobs.remove(&(queue.clone(), msg));
-        Ok(())
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<bool, StoreError> {
+        let forgotten = self.lock().jobs.remove(&(queue.clone(), msg));
+        Ok(forgotten.and_then(Expiring::live).is_some())
     }
 
     async fn announce(

@@ -129,8 +129,16 @@ pub trait Backend: Send + Sync {
         ttl: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Hands out the reply to `msg` and deletes it (read once).
+    /// Hands out the reply to `msg` and deletes it (read once), with `msg`'s job record if it is
+    /// a job, in one step.
     async fn take_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError>;
+
+    /// The reply to `msg`, left in place.
+    async fn peek_reply(
         &self,
         tunnel: &TunnelId,
         msg: MessageId,
@@ -150,8 +158,9 @@ pub trait Backend: Send + Sync {
     /// answer for the job with it while it runs and once it is done.
     async fn job(&self, queue: &TunnelId, msg: MessageId) -> Result<Option<Bytes>, StoreError>;
 
-    /// Forgets a job once its final state has been handed out.
-    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError>;
+    /// Forgets a job that will never finish (its message left the queue without a reply);
+    /// whether this call is the one that forgot it.
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<bool, StoreError>;
 
     /// Records the presence of relay instance `instance` (its address and agents) for `ttl`.
     async fn announce(

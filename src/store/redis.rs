@@ -96,6 +96,7 @@ static CONSUME: Batched = Batched {
 static ACK: Script = Script::new(include_str!("redis/ack.lua"));
 static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
+static PEEK_REPLY: Script = Script::new(include_str!("redis/peek_reply.lua"));
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
 static READY: Script = Script::new(include_str!("redis/ready.lua"));
 static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
@@ -393,6 +394,24 @@ fn reply_keys(tunnel: &TunnelId, msg: MessageId) -> Vec<String> {
     ]
 }
 
+/// A reply as the reply scripts return it: `{body, Content-Type or nil}`, or nil for none.
+fn reply_payload(reply: Value) -> Result<Option<Payload>, StoreError> {
+    let parts = match reply {
+        Value::Null => return Ok(None),
+        Value::Array(parts) => parts,
+        other => return Err(unexpected("reply", &other)),
+    };
+    let mut parts = parts.into_iter();
+    let body = parts
+        .next()
+        .and_then(bytes_of)
+        .ok_or_else(|| StoreError::Internal("reply without a body".into()))?;
+    Ok(Some(Payload {
+        body,
+        content_type: parts.next().and_then(bytes_of).map(content_type),
+    }))
+}
+
 /// Runs one operation, converting fred's errors. Its commands time out by themselves at the
 /// deadline; this outer limit, a little later, only guards against a wait fred does not bound.
 async fn bounded<T>(
@@ -638,23 +657,18 @@ impl Backend for RedisStore {
         tunnel: &TunnelId,
         msg: MessageId,
     ) -> Result<Option<Payload>, StoreError> {
-        let reply = TAKE_REPLY
-            .run(&self.call(), reply_keys(tunnel, msg), Vec::new())
-            .await?;
-        let parts = match reply {
-            Value::Null => return Ok(None),
-            Value::Array(parts) => parts,
-            other => return Err(unexpected("take reply", &other)),
-        };
-        let mut parts = parts.into_iter();
-        let body = parts
-            .next()
-            .and_then(bytes_of)
-            .ok_or_else(|| StoreError::Internal("reply without a body".into()))?;
-        Ok(Some(Payload {
-            body,
-            content_type: parts.next().and_then(bytes_of).map(content_type),
-        }))
+        let mut keys = reply_keys(tunnel, msg);
+        keys.push(job_key(tunnel, msg));
+        reply_payload(TAKE_REPLY.run(&self.call(), keys, Vec::new()).await?)
+    }
+
+    async fn peek_reply(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+    ) -> Result<Option<Payload>, StoreError> {
+        let keys = reply_keys(tunnel, msg);
+        reply_payload(PEEK_REPLY.run(&self.call(), keys, Vec::new()).await?)
     }
 
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
@@ -686,8 +700,10 @@ impl Backend for RedisStore {
         .await
     }
 
-    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
-        bounded(self.call().client().del::<(), _>(job_key(queue, msg))).await
+    async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<bool, StoreError> {
+        let client = self.call().client();
+        let deleted: i64 = bounded(client.del(job_key(queue, msg))).await?;
+        Ok(deleted == 1)
     }
 
     async fn announce(

@@ -876,6 +876,24 @@ async fn auth() {
         .send(client.request(Method::OPTIONS, &path))
         .await
         .expect_error(403, says::ACCESS_DENIED);
+    // Over HTTP/2 a body needs no length header: it is still not a preflight.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client builds");
+    let chunks = [Ok::<_, std::io::Error>(bytes::Bytes::from(
+        "not a preflight",
+    ))];
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let sneaked = h2
+        .request(Method::OPTIONS, format!("{}{path}", relay.base))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "PUT")
+        .body(body)
+        .send()
+        .await
+        .expect("the relay answers over HTTP/2");
+    assert_eq!(sneaked.status(), 403);
     let response = authorized.get(&path).await.expect(200);
     let echo = Echo::parse(&response.body);
     assert!(
@@ -910,6 +928,15 @@ async fn auth() {
     let echo = Echo::parse(&own.get(&path).await.expect(200).body);
     assert_eq!(echo.one("authorization"), "Bearer upstream-credential");
     let echo = Echo::parse(&authorized.get(&path).await.expect(200).body);
+    assert!(
+        !echo.has("authorization"),
+        "the relay's token was passed on: {echo:?}"
+    );
+    let behind_another = client
+        .request(Method::GET, &path)
+        .header("Authorization", "Bearer upstream-credential")
+        .header("Authorization", format!("Bearer {token}"));
+    let echo = Echo::parse(&client.send(behind_another).await.expect(200).body);
     assert!(
         !echo.has("authorization"),
         "the relay's token was passed on: {echo:?}"
@@ -985,10 +1012,10 @@ async fn agent_on_another_instance() {
         ("PUT", "/upload?via=b")
     );
     assert_eq!(echo.body, "0123456789".repeat(30_000));
-    // The upstream learns what the client asked B for, not B's request to A: the client's host,
-    // then the proxy chain client → B.
+    // The upstream learns what the client asked B for, not B's request to A: the client's host
+    // and address (the hop from B to A is inside the relay).
     assert_eq!(echo.one("x-forwarded-host"), "public.example", "{echo:?}");
-    assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1, 127.0.0.1");
+    assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1");
     assert_eq!(echo.one("x-forwarded-proto"), "http");
     assert!(!echo.has("x-burrow-hop"), "{echo:?}");
     assert_eq!(response.header("x-upstream-id"), Some("up"));

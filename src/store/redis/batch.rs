@@ -56,6 +56,8 @@ pub(super) struct Operation {
 }
 
 struct Queued {
+    /// Tells the operation apart in its queue.
+    id: u64,
     operation: Operation,
     /// When the operation gives up waiting to be sent, counted from when it was asked for.
     deadline: Instant,
@@ -67,6 +69,8 @@ struct Queue {
     waiting: Vec<Queued>,
     /// A call (and the task that sends the next ones) is running.
     sending: bool,
+    /// The id of the next operation queued.
+    next_id: u64,
 }
 
 /// Runs `operation` with `batched`, in one call with the others of this thread; answers the
@@ -82,25 +86,46 @@ pub(super) async fn run(
         let mut replies = send(clients, batched, vec![operation]).await?;
         return replies.pop().unwrap_or_else(|| Err(no_reply(batched)));
     };
-    let (reply, answer) = oneshot::channel();
-    let start = {
+    let (reply, mut answer) = oneshot::channel();
+    let (id, start) = {
         let mut queue = lock(&queue);
+        let id = queue.next_id;
+        queue.next_id += 1;
         queue.waiting.push(Queued {
+            id,
             operation,
             deadline,
             reply,
         });
-        !std::mem::replace(&mut queue.sending, true)
+        (id, !std::mem::replace(&mut queue.sending, true))
     };
     if start {
         // A current-thread runtime: the task stays on this thread, with its connection.
-        tokio::spawn(drain(queue, clients.clone(), batched));
+        tokio::spawn(drain(queue.clone(), clients.clone(), batched));
     }
-    answer.await.unwrap_or_else(|_| {
+    let stopped = |_| {
         Err(StoreError::Unavailable(
             "the relay stopped before the store answered".into(),
         ))
-    })
+    };
+    let until = tokio::time::Instant::from_std(deadline);
+    if let Ok(answered) = tokio::time::timeout_at(until, &mut answer).await {
+        return answered.unwrap_or_else(stopped);
+    }
+    // Still queued behind a call at the server: it leaves, having done nothing. Already sent:
+    // only its answer can say what it did.
+    let left = {
+        let mut queue = lock(&queue);
+        let queued = queue.waiting.len();
+        queue.waiting.retain(|waiting| waiting.id != id);
+        queue.waiting.len() < queued
+    };
+    if left {
+        return Err(StoreError::Unavailable(
+            "redis did not answer in time".into(),
+        ));
+    }
+    answer.await.unwrap_or_else(stopped)
 }
 
 /// Sends what is queued, a call at a time, until the queue is empty.
