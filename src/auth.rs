@@ -53,16 +53,24 @@ impl Auth {
         !self.config.enabled() || self.token_matches(credentials.authorization)
     }
 
-    /// Whether `authorization` is the relay's own bearer token, which is never passed on.
-    pub fn is_relay_token(&self, authorization: Option<&[u8]>) -> bool {
-        self.token_matches(authorization)
+    /// Whether an `Authorization` value carries the relay's own token, which is never passed on:
+    /// as `Bearer <token>` or bare, alone or among credentials a proxy joined with commas.
+    pub fn carries_relay_token(&self, authorization: &[u8]) -> bool {
+        authorization.split(|&b| b == b',').any(|part| {
+            let part = part.trim_ascii();
+            self.token_matches(Some(part)) || self.token_equals(part)
+        })
     }
 
     fn token_matches(&self, authorization: Option<&[u8]>) -> bool {
-        let (Some(expected), Some(header)) = (&self.config.token, authorization) else {
-            return false;
-        };
-        let Some(given) = bearer_token(header) else {
+        authorization
+            .and_then(bearer_token)
+            .is_some_and(|given| self.token_equals(given))
+    }
+
+    /// Whether `given` is the token, compared in constant time.
+    fn token_equals(&self, given: &[u8]) -> bool {
+        let Some(expected) = &self.config.token else {
             return false;
         };
         // Comparing digests keeps the comparison constant-time even in the token's length.
@@ -125,6 +133,26 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
         mac.update(body);
         format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// The relay's token is recognised however a request carries it, so that it is never passed
+    /// on: bearer or bare, among comma-joined credentials; other credentials are not it.
+    #[test]
+    fn relay_token_is_recognised() {
+        let a = auth(Some("sekret"), None, &[]);
+        for carried in [
+            "Bearer sekret",
+            "bearer   sekret ",
+            "sekret",
+            "Bearer other, Bearer sekret",
+            "Bearer sekret,Basic abc",
+        ] {
+            assert!(a.carries_relay_token(carried.as_bytes()), "{carried}");
+        }
+        for other in ["Bearer other", "Bearer sekret2", "Basic c2VrcmV0", ""] {
+            assert!(!a.carries_relay_token(other.as_bytes()), "{other}");
+        }
+        assert!(!auth(None, None, &[]).carries_relay_token(b"anything"));
     }
 
     /// With nothing configured, everything passes.

@@ -288,7 +288,7 @@ impl RelayApp {
                 // `Authorization` is the relay's business, unless the agent is public; even then
                 // the relay's own token is never passed on.
                 let authorizations = session.req_header().headers.get_all("Authorization");
-                let relays = |v: &http::HeaderValue| self.auth.is_relay_token(Some(v.as_bytes()));
+                let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
                 let withhold = self.auth.enabled()
                     && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
                 let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);

@@ -233,9 +233,11 @@ impl Backend for MemoryStore {
             }
             let stored = Expiring::new(reply, ttl);
             state.replies.insert((tunnel.clone(), msg), stored);
-            // A job's record is kept as long as its result.
-            if let Some(record) = state.jobs.get_mut(&(tunnel.clone(), msg)) {
-                record.expires = Instant::now() + ttl;
+            // A job's record is kept as long as its result, unless it has expired already.
+            let now = Instant::now();
+            let record = state.jobs.get_mut(&(tunnel.clone(), msg));
+            if let Some(record) = record.filter(|record| record.expires > now) {
+                record.expires = now + ttl;
             }
         }
         self.audience

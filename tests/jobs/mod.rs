@@ -435,6 +435,17 @@ async fn job_records_last_as_long_as_the_job(backend: Backend) {
     // Uncollected, the result and the record expire together with the reply TTL.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(done(&api, &id2, "", 404).await["status"], "Unknown");
+
+    // A job that outlived BURROW_JOB_TTL stays unknown, even if a worker replies afterwards.
+    let relay = backend.start(&[("BURROW_JOB_TTL", "1")]);
+    let api = relay.client();
+    let id = trigger(&api, &queue, json!({"n": 3})).await;
+    let job = api.get(&format!("/t/{queue}?pending=60")).await.expect(200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(done(&api, &id, "", 404).await["status"], "Unknown");
+    let reply = format!("/t/{queue}/{}/reply", job.message_id());
+    api.post(&reply, "too late").await.expect(201);
+    assert_eq!(done(&api, &id, "", 404).await["status"], "Unknown");
 }
 
 /// With a token set, /trigger, /done and /ws need it.

@@ -941,6 +941,16 @@ async fn auth() {
         !echo.has("authorization"),
         "the relay's token was passed on: {echo:?}"
     );
+    // As a proxy joins them, in one header.
+    let joined = client.request(Method::GET, &path).header(
+        "Authorization",
+        format!("Bearer upstream-credential, Bearer {token}"),
+    );
+    let echo = Echo::parse(&client.send(joined).await.expect(200).body);
+    assert!(
+        !echo.has("authorization"),
+        "the relay's token was passed on: {echo:?}"
+    );
 }
 
 /// The whole answer to `GET path`, read from a raw connection the relay closes after it.
