@@ -117,15 +117,10 @@ pub async fn serve_jobs(
                     let _ = outgoing.send(Message::Close(Some(frame))).await;
                     break;
                 }
-                Some(Ok(Message::Close(_))) => {
-                    close_answered(&mut outgoing).await;
+                ended => {
+                    close_after(&mut outgoing, ended).await;
                     break;
                 }
-                Some(Err(e)) => {
-                    close_for(&mut outgoing, &e).await;
-                    break;
-                }
-                None => break,
             },
             Some(id) = done.recv() => match jobs.peek(&id).await {
                 Ok(Some(job)) if job.state != JobState::Processing => {
@@ -188,17 +183,12 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
                 Err(_) => Message::binary(body),
             },
             frame = incoming.next() => match frame {
-                Some(Ok(Message::Close(_))) => {
-                    close_answered(&mut outgoing).await;
-                    break;
-                }
-                Some(Err(e)) => {
-                    close_for(&mut outgoing, &e).await;
-                    break;
-                }
-                None => break,
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.
-                Some(Ok(_)) => continue,
+                Some(Ok(message)) if !message.is_close() => continue,
+                ended => {
+                    close_after(&mut outgoing, ended).await;
+                    break;
+                }
             },
             _ = shutdown.changed() => Message::Close(None),
         };
@@ -209,13 +199,19 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
     }
 }
 
-/// Closes the socket with the status that says what was wrong with the client's frames (RFC 6455
-/// §7.4.1): 1002 for a protocol error, 1007 for text that is not UTF-8, 1009 for too big a frame.
-/// A connection that failed is just dropped.
-async fn close_for<S>(outgoing: &mut S, error: &WsError)
+/// Ends a socket after what ended it arrived: a client's Close is answered with a Close; a broken
+/// frame gets the status that says what was wrong (RFC 6455 §7.4.1): 1002 for a protocol error,
+/// 1007 for text that is not UTF-8, 1009 for too big a frame; a connection that failed or ended
+/// is just dropped.
+async fn close_after<S>(outgoing: &mut S, ended: Option<Result<Message, WsError>>)
 where
     S: futures_util::Sink<Message> + Unpin,
 {
+    let error = match ended {
+        Some(Ok(Message::Close(_))) => return close_answered(outgoing).await,
+        Some(Err(error)) => error,
+        _ => return,
+    };
     let (code, reason) = match error {
         WsError::Protocol(e) => (CloseCode::Protocol, e.to_string()),
         WsError::Utf8(_) => (CloseCode::Invalid, "a text frame must be UTF-8".to_owned()),
