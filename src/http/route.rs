@@ -279,10 +279,10 @@ impl Route {
         }
         match path {
             // Load balancers' health checks may ask with HEAD.
-            "/health" if method == Method::HEAD => Ok(Route::Health),
-            "/health" => only_get(method, Route::Health),
-            "/demo" | "/demo/" | "/demo/index.html" => only_get(method, Route::Demo),
-            "/agents" => only_get(method, Route::Agents),
+            // Load balancers' and uptime checks may ask with HEAD (RFC 9110 §9.3.2).
+            "/health" => readable(method, Route::Health),
+            "/demo" | "/demo/" | "/demo/index.html" => readable(method, Route::Demo),
+            "/agents" => readable(method, Route::Agents),
             "/agent/connect" => {
                 let name = query.name.as_deref().and_then(TunnelId::parse);
                 let name = name.ok_or_else(|| {
@@ -418,6 +418,18 @@ fn is_integer(text: &str) -> bool {
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// A route that only reads: GET, or HEAD for its head alone (never for one that hands something
+/// out, such as `/done`).
+fn readable(method: &Method, route: Route) -> Result<Route, Error> {
+    match method.as_str() {
+        "HEAD" => Ok(route),
+        _ => only_get(method, route).map_err(|_| Error::MethodNotAllowed {
+            allow: "GET, HEAD, OPTIONS",
+        }),
+    }
+}
+
+/// A route served to GET alone (and preflights).
 fn only_get(method: &Method, route: Route) -> Result<Route, Error> {
     only_get_with(method, || Ok(route))
 }
@@ -659,9 +671,20 @@ mod tests {
         assert!(matches!(
             parse(Method::POST, "/health"),
             Err(Error::MethodNotAllowed {
-                allow: "GET, OPTIONS"
+                allow: "GET, HEAD, OPTIONS"
             })
         ));
+        // HEAD where reading changes nothing; never where it would hand something out.
+        for path in ["/health", "/demo/", "/agents"] {
+            assert!(parse(Method::HEAD, path).is_ok(), "{path}");
+        }
+        for path in ["/done/q1.17-0", "/t/x", "/t/x/poll"] {
+            let refused = parse(Method::HEAD, path);
+            assert!(
+                matches!(refused, Err(Error::MethodNotAllowed { .. })),
+                "{path}"
+            );
+        }
         // Every route of the relay's own answers a preflight, without credentials.
         for path in [
             "/trigger",

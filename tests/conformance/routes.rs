@@ -306,13 +306,14 @@ pub(super) async fn short_requests_are_answered(backend: Backend) {
     }
 }
 
-/// Burrow: `HEAD /health` (some load balancers' health check) is 200 without a body, and the
-/// connection stays usable for the next request.
+/// Burrow: `HEAD /health` (some load balancers' health check) and `HEAD /demo/` (uptime checks)
+/// are 200 without a body, and the connection stays usable for the next request; a HEAD that
+/// would hand something out is 405.
 pub(super) async fn head_health(backend: Backend) {
     let api = backend.shared().client();
-    for _ in 0..2 {
-        let head = api.send(api.request(Method::HEAD, "/health")).await;
-        assert_eq!(head.status, 200);
+    for path in ["/health", "/demo/"] {
+        let head = api.send(api.request(Method::HEAD, path)).await;
+        assert_eq!(head.status, 200, "{path}");
         assert!(head.body.is_empty(), "{head:?}");
         assert_eq!(api.get("/health").await.expect(200).text(), "OK");
     }
