@@ -153,23 +153,19 @@ impl Jobs {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
-        let mut reply = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
-        if reply.is_none() && self.tunnels.status(queue, msg).await? == MessageStatus::Gone {
-            // Gone from its queue: replied just now (a reply removes the message in the same
-            // step), or removed without a result and never to finish.
-            reply = self.tunnels.take_reply(queue, msg, None, shutdown).await?;
-            if reply.is_none() {
-                // Handed out once: by whoever forgets the record; to anyone else (another
-                // collector, or one that took the result meanwhile) the job is unknown.
-                if !self.store.forget_job(queue, msg).await? {
-                    return Ok(None);
-                }
-                let state = JobState::Failed(LEFT_THE_QUEUE.into());
-                return Ok(Some(Job::new(id, fields, state)));
-            }
-        }
+        let first = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
+        let again = self.tunnels.take_reply(queue, msg, None, shutdown);
         // Taking the reply forgot the job in the same step: its final state is handed out once.
-        let state = reply.map_or(JobState::Processing, outcome);
+        let state = match self.found(id, first, again).await? {
+            Found::Reply(reply) => outcome(reply),
+            Found::Running => JobState::Processing,
+            // Handed out once: by whoever forgets the record; to anyone else (another collector,
+            // or one that took the result meanwhile) the job is unknown.
+            Found::Left if self.store.forget_job(queue, msg).await? => {
+                JobState::Failed(LEFT_THE_QUEUE.into())
+            }
+            Found::Left => return Ok(None),
+        };
         Ok(Some(Job::new(id, fields, state)))
     }
 
@@ -180,19 +176,32 @@ impl Jobs {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
-        let mut reply = self.store.peek_reply(queue, msg).await?;
-        if reply.is_none() && self.tunnels.status(queue, msg).await? == MessageStatus::Gone {
-            reply = self.store.peek_reply(queue, msg).await?;
-            if reply.is_none() {
-                return Ok(Some(Job::new(
-                    id,
-                    fields,
-                    JobState::Failed(LEFT_THE_QUEUE.into()),
-                )));
-            }
-        }
-        let state = reply.map_or(JobState::Processing, outcome);
+        let first = self.store.peek_reply(queue, msg).await?;
+        let again = async { Ok(self.store.peek_reply(queue, msg).await?) };
+        let state = match self.found(id, first, again).await? {
+            Found::Reply(reply) => outcome(reply),
+            Found::Running => JobState::Processing,
+            Found::Left => JobState::Failed(LEFT_THE_QUEUE.into()),
+        };
         Ok(Some(Job::new(id, fields, state)))
+    }
+
+    /// What job `id`'s reply, read as `first`, says. Without one, a job whose message is gone
+    /// from its queue was either replied just now (a reply removes the message in the same step:
+    /// `again` reads once more) or removed without a result, never to finish.
+    async fn found(
+        &self,
+        id: &JobId,
+        first: Option<Payload>,
+        again: impl std::future::Future<Output = Result<Option<Payload>, Error>>,
+    ) -> Result<Found, Error> {
+        if let Some(reply) = first {
+            return Ok(Found::Reply(reply));
+        }
+        if self.tunnels.status(id.queue(), id.msg()).await? != MessageStatus::Gone {
+            return Ok(Found::Running);
+        }
+        Ok(again.await?.map_or(Found::Left, Found::Reply))
     }
 
     /// Hands out the final state of job `id` that [`Jobs::peek`] showed: its result (or, for a
@@ -215,6 +224,16 @@ impl Jobs {
             _ => Map::new(),
         }))
     }
+}
+
+/// What a job's reply, or its absence, says.
+enum Found {
+    /// The worker's reply.
+    Reply(Payload),
+    /// None yet, the job still queued or taken.
+    Running,
+    /// None, and the job's message left its queue: it will never finish.
+    Left,
 }
 
 /// Why a job without a result whose message is gone failed.

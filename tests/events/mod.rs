@@ -132,12 +132,7 @@ async fn subscribers_get_every_event(api: &Client) {
 async fn closed_subscribers_are_let_go(api: &Client) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let topic = tunnel_id("leaving");
-    let address = api.base().trim_start_matches("http://").to_owned();
-    let mut socket = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the relay accepts");
-    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
-    socket.write_all(request.as_bytes()).await.expect("sent");
+    let mut socket = raw_subscriber(api, &format!("GET /e/{topic} HTTP/1.1\r\nHost: relay")).await;
     let mut seen = Vec::new();
     read_until(&mut socket, &mut seen, "subscribed").await;
     assert_eq!(publish(api, &topic, "one").await, 1);
@@ -178,14 +173,9 @@ async fn subscriber_sockets_close_cleanly(api: &Client) {
 /// An HTTP/1.0 subscriber, which knows no chunked encoding, gets the event stream as it is, ended
 /// by closing the connection (`Connection: close`, no `Transfer-Encoding`).
 async fn http10_subscribers_get_a_plain_stream(api: &Client) {
-    use tokio::io::AsyncWriteExt;
     let topic = tunnel_id("http10");
-    let address = api.base().trim_start_matches("http://").to_owned();
-    let mut socket = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the relay accepts");
-    let request = format!("GET /e/{topic} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-    socket.write_all(request.as_bytes()).await.expect("sent");
+    let head = format!("GET /e/{topic} HTTP/1.0\r\nConnection: keep-alive");
+    let mut socket = raw_subscriber(api, &head).await;
     let mut seen = Vec::new();
     // The head, then the stream's first comment: the subscription is in place.
     read_until(&mut socket, &mut seen, "\r\n\r\n:").await;
@@ -196,6 +186,18 @@ async fn http10_subscribers_get_a_plain_stream(api: &Client) {
     assert!(!head.contains("transfer-encoding"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert!(body.starts_with(':'), "not the bare stream: {body:?}");
+}
+
+/// A raw connection to the relay on which request `head` (without its final blank line) is sent.
+async fn raw_subscriber(api: &Client, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = api.base().trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let request = format!("{head}\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("sent");
+    socket
 }
 
 /// Reads from `socket` into `seen` until it holds `end`, within 5 s.

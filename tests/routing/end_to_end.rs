@@ -373,26 +373,37 @@ async fn client_leaving_ends_the_upstream_request() {
         .expect("an h2c client builds");
     let url = format!("{}/r/{}/hang", setup.relay.base, setup.name);
     let reset = tokio::spawn(h2c.get(url).header(TIMEOUT, "1h").send());
-    let both_wait = hanging.wait_for(|&n| n == 2);
-    tokio::time::timeout(WAIT, both_wait)
-        .await
-        .expect("both requests reach the upstream")
-        .expect("the upstream runs");
+    hanging_at(&mut hanging, 2, "both requests reach the upstream").await;
     assert_eq!(in_flight(&setup.client, &setup.name).await, 2);
     drop(socket);
     reset.abort();
     // The agent drops both upstream requests, as the relay ends both exchanges.
-    let both_dropped = hanging.wait_for(|&n| n == 0);
-    tokio::time::timeout(WAIT, both_dropped)
-        .await
-        .expect("the upstream requests end with their clients")
-        .expect("the upstream runs");
+    hanging_at(
+        &mut hanging,
+        0,
+        "the upstream requests end with their clients",
+    )
+    .await;
+    no_exchange_left(
+        &setup.client,
+        &setup.name,
+        "the exchanges outlived their clients",
+    )
+    .await;
+}
+
+/// Waits until `count` `/hang` requests are in progress at the upstream, or panics saying `what`.
+async fn hanging_at(hanging: &mut tokio::sync::watch::Receiver<u64>, count: u64, what: &str) {
+    let reached = hanging.wait_for(|&n| n == count);
+    let reached = tokio::time::timeout(WAIT, reached).await;
+    reached.expect(what).expect("the upstream runs");
+}
+
+/// Waits until the agents named `name` have no request in flight, or panics saying `what`.
+async fn no_exchange_left(client: &Client, name: &str, what: &str) {
     let deadline = Instant::now() + WAIT;
-    while in_flight(&setup.client, &setup.name).await != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the exchanges outlived their clients"
-        );
+    while in_flight(client, name).await != 0 {
+        assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -1090,25 +1101,10 @@ async fn agent_on_another_instance() {
         .request(Method::GET, &format!("/r/{name}/hang"))
         .header(TIMEOUT, "1h");
     let left = tokio::spawn(hang.send());
-    let reached = hanging.wait_for(|&n| n == 1);
-    tokio::time::timeout(WAIT, reached)
-        .await
-        .expect("the request reaches the upstream")
-        .expect("the upstream runs");
+    hanging_at(&mut hanging, 1, "the request reaches the upstream").await;
     left.abort();
-    let dropped = hanging.wait_for(|&n| n == 0);
-    tokio::time::timeout(WAIT, dropped)
-        .await
-        .expect("the upstream request ends with B's client")
-        .expect("the upstream runs");
-    let deadline = Instant::now() + WAIT;
-    while in_flight(&setup.client, name).await != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the exchange on A outlived B's client"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hanging_at(&mut hanging, 0, "the upstream request ends with B's client").await;
+    no_exchange_left(&setup.client, name, "the exchange on A outlived B's client").await;
     // C has an agent of the same name too. Once A is killed, it stays listed until its record
     // expires, but B's requests without a body go on to C, whichever record B reads first.
     let c = Relay::start(Store::Redis(redis), &[]);
