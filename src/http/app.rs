@@ -524,12 +524,16 @@ impl HttpServerApp for RelayApp {
             if let Ok(head) = response.head() {
                 let _ = session.write_error_response(head, response.body).await;
             }
+            linger(session).await;
             return None;
         }
         let started = Instant::now();
         let mut shutdown = shutdown.clone();
-        // An HTTP/2 body may come with neither length nor chunking: only its stream tells.
-        let (http2, body_empty) = (session.is_http2(), session.is_body_empty());
+        // An HTTP/2 body may come with neither length nor chunking: only its stream tells. (Asked
+        // of OPTIONS requests alone, the only ones it concerns.)
+        let h2_body = session.req_header().method == Method::OPTIONS
+            && session.is_http2()
+            && !session.is_body_empty();
         let head = session.req_header();
         let method = head.method.clone();
         let header = |name: &str| session.get_header(name).and_then(|v| v.to_str().ok());
@@ -549,7 +553,7 @@ impl HttpServerApp for RelayApp {
                 && header("Access-Control-Request-Method").is_some()
                 && header("Transfer-Encoding").is_none()
                 && header("Content-Length").is_none_or(|length| length.trim() == "0")
-                && (!http2 || body_empty),
+                && !h2_body,
         };
         let route = Route::parse(
             &head.method,
@@ -750,6 +754,25 @@ async fn unless_reset(
 /// a pipelined next request kept for it by Pingora.
 pub(super) async fn client_gone(session: &mut ServerSession) {
     while let Ok(_body) = session.read_body_or_idle(false).await {}
+}
+
+/// How long a connection refused mid-request keeps reading what its client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection refused mid-request (a head too slow or malformed) as nginx's lingering
+/// close does: the write side is shut after the answer, then what the client still sends is read
+/// and dropped for a moment. Closed with unread bytes, the connection would be reset, and a reset
+/// can destroy the answer before the client has read it.
+async fn linger(session: ServerSession) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ServerSession::H1(h1) = session else {
+        return;
+    };
+    let mut stream = h1.into_inner();
+    let _ = stream.shutdown().await;
+    let mut dropped = [0u8; 4096];
+    let drain = async { while stream.read(&mut dropped).await.is_ok_and(|n| n > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// A handler's error as the response telling the client; store trouble is logged too.
