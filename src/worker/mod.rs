@@ -66,8 +66,9 @@ pub struct WorkerArgs {
     visibility: Option<u64>,
 
     /// The most bytes of stdout a result may have (the relay's TUNNEL_MAX_MESSAGE_SIZE).
-    #[arg(long, env = "BURROW_MAX_OUTPUT", value_name = "BYTES", default_value = DEFAULT_MAX_OUTPUT)]
-    max_output: usize,
+    #[arg(long, env = "BURROW_MAX_OUTPUT", value_name = "BYTES", default_value = DEFAULT_MAX_OUTPUT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_output: u64,
 
     /// The command run for each job, with the job's JSON on stdin; no shell.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -154,7 +155,7 @@ impl WorkerConfig {
             concurrency: args.concurrency,
             limits: Limits {
                 timeout: Duration::from_secs(args.job_timeout),
-                max_output: args.max_output,
+                max_output: usize::try_from(args.max_output).unwrap_or(usize::MAX),
             },
             visibility,
             command: JobCommand {
@@ -493,12 +494,30 @@ mod tests {
         assert_eq!(ok.relay, "https://r/prefix");
     }
 
-    /// Zero concurrency or a zero job timeout do not parse; a command is required.
+    /// Zero concurrency, job timeout or output limit and timeouts past 30 days do not parse; a
+    /// command is required.
     #[test]
     fn ranges() {
         for args in [
             &["--relay", "http://r", "--concurrency", "0", "--", "cat"][..],
             &["--relay", "http://r", "--job-timeout", "0", "--", "cat"],
+            &[
+                "--relay",
+                "http://r",
+                "--job-timeout",
+                "2592001",
+                "--",
+                "cat",
+            ],
+            &[
+                "--relay",
+                "http://r",
+                "--visibility",
+                "2592001",
+                "--",
+                "cat",
+            ],
+            &["--relay", "http://r", "--max-output", "0", "--", "cat"],
             &["--relay", "http://r"],
         ] {
             let parsed = Cli::try_parse_from(std::iter::once("worker").chain(args.iter().copied()));
