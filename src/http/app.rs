@@ -283,42 +283,7 @@ impl RelayApp {
                 path,
                 timeout,
                 ..
-            } => {
-                let timeout = timeout.unwrap_or(self.route_timeout);
-                // `Authorization` is the relay's business, unless the agent is public; even then
-                // the relay's own token is never passed on.
-                let authorizations = session.req_header().headers.get_all("Authorization");
-                let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
-                let withhold = self.auth.enabled()
-                    && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
-                let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
-                let (head, body) = match local.await {
-                    Ok((head, exchange)) => (head, Body::Agent(exchange)),
-                    // Not connected here: maybe to another instance, unless it sent this one.
-                    Err(Error::Route(RouteError::NoAgent(name)))
-                        if session.get_header(forward::HOP_HEADER).is_none() =>
-                    {
-                        // An instance killed without a goodbye stays listed until its record
-                        // expires: a request it never received goes on to the next one.
-                        let instance = self.presence.instance();
-                        let mut answer = None;
-                        for address in self.presence.holders(&name).await? {
-                            let proxied =
-                                forward::proxy(session, &self.proxy, &address, instance, timeout);
-                            answer = proxied.await?;
-                            if answer.is_some() {
-                                break;
-                            }
-                        }
-                        let Some((head, response)) = answer else {
-                            return Err(Error::Route(RouteError::NoAgent(name)));
-                        };
-                        (head, Body::Instance(response))
-                    }
-                    Err(e) => return Err(e),
-                };
-                return Ok(Outcome::Respond(head, Some(After::Forward(body))));
-            }
+            } => return self.forward(session, agent, path, timeout).await,
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
                 let subscription = self.events.events().subscribe(topic.as_str());
@@ -327,6 +292,50 @@ impl RelayApp {
             }
         };
         Ok(Outcome::whole(response))
+    }
+
+    /// Forwards a request to agent `agent`: over its link when it is connected here, else
+    /// through the instance that holds it.
+    async fn forward(
+        &self,
+        session: &mut ServerSession,
+        agent: TunnelId,
+        path: String,
+        timeout: Option<Duration>,
+    ) -> Result<Outcome, Error> {
+        let timeout = timeout.unwrap_or(self.route_timeout);
+        // `Authorization` is the relay's business, unless the agent is public; even then
+        // the relay's own token is never passed on.
+        let authorizations = session.req_header().headers.get_all("Authorization");
+        let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
+        let withhold = self.auth.enabled()
+            && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
+        let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
+        let (head, body) = match local.await {
+            Ok((head, exchange)) => (head, Body::Agent(exchange)),
+            // Not connected here: maybe to another instance, unless it sent this one.
+            Err(Error::Route(RouteError::NoAgent(name)))
+                if session.get_header(forward::HOP_HEADER).is_none() =>
+            {
+                // An instance killed without a goodbye stays listed until its record
+                // expires: a request it never received goes on to the next one.
+                let instance = self.presence.instance();
+                let mut answer = None;
+                for address in self.presence.holders(&name).await? {
+                    let proxied = forward::proxy(session, &self.proxy, &address, instance, timeout);
+                    answer = proxied.await?;
+                    if answer.is_some() {
+                        break;
+                    }
+                }
+                let Some((head, response)) = answer else {
+                    return Err(Error::Route(RouteError::NoAgent(name)));
+                };
+                (head, Body::Instance(response))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Outcome::Respond(head, Some(After::Forward(body))))
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.
