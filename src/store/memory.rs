@@ -198,7 +198,7 @@ impl Backend for MemoryStore {
         let Some((id, payload)) = t.queued.pop_front() else {
             return Ok(None);
         };
-        if let Delivery::Pending { .. } = delivery {
+        if delivery != Delivery::Remove {
             t.pending.insert(id, (Some(payload.clone()), now));
         }
         Ok(Some(Message { id, payload }))

@@ -81,6 +81,24 @@ pub enum Delivery {
     /// Kept pending until acknowledged. A pending message is handed out again once it has been
     /// unacknowledged for `redeliver_after` (zero: at once, the original's `?pending`).
     Pending { redeliver_after: Duration },
+    /// Kept pending until acknowledged, but only a new message is handed out: how a long-poll of
+    /// the original's `?pending` takes one once it has waited (see [`Delivery::once_waited`]).
+    PendingNew,
+}
+
+impl Delivery {
+    /// How a long-poll takes a message after its first attempt found none. The original's
+    /// `?pending` hands a pending message out again to every consumer that asks, but a poll
+    /// already waiting sees new messages only (a blocking `XREADGROUP ... >`), so a message
+    /// produced while several such polls wait goes to exactly one of them.
+    pub fn once_waited(self) -> Delivery {
+        match self {
+            Delivery::Pending { redeliver_after } if redeliver_after.is_zero() => {
+                Delivery::PendingNew
+            }
+            other => other,
+        }
+    }
 }
 
 /// Where a message stands.

@@ -599,6 +599,7 @@ impl Backend for RedisStore {
                 "pending",
                 Value::Integer(i64::try_from(redeliver_after.as_millis()).unwrap_or(i64::MAX)),
             ),
+            Delivery::PendingNew => ("new", Value::Integer(0)),
         };
         let operation = Operation {
             args: vec![

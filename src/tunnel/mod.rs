@@ -4,6 +4,7 @@
 
 mod id;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -118,7 +119,14 @@ impl Tunnels {
         shutdown: &mut Shutdown,
     ) -> Result<Option<Message>, Error> {
         let key = WakeKey::Message(tunnel.to_string());
-        let attempt = || metrics::store_op(StoreOp::Consume, self.store.consume(tunnel, delivery));
+        let waited = AtomicBool::new(false);
+        let attempt = || {
+            let delivery = match waited.swap(true, Ordering::Relaxed) {
+                false => delivery,
+                true => delivery.once_waited(),
+            };
+            metrics::store_op(StoreOp::Consume, self.store.consume(tunnel, delivery))
+        };
         let message = self.wait_for(key, wait, shutdown, attempt).await?;
         if message.is_some() {
             metrics::message(MessageEvent::Consumed);

@@ -44,6 +44,7 @@ per_store! {
         pipelined_requests_are_answered_in_order,
         // pending, status, len, clear
         pending_consume_redelivers_until_ack,
+        pending_polls_share_a_new_message,
         ack_unknown_is_204,
         plain_consume_skips_pending,
         visibility_timeout_redelivers_late,

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::support::{tunnel_id, Backend, Client};
+use super::consume::assert_waited;
+use crate::support::{let_polls_start, spawn_get, tunnel_id, Backend, Client};
 
 /// `?pending`, `?pending=` and `?pending=0` hand out the same message until it is acknowledged.
 pub(super) async fn pending_consume_redelivers_until_ack(api: &Client) {
@@ -24,6 +25,36 @@ pub(super) async fn pending_consume_redelivers_until_ack(api: &Client) {
         let next = api.consume(&t, flag).await.expect(200);
         assert_eq!(next.message_id(), ids[1], "{flag}");
     }
+}
+
+/// A message produced while several `?pending` polls wait goes to exactly one of them (the others
+/// time out); a consumer that asks afterwards gets it again, as pending mode says.
+pub(super) async fn pending_polls_share_a_new_message(api: &Client) {
+    let t = tunnel_id("pendingpolls");
+    let polls: Vec<_> = (0..3)
+        .map(|_| spawn_get(api, format!("/t/{t}/poll?pending&timeout=2")))
+        .collect();
+    let_polls_start().await;
+    let id = api.produce(&t, "once").await;
+    let mut answers = Vec::new();
+    for poll in polls {
+        let (response, waited) = poll.await.expect("the poll task does not panic");
+        if response.status == 204 {
+            assert_waited(waited, 2);
+        }
+        answers.push((
+            response.status,
+            response.header("x-message-id").map(str::to_owned),
+        ));
+    }
+    answers.sort();
+    assert_eq!(
+        answers,
+        [(200, Some(id.clone())), (204, None), (204, None)],
+        "one poll gets the message, the others time out"
+    );
+    let again = api.consume(&t, "?pending").await.expect(200);
+    assert_eq!((again.message_id(), again.text()), (id, "once".to_owned()));
 }
 
 /// Acknowledging an unknown id, on a used or an unknown tunnel, answers 204 and changes nothing.

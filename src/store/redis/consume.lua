@@ -1,7 +1,8 @@
 -- Hands the next message of tunnels to their consumers; each one atomic step. One call carries
 -- the consumes that queued up on one relay thread while its previous call ran (often just one).
 -- KEYS[i] the stream of consume i
--- ARGV[4i-3] group, ARGV[4i-2] consumer, ARGV[4i-1] 'remove' or 'pending',
+-- ARGV[4i-3] group, ARGV[4i-2] consumer, ARGV[4i-1] 'remove', 'pending' or 'new' (kept pending,
+-- but only a message never handed out is taken),
 -- ARGV[4i] ('pending') ms a message must have stayed unacknowledged before it is handed out again
 -- Returns, per consume, {id, {field, value, ...}}, false (nothing to hand out) or {'error', why}.
 
@@ -51,6 +52,8 @@ local function consume(stream, group, consumer, mode, idle)
       end
       redis.call('XACK', stream, group, oldest[1])
     end
+  end
+  if mode ~= 'remove' then
     local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
       'STREAMS', stream, '>'))
     return entry or false
