@@ -291,7 +291,11 @@ impl Backend for MemoryStore {
     }
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
-        self.lock().tunnels.remove(tunnel);
+        // The tunnel stays, emptied, so that its ids keep increasing (see `Tunnel::last_id`).
+        if let Some(t) = self.lock().tunnels.get_mut(tunnel) {
+            t.queued.clear();
+            t.pending.clear();
+        }
         Ok(())
     }
 

@@ -94,6 +94,7 @@ static CONSUME: Batched = Batched {
     name: "consume",
 };
 static ACK: Script = Script::new(include_str!("redis/ack.lua"));
+static CLEAR: Script = Script::new(include_str!("redis/clear.lua"));
 static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
 static PEEK_REPLY: Script = Script::new(include_str!("redis/peek_reply.lua"));
@@ -766,11 +767,14 @@ impl Backend for RedisStore {
     }
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
-        bounded(
-            self.call()
-                .client()
-                .del::<(), _>(TunnelKeys::new(tunnel).stream),
-        )
-        .await
+        let keys = TunnelKeys::new(tunnel);
+        CLEAR
+            .run(
+                &self.call(),
+                vec![keys.stream],
+                vec![Value::from(keys.group)],
+            )
+            .await?;
+        Ok(())
     }
 }

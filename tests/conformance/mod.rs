@@ -52,6 +52,7 @@ per_store! {
         status_codes,
         len_counts_pending,
         clear_removes_everything,
+        ids_increase_across_clear,
         // replies
         reply_round_trip,
         reply_without_content_type_gets_default,

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use super::consume::assert_waited;
+use crate::support::client::id_order;
+use crate::support::raw::{Answer, Connection};
 use crate::support::{let_polls_start, spawn_get, tunnel_id, Backend, Client};
 
 /// `?pending`, `?pending=` and `?pending=0` hand out the same message until it is acknowledged.
@@ -219,4 +221,27 @@ pub(super) async fn clear_removes_everything(api: &Client) {
         204,
         "the pending message is gone"
     );
+}
+
+/// Ids keep increasing across a clear, also within one millisecond (requests pipelined): a new
+/// message never takes the id, and with it the unread reply, of a cleared one.
+pub(super) async fn ids_increase_across_clear(api: &Client) {
+    let t = tunnel_id("clearids");
+    let produce = format!("POST /t/{t} HTTP/1.1\r\nHost: relay\r\nContent-Length: 1\r\n\r\nx");
+    let clear = format!("DELETE /t/{t}/all HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let rounds: Vec<String> = (0..20)
+        .flat_map(|_| [produce.clone(), clear.clone(), produce.clone()])
+        .collect();
+    let answers = Connection::open(api.base()).await.pipeline(&rounds).await;
+    for round in answers.chunks(3) {
+        let id = |answer: &Answer| {
+            assert_eq!(answer.status, 201, "{answer:?}");
+            id_order(answer.header("x-message-id").expect("an id"))
+        };
+        assert_eq!(round[1].status, 204, "{:?}", round[1]);
+        assert!(
+            id(&round[0]) < id(&round[2]),
+            "ids after a clear: {round:?}"
+        );
+    }
 }

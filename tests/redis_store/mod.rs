@@ -46,6 +46,28 @@ async fn reads_messages_written_by_original() {
     }
 }
 
+/// A clear keeps the stream's last id: the next message's id is larger than any the tunnel gave
+/// out, even one in the future (here written by hand), so no reply of a cleared message is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_keeps_the_last_id() {
+    let (api, redis) = shared();
+    let t = tunnel_id("clear-last-id");
+    let stream = format!("t:{t}:s");
+    let future = "9999999999999-5";
+    assert_eq!(
+        redis
+            .command(&["XADD", &stream, future, "data", "x"])
+            .text(),
+        future
+    );
+    api.consume(&t, "?pending").await.expect(200);
+    api.delete(&format!("/t/{t}/all")).await.expect_empty();
+    assert_eq!(redis.command(&["XLEN", &stream]).int(), 0);
+    let after = api.produce(&t, "new").await;
+    assert_eq!(after, "9999999999999-6");
+    assert_eq!(api.consume(&t, "?pending").await.expect(200).text(), "new");
+}
+
 /// A poll waiting on Burrow finds a message the Lua relay wrote (which publishes no wake-up) through
 /// the periodic re-check, within about a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
