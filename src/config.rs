@@ -164,9 +164,9 @@ impl Config {
                 |n: &usize| *n >= 1,
             )?,
         };
-        let auth = AuthConfig {
-            token: env.get("TUNNEL_ACCESS_TOKEN"),
-            signature_secret: env.get("TUNNEL_SIGNATURE_SECRET"),
+        let mut auth = AuthConfig {
+            token: env.secret("TUNNEL_ACCESS_TOKEN")?,
+            signature_secret: env.secret("TUNNEL_SIGNATURE_SECRET")?,
             public_ids: env
                 .get("TUNNEL_PUBLIC_IDS")
                 .unwrap_or_default()
@@ -176,6 +176,11 @@ impl Config {
                 .map(String::from)
                 .collect(),
         };
+        // The original's older setting for one open tunnel, which did not turn authorization
+        // on by itself.
+        if let Some(demo) = env.get("TUNNEL_DEMO_ID").filter(|_| auth.enabled()) {
+            auth.public_ids.insert(demo.trim().to_owned());
+        }
         let listen = env
             .socket_address("BURROW_LISTEN")?
             .unwrap_or_else(|| "0.0.0.0:8080".into());
@@ -266,6 +271,19 @@ impl Env<'_> {
     /// A set, non-empty value.
     fn get(&self, var: &str) -> Option<String> {
         (self.lookup)(var).filter(|v| !v.is_empty())
+    }
+
+    /// A secret: unset is none, but set and empty is refused, since an empty token or key would
+    /// leave the relay open to a deployment that meant to close it (`TOKEN=${UNSET}`).
+    fn secret(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        match (self.lookup)(var) {
+            Some(value) if value.is_empty() => Err(ConfigError::Invalid {
+                var,
+                value,
+                expected: "a non-empty secret (unset the variable to go without)",
+            }),
+            value => Ok(value),
+        }
     }
 
     fn parse<T: std::str::FromStr>(
@@ -363,13 +381,17 @@ impl Env<'_> {
     fn flag(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(var).as_deref().map(str::trim) {
             None => Ok(default),
-            Some("1" | "true" | "yes" | "on") => Ok(true),
-            Some("0" | "false" | "no" | "off") => Ok(false),
-            Some(other) => Err(ConfigError::Invalid {
-                var,
-                value: other.into(),
-                expected: "1 or 0",
-            }),
+            Some("true" | "yes" | "on") => Ok(true),
+            Some("false" | "no" | "off") => Ok(false),
+            // As the original read its flags: any whole number, on from 1.
+            Some(number) => match number.parse::<i64>() {
+                Ok(n) => Ok(n >= 1),
+                Err(_) => Err(ConfigError::Invalid {
+                    var,
+                    value: number.into(),
+                    expected: "1 or 0",
+                }),
+            },
         }
     }
 }
@@ -456,6 +478,9 @@ mod tests {
             ("BURROW_ADVERTISE", "[::1:8080"),
             ("BURROW_HEADER_TIMEOUT", "0"),
             ("BURROW_HEADER_TIMEOUT", "3601"),
+            ("TUNNEL_ACCESS_TOKEN", ""),
+            ("TUNNEL_SIGNATURE_SECRET", ""),
+            ("TUNNEL_BACKPRESSURE", "1.5"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();
@@ -474,5 +499,29 @@ mod tests {
         assert_eq!(c.auth.public_ids.len(), 3);
         assert!(c.auth.enabled());
         assert!(!format!("{:?}", c).contains("s3cret"));
+    }
+
+    /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.
+    #[test]
+    fn demo_id_is_public() {
+        let c = config(&[("TUNNEL_DEMO_ID", "demo"), ("TUNNEL_ACCESS_TOKEN", "t")]).unwrap();
+        assert!(c.auth.public_ids.contains("demo"));
+        let c = config(&[("TUNNEL_DEMO_ID", "demo")]).unwrap();
+        assert!(!c.auth.enabled());
+    }
+
+    /// Flags are read as the original read them: any whole number, on from 1.
+    #[test]
+    fn numeric_flags() {
+        for (value, on) in [
+            ("2", true),
+            ("1", true),
+            ("0", false),
+            ("-1", false),
+            ("on", true),
+        ] {
+            let c = config(&[("TUNNEL_BACKPRESSURE", value)]).unwrap();
+            assert_eq!(c.tunnel.backpressure, on, "{value}");
+        }
     }
 }
