@@ -45,6 +45,12 @@ pub enum Error {
     /// A WebSocket route asked for without a valid WebSocket handshake.
     #[error("Expected a WebSocket upgrade: {0}")]
     NotWebSocket(&'static str),
+    /// An HTTP/1 request head that must not be served (see `http::framing`); the text says why.
+    #[error("{0}")]
+    MalformedHead(&'static str),
+    /// A request body in a transfer coding other than `chunked` alone.
+    #[error("Transfer-Encoding not supported")]
+    UnsupportedCoding,
     /// The request could not be read from the client.
     #[error("Could not read the request: {0}")]
     BadRequest(String),

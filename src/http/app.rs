@@ -22,7 +22,7 @@ use pingora_core::server::ShutdownWatch;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::{connection, forward, sse, websocket};
+use super::{connection, forward, framing, sse, websocket};
 use crate::access_log;
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
@@ -510,7 +510,17 @@ impl HttpServerApp for RelayApp {
         // on Pingora's timer, cheaper than tokio's on this per-request path.
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
-            Ok(Ok(true)) => None,
+            Ok(Ok(true)) if session.is_http2() => None,
+            Ok(Ok(true)) => {
+                // Pingora drops the Content-Length of a head that also has Transfer-Encoding
+                // and turns keep-alive off for it, which is how such a head is told here.
+                let head = session.req_header();
+                let length_dropped =
+                    session.get_keepalive().is_none() && parked::client_keeps_alive(head);
+                framing::check(head, length_dropped)
+                    .err()
+                    .map(Response::from)
+            }
             Ok(Ok(false)) => return None,
             Err(_) => {
                 let secs = self.header_timeout.as_secs();

@@ -212,12 +212,9 @@ fn request_head(
         })
         .collect();
     strip_hop_by_hop(&mut headers);
-    // Sent on by another instance, which added its client: this hop is inside the relay.
-    let client = match request.headers.contains_key(HOP_HEADER) {
-        true => None,
-        false => client_address(session),
-    };
-    add_forwarded(&mut headers, client, host(session));
+    // Also when another instance sent it on (its address joins the chain, as at any proxy): the
+    // hop marker is a plain header that any client can send, so it cannot vouch for the chain.
+    add_forwarded(&mut headers, client_address(session), host(session));
     RequestHead {
         method: request.method.as_str().to_owned(),
         path,
@@ -243,14 +240,21 @@ fn host(session: &ServerSession) -> Option<String> {
     }
 }
 
-/// `X-Forwarded-For` (appended to a proxy chain already there), `-Proto` and `-Host`.
+/// `X-Forwarded-For` (appended to a proxy chain already there, whose lines are joined into one
+/// so that the client's address ends the chain), `-Proto` and `-Host`.
 fn add_forwarded(headers: &mut Headers, client: Option<String>, host: Option<String>) {
     let existing = |headers: &Headers, name: &str| headers.iter().position(|(n, _)| n == name);
     if let Some(client) = client {
-        match existing(headers, "x-forwarded-for") {
-            Some(at) => headers[at].1 = format!("{}, {client}", headers[at].1),
-            None => headers.push(("x-forwarded-for".into(), client)),
-        }
+        let mut chain: Vec<String> = Vec::new();
+        headers.retain(|(name, value)| {
+            let link = name == "x-forwarded-for";
+            if link {
+                chain.push(value.clone());
+            }
+            !link
+        });
+        chain.push(client);
+        headers.push(("x-forwarded-for".into(), chain.join(", ")));
     }
     // Behind the load balancer that ends TLS, its own X-Forwarded-Proto is the truth.
     if existing(headers, "x-forwarded-proto").is_none() {
@@ -265,10 +269,15 @@ fn add_forwarded(headers: &mut Headers, client: Option<String>, host: Option<Str
 mod tests {
     use super::*;
 
-    /// A proxy chain is extended, an upstream proto kept, the host recorded.
+    /// A proxy chain is extended (its lines joined, in order), an upstream proto kept, the host
+    /// recorded.
     #[test]
     fn forwarded_headers() {
-        let mut headers = vec![("x-forwarded-for".into(), "10.0.0.1".into())];
+        let mut headers = vec![
+            ("x-forwarded-for".into(), "10.0.0.1".into()),
+            ("accept".into(), "*/*".into()),
+            ("x-forwarded-for".into(), "10.0.0.2".into()),
+        ];
         add_forwarded(
             &mut headers,
             Some("127.0.0.1".into()),
@@ -277,9 +286,10 @@ mod tests {
         assert_eq!(
             headers,
             vec![
+                ("accept".to_string(), "*/*".to_string()),
                 (
                     "x-forwarded-for".to_string(),
-                    "10.0.0.1, 127.0.0.1".to_string()
+                    "10.0.0.1, 10.0.0.2, 127.0.0.1".to_string()
                 ),
                 ("x-forwarded-proto".into(), "http".into()),
                 ("x-forwarded-host".into(), "relay:8080".into()),

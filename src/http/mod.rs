@@ -1,6 +1,7 @@
 //! HTTP: the Pingora app that serves every route on the relay's one port.
 //!
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
+//! - `framing`: HTTP/1 heads refused before routing (ambiguous body framing, a bad `Host`);
 //! - `connection`: tells HTTP/2 (h2c) from HTTP/1 on a new connection without waiting for bytes
 //!   a short request never sends, and serves HTTP/1's keep-alive loop;
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
@@ -14,6 +15,7 @@
 mod app;
 mod connection;
 mod forward;
+mod framing;
 mod parked;
 mod response;
 mod route;

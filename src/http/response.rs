@@ -132,7 +132,9 @@ impl From<Error> for Response {
             Error::MalformedUrl
             | Error::BadParameter(_)
             | Error::BadRequest(_)
+            | Error::MalformedHead(_)
             | Error::InvalidBody(_) => 400,
+            Error::UnsupportedCoding => 501,
             Error::UnknownJob(_) => 404,
             Error::NotWebSocket(_) => 426,
             Error::ClientGone => 499,

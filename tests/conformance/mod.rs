@@ -78,6 +78,7 @@ per_store! {
         short_requests_are_answered,
         head_health,
         malformed_heads_get_400,
+        ambiguous_heads_are_refused,
         malformed_bodies_get_400,
         slow_heads_get_408,
         hung_up_heads_are_dropped,

@@ -464,3 +464,55 @@ pub(super) async fn malformed_heads_get_400(backend: Backend) {
     }
     relay.client().get("/health").await.expect(200);
 }
+
+/// Heads whose body two parties could frame differently (request smuggling), other transfer
+/// codings and a missing or malformed `Host` are refused with their one line, the connection is
+/// closed (so bytes behind them are never served as a request), and nothing is stored.
+pub(super) async fn ambiguous_heads_are_refused(backend: Backend) {
+    let relay = backend.shared();
+    let t = tunnel_id("smuggle");
+    let smuggled = format!("GET /t/{t}/len HTTP/1.1\r\nHost: a\r\n\r\n");
+    let post = |headers: &str, body: &str| {
+        format!("POST /t/{t} HTTP/1.1\r\n{headers}\r\n{body}{smuggled}")
+    };
+    for (request, status, says) in [
+        (
+            post(
+                "Host: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                "0\r\n\r\n",
+            ),
+            400,
+            "Content-Length and Transfer-Encoding together",
+        ),
+        (
+            post("Host: a\r\nContent-Length: 1, 1\r\n", "x"),
+            400,
+            "Malformed Content-Length",
+        ),
+        (
+            post(
+                "Host: a\r\nTransfer-Encoding: gzip, chunked\r\n",
+                "1\r\nx\r\n0\r\n\r\n",
+            ),
+            501,
+            "Transfer-Encoding not supported",
+        ),
+        (
+            post("Content-Length: 1\r\n", "x"),
+            400,
+            "Missing Host header",
+        ),
+        (
+            post("Host: a b\r\nContent-Length: 1\r\n", "x"),
+            400,
+            "Malformed Host header",
+        ),
+    ] {
+        let mut connection = Connection::open(&relay.base).await;
+        let answer = connection.exchange(&request).await;
+        assert_eq!(answer.status, status, "{request:?}");
+        assert_eq!(String::from_utf8_lossy(&answer.body).trim_end(), says);
+        assert!(connection.closed().await, "served on after: {request:?}");
+    }
+    assert_eq!(relay.client().len(&t).await, 0, "nothing stored");
+}

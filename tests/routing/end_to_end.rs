@@ -238,6 +238,16 @@ async fn headers_and_query_preserved() {
     assert_eq!((echo.method.as_str(), echo.uri.as_str()), ("GET", "/plain"));
     assert_eq!(echo.body, "");
     assert!(!echo.has("transfer-encoding"), "{echo:?}");
+
+    // A client's own chain is joined and extended with its address, also when it sends the
+    // instances' hop marker, which it cannot use to pass for another instance.
+    let forged = client
+        .request(Method::GET, &format!("/r/{name}/plain"))
+        .header("X-Forwarded-For", "6.6.6.6")
+        .header("X-Forwarded-For", "7.7.7.7")
+        .header("X-Burrow-Hop", "forged");
+    let echo = Echo::parse(&client.send(forged).await.expect(200).body);
+    assert_eq!(echo.all("x-forwarded-for"), ["6.6.6.6, 7.7.7.7, 127.0.0.1"]);
 }
 
 /// 422 for a name no agent has, 400 for a timeout that does not parse, 504 when the upstream is
@@ -1033,10 +1043,10 @@ async fn agent_on_another_instance() {
         ("PUT", "/upload?via=b")
     );
     assert_eq!(echo.body, "0123456789".repeat(30_000));
-    // The upstream learns what the client asked B for, not B's request to A: the client's host
-    // and address (the hop from B to A is inside the relay).
+    // The upstream learns what the client asked B for, not B's request to A: the client's host,
+    // and its address followed by B's, as behind any chain of proxies.
     assert_eq!(echo.one("x-forwarded-host"), "public.example", "{echo:?}");
-    assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1");
+    assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1, 127.0.0.1");
     assert_eq!(echo.one("x-forwarded-proto"), "http");
     assert!(!echo.has("x-burrow-hop"), "{echo:?}");
     assert_eq!(response.header("x-upstream-id"), Some("up"));
