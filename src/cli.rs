@@ -36,7 +36,10 @@ enum Command {
 /// Parses the command line and runs what it names; the exit code reports failure.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
+    // throttled (RUST_LOG can still ask for fred's lines).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fred=error"))
+        .init();
     match cli.command.unwrap_or(Command::Serve { upgrade: false }) {
         Command::Serve { upgrade } => serve(upgrade),
         Command::Worker(args) => crate::worker::run(args),

@@ -233,18 +233,32 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
         }
     }
     let url = match env.get("REDIS_URL") {
-        Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => url,
-        Some(url) => {
-            return Err(ConfigError::Invalid {
-                var: "REDIS_URL",
-                value: url,
-                expected: "a redis:// or rediss:// URL",
-            })
-        }
+        Some(url) => match redis_url(&url) {
+            Ok(()) => url,
+            Err(expected) => {
+                return Err(ConfigError::Invalid {
+                    var: "REDIS_URL",
+                    value: url,
+                    expected,
+                })
+            }
+        },
         None => {
             let host = env.get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into());
             let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port", |p: &u16| *p > 0)?;
-            format!("redis://{host}:{port}")
+            // An IPv6 address is bracketed in a URL.
+            let url = match host.contains(':') && !host.starts_with('[') {
+                true => format!("redis://[{host}]:{port}"),
+                false => format!("redis://{host}:{port}"),
+            };
+            if redis_url(&url).is_err() {
+                return Err(ConfigError::Invalid {
+                    var: "REDIS_HOST",
+                    value: host,
+                    expected: "a host name or IP address",
+                });
+            }
+            url
         }
     };
     // The Lua relay's setting is still checked, so that a deployment's environment carries over
@@ -260,6 +274,18 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
             |n: &usize| *n >= 1,
         )?,
     }))
+}
+
+/// Checks a store URL as the redis client will read it (so that a bad one stops start-up naming
+/// its variable); the error says what was expected.
+fn redis_url(url: &str) -> Result<(), &'static str> {
+    const EXPECTED: &str = "a redis:// or rediss:// URL: [user:password@]host[:port][/database]";
+    let parsed = url::Url::parse(url).map_err(|_| EXPECTED)?;
+    let database = parsed.path().trim_start_matches('/');
+    let valid = matches!(parsed.scheme(), "redis" | "rediss")
+        && parsed.host_str().is_some_and(|host| !host.is_empty())
+        && (database.is_empty() || database.parse::<u32>().is_ok());
+    valid.then_some(()).ok_or(EXPECTED)
 }
 
 /// Typed access to the environment; every error names its variable.
@@ -448,6 +474,11 @@ mod tests {
         assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://x:1/2"));
         let c = config(&[("REDIS_HOST", "keydb"), ("BURROW_STORE", "memory")]).unwrap();
         assert_eq!(c.store, StoreConfig::Memory);
+        let c = config(&[("REDIS_HOST", "::1")]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://[::1]:6379"));
+        let url = "rediss://user:pw@keydb.internal:6380/2";
+        let c = config(&[("REDIS_URL", url)]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == url));
     }
 
     /// An unparsable value is an error that names its variable.
@@ -481,6 +512,11 @@ mod tests {
             ("TUNNEL_ACCESS_TOKEN", ""),
             ("TUNNEL_SIGNATURE_SECRET", ""),
             ("TUNNEL_BACKPRESSURE", "1.5"),
+            ("REDIS_URL", "redis://"),
+            ("REDIS_URL", "redis://127.0.0.1:99999"),
+            ("REDIS_URL", "redis://127.0.0.1:6379/notanumber"),
+            ("REDIS_URL", "http://127.0.0.1:6379"),
+            ("REDIS_HOST", "bad host"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

@@ -15,6 +15,9 @@ use crate::store::{Store, StoreError};
 /// How often an instance announces itself.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
+/// How soon a failed announcement is tried again.
+pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
+
 /// How long an announcement lasts: three missed announcements and the instance is gone.
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(15);
 

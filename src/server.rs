@@ -14,7 +14,7 @@ use pingora_core::services::listening::Service;
 use crate::access_log;
 use crate::config::Config;
 use crate::http::{Connections, RelayApp};
-use crate::presence::{Presence, ANNOUNCE_EVERY};
+use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::store::{Store, StoreError};
 
 /// Pingora's settings when `BURROW_CONF` names no file.
@@ -35,12 +35,31 @@ pub enum ServeError {
     /// The HTTP client for requests to other instances could not be built.
     #[error("could not build the HTTP client for other instances: {0}")]
     Http(#[from] reqwest::Error),
+    /// A listening address is taken or not this host's.
+    #[error("{var}={address} cannot be listened on: {source}")]
+    Listen {
+        var: &'static str,
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the relay until a signal stops it: SIGTERM drains gracefully, SIGINT stops at once, and
 /// SIGQUIT hands the listening socket to a process started with `upgrade` before draining.
 pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     let conf = pingora_conf(&config)?;
+    // Pingora would retry a taken address for half a minute, then panic in its listener thread
+    // and leave a process that serves nothing. (An upgrade takes the address over from the old
+    // process, which still holds it.)
+    if !upgrade {
+        let listens = [("BURROW_LISTEN", Some(&config.listen))];
+        let metrics = [("BURROW_METRICS_LISTEN", config.metrics_listen.as_ref())];
+        for (var, address) in listens.into_iter().chain(metrics) {
+            if let Some(address) = address {
+                can_listen(var, address)?;
+            }
+        }
+    }
     // The store's background tasks (redis connections, the wake-up subscriber, expiry) live on
     // their own runtime: Pingora's service runtimes come and go with the services.
     let store_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -85,6 +104,17 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Whether `address` can be listened on now (std's listener, as Pingora's, reuses addresses).
+fn can_listen(var: &'static str, address: &str) -> Result<(), ServeError> {
+    std::net::TcpListener::bind(address)
+        .map(drop)
+        .map_err(|source| ServeError::Listen {
+            var,
+            address: address.to_owned(),
+            source,
+        })
+}
+
 /// Announces this instance's agents in the store until shutdown (see `presence`).
 struct Announcer(Presence);
 
@@ -92,6 +122,8 @@ struct Announcer(Presence);
 impl BackgroundService for Announcer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+        // Whether the last announcement failed: logged when that starts and ends, not each time.
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
@@ -104,8 +136,23 @@ impl BackgroundService for Announcer {
                 // A new agent is reachable from other instances at once, not at the next tick.
                 () = self.0.agents_changed() => {}
             }
-            if let Err(e) = self.0.announce().await {
-                log::debug!("presence: {e}");
+            match self.0.announce().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    log::info!("presence: this instance's agents are announced again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        log::warn!(
+                            "presence: cannot announce this instance's agents ({e}); other \
+                             instances cannot route to them until it can"
+                        );
+                    }
+                    failing = true;
+                    // Once the store is back, its agents should be reachable again at once.
+                    tick.reset_after(ANNOUNCE_RETRY);
+                }
             }
         }
     }
@@ -141,5 +188,6 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
         message,
     };
     let yaml = std::fs::read_to_string(path).map_err(|e| unusable(e.to_string()))?;
-    ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.to_string()))
+    // Only the parser's own words: Pingora's error repeats the whole file as its context.
+    ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))
 }

@@ -428,8 +428,10 @@ async fn bounded<T>(
 
 /// Errors that say the server cannot be reached or cannot serve right now: retrying later can
 /// succeed. fred reports some connection trouble only as an `Unknown` error with these messages;
-/// the upper-case ones are server replies (loading a dump, a script running too long, failover).
-const TRANSIENT: [&str; 8] = [
+/// the upper-case ones are server replies (loading a dump, a script running too long, failover,
+/// a replica not yet promoted, out of memory until consumers drain the tunnels): a write they
+/// refused was not done.
+const TRANSIENT: [&str; 10] = [
     "Failed to route command",
     "Too many failed write attempts",
     "Max attempts exceeded",
@@ -438,7 +440,14 @@ const TRANSIENT: [&str; 8] = [
     "BUSY",
     "MASTERDOWN",
     "TRYAGAIN",
+    "READONLY",
+    "OOM",
 ];
+
+/// Whether an error's text says that retrying later can succeed (see [`TRANSIENT`]).
+fn is_transient(details: &str) -> bool {
+    TRANSIENT.iter().any(|prefix| details.starts_with(prefix))
+}
 
 /// Connection trouble is `Unavailable`, anything else `Internal`.
 fn store_error(error: fred::error::Error) -> StoreError {
@@ -449,9 +458,7 @@ fn store_error(error: fred::error::Error) -> StoreError {
             | ErrorKind::Canceled
             | ErrorKind::Backpressure
             | ErrorKind::Routing
-    ) || TRANSIENT
-        .iter()
-        .any(|prefix| error.details().starts_with(prefix));
+    ) || is_transient(error.details());
     if transient {
         StoreError::Unavailable(error.to_string())
     } else {

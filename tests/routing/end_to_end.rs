@@ -15,7 +15,9 @@ use tokio::task::JoinSet;
 use super::upstream::{blob, sha256, Echo, Upstream};
 use super::{upstream_answering, Agent};
 use crate::support::process::free_port;
-use crate::support::{says, tunnel_id, Backend, Client, Relay, Response, Store};
+use crate::support::{
+    says, tunnel_id, wait_until, Backend, Client, RedisServer, Relay, Response, Store,
+};
 
 /// How long an agent may take to (re)connect: its back-off reaches 10 s.
 const RECONNECT: Duration = Duration::from_secs(15);
@@ -1138,4 +1140,24 @@ async fn agent_on_another_instance() {
     let response = client_b.post(&format!("/r/{name}/x"), "body").await;
     let text = response.expect_one_line_error(502).text();
     assert!(!text.contains(&a_address), "{text}");
+}
+
+/// An instance that cannot announce its agents (its store is down) says so once, and announces
+/// them as soon as the store is back rather than at its next round (every 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcing_through_a_store_outage() {
+    let mut redis = RedisServer::start();
+    let a = Relay::start(Store::Redis(&redis), &[("RUST_LOG", "info")]);
+    let upstream = Upstream::start("up").await;
+    redis.stop();
+    let name = tunnel_id("outage");
+    let agent = Agent::serve(&a.base, &name, &upstream.url(), None);
+    let refused = || a.output().contains("cannot announce");
+    assert!(wait_until(WAIT, refused), "{}", a.output());
+    redis.restart();
+    let b = Relay::start(Store::Redis(&redis), &[]);
+    wait_agents(&b.client(), &name, 1, Duration::from_secs(3), &[&agent]).await;
+    let output = a.output();
+    assert_eq!(output.matches("cannot announce").count(), 1, "{output}");
+    assert!(output.contains("announced again"), "{output}");
 }

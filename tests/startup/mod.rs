@@ -23,6 +23,9 @@ fn unparsable_setting_is_fatal() {
         ("BURROW_ADVERTISE", "host:notport"),
         ("BURROW_CONF", missing.to_str().expect("a UTF-8 path")),
         ("BURROW_CONF", not_yaml.to_str().expect("a UTF-8 path")),
+        ("TUNNEL_ACCESS_TOKEN", ""),
+        ("REDIS_URL", "redis://127.0.0.1:99999"),
+        ("REDIS_HOST", "bad host"),
     ];
     for (var, value) in settings {
         let (code, stderr) = serve_with(var, value);
@@ -30,6 +33,22 @@ fn unparsable_setting_is_fatal() {
         assert!(
             stderr.contains(var) && stderr.contains("configuration error"),
             "{var}={value}: stderr does not name it: {stderr:?}"
+        );
+    }
+}
+
+/// A listening address that is taken stops `burrow serve` at once with one line naming it
+/// (Pingora alone would retry for 30 s, then leave a process serving nothing).
+#[test]
+fn taken_address_is_fatal() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let address = taken.local_addr().expect("an address").to_string();
+    for var in ["BURROW_LISTEN", "BURROW_METRICS_LISTEN"] {
+        let (code, stderr) = serve_with(var, &address);
+        assert_eq!(code, Some(1), "{var}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            format!("burrow: {var}={address} cannot be listened on: Address already in use (os error 98)")
         );
     }
 }

@@ -227,10 +227,11 @@ fn failed(batched: &Batched, reply: Value) -> Result<Value, StoreError> {
         if let [tag, why] = parts.as_slice() {
             if tag.as_str().as_deref() == Some("error") {
                 let why = why.as_str().map(|why| why.to_string()).unwrap_or_default();
-                return Err(StoreError::Internal(format!(
-                    "redis {}: {why}",
-                    batched.name
-                )));
+                let error = format!("redis {}: {why}", batched.name);
+                return Err(match super::is_transient(&why) {
+                    true => StoreError::Unavailable(error),
+                    false => StoreError::Internal(error),
+                });
             }
         }
     }

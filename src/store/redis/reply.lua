@@ -18,13 +18,15 @@ if #pending == 0 then
   return 0
 end
 
-redis.call('XACK', stream, group, id)
-redis.call('XDEL', stream, id)
-redis.call('RPUSH', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PEXPIRE', KEYS[4], ARGV[5])
+-- A script's writes are not undone when it fails, so the ones that can be refused (a key of
+-- another type, out of memory) come first: then the message stays pending, to be answered again.
 if ARGV[8] then
   redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[5])
 end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('XACK', stream, group, id)
+redis.call('XDEL', stream, id)
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
