@@ -26,10 +26,10 @@ enum Command {
         upgrade: bool,
     },
     /// Take jobs from a queue on a relay and run a command for each, with the job's JSON on stdin;
-    /// its stdout is the result (PROTOCOL.md part 2).
+    /// its stdout is the result (docs/PROTOCOL.md part 2).
     Worker(crate::worker::WorkerArgs),
     /// Dial out to a relay, register a name, and forward the requests routed to that name to an
-    /// upstream HTTP service (PROTOCOL.md part 3).
+    /// upstream HTTP service (docs/PROTOCOL.md part 3).
     Agent(crate::agent::AgentArgs),
 }
 

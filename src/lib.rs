@@ -1,7 +1,7 @@
 //! Burrow: an HTTP relay for parties that cannot reach each other directly.
 //!
 //! Producers and consumers meet at a tunnel id; Burrow is a drop-in replacement for
-//! http-event-relay (see `PROTOCOL.md`), served by Pingora and backed by an embedded store or by
+//! http-event-relay (see `docs/PROTOCOL.md`), served by Pingora and backed by an embedded store or by
 //! KeyDB / Redis streams.
 //!
 //! # Layout

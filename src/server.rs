@@ -12,7 +12,7 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::access_log;
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::http::{Connections, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::store::{Store, StoreError};
@@ -97,6 +97,17 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         config.listen,
         config.store.name()
     );
+    let loopback = config
+        .advertise
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|address| address.ip().is_loopback());
+    if matches!(config.store, StoreConfig::Redis(_)) && loopback {
+        log::info!(
+            "agents connected here are announced at {}, which only instances on this host \
+             reach: set BURROW_ADVERTISE when instances run on several hosts or containers",
+            config.advertise
+        );
+    }
     server.run(RunArgs::default());
     // The requests drained at shutdown were logged after the flusher's last round.
     access_log::flush();

@@ -283,15 +283,15 @@ impl Route {
             "/health" => readable(method, Route::Health),
             "/demo" | "/demo/" | "/demo/index.html" => readable(method, Route::Demo),
             "/agents" => readable(method, Route::Agents),
-            "/agent/connect" => {
+            "/agent/connect" => only_get_with(method, || {
                 let name = query.name.as_deref().and_then(TunnelId::parse);
                 let name = name.ok_or_else(|| {
                     Error::BadParameter(
                         "Invalid or missing name: expected a tunnel-id-shaped agent name".into(),
                     )
                 })?;
-                only_get(method, Route::AgentConnect { name })
-            }
+                Ok(Route::AgentConnect { name })
+            }),
             "/trigger" if method == Method::POST => Ok(Route::Trigger { queue: queue()? }),
             "/trigger" if method == Method::OPTIONS => Ok(Route::Preflight),
             "/trigger" => Err(Error::MethodNotAllowed {
@@ -811,6 +811,13 @@ mod tests {
             }
         );
         assert!(matches!(get("/agent/connect"), Err(Error::BadParameter(_))));
+        // The method first, whatever the name.
+        let post = parse(Method::POST, "/agent/connect");
+        assert!(matches!(post, Err(Error::MethodNotAllowed { .. })));
+        assert_eq!(
+            parse(Method::OPTIONS, "/agent/connect").unwrap(),
+            Route::Preflight
+        );
         assert_eq!(get("/agents").unwrap(), Route::Agents);
     }
 
