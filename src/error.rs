@@ -48,6 +48,15 @@ pub enum Error {
     /// An HTTP/1 request head that must not be served (see `http::framing`); the text says why.
     #[error("{0}")]
     MalformedHead(&'static str),
+    /// A request head still incomplete after `BURROW_HEADER_TIMEOUT`.
+    #[error("Request head not complete within {} s", .0.as_secs())]
+    HeadTooSlow(std::time::Duration),
+    /// A request head over the relay's limit.
+    #[error("Request head too large: the limit is {limit} bytes")]
+    HeadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// A request body in a transfer coding other than `chunked` alone.
     #[error("Transfer-Encoding not supported")]
     UnsupportedCoding,

@@ -504,10 +504,10 @@ impl HttpServerApp for RelayApp {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // Pingora's own futures are boxed so that they take memory only while they run: the
-        // state of this function is held for as long as a long-poll waits. The head's first
-        // bytes are here already (`connection` waits for them), so the header timeout bounds only
-        // how long the rest may take, not how long a kept-alive connection may stay idle; it runs
-        // on Pingora's timer, cheaper than tokio's on this per-request path.
+        // state of this function is held for as long as a long-poll waits. An HTTP/1 head is
+        // here whole already (`connection` reads it, bounded in time and size), so the header
+        // timeout matters for HTTP/2 streams; it runs on Pingora's timer, cheaper than tokio's
+        // on this per-request path.
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
             Ok(Ok(true)) if session.is_http2() => None,
@@ -517,18 +517,10 @@ impl HttpServerApp for RelayApp {
                 let head = session.req_header();
                 let length_dropped =
                     session.get_keepalive().is_none() && parked::client_keeps_alive(head);
-                framing::check(head, length_dropped)
-                    .err()
-                    .map(Response::from)
+                framing::check(head, length_dropped).err()
             }
             Ok(Ok(false)) => return None,
-            Err(_) => {
-                let secs = self.header_timeout.as_secs();
-                Some(Response::text(
-                    408,
-                    format!("Request head not complete within {secs} s"),
-                ))
-            }
+            Err(_) => Some(Error::HeadTooSlow(self.header_timeout)),
             Ok(Err(e)) => {
                 debug!("could not read a request: {e}");
                 // A head that came but does not parse still gets its one-line answer; a client
@@ -536,14 +528,11 @@ impl HttpServerApp for RelayApp {
                 if e.etype() != &pingora_error::ErrorType::InvalidHTTPHeader {
                     return None;
                 }
-                Some(Response::text(400, "Malformed request head"))
+                Some(Error::MalformedHead("Malformed request head"))
             }
         };
-        if let Some(response) = refused {
-            if let Ok(head) = response.head() {
-                let _ = session.write_error_response(head, response.body).await;
-            }
-            linger(session).await;
+        if let Some(why) = refused {
+            refuse(session, why).await;
             return None;
         }
         let started = Instant::now();
@@ -792,6 +781,16 @@ async fn linger(session: ServerSession) {
     let mut dropped = [0u8; 4096];
     let drain = async { while stream.read(&mut dropped).await.is_ok_and(|n| n > 0) {} };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Answers a request refused before it was read whole (its head too slow, too large, malformed),
+/// and closes its connection, lingering.
+pub(super) async fn refuse(mut session: ServerSession, why: Error) {
+    let response = Response::from(why);
+    if let Ok(head) = response.head() {
+        let _ = session.write_error_response(head, response.body).await;
+    }
+    linger(session).await;
 }
 
 /// A handler's error as the response telling the client; store trouble is logged too.

@@ -19,7 +19,8 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use super::app::{RelayApp, KEEPALIVE_SECS};
+use super::app::{refuse, RelayApp, KEEPALIVE_SECS};
+use crate::error::Error;
 
 /// The client preface every HTTP/2 connection starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -29,6 +30,10 @@ const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(KEEPALIVE_SECS);
 
 /// The first read of a request head: Pingora's own size for the buffer it parses a head in.
 const HEAD_BUFFER: usize = 4096;
+
+/// The most bytes a request head may take; Pingora alone would buffer up to 1 MiB per connection
+/// (nginx allows about 33 KiB by default; real clients' cookies and tokens fit well within this).
+pub const MAX_HEAD: usize = 64 * 1024;
 
 /// The service's app: tells HTTP/2 from HTTP/1 on each new connection, then serves it.
 pub struct Connections {
@@ -70,10 +75,14 @@ impl ServerApp for Connections {
 pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
     let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
     while let Some((stream, settings)) = next {
-        let Some((stream, head)) = next_request(stream).await else {
+        let Some((stream, head, refused)) = next_request(stream, app.header_timeout()).await else {
             return;
         };
         let mut session = ServerSession::new_http1(stream);
+        if let Some(refused) = refused {
+            refuse(session, refused).await;
+            return;
+        }
         match settings {
             Some(settings) => settings.apply_to_session(&mut session),
             None => {
@@ -91,16 +100,66 @@ pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &Shutdow
     }
 }
 
-/// Waits as long as a keep-alive lasts for the client's next request, and returns the stream with
-/// its first bytes, for the session to parse before it reads more; `None` when the client leaves
-/// or stays silent.
-async fn next_request(mut stream: Stream) -> Option<(Stream, BytesMut)> {
+/// Waits as long as a keep-alive lasts for the client's next request, then for the rest of its
+/// head within `rest_within` (the header timeout), and returns the stream with the bytes read, for
+/// the session to parse without reading more. With them, why the head is refused: too slow (the
+/// header timeout) or too large ([`MAX_HEAD`]). `None` when the client leaves or stays silent.
+async fn next_request(
+    mut stream: Stream,
+    rest_within: Duration,
+) -> Option<(Stream, BytesMut, Option<Error>)> {
     let mut head = BytesMut::with_capacity(HEAD_BUFFER);
     // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
     match pingora_timeout::timeout(FIRST_BYTES_WITHIN, stream.read_buf(&mut head)).await {
-        Ok(Ok(n)) if n > 0 => Some((stream, head)),
-        _ => None,
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return None,
     }
+    // Most heads arrive in one read: no timer then.
+    if ends_head(&head, 0) {
+        return Some((stream, head, None));
+    }
+    let rest = pingora_timeout::timeout(rest_within, read_rest(&mut stream, &mut head)).await;
+    let refused = match rest {
+        Ok(Ok(())) => None,
+        Ok(Err(Some(refused))) => Some(refused),
+        Ok(Err(None)) => {
+            log::debug!("could not read a request: the client left in the middle of its head");
+            return None;
+        }
+        Err(_) => Some(Error::HeadTooSlow(rest_within)),
+    };
+    Some((stream, head, refused))
+}
+
+/// Reads until `head` holds a whole request head; `Err(Some(_))` when it grows past
+/// [`MAX_HEAD`] first, `Err(None)` when the client leaves.
+async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Option<Error>> {
+    loop {
+        if head.len() >= MAX_HEAD {
+            return Err(Some(Error::HeadTooLarge { limit: MAX_HEAD }));
+        }
+        let scanned = head.len();
+        head.reserve(HEAD_BUFFER);
+        match stream.read_buf(head).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(None),
+        }
+        if ends_head(head, scanned) {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether `bytes` hold the blank line that ends a request head (lines end in CRLF, or in a bare
+/// LF, which the parser accepts too), looking only at what follows `scanned`: a head trickling in
+/// a byte at a time is not scanned again from its start for every byte.
+fn ends_head(bytes: &[u8], scanned: usize) -> bool {
+    let start = scanned.saturating_sub(2);
+    bytes[start..]
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .any(|(at, _)| matches!(&bytes[start + at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// A finished request's connection, ready for the next request: bytes the client pipelined
@@ -156,4 +215,23 @@ async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool)> 
     let h2 = seen[..len] == *H2_PREFACE;
     tcp.rewind(&seen[..len]);
     Some((tcp, h2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head ends at its blank line, CRLF or bare LF, found also across reads.
+    #[test]
+    fn head_ends_at_its_blank_line() {
+        assert!(ends_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
+        assert!(ends_head(b"GET / HTTP/1.1\nHost: a\n\n", 0));
+        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(!ends_head(b"\r\nGET / HTTP/1.1\r\n", 0));
+        // The blank line's first bytes came with the previous read.
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for scanned in 0..head.len() {
+            assert!(ends_head(head, scanned), "{scanned}");
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! - `route`: request line → [`Route`](route::Route) (or the error telling the client why not);
 //! - `framing`: HTTP/1 heads refused before routing (ambiguous body framing, a bad `Host`);
 //! - `connection`: tells HTTP/2 (h2c) from HTTP/1 on a new connection without waiting for bytes
-//!   a short request never sends, and serves HTTP/1's keep-alive loop;
+//!   a short request never sends, and serves HTTP/1's keep-alive loop, reading each head whole
+//!   (within the header timeout, up to 64 KiB) before Pingora parses it;
 //! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
 //! - `parked`: long-polls that wait outside Pingora's per-connection state;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;

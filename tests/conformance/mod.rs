@@ -77,7 +77,7 @@ per_store! {
         h2c_poll_wakes_on_produce,
         short_requests_are_answered,
         head_health,
-        malformed_heads_get_400,
+        malformed_heads_are_refused,
         ambiguous_heads_are_refused,
         malformed_bodies_get_400,
         slow_heads_get_408,

@@ -437,17 +437,15 @@ pub(super) async fn hung_up_heads_are_dropped(backend: Backend) {
 }
 
 /// Burrow: a request head that does not parse (unknown HTTP version, a NUL in a header, too many
-/// headers, a request line over the size limit, two different Content-Lengths) is answered 400
-/// with a one-line body, not dropped, and the relay goes on serving.
-pub(super) async fn malformed_heads_get_400(backend: Backend) {
+/// headers, two different Content-Lengths) is answered 400 and one over 64 KiB 431, with a
+/// one-line body, not dropped, and the relay goes on serving.
+pub(super) async fn malformed_heads_are_refused(backend: Backend) {
     let relay = backend.shared();
     let many_headers: String = (0..2000).map(|i| format!("X-{i}: v\r\n")).collect();
-    let long_path = "a".repeat(100_000);
     for request in [
         "GET /health HTTP/9.9\r\nHost: a\r\n\r\n".to_owned(),
         "GET /health HTTP/1.1\r\nHost: a\r\nX-Bad: a\0b\r\n\r\n".to_owned(),
         format!("GET /health HTTP/1.1\r\nHost: a\r\n{many_headers}\r\n"),
-        format!("GET /{long_path} HTTP/1.1\r\nHost: a\r\n\r\n"),
         "POST /t/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
             .to_owned(),
     ] {
@@ -461,6 +459,25 @@ pub(super) async fn malformed_heads_get_400(backend: Backend) {
         );
         let body = String::from_utf8_lossy(&answer.body);
         assert_eq!(body.trim_end(), "Malformed request head");
+    }
+    // A head over 64 KiB is 431 as soon as that much has come, the rest unread: in the path, in a
+    // header, or without its end ever sent.
+    let long_path = "a".repeat(100_000);
+    let long_value = "v".repeat(70_000);
+    for request in [
+        format!("GET /{long_path} HTTP/1.1\r\nHost: a\r\n\r\n"),
+        format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
+        format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}"),
+    ] {
+        let mut connection = Connection::open(&relay.base).await;
+        let answer = connection.exchange(&request).await;
+        assert_eq!(answer.status, 431, "{:?}", &request[..40]);
+        let body = String::from_utf8_lossy(&answer.body);
+        assert_eq!(
+            body.trim_end(),
+            "Request head too large: the limit is 65536 bytes"
+        );
+        assert!(connection.closed().await);
     }
     relay.client().get("/health").await.expect(200);
 }
