@@ -77,7 +77,7 @@ pub(super) async fn poll_takes_queued_message_at_once(api: &Client) {
 pub(super) async fn poll_wakes_on_produce(api: &Client) {
     let t = tunnel_id("pollwake");
     let poll = spawn_get(api, format!("/t/{t}/poll?timeout=10"));
-    let_polls_start().await;
+    let_polls_start(api, 1).await;
     let id = api.produce(&t, "wake up").await;
     let produced = Instant::now();
     let (consumed, _) = poll.await.expect("the poll task does not panic");
@@ -106,7 +106,7 @@ pub(super) async fn polls_share_messages(api: &Client) {
     let polls: Vec<_> = (0..3)
         .map(|_| spawn_get(api, format!("/t/{t}/poll?timeout=2")))
         .collect();
-    let_polls_start().await;
+    let_polls_start(api, 3).await;
     api.produce_numbered(&t, 2).await;
     let mut delivered = BTreeSet::new();
     let mut timed_out = 0;
@@ -287,7 +287,7 @@ pub(super) async fn h2c_poll_wakes_on_produce(backend: Backend) {
         .expect("an h2c client builds");
     let url = format!("{}/t/{t}/poll?timeout=10", api.base());
     let poll = tokio::spawn(async move { h2c.get(url).send().await });
-    let_polls_start().await;
+    let_polls_start(&api, 1).await;
     api.produce(&t, "over h2c").await;
     let produced = Instant::now();
     let response = poll

@@ -36,7 +36,7 @@ pub(super) async fn pending_polls_share_a_new_message(api: &Client) {
     let polls: Vec<_> = (0..3)
         .map(|_| spawn_get(api, format!("/t/{t}/poll?pending&timeout=2")))
         .collect();
-    let_polls_start().await;
+    let_polls_start(api, 3).await;
     let id = api.produce(&t, "once").await;
     let mut answers = Vec::new();
     for poll in polls {

@@ -83,7 +83,7 @@ async fn assert_reply_refused(api: &Client, t: &str, id: &str) {
 pub(super) async fn reply_poll_wakes_on_reply(api: &Client) {
     let (t, id) = pending_message(api, "replypoll").await;
     let poll = spawn_get(api, format!("/t/{t}/{id}/reply/poll?timeout=5"));
-    let_polls_start().await;
+    let_polls_start(api, 1).await;
     api.post_typed(&format!("/t/{t}/{id}/reply"), "text/csv", "a,b")
         .await
         .expect(201);

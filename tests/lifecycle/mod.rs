@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
-use crate::support::{eventually, shared_redis, spawn_get, tunnel_id, wait_until, Client};
+use crate::support::{eventually, metric, shared_redis, spawn_get, tunnel_id, wait_until, Client};
 
 /// Pingora settings for these tests: the grace period of conf/burrow.yaml and an upgrade socket
 /// of the test's own, so parallel tests cannot hand sockets to each other.
@@ -209,16 +209,6 @@ fn stored_count(tunnel: &str) -> i64 {
     shared_redis()
         .command(&["XLEN", &format!("t:{tunnel}:s")])
         .int()
-}
-
-/// The value of one sample line of the metrics page, e.g. `burrow_waiting_polls`.
-async fn metric(metrics: &Client, sample: &str) -> f64 {
-    let page = metrics.get("/metrics").await.expect(200).text();
-    page.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |value| {
-            value.trim().parse().expect("samples are numbers")
-        })
 }
 
 /// Waits until the relay reports `n` waiting long-polls (the event the test needs, not a pause).

@@ -126,7 +126,7 @@ async fn poll_finds_messages_the_original_wrote() {
     let (api, redis) = shared();
     let t = tunnel_id("lua-poll");
     let poll = spawn_get(&api, format!("/t/{t}/poll?timeout=10"));
-    let_polls_start().await;
+    let_polls_start(&api, 1).await;
     let id = redis
         .command(&["XADD", &format!("t:{t}:s"), "*", "data", "silent"])
         .text();
@@ -255,7 +255,7 @@ async fn poll_wakes_across_instances() {
     let b = other.client();
     let t = tunnel_id("cross-poll");
     let poll = spawn_get(&a, format!("/t/{t}/poll?timeout=10"));
-    let_polls_start().await;
+    let_polls_start(&a, 1).await;
     let id = b.produce(&t, "across").await;
     let produced = Instant::now();
     let (consumed, _) = poll.await.expect("the poll task does not panic");
@@ -273,7 +273,7 @@ async fn reply_poll_wakes_across_instances() {
     let id = a.produce(&t, "question").await;
     b.consume(&t, "?pending").await.expect(200);
     let poll = spawn_get(&a, format!("/t/{t}/{id}/reply/poll?timeout=10"));
-    let_polls_start().await;
+    let_polls_start(&a, 1).await;
     b.post(&format!("/t/{t}/{id}/reply"), "answer")
         .await
         .expect(201);

@@ -11,6 +11,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     bearer: Option<String>,
+    /// The relay's metrics page (`http://host:port`), when the test harness started it with one.
+    metrics: Option<String>,
 }
 
 impl Client {
@@ -26,7 +28,21 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
             bearer: None,
+            metrics: None,
         }
+    }
+
+    /// The same client, knowing the relay's metrics page at `base`.
+    pub fn with_metrics(self, base: &str) -> Client {
+        Client {
+            metrics: Some(base.to_owned()),
+            ..self
+        }
+    }
+
+    /// A client for the relay's metrics page, if it has one.
+    pub fn metrics(&self) -> Option<Client> {
+        self.metrics.as_deref().map(Client::new)
     }
 
     /// The relay's base URL, `http://host:port`.

@@ -35,12 +35,34 @@ pub fn spawn_get(client: &Client, path: String) -> JoinHandle<(Response, Duratio
     })
 }
 
-/// Gives long-polls just sent time to reach the relay and start waiting.
+/// Waits until `count` long-polls wait at the relay `api` talks to (its `burrow_waiting_polls`
+/// gauge), so that a scenario tests the wake-up path, not the fast path.
 ///
-/// Whether a poll is already waiting cannot be observed from outside, and the scenarios pass in
-/// either order; this pause only makes sure the wake-up path, not the fast path, is what they test.
-pub async fn let_polls_start() {
-    tokio::time::sleep(Duration::from_millis(300)).await;
+/// An external relay (`BURROW_URL`) shows no gauge: there the polls get a pause of 300 ms
+/// instead, which the scenarios do not depend on (they pass in either order).
+pub async fn let_polls_start(api: &Client, count: u32) {
+    let Some(metrics) = api.metrics() else {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&metrics, "burrow_waiting_polls").await < f64::from(count) {
+        assert!(
+            Instant::now() < deadline,
+            "{count} polls never started waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The value of one sample line of a metrics page, e.g. `burrow_waiting_polls` (0 when absent).
+pub async fn metric(metrics: &Client, sample: &str) -> f64 {
+    let page = metrics.get("/metrics").await.expect(200).text();
+    page.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |value| {
+            value.trim().parse().expect("samples are numbers")
+        })
 }
 
 /// Asserts that a waiting poll answered promptly after the event that should wake it, well before

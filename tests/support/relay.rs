@@ -25,6 +25,8 @@ pub enum Store<'a> {
 pub struct Relay {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// `http://127.0.0.1:PORT` of its metrics page.
+    metrics: String,
     process: Guarded,
     _dir: TempDir,
 }
@@ -42,7 +44,13 @@ impl Relay {
             Store::Memory => None,
             Store::Redis(server) => Some(server.url()),
         };
-        let mut vars = vec![("BURROW_LISTEN", listen.as_str()), ("RUST_LOG", "warn")];
+        // Metrics always on, so that tests can wait for what the relay reports (waiting polls).
+        let default_metrics = format!("127.0.0.1:{}", free_port());
+        let mut vars = vec![
+            ("BURROW_LISTEN", listen.as_str()),
+            ("RUST_LOG", "warn"),
+            ("BURROW_METRICS_LISTEN", default_metrics.as_str()),
+        ];
         if let Some(url) = &redis_url {
             vars.extend([("BURROW_STORE", "redis"), ("REDIS_URL", url.as_str())]);
         }
@@ -59,8 +67,14 @@ impl Relay {
             "burrow on port {port} did not become healthy:\n{}",
             process.output()
         );
+        let metrics = vars
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == "BURROW_METRICS_LISTEN")
+            .map_or(default_metrics.as_str(), |(_, address)| address);
         Relay {
             base: format!("http://{listen}"),
+            metrics: format!("http://{metrics}"),
             process,
             _dir: dir,
         }
@@ -68,7 +82,7 @@ impl Relay {
 
     /// A client for this relay.
     pub fn client(&self) -> Client {
-        Client::new(&self.base)
+        Client::new(&self.base).with_metrics(&self.metrics)
     }
 
     /// The port the relay listens on.
