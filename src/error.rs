@@ -57,6 +57,9 @@ pub enum Error {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A request body of which nothing arrived for a minute (Pingora's read timeout).
+    #[error("Request body stalled: nothing arrived for 60 s")]
+    BodyStalled,
     /// A request body in a transfer coding other than `chunked` alone.
     #[error("Transfer-Encoding not supported")]
     UnsupportedCoding,

@@ -435,7 +435,8 @@ pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
     use pingora_error::ErrorType;
     debug!("could not read a request: {error}");
     let why = match error.etype() {
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => "the connection stalled",
+        ErrorType::ReadTimedout => return Error::BodyStalled,
+        ErrorType::WriteTimedout => "the connection stalled",
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
             "the connection was cut off"
         }
@@ -587,7 +588,10 @@ impl HttpServerApp for RelayApp {
             Ok(route) => match self.handle(route, &mut session, &mut shutdown).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
-                    body_left = matches!(e, Error::TooLarge { .. } | Error::BadRequest(_));
+                    body_left = matches!(
+                        e,
+                        Error::TooLarge { .. } | Error::BadRequest(_) | Error::BodyStalled
+                    );
                     Outcome::whole(failed(name, e))
                 }
             },
@@ -852,4 +856,20 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
         return None;
     }
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use pingora_error::ErrorType;
+
+    use super::*;
+
+    /// A body read that times out is 408, one cut off or malformed 400.
+    #[test]
+    fn unreadable_bodies() {
+        let status = |etype| Response::from(unreadable(&pingora_error::Error::new(etype))).status;
+        assert_eq!(status(ErrorType::ReadTimedout), 408);
+        assert_eq!(status(ErrorType::ConnectionClosed), 400);
+        assert_eq!(status(ErrorType::InvalidHTTPHeader), 400);
+    }
 }

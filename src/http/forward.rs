@@ -42,7 +42,9 @@ pub async fn open(
     // An upstream may answer before it has read the whole body: the response still counts, so a
     // failed send is not an answer yet (if the exchange itself failed, `response` says why).
     // A client body that broke off is: dropping the exchange aborts the upstream request.
-    if let Err(err @ Error::BadRequest(_)) = send_body(session, &mut exchange).await {
+    if let Err(err @ (Error::BadRequest(_) | Error::BodyStalled)) =
+        send_body(session, &mut exchange).await
+    {
         return Err(err);
     }
     // A client that leaves meanwhile ends the exchange: dropping it aborts the upstream request.
@@ -53,13 +55,15 @@ pub async fn open(
     Ok((Response::forwarded(answer.status, answer.headers), exchange))
 }
 
-/// Streams the request body to the agent, chunk by chunk.
+/// Streams the request body to the agent, chunk by chunk, within the request's timeout.
 async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Result<(), Error> {
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(|e| unreadable(&e))?
-    {
+    loop {
+        let read = exchange
+            .within_deadline(session.read_request_body())
+            .await?;
+        let Some(chunk) = read.map_err(|e| unreadable(&e))? else {
+            break;
+        };
         exchange.send(chunk).await?;
     }
     exchange.finish().await?;

@@ -135,7 +135,7 @@ impl From<Error> for Response {
             | Error::MalformedHead(_)
             | Error::InvalidBody(_) => 400,
             Error::UnsupportedCoding => 501,
-            Error::HeadTooSlow(_) => 408,
+            Error::HeadTooSlow(_) | Error::BodyStalled => 408,
             Error::HeadTooLarge { .. } => 431,
             Error::UnknownJob(_) => 404,
             Error::NotWebSocket(_) => 426,

@@ -191,6 +191,18 @@ impl Exchange {
         }
     }
 
+    /// Runs `work` (reading the client's body, say) within the response head's deadline: a
+    /// request body slower than the timeout fails the exchange as a late answer would (504).
+    pub async fn within_deadline<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, RouteError> {
+        match within(self.head_deadline(), work).await {
+            Some(done) => Ok(done),
+            None => Err(self.timed_out()),
+        }
+    }
+
     /// The deadline while no response head has arrived; none after.
     fn head_deadline(&self) -> Option<Instant> {
         (self.phase == Phase::AwaitingHead).then_some(self.deadline)

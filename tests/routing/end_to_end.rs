@@ -348,7 +348,8 @@ async fn every_status() {
 }
 
 /// A request body the upstream does not take runs out of credit: when the timeout passes while
-/// the relay is still sending it, the answer is 504 (the timeout), not a 502.
+/// the relay is still sending it, the answer is 504 (the timeout), not a 502; so it is when the
+/// client's body stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_while_sending_the_body() {
     let setup = Setup::start(Store::Memory, &[]).await;
@@ -358,6 +359,14 @@ async fn timeout_while_sending_the_body() {
         setup.name
     );
     let (status, took) = raw_request(&setup.relay.base, head, vec![7; len], true).await;
+    assert_eq!(status, 504);
+    assert!(took < Duration::from_secs(2), "504 only after {took:?}");
+    // A body that stalls (ten bytes of a thousand, then nothing) is a late answer too.
+    let head = format!(
+        "PUT /r/{}/sleep HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 300ms\r\nContent-Length: 1000\r\n\r\n",
+        setup.name
+    );
+    let (status, took) = raw_request(&setup.relay.base, head, vec![7; 10], true).await;
     assert_eq!(status, 504);
     assert!(took < Duration::from_secs(2), "504 only after {took:?}");
 }
