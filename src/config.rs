@@ -184,12 +184,21 @@ impl Config {
         let listen = env
             .socket_address("BURROW_LISTEN")?
             .unwrap_or_else(|| "0.0.0.0:8080".into());
+        let metrics_listen = env.socket_address("BURROW_METRICS_LISTEN")?;
+        // Both would bind (Pingora reuses ports), and connections would be shared between them.
+        if let Some(metrics) = metrics_listen.as_ref().filter(|m| overlap(m, &listen)) {
+            return Err(ConfigError::Invalid {
+                var: "BURROW_METRICS_LISTEN",
+                value: metrics.clone(),
+                expected: "an address other than BURROW_LISTEN's",
+            });
+        }
         Ok(Config {
             advertise: env
                 .host_port("BURROW_ADVERTISE")?
                 .unwrap_or_else(|| reachable(&listen)),
             listen,
-            metrics_listen: env.socket_address("BURROW_METRICS_LISTEN")?,
+            metrics_listen,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
             jobs_queue: env.tunnel_id("BURROW_JOBS_QUEUE", "jobs")?,
             route_timeout: env.route_timeout("BURROW_ROUTE_TIMEOUT", Duration::from_secs(3))?,
@@ -214,6 +223,20 @@ fn reachable(listen: &str) -> String {
     match listen.parse::<std::net::SocketAddr>() {
         Ok(addr) if addr.ip().is_unspecified() => format!("127.0.0.1:{}", addr.port()),
         _ => listen.to_owned(),
+    }
+}
+
+/// Whether two listening addresses (checked `IP:port`s) take the same port on a common IP.
+fn overlap(a: &str, b: &str) -> bool {
+    match (
+        a.parse::<std::net::SocketAddr>(),
+        b.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        }
+        _ => false,
     }
 }
 
@@ -251,7 +274,11 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
                 true => format!("redis://[{host}]:{port}"),
                 false => format!("redis://{host}:{port}"),
             };
-            if redis_url(&url).is_err() {
+            // Not only what a URL can hold: `#`, `?` or `@` would cut the host short.
+            let plain = host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c));
+            if !plain || redis_url(&url).is_err() {
                 return Err(ConfigError::Invalid {
                     var: "REDIS_HOST",
                     value: host,
@@ -517,6 +544,9 @@ mod tests {
             ("REDIS_URL", "redis://127.0.0.1:6379/notanumber"),
             ("REDIS_URL", "http://127.0.0.1:6379"),
             ("REDIS_HOST", "bad host"),
+            ("REDIS_HOST", "127.0.0.1#x"),
+            ("REDIS_HOST", "u@127.0.0.1"),
+            ("BURROW_METRICS_LISTEN", "0.0.0.0:8080"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();

@@ -200,5 +200,10 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
     };
     let yaml = std::fs::read_to_string(path).map_err(|e| unusable(e.to_string()))?;
     // Only the parser's own words: Pingora's error repeats the whole file as its context.
-    ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))
+    let conf = ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))?;
+    // Pingora would panic building a runtime without threads.
+    if conf.threads == 0 {
+        return Err(unusable("threads must be at least 1".into()));
+    }
+    Ok(conf)
 }

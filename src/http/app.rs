@@ -512,14 +512,7 @@ impl HttpServerApp for RelayApp {
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
             Ok(Ok(true)) if session.is_http2() => None,
-            Ok(Ok(true)) => {
-                // Pingora drops the Content-Length of a head that also has Transfer-Encoding
-                // and turns keep-alive off for it, which is how such a head is told here.
-                let head = session.req_header();
-                let length_dropped =
-                    session.get_keepalive().is_none() && parked::client_keeps_alive(head);
-                framing::check(head, length_dropped).err()
-            }
+            Ok(Ok(true)) => framing::check(session.req_header()).err(),
             Ok(Ok(false)) => return None,
             Err(_) => Some(Error::HeadTooSlow(self.header_timeout)),
             Ok(Err(e)) => {

@@ -20,6 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::app::{refuse, RelayApp, KEEPALIVE_SECS};
+use super::framing;
 use crate::error::Error;
 
 /// The client preface every HTTP/2 connection starts with (RFC 9113 §3.4).
@@ -78,6 +79,13 @@ pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &Shutdow
         let Some((stream, head, refused)) = next_request(stream, app.header_timeout()).await else {
             return;
         };
+        // Pingora keeps no Content-Length that came with Transfer-Encoding: told from the raw
+        // head, before it parses it.
+        let refused = refused.or_else(|| {
+            framing::has_both_lengths(&head).then_some(Error::MalformedHead(
+                "Content-Length and Transfer-Encoding together",
+            ))
+        });
         let mut session = ServerSession::new_http1(stream);
         if let Some(refused) = refused {
             refuse(session, refused).await;

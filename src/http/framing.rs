@@ -10,10 +10,28 @@ use pingora_http::RequestHeader;
 
 use crate::error::Error;
 
+/// Whether a raw HTTP/1 request head (as read, before Pingora parses it) has both
+/// `Content-Length` and `Transfer-Encoding`: the parser would drop the length and go by the
+/// coding, where a proxy in front may have gone by the length.
+pub fn has_both_lengths(raw: &[u8]) -> bool {
+    let mut lines = raw
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .skip_while(|line| line.is_empty());
+    // The request line, then the header lines up to the blank one.
+    lines.next();
+    let (mut length, mut coding) = (false, false);
+    for line in lines.take_while(|line| !line.is_empty()) {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        length |= name.trim_ascii().eq_ignore_ascii_case(b"content-length");
+        coding |= name.trim_ascii().eq_ignore_ascii_case(b"transfer-encoding");
+    }
+    length && coding
+}
+
 /// Whether an HTTP/1 request head may be served. A refused one is answered, and its connection
-/// closed: where its body ends is unknown. `length_dropped`: the parser removed a Content-Length
-/// that came with Transfer-Encoding (it does not keep it).
-pub fn check(head: &RequestHeader, length_dropped: bool) -> Result<(), Error> {
+/// closed: where its body ends is unknown.
+pub fn check(head: &RequestHeader) -> Result<(), Error> {
     let headers = &head.headers;
     let malformed = |why| Err(Error::MalformedHead(why));
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
@@ -25,9 +43,6 @@ pub fn check(head: &RequestHeader, length_dropped: bool) -> Result<(), Error> {
     }
     let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
     if codings.peek().is_some() {
-        if length_dropped || headers.contains_key(CONTENT_LENGTH) {
-            return malformed("Content-Length and Transfer-Encoding together");
-        }
         let mut all = codings.flat_map(|value| value.as_bytes().split(|&b| b == b','));
         let only_chunked = all
             .next()
@@ -61,6 +76,23 @@ fn is_host(value: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// Both framing headers are found in a raw head whatever their case and order, and only in
+    /// the head: not in the request line, nor in a body or a request pipelined behind.
+    #[test]
+    fn both_lengths_in_raw_heads() {
+        let both = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 3\r\nTransfer-Encoding : chunked\r\n\r\n";
+        assert!(has_both_lengths(both));
+        assert!(has_both_lengths(
+            b"\r\nPOST / HTTP/1.1\nContent-Length: 3\nTransfer-Encoding: chunked\n\n"
+        ));
+        assert!(!has_both_lengths(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+        ));
+        assert!(!has_both_lengths(
+            b"POST /transfer-encoding:x HTTP/1.1\r\nContent-Length: 20\r\n\r\nTransfer-Encoding: x\r\n"
+        ));
+    }
+
     fn head(version: Version, headers: &[(&str, &str)]) -> RequestHeader {
         let mut head = RequestHeader::build("POST", b"/t/x", None).expect("a head");
         head.set_version(version);
@@ -72,9 +104,7 @@ mod tests {
     }
 
     fn status(version: Version, headers: &[(&str, &str)]) -> Option<String> {
-        check(&head(version, headers), false)
-            .err()
-            .map(|e| e.to_string())
+        check(&head(version, headers)).err().map(|e| e.to_string())
     }
 
     /// Framing two readers could disagree on, other codings and bad hosts are refused.
@@ -91,15 +121,7 @@ mod tests {
         assert_eq!(status(v11, &[("Host", "")]), None);
         for (headers, why) in [
             (
-                &[
-                    host,
-                    ("Content-Length", "3"),
-                    ("Transfer-Encoding", "chunked"),
-                ][..],
-                "Content-Length and Transfer-Encoding together",
-            ),
-            (
-                &[host, ("Content-Length", "3, 3")],
+                &[host, ("Content-Length", "3, 3")][..],
                 "Malformed Content-Length",
             ),
             (
@@ -120,13 +142,5 @@ mod tests {
         ] {
             assert_eq!(status(v11, headers).as_deref(), Some(why), "{headers:?}");
         }
-        let chunked = head(v11, &te("chunked"));
-        assert_eq!(
-            check(&chunked, true)
-                .err()
-                .map(|e| e.to_string())
-                .as_deref(),
-            Some("Content-Length and Transfer-Encoding together")
-        );
     }
 }

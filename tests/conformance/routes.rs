@@ -502,6 +502,14 @@ pub(super) async fn ambiguous_heads_are_refused(backend: Backend) {
             "Content-Length and Transfer-Encoding together",
         ),
         (
+            post(
+                "Host: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+                "0\r\n\r\n",
+            ),
+            400,
+            "Content-Length and Transfer-Encoding together",
+        ),
+        (
             post("Host: a\r\nContent-Length: 1, 1\r\n", "x"),
             400,
             "Malformed Content-Length",

@@ -15,6 +15,8 @@ fn unparsable_setting_is_fatal() {
     let not_yaml = dir.path().join("not.yaml");
     std::fs::write(&not_yaml, "threads: [unclosed").expect("the file is written");
     let missing = dir.path().join("missing.yaml");
+    let no_threads = dir.path().join("no-threads.yaml");
+    std::fs::write(&no_threads, "version: 1\nthreads: 0\n").expect("the file is written");
     let settings = [
         ("TUNNEL_MAXLEN", "abc"),
         ("TUNNEL_MAX_POLL_TIMEOUT", "soon"),
@@ -23,6 +25,7 @@ fn unparsable_setting_is_fatal() {
         ("BURROW_ADVERTISE", "host:notport"),
         ("BURROW_CONF", missing.to_str().expect("a UTF-8 path")),
         ("BURROW_CONF", not_yaml.to_str().expect("a UTF-8 path")),
+        ("BURROW_CONF", no_threads.to_str().expect("a UTF-8 path")),
         ("TUNNEL_ACCESS_TOKEN", ""),
         ("REDIS_URL", "redis://127.0.0.1:99999"),
         ("REDIS_HOST", "bad host"),
