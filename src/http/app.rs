@@ -148,23 +148,23 @@ impl RelayApp {
         session: &mut ServerSession,
         shutdown: &mut Shutdown,
     ) -> Result<Outcome, Error> {
+        // Only a signature needs the body: without one, a request is refused before its body is
+        // read (no `100 Continue`, nothing uploaded for nothing), as the original did.
+        let signed = credentials(session).signature.is_some();
+        let allows = |session: &ServerSession, body: &[u8]| match route.access() {
+            Access::Open => true,
+            Access::Name(name) => self.auth.allows(name.as_str(), credentials(session), body),
+            Access::Token => self.auth.allows_token(credentials(session)),
+        };
+        if !signed && !allows(session, b"") {
+            return Err(Error::AccessDenied);
+        }
         let body = if route.takes_body() {
             self.read_body(session).await?
         } else {
             Bytes::new()
         };
-        let credentials = || Credentials {
-            authorization: session.get_header("Authorization").map(|v| v.as_bytes()),
-            signature: session
-                .get_header("X-Hub-Signature-256")
-                .map(|v| v.as_bytes()),
-        };
-        let allowed = match route.access() {
-            Access::Open => true,
-            Access::Name(name) => self.auth.allows(name.as_str(), credentials(), &body),
-            Access::Token => self.auth.allows_token(credentials()),
-        };
-        if !allowed {
+        if signed && !allows(session, &body) {
             return Err(Error::AccessDenied);
         }
         let tunnels = &self.tunnels;
@@ -581,10 +581,12 @@ impl HttpServerApp for RelayApp {
             Ok(route) => match self.handle(route, &mut session, &mut shutdown).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
-                    body_left = matches!(
-                        e,
-                        Error::TooLarge { .. } | Error::BadRequest(_) | Error::BodyStalled
-                    );
+                    body_left = match e {
+                        Error::TooLarge { .. } | Error::BadRequest(_) | Error::BodyStalled => true,
+                        // Refused before its body was read.
+                        Error::AccessDenied => !session.is_body_done(),
+                        _ => false,
+                    };
                     Outcome::whole(failed(name, e))
                 }
             },
@@ -778,6 +780,16 @@ async fn linger(session: ServerSession) {
     let mut dropped = [0u8; 4096];
     let drain = async { while stream.read(&mut dropped).await.is_ok_and(|n| n > 0) {} };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// What a request presents to authorization.
+fn credentials(session: &ServerSession) -> Credentials<'_> {
+    Credentials {
+        authorization: session.get_header("Authorization").map(|v| v.as_bytes()),
+        signature: session
+            .get_header("X-Hub-Signature-256")
+            .map(|v| v.as_bytes()),
+    }
 }
 
 /// Answers a request refused before it was read whole (its head too slow, too large, malformed),

@@ -5,6 +5,7 @@ use reqwest::Method;
 use sha2::Sha256;
 
 use super::routes::{assert_cors, assert_preflight};
+use crate::support::raw::Connection;
 use crate::support::says::ACCESS_DENIED;
 use crate::support::{tunnel_id, Backend};
 
@@ -35,6 +36,15 @@ pub(super) async fn access_token_guards_tunnels(backend: Backend) {
         api.with_bearer("tok").get(&path).await.expect(200).text(),
         "welcome"
     );
+    // Refused before the body is asked for: no `100 Continue`, and the connection is closed,
+    // its body never read.
+    let mut connection = Connection::open(&relay.base).await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+    );
+    let answer = connection.exchange(&head).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(connection.closed().await);
 }
 
 /// Authorization covers every `/t/` route, while `/health`, `/demo/` and preflights stay open.
