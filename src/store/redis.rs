@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::WithOptions;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, ErrorKind, EventInterface, KeysInterface, Options,
-    PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+    Builder, Client, ClientLike, Config, ConfigInterface, ErrorKind, EventInterface, KeysInterface,
+    Options, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
@@ -181,11 +181,9 @@ impl RedisStore {
             pool.wait_for_connect().await?;
             subscriber.wait_for_connect().await
         };
-        if !matches!(
-            tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await,
-            Ok(Ok(()))
-        ) {
-            log::warn!("redis: not reachable at start-up; answering 503 until it is");
+        match tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await {
+            Ok(Ok(())) => warn_if_evicting(&pool).await,
+            _ => log::warn!("redis: not reachable at start-up; answering 503 until it is"),
         }
         Ok(RedisStore {
             clients: Arc::new(Clients::new(pool, command_builder)),
@@ -411,6 +409,24 @@ fn reply_payload(reply: Value) -> Result<Option<Payload>, StoreError> {
         body,
         content_type: parts.next().and_then(bytes_of).map(content_type),
     }))
+}
+
+/// Warns once at start-up when the server evicts keys under memory pressure: queued messages
+/// would vanish without a word. A server that does not show its settings is left alone.
+async fn warn_if_evicting(pool: &fred::clients::Pool) {
+    let asked = pool.config_get::<std::collections::HashMap<String, String>, _>("maxmemory-policy");
+    let Ok(Ok(settings)) = tokio::time::timeout(CONNECT_TIMEOUT, asked).await else {
+        return;
+    };
+    if let Some(policy) = settings
+        .get("maxmemory-policy")
+        .filter(|p| *p != "noeviction")
+    {
+        log::warn!(
+            "redis: maxmemory-policy is {policy}: under memory pressure the server deletes keys, \
+             queued messages among them; noeviction makes it refuse writes (503) instead"
+        );
+    }
 }
 
 /// Runs one operation, converting fred's errors. Its commands time out by themselves at the

@@ -86,6 +86,19 @@ async fn refused_writes_are_503_and_keep_the_message() {
     assert_eq!(api.len(&t).await, 0, "nothing produced while refused");
 }
 
+/// A server that evicts keys under memory pressure is named at start-up (its evictions would take
+/// queued messages); one that refuses writes instead is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicting_store_is_named_at_start_up() {
+    let redis = RedisServer::start();
+    let quiet = Relay::start(Store::Redis(&redis), &[]);
+    assert!(!quiet.output().contains("maxmemory-policy"), "{}", quiet.output());
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let warned = Relay::start(Store::Redis(&redis), &[]);
+    let said = "redis: maxmemory-policy is allkeys-lru";
+    assert!(warned.output().contains(said), "{}", warned.output());
+}
+
 /// A reply and a produce are refused with 503, and the message stays pending.
 async fn assert_refused(api: &Client, t: &str, id: &str) {
     let reply = api.post(&format!("/t/{t}/{id}/reply"), "result").await;
