@@ -236,8 +236,10 @@ struct SubscriberEvents {
 /// Feeds `audience` from the subscriber for the life of the process, subscribing again after
 /// every (re)connection since a new connection starts without subscriptions.
 async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience) {
-    // Logs one line per outage rather than one per reconnection attempt.
+    // Logs one line per outage rather than one per reconnection attempt, and, while the server
+    // cannot be reached, each new reason once (a wrong password is not an unreachable server).
     let mut connected = false;
+    let mut reason: Option<String> = None;
     loop {
         tokio::select! {
             message = events.messages.recv() => match message {
@@ -261,6 +263,7 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
                 Ok(server) => {
                     log::info!("redis: connected to {server}");
                     connected = true;
+                    reason = None;
                     subscribe(&subscriber).await;
                 }
                 Err(RecvError::Lagged(_)) => subscribe(&subscriber).await,
@@ -268,11 +271,13 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
             },
             error = events.errors.recv() => match error {
                 Ok((error, _)) => {
+                    let text = error.to_string();
                     if std::mem::take(&mut connected) {
-                        log::warn!("redis: connection lost, reconnecting: {error}");
-                    } else {
-                        log::debug!("redis: {error}");
+                        log::warn!("redis: connection lost, reconnecting: {text}");
+                    } else if reason.as_deref() != Some(text.as_str()) {
+                        log::warn!("redis: cannot connect: {text}");
                     }
+                    reason = Some(text);
                 }
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,

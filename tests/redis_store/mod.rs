@@ -5,7 +5,9 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use crate::support::redis::Value;
-use crate::support::{assert_prompt_wake, let_polls_start, shared_redis, spawn_get, tunnel_id};
+use crate::support::{
+    assert_prompt_wake, let_polls_start, shared_redis, spawn_get, tunnel_id, wait_until,
+};
 use crate::support::{Backend, Relay, Store};
 use crate::support::{Client, RedisServer};
 
@@ -92,11 +94,34 @@ async fn refused_writes_are_503_and_keep_the_message() {
 async fn evicting_store_is_named_at_start_up() {
     let redis = RedisServer::start();
     let quiet = Relay::start(Store::Redis(&redis), &[]);
-    assert!(!quiet.output().contains("maxmemory-policy"), "{}", quiet.output());
+    assert!(
+        !quiet.output().contains("maxmemory-policy"),
+        "{}",
+        quiet.output()
+    );
     redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
     let warned = Relay::start(Store::Redis(&redis), &[]);
     let said = "redis: maxmemory-policy is allkeys-lru";
     assert!(warned.output().contains(said), "{}", warned.output());
+}
+
+/// A server that refuses the relay's password is reported as such, once, not only as unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_password_is_named() {
+    let redis = RedisServer::start();
+    redis.command(&["CONFIG", "SET", "requirepass", "sekret"]);
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_PASSWORD", "wrong")]);
+    let named = wait_until(Duration::from_secs(10), || {
+        relay.output().contains("WRONGPASS")
+    });
+    assert!(named, "{}", relay.output());
+    relay
+        .client()
+        .post("/t/x", "x")
+        .await
+        .expect_one_line_error(503);
+    let output = relay.output();
+    assert_eq!(output.matches("cannot connect").count(), 1, "{output}");
 }
 
 /// A reply and a produce are refused with 503, and the message stays pending.
