@@ -113,6 +113,8 @@ impl RelayApp {
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
+        // An HTTP/2 connection without a stream lasts as long as an idle HTTP/1 one.
+        options.h2_idle_timeout = Some(Duration::from_secs(KEEPALIVE_SECS));
         Ok(RelayApp {
             tunnels,
             jobs,

@@ -598,3 +598,26 @@ async fn metrics_follow_the_traffic() {
     });
     assert!(counted.await, "{answered} never reached 1");
 }
+
+/// An HTTP/2 connection without a stream is closed after a minute, as an idle HTTP/1 one is, so
+/// that idle connections cannot pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2c_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let relay = crate::support::Backend::Memory.start(&[]);
+    let address = relay.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    // The client preface, an empty SETTINGS frame, and the acknowledgement of the relay's.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
+    socket.write_all(&hello).await.expect("sent");
+    let opened = Instant::now();
+    let mut frames = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(90), socket.read_to_end(&mut frames));
+    assert!(read.await.is_ok(), "still open after 90 s");
+    let idle = opened.elapsed();
+    assert!(idle >= Duration::from_secs(55), "closed after {idle:?}");
+}
