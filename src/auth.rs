@@ -34,6 +34,12 @@ impl Auth {
         self.config.enabled()
     }
 
+    /// Whether signatures are checked at all (`TUNNEL_SIGNATURE_SECRET`): only then does a
+    /// request's body take part in its authorization.
+    pub fn checks_signatures(&self) -> bool {
+        self.config.signature_secret.is_some()
+    }
+
     /// Whether `name` is open to everyone.
     pub fn is_public(&self, name: &str) -> bool {
         self.config.public_ids.contains(name)

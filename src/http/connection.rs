@@ -123,7 +123,7 @@ async fn next_request(
         _ => return None,
     }
     // Most heads arrive in one read: no timer then.
-    if ends_head(&head, 0) {
+    if head_end(&head, 0).is_some() {
         return Some((stream, head, None));
     }
     let rest = pingora_timeout::timeout(rest_within, read_rest(&mut stream, &mut head)).await;
@@ -139,12 +139,13 @@ async fn next_request(
     Some((stream, head, refused))
 }
 
-/// Reads until `head` holds a whole request head; `Err(Some(_))` when it grows past
-/// [`MAX_HEAD`] first, `Err(None)` when the client leaves.
+/// Reads until `head` holds a whole request head; `Err(Some(_))` when the head is over
+/// [`MAX_HEAD`], `Err(None)` when the client leaves.
 async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Option<Error>> {
+    let too_large = || Err(Some(Error::HeadTooLarge { limit: MAX_HEAD }));
     loop {
         if head.len() >= MAX_HEAD {
-            return Err(Some(Error::HeadTooLarge { limit: MAX_HEAD }));
+            return too_large();
         }
         let scanned = head.len();
         head.reserve(HEAD_BUFFER);
@@ -152,22 +153,34 @@ async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Optio
             Ok(n) if n > 0 => {}
             _ => return Err(None),
         }
-        if ends_head(head, scanned) {
-            return Ok(());
+        match head_end(head, scanned) {
+            // The read that found the end may have brought more than the limit allows.
+            Some(end) if end > MAX_HEAD => return too_large(),
+            Some(_) => return Ok(()),
+            None => {}
         }
     }
 }
 
-/// Whether `bytes` hold the blank line that ends a request head (lines end in CRLF, or in a bare
-/// LF, which the parser accepts too), looking only at what follows `scanned`: a head trickling in
-/// a byte at a time is not scanned again from its start for every byte.
-fn ends_head(bytes: &[u8], scanned: usize) -> bool {
-    let start = scanned.saturating_sub(2);
+/// Where the request head in `bytes` ends: just past the blank line that closes it (lines end
+/// in CRLF, or in a bare LF, which the parser accepts too). Empty lines before the request line
+/// are not it, as the parser skips them. Only what follows `scanned` is searched: a head
+/// trickling in a byte at a time is not scanned again from its start for every byte.
+fn head_end(bytes: &[u8], scanned: usize) -> Option<usize> {
+    let leading = bytes
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let start = scanned.saturating_sub(2).max(leading);
     bytes[start..]
         .iter()
         .enumerate()
         .filter(|(_, &b)| b == b'\n')
-        .any(|(at, _)| matches!(&bytes[start + at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+        .find_map(|(at, _)| match &bytes[start + at + 1..] {
+            [b'\n', ..] => Some(start + at + 2),
+            [b'\r', b'\n', ..] => Some(start + at + 3),
+            _ => None,
+        })
 }
 
 /// A finished request's connection, ready for the next request: bytes the client pipelined
@@ -229,17 +242,21 @@ async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool)> 
 mod tests {
     use super::*;
 
-    /// A head ends at its blank line, CRLF or bare LF, found also across reads.
+    /// A head ends at its blank line, CRLF or bare LF, found also across reads; empty lines
+    /// before the request line do not end it.
     #[test]
     fn head_ends_at_its_blank_line() {
-        assert!(ends_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
-        assert!(ends_head(b"GET / HTTP/1.1\nHost: a\n\n", 0));
-        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
-        assert!(!ends_head(b"\r\nGET / HTTP/1.1\r\n", 0));
-        // The blank line's first bytes came with the previous read.
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(head, 0), Some(head.len()));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nbody", 0), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"\r\nGET / HTTP/1.1\r\n", 0), None);
+        assert_eq!(head_end(b"\r\n\r\n\n", 0), None);
+        let late = b"\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(head_end(late, 0), Some(late.len()));
+        // The blank line's first bytes came with the previous read.
         for scanned in 0..head.len() {
-            assert!(ends_head(head, scanned), "{scanned}");
+            assert_eq!(head_end(head, scanned), Some(head.len()), "{scanned}");
         }
     }
 }

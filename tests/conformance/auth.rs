@@ -45,6 +45,12 @@ pub(super) async fn access_token_guards_tunnels(backend: Backend) {
     let answer = connection.exchange(&head).await;
     assert_eq!(answer.status, 403, "{answer:?}");
     assert!(connection.closed().await);
+    // A signature is no reason to read the body where signatures are not checked.
+    let mut connection = Connection::open(&relay.base).await;
+    let signed = head.replace("\r\n\r\n", "\r\nX-Hub-Signature-256: sha256=00\r\n\r\n");
+    let answer = connection.exchange(&signed).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(connection.closed().await);
 }
 
 /// Authorization covers every `/t/` route, while `/health`, `/demo/` and preflights stay open.

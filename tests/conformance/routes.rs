@@ -468,6 +468,8 @@ pub(super) async fn malformed_heads_are_refused(backend: Backend) {
         format!("GET /{long_path} HTTP/1.1\r\nHost: a\r\n\r\n"),
         format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
         format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}"),
+        // Empty lines before the request line are skipped, not taken for the head's end.
+        format!("\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
     ] {
         let mut connection = Connection::open(&relay.base).await;
         let answer = connection.exchange(&request).await;
@@ -505,6 +507,17 @@ pub(super) async fn ambiguous_heads_are_refused(backend: Backend) {
             post(
                 "Host: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n",
                 "0\r\n\r\n",
+            ),
+            400,
+            "Content-Length and Transfer-Encoding together",
+        ),
+        (
+            format!(
+                "\r\n\r\n{}",
+                post(
+                    "Host: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                    "0\r\n\r\n"
+                )
             ),
             400,
             "Content-Length and Transfer-Encoding together",
