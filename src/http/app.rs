@@ -739,7 +739,7 @@ impl RelayApp {
         let written = parked::write(&mut stream, response, keepalive).await;
         self.record(&served, status);
         match written {
-            Ok(()) if keepalive => connection::serve_http1(&self, stream, &shutdown).await,
+            Ok(()) if keepalive => connection::serve_http1(&self, stream, &shutdown, None).await,
             Ok(()) => {}
             Err(e) => debug!("could not write a response: {e}"),
         }

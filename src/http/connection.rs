@@ -55,12 +55,12 @@ impl ServerApp for Connections {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (stream, h2) = sniff(stream, self.app.header_timeout()).await?;
+        let (stream, h2, head_began) = sniff(stream, self.app.header_timeout()).await?;
         if h2 {
             // The preface is back in front of the stream: Pingora's own check finds it at once.
             return ServerApp::process_new(&self.app, stream, shutdown).await;
         }
-        serve_http1(&self.app, stream, shutdown).await;
+        serve_http1(&self.app, stream, shutdown, Some(head_began)).await;
         None
     }
 
@@ -73,10 +73,17 @@ impl ServerApp for Connections {
 /// Pingora does: keep-alive on unless the server is shutting down, settings carried from one
 /// request to the next. Before each request it waits for the request's first bytes itself, so
 /// that the app's header timeout bounds a head in transit, not the idle time before it.
-pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &ShutdownWatch) {
+pub async fn serve_http1(
+    app: &Arc<RelayApp>,
+    stream: Stream,
+    shutdown: &ShutdownWatch,
+    mut head_began: Option<Instant>,
+) {
     let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
     while let Some((stream, settings)) = next {
-        let Some((stream, head, refused)) = next_request(stream, app.header_timeout()).await else {
+        let began = head_began.take();
+        let Some((stream, head, refused)) = next_request(stream, app.header_timeout(), began).await
+        else {
             return;
         };
         // Pingora keeps no Content-Length that came with Transfer-Encoding: told from the raw
@@ -109,12 +116,14 @@ pub async fn serve_http1(app: &Arc<RelayApp>, stream: Stream, shutdown: &Shutdow
 }
 
 /// Waits as long as a keep-alive lasts for the client's next request, then for the rest of its
-/// head within `rest_within` (the header timeout), and returns the stream with the bytes read, for
-/// the session to parse without reading more. With them, why the head is refused: too slow (the
-/// header timeout) or too large ([`MAX_HEAD`]). `None` when the client leaves or stays silent.
+/// head within `header_timeout` of its first byte (`began`, when that came before), and returns
+/// the stream with the bytes read, for the session to parse without reading more. With them, why
+/// the head is refused: too slow or too large ([`MAX_HEAD`]). `None` when the client leaves or
+/// stays silent.
 async fn next_request(
     mut stream: Stream,
-    rest_within: Duration,
+    header_timeout: Duration,
+    began: Option<Instant>,
 ) -> Option<(Stream, BytesMut, Option<Error>)> {
     let mut head = BytesMut::with_capacity(HEAD_BUFFER);
     // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
@@ -126,6 +135,10 @@ async fn next_request(
     if head_end(&head, 0).is_some() {
         return Some((stream, head, None));
     }
+    let rest_within = match began {
+        Some(began) => (began + header_timeout).saturating_duration_since(Instant::now()),
+        None => header_timeout,
+    };
     let rest = pingora_timeout::timeout(rest_within, read_rest(&mut stream, &mut head)).await;
     let refused = match rest {
         Ok(Ok(())) => None,
@@ -134,7 +147,7 @@ async fn next_request(
             log::debug!("could not read a request: the client left in the middle of its head");
             return None;
         }
-        Err(_) => Some(Error::HeadTooSlow(rest_within)),
+        Err(_) => Some(Error::HeadTooSlow(header_timeout)),
     };
     Some((stream, head, refused))
 }
@@ -212,30 +225,31 @@ pub(super) fn plain_tcp(stream: Stream) -> Result<Box<TcpStream>, Stream> {
 }
 
 /// Reads until the bytes either stop matching the HTTP/2 preface or are all of it, then puts
-/// them back in front of the stream; answers whether it is HTTP/2. `None` when the client left,
+/// them back in front of the stream; answers whether it is HTTP/2, and when the first bytes
+/// came (the head's time runs from there, not again from the next read). `None` when the client left,
 /// stayed silent, or sent its first bytes but not the rest within `rest_within` (the header
 /// timeout). A stream that cannot take bytes back (none here: TLS ends at the load balancer) is
 /// left to Pingora's check.
-async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool)> {
+async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool, Instant)> {
     let mut tcp = match plain_tcp(stream) {
         Ok(tcp) => tcp,
-        Err(other) => return Some((other, true)),
+        Err(other) => return Some((other, true, Instant::now())),
     };
     let mut seen = [0u8; H2_PREFACE.len()];
     let mut len = 0;
     // Silence before the first bytes is idle time; after them, the rest is head time.
     let mut deadline = Instant::now() + FIRST_BYTES_WITHIN;
-    let mut rest_deadline = None;
+    let mut began = None;
     while len < seen.len() && H2_PREFACE.starts_with(&seen[..len]) {
         match tokio::time::timeout_at(deadline, tcp.read(&mut seen[len..])).await {
             Ok(Ok(n)) if n > 0 => len += n,
             _ => return None,
         }
-        deadline = *rest_deadline.get_or_insert_with(|| Instant::now() + rest_within);
+        deadline = *began.get_or_insert_with(Instant::now) + rest_within;
     }
     let h2 = seen[..len] == *H2_PREFACE;
     tcp.rewind(&seen[..len]);
-    Some((tcp, h2))
+    Some((tcp, h2, began.unwrap_or_else(Instant::now)))
 }
 
 #[cfg(test)]

@@ -382,6 +382,24 @@ pub(super) async fn slow_heads_get_408(backend: Backend) {
         answer.ends_with("\r\n\r\nRequest head not complete within 1 s"),
         "{answer}"
     );
+    // A head whose first byte could begin HTTP/2's preface (`P`) has no more time: the timeout
+    // runs from that byte, not again once the next one tells HTTP/1.
+    let mut slow = TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    slow.write_all(b"P").await.expect("sent");
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    slow.write_all(b"OST /t/x HTTP/1.1\r\n")
+        .await
+        .expect("sent");
+    let mut answer = Vec::new();
+    slow.read_to_end(&mut answer)
+        .await
+        .expect("the answer, then the close");
+    let took = began.elapsed();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 408 "));
+    assert!(took < Duration::from_millis(1500), "408 after {took:?}");
 
     // Longer than the header timeout: idle time between requests is not head time, also after a
     // long-poll that waited (and so was answered outside Pingora's session).
