@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# CPU per request of two relay binaries, interleaved: the A/B behind docs/PERFORMANCE.md's
+# comparisons. For each round and binary it starts a fresh relay (and, for `route`, an upstream
+# and an agent of that binary; for `produce`, its own redis-server), drives it with wrk for
+# DURATION, reads the processes' CPU from /proc, and prints one line: requests per second and
+# µs of CPU per request (relay, and agent for `route`). Everything runs on 127.0.0.1, is bounded
+# in time and stops by itself.
+#
+#   loadtest/cpu-ab.sh health  /tmp/old/burrow target/release/burrow
+#   DURATION=5s ROUNDS=3 loadtest/cpu-ab.sh produce OLD NEW     # produce on the redis store
+#   loadtest/cpu-ab.sh route OLD NEW                             # relay → agent → upstream
+#
+# Needs wrk, redis-server and a release loadgen (`cargo build --release -p loadgen`); run
+# `scripts/install-deps.sh --loadtest` first on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCENARIO=$1
+shift
+BINARIES=("$@")
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-2}
+LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
+TMP=$(mktemp -d /tmp/burrow-cpu-ab.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+wait_http() {
+  for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "no answer from $1" >&2
+  exit 1
+}
+
+ENV=(BURROW_ACCESS_LOG=0 RUST_LOG=warn)
+WRK_CONNECTIONS=64
+case $SCENARIO in
+  health | route) ENV+=(BURROW_STORE=memory) ;;
+  produce)
+    REDIS_PORT=$(free_port)
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+      --dir "$TMP" --daemonize yes --pidfile "$TMP/redis.pid" >/dev/null
+    for _ in $(seq 100); do [[ -s $TMP/redis.pid ]] && break; sleep 0.05; done
+    PIDS+=("$(cat "$TMP/redis.pid")")
+    ENV+=(BURROW_STORE=redis "REDIS_URL=redis://127.0.0.1:$REDIS_PORT")
+    ;;
+  *) echo "scenario: health, produce or route" >&2 && exit 2 ;;
+esac
+[[ $SCENARIO == route ]] && WRK_CONNECTIONS=32
+
+for _ in $(seq "$ROUNDS"); do
+  for binary in "${BINARIES[@]}"; do
+    port=$(free_port)
+    sed -e "s|^pid_file:.*|pid_file: $TMP/burrow.pid|" -e "s|^upgrade_sock:.*|upgrade_sock: $TMP/upgrade.sock|" \
+      conf/burrow.yaml >"$TMP/burrow.yaml"
+    env "${ENV[@]}" BURROW_CONF="$TMP/burrow.yaml" BURROW_LISTEN="127.0.0.1:$port" "$binary" serve \
+      >"$TMP/relay.log" 2>&1 &
+    relay=$!
+    PIDS+=("$relay")
+    wait_http "http://127.0.0.1:$port/health"
+    watched=("$relay")
+    if [[ $SCENARIO == route ]]; then
+      up_port=$(free_port)
+      "$LOADGEN" upstream --port "$up_port" --seconds 600 >"$TMP/upstream.log" 2>&1 &
+      upstream=$!
+      PIDS+=("$upstream")
+      RUST_LOG=warn "$binary" agent --relay "http://127.0.0.1:$port" --name svc \
+        --upstream "http://127.0.0.1:$up_port" >"$TMP/agent.log" 2>&1 &
+      agent=$!
+      PIDS+=("$agent")
+      watched+=("$agent")
+      for _ in $(seq 200); do
+        curl -sf "http://127.0.0.1:$port/agents" | grep -q '"svc"' && break
+        sleep 0.05
+      done
+      wait_http "http://127.0.0.1:$port/r/svc/small"
+    fi
+    before=()
+    for pid in "${watched[@]}"; do before+=("$(ticks "$pid")"); done
+    result=$(wrk -t2 -c"$WRK_CONNECTIONS" -d"$DURATION" -s "loadtest/wrk/$SCENARIO.lua" \
+      "http://127.0.0.1:$port" | grep RESULT)
+    rate=$(grep -o 'rate=[0-9]*' <<<"$result" | cut -d= -f2)
+    seconds=${DURATION%s}
+    line="$(basename "$(dirname "$binary")")/$(basename "$binary") ${rate} req/s"
+    for i in "${!watched[@]}"; do
+      used=$(($(ticks "${watched[$i]}") - before[i]))
+      # Clock ticks are 1/100 s: µs per request = ticks * 10^4 / (rate * seconds).
+      name=$([[ $i == 0 ]] && echo relay || echo agent)
+      line+=" $name=$(awk -v t="$used" -v r="$rate" -v s="$seconds" 'BEGIN { printf "%.1f", t * 10000 / (r * s) }')µs"
+    done
+    echo "$line"
+    kill "${watched[@]}" 2>/dev/null || true
+    [[ $SCENARIO == route ]] && kill "$upstream" 2>/dev/null
+    wait 2>/dev/null || true
+  done
+done
