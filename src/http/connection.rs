@@ -86,13 +86,8 @@ pub async fn serve_http1(
         else {
             return;
         };
-        // Pingora keeps no Content-Length that came with Transfer-Encoding: told from the raw
-        // head, before it parses it.
-        let refused = refused.or_else(|| {
-            framing::has_both_lengths(&head).then_some(Error::MalformedHead(
-                "Content-Length and Transfer-Encoding together",
-            ))
-        });
+        // What Pingora's parser would mend without a word is told from the raw head.
+        let refused = refused.or_else(|| framing::check_raw(&head).err());
         let mut session = ServerSession::new_http1(stream);
         if let Some(refused) = refused {
             refuse(session, refused).await;

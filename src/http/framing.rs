@@ -10,23 +10,35 @@ use pingora_http::RequestHeader;
 
 use crate::error::Error;
 
-/// Whether a raw HTTP/1 request head (as read, before Pingora parses it) has both
-/// `Content-Length` and `Transfer-Encoding`: the parser would drop the length and go by the
-/// coding, where a proxy in front may have gone by the length.
-pub fn has_both_lengths(raw: &[u8]) -> bool {
+/// Checks of a raw HTTP/1 request head (as read, before Pingora parses it) for what its parser
+/// mends without a word: a request line with a control byte or a space inside its target (it
+/// percent-escapes them, and a routed upstream would get a request the client never sent), and
+/// `Content-Length` with `Transfer-Encoding` (it drops the length and goes by the coding, where
+/// a proxy in front may have gone by the length).
+pub fn check_raw(raw: &[u8]) -> Result<(), Error> {
     let mut lines = raw
         .split(|&b| b == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .skip_while(|line| line.is_empty());
     // The request line, then the header lines up to the blank one.
-    lines.next();
+    let request_line = lines.next().unwrap_or_default();
+    let spaces = request_line.iter().filter(|&&b| b == b' ').count();
+    let controls = request_line.iter().any(|&b| b.is_ascii_control());
+    if spaces != 2 || controls {
+        return Err(Error::MalformedHead("Malformed request line"));
+    }
     let (mut length, mut coding) = (false, false);
     for line in lines.take_while(|line| !line.is_empty()) {
         let name = line.split(|&b| b == b':').next().unwrap_or_default();
         length |= name.trim_ascii().eq_ignore_ascii_case(b"content-length");
         coding |= name.trim_ascii().eq_ignore_ascii_case(b"transfer-encoding");
     }
-    length && coding
+    match length && coding {
+        true => Err(Error::MalformedHead(
+            "Content-Length and Transfer-Encoding together",
+        )),
+        false => Ok(()),
+    }
 }
 
 /// Whether an HTTP/1 request head may be served. A refused one is answered, and its connection
@@ -77,20 +89,35 @@ mod tests {
     use super::*;
 
     /// Both framing headers are found in a raw head whatever their case and order, and only in
-    /// the head: not in the request line, nor in a body or a request pipelined behind.
+    /// the head: not in the request line, nor in a body or a request pipelined behind. A request
+    /// line with a stray space or a control byte is refused.
     #[test]
-    fn both_lengths_in_raw_heads() {
-        let both = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 3\r\nTransfer-Encoding : chunked\r\n\r\n";
-        assert!(has_both_lengths(both));
-        assert!(has_both_lengths(
-            b"\r\nPOST / HTTP/1.1\nContent-Length: 3\nTransfer-Encoding: chunked\n\n"
-        ));
-        assert!(!has_both_lengths(
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
-        ));
-        assert!(!has_both_lengths(
-            b"POST /transfer-encoding:x HTTP/1.1\r\nContent-Length: 20\r\n\r\nTransfer-Encoding: x\r\n"
-        ));
+    fn raw_heads() {
+        let why = |raw: &[u8]| check_raw(raw).err().map(|e| e.to_string());
+        let both = "Content-Length and Transfer-Encoding together";
+        let line = "Malformed request line";
+        for (raw, refused) in [
+            (
+                &b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 3\r\nTransfer-Encoding : chunked\r\n\r\n"[..],
+                Some(both),
+            ),
+            (
+                b"\r\nPOST / HTTP/1.1\nContent-Length: 3\nTransfer-Encoding: chunked\n\n",
+                Some(both),
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n", None),
+            (
+                b"POST /transfer-encoding:x HTTP/1.1\r\nContent-Length: 20\r\n\r\nTransfer-Encoding: x\r\n",
+                None,
+            ),
+            (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", Some(line)),
+            (b"GET /a\0b HTTP/1.1\r\nHost: a\r\n\r\n", Some(line)),
+            (b"GET /a\tb HTTP/1.1\r\nHost: a\r\n\r\n", Some(line)),
+            (b"GET  /a HTTP/1.1\r\nHost: a\r\n\r\n", Some(line)),
+            (b"GET /a?b=%20 HTTP/1.0\r\n\r\n", None),
+        ] {
+            assert_eq!(why(raw).as_deref(), refused, "{:?}", String::from_utf8_lossy(raw));
+        }
     }
 
     fn head(version: Version, headers: &[(&str, &str)]) -> RequestHeader {

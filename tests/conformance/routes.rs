@@ -541,6 +541,11 @@ pub(super) async fn ambiguous_heads_are_refused(backend: Backend) {
             "Content-Length and Transfer-Encoding together",
         ),
         (
+            format!("POST /t/{t} x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx{smuggled}"),
+            400,
+            "Malformed request line",
+        ),
+        (
             post("Host: a\r\nContent-Length: 1, 1\r\n", "x"),
             400,
             "Malformed Content-Length",
