@@ -181,10 +181,13 @@ impl RedisStore {
             pool.wait_for_connect().await?;
             subscriber.wait_for_connect().await
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await {
-            Ok(Ok(())) => warn_if_evicting(&pool).await,
-            _ => log::warn!("redis: not reachable at start-up; answering 503 until it is"),
+        if !matches!(
+            tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await,
+            Ok(Ok(()))
+        ) {
+            log::warn!("redis: not reachable at start-up; answering 503 until it is");
         }
+        tokio::spawn(warn_if_evicting(pool.clone()));
         Ok(RedisStore {
             clients: Arc::new(Clients::new(pool, command_builder)),
         })
@@ -233,13 +236,16 @@ struct SubscriberEvents {
     errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
 }
 
+/// How many distinct reasons for not reaching the store are logged per outage.
+const MAX_REASONS: usize = 8;
+
 /// Feeds `audience` from the subscriber for the life of the process, subscribing again after
 /// every (re)connection since a new connection starts without subscriptions.
 async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience) {
     // Logs one line per outage rather than one per reconnection attempt, and, while the server
     // cannot be reached, each new reason once (a wrong password is not an unreachable server).
     let mut connected = false;
-    let mut reason: Option<String> = None;
+    let mut reasons = std::collections::HashSet::new();
     loop {
         tokio::select! {
             message = events.messages.recv() => match message {
@@ -263,7 +269,7 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
                 Ok(server) => {
                     log::info!("redis: connected to {server}");
                     connected = true;
-                    reason = None;
+                    reasons.clear();
                     subscribe(&subscriber).await;
                 }
                 Err(RecvError::Lagged(_)) => subscribe(&subscriber).await,
@@ -274,10 +280,10 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
                     let text = error.to_string();
                     if std::mem::take(&mut connected) {
                         log::warn!("redis: connection lost, reconnecting: {text}");
-                    } else if reason.as_deref() != Some(text.as_str()) {
+                    } else if !reasons.contains(&text) && reasons.len() < MAX_REASONS {
                         log::warn!("redis: cannot connect: {text}");
+                        reasons.insert(text);
                     }
-                    reason = Some(text);
                 }
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
@@ -416,17 +422,22 @@ fn reply_payload(reply: Value) -> Result<Option<Payload>, StoreError> {
     }))
 }
 
-/// Warns once at start-up when the server evicts keys under memory pressure: queued messages
-/// would vanish without a word. A server that does not show its settings is left alone.
-async fn warn_if_evicting(pool: &fred::clients::Pool) {
+/// Warns once, when the store is first reached, if it evicts keys under memory pressure: queued
+/// messages would vanish without a word. A server that does not show its settings is left alone.
+async fn warn_if_evicting(pool: fred::clients::Pool) {
+    if pool.wait_for_connect().await.is_err() {
+        return;
+    }
     let asked = pool.config_get::<std::collections::HashMap<String, String>, _>("maxmemory-policy");
     let Ok(Ok(settings)) = tokio::time::timeout(CONNECT_TIMEOUT, asked).await else {
         return;
     };
-    if let Some(policy) = settings
-        .get("maxmemory-policy")
-        .filter(|p| *p != "noeviction")
-    {
+    let Some(policy) = settings.get("maxmemory-policy") else {
+        return;
+    };
+    if policy == "noeviction" {
+        log::debug!("redis: maxmemory-policy is {policy}");
+    } else {
         log::warn!(
             "redis: maxmemory-policy is {policy}: under memory pressure the server deletes keys, \
              queued messages among them; noeviction makes it refuse writes (503) instead"
