@@ -16,7 +16,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
-use crate::support::{eventually, metric, shared_redis, spawn_get, tunnel_id, wait_until, Client};
+use crate::support::{
+    eventually, metric, shared_redis, spawn_get, tunnel_id, wait_for_waiting_polls, wait_until,
+    Client,
+};
 
 /// Pingora settings for these tests: the grace period of conf/burrow.yaml and an upgrade socket
 /// of the test's own, so parallel tests cannot hand sockets to each other.
@@ -211,15 +214,6 @@ fn stored_count(tunnel: &str) -> i64 {
         .int()
 }
 
-/// Waits until the relay reports `n` waiting long-polls (the event the test needs, not a pause).
-async fn wait_for_waiting_polls(metrics: &Client, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(metrics, "burrow_waiting_polls").await != n {
-        assert!(Instant::now() < deadline, "{n} polls never started waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// SIGTERM answers every waiting long-poll with 204 at once and exits 0 within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_waiting_polls_and_exits() {
@@ -235,7 +229,10 @@ async fn sigterm_answers_waiting_polls_and_exits() {
     let polls: Vec<_> = (0..5)
         .map(|_| spawn_get(&api, format!("/t/{}/poll?timeout=30", tunnel_id("drain"))))
         .collect();
-    wait_for_waiting_polls(&Client::new(&format!("http://{metrics_listen}")), 5.0).await;
+    wait_for_waiting_polls(&Client::new(&format!("http://{metrics_listen}")), |n| {
+        n == 5.0
+    })
+    .await;
 
     relay.signal("TERM");
     let signalled = Instant::now();
@@ -312,10 +309,10 @@ async fn abandoned_polls_take_nothing() {
             h2c.get(format!("http://{address}/t/{t}/poll?timeout=30"))
                 .send(),
         );
-        wait_for_waiting_polls(&metrics, 6.0).await;
+        wait_for_waiting_polls(&metrics, |n| n == 6.0).await;
         drop(hung_up);
         reset.abort();
-        wait_for_waiting_polls(&metrics, 0.0).await;
+        wait_for_waiting_polls(&metrics, |n| n == 0.0).await;
 
         api.produce(&t, "kept").await;
         api.post(&format!("/t/{t}/{msg}/reply"), "answer")
@@ -584,13 +581,13 @@ async fn metrics_follow_the_traffic() {
 
     let idle = tunnel_id("metrics-poll");
     let poll = spawn_get(&api, format!("/t/{idle}/poll?timeout=30"));
-    wait_for_waiting_polls(&metrics, 1.0).await;
+    wait_for_waiting_polls(&metrics, |n| n == 1.0).await;
     api.produce(&idle, "wake").await;
     poll.await
         .expect("the poll task does not panic")
         .0
         .expect(200);
-    wait_for_waiting_polls(&metrics, 0.0).await;
+    wait_for_waiting_polls(&metrics, |n| n == 0.0).await;
     // A long-poll that waited (outside Pingora's session) is counted once answered, like any.
     let answered = "burrow_requests_total{route=\"poll\",status=\"200\"}";
     let counted = eventually(Duration::from_secs(5), || async {

@@ -45,11 +45,21 @@ pub async fn let_polls_start(api: &Client, count: u32) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         return;
     };
+    wait_for_waiting_polls(&metrics, |waiting| waiting >= f64::from(count)).await;
+}
+
+/// Waits until the relay's `burrow_waiting_polls` gauge, read from its metrics page, satisfies
+/// `ready` (the event a test needs, not a pause); panics after 10 s.
+pub async fn wait_for_waiting_polls(metrics: &Client, ready: impl Fn(f64) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics, "burrow_waiting_polls").await < f64::from(count) {
+    loop {
+        let waiting = metric(metrics, "burrow_waiting_polls").await;
+        if ready(waiting) {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "{count} polls never started waiting"
+            "the waiting polls never got where awaited (last {waiting})"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
