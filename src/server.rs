@@ -52,12 +52,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     // and leave a process that serves nothing. (An upgrade takes the address over from the old
     // process, which still holds it.)
     if !upgrade {
-        let listens = [("BURROW_LISTEN", Some(&config.listen))];
-        let metrics = [("BURROW_METRICS_LISTEN", config.metrics_listen.as_ref())];
-        for (var, address) in listens.into_iter().chain(metrics) {
-            if let Some(address) = address {
-                can_listen(var, address)?;
-            }
+        can_listen("BURROW_LISTEN", &config.listen)?;
+        if let Some(metrics) = &config.metrics_listen {
+            can_listen("BURROW_METRICS_LISTEN", metrics)?;
         }
     }
     // The store's background tasks (redis connections, the wake-up subscriber, expiry) live on

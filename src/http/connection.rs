@@ -34,7 +34,7 @@ const HEAD_BUFFER: usize = 4096;
 
 /// The most bytes a request head may take; Pingora alone would buffer up to 1 MiB per connection
 /// (nginx allows about 33 KiB by default; real clients' cookies and tokens fit well within this).
-pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 
 /// The service's app: tells HTTP/2 from HTTP/1 on each new connection, then serves it.
 pub struct Connections {
