@@ -396,7 +396,7 @@ impl RelayApp {
         shutdown: &mut Shutdown,
     ) -> Result<Response, Error> {
         match self.jobs.collect(job, wait, shutdown).await? {
-            Some(job) => Ok(Response::json(200, &job.to_json())),
+            Some(collected) => Ok(Response::json(200, &collected.job.to_json())),
             None => Err(Error::UnknownJob(job.to_string())),
         }
     }

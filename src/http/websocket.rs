@@ -35,6 +35,10 @@ const AGENT_FRAME_LIMIT: usize = 1 << 20;
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
 const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 
+/// How long a jobs socket may take to write one frame: a client that reads nothing for this long
+/// (its connection's buffers full) is dropped, and the result being written stays for `/done`.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -65,9 +69,10 @@ pub fn accept(
 
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
 ///
-/// A job's result is handed out (taken from the store) only once its frame is out: the tasks
-/// waiting for jobs only learn that one has finished. A socket that closes or resets, or a relay
-/// that stops, while results arrive leaves them for `/done` instead of dropping them.
+/// A job's result is taken from the store when its frame is about to be written, and given back
+/// if the frame cannot be written within [`SEND_TIMEOUT`]: the tasks waiting for jobs only learn
+/// that one has finished. A socket that closes, resets or stops reading, or a relay that stops,
+/// while results arrive leaves them for `/done` instead of dropping them.
 pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
@@ -122,15 +127,15 @@ pub async fn serve_jobs(
                     break;
                 }
             },
-            Some(id) = done.recv() => match jobs.peek(&id).await {
-                Ok(Some(job)) if job.state != JobState::Processing => {
-                    // Handed out only once the frame is out: a socket reset before then leaves
-                    // the result for `/done`.
-                    if send_text(&mut outgoing, job.to_json()).await.is_err() {
+            Some(id) = done.recv() => match jobs.collect(&id, None, &mut shutdown.clone()).await {
+                Ok(Some(collected)) if collected.job.state != JobState::Processing => {
+                    // Taken before its frame is written, so that it is handed out once; a frame
+                    // that cannot be written leaves it for `/done`.
+                    if !send_text(&mut outgoing, collected.job.to_json()).await {
+                        if let Err(e) = jobs.give_back(collected).await {
+                            log::warn!("job {id}: a result the socket could not deliver is lost: {e}");
+                        }
                         break;
-                    }
-                    if let Err(e) = jobs.settle(&id).await {
-                        log::debug!("job {id} was pushed but stays collectable: {e}");
                     }
                     continue;
                 }
@@ -152,18 +157,22 @@ pub async fn serve_jobs(
                 break;
             }
         };
-        if send_text(&mut outgoing, reply).await.is_err() {
+        if !send_text(&mut outgoing, reply).await {
             break;
         }
     }
 }
 
-/// Sends `value` as a text frame, flushed.
-async fn send_text<S>(outgoing: &mut S, value: serde_json::Value) -> Result<(), S::Error>
+/// Sends `value` as a text frame, flushed, within [`SEND_TIMEOUT`]; whether it was.
+async fn send_text<S>(outgoing: &mut S, value: serde_json::Value) -> bool
 where
     S: futures_util::Sink<Message> + Unpin,
 {
-    outgoing.send(Message::text(value.to_string())).await
+    let sent = tokio::time::timeout(
+        SEND_TIMEOUT,
+        outgoing.send(Message::text(value.to_string())),
+    );
+    matches!(sent.await, Ok(Ok(())))
 }
 
 /// Pushes a topic's events on an upgraded connection (text frames, or binary for bodies that are

@@ -142,48 +142,51 @@ impl Jobs {
     }
 
     /// The job `id`, waiting up to `wait` for it to finish; `None` if it is unknown (never
-    /// triggered, expired, or already collected). A finished job is handed out once.
+    /// triggered, expired, or already collected). A finished job is handed out once: whoever
+    /// collects it takes it, and gives it back with [`Jobs::give_back`] if it cannot deliver it.
     pub async fn collect(
         &self,
         id: &JobId,
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
-    ) -> Result<Option<Job>, Error> {
-        let Some(fields) = self.fields(id).await? else {
+    ) -> Result<Option<Collected>, Error> {
+        let Some(record) = self.store.job(id.queue(), id.msg()).await? else {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
         let first = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
         let again = self.tunnels.take_reply(queue, msg, None, shutdown);
         // Taking the reply forgot the job in the same step: its final state is handed out once.
-        let state = match self.found(id, first, again).await? {
-            Found::Reply(reply) => outcome(reply),
-            Found::Running => JobState::Processing,
+        let (state, reply) = match self.found(id, first, again).await? {
+            Found::Reply(reply) => (outcome(&reply), Some(reply)),
+            Found::Running => {
+                let job = Job::new(id, fields(&record), JobState::Processing);
+                return Ok(Some(Collected { job, taken: None }));
+            }
             // Handed out once: by whoever forgets the record; to anyone else (another collector,
             // or one that took the result meanwhile) the job is unknown.
             Found::Left if self.store.forget_job(queue, msg).await? => {
-                JobState::Failed(LEFT_THE_QUEUE.into())
+                (JobState::Failed(LEFT_THE_QUEUE.into()), None)
             }
             Found::Left => return Ok(None),
         };
-        Ok(Some(Job::new(id, fields, state)))
+        let job = Job::new(id, fields(&record), state);
+        let taken = Some(Taken { record, reply });
+        Ok(Some(Collected { job, taken }))
     }
 
-    /// Job `id` as [`Jobs::collect`] would answer it without waiting, but handing nothing out:
-    /// [`Jobs::settle`] does, once the answer has reached its client.
-    pub async fn peek(&self, id: &JobId) -> Result<Option<Job>, Error> {
-        let Some(fields) = self.fields(id).await? else {
-            return Ok(None);
+    /// Puts back the final state of a job that [`Jobs::collect`] took but could not deliver, for
+    /// the next collector; it is then kept for `TUNNEL_REPLY_TTL`.
+    pub async fn give_back(&self, collected: Collected) -> Result<(), Error> {
+        let Some(Taken { record, reply }) = collected.taken else {
+            return Ok(());
         };
-        let (queue, msg) = (id.queue(), id.msg());
-        let first = self.store.peek_reply(queue, msg).await?;
-        let again = async { Ok(self.store.peek_reply(queue, msg).await?) };
-        let state = match self.found(id, first, again).await? {
-            Found::Reply(reply) => outcome(reply),
-            Found::Running => JobState::Processing,
-            Found::Left => JobState::Failed(LEFT_THE_QUEUE.into()),
-        };
-        Ok(Some(Job::new(id, fields, state)))
+        let id = &collected.job.id;
+        let ttl = self.tunnels.config().reply_ttl;
+        let store = &self.store;
+        Ok(store
+            .restore_job(id.queue(), id.msg(), record, reply, ttl)
+            .await?)
     }
 
     /// What job `id`'s reply, read as `first`, says. Without one, a job whose message is gone
@@ -203,26 +206,26 @@ impl Jobs {
         }
         Ok(again.await?.map_or(Found::Left, Found::Reply))
     }
+}
 
-    /// Hands out the final state of job `id` that [`Jobs::peek`] showed: its result (or, for a
-    /// job that left its queue, its record) goes.
-    pub async fn settle(&self, id: &JobId) -> Result<(), Error> {
-        let (queue, msg) = (id.queue(), id.msg());
-        if self.store.take_reply(queue, msg).await?.is_none() {
-            self.store.forget_job(queue, msg).await?;
-        }
-        Ok(())
-    }
+/// A job as [`Jobs::collect`] found it, with the final state it took, if any.
+pub struct Collected {
+    /// The job as its client sees it.
+    pub job: Job,
+    taken: Option<Taken>,
+}
 
-    /// The fields job `id` was triggered with; `None` if it is unknown.
-    async fn fields(&self, id: &JobId) -> Result<Option<Map<String, Value>>, Error> {
-        let Some(record) = self.store.job(id.queue(), id.msg()).await? else {
-            return Ok(None);
-        };
-        Ok(Some(match serde_json::from_slice::<Value>(&record) {
-            Ok(Value::Object(fields)) => fields,
-            _ => Map::new(),
-        }))
+/// What the store held for a job's final state, to put back if it is not delivered.
+struct Taken {
+    record: Bytes,
+    reply: Option<Payload>,
+}
+
+/// The fields of the object a job was triggered with, from its record.
+fn fields(record: &[u8]) -> Map<String, Value> {
+    match serde_json::from_slice::<Value>(record) {
+        Ok(Value::Object(fields)) => fields,
+        _ => Map::new(),
     }
 }
 
@@ -241,7 +244,7 @@ const LEFT_THE_QUEUE: &str =
     "the job left its queue without a result (queue cleared or trimmed, or taken without pending)";
 
 /// What a worker's reply says: a failure report, a JSON result, or text.
-fn outcome(reply: Payload) -> JobState {
+fn outcome(reply: &Payload) -> JobState {
     let content_type = reply.content_type.as_deref().unwrap_or("");
     let media_type = content_type
         .split(';')
@@ -283,19 +286,19 @@ mod tests {
     #[test]
     fn outcomes() {
         let json_reply = reply(Some("application/json; charset=utf-8"), r#"{"n":1}"#);
-        assert_eq!(outcome(json_reply), JobState::Done(json!({"n": 1})));
+        assert_eq!(outcome(&json_reply), JobState::Done(json!({"n": 1})));
         let text = reply(Some("text/plain"), "hello");
-        assert_eq!(outcome(text), JobState::Done(json!("hello")));
-        assert_eq!(outcome(reply(None, "x")), JobState::Done(json!("x")));
+        assert_eq!(outcome(&text), JobState::Done(json!("hello")));
+        assert_eq!(outcome(&reply(None, "x")), JobState::Done(json!("x")));
         let bad_json = reply(Some("application/json"), "not json");
-        assert_eq!(outcome(bad_json), JobState::Done(json!("not json")));
+        assert_eq!(outcome(&bad_json), JobState::Done(json!("not json")));
         let problem = reply(
             Some(FAILURE_TYPE),
             r#"{"title":"job failed","detail":"boom"}"#,
         );
-        assert_eq!(outcome(problem), JobState::Failed("boom".into()));
+        assert_eq!(outcome(&problem), JobState::Failed("boom".into()));
         let bare = reply(Some(FAILURE_TYPE), "plain words");
-        assert_eq!(outcome(bare), JobState::Failed("plain words".into()));
+        assert_eq!(outcome(&bare), JobState::Failed("plain words".into()));
     }
 
     /// The JSON shape echoes the fields, with Burrow's own keys winning.

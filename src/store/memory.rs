@@ -260,18 +260,6 @@ impl Backend for MemoryStore {
         Ok(reply)
     }
 
-    async fn peek_reply(
-        &self,
-        tunnel: &TunnelId,
-        msg: MessageId,
-    ) -> Result<Option<Payload>, StoreError> {
-        let state = self.lock();
-        let reply = state.replies.get(&(tunnel.clone(), msg));
-        Ok(reply
-            .filter(|r| r.expires > Instant::now())
-            .map(|r| r.value.clone()))
-    }
-
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
         let state = self.lock();
         let Some(t) = state.tunnels.get(tunnel) else {
@@ -310,6 +298,23 @@ impl Backend for MemoryStore {
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<bool, StoreError> {
         let forgotten = self.lock().jobs.remove(&(queue.clone(), msg));
         Ok(forgotten.and_then(Expiring::live).is_some())
+    }
+
+    async fn restore_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        record: Bytes,
+        reply: Option<Payload>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let key = (queue.clone(), msg);
+        if let Some(reply) = reply {
+            state.replies.insert(key.clone(), Expiring::new(reply, ttl));
+        }
+        state.jobs.insert(key, Expiring::new(record, ttl));
+        Ok(())
     }
 
     async fn announce(

@@ -155,13 +155,6 @@ pub trait Backend: Send + Sync {
         msg: MessageId,
     ) -> Result<Option<Payload>, StoreError>;
 
-    /// The reply to `msg`, left in place.
-    async fn peek_reply(
-        &self,
-        tunnel: &TunnelId,
-        msg: MessageId,
-    ) -> Result<Option<Payload>, StoreError>;
-
     /// Where `msg` stands in `tunnel`.
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError>;
 
@@ -179,6 +172,17 @@ pub trait Backend: Send + Sync {
     /// Forgets a job that will never finish (its message left the queue without a reply);
     /// whether this call is the one that forgot it.
     async fn forget_job(&self, queue: &TunnelId, msg: MessageId) -> Result<bool, StoreError>;
+
+    /// Puts back a job's final state that was taken (by `take_reply` or `forget_job`) but could
+    /// not be delivered: its record and, if it had one, its reply, kept for `ttl`.
+    async fn restore_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        record: Bytes,
+        reply: Option<Payload>,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Records the presence of relay instance `instance` (its address and agents) for `ttl`.
     async fn announce(

@@ -97,7 +97,7 @@ static ACK: Script = Script::new(include_str!("redis/ack.lua"));
 static CLEAR: Script = Script::new(include_str!("redis/clear.lua"));
 static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
 static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
-static PEEK_REPLY: Script = Script::new(include_str!("redis/peek_reply.lua"));
+static RESTORE_JOB: Script = Script::new(include_str!("redis/restore_job.lua"));
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
 static READY: Script = Script::new(include_str!("redis/ready.lua"));
 static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
@@ -703,15 +703,6 @@ impl Backend for RedisStore {
         reply_payload(TAKE_REPLY.run(&self.call(), keys, Vec::new()).await?)
     }
 
-    async fn peek_reply(
-        &self,
-        tunnel: &TunnelId,
-        msg: MessageId,
-    ) -> Result<Option<Payload>, StoreError> {
-        let keys = reply_keys(tunnel, msg);
-        reply_payload(PEEK_REPLY.run(&self.call(), keys, Vec::new()).await?)
-    }
-
     async fn status(&self, tunnel: &TunnelId, msg: MessageId) -> Result<MessageStatus, StoreError> {
         let keys = TunnelKeys::new(tunnel);
         let args = vec![
@@ -745,6 +736,25 @@ impl Backend for RedisStore {
         let client = self.call().client();
         let deleted: i64 = bounded(client.del(job_key(queue, msg))).await?;
         Ok(deleted == 1)
+    }
+
+    async fn restore_job(
+        &self,
+        queue: &TunnelId,
+        msg: MessageId,
+        record: Bytes,
+        reply: Option<Payload>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut keys = reply_keys(queue, msg);
+        keys.push(job_key(queue, msg));
+        let mut args = vec![millis(ttl), Value::Bytes(record)];
+        if let Some(reply) = reply {
+            args.push(Value::Bytes(reply.body));
+            args.extend(reply.content_type.map(Value::from));
+        }
+        RESTORE_JOB.run(&self.call(), keys, args).await?;
+        Ok(())
     }
 
     async fn announce(

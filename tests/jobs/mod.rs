@@ -230,10 +230,9 @@ async fn websocket_round_trip(api: &Client) {
     let expected =
         json!({"id": id, "text": "over the socket", "status": "Done", "result": {"ok": true}});
     assert_eq!(finished, expected);
-    // The socket answers a Close only once it has taken the result it pushed (one task does
-    // both in turn): the pushed result was the one hand-out, so polling afterwards finds nothing.
-    assert_close_answered(&mut ws).await;
+    // The socket took the result before pushing it: the push was the one hand-out.
     assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
+    assert_close_answered(&mut ws).await;
     // A broken frame (RSV1 set, no extension agreed; masked, as from a client) closes with 1002.
     let broken = [0xc1, 0x80, 1, 2, 3, 4];
     assert_closed_for(&mut socket(api, "/ws", None).await, &broken, 1002).await;
@@ -339,6 +338,56 @@ async fn closing_leaves_results_for_done(api: &Client) {
             (job["status"].as_str(), job["result"].as_str()),
             (Some("Done"), Some("result"))
         );
+    }
+}
+
+/// A socket whose client stops reading is dropped once a result cannot be written for 30 s, and
+/// the result it was writing stays for `/done`: handed out once, to `/done`, not to the socket.
+async fn stuck_socket_leaves_its_result_for_done(backend: Backend) {
+    let relay = backend.start(&[("TUNNEL_MAX_MESSAGE_SIZE", "16777216")]);
+    let api = relay.client();
+    let queue = tunnel_id("stuck");
+    // A small receive buffer, so that the result outgrows every buffer on its way.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF set");
+    let address = api
+        .base()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("an address");
+    let stream = socket.connect(address).await.expect("connected");
+    let url = format!("ws://{address}/ws?queue={queue}");
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("the relay accepts the WebSocket");
+    send_json(&mut ws, &json!({"n": 1})).await;
+    let id = next_json(&mut ws).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let result = "r".repeat(8 << 20);
+    work(&api, &queue, "text/plain", &result).await;
+    // Taken while its frame is written: unknown to `/done` until the relay gives up on the socket.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let collected = loop {
+        let answer = api.get(&format!("/done/{id}")).await;
+        if answer.status == 200 {
+            break answer.json();
+        }
+        assert_eq!(answer.status, 404, "taken, then given back");
+        assert!(Instant::now() < deadline, "the result is back within 60 s");
+        // Nothing to wait on: the relay gives the result back without telling anyone.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(collected["status"], "Done");
+    assert_eq!(
+        collected["result"].as_str().map(str::len),
+        Some(result.len())
+    );
+    // What the relay wrote before dropping the socket is no whole frame.
+    while let Some(Ok(frame)) = ws.next().await {
+        assert!(!frame.is_text(), "the result reached the socket as well");
     }
 }
 
@@ -483,6 +532,7 @@ per_store! {
     ],
     dedicated: [
         limits,
+        stuck_socket_leaves_its_result_for_done,
         auth,
         socket_jobs_without_long_polls,
         job_records_last_as_long_as_the_job,
