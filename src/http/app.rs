@@ -280,6 +280,15 @@ impl RelayApp {
                 let agents = self.presence.all().await?;
                 Response::json(200, &serde_json::json!({ "agents": agents }))
             }
+            // A private service is not asked by whoever sends a preflight (it needs no
+            // credentials): the relay answers it, and the request itself must carry the token.
+            Route::Forward {
+                agent,
+                preflight: true,
+                ..
+            } if self.auth.enabled() && !self.auth.is_public(agent.as_str()) => {
+                service_preflight(session)
+            }
             Route::Forward {
                 agent,
                 path,
@@ -485,6 +494,17 @@ fn accept(session: &ServerSession) -> Result<Response, Error> {
         header("Sec-WebSocket-Version"),
         header("Sec-WebSocket-Key"),
     )
+}
+
+/// A CORS preflight for an agent's service that the relay answers: lets browsers use whatever
+/// method they asked for as well (the service has any).
+fn service_preflight(session: &ServerSession) -> Response {
+    let method = session
+        .get_header("Access-Control-Request-Method")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("GET")
+        .to_owned();
+    preflight(session).header("Access-Control-Allow-Methods", method)
 }
 
 /// A CORS preflight: lets browsers send whatever headers they asked for.

@@ -102,7 +102,10 @@ impl Response {
             return Ok(head);
         }
         head.insert_header("Access-Control-Allow-Origin", "*")?;
-        head.insert_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")?;
+        // A preflight the relay answers for an agent's service names the method it asked for.
+        if head.headers.get("Access-Control-Allow-Methods").is_none() {
+            head.insert_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")?;
+        }
         head.insert_header(
             "Access-Control-Expose-Headers",
             "*, X-Message-Id, X-Queue-Size",

@@ -312,7 +312,8 @@ impl Route {
             // The list spans every agent name, public or not; serving a name is never public:
             // whoever connected as an agent would receive its requests.
             (Route::Agents | Route::AgentConnect { .. }, _) => Access::Token,
-            // The service behind answers its own preflights, as the relay does for its routes.
+            // Browsers send preflights without credentials: a public service answers its own, the
+            // relay those of a private one.
             (
                 Route::Forward {
                     preflight: true, ..

@@ -885,23 +885,26 @@ async fn auth() {
         .await
         .expect_error(403, says::ACCESS_DENIED);
 
-    // Browsers send no credentials with a CORS preflight: the service behind answers it. Any
-    // other OPTIONS, or one carrying a body, needs the token.
-    let preflight = |body: &'static str| {
+    // Browsers send no credentials with a CORS preflight: the relay answers it for a private
+    // service, which nobody without the token reaches (connected or not: the answer is the
+    // same). Any other OPTIONS, or one carrying a body, needs the token.
+    let preflight = |path: &str, body: &'static str| {
         client
-            .request(Method::OPTIONS, &path)
+            .request(Method::OPTIONS, path)
             .header("Origin", "https://app.example")
             .header("Access-Control-Request-Method", "PUT")
             .body(body)
     };
-    let echo = Echo::parse(&client.send(preflight("")).await.expect(200).body);
-    assert_eq!(
-        (echo.method.as_str(), echo.uri.as_str()),
-        ("OPTIONS", "/echo")
-    );
-    assert_eq!(echo.one("access-control-request-method"), "PUT");
+    let answered = client.send(preflight(&path, "")).await.expect(204);
+    let absent = format!("/r/{}/echo", tunnel_id("absent"));
+    let answered_absent = client.send(preflight(&absent, "")).await.expect(204);
+    // The echoing upstream would have answered 200 with what it received.
+    for answer in [&answered, &answered_absent] {
+        assert_eq!(answer.header("access-control-allow-methods"), Some("PUT"));
+        assert!(answer.body.is_empty(), "{answer:?}");
+    }
     client
-        .send(preflight("not a preflight"))
+        .send(preflight(&path, "not a preflight"))
         .await
         .expect_error(403, says::ACCESS_DENIED);
     client
@@ -956,6 +959,13 @@ async fn auth() {
     let path = format!("/r/{public}/echo");
     let echo = Echo::parse(&client.get(&path).await.expect(200).body);
     assert!(!echo.has("authorization"), "{echo:?}");
+    // A public service answers its own preflights.
+    let echo = Echo::parse(&client.send(preflight(&path, "")).await.expect(200).body);
+    assert_eq!(
+        (echo.method.as_str(), echo.uri.as_str()),
+        ("OPTIONS", "/echo")
+    );
+    assert_eq!(echo.one("access-control-request-method"), "PUT");
     let own = client.with_bearer("upstream-credential");
     let echo = Echo::parse(&own.get(&path).await.expect(200).body);
     assert_eq!(echo.one("authorization"), "Bearer upstream-credential");
