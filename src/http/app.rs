@@ -388,7 +388,8 @@ impl RelayApp {
                 websocket::serve_jobs(stream, jobs, queue, max_message, shutdown).await;
             }
             Upgraded::Events(subscription) => {
-                websocket::serve_events(stream, subscription, shutdown).await;
+                let max_event = config.max_message_size;
+                websocket::serve_events(stream, subscription, max_event, shutdown).await;
             }
             Upgraded::Agent(name) => {
                 let socket = websocket::agent_socket(stream).await;

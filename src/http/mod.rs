@@ -23,5 +23,14 @@ mod route;
 mod sse;
 mod websocket;
 
+/// How long a pushed job result, event or keep-alive may take to be written: a client that reads
+/// nothing for this long (its connection's buffers full) is dropped instead of holding what it
+/// was sent, and its place among a topic's subscribers.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a subscription or a jobs socket may stay silent before a keep-alive, so that proxies
+/// keep the connection and a client vanished without closing (host gone) is noticed.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub use app::RelayApp;
 pub use connection::Connections;

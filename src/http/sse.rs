@@ -2,17 +2,13 @@
 //! event (`data:` lines, a blank line), with a keep-alive comment when the topic is quiet so that
 //! proxies keep the connection and a client vanished without closing (host gone) is noticed.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
+use super::{KEEPALIVE, SEND_TIMEOUT};
 use crate::events::Subscription;
 use crate::tunnel::Shutdown;
-
-/// How long the stream may stay silent before a keep-alive comment.
-const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Streams the subscription's events until the client goes away or the relay shuts down.
 pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut shutdown: Shutdown) {
@@ -21,7 +17,11 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
-        if session.write_response_body(chunk, false).await.is_err() {
+        let written = session.write_response_body(chunk, false);
+        if !matches!(
+            tokio::time::timeout(SEND_TIMEOUT, written).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
         chunk = tokio::select! {

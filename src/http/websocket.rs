@@ -28,6 +28,7 @@ use crate::tunnel::{Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
+use super::{KEEPALIVE, SEND_TIMEOUT};
 
 /// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
 const AGENT_FRAME_LIMIT: usize = 1 << 20;
@@ -35,9 +36,13 @@ const AGENT_FRAME_LIMIT: usize = 1 << 20;
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
 const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 
-/// How long a jobs socket may take to write one frame: a client that reads nothing for this long
-/// (its connection's buffers full) is dropped, and the result being written stays for `/done`.
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Room in a socket's write buffer beyond its largest frame: a frame head and a few queued
+/// control frames (pongs, a Close).
+const CONTROL_ROOM: usize = 4096;
+
+/// How much bigger than its job and result a job's JSON frame may be: a result of control bytes
+/// is escaped to six times its size (`\u0001`), the job's fields come along.
+const JOB_FRAME_GROWTH: usize = 8;
 
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -80,11 +85,10 @@ pub async fn serve_jobs(
     max_message: usize,
     mut shutdown: Shutdown,
 ) {
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
+    let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
     let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let (mut outgoing, mut incoming) = socket.split();
+    let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
     let mut waiters = Waiters {
         tasks: JoinSet::new(),
@@ -152,6 +156,12 @@ pub async fn serve_jobs(
                 }
             },
             Some(_) = waiters.tasks.join_next() => continue,
+            _ = keepalive.tick() => {
+                if !send(&mut outgoing, Message::Ping(Bytes::new())).await {
+                    break;
+                }
+                continue;
+            }
             _ = shutdown.changed() => {
                 let _ = outgoing.send(Message::Close(None)).await;
                 break;
@@ -168,23 +178,48 @@ async fn send_text<S>(outgoing: &mut S, value: serde_json::Value) -> bool
 where
     S: futures_util::Sink<Message> + Unpin,
 {
-    let sent = tokio::time::timeout(
-        SEND_TIMEOUT,
-        outgoing.send(Message::text(value.to_string())),
-    );
+    send(outgoing, Message::text(value.to_string())).await
+}
+
+/// Sends `message`, flushed, within [`SEND_TIMEOUT`]; whether it was.
+async fn send<S>(outgoing: &mut S, message: Message) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let sent = tokio::time::timeout(SEND_TIMEOUT, outgoing.send(message));
     matches!(sent.await, Ok(Ok(())))
+}
+
+/// A socket's settings: messages from the client up to `incoming` bytes, and a write buffer that
+/// holds one frame of up to `outgoing` bytes beyond tungstenite's own, no more: a client that
+/// stops reading (while it sends pings, say) cannot make the relay queue without end.
+fn settings(incoming: usize, outgoing: usize) -> WebSocketConfig {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(incoming))
+        .max_frame_size(Some(incoming));
+    let most = config.write_buffer_size.saturating_add(outgoing);
+    config.max_write_buffer_size(most.saturating_add(CONTROL_ROOM))
+}
+
+/// Ticks every [`KEEPALIVE`], the first after one period.
+fn keepalive() -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE)
 }
 
 /// Pushes a topic's events on an upgraded connection (text frames, or binary for bodies that are
 /// not UTF-8) until the client closes it or the relay shuts down.
-pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown: Shutdown) {
+pub async fn serve_events(
+    stream: Stream,
+    mut events: Subscription,
+    max_event: usize,
+    mut shutdown: Shutdown,
+) {
     // A subscriber has nothing to send but control frames: anything bigger closes the socket
     // instead of being buffered.
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(SUBSCRIBER_FRAME_LIMIT))
-        .max_frame_size(Some(SUBSCRIBER_FRAME_LIMIT));
+    let config = settings(SUBSCRIBER_FRAME_LIMIT, max_event);
     let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let (mut outgoing, mut incoming) = socket.split();
+    let mut keepalive = keepalive();
     loop {
         let frame = tokio::select! {
             body = events.next() => match String::from_utf8(body.to_vec()) {
@@ -199,10 +234,11 @@ pub async fn serve_events(stream: Stream, mut events: Subscription, mut shutdown
                     break;
                 }
             },
+            _ = keepalive.tick() => Message::Ping(Bytes::new()),
             _ = shutdown.changed() => Message::Close(None),
         };
         let closing = matches!(frame, Message::Close(_));
-        if outgoing.send(frame).await.is_err() || closing {
+        if !send(&mut outgoing, frame).await || closing {
             break;
         }
     }
@@ -250,9 +286,7 @@ where
 
 /// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.
 pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(AGENT_FRAME_LIMIT))
-        .max_frame_size(Some(AGENT_FRAME_LIMIT));
+    let config = settings(AGENT_FRAME_LIMIT, AGENT_FRAME_LIMIT);
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
 }
 

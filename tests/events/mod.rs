@@ -242,6 +242,114 @@ per_store! {
     dedicated: [events_need_auth],
 }
 
+/// A connection to the relay with a receive buffer of 4 KiB, for clients that stop reading.
+async fn small_window(api: &Client) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF set");
+    let address = api.base().trim_start_matches("http://");
+    let address = address.parse().expect("an address");
+    socket.connect(address).await.expect("the relay accepts")
+}
+
+/// Sends a WebSocket handshake for `path` on `socket` and reads the 101.
+async fn handshake(socket: &mut tokio::net::TcpStream, path: &str) {
+    use tokio::io::AsyncWriteExt;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.expect("sent");
+    let mut seen = Vec::new();
+    read_until(socket, &mut seen, "\r\n\r\n").await;
+    assert!(
+        seen.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+}
+
+/// A client that sends pings and reads nothing cannot make the relay queue pongs without end (it
+/// once grew by a GiB in seconds): a socket holds one unsent pong at most, on the events and the
+/// jobs socket alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_floods_do_not_grow_the_relay() {
+    use tokio::io::AsyncWriteExt;
+    let relay = Relay::start(Store::Memory, &[]);
+    let api = relay.client();
+    // Masked pings of 125 bytes, a thousand to a write.
+    let ping = [[0x89, 0x80 | 125, 0, 0, 0, 0].as_slice(), &[b'p'; 125]].concat();
+    let batch = ping.repeat(1000);
+    let before = relay.resident_bytes();
+    let mut flooded = Vec::new();
+    for path in [format!("/ws/e/{}", tunnel_id("flood")), "/ws".to_owned()] {
+        let mut socket = small_window(&api).await;
+        handshake(&mut socket, &path).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut sent = 0;
+        while sent < 64 << 20 && tokio::time::Instant::now() < deadline {
+            // A write that stalls means the relay reads nothing for now: try again.
+            match tokio::time::timeout(Duration::from_secs(1), socket.write_all(&batch)).await {
+                Ok(Ok(())) => sent += batch.len(),
+                Ok(Err(_closed)) => break,
+                Err(_) => {}
+            }
+        }
+        flooded.push(socket);
+    }
+    let grown = relay.resident_bytes().saturating_sub(before);
+    assert!(grown < 32 << 20, "the relay grew by {} MiB", grown >> 20);
+    drop(flooded);
+}
+
+/// Quiet WebSockets, a subscription and a jobs socket, are pinged every 15 s (as the SSE stream
+/// gets a comment), so that proxies keep them and a client vanished without closing is noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sockets_are_pinged() {
+    let api = Backend::Memory.shared().client();
+    let jobs = format!("{}/ws", api.base().replacen("http", "ws", 1));
+    let (jobs, _) = tokio_tungstenite::connect_async(jobs)
+        .await
+        .expect("the relay accepts the WebSocket");
+    let pinged = |mut socket: Socket| async move {
+        let frame = tokio::time::timeout(Duration::from_secs(20), socket.next()).await;
+        let frame = frame.expect("a frame within 20 s").expect("open");
+        assert!(matches!(frame, Ok(Message::Ping(_))), "{frame:?}");
+    };
+    let subscription = ws(&api, &tunnel_id("quiet")).await;
+    tokio::join!(pinged(subscription), pinged(jobs));
+}
+
+/// Subscribers that stop reading are dropped once an event could not be written to them for
+/// 30 s (their connections' buffers full), so that they no longer hold the topic's events nor
+/// count in `X-Subscribers`; publishers are not slowed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_subscribers_are_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let api = Backend::Memory.shared().client();
+    let topic = tunnel_id("stuck");
+    let mut sse = small_window(&api).await;
+    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    sse.write_all(request.as_bytes()).await.expect("sent");
+    read_until(&mut sse, &mut Vec::new(), ": subscribed").await;
+    let mut ws = small_window(&api).await;
+    handshake(&mut ws, &format!("/ws/e/{topic}")).await;
+    // 10 MB of events: more than both connections' buffers hold.
+    let event = "e".repeat(100_000);
+    for _ in 0..100 {
+        assert_eq!(publish(&api, &topic, &event).await, 2);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while publish(&api, &topic, "any news?").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck subscribers still counted after 60 s"
+        );
+        // Nothing to wait on: the relay drops a stuck subscriber without telling anyone.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop((sse, ws));
+}
+
 /// Subscribers on two instances of one redis-server each get every event published on either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_cross_instances() {

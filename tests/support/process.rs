@@ -49,6 +49,18 @@ impl Guarded {
         }
     }
 
+    /// The program's process id: the guardian's one child.
+    pub fn pid(&self) -> u32 {
+        let guardian = self.guardian.id();
+        let children = format!("/proc/{guardian}/task/{guardian}/children");
+        let children = std::fs::read_to_string(children).expect("/proc lists the children");
+        let child = children
+            .split_whitespace()
+            .next()
+            .expect("the program runs");
+        child.parse().expect("a process id")
+    }
+
     /// Whatever the program has written so far, to explain a failed start.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -94,6 +94,25 @@ impl Relay {
             .expect("the base URL ends with the port")
     }
 
+    /// The relay's resident memory now, in bytes (`VmRSS`).
+    pub fn resident_bytes(&self) -> u64 {
+        let status = format!("/proc/{}/status", self.process.pid());
+        let status = std::fs::read_to_string(status).expect("the relay runs");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("a VmRSS line");
+        kib * 1024
+    }
+
     /// Kills the relay (SIGKILL) and waits until it is gone; its log stays readable.
     pub fn kill(&mut self) {
         self.process.stop();
