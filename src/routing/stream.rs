@@ -9,8 +9,8 @@
 //!
 //! Arriving frames go to their stream through [`Streams::dispatch`], which never waits: each
 //! stream's inbox is unbounded, but the peer may only send as many `DATA` bytes as it was granted,
-//! so an inbox never holds more than one window. A peer that overruns its credit has its stream
-//! reset.
+//! one `RESPONSE` and one `END`, so an inbox never holds more than one window (empty `DATA`
+//! frames are dropped). A peer that overruns its credit or repeats a frame has its stream reset.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -97,8 +97,18 @@ struct Flow {
     taken: bool,
     sent_end: bool,
     recv_end: bool,
+    /// What has arrived for the stream, to refuse what may arrive once only, or not after `END`:
+    /// the inbox then holds one `RESPONSE`, one `END` and one window of `DATA` at most.
+    arrived: Arrived,
     /// Set once the stream is reset either way or its connection is gone.
     closed: Option<Reason>,
+}
+
+/// Which of the frames a stream may receive once have arrived.
+#[derive(Debug, Default)]
+struct Arrived {
+    response: bool,
+    end: bool,
 }
 
 #[derive(Debug)]
@@ -117,6 +127,7 @@ impl StreamState {
                 taken: false,
                 sent_end: false,
                 recv_end: false,
+                arrived: Arrived::default(),
                 closed: None,
             }),
             changed: Notify::new(),
@@ -260,22 +271,34 @@ impl Streams {
                     state.changed.notify_waiters();
                     return;
                 }
+                // Carries nothing, and would cost nothing against the window.
+                Kind::Data if frame.payload.is_empty() => return,
                 Kind::Data => {
                     let len = frame.payload.len() as u64;
-                    if len > flow.recv_allowed || flow.recv_end {
+                    if len > flow.recv_allowed || flow.arrived.end {
                         drop(flow);
                         let reason = "flow control violated: DATA beyond the granted window";
-                        self.out.control(Frame::reset(frame.stream, reason));
-                        state.close(reason);
-                        let _ = entry.inbox.send(Inbound::Reset(reason.into()));
-                        table.entries.remove(&frame.stream);
-                        return;
+                        return self.refuse(&mut table, &frame, &state, reason);
                     }
                     flow.recv_allowed -= len;
                     Inbound::Data(frame.payload)
                 }
-                Kind::End => Inbound::End,
-                Kind::Response => Inbound::Response(frame.payload),
+                Kind::End if flow.arrived.end => {
+                    drop(flow);
+                    return self.refuse(&mut table, &frame, &state, "END sent twice");
+                }
+                Kind::End => {
+                    flow.arrived.end = true;
+                    Inbound::End
+                }
+                Kind::Response if flow.arrived.response => {
+                    drop(flow);
+                    return self.refuse(&mut table, &frame, &state, "RESPONSE sent twice");
+                }
+                Kind::Response => {
+                    flow.arrived.response = true;
+                    Inbound::Response(frame.payload)
+                }
                 Kind::Reset => Inbound::Reset(frame.reason()),
                 Kind::Head | Kind::GoAway => return,
             }
@@ -287,6 +310,15 @@ impl Streams {
         let _ = entry.inbox.send(item);
         if reset {
             table.entries.remove(&frame.stream);
+        }
+    }
+
+    /// Resets the stream of `frame`, which broke the protocol: both sides learn `reason`.
+    fn refuse(&self, table: &mut Table, frame: &Frame, state: &StreamState, reason: &str) {
+        self.out.control(Frame::reset(frame.stream, reason));
+        state.close(reason);
+        if let Some(entry) = table.entries.remove(&frame.stream) {
+            let _ = entry.inbox.send(Inbound::Reset(reason.into()));
         }
     }
 

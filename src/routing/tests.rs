@@ -635,3 +635,77 @@ async fn dropped_exchange_resets() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// An agent may send one `RESPONSE` and one `END` per stream, and `DATA` within its window: a
+/// repeated frame resets the stream (its inbox once grew without bound on a stalled client), and
+/// empty `DATA` frames are dropped. The link stays up for the next request.
+#[tokio::test]
+async fn repeated_frames_reset_the_stream() {
+    use futures_util::SinkExt;
+    let relay = start_relay().await;
+    let mut agent = relay.dial("repeats").await;
+    relay.wait_for("repeats", 1).await;
+    let answer = ResponseHead {
+        status: 200,
+        headers: Vec::new(),
+    };
+    let answer = Bytes::from(serde_json::to_vec(&answer).unwrap());
+    for repeated in [Kind::Response, Kind::End] {
+        let agents = relay.agents.clone();
+        let client = tokio::spawn(async move {
+            let mut exchange = agents
+                .forward("repeats", head("GET", "/", &[]), TIMEOUT)
+                .await
+                .unwrap();
+            exchange.finish().await.unwrap();
+            exchange.response().await.unwrap();
+            let mut chunks = Vec::new();
+            while let Some(chunk) = exchange.next_chunk().await {
+                chunks.push(chunk);
+            }
+            chunks
+        });
+        let stream = loop {
+            let message = agent.next().await.unwrap().unwrap();
+            if let Message::Binary(bytes) = message {
+                let frame = Frame::decode(bytes).unwrap();
+                if frame.kind == Kind::Head {
+                    break frame.stream;
+                }
+            }
+        };
+        let mut frames = vec![Frame::new(Kind::Response, stream, answer.clone())];
+        frames.extend((0..3).map(|_| Frame::new(Kind::Data, stream, Bytes::new())));
+        frames.push(Frame::new(Kind::Data, stream, Bytes::from_static(b"body")));
+        if repeated == Kind::End {
+            frames.push(Frame::new(Kind::End, stream, Bytes::new()));
+        }
+        frames.push(Frame::new(repeated, stream, answer.clone()));
+        for frame in frames {
+            agent.send(Message::Binary(frame.encode())).await.unwrap();
+        }
+        let reset = async {
+            loop {
+                let message = agent.next().await.unwrap().unwrap();
+                if let Message::Binary(bytes) = message {
+                    let frame = Frame::decode(bytes).unwrap();
+                    if frame.kind == Kind::Reset && frame.stream == stream {
+                        return frame.reason();
+                    }
+                }
+            }
+        };
+        let reset = tokio::time::timeout(TIMEOUT, reset).await.expect("a RESET");
+        let expected = match repeated {
+            Kind::Response => "RESPONSE sent twice",
+            _ => "END sent twice",
+        };
+        assert_eq!(reset, expected);
+        let chunks = client.await.unwrap();
+        assert_eq!(
+            chunks[0].as_deref().ok(),
+            Some(b"body".as_slice()),
+            "{chunks:?}"
+        );
+    }
+}
