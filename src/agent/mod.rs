@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::routing::frame::MAX_MESSAGE;
 use crate::tunnel::TunnelId;
 use connection::Ended;
 use upstream::Upstream;
@@ -36,9 +37,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// How long dialling the relay (TCP, TLS and the WebSocket handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The largest WebSocket message accepted: a 64 KiB DATA frame, or a head with large headers.
-pub(crate) const MAX_MESSAGE: usize = 1024 * 1024;
 
 /// The agent's command line, as typed. (No `Debug`: it holds the token.)
 #[derive(Args)]

@@ -8,7 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::client::{Client, ClientError, RequestBody};
-use crate::routing::frame::Kind;
+use crate::routing::frame::{Kind, HEADER_LEN, MAX_MESSAGE};
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
 use crate::routing::stream::{BodyReader, BodyWriter, Inbound};
 
@@ -92,8 +92,13 @@ impl Upstream {
             })
             .collect();
         strip_hop_by_hop(&mut headers);
-        let head = ResponseHead { status, headers };
-        if let Err(reason) = writer.send(Kind::Response, head.to_json()).await {
+        let head = ResponseHead { status, headers }.to_json();
+        // Too big a frame would cost the relay the whole connection, not just this request.
+        if head.len() > MAX_MESSAGE - HEADER_LEN {
+            let why = format!("upstream response head too large: {} bytes", head.len());
+            return answer_error(writer, 502, why).await;
+        }
+        if let Err(reason) = writer.send(Kind::Response, head).await {
             return Outcome::Reset(reason);
         }
         let mut body = response.into_body();

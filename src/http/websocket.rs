@@ -24,14 +24,12 @@ use tokio_tungstenite::WebSocketStream;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
+use crate::routing::frame::MAX_MESSAGE;
 use crate::tunnel::{Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
 use super::{KEEPALIVE, SEND_TIMEOUT};
-
-/// The largest agent-protocol message: a 64 KiB body chunk or a request head, with room to spare.
-const AGENT_FRAME_LIMIT: usize = 1 << 20;
 
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
 const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
@@ -286,7 +284,7 @@ where
 
 /// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.
 pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
-    let config = settings(AGENT_FRAME_LIMIT, AGENT_FRAME_LIMIT);
+    let config = settings(MAX_MESSAGE, MAX_MESSAGE);
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
 }
 

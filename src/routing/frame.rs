@@ -9,6 +9,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The bytes before a frame's payload: its type and its stream id.
 pub const HEADER_LEN: usize = 5;
 
+/// The largest WebSocket message either side accepts: a `DATA` frame, or a head with large
+/// headers.
+pub const MAX_MESSAGE: usize = 1024 * 1024;
+
 /// The largest body chunk one `DATA` frame carries.
 pub const MAX_DATA: usize = 64 * 1024;
 

@@ -63,7 +63,8 @@ fn query_number(uri: &hyper::Uri, key: &str) -> usize {
 type Body = BoxBody<Bytes, Infallible>;
 
 /// `/echo`: what arrived, as JSON (body as length and SHA-256); `/download?size=N`: N pattern bytes
-/// streamed; `/sleep?ms=N`: answers after N ms; `/teapot`: 418 with a custom header.
+/// streamed; `/big-head?kb=N`: six headers of N KiB that are not UTF-8; `/sleep?ms=N`: answers
+/// after N ms; `/teapot`: 418 with a custom header.
 async fn upstream_service(
     tag: &'static str,
     request: hyper::Request<Incoming>,
@@ -107,6 +108,18 @@ async fn upstream_service(
                 .header("Content-Length", size.to_string())
                 .body(BodyExt::boxed(StreamBody::new(chunks)))
                 .expect("a valid response")
+        }
+        "/big-head" => {
+            // Bytes that are not UTF-8 triple in the head's JSON (U+FFFD).
+            let value = vec![0xff; query_number(&uri, "kb") * 1024];
+            let value = hyper::header::HeaderValue::from_bytes(&value).expect("obs-text");
+            let mut response = hyper::Response::new(Full::new(Bytes::new()).boxed());
+            for n in 0..6 {
+                let name = format!("x-big-{n}");
+                let name = hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap();
+                response.headers_mut().insert(name, value.clone());
+            }
+            response
         }
         "/sleep" => {
             tokio::time::sleep(Duration::from_millis(query_number(&uri, "ms") as u64)).await;
@@ -708,4 +721,30 @@ async fn repeated_frames_reset_the_stream() {
             "{chunks:?}"
         );
     }
+}
+
+/// An upstream head too big for one frame is a 502 for its request alone: it once cost the relay
+/// the whole connection, and every other request on it.
+#[tokio::test]
+async fn oversized_response_head_fails_alone() {
+    let (relay, _agent) = setup("big-head").await;
+    let big = head("GET", "/big-head?kb=60", &[]);
+    let (response, body) = call(&relay.agents, "big-head", big, Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 502);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("upstream response head too large"),
+        "{body}"
+    );
+    let (response, _) = call(
+        &relay.agents,
+        "big-head",
+        head("GET", "/teapot", &[]),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 418);
 }
