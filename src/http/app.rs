@@ -489,12 +489,19 @@ fn accept(session: &ServerSession) -> Result<Response, Error> {
     if session.is_http2() {
         return Err(Error::NotWebSocket("WebSockets need HTTP/1.1"));
     }
+    let request = session.req_header();
+    let all = |name: &str| {
+        let values = request.headers.get_all(name).iter();
+        values.map(|v| v.as_bytes()).collect()
+    };
     let header = |name: &str| session.get_header(name).map(|v| v.as_bytes());
-    websocket::accept(
-        header("Upgrade"),
-        header("Sec-WebSocket-Version"),
-        header("Sec-WebSocket-Key"),
-    )
+    websocket::accept(&websocket::Handshake {
+        http11: request.version == http::Version::HTTP_11,
+        connection: all("Connection"),
+        upgrade: all("Upgrade"),
+        version: header("Sec-WebSocket-Version"),
+        key: header("Sec-WebSocket-Key"),
+    })
 }
 
 /// A CORS preflight for an agent's service that the relay answers: lets browsers use whatever

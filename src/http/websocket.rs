@@ -49,15 +49,42 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// `/done`, not expired, still in its queue).
 const JOB_WAIT_SLICE: Duration = Duration::from_secs(30);
 
+/// What a WebSocket handshake request says (RFC 6455 §4.2.1).
+pub struct Handshake<'a> {
+    /// Whether it is HTTP/1.1: HTTP/1.0 cannot upgrade a connection.
+    pub http11: bool,
+    /// Every `Connection` header value.
+    pub connection: Vec<&'a [u8]>,
+    /// Every `Upgrade` header value.
+    pub upgrade: Vec<&'a [u8]>,
+    /// `Sec-WebSocket-Version`.
+    pub version: Option<&'a [u8]>,
+    /// `Sec-WebSocket-Key`.
+    pub key: Option<&'a [u8]>,
+}
+
+/// Whether a comma-separated header's `values` list `token` (for `Upgrade`, a protocol with any
+/// version: `websocket/13`).
+fn lists(values: &[&[u8]], token: &str) -> bool {
+    values
+        .iter()
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(|item| item.split(|&b| b == b'/').next().unwrap_or_default())
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// The `101 Switching Protocols` answer to a valid handshake (RFC 6455 §4.2).
-pub fn accept(
-    upgrade: Option<&[u8]>,
-    version: Option<&[u8]>,
-    key: Option<&[u8]>,
-) -> Result<Response, Error> {
-    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(b"websocket")) {
+pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
+    if !handshake.http11 {
+        return Err(Error::NotWebSocket("WebSockets need HTTP/1.1"));
+    }
+    if !lists(&handshake.upgrade, "websocket") {
         return Err(Error::NotWebSocket("no `Upgrade: websocket` header"));
     }
+    if !lists(&handshake.connection, "upgrade") {
+        return Err(Error::NotWebSocket("no `Connection: Upgrade` header"));
+    }
+    let (version, key) = (handshake.version, handshake.key);
     if version != Some(b"13".as_slice()) {
         return Err(Error::NotWebSocket(
             "only Sec-WebSocket-Version 13 is spoken",
@@ -161,7 +188,7 @@ pub async fn serve_jobs(
                 continue;
             }
             _ = shutdown.changed() => {
-                let _ = outgoing.send(Message::Close(None)).await;
+                let _ = send(&mut outgoing, going_away()).await;
                 break;
             }
         };
@@ -199,6 +226,14 @@ fn settings(incoming: usize, outgoing: usize) -> WebSocketConfig {
     config.max_write_buffer_size(most.saturating_add(CONTROL_ROOM))
 }
 
+/// The Close a socket gets when the relay shuts down: 1001, so that clients reconnect.
+fn going_away() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "relay shutting down".into(),
+    }))
+}
+
 /// Ticks every [`KEEPALIVE`], the first after one period.
 fn keepalive() -> tokio::time::Interval {
     tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE)
@@ -233,7 +268,7 @@ pub async fn serve_events(
                 }
             },
             _ = keepalive.tick() => Message::Ping(Bytes::new()),
-            _ = shutdown.changed() => Message::Close(None),
+            _ = shutdown.changed() => going_away(),
         };
         let closing = matches!(frame, Message::Close(_));
         if !send(&mut outgoing, frame).await || closing {
@@ -347,19 +382,69 @@ async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown
 mod tests {
     use super::*;
 
-    /// The accept key is RFC 6455's example; a request without the headers is refused.
+    fn valid() -> Handshake<'static> {
+        Handshake {
+            http11: true,
+            connection: vec![b"keep-alive, Upgrade"],
+            upgrade: vec![b"WebSocket"],
+            version: Some(b"13"),
+            key: Some(b"dGhlIHNhbXBsZSBub25jZQ=="),
+        }
+    }
+
+    /// The accept key is RFC 6455's example; `Connection` and `Upgrade` are token lists.
     #[test]
     fn handshake() {
-        let key = b"dGhlIHNhbXBsZSBub25jZQ==".as_slice();
-        let accepted = accept(Some(b"WebSocket"), Some(b"13"), Some(key)).unwrap();
+        let accepted = accept(&valid()).unwrap();
         assert_eq!(accepted.status, 101);
         let expected = (
             "Sec-WebSocket-Accept".into(),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string(),
         );
         assert!(accepted.headers.contains(&expected));
-        assert!(accept(None, Some(b"13"), Some(key)).is_err());
-        assert!(accept(Some(b"websocket"), Some(b"8"), Some(key)).is_err());
-        assert!(accept(Some(b"websocket"), Some(b"13"), None).is_err());
+        let listed = Handshake {
+            connection: vec![b"keep-alive", b"upgrade"],
+            upgrade: vec![b"h2c, websocket/13"],
+            ..valid()
+        };
+        assert!(accept(&listed).is_ok());
+    }
+
+    /// A request without any of the headers, of HTTP/1.0, or of another version is refused.
+    #[test]
+    fn refused_handshakes() {
+        let refused = [
+            Handshake {
+                http11: false,
+                ..valid()
+            },
+            Handshake {
+                upgrade: Vec::new(),
+                ..valid()
+            },
+            Handshake {
+                upgrade: vec![b"h2c"],
+                ..valid()
+            },
+            Handshake {
+                connection: Vec::new(),
+                ..valid()
+            },
+            Handshake {
+                connection: vec![b"keep-alive"],
+                ..valid()
+            },
+            Handshake {
+                version: Some(b"8"),
+                ..valid()
+            },
+            Handshake {
+                key: None,
+                ..valid()
+            },
+        ];
+        for handshake in refused {
+            assert!(accept(&handshake).is_err());
+        }
     }
 }

@@ -152,6 +152,18 @@ async fn bad_requests(api: &Client) {
     api.post("/trigger?queue=bad.queue", "{}")
         .await
         .expect_one_line_error(400);
+    // A WebSocket handshake needs `Connection: Upgrade`, over HTTP/1.1 (RFC 6455 §4.2.1).
+    let handshake = || {
+        api.request(Method::GET, "/ws")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+    };
+    api.send(handshake()).await.expect_one_line_error(426);
+    let http10 = handshake()
+        .version(reqwest::Version::HTTP_10)
+        .header("Connection", "Upgrade");
+    api.send(http10).await.expect_one_line_error(426);
     api.get("/done/jobs.1-0?wait=soon")
         .await
         .expect_one_line_error(400);

@@ -214,7 +214,8 @@ fn stored_count(tunnel: &str) -> i64 {
         .int()
 }
 
-/// SIGTERM answers every waiting long-poll with 204 at once and exits 0 within the grace period.
+/// SIGTERM answers every waiting long-poll with 204 at once, closes WebSockets with 1001 (going
+/// away), and exits 0 within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_waiting_polls_and_exits() {
     let site = Site::new();
@@ -233,12 +234,30 @@ async fn sigterm_answers_waiting_polls_and_exits() {
         n == 5.0
     })
     .await;
+    let ws = api.base().replacen("http", "ws", 1);
+    let mut sockets = Vec::new();
+    for path in ["/ws".to_owned(), format!("/ws/e/{}", tunnel_id("drain"))] {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("{ws}{path}"))
+            .await
+            .expect("the relay accepts the WebSocket");
+        sockets.push(socket);
+    }
 
     relay.signal("TERM");
     let signalled = Instant::now();
     for poll in polls {
         let (response, _) = poll.await.expect("the poll task does not panic");
         response.expect(204);
+    }
+    for mut socket in sockets {
+        use futures_util::StreamExt;
+        let closing = tokio::time::timeout(Duration::from_secs(2), socket.next()).await;
+        match closing.expect("a Close within 2 s") {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+            }
+            other => panic!("expected a Close with 1001, got {other:?}"),
+        }
     }
     let answered = signalled.elapsed();
     assert!(
