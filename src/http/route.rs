@@ -213,6 +213,10 @@ impl Route {
                 let agent = TunnelId::parse(id.trim()).ok_or_else(|| {
                     Error::BadParameter(format!("Invalid x-backstream-client-id {}", shown(id)))
                 })?;
+                // `OPTIONS *` (or an absolute target's lost path) names no resource of a service.
+                if !path.starts_with('/') {
+                    return Err(Error::MalformedUrl);
+                }
                 (agent, path.to_owned())
             }
             (None, Some(rest)) => {
@@ -795,6 +799,8 @@ mod tests {
         };
         let route = Route::parse(&Method::GET, "/", None, bad, &tunnel("jobs"));
         assert!(matches!(route, Err(Error::BadParameter(_))));
+        let asterisk = Route::parse(&Method::OPTIONS, "*", None, headers, &tunnel("jobs"));
+        assert!(matches!(asterisk, Err(Error::MalformedUrl)));
         let route = get("/r/svc/api/v1?q=2").unwrap();
         let expected = Route::Forward {
             agent: tunnel("svc"),

@@ -100,7 +100,10 @@ impl ResponseHead {
             }
             // One body length, or the client could not tell where the body ends.
             if name.eq_ignore_ascii_case("content-length") {
-                let this = value.trim().parse::<u64>().ok();
+                // Digits only (RFC 9110 §8.6): Rust's parse would also take `+3`.
+                let digits = value.trim();
+                let this = digits.parse::<u64>().ok();
+                let this = this.filter(|_| digits.bytes().all(|b| b.is_ascii_digit()));
                 if this.is_none() || length.is_some_and(|first| Some(first) != this) {
                     return Err(HeadError::Header(name.clone()));
                 }
@@ -212,6 +215,7 @@ mod tests {
             ("x", "line\nbreak"),
             ("", "v"),
             ("content-length", "-1"),
+            ("content-length", "+3"),
         ] {
             let json = serde_json::json!({"status": 200, "headers": [[name, value]]});
             assert_eq!(
