@@ -136,6 +136,11 @@ impl Upstream {
     ) -> Result<http::Request<RequestBody>, Outcome> {
         let method = http::Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Outcome::Failed(400, format!("invalid method {:?}", head.method)))?;
+        // `--upstream http://host/api` exposes `/api` and below, not its parent.
+        if has_dot_segment(&head.path) {
+            let why = "a path with `.` or `..` segments is refused".to_owned();
+            return Err(Outcome::Failed(400, why));
+        }
         let target = format!("{}{}", self.prefix, head.path);
         let uri = http::Uri::try_from(target)
             .map_err(|err| Outcome::Failed(400, format!("invalid path: {err}")))?;
@@ -180,6 +185,16 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
     map
 }
 
+/// Whether `path` (with its query) has a `.` or `..` segment, percent-encoded or not: the
+/// upstream would resolve it against the path before it.
+fn has_dot_segment(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    path.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
 /// Answers `status` with a one-line text body saying why.
 async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome {
     let head = ResponseHead {
@@ -211,4 +226,34 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `.` and `..` segments are found however they are written; dots elsewhere are fine.
+    #[test]
+    fn dot_segments() {
+        for path in [
+            "/..",
+            "/../etc",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/a/.%2e",
+            "/%2e/",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a.b/c",
+            "/...",
+            "/a/..b",
+            "/x?p=/../",
+            "/.well-known/x",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 }

@@ -723,6 +723,19 @@ async fn repeated_frames_reset_the_stream() {
     }
 }
 
+/// The agent refuses a path that would climb out of its upstream's path (400), however encoded.
+#[tokio::test]
+async fn dot_segments_are_refused() {
+    let (relay, _agent) = setup("dots").await;
+    for path in ["/../echo", "/a/%2e%2e/echo"] {
+        let (response, body) = call(&relay.agents, "dots", head("GET", path, &[]), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 400, "{path}");
+        assert!(String::from_utf8_lossy(&body).contains("`..`"), "{path}");
+    }
+}
+
 /// An upstream head too big for one frame is a 502 for its request alone: it once cost the relay
 /// the whole connection, and every other request on it.
 #[tokio::test]
