@@ -32,9 +32,6 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The HTTP client for requests to other instances could not be built.
-    #[error("could not build the HTTP client for other instances: {0}")]
-    Http(#[from] reqwest::Error),
     /// A listening address is taken or not this host's.
     #[error("{var}={address} cannot be listened on: {source}")]
     Listen {
@@ -65,7 +62,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
-    let app = RelayApp::new(&config, store)?;
+    let app = RelayApp::new(&config, store);
     let announcer = background_service("presence", Announcer(app.presence()));
     let access_log = background_service("access log", AccessLogFlusher);
 

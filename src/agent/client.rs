@@ -21,6 +21,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::MaybeTlsStream;
 
+use crate::routing::head::MAX_RESPONSE_HEADERS;
 use crate::routing::stream::{BodyReader, Inbound};
 
 /// How long opening a connection to the upstream (TCP and TLS) may take.
@@ -28,10 +29,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle connections kept beyond this many are closed.
 const MAX_IDLE: usize = 256;
-
-/// The most headers an upstream response may carry (hyper's default is 100; nginx sets no
-/// count, only a size, which the agent's frames bound).
-const MAX_RESPONSE_HEADERS: usize = 1000;
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]

@@ -73,7 +73,7 @@ pub enum Body {
     /// An agent connected to this instance.
     Agent(Exchange),
     /// Another instance, which has the agent.
-    Instance(reqwest::Response),
+    Instance(hyper::Response<hyper::body::Incoming>),
 }
 
 /// What an upgraded connection serves.
@@ -93,7 +93,7 @@ pub struct RelayApp {
     events: Store,
     agents: Agents,
     presence: Presence,
-    proxy: reqwest::Client,
+    proxy: forward::HopClient,
     auth: Auth,
     access_log: bool,
     jobs_queue: TunnelId,
@@ -103,9 +103,8 @@ pub struct RelayApp {
 }
 
 impl RelayApp {
-    /// An app serving tunnels, jobs, events and agents on `store` as `config` says; fails only if
-    /// the HTTP client for other instances cannot be built.
-    pub fn new(config: &Config, store: Store) -> Result<RelayApp, reqwest::Error> {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says.
+    pub fn new(config: &Config, store: Store) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -115,19 +114,13 @@ impl RelayApp {
         options.h2c = true;
         // An HTTP/2 connection without a stream lasts as long as an idle HTTP/1 one.
         options.h2_idle_timeout = Some(Duration::from_secs(KEEPALIVE_SECS));
-        Ok(RelayApp {
+        RelayApp {
             tunnels,
             jobs,
             events: store,
             agents,
             presence,
-            // Requests for agents on other instances go there over plain HTTP, pooled, and
-            // straight: a redirect is the upstream's answer for the client, and the hop inside
-            // the cluster goes through no proxy of the environment.
-            proxy: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .build()?,
+            proxy: forward::hop_client(),
             auth: Auth::new(config.auth.clone()),
             // `RUST_LOG` is read once at start: whether it passes access lines cannot change.
             access_log: config.access_log && access_log::enabled(),
@@ -135,7 +128,7 @@ impl RelayApp {
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
             options,
-        })
+        }
     }
 
     /// This instance's presence, announced by a background service.

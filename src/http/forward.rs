@@ -6,17 +6,38 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::{client_gone, continue_if_expected, unreadable, Body};
 use super::response::Response;
 use crate::error::Error;
+use crate::routing::head::MAX_RESPONSE_HEADERS;
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
 use crate::tunnel::TunnelId;
 
 /// Marks a request one relay instance sent to another, which then serves it only with its own
 /// agents: requests never loop between instances.
 pub const HOP_HEADER: &str = "x-burrow-hop";
+
+/// The pooled HTTP/1.1 client that sends requests on to other instances.
+pub type HopClient =
+    hyper_util::client::legacy::Client<HttpConnector, BoxBody<Bytes, std::io::Error>>;
+
+/// A client for requests to other instances: plain HTTP, pooled, no proxy of the environment, no
+/// redirect followed (a redirect is the upstream's answer for the client), and room for every
+/// header an upstream may answer with, plus the few the other instance adds.
+pub fn hop_client() -> HopClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http1_max_headers(MAX_RESPONSE_HEADERS + 16)
+        .build(connector)
+}
 
 /// Headers meant for the relay, not for the service behind the agent.
 const RELAY_HEADERS: [&str; 3] = [
@@ -76,11 +97,11 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
 /// the request, having no body, can go to another.
 pub async fn proxy(
     session: &mut ServerSession,
-    client: &reqwest::Client,
+    client: &HopClient,
     address: &str,
     instance: &str,
     timeout: Duration,
-) -> Result<Option<(Response, reqwest::Response)>, Error> {
+) -> Result<Option<(Response, hyper::Response<Incoming>)>, Error> {
     let request = session.req_header();
     // Over HTTP/2 the URI is absolute: only its path and query go on.
     let target = request
@@ -88,8 +109,7 @@ pub async fn proxy(
         .path_and_query()
         .map_or("/", |target| target.as_str());
     let url = format!("http://{address}{target}");
-    let method = reqwest::Method::from_bytes(request.method.as_str().as_bytes())
-        .map_err(|e| Error::BadRequest(e.to_string()))?;
+    let method = request.method.clone();
     let mut headers = header_list(&request.headers);
     // This instance answers `Expect: 100-continue` itself, below.
     headers.retain(|(name, _)| name != "host" && name != "expect");
@@ -102,17 +122,23 @@ pub async fn proxy(
     let has_body = request.headers.contains_key("content-length")
         || request.headers.contains_key("transfer-encoding")
         || (session.is_http2() && !session.is_body_empty());
-    let mut builder = client.request(method, url);
+    let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in &headers {
         builder = builder.header(name, value);
     }
     let (chunks, body) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    if has_body {
+    let body = if has_body {
         let body = futures_util::stream::unfold(body, |mut body| async move {
-            body.recv().await.map(|chunk| (chunk, body))
+            let chunk = body.recv().await?;
+            Some((chunk.map(Frame::data), body))
         });
-        builder = builder.body(reqwest::Body::wrap_stream(body));
-    }
+        BodyExt::boxed(StreamBody::new(body))
+    } else {
+        Empty::new().map_err(|never| match never {}).boxed()
+    };
+    let hop = builder
+        .body(body)
+        .map_err(|e| Error::BadRequest(e.to_string()))?;
     continue_if_expected(session).await?;
     // Streams the body, then watches for the client leaving (resolving only then).
     let pump = async {
@@ -132,7 +158,7 @@ pub async fn proxy(
         client_gone(session).await;
     };
     let sent = tokio::select! {
-        sent = tokio::time::timeout(timeout, builder.send()) => sent,
+        sent = tokio::time::timeout(timeout, client.request(hop)) => sent,
         () = pump => return Err(Error::ClientGone),
     };
     let response = match sent {
@@ -182,17 +208,24 @@ pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
                 }
             }
         },
-        Body::Instance(mut response) => loop {
-            match response.chunk().await {
-                Ok(None) => break true,
-                Err(_) => break false,
-                Ok(Some(chunk)) => {
-                    if session.write_response_body(chunk, false).await.is_err() {
-                        break false;
+        Body::Instance(response) => {
+            let mut body = response.into_body();
+            loop {
+                match body.frame().await {
+                    None => break true,
+                    Some(Err(_)) => break false,
+                    // Trailers are not relayed.
+                    Some(Ok(frame)) => {
+                        let Ok(chunk) = frame.into_data() else {
+                            continue;
+                        };
+                        if session.write_response_body(chunk, false).await.is_err() {
+                            break false;
+                        }
                     }
                 }
             }
-        },
+        }
     };
     complete
         && session

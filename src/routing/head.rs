@@ -34,6 +34,10 @@ pub struct RequestHead {
     pub headers: Headers,
 }
 
+/// The most headers an upstream response may carry (hyper's default is 100; nginx sets no count,
+/// only a size, which the agent's frames bound).
+pub const MAX_RESPONSE_HEADERS: usize = 1000;
+
 /// The upstream's answer as the relay passes it to the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {

@@ -1071,6 +1071,13 @@ async fn agent_on_another_instance() {
     assert_eq!(echo.one("x-forwarded-proto"), "http");
     assert!(!echo.has("x-burrow-hop"), "{echo:?}");
     assert_eq!(response.header("x-upstream-id"), Some("up"));
+    // A head with more headers than hyper's default (100) crosses the hop whole too.
+    let many = raw_answer(&b.base, &format!("/r/{name}/many-headers")).await;
+    assert!(many.starts_with("HTTP/1.1 200"), "{many}");
+    assert!(many.contains("x-h-149: 149\r\n"), "{many}");
+    // B adds nothing of its own to the request (reqwest added `Accept: */*`).
+    let plain = raw_answer(&b.base, &format!("/r/{name}/plain")).await;
+    assert!(!plain.contains(r#"["accept","#), "{plain}");
     let path_form = client_b
         .get(&format!("/r/{name}/r/rest?q=1"))
         .await
