@@ -66,6 +66,9 @@ pub enum Error {
     /// The request could not be read from the client.
     #[error("Could not read the request: {0}")]
     BadRequest(String),
+    /// The relay is stopping and the request's answer did not come within its grace period.
+    #[error("Relay shutting down, retry")]
+    ShuttingDown,
     /// The client left before its answer was ready (logged as nginx's 499).
     #[error("Client closed request")]
     ClientGone,

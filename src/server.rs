@@ -2,6 +2,7 @@
 //! signal stops it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
@@ -19,6 +20,9 @@ use crate::store::{Store, StoreError};
 
 /// Pingora's settings when `BURROW_CONF` names no file.
 const DEFAULT_CONF: &str = include_str!("../conf/burrow.yaml");
+
+/// Pingora's grace period when the configuration names none (its `EXIT_TIMEOUT`), in seconds.
+const PINGORA_GRACE_PERIOD: u64 = 300;
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +66,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
-    let app = RelayApp::new(&config, store);
+    let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
+    let app = RelayApp::new(&config, store, Duration::from_secs(grace));
     let announcer = background_service("presence", Announcer(app.presence()));
     let access_log = background_service("access log", AccessLogFlusher);
 

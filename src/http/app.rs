@@ -99,12 +99,15 @@ pub struct RelayApp {
     jobs_queue: TunnelId,
     route_timeout: Duration,
     header_timeout: Duration,
+    /// How long requests in flight may take once shutdown begins (Pingora's grace period).
+    grace: Duration,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
-    /// An app serving tunnels, jobs, events and agents on `store` as `config` says.
-    pub fn new(config: &Config, store: Store) -> RelayApp {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says, whose
+    /// requests in flight have `grace` to finish when the relay stops.
+    pub fn new(config: &Config, store: Store, grace: Duration) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -127,6 +130,7 @@ impl RelayApp {
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
+            grace,
             options,
         }
     }
@@ -287,7 +291,15 @@ impl RelayApp {
                 path,
                 timeout,
                 ..
-            } => return self.forward(session, agent, path, timeout).await,
+            } => {
+                // Stopping, the relay answers before its runtimes go, rather than drop the
+                // connection of a request whose agent is still at work.
+                let forwarding = self.forward(session, agent, path, timeout);
+                return tokio::select! {
+                    outcome = forwarding => outcome,
+                    () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
+                };
+            }
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
                 let subscription = self.events.events().subscribe(topic.as_str());
@@ -495,6 +507,18 @@ fn accept(session: &ServerSession) -> Result<Response, Error> {
         version: header("Sec-WebSocket-Version"),
         key: header("Sec-WebSocket-Key"),
     })
+}
+
+/// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less the time
+/// an answer takes to write.
+async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
+    const ANSWER_TIME: Duration = Duration::from_millis(250);
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+    tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
 }
 
 /// A CORS preflight for an agent's service that the relay answers: lets browsers use whatever

@@ -151,14 +151,16 @@ impl From<Error> for Response {
             Error::Route(RouteError::NoAgent(_)) => 422,
             Error::Route(RouteError::AgentFailed(_)) => 502,
             Error::Route(RouteError::Timeout) => 504,
-            Error::Store(StoreError::Unavailable(_)) => 503,
+            Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => 503,
             Error::Store(StoreError::Internal(_)) => 500,
         };
         let response = Response::text(status, client_text(&error));
         match error {
             Error::MethodNotAllowed { allow } => response.header("Allow", allow),
             Error::QueueFull { size } => response.header("X-Queue-Size", size),
-            Error::Store(StoreError::Unavailable(_)) => response.header("Retry-After", 1),
+            Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => {
+                response.header("Retry-After", 1)
+            }
             // RFC 6455 §4.4: a refused handshake names the version the server speaks.
             Error::NotWebSocket(_) => response
                 .header("Upgrade", "websocket")

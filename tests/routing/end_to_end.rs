@@ -1042,6 +1042,24 @@ async fn round_trip(backend: Backend) {
 
 per_store!(shared: [], dedicated: [round_trip]);
 
+/// Stopping, the relay answers a routed request still waiting for its answer with 503 before its
+/// grace period (1 s) ends: the connection was dropped without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_routed_requests_in_flight() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let mut sleeping = setup.upstream.sleeping.subscribe();
+    let (client, path) = (setup.client.clone(), format!("/r/{}/sleep", setup.name));
+    let request = tokio::spawn(async move { client.get(&path).await });
+    sleeping
+        .wait_for(|&n| n > 0)
+        .await
+        .expect("the upstream is reached");
+    setup.relay.signal("TERM");
+    let answer = request.await.expect("the request task does not panic");
+    let answer = answer.expect_error(503, "Relay shutting down, retry");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+}
+
 /// Two instances on one redis-server: an agent connected to A serves requests arriving at B (both
 /// addressing forms, bodies streamed through both instances), and B lists it in `/agents`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,9 +91,14 @@ pub fn free_port() -> u16 {
 /// Sends `signal` (`TERM`, `QUIT`, `KILL`…) to `child`.
 #[track_caller]
 pub fn signal(child: &Child, signal: &str) {
+    signal_pid(child.id(), signal);
+}
+
+/// Sends `signal` (`TERM`, `QUIT`…) to process `pid`.
+pub fn signal_pid(pid: u32, signal: &str) {
     let sent = Command::new("kill")
         .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
+        .arg(pid.to_string())
         .status()
         .expect("kill runs");
     assert!(sent.success(), "SIG{signal} could not be sent");

@@ -94,6 +94,11 @@ impl Relay {
             .expect("the base URL ends with the port")
     }
 
+    /// Sends the relay `signal` (`TERM`, `QUIT`…).
+    pub fn signal(&self, signal: &str) {
+        super::process::signal_pid(self.process.pid(), signal);
+    }
+
     /// The relay's resident memory now, in bytes (`VmRSS`).
     pub fn resident_bytes(&self) -> u64 {
         let status = format!("/proc/{}/status", self.process.pid());
