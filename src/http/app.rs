@@ -260,7 +260,7 @@ impl RelayApp {
             }
             Route::Subscribe { topic } => {
                 // Subscribed before the head is written, so no event after it is missed.
-                let subscription = self.events.events().subscribe(topic.as_str());
+                let subscription = self.subscribe(&topic)?;
                 let head = Response::streaming(200)
                     .header("Content-Type", "text/event-stream")
                     .header("Cache-Control", "no-cache");
@@ -302,12 +302,22 @@ impl RelayApp {
             }
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
-                let subscription = self.events.events().subscribe(topic.as_str());
+                let subscription = self.subscribe(&topic)?;
                 let then = Some(After::Upgraded(Upgraded::Events(subscription)));
                 return Ok(Outcome::Respond(head, then));
             }
         };
         Ok(Outcome::whole(response))
+    }
+
+    /// Subscribes to `topic`, unless events published now would not reach this process (its
+    /// store's event feed is down): a subscriber is not kept waiting for nothing.
+    fn subscribe(&self, topic: &TunnelId) -> Result<Subscription, Error> {
+        if !self.events.hears_events() {
+            let why = "the events subscriber is not subscribed".into();
+            return Err(Error::Store(StoreError::Unavailable(why)));
+        }
+        Ok(self.events.events().subscribe(topic.as_str()))
     }
 
     /// Forwards a request to agent `agent`: over its link when it is connected here, else

@@ -196,7 +196,15 @@ pub trait Backend: Send + Sync {
     async fn instances(&self) -> Result<Vec<Bytes>, StoreError>;
 
     /// Publishes an event to the subscribers of `topic` on every instance (fire-and-forget).
+    /// Refused while [`Backend::hears_events`] is false: this instance's own subscribers would
+    /// miss it.
     async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError>;
+
+    /// Whether events published now reach this process's subscribers (redis: its pub/sub
+    /// connection is up and subscribed).
+    fn hears_events(&self) -> bool {
+        true
+    }
 
     /// For each key, whether its waiters may find something now: a message in the tunnel, or the
     /// reply. A false positive costs a waiter one store read; the answer must not miss anything.

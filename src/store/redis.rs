@@ -31,6 +31,7 @@ use fred::prelude::{
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 
 use super::{
     Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
@@ -113,6 +114,8 @@ const READY_BATCH: usize = 1000;
 /// The redis store: its command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
     clients: Arc<Clients>,
+    /// Whether the subscriber connection is up and subscribed to events.
+    hears_events: watch::Receiver<bool>,
 }
 
 impl RedisStore {
@@ -172,14 +175,18 @@ impl RedisStore {
             reconnects: subscriber.reconnect_rx(),
             errors: subscriber.error_rx(),
         };
-        tokio::spawn(listen(subscriber.clone(), events, audience));
+        let (subscribed, hears_events) = watch::channel(false);
+        tokio::spawn(listen(subscriber.clone(), events, audience, subscribed));
         drop(subscriber.connect());
 
         // A relay that answers /health should not turn its first requests away while a reachable
         // server is still being dialled; an unreachable one is an outage like any later one.
+        let mut listening = hears_events.clone();
         let first_connection = async {
             pool.wait_for_connect().await?;
-            subscriber.wait_for_connect().await
+            subscriber.wait_for_connect().await?;
+            let _ = listening.wait_for(|subscribed| *subscribed).await;
+            Ok::<(), fred::error::Error>(())
         };
         if !matches!(
             tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await,
@@ -190,6 +197,7 @@ impl RedisStore {
         tokio::spawn(warn_if_evicting(pool.clone()));
         Ok(RedisStore {
             clients: Arc::new(Clients::new(pool, command_builder)),
+            hears_events,
         })
     }
 
@@ -240,8 +248,14 @@ struct SubscriberEvents {
 const MAX_REASONS: usize = 8;
 
 /// Feeds `audience` from the subscriber for the life of the process, subscribing again after
-/// every (re)connection since a new connection starts without subscriptions.
-async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience) {
+/// every (re)connection since a new connection starts without subscriptions; tells `subscribed`
+/// whether it is.
+async fn listen(
+    subscriber: Client,
+    mut events: SubscriberEvents,
+    audience: Audience,
+    subscribed: watch::Sender<bool>,
+) {
     // Logs one line per outage rather than one per reconnection attempt, and, while the server
     // cannot be reached, each new reason once (a wrong password is not an unreachable server).
     let mut connected = false;
@@ -270,13 +284,16 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
                     log::info!("redis: connected to {server}");
                     connected = true;
                     reasons.clear();
-                    subscribe(&subscriber).await;
+                    subscribed.send_replace(subscribe(&subscriber).await);
                 }
-                Err(RecvError::Lagged(_)) => subscribe(&subscriber).await,
+                Err(RecvError::Lagged(_)) => {
+                    subscribed.send_replace(subscribe(&subscriber).await);
+                }
                 Err(RecvError::Closed) => return,
             },
             error = events.errors.recv() => match error {
                 Ok((error, _)) => {
+                    subscribed.send_replace(false);
                     let text = error.to_string();
                     if std::mem::take(&mut connected) {
                         log::warn!("redis: connection lost, reconnecting: {text}");
@@ -293,21 +310,23 @@ async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audi
 }
 
 /// Subscribes to [`WAKE_CHANNEL`] and the event channels, retrying while the connection is up; a
-/// subscriber that stays unsubscribed would leave every waiter to its periodic re-check.
-async fn subscribe(subscriber: &Client) {
+/// subscriber that stays unsubscribed would leave every waiter to its periodic re-check. Whether
+/// it subscribed.
+async fn subscribe(subscriber: &Client) -> bool {
     while subscriber.is_connected() {
         let subscribed = async {
             subscriber.subscribe(WAKE_CHANNEL).await?;
             subscriber.psubscribe(format!("{EVENT_PREFIX}*")).await
         };
         match subscribed.await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(e) => {
                 log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
+    false
 }
 
 /// A Lua script run by SHA. The SHA is learnt from the first `SCRIPT LOAD`; the script is loaded
@@ -787,8 +806,16 @@ impl Backend for RedisStore {
     }
 
     async fn publish(&self, topic: &str, body: Bytes) -> Result<(), StoreError> {
+        if !self.hears_events() {
+            let why = "the events subscriber is not subscribed".into();
+            return Err(StoreError::Unavailable(why));
+        }
         let client = self.call().client();
         bounded(client.publish::<(), _, _>(format!("{EVENT_PREFIX}{topic}"), body)).await
+    }
+
+    fn hears_events(&self) -> bool {
+        *self.hears_events.borrow()
     }
 
     async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::redis::Value;
 use crate::support::{
-    assert_prompt_wake, let_polls_start, shared_redis, spawn_get, tunnel_id, wait_until,
+    assert_prompt_wake, eventually, let_polls_start, shared_redis, spawn_get, tunnel_id, wait_until,
 };
 use crate::support::{Backend, Relay, Store};
 use crate::support::{Client, RedisServer};
@@ -384,6 +384,65 @@ async fn store_outage_is_503_then_recovers() {
     let recovered = eventually_produces(&api, &t, Duration::from_secs(10)).await;
     assert!(recovered, "the relay did not recover:\n{}", relay.output());
     assert_eq!(api.consume(&t, "").await.expect(200).text(), "after");
+}
+
+/// Events need the relay's own pub/sub subscription: while redis is down, and after it returns
+/// until the relay has subscribed again, publishing and subscribing answer 503; an event answered
+/// 202 reaches the relay's subscribers (some were lost in that window, counted as reached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_the_subscription() {
+    use futures_util::StreamExt;
+    let mut redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let topic = tunnel_id("outage");
+    let url = format!("{}/ws/e/{topic}", api.base().replacen("http", "ws", 1));
+    let (mut subscriber, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("the relay accepts the WebSocket");
+    let publish = |n: usize| {
+        let api = api.clone();
+        let path = format!("/e/{topic}");
+        async move { api.post(&path, n.to_string()).await }
+    };
+    publish(0).await.expect(202);
+
+    redis.stop();
+    // Only the status: an accepted subscription is a stream that does not end.
+    let refused = eventually(Duration::from_secs(10), || async {
+        let subscribing = api.request(reqwest::Method::GET, &format!("/e/{topic}"));
+        let answer = subscribing.send().await.expect("the relay answers");
+        answer.status().as_u16() == 503
+    });
+    assert!(
+        refused.await,
+        "a subscription was accepted with the store down"
+    );
+    publish(1).await.expect_one_line_error(503);
+
+    redis.restart();
+    let mut reached = vec![0];
+    let mut n = 2;
+    while reached.len() < 30 {
+        let answer = publish(n).await;
+        match answer.status {
+            202 => reached.push(n),
+            503 => {}
+            other => panic!("publish answered {other}"),
+        }
+        n += 1;
+    }
+    for expected in reached {
+        let frame = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await;
+        let frame = frame
+            .expect("an event within 5 s")
+            .expect("open")
+            .expect("a frame");
+        assert_eq!(
+            frame.into_text().expect("text").as_str(),
+            expected.to_string()
+        );
+    }
 }
 
 /// With redis-server hung (SIGSTOP) under concurrent load, every produce and consume answers 503
