@@ -380,6 +380,12 @@ async fn stuck_socket_leaves_its_result_for_done(backend: Backend) {
         .to_owned();
     let result = "r".repeat(8 << 20);
     work(&api, &queue, "text/plain", &result).await;
+    // The frame's first bytes arrive once the socket has taken the result: only then is `/done`
+    // out of the race.
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() else {
+        unreachable!("a plain connection")
+    };
+    tcp.peek(&mut [0; 1]).await.expect("the frame begins");
     // Taken while its frame is written: unknown to `/done` until the relay gives up on the socket.
     let deadline = Instant::now() + Duration::from_secs(60);
     let collected = loop {
