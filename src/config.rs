@@ -146,15 +146,17 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let env = Env { lookup: &lookup };
         let tunnel = TunnelConfig {
-            maxlen: env.parse("TUNNEL_MAXLEN", 1000, "a whole number ≥ 1", |n: &u64| {
-                *n >= 1
-            })?,
+            // Redis takes counts up to 2^63 - 1.
+            maxlen: env.parse(
+                "TUNNEL_MAXLEN",
+                1000,
+                "a whole number from 1 to 9223372036854775807",
+                |n: &u64| (1..=i64::MAX as u64).contains(n),
+            )?,
             backpressure: env.flag("TUNNEL_BACKPRESSURE", true)?,
             max_poll_timeout: env.seconds("TUNNEL_MAX_POLL_TIMEOUT", 60)?,
             default_poll_timeout: env.seconds("TUNNEL_DEFAULT_POLL_TIMEOUT", 30)?,
-            default_content_type: env
-                .get("TUNNEL_DEFAULT_CONTENT_TYPE")
-                .unwrap_or_else(|| "text/plain".into()),
+            default_content_type: env.header_value("TUNNEL_DEFAULT_CONTENT_TYPE", "text/plain")?,
             reply_ttl: env.seconds("TUNNEL_REPLY_TTL", 3600)?,
             job_ttl: env.seconds("BURROW_JOB_TTL", 86_400)?,
             max_message_size: env.parse(
@@ -167,14 +169,7 @@ impl Config {
         let mut auth = AuthConfig {
             token: env.secret("TUNNEL_ACCESS_TOKEN")?,
             signature_secret: env.secret("TUNNEL_SIGNATURE_SECRET")?,
-            public_ids: env
-                .get("TUNNEL_PUBLIC_IDS")
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|id| !id.is_empty())
-                .map(String::from)
-                .collect(),
+            public_ids: env.tunnel_ids("TUNNEL_PUBLIC_IDS")?,
         };
         // The original's older setting for one open tunnel, which did not turn authorization
         // on by itself.
@@ -327,16 +322,63 @@ impl Env<'_> {
     }
 
     /// A secret: unset is none, but set and empty is refused, since an empty token or key would
-    /// leave the relay open to a deployment that meant to close it (`TOKEN=${UNSET}`).
+    /// leave the relay open to a deployment that meant to close it (`TOKEN=${UNSET}`); so is one
+    /// with whitespace at an end (a file's trailing newline) or a control character, which no
+    /// request could match: the relay would refuse everyone without saying why.
     fn secret(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
-        match (self.lookup)(var) {
-            Some(value) if value.is_empty() => Err(ConfigError::Invalid {
-                var,
-                value,
-                expected: "a non-empty secret (unset the variable to go without)",
-            }),
-            value => Ok(value),
+        let Some(value) = (self.lookup)(var) else {
+            return Ok(None);
+        };
+        let expected = if value.is_empty() {
+            "a non-empty secret (unset the variable to go without)"
+        } else if value.trim() != value {
+            "a secret without whitespace at either end (a file's trailing newline?)"
+        } else if value.chars().any(char::is_control) {
+            "a secret without control characters"
+        } else {
+            return Ok(Some(value));
+        };
+        // The secret itself is not repeated in the error.
+        let value = format!("<{} characters>", value.chars().count());
+        Err(ConfigError::Invalid {
+            var,
+            value,
+            expected,
+        })
+    }
+
+    /// A value that can be sent as an HTTP header value: visible ASCII and inner spaces.
+    fn header_value(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let Some(value) = self.get(var) else {
+            return Ok(default.into());
+        };
+        let visible = |b: u8| b.is_ascii_graphic() || b == b' ';
+        if value.trim() == value && value.bytes().all(visible) {
+            return Ok(value);
         }
+        Err(ConfigError::Invalid {
+            var,
+            value,
+            expected: "a header value of visible ASCII, such as text/plain",
+        })
+    }
+
+    /// Comma-separated tunnel ids, spaces around them ignored.
+    fn tunnel_ids(&self, var: &'static str) -> Result<HashSet<String>, ConfigError> {
+        let value = self.get(var).unwrap_or_default();
+        let ids = value.split(',').map(str::trim).filter(|id| !id.is_empty());
+        let mut valid = HashSet::new();
+        for id in ids {
+            if TunnelId::parse(id).is_none() {
+                return Err(ConfigError::Invalid {
+                    var,
+                    value: id.into(),
+                    expected: "comma-separated ids of 1 to 1024 characters from A-Z a-z 0-9 - _",
+                });
+            }
+            valid.insert(id.to_owned());
+        }
+        Ok(valid)
     }
 
     fn parse<T: std::str::FromStr>(
@@ -365,11 +407,11 @@ impl Env<'_> {
             return Ok(default);
         };
         match parse_go_duration(&value) {
-            Some(timeout) if timeout <= MAX_ROUTE_TIMEOUT => Ok(timeout),
+            Some(timeout) if timeout <= MAX_ROUTE_TIMEOUT && !timeout.is_zero() => Ok(timeout),
             _ => Err(ConfigError::Invalid {
                 var,
                 value,
-                expected: "a Go duration up to 24h, such as 500ms, 3s or 1m30s",
+                expected: "a Go duration above 0 and up to 24h, such as 500ms, 3s or 1m30s",
             }),
         }
     }
@@ -389,12 +431,13 @@ impl Env<'_> {
         let Some(value) = self.get(var) else {
             return Ok(None);
         };
+        // Port 0 would listen somewhere no one is told of.
         match value.parse::<std::net::SocketAddr>() {
-            Ok(_) => Ok(Some(value)),
-            Err(_) => Err(ConfigError::Invalid {
+            Ok(address) if address.port() != 0 => Ok(Some(value)),
+            _ => Err(ConfigError::Invalid {
                 var,
                 value,
-                expected: "an IP:port address such as 0.0.0.0:8080",
+                expected: "an IP:port address with a port, such as 0.0.0.0:8080",
             }),
         }
     }
@@ -441,7 +484,7 @@ impl Env<'_> {
                 Ok(n) => Ok(n >= 1),
                 Err(_) => Err(ConfigError::Invalid {
                     var,
-                    value: number.into(),
+                    value: self.get(var).unwrap_or_default(),
                     expected: "1 or 0",
                 }),
             },
@@ -547,11 +590,26 @@ mod tests {
             ("REDIS_HOST", "127.0.0.1#x"),
             ("REDIS_HOST", "u@127.0.0.1"),
             ("BURROW_METRICS_LISTEN", "0.0.0.0:8080"),
+            ("TUNNEL_MAXLEN", "9223372036854775808"),
+            ("TUNNEL_DEFAULT_CONTENT_TYPE", "text/plain\r"),
+            ("TUNNEL_DEFAULT_CONTENT_TYPE", "text/plain\n"),
+            ("TUNNEL_DEFAULT_CONTENT_TYPE", "tëxt/plain"),
+            ("TUNNEL_ACCESS_TOKEN", "s3cret\n"),
+            ("TUNNEL_ACCESS_TOKEN", " "),
+            ("TUNNEL_SIGNATURE_SECRET", "a\u{1}b"),
+            ("TUNNEL_PUBLIC_IDS", "ok, a.b"),
+            ("BURROW_ROUTE_TIMEOUT", "0s"),
+            ("BURROW_LISTEN", "127.0.0.1:0"),
         ] {
             let vars = [(var, value), ("REDIS_HOST", "h")];
             let err = config(&vars).expect_err(var).to_string();
             assert!(err.starts_with(var), "{err}");
         }
+        // A secret is not repeated in its error, nor a flag's value trimmed.
+        let err = config(&[("TUNNEL_ACCESS_TOKEN", "s3cret\n")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = config(&[("TUNNEL_BACKPRESSURE", " x ")]).unwrap_err();
+        assert!(err.to_string().contains("\" x \""), "{err}");
     }
 
     /// Public ids are a comma-separated list; the Debug form hides secrets.
