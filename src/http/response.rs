@@ -88,7 +88,11 @@ impl Response {
     pub fn head(&self) -> pingora_error::Result<ResponseHeader> {
         let mut head = ResponseHeader::build(self.status, Some(self.headers.len() + 4))?;
         for (name, value) in &self.headers {
-            head.append_header(name.to_string(), value.as_str())?;
+            // A header that cannot be written (a stored Content-Type from elsewhere, say) is left
+            // out rather than the whole answer, which may carry a message already taken.
+            if let Err(e) = head.append_header(name.to_string(), value.as_str()) {
+                log::warn!("left out a response header {name:?}: {e}");
+            }
         }
         // RFC 9110 forbids Content-Length on 1xx, 204 and 304.
         if self.status >= 200 && self.status != 204 && self.status != 304 && !self.streamed {
@@ -205,5 +209,12 @@ mod tests {
         assert_eq!(head.headers["Access-Control-Allow-Origin"], "*");
         let head = Response::text(400, "x").head().unwrap();
         assert_eq!(head.headers["Content-Length"], "1");
+        // A header that cannot be written is left out, not the answer.
+        let bad = Response::empty(200)
+            .header("Content-Type", "text/plain\r")
+            .body("message");
+        let head = bad.head().unwrap();
+        assert!(head.headers.get("Content-Type").is_none());
+        assert_eq!(head.headers["Content-Length"], "7");
     }
 }
