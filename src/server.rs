@@ -188,10 +188,17 @@ impl BackgroundService for AccessLogFlusher {
 fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
     let Some(path) = &config.pingora_conf else {
         // Cannot fail in practice: every relay the tests start uses it.
-        return ServerConf::from_yaml(DEFAULT_CONF).map_err(|e| ServeError::PingoraConf {
-            path: "(built in)".into(),
-            message: e.to_string(),
-        });
+        let mut conf =
+            ServerConf::from_yaml(DEFAULT_CONF).map_err(|e| ServeError::PingoraConf {
+                path: "(built in)".into(),
+                message: e.to_string(),
+            })?;
+        // One socket per port: relays on one host must not take each other's listening socket
+        // in a graceful upgrade (the wrong one's port closed, the new process served nothing).
+        if let Ok(listen) = config.listen.parse::<std::net::SocketAddr>() {
+            conf.upgrade_sock = format!("/tmp/burrow_upgrade_{}.sock", listen.port());
+        }
+        return Ok(conf);
     };
     let unusable = |message: String| ServeError::PingoraConf {
         path: path.clone(),
@@ -205,4 +212,36 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
         return Err(unusable("threads must be at least 1".into()));
     }
     Ok(conf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in settings give each port its own upgrade socket; a `BURROW_CONF` file's is
+    /// kept as written.
+    #[test]
+    fn upgrade_socket_per_port() {
+        let listen = |port: &str| {
+            let vars = [("BURROW_LISTEN", format!("127.0.0.1:{port}"))];
+            let config = Config::from_lookup(|name| {
+                vars.iter()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, v)| v.clone())
+            });
+            pingora_conf(&config.expect("valid")).expect("the built-in settings")
+        };
+        assert_eq!(listen("8123").upgrade_sock, "/tmp/burrow_upgrade_8123.sock");
+        assert_eq!(listen("8124").upgrade_sock, "/tmp/burrow_upgrade_8124.sock");
+        let file = tempfile::NamedTempFile::new().expect("a temporary file");
+        std::fs::write(
+            file.path(),
+            "---\nversion: 1\nupgrade_sock: /run/mine.sock\n",
+        )
+        .unwrap();
+        let path = file.path().display().to_string();
+        let config = Config::from_lookup(|name| (name == "BURROW_CONF").then(|| path.clone()));
+        let conf = pingora_conf(&config.expect("valid")).expect("the file's settings");
+        assert_eq!(conf.upgrade_sock, "/run/mine.sock");
+    }
 }
