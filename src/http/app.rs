@@ -583,7 +583,7 @@ impl HttpServerApp for RelayApp {
             }
         };
         if let Some(why) = refused {
-            refuse(session, why).await;
+            self.refuse(session, why).await;
             return None;
         }
         let started = Instant::now();
@@ -623,7 +623,7 @@ impl HttpServerApp for RelayApp {
         );
         let name = route.as_ref().map_or("invalid", Route::name);
         let served = Served {
-            method,
+            method: Some(method),
             name,
             tunnel: match &route {
                 Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
@@ -719,7 +719,8 @@ impl HttpServerApp for RelayApp {
 
 /// What the metrics and the access log say of a request once it is answered.
 struct Served {
-    method: Method,
+    /// `None` for a request refused before its head was read through.
+    method: Option<Method>,
     name: &'static str,
     /// Only when the access log is on.
     tunnel: Option<String>,
@@ -732,12 +733,31 @@ impl RelayApp {
         metrics::request(served.name, status, served.started);
         if self.access_log {
             let Served { method, name, .. } = served;
+            let method = method.as_ref().map_or("-", Method::as_str);
             let ms = served.started.elapsed().as_secs_f64() * 1000.0;
             let tunnel = served.tunnel.as_deref().unwrap_or("-");
             access_log::line(format_args!(
                 "{method} {name} {status} {ms:.3}ms tunnel={tunnel}"
             ));
         }
+    }
+
+    /// Answers a request refused before routing (a head that is malformed, ambiguous, too slow or
+    /// too large) and closes its connection; counted and logged under the route `invalid`.
+    pub(super) async fn refuse(&self, mut session: ServerSession, why: Error) {
+        let served = Served {
+            method: None,
+            name: "invalid",
+            tunnel: None,
+            started: Instant::now(),
+        };
+        let response = Response::from(why);
+        let status = response.status;
+        if let Ok(head) = response.head() {
+            let _ = session.write_error_response(head, response.body).await;
+        }
+        self.record(&served, status);
+        linger(session).await;
     }
 
     /// How long a request head may take once its first bytes are in (`BURROW_HEADER_TIMEOUT`).
@@ -851,13 +871,6 @@ fn credentials(session: &ServerSession) -> Credentials<'_> {
 
 /// Answers a request refused before it was read whole (its head too slow, too large, malformed),
 /// and closes its connection, lingering.
-pub(super) async fn refuse(mut session: ServerSession, why: Error) {
-    let response = Response::from(why);
-    if let Ok(head) = response.head() {
-        let _ = session.write_error_response(head, response.body).await;
-    }
-    linger(session).await;
-}
 
 /// A handler's error as the response telling the client; store trouble is logged too.
 fn failed(name: &str, error: Error) -> Response {

@@ -19,7 +19,7 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use super::app::{refuse, RelayApp, KEEPALIVE_SECS};
+use super::app::{RelayApp, KEEPALIVE_SECS};
 use super::framing;
 use crate::error::Error;
 
@@ -90,7 +90,7 @@ pub async fn serve_http1(
         let refused = refused.or_else(|| framing::check_raw(&head).err());
         let mut session = ServerSession::new_http1(stream);
         if let Some(refused) = refused {
-            refuse(session, refused).await;
+            app.refuse(session, refused).await;
             return;
         }
         match settings {

@@ -589,6 +589,26 @@ async fn metrics_follow_the_traffic() {
         .await,
         1.0
     );
+    // A request refused before routing (here, framed two ways at once) is counted too.
+    let mut raw = tokio::net::TcpStream::connect(api.base().trim_start_matches("http://"))
+        .await
+        .expect("the relay accepts");
+    let smuggling = "POST /t/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\n\
+                     Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    raw.write_all(smuggling.as_bytes()).await.expect("sent");
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
+        .await
+        .expect("an answer, then the connection closed");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "burrow_requests_total{route=\"invalid\",status=\"400\"}"
+        )
+        .await,
+        1.0
+    );
     assert_eq!(
         metric(
             &metrics,
