@@ -869,9 +869,6 @@ fn credentials(session: &ServerSession) -> Credentials<'_> {
     }
 }
 
-/// Answers a request refused before it was read whole (its head too slow, too large, malformed),
-/// and closes its connection, lingering.
-
 /// A handler's error as the response telling the client; store trouble is logged too.
 fn failed(name: &str, error: Error) -> Response {
     if let Error::Store(store) = &error {
