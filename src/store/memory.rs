@@ -26,7 +26,11 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
+    /// Tunnels holding messages; one that empties is let go.
     tunnels: HashMap<TunnelId, Tunnel>,
+    /// The newest message id given out in any tunnel: ids increase store-wide, so a tunnel let go
+    /// and made again never repeats an id (whose unread reply a new message could read).
+    last_id: Option<MessageId>,
     replies: HashMap<(TunnelId, MessageId), Expiring<Payload>>,
     jobs: HashMap<(TunnelId, MessageId), Expiring<Bytes>>,
     instances: HashMap<String, Expiring<Bytes>>,
@@ -41,11 +45,36 @@ struct Tunnel {
     /// trimmed away while pending keeps its entry without a body, as in a stream's pending list:
     /// its consumer may still answer it, and it is dropped when it would be handed out again.
     pending: BTreeMap<MessageId, (Option<Payload>, Instant)>,
-    /// The newest id given out, so ids keep increasing even after the tunnel empties.
-    last_id: Option<MessageId>,
 }
 
 impl Tunnel {
+    /// Hands out the next message as `delivery` says, at `now`.
+    fn take(&mut self, delivery: Delivery, now: Instant) -> Option<Message> {
+        if let Delivery::Pending { redeliver_after } = delivery {
+            let is_due = |handed_out: &Instant| now.duration_since(*handed_out) >= redeliver_after;
+            // A trimmed message found due is dropped, as XCLAIM drops it from a stream's list.
+            self.pending
+                .retain(|_, (body, handed_out)| body.is_some() || !is_due(handed_out));
+            let due = self.pending.iter_mut().find(|(_, (_, at))| is_due(at));
+            if let Some((id, (Some(payload), handed_out))) = due {
+                *handed_out = now;
+                return Some(Message {
+                    id: *id,
+                    payload: payload.clone(),
+                });
+            }
+        }
+        let (id, payload) = self.queued.pop_front()?;
+        if delivery != Delivery::Remove {
+            self.pending.insert(id, (Some(payload.clone()), now));
+        }
+        Some(Message { id, payload })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queued.is_empty() && self.pending.is_empty()
+    }
+
     fn len(&self) -> u64 {
         let pending = self.pending.values().filter(|(body, _)| body.is_some());
         (self.queued.len() + pending.count()) as u64
@@ -104,6 +133,16 @@ impl MemoryStore {
     }
 }
 
+impl State {
+    /// Lets `tunnel` go if it holds nothing: a relay whose clients use a tunnel id per session
+    /// would otherwise keep every id it ever saw.
+    fn release_if_empty(&mut self, tunnel: &TunnelId) {
+        if self.tunnels.get(tunnel).is_some_and(Tunnel::is_empty) {
+            self.tunnels.remove(tunnel);
+        }
+    }
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // Every operation leaves the state consistent before it can panic, so poison is ignored.
     state.lock().unwrap_or_else(|e| e.into_inner())
@@ -139,15 +178,16 @@ impl Backend for MemoryStore {
         job_ttl: Option<Duration>,
     ) -> Result<Produced, StoreError> {
         let produced = {
-            let mut state = self.lock();
+            let mut guard = self.lock();
+            let state = &mut *guard;
             let t = state.tunnels.entry(tunnel.clone()).or_default();
             if let Bound::Limit(limit) = bound {
                 if t.len() >= limit {
                     return Ok(Produced::Full { size: t.len() });
                 }
             }
-            let id = MessageId::next_after(t.last_id, now_ms());
-            t.last_id = Some(id);
+            let id = MessageId::next_after(state.last_id, now_ms());
+            state.last_id = Some(id);
             let record = job_ttl.map(|ttl| Expiring::new(payload.body.clone(), ttl));
             t.queued.push_back((id, payload));
             let produced = match bound {
@@ -180,28 +220,9 @@ impl Backend for MemoryStore {
         let Some(t) = state.tunnels.get_mut(tunnel) else {
             return Ok(None);
         };
-        let now = Instant::now();
-        if let Delivery::Pending { redeliver_after } = delivery {
-            let is_due = |handed_out: &Instant| now.duration_since(*handed_out) >= redeliver_after;
-            // A trimmed message found due is dropped, as XCLAIM drops it from a stream's list.
-            t.pending
-                .retain(|_, (body, handed_out)| body.is_some() || !is_due(handed_out));
-            let due = t.pending.iter_mut().find(|(_, (_, at))| is_due(at));
-            if let Some((id, (Some(payload), handed_out))) = due {
-                *handed_out = now;
-                return Ok(Some(Message {
-                    id: *id,
-                    payload: payload.clone(),
-                }));
-            }
-        }
-        let Some((id, payload)) = t.queued.pop_front() else {
-            return Ok(None);
-        };
-        if delivery != Delivery::Remove {
-            t.pending.insert(id, (Some(payload.clone()), now));
-        }
-        Ok(Some(Message { id, payload }))
+        let message = t.take(delivery, Instant::now());
+        state.release_if_empty(tunnel);
+        Ok(message)
     }
 
     async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
@@ -212,6 +233,7 @@ impl Backend for MemoryStore {
                 t.queued.remove(at);
             }
         }
+        state.release_if_empty(tunnel);
         Ok(())
     }
 
@@ -231,6 +253,7 @@ impl Backend for MemoryStore {
             if !was_pending {
                 return Ok(false);
             }
+            state.release_if_empty(tunnel);
             let stored = Expiring::new(reply, ttl);
             state.replies.insert((tunnel.clone(), msg), stored);
             // A job's record is kept as long as its result, unless it has expired already.
@@ -279,11 +302,8 @@ impl Backend for MemoryStore {
     }
 
     async fn clear(&self, tunnel: &TunnelId) -> Result<(), StoreError> {
-        // The tunnel stays, emptied, so that its ids keep increasing (see `Tunnel::last_id`).
-        if let Some(t) = self.lock().tunnels.get_mut(tunnel) {
-            t.queued.clear();
-            t.pending.clear();
-        }
+        // Ids keep increasing all the same (see `State::last_id`).
+        self.lock().tunnels.remove(tunnel);
         Ok(())
     }
 
@@ -352,5 +372,57 @@ impl Backend for MemoryStore {
             })
         };
         Ok(keys.iter().map(|key| ready(key).unwrap_or(false)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(body: &'static str) -> Payload {
+        Payload {
+            body: Bytes::from_static(body.as_bytes()),
+            content_type: None,
+        }
+    }
+
+    async fn produce(store: &MemoryStore, tunnel: &TunnelId) -> MessageId {
+        match store
+            .produce(tunnel, payload("m"), Bound::Limit(10), None)
+            .await
+        {
+            Ok(Produced::Stored { id, .. }) => id,
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+
+    /// A tunnel that empties is let go, however it empties (consumed, acknowledged, replied,
+    /// cleared), and a message produced in it afterwards still gets a newer id.
+    #[tokio::test]
+    async fn empty_tunnels_are_let_go() {
+        let store = MemoryStore::new(Audience::default());
+        let t = TunnelId::parse("t").unwrap();
+        let pending = Delivery::Pending {
+            redeliver_after: Duration::from_secs(60),
+        };
+        let mut last = produce(&store, &t).await;
+        store.consume(&t, Delivery::Remove).await.unwrap();
+        assert!(store.lock().tunnels.is_empty(), "consumed");
+        for how in ["ack", "reply", "clear"] {
+            let id = produce(&store, &t).await;
+            assert!(id > last, "{id} after {last}");
+            last = id;
+            store.consume(&t, pending).await.unwrap();
+            assert!(!store.lock().tunnels.is_empty(), "pending, before {how}");
+            match how {
+                "ack" => store.ack(&t, id).await.unwrap(),
+                "reply" => {
+                    let replied = store.reply(&t, id, payload("r"), Duration::from_secs(60));
+                    assert!(replied.await.unwrap());
+                }
+                _ => store.clear(&t).await.unwrap(),
+            }
+            assert!(store.lock().tunnels.is_empty(), "{how}");
+        }
     }
 }
