@@ -71,7 +71,8 @@ impl Tunnel {
         Some(Message { id, payload })
     }
 
-    fn is_empty(&self) -> bool {
+    /// Nothing queued and nothing pending, not even a trimmed message awaiting its answer.
+    fn holds_nothing(&self) -> bool {
         self.queued.is_empty() && self.pending.is_empty()
     }
 
@@ -137,7 +138,7 @@ impl State {
     /// Lets `tunnel` go if it holds nothing: a relay whose clients use a tunnel id per session
     /// would otherwise keep every id it ever saw.
     fn release_if_empty(&mut self, tunnel: &TunnelId) {
-        if self.tunnels.get(tunnel).is_some_and(Tunnel::is_empty) {
+        if self.tunnels.get(tunnel).is_some_and(Tunnel::holds_nothing) {
             self.tunnels.remove(tunnel);
         }
     }
