@@ -80,6 +80,8 @@ pub enum FrameError {
     BadWindow(usize),
     #[error("a {0:?} frame must name a stream (id 0 is the connection's)")]
     NoStream(Kind),
+    #[error("a GOAWAY frame is the connection's: its stream id must be 0")]
+    GoAwayOnStream,
 }
 
 impl Frame {
@@ -130,6 +132,9 @@ impl Frame {
         if stream == 0 && kind != Kind::GoAway {
             return Err(FrameError::NoStream(kind));
         }
+        if stream != 0 && kind == Kind::GoAway {
+            return Err(FrameError::GoAwayOnStream);
+        }
         match kind {
             Kind::Data if bytes.len() > MAX_DATA => Err(FrameError::DataTooLarge(bytes.len())),
             Kind::Window if bytes.len() != 4 => Err(FrameError::BadWindow(bytes.len())),
@@ -164,7 +169,6 @@ mod tests {
             Kind::End,
             Kind::Response,
             Kind::Reset,
-            Kind::GoAway,
         ] {
             let frame = Frame::new(kind, 0x0102_0304, Bytes::from_static(b"xyz"));
             let wire = frame.encode();
@@ -204,5 +208,9 @@ mod tests {
             Err(FrameError::NoStream(Kind::Data))
         );
         assert!(Frame::decode(Bytes::from_static(&[7, 0, 0, 0, 0])).is_ok());
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[7, 0, 0, 0, 1])),
+            Err(FrameError::GoAwayOnStream)
+        );
     }
 }
