@@ -21,7 +21,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::MaybeTlsStream;
 
-use crate::routing::head::MAX_RESPONSE_HEADERS;
+use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
 use crate::routing::stream::{BodyReader, Inbound};
 
 /// How long opening a connection to the upstream (TCP and TLS) may take.
@@ -147,6 +147,7 @@ impl Client {
         // Past hyper's default of 100: a response head with more headers is still a response.
         let (sender, connection) = http1::Builder::new()
             .max_headers(MAX_RESPONSE_HEADERS)
+            .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {

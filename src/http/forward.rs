@@ -16,7 +16,7 @@ use pingora_core::protocols::http::ServerSession;
 use super::app::{client_gone, continue_if_expected, unreadable, Body};
 use super::response::Response;
 use crate::error::Error;
-use crate::routing::head::MAX_RESPONSE_HEADERS;
+use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
 use crate::tunnel::TunnelId;
 
@@ -36,6 +36,7 @@ pub fn hop_client() -> HopClient {
     connector.set_nodelay(true);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http1_max_headers(MAX_RESPONSE_HEADERS + 16)
+        .http1_max_buf_size(MAX_RESPONSE_HEAD_BYTES)
         .build(connector)
 }
 

@@ -38,6 +38,10 @@ pub struct RequestHead {
 /// only a size, which the agent's frames bound).
 pub const MAX_RESPONSE_HEADERS: usize = 1000;
 
+/// How many bytes an HTTP client of the relay or the agent may buffer for a response head: past
+/// hyper's adaptive ~400 KB, so that what decides is one rule, the size of the `RESPONSE` frame.
+pub const MAX_RESPONSE_HEAD_BYTES: usize = super::frame::MAX_MESSAGE + 64 * 1024;
+
 /// The upstream's answer as the relay passes it to the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {
@@ -59,6 +63,8 @@ pub enum HeadError {
     Status(u16),
     #[error("header {0:?} is not a valid HTTP header")]
     Header(String),
+    #[error("{0} headers are more than the {MAX_RESPONSE_HEADERS} a response may carry")]
+    TooManyHeaders(usize),
 }
 
 impl RequestHead {
@@ -94,6 +100,9 @@ impl ResponseHead {
         strip_hop_by_hop(&mut head.headers);
         if !(200..=999).contains(&head.status) {
             return Err(HeadError::Status(head.status));
+        }
+        if head.headers.len() > MAX_RESPONSE_HEADERS {
+            return Err(HeadError::TooManyHeaders(head.headers.len()));
         }
         let mut length = None;
         for (name, value) in &head.headers {
@@ -212,6 +221,14 @@ mod tests {
         let hop = serde_json::json!({"status": 200, "headers": [["Connection", "close, X-Private"], ["X-Private", "1"], ["X-Kept", "2"]]});
         let parsed = ResponseHead::from_json(hop.to_string().as_bytes()).unwrap();
         assert_eq!(parsed.headers, pairs(&[("X-Kept", "2")]));
+        let many: Vec<_> = (0..=MAX_RESPONSE_HEADERS)
+            .map(|n| [format!("x-{n}"), "v".into()])
+            .collect();
+        let json = serde_json::json!({"status": 200, "headers": many});
+        assert_eq!(
+            ResponseHead::from_json(json.to_string().as_bytes()),
+            Err(HeadError::TooManyHeaders(MAX_RESPONSE_HEADERS + 1))
+        );
         let same = serde_json::json!({"status": 200, "headers": [["content-length", "3"], ["Content-Length", "3"]]});
         assert!(ResponseHead::from_json(same.to_string().as_bytes()).is_ok());
         for (name, value) in [
