@@ -185,13 +185,23 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
     map
 }
 
-/// Whether `path` (with its query) has a `.` or `..` segment, percent-encoded or not: the
-/// upstream would resolve it against the path before it.
+/// Whether `path` (before its query) has a `.` or `..` segment however an upstream may read it,
+/// which would resolve it against the path before it: percent-decoded, also twice or thrice
+/// (`%252e`), with `\` as `/` (WHATWG URL parsers, IIS) and a segment's `;` parameters dropped
+/// (Tomcat, Jetty).
 fn has_dot_segment(path: &str) -> bool {
     let path = path.split('?').next().unwrap_or_default();
-    path.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        decoded == "." || decoded == ".."
+    let mut decoded = path.as_bytes().to_vec();
+    for _ in 0..3 {
+        let next: Vec<u8> = percent_encoding::percent_decode(&decoded).collect();
+        if next == decoded {
+            break;
+        }
+        decoded = next;
+    }
+    decoded.split(|&b| b == b'/' || b == b'\\').any(|segment| {
+        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
+        segment == b"." || segment == b".."
     })
 }
 
@@ -242,6 +252,13 @@ mod tests {
             "/a/%2e%2E/b",
             "/a/.%2e",
             "/%2e/",
+            "/a\\..\\b",
+            "/a/..;/b",
+            "/a/..%3b/b",
+            "/a/%252e%252e/b",
+            "/a/..%2fb",
+            "/a/%2e%2e%2fb",
+            "/a/%5c..%5cb",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -252,6 +269,10 @@ mod tests {
             "/a/..b",
             "/x?p=/../",
             "/.well-known/x",
+            "/file.tar.gz",
+            "/a/.hidden",
+            "/a;b=1/c",
+            "/a%2Fb",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
