@@ -292,8 +292,13 @@ impl RelayApp {
                 timeout,
                 ..
             } => {
-                // Stopping, the relay answers before its runtimes go, rather than drop the
-                // connection of a request whose agent is still at work.
+                // Stopping, the relay has let its agents go: a request that comes on a kept-alive
+                // connection is told to retry (elsewhere), not that its agent does not exist.
+                if *shutdown.borrow() {
+                    return Err(Error::ShuttingDown);
+                }
+                // And it answers before its runtimes go, rather than drop the connection of a
+                // request whose agent is still at work.
                 let forwarding = self.forward(session, agent, path, timeout);
                 return tokio::select! {
                     outcome = forwarding => outcome,

@@ -1043,7 +1043,8 @@ async fn round_trip(backend: Backend) {
 per_store!(shared: [], dedicated: [round_trip]);
 
 /// Stopping, the relay answers a routed request still waiting for its answer with 503 before its
-/// grace period (1 s) ends: the connection was dropped without an answer.
+/// grace period (1 s) ends (the connection was dropped without an answer), and one that comes on a
+/// kept-alive connection meanwhile with 503 at once (it was 422: no such agent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_routed_requests_in_flight() {
     let setup = Setup::start(Store::Memory, &[]).await;
@@ -1054,7 +1055,19 @@ async fn sigterm_answers_routed_requests_in_flight() {
         .wait_for(|&n| n > 0)
         .await
         .expect("the upstream is reached");
+    let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
+    let late = format!("GET /r/{}/late HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
+    assert_eq!(kept.exchange(&late).await.status, 200);
     setup.relay.signal("TERM");
+    // Served as before until the relay has taken the signal in.
+    let mut answer = kept.exchange(&late).await;
+    for _ in 0..200 {
+        if answer.status != 200 {
+            break;
+        }
+        answer = kept.exchange(&late).await;
+    }
+    assert_eq!(answer.status, 503, "{answer:?}");
     let answer = request.await.expect("the request task does not panic");
     let answer = answer.expect_error(503, "Relay shutting down, retry");
     assert_eq!(answer.header("retry-after"), Some("1"));
