@@ -528,11 +528,7 @@ fn accept(session: &ServerSession) -> Result<Response, Error> {
 /// an answer takes to write.
 async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
     const ANSWER_TIME: Duration = Duration::from_millis(250);
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
+    crate::tunnel::stopping(shutdown).await;
     tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
 }
 

@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::routing::frame::MAX_MESSAGE;
-use crate::tunnel::{Shutdown, TunnelId};
+use crate::tunnel::{stopping, Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
@@ -159,8 +159,14 @@ pub async fn serve_jobs(
             Some(id) = done.recv() => match jobs.collect(&id, None, &mut shutdown.clone()).await {
                 Ok(Some(collected)) if collected.job.state != JobState::Processing => {
                     // Taken before its frame is written, so that it is handed out once; a frame
-                    // that cannot be written leaves it for `/done`.
-                    if !send_text(&mut outgoing, collected.job.to_json()).await {
+                    // that cannot be written, or is still being written when the relay stops,
+                    // leaves it for `/done`.
+                    let mut stops = shutdown.clone();
+                    let pushed = tokio::select! {
+                        pushed = send_text(&mut outgoing, collected.job.to_json()) => pushed,
+                        () = stopping(&mut stops) => false,
+                    };
+                    if !pushed {
                         if let Err(e) = jobs.give_back(collected).await {
                             log::warn!("job {id}: a result the socket could not deliver is lost: {e}");
                         }

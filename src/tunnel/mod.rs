@@ -32,6 +32,15 @@ pub enum Limit {
 /// Signals that the server is shutting down (`true`); long-polls then answer at once.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// Resolves once the server is shutting down: at once if it already is.
+pub async fn stopping(shutdown: &mut Shutdown) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The tunnels of one relay process.
 #[derive(Clone)]
 pub struct Tunnels {

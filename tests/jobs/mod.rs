@@ -358,6 +358,38 @@ async fn closing_leaves_results_for_done(api: &Client) {
 async fn stuck_socket_leaves_its_result_for_done(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_MAX_MESSAGE_SIZE", "16777216")]);
     let api = relay.client();
+    let (mut ws, id, result) = stuck_socket(&api).await;
+    // Taken while its frame is written: unknown to `/done` until the relay gives up on the socket.
+    let collected = given_back(&api, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        collected["result"].as_str().map(str::len),
+        Some(result.len())
+    );
+    // What the relay wrote before dropping the socket is no whole frame.
+    while let Some(Ok(frame)) = ws.next().await {
+        assert!(!frame.is_text(), "the result reached the socket as well");
+    }
+}
+
+/// A relay stopped while a socket that reads nothing holds a result gives the result back before
+/// it exits (it was lost with the relay): another instance answers it through `/done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_socket_at_shutdown_gives_its_result_back() {
+    let big = [("TUNNEL_MAX_MESSAGE_SIZE", "16777216")];
+    let stopping = Relay::start(Store::Redis(shared_redis()), &big);
+    let (_ws, id, result) = stuck_socket(&stopping.client()).await;
+    stopping.signal("TERM");
+    let other = Relay::start(Store::Redis(shared_redis()), &big);
+    let collected = given_back(&other.client(), &id, Duration::from_secs(10)).await;
+    assert_eq!(
+        collected["result"].as_str().map(str::len),
+        Some(result.len())
+    );
+}
+
+/// A jobs socket with a 4 KiB receive buffer that reads nothing once its job started, and the id
+/// and result of that job, whose frame the relay has begun to write (so it has taken the result).
+async fn stuck_socket(api: &Client) -> (Socket, String, String) {
     let queue = tunnel_id("stuck");
     // A small receive buffer, so that the result outgrows every buffer on its way.
     let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
@@ -379,33 +411,33 @@ async fn stuck_socket_leaves_its_result_for_done(backend: Backend) {
         .expect("an id")
         .to_owned();
     let result = "r".repeat(8 << 20);
-    work(&api, &queue, "text/plain", &result).await;
-    // The frame's first bytes arrive once the socket has taken the result: only then is `/done`
-    // out of the race.
+    work(api, &queue, "text/plain", &result).await;
+    // The frame's first bytes arrive once the socket has taken the result.
     let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() else {
         unreachable!("a plain connection")
     };
     tcp.peek(&mut [0; 1]).await.expect("the frame begins");
-    // Taken while its frame is written: unknown to `/done` until the relay gives up on the socket.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let collected = loop {
+    (ws, id, result)
+}
+
+/// Job `id` as `/done` answers it once its result is given back, within `limit`: until then
+/// `/done` knows it not (404).
+async fn given_back(api: &Client, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
         let answer = api.get(&format!("/done/{id}")).await;
         if answer.status == 200 {
-            break answer.json();
+            let job = answer.json();
+            assert_eq!(job["status"], "Done");
+            return job;
         }
         assert_eq!(answer.status, 404, "taken, then given back");
-        assert!(Instant::now() < deadline, "the result is back within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "the result is back within {limit:?}"
+        );
         // Nothing to wait on: the relay gives the result back without telling anyone.
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(collected["status"], "Done");
-    assert_eq!(
-        collected["result"].as_str().map(str::len),
-        Some(result.len())
-    );
-    // What the relay wrote before dropping the socket is no whole frame.
-    while let Some(Ok(frame)) = ws.next().await {
-        assert!(!frame.is_text(), "the result reached the socket as well");
     }
 }
 
