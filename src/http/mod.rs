@@ -11,6 +11,7 @@
 //! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, and the agents'
 //!   (`/agent/connect`) handshake, framed by tungstenite;
 //! - `sse`: server-sent events (`GET /e/{topic}`);
+//! - `watched`: a connection that notes when its client last took bytes (for pushes);
 //! - `forward`: requests for agents, streamed through their connection.
 
 mod app;
@@ -21,12 +22,23 @@ mod parked;
 mod response;
 mod route;
 mod sse;
+mod watched;
 mod websocket;
 
-/// How long a pushed job result, event or keep-alive may take to be written: a client that reads
-/// nothing for this long (its connection's buffers full) is dropped instead of holding what it
-/// was sent, and its place among a topic's subscribers.
+/// How long a pushed job result, event or keep-alive may take to be written, beyond the time its
+/// size takes at [`MIN_SEND_RATE`]: a client that reads nothing for this long (its connection's
+/// buffers full) is dropped instead of holding what it was sent, and its place among a topic's
+/// subscribers.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The slowest a client may read what is pushed to it, in bytes per second, and stay.
+const MIN_SEND_RATE: f64 = 16.0 * 1024.0;
+
+/// How long pushing `len` bytes may take: [`SEND_TIMEOUT`] plus their time at [`MIN_SEND_RATE`],
+/// so that a big event or result to a slow but steady reader is not cut short.
+fn send_deadline(len: usize) -> std::time::Duration {
+    SEND_TIMEOUT + std::time::Duration::from_secs_f64(len as f64 / MIN_SEND_RATE)
+}
 
 /// How long a subscription or a jobs socket may stay silent before a keep-alive, so that proxies
 /// keep the connection and a client vanished without closing (host gone) is noticed.

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
-use super::{KEEPALIVE, SEND_TIMEOUT};
+use super::{send_deadline, KEEPALIVE};
 use crate::events::Subscription;
 use crate::tunnel::Shutdown;
 
@@ -17,11 +17,9 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
+        let deadline = send_deadline(chunk.len());
         let written = session.write_response_body(chunk, false);
-        if !matches!(
-            tokio::time::timeout(SEND_TIMEOUT, written).await,
-            Ok(Ok(()))
-        ) {
+        if !matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(()))) {
             return;
         }
         chunk = tokio::select! {

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use pingora_core::protocols::Stream;
 use serde_json::json;
@@ -29,6 +30,7 @@ use crate::tunnel::{stopping, Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
+use super::watched::{Progress, Watched};
 use super::{KEEPALIVE, SEND_TIMEOUT};
 
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
@@ -100,7 +102,7 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
 ///
 /// A job's result is taken from the store when its frame is about to be written, and given back
-/// if the frame cannot be written within [`SEND_TIMEOUT`]: the tasks waiting for jobs only learn
+/// if the frame cannot be written (the client read nothing for [`SEND_TIMEOUT`]): the tasks waiting for jobs only learn
 /// that one has finished. A socket that closes, resets or stops reading, or a relay that stops,
 /// while results arrive leaves them for `/done` instead of dropping them.
 pub async fn serve_jobs(
@@ -111,8 +113,7 @@ pub async fn serve_jobs(
     mut shutdown: Shutdown,
 ) {
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
-    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
-    let (mut outgoing, mut incoming) = socket.split();
+    let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
     let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
     let mut waiters = Waiters {
@@ -152,7 +153,7 @@ pub async fn serve_jobs(
                     break;
                 }
                 ended => {
-                    close_after(&mut outgoing, ended).await;
+                    close_after(&mut outgoing.outgoing, ended).await;
                     break;
                 }
             },
@@ -163,7 +164,7 @@ pub async fn serve_jobs(
                     // leaves it for `/done`.
                     let mut stops = shutdown.clone();
                     let pushed = tokio::select! {
-                        pushed = send_text(&mut outgoing, collected.job.to_json()) => pushed,
+                        pushed = outgoing.send_text(collected.job.to_json()) => pushed,
                         () = stopping(&mut stops) => false,
                     };
                     if !pushed {
@@ -188,37 +189,67 @@ pub async fn serve_jobs(
             },
             Some(_) = waiters.tasks.join_next() => continue,
             _ = keepalive.tick() => {
-                if !send(&mut outgoing, Message::Ping(Bytes::new())).await {
+                if !outgoing.send(Message::Ping(Bytes::new())).await {
                     break;
                 }
                 continue;
             }
             _ = shutdown.changed() => {
-                let _ = send(&mut outgoing, going_away()).await;
+                let _ = outgoing.send(going_away()).await;
                 break;
             }
         };
-        if !send_text(&mut outgoing, reply).await {
+        if !outgoing.send_text(reply).await {
             break;
         }
     }
 }
 
-/// Sends `value` as a text frame, flushed, within [`SEND_TIMEOUT`]; whether it was.
-async fn send_text<S>(outgoing: &mut S, value: serde_json::Value) -> bool
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    send(outgoing, Message::text(value.to_string())).await
+/// The sending half of a jobs or events socket: frames go out as long as the client reads.
+struct Pusher {
+    outgoing: SplitSink<WebSocketStream<Watched<Stream>>, Message>,
+    progress: Progress,
 }
 
-/// Sends `message`, flushed, within [`SEND_TIMEOUT`]; whether it was.
-async fn send<S>(outgoing: &mut S, message: Message) -> bool
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    let sent = tokio::time::timeout(SEND_TIMEOUT, outgoing.send(message));
-    matches!(sent.await, Ok(Ok(())))
+/// The receiving half of a jobs or events socket.
+type Incoming = SplitStream<WebSocketStream<Watched<Stream>>>;
+
+impl Pusher {
+    /// The two halves of an upgraded connection speaking WebSocket with `config`.
+    async fn open(stream: Stream, config: WebSocketConfig) -> (Pusher, Incoming) {
+        let (stream, progress) = Watched::new(stream);
+        let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
+        let (outgoing, incoming) = socket.split();
+        (Pusher { outgoing, progress }, incoming)
+    }
+
+    /// Sends `value` as a text frame; whether it went out (see [`Pusher::send`]).
+    async fn send_text(&mut self, value: serde_json::Value) -> bool {
+        self.send(Message::text(value.to_string())).await
+    }
+
+    /// Sends `message`, flushed; whether it went out. Given up once the client has taken no byte
+    /// for [`SEND_TIMEOUT`] (its connection's buffers full), however long a big frame takes to a
+    /// slow but steady reader.
+    async fn send(&mut self, message: Message) -> bool {
+        let Pusher { outgoing, progress } = self;
+        let started = std::time::Instant::now();
+        let sending = outgoing.send(message);
+        tokio::pin!(sending);
+        loop {
+            // Idle since the send began or the client last took bytes, whichever is later.
+            let idle = progress.idle().min(started.elapsed());
+            let Some(left) = SEND_TIMEOUT
+                .checked_sub(idle)
+                .filter(|left| !left.is_zero())
+            else {
+                return false;
+            };
+            if let Ok(sent) = tokio::time::timeout(left, &mut sending).await {
+                return sent.is_ok();
+            }
+        }
+    }
 }
 
 /// A socket's settings: messages from the client up to `incoming` bytes, and a write buffer that
@@ -256,8 +287,7 @@ pub async fn serve_events(
     // A subscriber has nothing to send but control frames: anything bigger closes the socket
     // instead of being buffered.
     let config = settings(SUBSCRIBER_FRAME_LIMIT, max_event);
-    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
-    let (mut outgoing, mut incoming) = socket.split();
+    let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
     let mut keepalive = keepalive();
     loop {
         let frame = tokio::select! {
@@ -269,7 +299,7 @@ pub async fn serve_events(
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.
                 Some(Ok(message)) if !message.is_close() => continue,
                 ended => {
-                    close_after(&mut outgoing, ended).await;
+                    close_after(&mut outgoing.outgoing, ended).await;
                     break;
                 }
             },
@@ -277,7 +307,7 @@ pub async fn serve_events(
             _ = shutdown.changed() => going_away(),
         };
         let closing = matches!(frame, Message::Close(_));
-        if !send(&mut outgoing, frame).await || closing {
+        if !outgoing.send(frame).await || closing {
             break;
         }
     }
