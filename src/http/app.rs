@@ -567,6 +567,7 @@ impl HttpServerApp for RelayApp {
         // here whole already (`connection` reads it, bounded in time and size), so the header
         // timeout matters for HTTP/2 streams; it runs on Pingora's timer, cheaper than tokio's
         // on this per-request path.
+        let started = Instant::now();
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
             Ok(Ok(true)) if session.is_http2() => None,
@@ -584,10 +585,9 @@ impl HttpServerApp for RelayApp {
             }
         };
         if let Some(why) = refused {
-            self.refuse(session, why).await;
+            self.refuse(session, why, started).await;
             return None;
         }
-        let started = Instant::now();
         let mut shutdown = shutdown.clone();
         // An HTTP/2 body may come with neither length nor chunking: only its stream tells. (Asked
         // of OPTIONS requests alone, the only ones it concerns.)
@@ -744,13 +744,14 @@ impl RelayApp {
     }
 
     /// Answers a request refused before routing (a head that is malformed, ambiguous, too slow or
-    /// too large) and closes its connection; counted and logged under the route `invalid`.
-    pub(super) async fn refuse(&self, mut session: ServerSession, why: Error) {
+    /// too large), whose head `began` to arrive then, and closes its connection; counted and
+    /// logged under the route `invalid`.
+    pub(super) async fn refuse(&self, mut session: ServerSession, why: Error, began: Instant) {
         let served = Served {
             method: None,
             name: "invalid",
             tunnel: None,
-            started: Instant::now(),
+            started: began,
         };
         let response = Response::from(why);
         let status = response.status;

@@ -87,10 +87,10 @@ pub async fn serve_http1(
             return;
         };
         // What Pingora's parser would mend without a word is told from the raw head.
-        let refused = refused.or_else(|| framing::check_raw(&head).err());
+        let refused = refused.or_else(|| Some((framing::check_raw(&head).err()?, Instant::now())));
         let mut session = ServerSession::new_http1(stream);
-        if let Some(refused) = refused {
-            app.refuse(session, refused).await;
+        if let Some((refused, began)) = refused {
+            app.refuse(session, refused, began.into_std()).await;
             return;
         }
         match settings {
@@ -119,7 +119,7 @@ async fn next_request(
     mut stream: Stream,
     header_timeout: Duration,
     began: Option<Instant>,
-) -> Option<(Stream, BytesMut, Option<Error>)> {
+) -> Option<(Stream, BytesMut, Option<(Error, Instant)>)> {
     let mut head = BytesMut::with_capacity(HEAD_BUFFER);
     // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
     match pingora_timeout::timeout(FIRST_BYTES_WITHIN, stream.read_buf(&mut head)).await {
@@ -130,19 +130,18 @@ async fn next_request(
     if head_end(&head, 0).is_some() {
         return Some((stream, head, None));
     }
-    let rest_within = match began {
-        Some(began) => (began + header_timeout).saturating_duration_since(Instant::now()),
-        None => header_timeout,
-    };
+    // A head in several reads: when it began counts for its timeout, and for its refusal's log.
+    let began = began.unwrap_or_else(Instant::now);
+    let rest_within = (began + header_timeout).saturating_duration_since(Instant::now());
     let rest = pingora_timeout::timeout(rest_within, read_rest(&mut stream, &mut head)).await;
     let refused = match rest {
         Ok(Ok(())) => None,
-        Ok(Err(Some(refused))) => Some(refused),
+        Ok(Err(Some(refused))) => Some((refused, began)),
         Ok(Err(None)) => {
             log::debug!("could not read a request: the client left in the middle of its head");
             return None;
         }
-        Err(_) => Some(Error::HeadTooSlow(header_timeout)),
+        Err(_) => Some((Error::HeadTooSlow(header_timeout), began)),
     };
     Some((stream, head, refused))
 }

@@ -519,6 +519,39 @@ async fn graceful_upgrade_hands_over_the_socket() {
     assert_eq!(stored_ids(&tunnel), stored, "every 201 is in the store");
 }
 
+/// A request refused for a head slower than `BURROW_HEADER_TIMEOUT` is counted with the time its
+/// head took (it was counted as taking no time), so that slow heads show in the histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_are_counted_with_their_time() {
+    let site = Site::new();
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("BURROW_METRICS_LISTEN", metrics_listen.as_str()),
+        ("BURROW_HEADER_TIMEOUT", "1"),
+    ];
+    let relay = site.start(free_port(), &[], &env);
+    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let address = relay
+        .client()
+        .base()
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut raw = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    raw.write_all(b"GET /health HTTP/1.1\r\nHost:")
+        .await
+        .expect("sent");
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
+        .await
+        .expect("an answer, then the connection closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let sample = "burrow_request_duration_seconds_sum{route=\"invalid\"}";
+    let seconds = metric(&metrics, sample).await;
+    assert!(seconds >= 1.0, "{sample} {seconds}");
+}
+
 /// The metrics page counts requests, messages and waiting polls as they happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_traffic() {
