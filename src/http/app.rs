@@ -20,7 +20,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use super::parked::{self, Detached, Wait};
-use super::response::Response;
+use super::response::{Response, ALLOWED_METHODS};
 use super::route::{Access, Route, RoutingHeaders};
 use super::{connection, forward, framing, sse, websocket};
 use crate::access_log;
@@ -173,6 +173,7 @@ impl RelayApp {
                 .header("Content-Type", "text/html; charset=utf-8")
                 .body(DEMO_PAGE),
             Route::Preflight => preflight(session),
+            Route::ServicePreflight => service_preflight(session),
             Route::Produce { tunnel, limit } => {
                 let payload = payload(session, body);
                 let (id, size) = tunnels.produce(&tunnel, payload, limit).await?;
@@ -535,12 +536,16 @@ async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
 /// A CORS preflight for an agent's service that the relay answers: lets browsers use whatever
 /// method they asked for as well (the service has any).
 fn service_preflight(session: &ServerSession) -> Response {
-    let method = session
+    let asked = session
         .get_header("Access-Control-Request-Method")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("GET")
-        .to_owned();
-    preflight(session).header("Access-Control-Allow-Methods", method)
+        .map(str::trim)
+        .filter(|asked| !asked.is_empty() && !ALLOWED_METHODS.split(", ").any(|m| m == *asked));
+    let allowed = match asked {
+        Some(asked) => format!("{ALLOWED_METHODS}, {asked}"),
+        None => ALLOWED_METHODS.to_owned(),
+    };
+    preflight(session).header("Access-Control-Allow-Methods", allowed)
 }
 
 /// A CORS preflight: lets browsers send whatever headers they asked for.

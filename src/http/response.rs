@@ -106,9 +106,9 @@ impl Response {
             return Ok(head);
         }
         head.insert_header("Access-Control-Allow-Origin", "*")?;
-        // A preflight the relay answers for an agent's service names the method it asked for.
+        // A preflight the relay answers for an agent's service adds the method it asked for.
         if head.headers.get("Access-Control-Allow-Methods").is_none() {
-            head.insert_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")?;
+            head.insert_header("Access-Control-Allow-Methods", ALLOWED_METHODS)?;
         }
         head.insert_header(
             "Access-Control-Expose-Headers",
@@ -117,6 +117,9 @@ impl Response {
         Ok(head)
     }
 }
+
+/// The methods every response allows browsers, as the original relay's did.
+pub const ALLOWED_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 
 /// What a client is told of `error` (in a response body or a WebSocket message): its message,
 /// except for store trouble, whose cause stays in the log.

@@ -20,6 +20,9 @@ pub enum Route {
     Demo,
     /// `OPTIONS` on any of the relay's own routes: a CORS preflight.
     Preflight,
+    /// `OPTIONS` on a path that is not the relay's: a CORS preflight for an agent's service
+    /// addressed by `x-backstream-client-id`, which a preflight cannot carry (or a health check).
+    ServicePreflight,
     /// `POST /t/{tunnel}`.
     Produce { tunnel: TunnelId, limit: Limit },
     /// `GET /t/{tunnel}`: consume without waiting.
@@ -305,7 +308,7 @@ impl Route {
             // A browser's preflight for a request addressed by `x-backstream-client-id` cannot
             // carry that header, so it lands here on whatever path the service has; so does
             // HAProxy's `OPTIONS /` health check.
-            _ if method == Method::OPTIONS => Ok(Route::Preflight),
+            _ if method == Method::OPTIONS => Ok(Route::ServicePreflight),
             _ => Err(Error::NotFound),
         }
     }
@@ -332,7 +335,7 @@ impl Route {
     /// The tunnel id (or queue, topic, agent name) the route concerns, if any.
     pub fn tunnel(&self) -> Option<&TunnelId> {
         match self {
-            Route::Health | Route::Demo | Route::Preflight => None,
+            Route::Health | Route::Demo | Route::Preflight | Route::ServicePreflight => None,
             Route::Produce { tunnel, .. }
             | Route::Consume { tunnel, .. }
             | Route::Poll { tunnel, .. }
@@ -370,7 +373,7 @@ impl Route {
         match self {
             Route::Health => "health",
             Route::Demo => "demo",
-            Route::Preflight => "preflight",
+            Route::Preflight | Route::ServicePreflight => "preflight",
             Route::Produce { .. } => "produce",
             Route::Consume { .. } => "consume",
             Route::Poll { .. } => "poll",
