@@ -150,12 +150,20 @@ pub fn init() {
 /// Records one answered request.
 pub fn request(route: &str, status: u16, started: Instant) {
     // `StatusCode::as_str` reads a static table: no allocation per request on this hot path.
-    let code = http::StatusCode::from_u16(status);
-    let label = code.as_ref().map_or("invalid", |code| code.as_str());
+    let code = labelled(status);
+    let label = code.as_ref().map_or("other", http::StatusCode::as_str);
     REQUESTS.with_label_values(&[route, label]).inc();
     REQUEST_SECONDS
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// The status a request is counted under, if it has a label of its own: a registered one, or
+/// nginx's 499 (client closed request). Any other (an agent's upstream may answer with any of
+/// 800) is counted as `other`, so that the series stay few.
+fn labelled(status: u16) -> Option<http::StatusCode> {
+    let code = http::StatusCode::from_u16(status).ok()?;
+    (code.canonical_reason().is_some() || status == 499).then_some(code)
 }
 
 /// Records a message event.
@@ -190,5 +198,22 @@ impl WaitingPoll {
 impl Drop for WaitingPoll {
     fn drop(&mut self) {
         WAITING.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Registered statuses and 499 are their own labels; any other is `other`.
+    #[test]
+    fn status_labels() {
+        let label = |status| labelled(status).map(|code| code.as_u16());
+        assert_eq!(label(200), Some(200));
+        assert_eq!(label(507), Some(507));
+        assert_eq!(label(499), Some(499));
+        assert_eq!(label(299), None);
+        assert_eq!(label(999), None);
+        assert_eq!(label(42), None);
     }
 }
