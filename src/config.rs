@@ -167,7 +167,7 @@ impl Config {
             )?,
         };
         let mut auth = AuthConfig {
-            token: env.secret("TUNNEL_ACCESS_TOKEN")?,
+            token: env.token("TUNNEL_ACCESS_TOKEN")?,
             signature_secret: env.secret("TUNNEL_SIGNATURE_SECRET")?,
             public_ids: env.tunnel_ids("TUNNEL_PUBLIC_IDS")?,
         };
@@ -321,30 +321,38 @@ impl Env<'_> {
         (self.lookup)(var).filter(|v| !v.is_empty())
     }
 
-    /// A secret: unset is none, but set and empty is refused, since an empty token or key would
-    /// leave the relay open to a deployment that meant to close it (`TOKEN=${UNSET}`); so is one
-    /// with whitespace at an end (a file's trailing newline) or a control character, which no
-    /// request could match: the relay would refuse everyone without saying why.
+    /// A secret key: unset is none, but set and empty is refused, since an empty token or key
+    /// would leave the relay open to a deployment that meant to close it (`TOKEN=${UNSET}`). Any
+    /// other bytes make a key.
     fn secret(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
-        let Some(value) = (self.lookup)(var) else {
+        match (self.lookup)(var) {
+            Some(value) if value.is_empty() => {
+                let expected = "a non-empty secret (unset the variable to go without)";
+                Err(refused_secret(var, &value, expected))
+            }
+            value => Ok(value),
+        }
+    }
+
+    /// A bearer token, a [`Env::secret`] that requests carry in a header: one with whitespace
+    /// at an end (a file's trailing newline) or a control character other than a tab could never
+    /// be matched, and the relay would refuse everyone without saying why.
+    fn token(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(value) = self.secret(var)? else {
             return Ok(None);
         };
-        let expected = if value.is_empty() {
-            "a non-empty secret (unset the variable to go without)"
-        } else if value.trim() != value {
-            "a secret without whitespace at either end (a file's trailing newline?)"
-        } else if value.chars().any(char::is_control) {
-            "a secret without control characters"
+        let http_space = |c: char| c == ' ' || c == '\t';
+        let expected = if value.trim_matches(http_space) != value
+            || value.ends_with(['\r', '\n'])
+            || value.starts_with(['\r', '\n'])
+        {
+            "a token without whitespace at either end (a file's trailing newline?)"
+        } else if value.chars().any(|c| c.is_control() && c != '\t') {
+            "a token without control characters"
         } else {
             return Ok(Some(value));
         };
-        // The secret itself is not repeated in the error.
-        let value = format!("<{} characters>", value.chars().count());
-        Err(ConfigError::Invalid {
-            var,
-            value,
-            expected,
-        })
+        Err(refused_secret(var, &value, expected))
     }
 
     /// A value that can be sent as an HTTP header value: visible ASCII and inner spaces.
@@ -492,6 +500,15 @@ impl Env<'_> {
     }
 }
 
+/// The error for a secret that is refused, which does not repeat it.
+fn refused_secret(var: &'static str, value: &str, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value: format!("<{} characters>", value.chars().count()),
+        expected,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,7 +613,6 @@ mod tests {
             ("TUNNEL_DEFAULT_CONTENT_TYPE", "tëxt/plain"),
             ("TUNNEL_ACCESS_TOKEN", "s3cret\n"),
             ("TUNNEL_ACCESS_TOKEN", " "),
-            ("TUNNEL_SIGNATURE_SECRET", "a\u{1}b"),
             ("TUNNEL_PUBLIC_IDS", "ok, a.b"),
             ("BURROW_ROUTE_TIMEOUT", "0s"),
             ("BURROW_LISTEN", "127.0.0.1:0"),
@@ -608,6 +624,12 @@ mod tests {
         // A secret is not repeated in its error, nor a flag's value trimmed.
         let err = config(&[("TUNNEL_ACCESS_TOKEN", "s3cret\n")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
+        // A signature key is any bytes; a token may hold a tab, as a header value may.
+        let keys = config(&[
+            ("TUNNEL_SIGNATURE_SECRET", "secret \t\u{1}"),
+            ("TUNNEL_ACCESS_TOKEN", "a\tb c"),
+        ]);
+        assert!(keys.is_ok(), "{keys:?}");
         let err = config(&[("TUNNEL_BACKPRESSURE", " x ")]).unwrap_err();
         assert!(err.to_string().contains("\" x \""), "{err}");
     }
