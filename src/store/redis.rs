@@ -811,7 +811,15 @@ impl Backend for RedisStore {
             return Err(StoreError::Unavailable(why));
         }
         let client = self.call().client();
-        bounded(client.publish::<(), _, _>(format!("{EVENT_PREFIX}{topic}"), body)).await
+        let channel = format!("{EVENT_PREFIX}{topic}");
+        let receivers: i64 = bounded(client.publish(channel, body)).await?;
+        // This instance's own subscription counts among them: none means it is gone, though its
+        // loss is not reported yet, and this instance's subscribers missed the event.
+        if receivers == 0 {
+            let why = "the events subscriber did not receive the event".into();
+            return Err(StoreError::Unavailable(why));
+        }
+        Ok(())
     }
 
     fn hears_events(&self) -> bool {
