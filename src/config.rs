@@ -20,6 +20,10 @@ pub enum ConfigError {
         value: String,
         expected: &'static str,
     },
+    /// The variable is set to bytes that are not UTF-8: read as unset, a secret so set would
+    /// turn authorization off.
+    #[error("{var} is not valid: its value is not UTF-8 text")]
+    NotUnicode { var: String },
 }
 
 /// Which store keeps tunnels.
@@ -139,7 +143,19 @@ pub struct Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_lookup(|name| std::env::var(name).ok())
+        let not_unicode = std::cell::RefCell::new(None);
+        let config = Config::from_lookup(|name| match std::env::var(name) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                not_unicode.borrow_mut().get_or_insert(name.to_owned());
+                None
+            }
+        });
+        match not_unicode.into_inner() {
+            Some(var) => Err(ConfigError::NotUnicode { var }),
+            None => config,
+        }
     }
 
     /// Reads configuration through `lookup`, which returns a variable's value if it is set.

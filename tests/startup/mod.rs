@@ -40,6 +40,26 @@ fn unparsable_setting_is_fatal() {
     }
 }
 
+/// A setting that is not UTF-8 stops start-up too: read as unset, a secret would have turned
+/// authorization off.
+#[test]
+fn setting_that_is_not_utf8_is_fatal() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"\xff\xfe");
+    for var in [
+        "TUNNEL_SIGNATURE_SECRET",
+        "TUNNEL_ACCESS_TOKEN",
+        "REDIS_URL",
+    ] {
+        let (code, stderr) = serve_with(var, not_utf8);
+        assert_eq!(code, Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{var} is not valid: its value is not UTF-8 text")),
+            "{var}: {stderr:?}"
+        );
+    }
+}
+
 /// A listening address that is taken stops `burrow serve` at once with one line naming it
 /// (Pingora alone would retry for 30 s, then leave a process serving nothing).
 #[test]
@@ -57,7 +77,8 @@ fn taken_address_is_fatal() {
 }
 
 /// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
-fn serve_with(var: &str, value: &str) -> (Option<i32>, String) {
+fn serve_with(var: &str, value: impl AsRef<std::ffi::OsStr>) -> (Option<i32>, String) {
+    let value = value.as_ref();
     let mut child = Command::new(env!("CARGO_BIN_EXE_burrow"))
         .arg("serve")
         .env("BURROW_LISTEN", format!("127.0.0.1:{}", free_port()))
@@ -76,7 +97,7 @@ fn serve_with(var: &str, value: &str) -> (Option<i32>, String) {
     let Some(status) = status else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("{var}={value}: burrow is still running after 10 s");
+        panic!("{var}={value:?}: burrow is still running after 10 s");
     };
     let mut stderr = String::new();
     let mut pipe = child.stderr.take().expect("stderr is piped");
