@@ -82,15 +82,17 @@ pub async fn serve_http1(
     let mut next: Option<(Stream, Option<HttpPersistentSettings>)> = Some((stream, None));
     while let Some((stream, settings)) = next {
         let began = head_began.take();
-        let Some((stream, head, refused)) = next_request(stream, app.header_timeout(), began).await
+        let Some((stream, head, refused, began)) =
+            next_request(stream, app.header_timeout(), began).await
         else {
             return;
         };
         // What Pingora's parser would mend without a word is told from the raw head.
-        let refused = refused.or_else(|| Some((framing::check_raw(&head).err()?, Instant::now())));
+        let refused = refused.or_else(|| framing::check_raw(&head).err());
         let mut session = ServerSession::new_http1(stream);
-        if let Some((refused, began)) = refused {
-            app.refuse(session, refused, began.into_std()).await;
+        if let Some(refused) = refused {
+            let began = began.map_or_else(std::time::Instant::now, Instant::into_std);
+            app.refuse(session, refused, began).await;
             return;
         }
         match settings {
@@ -113,13 +115,13 @@ pub async fn serve_http1(
 /// Waits as long as a keep-alive lasts for the client's next request, then for the rest of its
 /// head within `header_timeout` of its first byte (`began`, when that came before), and returns
 /// the stream with the bytes read, for the session to parse without reading more. With them, why
-/// the head is refused: too slow or too large ([`MAX_HEAD`]). `None` when the client leaves or
-/// stays silent.
+/// the head is refused: too slow or too large ([`MAX_HEAD`]); and when it began, if known (a head
+/// in one read took no time to speak of). `None` when the client leaves or stays silent.
 async fn next_request(
     mut stream: Stream,
     header_timeout: Duration,
     began: Option<Instant>,
-) -> Option<(Stream, BytesMut, Option<(Error, Instant)>)> {
+) -> Option<(Stream, BytesMut, Option<Error>, Option<Instant>)> {
     let mut head = BytesMut::with_capacity(HEAD_BUFFER);
     // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
     match pingora_timeout::timeout(FIRST_BYTES_WITHIN, stream.read_buf(&mut head)).await {
@@ -128,7 +130,7 @@ async fn next_request(
     }
     // Most heads arrive in one read: no timer then.
     if head_end(&head, 0).is_some() {
-        return Some((stream, head, None));
+        return Some((stream, head, None, began));
     }
     // A head in several reads: when it began counts for its timeout, and for its refusal's log.
     let began = began.unwrap_or_else(Instant::now);
@@ -136,14 +138,14 @@ async fn next_request(
     let rest = pingora_timeout::timeout(rest_within, read_rest(&mut stream, &mut head)).await;
     let refused = match rest {
         Ok(Ok(())) => None,
-        Ok(Err(Some(refused))) => Some((refused, began)),
+        Ok(Err(Some(refused))) => Some(refused),
         Ok(Err(None)) => {
             log::debug!("could not read a request: the client left in the middle of its head");
             return None;
         }
-        Err(_) => Some((Error::HeadTooSlow(header_timeout), began)),
+        Err(_) => Some(Error::HeadTooSlow(header_timeout)),
     };
-    Some((stream, head, refused))
+    Some((stream, head, refused, Some(began)))
 }
 
 /// Reads until `head` holds a whole request head; `Err(Some(_))` when the head is over

@@ -536,7 +536,7 @@ async fn slow_heads_are_counted_with_their_time() {
         .base()
         .trim_start_matches("http://")
         .to_owned();
-    let mut raw = tokio::net::TcpStream::connect(address)
+    let mut raw = tokio::net::TcpStream::connect(&address)
         .await
         .expect("the relay accepts");
     raw.write_all(b"GET /health HTTP/1.1\r\nHost:")
@@ -550,6 +550,25 @@ async fn slow_heads_are_counted_with_their_time() {
     let sample = "burrow_request_duration_seconds_sum{route=\"invalid\"}";
     let seconds = metric(&metrics, sample).await;
     assert!(seconds >= 1.0, "{sample} {seconds}");
+    // One trickled over half a second that then turns out malformed (framed two ways) counts its
+    // half second too. (The pause is the time being measured, not a wait for an event.)
+    let mut raw = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("the relay accepts");
+    raw.write_all(b"POST /t/x HTTP/1.1\r\nHost: r\r\n")
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    raw.write_all(b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .expect("sent");
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
+        .await
+        .expect("an answer, then the connection closed");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let more = metric(&metrics, sample).await - seconds;
+    assert!(more >= 0.5, "{sample} grew by {more}");
 }
 
 /// The metrics page counts requests, messages and waiting polls as they happen.
