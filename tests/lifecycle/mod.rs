@@ -519,6 +519,15 @@ async fn graceful_upgrade_hands_over_the_socket() {
     assert_eq!(stored_ids(&tunnel), stored, "every 201 is in the store");
 }
 
+/// Everything the relay answers on `raw` until it closes the connection.
+async fn until_closed(raw: &mut tokio::net::TcpStream) -> String {
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(raw, &mut answer)
+        .await
+        .expect("an answer, then the connection closed");
+    answer
+}
+
 /// A request refused for a head slower than `BURROW_HEADER_TIMEOUT` is counted with the time its
 /// head took (it was counted as taking no time), so that slow heads show in the histogram.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,10 +551,7 @@ async fn slow_heads_are_counted_with_their_time() {
     raw.write_all(b"GET /health HTTP/1.1\r\nHost:")
         .await
         .expect("sent");
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
-        .await
-        .expect("an answer, then the connection closed");
+    let answer = until_closed(&mut raw).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let sample = "burrow_request_duration_seconds_sum{route=\"invalid\"}";
     let seconds = metric(&metrics, sample).await;
@@ -562,10 +568,7 @@ async fn slow_heads_are_counted_with_their_time() {
     raw.write_all(b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
         .await
         .expect("sent");
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
-        .await
-        .expect("an answer, then the connection closed");
+    let answer = until_closed(&mut raw).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let more = metric(&metrics, sample).await - seconds;
     assert!(more >= 0.5, "{sample} grew by {more}");
@@ -648,10 +651,7 @@ async fn metrics_follow_the_traffic() {
     let smuggling = "POST /t/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\n\
                      Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     raw.write_all(smuggling.as_bytes()).await.expect("sent");
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
-        .await
-        .expect("an answer, then the connection closed");
+    let answer = until_closed(&mut raw).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(
         metric(
