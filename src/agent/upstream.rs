@@ -185,24 +185,30 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
     map
 }
 
-/// Whether `path` (before its query) has a `.` or `..` segment however an upstream may read it,
-/// which would resolve it against the path before it: percent-decoded, also twice or thrice
-/// (`%252e`), with `\` as `/` (WHATWG URL parsers, IIS) and a segment's `;` parameters dropped
-/// (Tomcat, Jetty).
+/// Whether `path` (before its query) has a segment of dots however an upstream may read it,
+/// which would resolve it against the path before it: percent-decoded as often as it decodes
+/// (`%252e`), with `\` as `/` (WHATWG URL parsers, IIS), a segment's `;` parameters dropped
+/// (Tomcat, Jetty), cut at a NUL (C), trailing spaces dropped and `...` read as `..` (Windows),
+/// and the overlong and fullwidth forms of `.` taken for it (old Java decoders, NFKC).
 fn has_dot_segment(path: &str) -> bool {
     let path = path.split('?').next().unwrap_or_default();
     let mut decoded = path.as_bytes().to_vec();
-    for _ in 0..3 {
+    // Each round that changes anything makes the path shorter: this ends.
+    loop {
         let next: Vec<u8> = percent_encoding::percent_decode(&decoded).collect();
         if next == decoded {
             break;
         }
         decoded = next;
     }
-    decoded.split(|&b| b == b'/' || b == b'\\').any(|segment| {
-        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
-        segment == b"." || segment == b".."
-    })
+    let dotted = String::from_utf8_lossy(&decoded).replace('\u{FF0E}', ".");
+    let overlong = decoded.windows(2).any(|pair| pair == [0xc0, 0xae]);
+    overlong
+        || dotted.split(['/', '\\']).any(|segment| {
+            let segment = segment.split([';', '\0']).next().unwrap_or_default();
+            let segment = segment.trim_end_matches(' ');
+            !segment.is_empty() && segment.chars().all(|c| c == '.')
+        })
 }
 
 /// Answers `status` with a one-line text body saying why.
@@ -259,14 +265,21 @@ mod tests {
             "/a/..%2fb",
             "/a/%2e%2e%2fb",
             "/a/%5c..%5cb",
+            "/%2525252e%2525252e/x",
+            "/%c0%ae%c0%ae/x",
+            "/..%00/x",
+            "/..%20/x",
+            "/.../x",
+            "/%ef%bc%8e%ef%bc%8e/x",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
         for path in [
             "/",
             "/a.b/c",
-            "/...",
             "/a/..b",
+            "/a../b",
+            "/caf%C3%A9/%E2%82%AC",
             "/x?p=/../",
             "/.well-known/x",
             "/file.tar.gz",
