@@ -540,7 +540,9 @@ fn service_preflight(session: &ServerSession) -> Response {
         .get_header("Access-Control-Request-Method")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|asked| !asked.is_empty() && !ALLOWED_METHODS.split(", ").any(|m| m == *asked));
+        // One method name (a token), not a list or anything else to echo.
+        .filter(|asked| asked.len() <= 32 && Method::from_bytes(asked.as_bytes()).is_ok())
+        .filter(|asked| !ALLOWED_METHODS.split(", ").any(|m| m == *asked));
     let allowed = match asked {
         Some(asked) => format!("{ALLOWED_METHODS}, {asked}"),
         None => ALLOWED_METHODS.to_owned(),
