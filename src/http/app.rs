@@ -533,8 +533,8 @@ async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
     tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
 }
 
-/// A CORS preflight for an agent's service that the relay answers: lets browsers use whatever
-/// method they asked for as well (the service has any).
+/// A CORS preflight for an agent's service that the relay answers: adds the one method asked
+/// for to the relay's own list (the service may take any).
 fn service_preflight(session: &ServerSession) -> Response {
     let asked = session
         .get_header("Access-Control-Request-Method")
