@@ -6,9 +6,11 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+// Tokio's clock, which tests can pause and advance.
+use tokio::time::Instant;
 
 /// When a [`Watched`] connection last wrote bytes out. Cheap to clone.
 #[derive(Clone)]
@@ -86,7 +88,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Progress moves with the bytes written, not with time.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn progress_follows_writes() {
         let (near, mut far) = tokio::io::duplex(4);
         let (mut watched, progress) = Watched::new(near);

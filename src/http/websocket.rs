@@ -13,6 +13,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use pingora_core::protocols::Stream;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -206,17 +207,17 @@ pub async fn serve_jobs(
 }
 
 /// The sending half of a jobs or events socket: frames go out as long as the client reads.
-struct Pusher {
-    outgoing: SplitSink<WebSocketStream<Watched<Stream>>, Message>,
+struct Pusher<S = Stream> {
+    outgoing: SplitSink<WebSocketStream<Watched<S>>, Message>,
     progress: Progress,
 }
 
 /// The receiving half of a jobs or events socket.
-type Incoming = SplitStream<WebSocketStream<Watched<Stream>>>;
+type Incoming<S = Stream> = SplitStream<WebSocketStream<Watched<S>>>;
 
-impl Pusher {
+impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
     /// The two halves of an upgraded connection speaking WebSocket with `config`.
-    async fn open(stream: Stream, config: WebSocketConfig) -> (Pusher, Incoming) {
+    async fn open(stream: S, config: WebSocketConfig) -> (Pusher<S>, Incoming<S>) {
         let (stream, progress) = Watched::new(stream);
         let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
         let (outgoing, incoming) = socket.split();
@@ -233,7 +234,7 @@ impl Pusher {
     /// slow but steady reader.
     async fn send(&mut self, message: Message) -> bool {
         let Pusher { outgoing, progress } = self;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let sending = outgoing.send(message);
         tokio::pin!(sending);
         loop {
@@ -417,6 +418,43 @@ async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A push waits for a client that takes its bytes slowly but steadily, however long the frame
+    /// takes, and gives up on one that has taken nothing for 30 s. (Paused time: the clock jumps
+    /// to the next timer whenever every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn pushes_wait_for_slow_readers_not_for_stopped_ones() {
+        let frame = || Message::binary(vec![7; 2 << 20]);
+        let config = || settings(SUBSCRIBER_FRAME_LIMIT, 4 << 20);
+        // 16 KiB every 10 s: the 2 MiB frame takes over 20 minutes.
+        let (relay, mut client) = tokio::io::duplex(16 * 1024);
+        let (mut pusher, _incoming) = Pusher::open(relay, config()).await;
+        let reader = tokio::spawn(async move {
+            let mut chunk = vec![0; 16 * 1024];
+            let mut read = 0;
+            while read < 2 << 20 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                read += client.read(&mut chunk).await.expect("readable");
+            }
+            // Kept open: the frame's last bytes fit in the pipe.
+            client
+        });
+        let started = tokio::time::Instant::now();
+        assert!(pusher.send(frame()).await, "a slow but steady reader");
+        assert!(started.elapsed() > Duration::from_secs(1200));
+        reader.await.expect("the reader does not panic");
+        // A client that reads nothing.
+        let (relay, _client) = tokio::io::duplex(16 * 1024);
+        let (mut pusher, _incoming) = Pusher::open(relay, config()).await;
+        let started = tokio::time::Instant::now();
+        assert!(!pusher.send(frame()).await, "a client that stopped reading");
+        let waited = started.elapsed();
+        assert!(
+            waited >= SEND_TIMEOUT && waited < SEND_TIMEOUT * 2,
+            "{waited:?}"
+        );
+    }
 
     fn valid() -> Handshake<'static> {
         Handshake {
