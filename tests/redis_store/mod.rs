@@ -5,6 +5,7 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use crate::support::redis::Value;
+use crate::support::redis_proxy::RedisProxy;
 use crate::support::{
     assert_prompt_wake, eventually, let_polls_start, shared_redis, spawn_get, tunnel_id, wait_until,
 };
@@ -443,6 +444,31 @@ async fn events_wait_for_the_subscription() {
             expected.to_string()
         );
     }
+}
+
+/// A publish that no subscription received — the relay's own subscriber connection was dropped by
+/// the server and the relay has not noticed yet — is refused with 503, not accepted as delivered.
+#[tokio::test]
+async fn publish_that_reached_no_subscription_is_refused() {
+    let redis = RedisServer::start();
+    let proxy = RedisProxy::start(&redis);
+    let proxy_url = proxy.url();
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let api = relay.client();
+    let topic = tunnel_id("unheard");
+    api.post(&format!("/e/{topic}"), "heard").await.expect(202);
+
+    proxy.cut_subscribers();
+    let forgotten = wait_until(Duration::from_secs(10), || {
+        redis.command(&["PUBSUB", "NUMPAT"]).int() == 0
+    });
+    assert!(
+        forgotten,
+        "redis-server still counts the relay's subscription"
+    );
+    api.post(&format!("/e/{topic}"), "unheard")
+        .await
+        .expect_one_line_error(503);
 }
 
 /// With redis-server hung (SIGSTOP) under concurrent load, every produce and consume answers 503

@@ -5,6 +5,7 @@ pub mod client;
 pub mod process;
 pub mod raw;
 pub mod redis;
+pub mod redis_proxy;
 pub mod relay;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,104 @@
+//! A TCP proxy in front of a redis-server that can make the server forget a relay's subscriptions
+//! without the relay being told: the one state that only a race produces otherwise (a subscriber
+//! connection the server dropped, whose loss the client has not noticed yet).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use super::RedisServer;
+
+/// Forwards every connection to one redis-server and remembers the ones that subscribed.
+pub struct RedisProxy {
+    port: u16,
+    subscribers: Arc<Mutex<Vec<TcpStream>>>,
+    /// The clients' side of every connection, held so that none is closed before the proxy is.
+    clients: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl RedisProxy {
+    /// A proxy on a free port in front of `server`.
+    pub fn start(server: &RedisServer) -> RedisProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port for the proxy");
+        let port = listener.local_addr().expect("a bound address").port();
+        let target = server.url().replace("redis://", "");
+        let subscribers = Arc::new(Mutex::new(Vec::new()));
+        let clients = Arc::new(Mutex::new(Vec::new()));
+        let proxy = RedisProxy {
+            port,
+            subscribers: Arc::clone(&subscribers),
+            clients: Arc::clone(&clients),
+        };
+        thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                forward(client, server, &subscribers, &clients);
+            }
+        });
+        proxy
+    }
+
+    /// `redis://127.0.0.1:PORT` of the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes the server's side of every connection that sent a `SUBSCRIBE` or `PSUBSCRIBE`;
+    /// their clients' side stays open and silent.
+    pub fn cut_subscribers(&self) {
+        let subscribers = self.subscribers.lock().expect("not poisoned");
+        for server in subscribers.iter() {
+            let _ = server.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for RedisProxy {
+    fn drop(&mut self) {
+        for client in self.clients.lock().expect("not poisoned").iter() {
+            let _ = client.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Copies bytes both ways between `client` and `server`, each way on a thread of its own.
+fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    subscribers: &Arc<Mutex<Vec<TcpStream>>>,
+    clients: &Mutex<Vec<TcpStream>>,
+) {
+    let (Ok(mut from_client), Ok(mut to_client), Ok(mut to_server), Ok(mut from_server)) = (
+        client.try_clone(),
+        client.try_clone(),
+        server.try_clone(),
+        server.try_clone(),
+    ) else {
+        return;
+    };
+    clients.lock().expect("not poisoned").push(client);
+    let subscribers = Arc::clone(subscribers);
+    thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        let mut noted = false;
+        while let Ok(read @ 1..) = from_client.read(&mut buffer) {
+            let sent = &buffer[..read];
+            // fred sends commands in upper case; PSUBSCRIBE contains SUBSCRIBE.
+            if !noted && sent.windows(9).any(|w| w == b"SUBSCRIBE") {
+                if let Ok(clone) = server.try_clone() {
+                    subscribers.lock().expect("not poisoned").push(clone);
+                    noted = true;
+                }
+            }
+            if to_server.write_all(sent).is_err() {
+                break;
+            }
+        }
+    });
+    thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+    });
+}
