@@ -301,6 +301,42 @@ mod tests {
         assert_eq!(outcome(&bare), JobState::Failed("plain words".into()));
     }
 
+    /// A job that left its queue without a result is handed out once, as failed; given back
+    /// (its socket could not deliver it), it is handed out again, the same, once.
+    #[tokio::test]
+    async fn a_job_that_left_its_queue_is_given_back() {
+        let config = crate::config::Config::from_lookup(|_| None).expect("the defaults are valid");
+        let store = Store::open(&config.store)
+            .await
+            .expect("the memory store opens");
+        let jobs = Jobs::new(Tunnels::new(store.clone(), config.tunnel), store);
+        let queue = TunnelId::parse("jobs").expect("a valid id");
+        let job = jobs
+            .trigger(&queue, Bytes::from("{}"))
+            .await
+            .expect("queued");
+        jobs.tunnels.clear(&queue).await.expect("cleared");
+        let failed = Job {
+            state: JobState::Failed(LEFT_THE_QUEUE.into()),
+            ..job.clone()
+        };
+
+        let taken = collect(&jobs, &job.id).await.expect("known");
+        assert_eq!(taken.job, failed);
+        assert!(collect(&jobs, &job.id).await.is_none(), "handed out twice");
+        jobs.give_back(taken).await.expect("given back");
+        let again = collect(&jobs, &job.id).await.expect("known again");
+        assert_eq!(again.job, failed);
+        assert!(collect(&jobs, &job.id).await.is_none(), "handed out twice");
+    }
+
+    async fn collect(jobs: &Jobs, id: &JobId) -> Option<Collected> {
+        let (_stop, mut shutdown) = tokio::sync::watch::channel(false);
+        jobs.collect(id, None, &mut shutdown)
+            .await
+            .expect("collected")
+    }
+
     /// The JSON shape echoes the fields, with Burrow's own keys winning.
     #[test]
     fn json_shape() {
