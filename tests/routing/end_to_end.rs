@@ -1066,18 +1066,25 @@ async fn sigterm_answers_routed_requests_in_flight() {
         .wait_for(|&n| n > 0)
         .await
         .expect("the upstream is reached");
-    let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
+    let open = || crate::support::raw::Connection::open(&setup.relay.base);
+    let (mut probe, mut kept) = (open().await, open().await);
     let late = format!("GET /r/{}/late HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
     assert_eq!(kept.exchange(&late).await.status, 200);
     setup.relay.signal("TERM");
-    // Served as before until the relay has taken the signal in.
-    let mut answer = kept.exchange(&late).await;
+    // Served as before until the relay has taken the signal in; an answer already on its way then
+    // closes its connection, so the probe is another one than `kept`.
+    let taken_in = |answer: &crate::support::raw::Answer| {
+        answer.status != 200 || answer.header("connection") == Some("close")
+    };
+    let mut answer = probe.exchange(&late).await;
     for _ in 0..200 {
-        if answer.status != 200 {
+        if taken_in(&answer) {
             break;
         }
-        answer = kept.exchange(&late).await;
+        answer = probe.exchange(&late).await;
     }
+    assert!(taken_in(&answer), "{answer:?}");
+    let answer = kept.exchange(&late).await;
     assert_eq!(answer.status, 503, "{answer:?}");
     let answer = request.await.expect("the request task does not panic");
     let answer = answer.expect_error(503, "Relay shutting down, retry");
