@@ -38,8 +38,13 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
     // throttled (RUST_LOG can still ask for fred's lines).
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fred=error"))
-        .init();
+    let logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,fred=error"),
+    )
+    .build();
+    log::set_max_level(logger.filter());
+    // Only fails if a logger is set already, which nothing else does.
+    let _ = log::set_boxed_logger(Box::new(Redacting(logger)));
     match cli.command.unwrap_or(Command::Serve { upgrade: false }) {
         Command::Serve { upgrade } => serve(upgrade),
         Command::Worker(args) => crate::worker::run(args),
@@ -75,4 +80,30 @@ pub(crate) fn on_one_thread<F: std::future::Future>(work: F) -> std::io::Result<
         .enable_all()
         .build()?;
     Ok(runtime.block_on(work))
+}
+
+/// env_logger without the trace lines of tungstenite's client handshake, one of which prints the
+/// agent's request whole, bearer token included: tokens are never logged, whatever `RUST_LOG`.
+struct Redacting(env_logger::Logger);
+
+impl Redacting {
+    fn hides(record: &log::Record) -> bool {
+        record.level() == log::Level::Trace && record.target() == "tungstenite::handshake::client"
+    }
+}
+
+impl log::Log for Redacting {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !Redacting::hides(record) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
 }

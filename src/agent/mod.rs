@@ -18,7 +18,7 @@ use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::routing::frame::MAX_MESSAGE;
@@ -227,10 +227,17 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                     }
                 }
             }
-            Err(reason) => match &mut outage {
+            Err(why) => match &mut outage {
                 Some((_, attempts)) => *attempts += 1,
                 None => {
-                    log::warn!("cannot reach the relay: {reason}; retrying with back-off");
+                    match why {
+                        DialError::Refused(status) => log::error!(
+                            "the relay refused this agent ({status}): check --token; retrying with back-off"
+                        ),
+                        DialError::Unreachable(reason) => {
+                            log::warn!("cannot reach the relay: {reason}; retrying with back-off")
+                        }
+                    }
                     outage = Some((Instant::now(), 1));
                 }
             },
@@ -251,18 +258,37 @@ async fn stop_signal(mut drain: watch::Receiver<bool>) {
     }
 }
 
-/// Opens the WebSocket to the relay; `Err` says why not, on one line.
+/// Why the agent could not connect to the relay.
+enum DialError {
+    /// The relay answered the handshake 401 or 403: the token is missing or wrong.
+    Refused(StatusCode),
+    /// Anything else, on one line.
+    Unreachable(String),
+}
+
+/// Opens the WebSocket to the relay.
 async fn dial(
     config: &AgentConfig,
 ) -> Result<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    String,
+    DialError,
 > {
+    let unreachable = |err: tokio_tungstenite::tungstenite::Error| match err {
+        tokio_tungstenite::tungstenite::Error::Http(response)
+            if matches!(
+                response.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ) =>
+        {
+            DialError::Refused(response.status())
+        }
+        err => DialError::Unreachable(err.to_string()),
+    };
     let mut request = config
         .connect_url
         .as_str()
         .into_client_request()
-        .map_err(|err| err.to_string())?;
+        .map_err(unreachable)?;
     if let Some(token) = &config.token {
         if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
             value.set_sensitive(true);
@@ -275,8 +301,11 @@ async fn dial(
     let connecting = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok((socket, _response))) => Ok(socket),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+        Ok(Err(err)) => Err(unreachable(err)),
+        Err(_) => Err(DialError::Unreachable(format!(
+            "no answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
