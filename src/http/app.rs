@@ -342,32 +342,40 @@ impl RelayApp {
         let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
         let withhold = self.auth.enabled()
             && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
+        let deadline = Instant::now() + timeout;
         let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
-        let (head, body) = match local.await {
-            Ok((head, exchange)) => (head, Body::Agent(exchange)),
-            // Not connected here: maybe to another instance, unless it sent this one.
-            Err(Error::Route(RouteError::NoAgent(name)))
-                if session.get_header(forward::HOP_HEADER).is_none() =>
-            {
-                // An instance killed without a goodbye stays listed until its record
-                // expires: a request it never received goes on to the next one.
-                let instance = self.presence.instance();
-                let mut answer = None;
-                for address in self.presence.holders(&name).await? {
-                    let proxied = forward::proxy(session, &self.proxy, &address, instance, timeout);
-                    answer = proxied.await?;
-                    if answer.is_some() {
-                        break;
-                    }
-                }
-                let Some((head, response)) = answer else {
-                    return Err(Error::Route(RouteError::NoAgent(name)));
-                };
-                (head, Body::Instance(response))
+        let failure = match local.await {
+            Ok((head, exchange)) => {
+                return Ok(Outcome::Respond(
+                    head,
+                    Some(After::Forward(Body::Agent(exchange))),
+                ))
             }
-            Err(e) => return Err(e),
+            Err(failure) => failure,
         };
-        Ok(Outcome::Respond(head, Some(After::Forward(body))))
+        // Not connected here, or every agent here lost the request before taking it: maybe
+        // another instance has the name, unless that one sent it. A body read here cannot be sent
+        // again, so only a request without one is.
+        let elsewhere = match &failure {
+            Error::Route(RouteError::NoAgent(_)) => true,
+            Error::Route(RouteError::NotTaken(_)) => !forward::carries_body(session),
+            _ => false,
+        };
+        if !elsewhere || session.get_header(forward::HOP_HEADER).is_some() {
+            return Err(failure);
+        }
+        // An instance killed without a goodbye stays listed until its record expires: a request
+        // it never received goes on to the next one.
+        let instance = self.presence.instance();
+        for address in self.presence.holders(agent.as_str()).await? {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let proxied = forward::proxy(session, &self.proxy, &address, instance, left);
+            if let Some((head, response)) = proxied.await? {
+                let body = Body::Instance(response);
+                return Ok(Outcome::Respond(head, Some(After::Forward(body))));
+            }
+        }
+        Err(failure)
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.

@@ -92,6 +92,15 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
     Ok(())
 }
 
+/// Whether the client's request comes with a body (perhaps an empty one).
+pub fn carries_body(session: &mut ServerSession) -> bool {
+    let headers = &session.req_header().headers;
+    // An HTTP/2 body may come with neither header: only the stream's end tells.
+    headers.contains_key("content-length")
+        || headers.contains_key("transfer-encoding")
+        || (session.is_http2() && !session.is_body_empty())
+}
+
 /// Sends the request as it came to the relay instance at `address`, which has the agent, and
 /// returns the head of its answer with the response whose body follows. The request body is
 /// streamed to it while the request is sent. `None`: the instance refused the connection and
@@ -119,10 +128,7 @@ pub async fn proxy(
     // host it asked for, not this instance's.
     add_forwarded(&mut headers, client_address(session), host(session));
     headers.push((HOP_HEADER.into(), instance.into()));
-    // An HTTP/2 body may come with neither header: only the stream's end tells.
-    let has_body = request.headers.contains_key("content-length")
-        || request.headers.contains_key("transfer-encoding")
-        || (session.is_http2() && !session.is_body_empty());
+    let has_body = carries_body(session);
     let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in &headers {
         builder = builder.header(name, value);

@@ -156,7 +156,7 @@ impl From<Error> for Response {
             Error::TooLarge { .. } => 413,
             Error::QueueFull { .. } => 507,
             Error::Route(RouteError::NoAgent(_)) => 422,
-            Error::Route(RouteError::AgentFailed(_)) => 502,
+            Error::Route(RouteError::AgentFailed(_) | RouteError::NotTaken(_)) => 502,
             Error::Route(RouteError::Timeout) => 504,
             Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => 503,
             Error::Store(StoreError::Internal(_)) => 500,

@@ -27,6 +27,10 @@ pub enum RouteError {
     /// The agent failed, reset the request or hung up mid-request (502).
     #[error("agent failed: {0}")]
     AgentFailed(String),
+    /// Every agent of the name here lost the request before taking it (502, unless another
+    /// relay instance has one: then the request may go there).
+    #[error("agent failed: {0}")]
+    NotTaken(String),
     /// No response head within the timeout (504).
     #[error("agent did not answer in time")]
     Timeout,
@@ -293,7 +297,7 @@ async fn connect(
         let Some(link) = agents.pick(name, tried) else {
             return Err(match failure {
                 None => RouteError::NoAgent(name.to_owned()),
-                Some(reason) => RouteError::AgentFailed(reason),
+                Some(reason) => RouteError::NotTaken(reason),
             });
         };
         tried.push(link.id);

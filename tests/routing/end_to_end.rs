@@ -1097,6 +1097,49 @@ async fn sigterm_answers_routed_requests_in_flight() {
     assert_eq!(answer.header("retry-after"), Some("1"));
 }
 
+/// Two instances on one redis-server: a request whose only agent on B hung up before taking it
+/// goes on to the agent of the name on A; one with a body, which B has read, gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lost_before_taken_goes_to_another_instance() {
+    use futures_util::StreamExt;
+    let redis = crate::support::shared_redis();
+    let setup = Setup::start(Store::Redis(redis), &[]).await;
+    let b = Relay::start(Store::Redis(redis), &[]);
+    let (client_b, name) = (b.client(), &setup.name);
+    wait_agents(&client_b, name, 1, WAIT, &[&setup.agent]).await;
+    let url = format!("{}/agent/connect?name={name}", b.base.replace("http", "ws"));
+    for (method, body, status) in [(Method::GET, "", 200), (Method::POST, "x", 502)] {
+        // B's own agent, preferred to A's: it hangs up at the first request it is sent.
+        let (mut vanishing, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("B accepts the agent");
+        wait_agents(&client_b, name, 2, WAIT, &[&setup.agent]).await;
+        let hangs_up = tokio::spawn(async move {
+            while let Some(Ok(message)) = vanishing.next().await {
+                if message.into_data().first() == Some(&1) {
+                    return true;
+                }
+            }
+            false
+        });
+        let request = client_b
+            .request(method.clone(), "/lost")
+            .header(CLIENT_ID, name.as_str());
+        let request = if body.is_empty() {
+            request
+        } else {
+            request.body(body)
+        };
+        let response = client_b.send(request).await;
+        assert!(hangs_up.await.expect("no panic"), "B's agent got no HEAD");
+        assert_eq!(response.status, status, "{method}: {response:?}");
+        if status == 200 {
+            assert_eq!(Echo::parse(&response.body).uri, "/lost");
+            assert_eq!(response.header("x-upstream-id"), Some("up"));
+        }
+    }
+}
+
 /// Two instances on one redis-server: an agent connected to A serves requests arriving at B (both
 /// addressing forms, bodies streamed through both instances), and B lists it in `/agents`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
