@@ -205,7 +205,10 @@ fn header_list(headers: &http::HeaderMap) -> Headers {
 pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
     let complete = match body {
         Body::Agent(mut exchange) => loop {
-            match exchange.next_chunk().await {
+            let Some(next) = unless_gone(session, exchange.next_chunk()).await else {
+                break false;
+            };
+            match next {
                 None => break true,
                 Some(Err(_)) => break false,
                 Some(Ok(chunk)) => {
@@ -218,7 +221,10 @@ pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
         Body::Instance(response) => {
             let mut body = response.into_body();
             loop {
-                match body.frame().await {
+                let Some(next) = unless_gone(session, body.frame()).await else {
+                    break false;
+                };
+                match next {
                     None => break true,
                     Some(Err(_)) => break false,
                     // Trailers are not relayed.
@@ -239,6 +245,20 @@ pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
             .write_response_body(Bytes::new(), true)
             .await
             .is_ok()
+}
+
+/// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event
+/// stream, a long-poll) must not keep the upstream request going for a client that is gone.
+/// Biased, so that a chunk already there costs no read of the client's socket.
+async fn unless_gone<T>(
+    session: &mut ServerSession,
+    next: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        item = next => Some(item),
+        () = client_gone(session) => None,
+    }
 }
 
 /// The request as the upstream should see it.

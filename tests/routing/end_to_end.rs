@@ -413,6 +413,37 @@ async fn client_leaving_ends_the_upstream_request() {
     .await;
 }
 
+/// A client that leaves after the response head, while the body does not come (an event stream,
+/// a long-poll), ends its exchange too: the upstream request does not outlive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_body_ends_the_upstream_request() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let mut hanging = setup.upstream.hanging.subscribe();
+    let address = setup.relay.base.trim_start_matches("http://");
+    let socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let mut socket = tokio::io::BufReader::new(socket);
+    let head = format!(
+        "GET /r/{}/hang-body HTTP/1.1\r\nHost: relay\r\n\r\n",
+        setup.name
+    );
+    socket.write_all(head.as_bytes()).await.expect("sent");
+    let mut status = String::new();
+    socket.read_line(&mut status).await.expect("a status line");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    hanging_at(&mut hanging, 1, "the upstream answered").await;
+    drop(socket);
+    hanging_at(&mut hanging, 0, "the upstream request ends with its client").await;
+    no_exchange_left(
+        &setup.client,
+        &setup.name,
+        "the exchange outlived its client",
+    )
+    .await;
+}
+
 /// Waits until `count` `/hang` requests are in progress at the upstream, or panics saying `what`.
 async fn hanging_at(hanging: &mut tokio::sync::watch::Receiver<u64>, count: u64, what: &str) {
     let reached = hanging.wait_for(|&n| n == count);

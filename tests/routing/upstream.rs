@@ -3,6 +3,8 @@
 //!
 //! - `/sleep…`: counts itself in [`Upstream::sleeping`], waits two seconds, then answers `200 late`.
 //! - `/hang`: counts itself in [`Upstream::hanging`] while in progress, and never answers.
+//! - `/hang-body`: answers `200` and a body that never comes, counted in [`Upstream::hanging`]
+//!   until hyper drops it.
 //! - `/blob?bytes=N`: `N` bytes of [`blob`], streamed in 64 KiB chunks.
 //! - `/sha256`: reads the request body as it streams and answers `{"len", "sha256"}`.
 //! - `/mirror…`: answers the request body as it is.
@@ -231,6 +233,15 @@ async fn answer(request: Request<Incoming>, id: &str, waits: &Waits) -> Response
         // Counted out when hyper drops the request: its connection closed.
         let _hanging = Hanging(waits.hanging.clone());
         return std::future::pending().await;
+    }
+    if path == "/hang-body" {
+        waits.hanging.send_modify(|n| *n += 1);
+        let hanging = Hanging(waits.hanging.clone());
+        let never = futures_util::stream::unfold(hanging, |hanging| async move {
+            std::future::pending::<()>().await;
+            Some((Ok(Frame::data(Bytes::new())), hanging))
+        });
+        return Response::new(BodyExt::boxed(StreamBody::new(never)));
     }
     if path.starts_with("/sleep") {
         waits.sleeping.send_modify(|n| *n += 1);
