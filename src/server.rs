@@ -66,6 +66,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     let store = store_runtime.block_on(Store::open(&config.store))?;
+    store_runtime.spawn(exit_on_interrupt());
     let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
     let app = RelayApp::new(&config, store, Duration::from_secs(grace));
     let announcer = background_service("presence", Announcer(app.presence()));
@@ -112,6 +113,22 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     access_log::flush();
     store_runtime.shutdown_background();
     Ok(())
+}
+
+/// Stops the process at SIGINT, having written the access log. Pingora's own quick shutdown
+/// stops its runtimes under their tasks, and its accept loop then sometimes spins on the
+/// errors for ever (about one SIGINT in ten), logging each.
+async fn exit_on_interrupt() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut interrupt) = signal(SignalKind::interrupt()) else {
+        log::warn!("cannot watch for SIGINT: it is left to Pingora");
+        return;
+    };
+    if interrupt.recv().await.is_some() {
+        log::info!("SIGINT received, exiting");
+        access_log::flush();
+        std::process::exit(0);
+    }
 }
 
 /// Whether `address` can be listened on now (std's listener, as Pingora's, reuses addresses).
