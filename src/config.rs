@@ -173,8 +173,8 @@ impl Config {
             max_poll_timeout: env.seconds("TUNNEL_MAX_POLL_TIMEOUT", 60)?,
             default_poll_timeout: env.seconds("TUNNEL_DEFAULT_POLL_TIMEOUT", 30)?,
             default_content_type: env.header_value("TUNNEL_DEFAULT_CONTENT_TYPE", "text/plain")?,
-            reply_ttl: env.seconds("TUNNEL_REPLY_TTL", 3600)?,
-            job_ttl: env.seconds("BURROW_JOB_TTL", 86_400)?,
+            reply_ttl: env.ttl("TUNNEL_REPLY_TTL", 3600)?,
+            job_ttl: env.ttl("BURROW_JOB_TTL", 86_400)?,
             max_message_size: env.parse(
                 "TUNNEL_MAX_MESSAGE_SIZE",
                 131_072,
@@ -189,8 +189,16 @@ impl Config {
         };
         // The original's older setting for one open tunnel, which did not turn authorization
         // on by itself.
-        if let Some(demo) = env.get("TUNNEL_DEMO_ID").filter(|_| auth.enabled()) {
-            auth.public_ids.insert(demo.trim().to_owned());
+        let demo = env.get("TUNNEL_DEMO_ID").map(|demo| {
+            let id = demo.trim();
+            TunnelId::parse(id).ok_or(ConfigError::Invalid {
+                var: "TUNNEL_DEMO_ID",
+                value: demo.clone(),
+                expected: "1 to 1024 characters from A-Z a-z 0-9 - _",
+            })
+        });
+        if let Some(demo) = demo.transpose()?.filter(|_| auth.enabled()) {
+            auth.public_ids.insert(demo.as_str().to_owned());
         }
         let listen = env
             .socket_address("BURROW_LISTEN")?
@@ -492,14 +500,22 @@ impl Env<'_> {
 
     /// Whole seconds, at most ten years (timeouts and TTLs are added to the clock).
     fn seconds(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
         let expected = "a whole number of seconds up to 315360000 (ten years)";
         self.parse(var, default, expected, |s| *s <= TEN_YEARS)
             .map(Duration::from_secs)
     }
 
+    /// How long something is kept: whole seconds, at least one (nothing kept for no time would
+    /// be lost as it is written), at most ten years.
+    fn ttl(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        let expected = "a whole number of seconds from 1 to 315360000 (ten years)";
+        self.parse(var, default, expected, |s| (1..=TEN_YEARS).contains(s))
+            .map(Duration::from_secs)
+    }
+
     fn flag(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(var).as_deref().map(str::trim) {
+        let value = self.get(var).map(|v| v.trim().to_ascii_lowercase());
+        match value.as_deref() {
             None => Ok(default),
             Some("true" | "yes" | "on") => Ok(true),
             Some("false" | "no" | "off") => Ok(false),
@@ -509,12 +525,15 @@ impl Env<'_> {
                 Err(_) => Err(ConfigError::Invalid {
                     var,
                     value: self.get(var).unwrap_or_default(),
-                    expected: "1 or 0",
+                    expected: "1 or 0 (or true/false, yes/no, on/off)",
                 }),
             },
         }
     }
 }
+
+/// The longest duration a setting may give: timeouts and TTLs are added to the clock.
+const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
 
 /// The error for a secret that is refused, which does not repeat it.
 fn refused_secret(var: &'static str, value: &str, expected: &'static str) -> ConfigError {
@@ -602,6 +621,9 @@ mod tests {
             ("BURROW_ROUTE_TIMEOUT", "3"),
             ("BURROW_ROUTE_TIMEOUT", "25h"),
             ("TUNNEL_REPLY_TTL", "315360001"),
+            ("TUNNEL_REPLY_TTL", "0"),
+            ("BURROW_JOB_TTL", "0"),
+            ("TUNNEL_DEMO_ID", "a.b"),
             ("TUNNEL_MAX_POLL_TIMEOUT", "18446744073709551615"),
             ("REDIS_POOL_KEEPALIVE", "soon"),
             ("BURROW_ADVERTISE", "bad"),
@@ -672,7 +694,8 @@ mod tests {
         assert!(!c.auth.enabled());
     }
 
-    /// Flags are read as the original read them: any whole number, on from 1.
+    /// Flags are read as the original read them: any whole number, on from 1; or a word, in any
+    /// case.
     #[test]
     fn numeric_flags() {
         for (value, on) in [
@@ -681,6 +704,8 @@ mod tests {
             ("0", false),
             ("-1", false),
             ("on", true),
+            ("TRUE", true),
+            ("No", false),
         ] {
             let c = config(&[("TUNNEL_BACKPRESSURE", value)]).unwrap();
             assert_eq!(c.tunnel.backpressure, on, "{value}");
