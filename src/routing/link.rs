@@ -26,6 +26,9 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Silence after which an agent counts as gone: three missed heartbeats.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an agent may say nothing after being sent a request before [`Link::silent`] holds.
+const SILENT_AFTER: Duration = Duration::from_secs(1);
+
 /// How long a shutting-down relay lets an agent's requests in flight finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -41,6 +44,9 @@ pub struct Link {
     /// When it connected, in Unix milliseconds.
     pub connected_since_ms: u64,
     last_heartbeat_ms: AtomicU64,
+    /// Since when a request sent here waits for the agent to say anything (it acknowledges each
+    /// at once), in Unix milliseconds; 0 while nothing does.
+    unanswered_since_ms: AtomicU64,
     /// The next stream id: odd, increasing.
     next_stream: AtomicU32,
     /// Set once either side said GOAWAY: no new requests go to this link.
@@ -59,6 +65,14 @@ impl Link {
         self.last_heartbeat_ms.load(Ordering::Relaxed)
     }
 
+    /// Whether the agent has said nothing for [`SILENT_AFTER`] since it was sent a request: it is
+    /// frozen or cut off, though its heartbeat has not expired yet. Other agents of the name are
+    /// picked first.
+    pub fn silent(&self) -> bool {
+        let since = self.unanswered_since_ms.load(Ordering::Relaxed);
+        since != 0 && unix_ms().saturating_sub(since) > SILENT_AFTER.as_millis() as u64
+    }
+
     /// Whether new requests may be sent here.
     pub fn accepting(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
@@ -72,11 +86,16 @@ impl Link {
             self.draining.store(true, Ordering::Relaxed);
             return Err("agent connection ran out of stream ids".into());
         }
-        self.streams.open(id)
+        let opened = self.streams.open(id)?;
+        if self.unanswered_since_ms.load(Ordering::Relaxed) == 0 {
+            self.unanswered_since_ms.store(unix_ms(), Ordering::Relaxed);
+        }
+        Ok(opened)
     }
 
     fn heard(&self) {
         self.last_heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+        self.unanswered_since_ms.store(0, Ordering::Relaxed);
     }
 }
 
@@ -102,6 +121,7 @@ pub async fn serve<S>(
         name,
         connected_since_ms: now,
         last_heartbeat_ms: AtomicU64::new(now),
+        unanswered_since_ms: AtomicU64::new(0),
         next_stream: AtomicU32::new(1),
         draining: AtomicBool::new(false),
         streams: Streams::new(out, Side::Asks),

@@ -528,6 +528,44 @@ async fn retried_when_agent_vanishes_before_taking() {
     relay.wait_for("flaky", 1).await;
 }
 
+/// An agent that has said nothing for a second since it was sent a request (frozen, say) is
+/// passed over while another agent of the name answers; it would otherwise get its share of
+/// requests, each timing out, until its heartbeat expires (30 s).
+#[tokio::test]
+async fn silent_agent_is_passed_over() {
+    let relay = start_relay().await;
+    // Connected, and reading nothing from now on.
+    let _frozen = relay.dial("frozen").await;
+    relay.wait_for("frozen", 1).await;
+    let short = Duration::from_millis(1500);
+    let mut exchange = relay
+        .agents
+        .forward("frozen", head("GET", "/echo", &[]), short)
+        .await
+        .unwrap();
+    exchange.finish().await.unwrap();
+    assert_eq!(exchange.response().await.err(), Some(RouteError::Timeout));
+    // Over: the frozen agent has no request in flight, as idle as the next one.
+    drop(exchange);
+
+    let upstream = start_upstream("real").await;
+    let _real = start_agent(&relay, "frozen", &upstream).await;
+    relay.wait_for("frozen", 2).await;
+    for _ in 0..6 {
+        let mut exchange = relay
+            .agents
+            .forward("frozen", head("GET", "/echo", &[]), short)
+            .await
+            .unwrap();
+        exchange.finish().await.unwrap();
+        let response = exchange.response().await;
+        assert_eq!(response.map(|head| head.status), Ok(200));
+        while let Some(chunk) = exchange.next_chunk().await {
+            chunk.unwrap();
+        }
+    }
+}
+
 /// No agent of that name: `NoAgent`, with the message backstream gives.
 #[tokio::test]
 async fn no_agent() {
