@@ -537,32 +537,26 @@ async fn silent_agent_is_passed_over() {
     // Connected, and reading nothing from now on.
     let _frozen = relay.dial("frozen").await;
     relay.wait_for("frozen", 1).await;
-    let short = Duration::from_millis(1500);
-    let mut exchange = relay
-        .agents
-        .forward("frozen", head("GET", "/echo", &[]), short)
-        .await
-        .unwrap();
-    exchange.finish().await.unwrap();
-    assert_eq!(exchange.response().await.err(), Some(RouteError::Timeout));
-    // Over: the frozen agent has no request in flight, as idle as the next one.
-    drop(exchange);
+    // `GET /echo` to "frozen", answered within 1.5 s.
+    let get = || async {
+        let short = Duration::from_millis(1500);
+        let head = head("GET", "/echo", &[]);
+        let mut exchange = relay.agents.forward("frozen", head, short).await.unwrap();
+        exchange.finish().await.unwrap();
+        let status = exchange.response().await.map(|head| head.status);
+        while let Some(chunk) = exchange.next_chunk().await {
+            chunk.unwrap();
+        }
+        // Over, the exchange leaves its agent with no request in flight.
+        status
+    };
+    assert_eq!(get().await, Err(RouteError::Timeout));
 
     let upstream = start_upstream("real").await;
     let _real = start_agent(&relay, "frozen", &upstream).await;
     relay.wait_for("frozen", 2).await;
     for _ in 0..6 {
-        let mut exchange = relay
-            .agents
-            .forward("frozen", head("GET", "/echo", &[]), short)
-            .await
-            .unwrap();
-        exchange.finish().await.unwrap();
-        let response = exchange.response().await;
-        assert_eq!(response.map(|head| head.status), Ok(200));
-        while let Some(chunk) = exchange.next_chunk().await {
-            chunk.unwrap();
-        }
+        assert_eq!(get().await, Ok(200));
     }
 }
 
