@@ -593,8 +593,9 @@ async fn slow_heads_are_counted_with_their_time() {
         .expect("sent");
     let answer = until_closed(&mut raw).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // From the relay's first read of the head, which may come a little after the client's write.
     let more = metric(&metrics, sample).await - seconds;
-    assert!(more >= 0.5, "{sample} grew by {more}");
+    assert!(more >= 0.4, "{sample} grew by {more}");
 }
 
 /// The metrics page counts requests, messages and waiting polls as they happen.
