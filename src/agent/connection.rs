@@ -22,6 +22,9 @@ use crate::routing::HEARTBEAT_TIMEOUT;
 /// How often the reader checks heartbeats and drain progress.
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 
+/// How long requests cut off when a connection ends have to log their line and stop.
+const FINISH_WITHIN: Duration = Duration::from_secs(1);
+
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -104,9 +107,15 @@ where
             }
         }
     };
-    // Requests still running past the grace period are abandoned (their streams reset).
+    // Requests still running (past the grace period, or on a lost connection) end as reset, each
+    // logging its line; one that does not end at once is then abandoned.
+    streams.close_all(match &ended {
+        Ended::Drained => "the agent stopped: its grace period ended",
+        Ended::Lost(_) => "agent connection closed",
+    });
+    let finishing = async { while requests.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(FINISH_WITHIN, finishing).await;
     requests.shutdown().await;
-    streams.close_all("agent connection closed");
     let _ = stop.send(());
     let _ = writer.await;
     ended

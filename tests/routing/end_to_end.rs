@@ -444,6 +444,36 @@ async fn client_leaving_mid_body_ends_the_upstream_request() {
     .await;
 }
 
+/// A request in flight when the agent's connection to the relay is lost ends at the upstream and
+/// gets its log line (it was dropped without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_by_a_lost_connection_are_logged() {
+    let Setup {
+        relay,
+        upstream,
+        agent,
+        name,
+        client,
+    } = Setup::start(Store::Memory, &[]).await;
+    let mut hanging = upstream.hanging.subscribe();
+    let request = tokio::spawn(async move {
+        let request = client.request(Method::GET, &format!("/r/{name}/hang"));
+        // Never answered: the relay goes away.
+        request.header(TIMEOUT, "1h").send().await
+    });
+    hanging_at(&mut hanging, 1, "the request reaches the upstream").await;
+    drop(relay);
+    hanging_at(
+        &mut hanging,
+        0,
+        "the upstream request ends with the connection",
+    )
+    .await;
+    let logged = agent.logged("GET /hang status=reset", WAIT).await;
+    assert!(logged, "{}", agent.log());
+    request.abort();
+}
+
 /// Waits until `count` `/hang` requests are in progress at the upstream, or panics saying `what`.
 async fn hanging_at(hanging: &mut tokio::sync::watch::Receiver<u64>, count: u64, what: &str) {
     let reached = hanging.wait_for(|&n| n == count);
