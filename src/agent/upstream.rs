@@ -83,6 +83,12 @@ impl Upstream {
             }
         };
         let status = response.status().as_u16();
+        // The relay refuses a switch of protocols (the agent asked for none: `Upgrade` is
+        // hop-by-hop); said here, the log line tells what the client got.
+        if status == 101 {
+            let why = "upstream switched protocols, which cannot cross the relay".into();
+            return answer_error(writer, 502, why).await;
+        }
         let mut headers: Headers = response
             .headers()
             .iter()

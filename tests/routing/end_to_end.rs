@@ -597,6 +597,31 @@ async fn upstream_closing_silently() {
     }
 }
 
+/// An upstream that switches protocols unasked: 502 from the agent, which logs it so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_switching_protocols_is_502() {
+    let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n";
+    let port = upstream_answering(answer).await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("switching");
+    let agent = Agent::serve(
+        &relay.base,
+        &name,
+        &format!("http://127.0.0.1:{port}"),
+        None,
+    );
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    let why = "upstream switched protocols, which cannot cross the relay";
+    let response = client.get(&format!("/r/{name}/up")).await;
+    response.expect_error(502, why);
+    assert!(
+        agent.logged("GET /up status=502", WAIT).await,
+        "{}",
+        agent.log()
+    );
+}
+
 /// An `https://` upstream: the agent verifies its certificate against the system's roots
 /// (`SSL_CERT_FILE` here) and sends `Host` as the upstream URL has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
