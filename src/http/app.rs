@@ -355,10 +355,10 @@ impl RelayApp {
         };
         // Not connected here, or every agent here lost the request before taking it: maybe
         // another instance has the name, unless that one sent it. A body read here cannot be sent
-        // again, so only a request without one is.
+        // again, so only a request without one (or with an empty one) is.
         let elsewhere = match &failure {
             Error::Route(RouteError::NoAgent(_)) => true,
-            Error::Route(RouteError::NotTaken(_)) => !forward::carries_body(session),
+            Error::Route(RouteError::NotTaken(_)) => forward::sendable_again(session),
             _ => false,
         };
         if !elsewhere || session.get_header(forward::HOP_HEADER).is_some() {

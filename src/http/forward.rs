@@ -101,6 +101,12 @@ pub fn carries_body(session: &mut ServerSession) -> bool {
         || (session.is_http2() && !session.is_body_empty())
 }
 
+/// Whether the request can still be sent whole to another instance: it has no body, or one read
+/// to its end that was empty (`Content-Length: 0`, an empty chunked body).
+pub fn sendable_again(session: &mut ServerSession) -> bool {
+    !carries_body(session) || (session.is_body_done() && session.body_bytes_read() == 0)
+}
+
 /// Sends the request as it came to the relay instance at `address`, which has the agent, and
 /// returns the head of its answer with the response whose body follows. The request body is
 /// streamed to it while the request is sent. `None`: the instance refused the connection and
