@@ -208,49 +208,41 @@ fn header_list(headers: &http::HeaderMap) -> Headers {
 
 /// Streams a forwarded response body to the client; whether it all arrived (only then can the
 /// connection be reused).
-pub async fn stream_body(session: &mut ServerSession, body: Body) -> bool {
-    let complete = match body {
-        Body::Agent(mut exchange) => loop {
-            let Some(next) = unless_gone(session, exchange.next_chunk()).await else {
-                break false;
-            };
-            match next {
-                None => break true,
-                Some(Err(_)) => break false,
-                Some(Ok(chunk)) => {
-                    if session.write_response_body(chunk, false).await.is_err() {
-                        break false;
-                    }
+pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
+    loop {
+        match unless_gone(session, body.next_chunk()).await {
+            Some(Some(Ok(chunk))) => {
+                if session.write_response_body(chunk, false).await.is_err() {
+                    return false;
                 }
             }
-        },
-        Body::Instance(response) => {
-            let mut body = response.into_body();
-            loop {
-                let Some(next) = unless_gone(session, body.frame()).await else {
-                    break false;
-                };
-                match next {
-                    None => break true,
-                    Some(Err(_)) => break false,
-                    // Trailers are not relayed.
-                    Some(Ok(frame)) => {
-                        let Ok(chunk) = frame.into_data() else {
-                            continue;
-                        };
-                        if session.write_response_body(chunk, false).await.is_err() {
-                            break false;
+            Some(None) => break,
+            // Broken off, or the client left.
+            Some(Some(Err(()))) | None => return false,
+        }
+    }
+    let end = session.write_response_body(Bytes::new(), true).await;
+    end.is_ok()
+}
+
+impl Body {
+    /// The body's next chunk; `None` once it is complete, `Err` if it broke off. Trailers are
+    /// not relayed.
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, ()>> {
+        match self {
+            Body::Agent(exchange) => Some(exchange.next_chunk().await?.map_err(drop)),
+            Body::Instance(response) => loop {
+                match response.body_mut().frame().await? {
+                    Ok(frame) => {
+                        if let Ok(chunk) = frame.into_data() {
+                            return Some(Ok(chunk));
                         }
                     }
+                    Err(_) => return Some(Err(())),
                 }
-            }
+            },
         }
-    };
-    complete
-        && session
-            .write_response_body(Bytes::new(), true)
-            .await
-            .is_ok()
+    }
 }
 
 /// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event
