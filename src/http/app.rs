@@ -19,6 +19,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
+use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::{Response, ALLOWED_METHODS};
 use super::route::{Access, Route, RoutingHeaders};
@@ -31,7 +32,7 @@ use crate::events::Subscription;
 use crate::jobs::{JobId, Jobs};
 use crate::metrics;
 use crate::presence::Presence;
-use crate::routing::{self, Agents, Exchange, RouteError};
+use crate::routing::{self, Agents, RouteError};
 use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
@@ -66,14 +67,6 @@ enum After {
     EventStream(Subscription),
     /// An agent's response body, streamed.
     Forward(Body),
-}
-
-/// Where a forwarded response body comes from.
-pub enum Body {
-    /// An agent connected to this instance.
-    Agent(Exchange),
-    /// Another instance, which has the agent.
-    Instance(hyper::Response<hyper::body::Incoming>),
 }
 
 /// What an upgraded connection serves.

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use pingora_core::protocols::http::ServerSession;
 
-use super::app::{client_gone, continue_if_expected, unreadable, Body};
+use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
 use crate::error::Error;
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
@@ -206,23 +206,12 @@ fn header_list(headers: &http::HeaderMap) -> Headers {
         .collect()
 }
 
-/// Streams a forwarded response body to the client; whether it all arrived (only then can the
-/// connection be reused).
-pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
-    loop {
-        match unless_gone(session, body.next_chunk()).await {
-            Some(Some(Ok(chunk))) => {
-                if session.write_response_body(chunk, false).await.is_err() {
-                    return false;
-                }
-            }
-            Some(None) => break,
-            // Broken off, or the client left.
-            Some(Some(Err(()))) | None => return false,
-        }
-    }
-    let end = session.write_response_body(Bytes::new(), true).await;
-    end.is_ok()
+/// Where a forwarded response body comes from.
+pub enum Body {
+    /// An agent connected to this instance.
+    Agent(Exchange),
+    /// Another instance, which has the agent.
+    Instance(hyper::Response<Incoming>),
 }
 
 impl Body {
@@ -243,6 +232,25 @@ impl Body {
             },
         }
     }
+}
+
+/// Streams a forwarded response body to the client; whether it all arrived (only then can the
+/// connection be reused).
+pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
+    loop {
+        match unless_gone(session, body.next_chunk()).await {
+            Some(Some(Ok(chunk))) => {
+                if session.write_response_body(chunk, false).await.is_err() {
+                    return false;
+                }
+            }
+            Some(None) => break,
+            // Broken off, or the client left.
+            Some(Some(Err(()))) | None => return false,
+        }
+    }
+    let end = session.write_response_body(Bytes::new(), true).await;
+    end.is_ok()
 }
 
 /// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event
