@@ -190,12 +190,7 @@ impl Config {
         // The original's older setting for one open tunnel, which did not turn authorization
         // on by itself.
         let demo = env.get("TUNNEL_DEMO_ID").map(|demo| {
-            let id = demo.trim();
-            TunnelId::parse(id).ok_or(ConfigError::Invalid {
-                var: "TUNNEL_DEMO_ID",
-                value: demo.clone(),
-                expected: "1 to 1024 characters from A-Z a-z 0-9 - _",
-            })
+            TunnelId::parse(demo.trim()).ok_or_else(|| invalid_id("TUNNEL_DEMO_ID", demo.clone()))
         });
         if let Some(demo) = demo.transpose()?.filter(|_| auth.enabled()) {
             auth.public_ids.insert(demo.as_str().to_owned());
@@ -451,11 +446,7 @@ impl Env<'_> {
     /// A tunnel id, such as a queue name.
     fn tunnel_id(&self, var: &'static str, default: &str) -> Result<TunnelId, ConfigError> {
         let value = self.get(var).unwrap_or_else(|| default.into());
-        TunnelId::parse(&value).ok_or(ConfigError::Invalid {
-            var,
-            value,
-            expected: "1 to 1024 characters from A-Z a-z 0-9 - _",
-        })
+        TunnelId::parse(&value).ok_or_else(|| invalid_id(var, value.clone()))
     }
 
     /// An `IP:port` socket address, if set.
@@ -534,6 +525,15 @@ impl Env<'_> {
 
 /// The longest duration a setting may give: timeouts and TTLs are added to the clock.
 const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+
+/// The error for a value of `var` that is no tunnel id.
+fn invalid_id(var: &'static str, value: String) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value,
+        expected: "1 to 1024 characters from A-Z a-z 0-9 - _",
+    }
+}
 
 /// The error for a secret that is refused, which does not repeat it.
 fn refused_secret(var: &'static str, value: &str, expected: &'static str) -> ConfigError {

@@ -273,7 +273,7 @@ async fn dial(
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     DialError,
 > {
-    let unreachable = |err: tokio_tungstenite::tungstenite::Error| match err {
+    let dial_error = |err: tokio_tungstenite::tungstenite::Error| match err {
         tokio_tungstenite::tungstenite::Error::Http(response)
             if matches!(
                 response.status(),
@@ -288,7 +288,7 @@ async fn dial(
         .connect_url
         .as_str()
         .into_client_request()
-        .map_err(unreachable)?;
+        .map_err(dial_error)?;
     if let Some(token) = &config.token {
         if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
             value.set_sensitive(true);
@@ -301,7 +301,7 @@ async fn dial(
     let connecting = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok((socket, _response))) => Ok(socket),
-        Ok(Err(err)) => Err(unreachable(err)),
+        Ok(Err(err)) => Err(dial_error(err)),
         Err(_) => Err(DialError::Unreachable(format!(
             "no answer within {}s",
             CONNECT_TIMEOUT.as_secs()
