@@ -119,6 +119,16 @@ impl Setup {
         Setup::on(relay).await
     }
 
+    /// A set-up on the shared redis-server, and a second relay instance B on it that already
+    /// lists the agent (learnt from A's announcement, made as the agent connected).
+    async fn with_second_instance() -> (Setup, Relay) {
+        let redis = crate::support::shared_redis();
+        let setup = Setup::start(Store::Redis(redis), &[]).await;
+        let b = Relay::start(Store::Redis(redis), &[]);
+        wait_agents(&b.client(), &setup.name, 1, WAIT, &[&setup.agent]).await;
+        (setup, b)
+    }
+
     async fn on(relay: Relay) -> Setup {
         let upstream = Upstream::start("up").await;
         let name = tunnel_id("agent");
@@ -1189,11 +1199,8 @@ async fn sigterm_answers_routed_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_lost_before_taken_goes_to_another_instance() {
     use futures_util::StreamExt;
-    let redis = crate::support::shared_redis();
-    let setup = Setup::start(Store::Redis(redis), &[]).await;
-    let b = Relay::start(Store::Redis(redis), &[]);
+    let (setup, b) = Setup::with_second_instance().await;
     let (client_b, name) = (b.client(), &setup.name);
-    wait_agents(&client_b, name, 1, WAIT, &[&setup.agent]).await;
     let url = format!("{}/agent/connect?name={name}", b.base.replace("http", "ws"));
     let cases = [
         (Method::GET, None, 200),
@@ -1237,12 +1244,8 @@ async fn request_lost_before_taken_goes_to_another_instance() {
 /// addressing forms, bodies streamed through both instances), and B lists it in `/agents`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_on_another_instance() {
-    let redis = crate::support::shared_redis();
-    let setup = Setup::start(Store::Redis(redis), &[]).await;
-    let b = Relay::start(Store::Redis(redis), &[]);
+    let (setup, b) = Setup::with_second_instance().await;
     let (client_b, name) = (b.client(), &setup.name);
-    // B learns of the agent from A's announcement, made as the agent connected.
-    wait_agents(&client_b, name, 1, WAIT, &[&setup.agent]).await;
     let request = client_b
         .request(Method::PUT, "/upload?via=b")
         .header(CLIENT_ID, name.as_str())
@@ -1336,7 +1339,7 @@ async fn agent_on_another_instance() {
     no_exchange_left(&setup.client, name, "the exchange on A outlived B's client").await;
     // C has an agent of the same name too. Once A is killed, it stays listed until its record
     // expires, but B's requests without a body go on to C, whichever record B reads first.
-    let c = Relay::start(Store::Redis(redis), &[]);
+    let c = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
     let c_upstream = Upstream::start("c").await;
     let c_agent = Agent::serve(&c.base, name, &c_upstream.url(), None);
     wait_agents(&client_b, name, 2, WAIT, &[&setup.agent, &c_agent]).await;
