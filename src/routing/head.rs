@@ -113,8 +113,10 @@ impl ResponseHead {
             }
             // One body length, or the client could not tell where the body ends.
             if name.eq_ignore_ascii_case("content-length") {
-                // Digits only (RFC 9110 §8.6): Rust's parse would also take `+3`.
-                let digits = value.trim();
+                // Digits only (RFC 9110 §8.6): Rust's parse would also take `+3`. Only the
+                // spaces and tabs HTTP allows around a value go: Pingora, which frames the body
+                // from this header, does not read `5` in `5\u{a0}` as `str::trim` would.
+                let digits = value.trim_matches([' ', '\t']);
                 let this = digits.parse::<u64>().ok();
                 let this = this.filter(|_| digits.bytes().all(|b| b.is_ascii_digit()));
                 if this.is_none() || length.is_some_and(|first| Some(first) != this) {
@@ -142,7 +144,7 @@ pub fn strip_hop_by_hop(headers: &mut Headers) {
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, value)| value.split(','))
-        .map(|token| token.trim().to_owned())
+        .map(|token| token.trim_matches([' ', '\t']).to_owned())
         .filter(|token| !token.is_empty())
         .collect();
     headers.retain(|(name, _)| {
@@ -237,6 +239,8 @@ mod tests {
             ("", "v"),
             ("content-length", "-1"),
             ("content-length", "+3"),
+            ("content-length", "5\u{a0}"),
+            ("content-length", "\u{85}5"),
         ] {
             let json = serde_json::json!({"status": 200, "headers": [[name, value]]});
             assert_eq!(

@@ -335,8 +335,17 @@ impl Streams {
         }
     }
 
-    fn remove(&self, id: u32) {
-        self.table().entries.remove(&id);
+    /// Lets stream `id` go, unless its id already names a newer stream (a peer may reuse the id
+    /// of a stream it reset).
+    fn remove(&self, id: u32, state: &Arc<StreamState>) {
+        let mut table = self.table();
+        if table
+            .entries
+            .get(&id)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.state, state))
+        {
+            table.entries.remove(&id);
+        }
     }
 }
 
@@ -371,7 +380,7 @@ impl Drop for Guard {
         } else if !(sent_end && recv_end) {
             self.reset("stream abandoned");
         }
-        self.streams.remove(self.id);
+        self.streams.remove(self.id, &self.state);
     }
 }
 
@@ -610,6 +619,21 @@ mod tests {
         drop((writer, reader));
         assert_eq!(queues.ordered.recv().await.unwrap().kind, Kind::End);
         assert!(queues.control.try_recv().is_err());
+    }
+
+    /// An id the peer reset and opened again names the new stream: the old one's leaving does
+    /// not take it out of the table.
+    #[tokio::test]
+    async fn reused_id_belongs_to_the_newer_stream() {
+        let (out, _queues) = Outbound::new();
+        let streams = Streams::new(out, Side::Answers);
+        let old = streams.open(1).unwrap();
+        streams.dispatch(Frame::reset(1, "peer reset"));
+        let (_writer, mut reader) = streams.open(1).unwrap();
+        drop(old);
+        assert_eq!(streams.len(), 1);
+        streams.dispatch(data(1, 3));
+        assert!(matches!(reader.next().await, Inbound::Data(chunk) if chunk.len() == 3));
     }
 
     /// Closing the connection ends every stream and refuses new ones.
