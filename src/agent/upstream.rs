@@ -192,43 +192,53 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
 }
 
 /// Whether `path` (before its query) has a segment of dots however an upstream may read it,
-/// which would resolve it against the path before it: percent-decoded as often as it decodes
-/// (`%252e`), overlong UTF-8 read as the ASCII it encodes (old decoders), the compatibility forms
-/// of `.`, `/` and `\` read as them (NFKC), `\` as `/` (WHATWG URL parsers, IIS), a segment cut
-/// at `;` (Tomcat, Jetty), at a decoded `?` or `#` (a decoder that splits again), or at a NUL
-/// (C), trailing spaces dropped and `...` read as `..` (Windows). A path still encoded after
-/// [`MAX_DECODINGS`] rounds counts as one: no client has a reason to send it, and decoding on
-/// would cost a round per two bytes.
+/// which would resolve it against the path before it. The path is read as
+/// [`as_upstreams_may_read`] says, then each segment (split at `/` or `\`, as WHATWG URL parsers
+/// and IIS do) is cut at `;` parameters (Tomcat, Jetty) or a NUL (C) and its trailing spaces are
+/// dropped (Windows, which also reads `...` as `..`): dots alone are refused. A decoded `?` or
+/// `#` that a decoder splits at again ends the path there, so dots alone before it are refused
+/// when they climb (`..`); `.#notes` stays a file name.
 fn has_dot_segment(path: &str) -> bool {
     // A fragment never reaches the upstream: `http::Uri` drops it, dots before it included.
     let path = path.split(['?', '#']).next().unwrap_or_default();
-    let mut decoded = path.as_bytes().to_vec();
-    let mut rounds = 0;
-    loop {
-        let next: Vec<u8> = percent_encoding::percent_decode(&decoded).collect();
-        if next == decoded {
-            break;
-        }
-        rounds += 1;
-        if rounds > MAX_DECODINGS {
-            return true;
-        }
-        decoded = next;
-    }
-    let read = compatibility_forms(&String::from_utf8_lossy(&without_overlong(&decoded)));
+    let Some(read) = as_upstreams_may_read(path) else {
+        return true;
+    };
+    let dots = |text: &str| {
+        let text = text.trim_end_matches(' ');
+        !text.is_empty() && text.chars().all(|c| c == '.')
+    };
     read.split(['/', '\\']).any(|segment| {
-        let segment = segment
-            .split([';', '?', '#', '\0'])
-            .next()
-            .unwrap_or_default();
-        let segment = segment.trim_end_matches(' ');
-        !segment.is_empty() && segment.chars().all(|c| c == '.')
+        let cut = |at: &[char]| segment.split(at).next().unwrap_or_default();
+        let before_split = cut(&[';', '\0', '?', '#']);
+        dots(cut(&[';', '\0'])) || (dots(before_split) && before_split.starts_with(".."))
     })
 }
 
-/// How many times a path is percent-decoded before the check gives up on it (four decode a
-/// `%2525252e`).
+/// How many times a path is decoded before the check gives up on it (four decode a
+/// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
+
+/// `path` as upstreams may read it: percent-decoded, overlong UTF-8 read as the ASCII it encodes
+/// (decoders older than the rule against it), and the characters whose compatibility form (NFKC)
+/// is one that matters here read as it — over again, until nothing changes (`%252e`, a fullwidth
+/// `％2e`). `None` when it still changes after [`MAX_DECODINGS`] rounds.
+fn as_upstreams_may_read(path: &str) -> Option<String> {
+    let mut read = path.to_owned();
+    for _ in 0..=MAX_DECODINGS {
+        let decoded: Vec<u8> = percent_encoding::percent_decode(read.as_bytes()).collect();
+        let next = if decoded.is_ascii() {
+            String::from_utf8_lossy(&decoded).into_owned()
+        } else {
+            compatibility_forms(&String::from_utf8_lossy(&without_overlong(&decoded)))
+        };
+        if next == read {
+            return Some(read);
+        }
+        read = next;
+    }
+    None
+}
 
 /// `bytes` with every overlong UTF-8 sequence of an ASCII character (`c0 ae` for `.`, `e0 80
 /// af` for `/`, up to the six-byte forms of the first UTF-8) replaced by that character, as
@@ -274,17 +284,27 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
     Some((len, ascii))
 }
 
-/// `text` with the characters whose compatibility form (NFKC) is made of `.`, `/` or `\` alone
-/// replaced by it: `．` `․` `‥` `…` `﹒` `︰` `︙` `／` `＼` `﹨`.
+/// `text` with each character whose compatibility form (NFKC) is made of characters that
+/// matter to the check (`.` `/` `\\` `;` `?` `#` `%` and space) read as that form, and `⁈` as the
+/// `?!` it is (the one other form that starts with one of them).
 fn compatibility_forms(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
-            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' => out.push('.'),
+            '\u{2024}' | '\u{FE52}' | '\u{FF0E}' => out.push('.'),
             '\u{2025}' | '\u{FE30}' => out.push_str(".."),
             '\u{2026}' | '\u{FE19}' => out.push_str("..."),
             '\u{FF0F}' => out.push('/'),
-            '\u{FF3C}' | '\u{FE68}' => out.push('\\'),
+            '\u{FE68}' | '\u{FF3C}' => out.push('\\'),
+            '\u{037E}' | '\u{FE14}' | '\u{FE54}' | '\u{FF1B}' => out.push(';'),
+            '\u{FE16}' | '\u{FE56}' | '\u{FF1F}' => out.push('?'),
+            '\u{2047}' => out.push_str("??"),
+            '\u{2048}' => out.push_str("?!"),
+            '\u{FE5F}' | '\u{FF03}' => out.push('#'),
+            '\u{FE6A}' | '\u{FF05}' => out.push('%'),
+            '\u{00A0}' | '\u{2000}'..='\u{200A}' | '\u{202F}' | '\u{205F}' | '\u{3000}' => {
+                out.push(' ')
+            }
             c => out.push(c),
         }
     }
@@ -367,6 +387,16 @@ mod tests {
             "/%e0%80%ae%e0%80%ae/x",
             "/%f0%80%80%ae./x",
             "/%fc%80%80%80%80%ae./x",
+            // NFKC forms of space, `;`, `?`, `#`, and of `%`, decoded again; an overlong `%`.
+            "/..%C2%A0/x",
+            "/..%E3%80%80/x",
+            "/..%EF%BC%9B/x",
+            "/..%CD%BE/x",
+            "/..%EF%BC%9F/x",
+            "/..%EF%BC%83/x",
+            "/..\u{2048}/x",
+            "/%EF%BC%852e%EF%BC%852e/x",
+            "/%c0%a52e%c0%a52e/x",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -394,6 +424,12 @@ mod tests {
             "/\u{2100}/x",
             // Overlong forms of what is not ASCII are not read as ASCII.
             "/%e0%82%ae%e0%82%ae/x",
+            // One dot before a decoded `#` or `?` does not climb: an Emacs lock file's name.
+            "/files/.%23notes.txt",
+            "/f/.%3Fx",
+            "/a/%E2%80%A6b",
+            "/Loading%E2%80%A6",
+            "/%EF%BC%8Ea",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }

@@ -367,16 +367,20 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let (sent_end, recv_end) = {
+        let (sent_end, recv_end, closed) = {
             let flow = self.state.flow();
-            (flow.sent_end, flow.recv_end)
+            (flow.sent_end, flow.recv_end, flow.closed.is_some())
         };
         if sent_end && !recv_end && self.streams.side == Side::Answers {
             // Everything this side sends is already queued, in order; a RESET would go out ahead
             // of it and cut the answer short (an upstream may answer before reading the whole
             // request body). Instead the peer gets credit enough never to wait on this stream,
-            // and whatever it still sends is dropped as belonging to no stream.
-            self.streams.out.control(Frame::window(self.id, u32::MAX));
+            // and whatever it still sends is dropped as belonging to no stream — unless the
+            // stream was reset meanwhile: then the peer sends nothing more on it, and its id
+            // may already name a newer stream.
+            if !closed {
+                self.streams.out.control(Frame::window(self.id, u32::MAX));
+            }
         } else if !(sent_end && recv_end) {
             self.reset("stream abandoned");
         }
@@ -625,13 +629,19 @@ mod tests {
     /// not take it out of the table.
     #[tokio::test]
     async fn reused_id_belongs_to_the_newer_stream() {
-        let (out, _queues) = Outbound::new();
+        let (out, mut queues) = Outbound::new();
         let streams = Streams::new(out, Side::Answers);
-        let old = streams.open(1).unwrap();
+        let (old_writer, old_reader) = streams.open(1).unwrap();
+        // Its answer sent, its request body not read to the end: leaving would grant credit.
+        old_writer.end().await.unwrap();
         streams.dispatch(Frame::reset(1, "peer reset"));
         let (_writer, mut reader) = streams.open(1).unwrap();
-        drop(old);
+        drop((old_writer, old_reader));
         assert_eq!(streams.len(), 1);
+        assert!(
+            queues.control.try_recv().is_err(),
+            "a frame for the newer stream"
+        );
         streams.dispatch(data(1, 3));
         assert!(matches!(reader.next().await, Inbound::Data(chunk) if chunk.len() == 3));
     }
