@@ -144,8 +144,8 @@ impl Upstream {
             .map_err(|_| Outcome::Failed(400, format!("invalid method {:?}", head.method)))?;
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
-            let why = "a path with `.` or `..` segments is refused".to_owned();
-            return Err(Outcome::Failed(400, why));
+            let why = "a path with `.` or `..` segments (or still encoded after 8 decodings)";
+            return Err(Outcome::Failed(400, format!("{why} is refused")));
         }
         let target = format!("{}{}", self.prefix, head.path);
         let uri = http::Uri::try_from(target)
