@@ -220,24 +220,36 @@ fn has_dot_segment(path: &str) -> bool {
 const MAX_DECODINGS: usize = 8;
 
 /// `path` as upstreams may read it: percent-decoded, overlong UTF-8 read as the ASCII it encodes
-/// (decoders older than the rule against it), and the characters whose compatibility form (NFKC)
-/// is one that matters here read as it — over again, until nothing changes (`%252e`, a fullwidth
-/// `％2e`). `None` when it still changes after [`MAX_DECODINGS`] rounds.
+/// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
+/// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
+/// changes after [`MAX_DECODINGS`] rounds.
 fn as_upstreams_may_read(path: &str) -> Option<String> {
-    let mut read = path.to_owned();
+    let mut read = path.as_bytes().to_vec();
     for _ in 0..=MAX_DECODINGS {
-        let decoded: Vec<u8> = percent_encoding::percent_decode(read.as_bytes()).collect();
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&read).collect();
         let next = if decoded.is_ascii() {
-            String::from_utf8_lossy(&decoded).into_owned()
+            decoded
         } else {
-            compatibility_forms(&String::from_utf8_lossy(&without_overlong(&decoded)))
+            nfkc(&without_overlong(&decoded))
         };
         if next == read {
-            return Some(read);
+            return Some(String::from_utf8_lossy(&read).into_owned());
         }
         read = next;
     }
     None
+}
+
+/// `bytes` in NFKC where they are UTF-8. Bytes that are not stay as they are: decoding them
+/// again may complete a sequence (`c0` then `%ae`).
+fn nfkc(bytes: &[u8]) -> Vec<u8> {
+    let normalizer = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.extend_from_slice(normalizer.normalize(chunk.valid()).as_bytes());
+        out.extend_from_slice(chunk.invalid());
+    }
+    out
 }
 
 /// `bytes` with every overlong UTF-8 sequence of an ASCII character (`c0 ae` for `.`, `e0 80
@@ -282,33 +294,6 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
         });
     let ascii = u8::try_from(value).ok().filter(u8::is_ascii)?;
     Some((len, ascii))
-}
-
-/// `text` with each character whose compatibility form (NFKC) is made of characters that
-/// matter to the check (`.` `/` `\\` `;` `?` `#` `%` and space) read as that form, and `⁈` as the
-/// `?!` it is (the one other form that starts with one of them).
-fn compatibility_forms(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\u{2024}' | '\u{FE52}' | '\u{FF0E}' => out.push('.'),
-            '\u{2025}' | '\u{FE30}' => out.push_str(".."),
-            '\u{2026}' | '\u{FE19}' => out.push_str("..."),
-            '\u{FF0F}' => out.push('/'),
-            '\u{FE68}' | '\u{FF3C}' => out.push('\\'),
-            '\u{037E}' | '\u{FE14}' | '\u{FE54}' | '\u{FF1B}' => out.push(';'),
-            '\u{FE16}' | '\u{FE56}' | '\u{FF1F}' => out.push('?'),
-            '\u{2047}' => out.push_str("??"),
-            '\u{2048}' => out.push_str("?!"),
-            '\u{FE5F}' | '\u{FF03}' => out.push('#'),
-            '\u{FE6A}' | '\u{FF05}' => out.push('%'),
-            '\u{00A0}' | '\u{2000}'..='\u{200A}' | '\u{202F}' | '\u{205F}' | '\u{3000}' => {
-                out.push(' ')
-            }
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Answers `status` with a one-line text body saying why.
@@ -397,6 +382,11 @@ mod tests {
             "/..\u{2048}/x",
             "/%EF%BC%852e%EF%BC%852e/x",
             "/%c0%a52e%c0%a52e/x",
+            // Sequences completed by a later decoding; full NFKC, then decoded again.
+            "/.%c0%25ae/x",
+            "/%e2%80%25a5/x",
+            "/..%ef%bc%258f..%ef%bc%258fx",
+            "/%ef%bc%85%ef%bc%92e%ef%bc%85%ef%bc%92e/x",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
