@@ -204,6 +204,7 @@ fn has_dot_segment(path: &str) -> bool {
     let Some(read) = as_upstreams_may_read(path) else {
         return true;
     };
+    let read = String::from_utf8_lossy(&read);
     let dots = |text: &str| {
         let text = text.trim_end_matches(' ');
         !text.is_empty() && text.chars().all(|c| c == '.')
@@ -223,7 +224,7 @@ const MAX_DECODINGS: usize = 8;
 /// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
 /// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
 /// changes after [`MAX_DECODINGS`] rounds.
-fn as_upstreams_may_read(path: &str) -> Option<String> {
+fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut read = path.as_bytes().to_vec();
     for _ in 0..=MAX_DECODINGS {
         let decoded: Vec<u8> = percent_encoding::percent_decode(&read).collect();
@@ -233,7 +234,7 @@ fn as_upstreams_may_read(path: &str) -> Option<String> {
             nfkc(&without_overlong(&decoded))
         };
         if next == read {
-            return Some(String::from_utf8_lossy(&read).into_owned());
+            return Some(read);
         }
         read = next;
     }
