@@ -194,8 +194,9 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
 /// Whether `path` (before its query) has a segment of dots however an upstream may read it,
 /// which would resolve it against the path before it. The path is read as
 /// [`as_upstreams_may_read`] says, then each segment (split at `/` or `\`, as WHATWG URL parsers
-/// and IIS do) is cut at `;` parameters (Tomcat, Jetty) or a NUL (C) and its trailing spaces are
-/// dropped (Windows, which also reads `...` as `..`): dots alone are refused. A decoded `?` or
+/// and IIS do) is cut at `;` parameters (Tomcat, Jetty) or a NUL (C): dots alone are refused,
+/// also with spaces or tabs among or after them (Windows drops trailing dots, spaces and tabs, and
+/// reads `...` as `..`). A decoded `?` or
 /// `#` that a decoder splits at again ends the path there, so dots alone before it are refused
 /// when they climb (`..`); `.#notes` stays a file name.
 fn has_dot_segment(path: &str) -> bool {
@@ -205,10 +206,8 @@ fn has_dot_segment(path: &str) -> bool {
         return true;
     };
     let read = String::from_utf8_lossy(&read);
-    let dots = |text: &str| {
-        let text = text.trim_end_matches(' ');
-        !text.is_empty() && text.chars().all(|c| c == '.')
-    };
+    let dots =
+        |text: &str| text.starts_with('.') && text.chars().all(|c| matches!(c, '.' | ' ' | '\t'));
     read.split(['/', '\\']).any(|segment| {
         let cut = |at: &[char]| segment.split(at).next().unwrap_or_default();
         let before_split = cut(&[';', '\0', '?', '#']);
@@ -355,6 +354,9 @@ mod tests {
             "/%c0%ae%c0%ae/x",
             "/..%00/x",
             "/..%20/x",
+            "/..%09/x",
+            "/.. ./x",
+            "/.%09%20./x",
             "/.../x",
             "/%ef%bc%8e%ef%bc%8e/x",
             // A fragment is dropped before the path goes upstream.
@@ -407,6 +409,8 @@ mod tests {
             "/.well-known/x",
             "/file.tar.gz",
             "/a/.hidden",
+            "/a/.%20b",
+            "/%20../x",
             "/a;b=1/c",
             "/a%2Fb",
             "/search/what%3F",
