@@ -219,14 +219,14 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// `path` as upstreams may read it: percent-decoded, overlong UTF-8 read as the ASCII it encodes
+/// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), overlong UTF-8 read as the ASCII it encodes
 /// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
 /// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
 /// changes after [`MAX_DECODINGS`] rounds.
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut read = path.as_bytes().to_vec();
     for _ in 0..=MAX_DECODINGS {
-        let decoded: Vec<u8> = percent_encoding::percent_decode(&read).collect();
+        let decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
         let next = if decoded.is_ascii() {
             decoded
         } else {
@@ -238,6 +238,44 @@ fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
         read = next;
     }
     None
+}
+
+/// `bytes` with IIS's `%uXXXX` escapes (a UTF-16 code unit in four hex digits) read as the
+/// characters they stand for.
+fn without_u_escapes(bytes: Vec<u8>) -> Vec<u8> {
+    if !bytes
+        .windows(2)
+        .any(|pair| matches!(pair, [b'%', b'u' | b'U']))
+    {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match u_escape(&bytes[i..]) {
+            Some(c) => {
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 6;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The character of the `%uXXXX` escape `rest` starts with (none for a lone surrogate).
+fn u_escape(rest: &[u8]) -> Option<char> {
+    let [b'%', b'u' | b'U', hex @ ..] = rest.get(..6)? else {
+        return None;
+    };
+    let hex = std::str::from_utf8(hex).ok()?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    char::from_u32(u32::from_str_radix(hex, 16).ok()?)
 }
 
 /// `bytes` in NFKC where they are UTF-8. Bytes that are not stay as they are: decoding them
@@ -390,6 +428,11 @@ mod tests {
             "/%e2%80%25a5/x",
             "/..%ef%bc%258f..%ef%bc%258fx",
             "/%ef%bc%85%ef%bc%92e%ef%bc%85%ef%bc%92e/x",
+            // IIS's `%u` escapes, also of `/` and of a fullwidth dot, and percent-encoded.
+            "/%u002e%U002E/x",
+            "/..%u002fx",
+            "/%uff0e%uff0e/x",
+            "/%25u002e%25u002e/x",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -425,6 +468,10 @@ mod tests {
             "/a/%E2%80%A6b",
             "/Loading%E2%80%A6",
             "/%EF%BC%8Ea",
+            // Not four hex digits, or a lone surrogate: not an escape.
+            "/%u+02e%u+02e/x",
+            "/%u02e/x",
+            "/%ud800%ud800/x",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
