@@ -22,7 +22,8 @@
 //!   (`Agents`) and forwarded requests (`Exchange`), without Pingora.
 //! - `agent`: `burrow agent`, which dials out to a relay and forwards routed requests upstream.
 //! - `wake`: the registry of waiting long-polls that stores wake when messages arrive.
-//! - `auth`: the token, signature and public-id rules; `error`: the errors handlers return;
+//! - `auth`: the token, signature and public-id rules; `cors`: the CORS headers of Burrow's own
+//!   answers; `error`: the errors handlers return;
 //!   `duration`: Go-style durations (`1m30s`).
 
 pub mod config;
@@ -31,6 +32,7 @@ mod access_log;
 mod agent;
 mod auth;
 mod cli;
+mod cors;
 mod duration;
 mod error;
 mod events;

@@ -8,6 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::client::{Client, ClientError, RequestBody};
+use crate::cors;
 use crate::routing::frame::{Kind, HEADER_LEN, MAX_MESSAGE};
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
 use crate::routing::stream::{BodyReader, BodyWriter, Inbound};
@@ -334,15 +335,23 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
     Some((len, ascii))
 }
 
-/// Answers `status` with a one-line text body saying why.
+/// Answers `status` with a one-line text body saying why, framed and with CORS headers as the
+/// relay's own errors are.
 async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome {
-    let head = ResponseHead {
-        status,
-        headers: vec![("Content-Type".into(), "text/plain; charset=utf-8".into())],
-    };
+    let body = Bytes::from(format!("{why}\n"));
+    let mut headers: Headers = vec![
+        ("Content-Type".into(), "text/plain; charset=utf-8".into()),
+        ("Content-Length".into(), body.len().to_string()),
+    ];
+    headers.extend(
+        cors::HEADERS
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+    );
+    let head = ResponseHead { status, headers };
     let sent = async {
         writer.send(Kind::Response, head.to_json()).await?;
-        writer.write(Bytes::from(format!("{why}\n"))).await?;
+        writer.write(body).await?;
         writer.end().await
     };
     match sent.await {

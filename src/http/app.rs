@@ -21,12 +21,13 @@ use pingora_core::server::ShutdownWatch;
 
 use super::forward::Body;
 use super::parked::{self, Detached, Wait};
-use super::response::{Response, ALLOWED_METHODS};
+use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
 use super::{connection, forward, framing, sse, websocket};
 use crate::access_log;
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
+use crate::cors::ALLOWED_METHODS;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, Jobs};

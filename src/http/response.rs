@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
+use crate::cors;
 use crate::error::Error;
 use crate::routing::RouteError;
 use crate::store::StoreError;
@@ -105,21 +106,16 @@ impl Response {
         if !self.cors {
             return Ok(head);
         }
-        head.insert_header("Access-Control-Allow-Origin", "*")?;
-        // A preflight the relay answers for an agent's service adds the method it asked for.
-        if head.headers.get("Access-Control-Allow-Methods").is_none() {
-            head.insert_header("Access-Control-Allow-Methods", ALLOWED_METHODS)?;
+        for (name, value) in cors::HEADERS {
+            // A preflight the relay answers for an agent's service sets the methods itself (the
+            // one it asked for added).
+            if head.headers.get(name).is_none() {
+                head.insert_header(name, value)?;
+            }
         }
-        head.insert_header(
-            "Access-Control-Expose-Headers",
-            "*, X-Message-Id, X-Queue-Size",
-        )?;
         Ok(head)
     }
 }
-
-/// The methods every response allows browsers, as the original relay's did.
-pub const ALLOWED_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 
 /// What a client is told of `error` (in a response body or a WebSocket message): its message,
 /// except for store trouble, whose cause stays in the log.

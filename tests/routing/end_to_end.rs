@@ -329,6 +329,11 @@ async fn every_status() {
     assert!(text.starts_with("upstream unreachable: "), "{text}");
     // The cause is named once, though hyper's error and its source both print it.
     assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+    // The agent's own refusal of a path that climbs (`..;` is a name to URL parsers, `..` to
+    // Tomcat) is an error like the relay's.
+    let response = client.get(&format!("/r/{name}/a/..;/b")).await;
+    let response = response.expect_one_line_error(400);
+    assert!(response.text().contains("segments"), "{response:?}");
 
     // The agent dies while its upstream works on the request (it was taken: no replay).
     let slept_before = *setup.upstream.sleeping.borrow();

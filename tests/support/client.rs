@@ -204,6 +204,19 @@ impl Response {
             content_type.starts_with("text/plain"),
             "error body is not text/plain: {response:?}"
         );
+        // Errors look alike whoever answered them (the relay, or an agent on its own behalf):
+        // readable by a browser's script, and framed by their length.
+        assert_eq!(
+            response.header("access-control-allow-origin"),
+            Some("*"),
+            "error without CORS headers: {response:?}"
+        );
+        let length = response.body.len().to_string();
+        assert_eq!(
+            response.header("content-length"),
+            Some(length.as_str()),
+            "error not framed by its length: {response:?}"
+        );
         response
     }
 
