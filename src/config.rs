@@ -255,11 +255,12 @@ fn overlap(a: &str, b: &str) -> bool {
 }
 
 fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
-    let redis_wanted = env.get("REDIS_HOST").is_some() || env.get("REDIS_URL").is_some();
+    // Looked up only when the store is not named, so that `memory` reads no redis setting.
+    let redis_wanted = || env.get("REDIS_HOST").is_some() || env.get("REDIS_URL").is_some();
     let kind = env.get("BURROW_STORE");
     match kind.as_deref() {
         Some("memory") => return Ok(StoreConfig::Memory),
-        None if !redis_wanted => return Ok(StoreConfig::Memory),
+        None if !redis_wanted() => return Ok(StoreConfig::Memory),
         Some("redis") | None => {}
         Some(other) => {
             return Err(ConfigError::Invalid {
@@ -596,6 +597,18 @@ mod tests {
         assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://x:1/2"));
         let c = config(&[("REDIS_HOST", "keydb"), ("BURROW_STORE", "memory")]).unwrap();
         assert_eq!(c.store, StoreConfig::Memory);
+        // The memory store reads no redis setting (one that is not UTF-8 would stop start-up).
+        let asked = std::cell::RefCell::new(Vec::new());
+        let c = Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            (name == "BURROW_STORE").then(|| "memory".to_owned())
+        });
+        assert_eq!(c.unwrap().store, StoreConfig::Memory);
+        let asked = asked.into_inner();
+        assert!(
+            !asked.iter().any(|name| name.starts_with("REDIS_")),
+            "{asked:?}"
+        );
         let c = config(&[("REDIS_HOST", "::1")]).unwrap();
         assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://[::1]:6379"));
         let url = "rediss://user:pw@keydb.internal:6380/2";
