@@ -39,6 +39,9 @@ pub enum Error {
     /// A body that is not what the route takes (a job that is not a JSON object).
     #[error("Invalid body: {0}")]
     InvalidBody(String),
+    /// A Content-Type to store that is not UTF-8: it could not be handed back as it came.
+    #[error("Content-Type is not UTF-8 text")]
+    ContentTypeNotText,
     /// A job id that was never given out, expired, or was already collected.
     #[error("Unknown job")]
     UnknownJob(String),

@@ -169,7 +169,7 @@ impl RelayApp {
             Route::Preflight => preflight(session),
             Route::ServicePreflight => service_preflight(session),
             Route::Produce { tunnel, limit } => {
-                let payload = payload(session, body);
+                let payload = payload(session, body)?;
                 let (id, size) = tunnels.produce(&tunnel, payload, limit).await?;
                 let response = Response::empty(201).header("X-Message-Id", id);
                 match size {
@@ -198,7 +198,7 @@ impl RelayApp {
                 Response::empty(204)
             }
             Route::Reply { tunnel, msg } => {
-                let replied = tunnels.reply(&tunnel, msg, payload(session, body)).await?;
+                let replied = tunnels.reply(&tunnel, msg, payload(session, body)?).await?;
                 Response::empty(if replied { 201 } else { 204 })
             }
             Route::ReadReply { tunnel, msg } => {
@@ -496,15 +496,16 @@ pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<
 }
 
 /// A body with the request's Content-Type; an empty one is none (the default type applies), on
-/// either store.
-fn payload(session: &ServerSession, body: Bytes) -> Payload {
-    let content_type = session
-        .get_header("Content-Type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(String::from);
-    Payload { body, content_type }
+/// either store. One that is not UTF-8 is refused rather than stored without it.
+fn payload(session: &ServerSession, body: Bytes) -> Result<Payload, Error> {
+    let content_type = match session.get_header("Content-Type") {
+        Some(value) => std::str::from_utf8(value.as_bytes())
+            .map_err(|_| Error::ContentTypeNotText)?
+            .trim(),
+        None => "",
+    };
+    let content_type = (!content_type.is_empty()).then(|| content_type.to_owned());
+    Ok(Payload { body, content_type })
 }
 
 /// The 101 answer to a WebSocket handshake (HTTP/1.1 only: no RFC 8441 WebSockets over HTTP/2).

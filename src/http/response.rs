@@ -139,7 +139,8 @@ impl From<Error> for Response {
             | Error::BadParameter(_)
             | Error::BadRequest(_)
             | Error::MalformedHead(_)
-            | Error::InvalidBody(_) => 400,
+            | Error::InvalidBody(_)
+            | Error::ContentTypeNotText => 400,
             Error::UnsupportedCoding => 501,
             Error::HeadTooSlow(_) | Error::BodyStalled => 408,
             Error::HeadTooLarge { .. } => 431,

@@ -25,6 +25,7 @@ per_store! {
         message_ids_strictly_increase,
         produce_then_consume,
         missing_content_type_gets_default,
+        content_type_round_trips_or_is_refused,
         binary_body_round_trips,
         limit_refuses_when_full,
         limit_zero_or_negative_disables_backpressure,

@@ -3,6 +3,8 @@
 use crate::support::client::id_order;
 use crate::support::says::{FULL, LIMIT_TOO_BIG};
 use crate::support::{tunnel_id, Backend, Client};
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::Method;
 
 /// Produce answers 201 with an empty body, an `X-Message-Id` and the queue size after it.
 pub(super) async fn produce_answers_201_with_id(api: &Client) {
@@ -63,6 +65,40 @@ pub(super) async fn missing_content_type_gets_default(api: &Client) {
     api.post_typed(&reply, "", "answer").await.expect(201);
     let answer = api.get(&reply).await.expect(200);
     assert_eq!(answer.header("content-type"), Some("text/plain"));
+}
+
+/// A Content-Type in UTF-8 comes back byte for byte, on a message and on a reply; one that is not
+/// UTF-8 is refused (400) with nothing stored, rather than stored without it.
+pub(super) async fn content_type_round_trips_or_is_refused(api: &Client) {
+    let t = tunnel_id("typed");
+    let path = format!("/t/{t}");
+    let typed = |path: &str, content_type: &[u8]| {
+        let value = HeaderValue::from_bytes(content_type).expect("a header value");
+        api.request(Method::POST, path)
+            .header(CONTENT_TYPE, value)
+            .body("body")
+    };
+    let utf8 = "text/plain; name=\"café\"".as_bytes();
+    api.send(typed(&path, utf8)).await.expect(201);
+    let consumed = api.consume(&t, "?pending").await.expect(200);
+    assert_eq!(consumed.headers[CONTENT_TYPE].as_bytes(), utf8);
+    let reply = format!("/t/{t}/{}/reply", consumed.message_id());
+    api.send(typed(&reply, utf8)).await.expect(201);
+    let answer = api.get(&reply).await.expect(200);
+    assert_eq!(answer.headers[CONTENT_TYPE].as_bytes(), utf8);
+
+    let latin1 = b"text/plain; name=\"caf\xe9\"";
+    let refused = api.send(typed(&path, latin1)).await;
+    refused.expect_error(400, "Content-Type is not UTF-8 text");
+    assert_eq!(api.len(&t).await, 0);
+    api.produce(&t, "pending").await;
+    let pending = api.consume(&t, "?pending").await.expect(200);
+    let reply = format!("/t/{t}/{}/reply", pending.message_id());
+    let refused = api.send(typed(&reply, latin1)).await;
+    refused.expect_error(400, "Content-Type is not UTF-8 text");
+    // Still pending: the refused reply did not acknowledge it.
+    let status = api.get(&format!("/t/{t}/{}", pending.message_id())).await;
+    assert_eq!(status.status, 202, "{status:?}");
 }
 
 /// Every byte value 0..=255 survives the round trip unchanged.
