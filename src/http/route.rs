@@ -279,8 +279,9 @@ impl Route {
         }
         if let Some(id) = path.strip_prefix("/done/") {
             return only_get_with(method, || {
-                let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
+                // A bad `wait` is 400 whatever the id, as a bad parameter is on every route.
                 let wait = query.seconds("wait", query.wait.as_deref())?;
+                let job = id.parse().map_err(|_| Error::UnknownJob(id.to_owned()))?;
                 Ok(Route::Done { job, wait })
             });
         }
@@ -743,10 +744,12 @@ mod tests {
             parse(Method::PUT, "/done/nope"),
             Err(Error::MethodNotAllowed { .. })
         ));
-        assert!(matches!(
-            get("/done/q1.17-0?wait=x"),
-            Err(Error::BadParameter(_))
-        ));
+        for bad_wait in ["/done/q1.17-0?wait=x", "/done/nope?wait=x"] {
+            assert!(
+                matches!(get(bad_wait), Err(Error::BadParameter(_))),
+                "{bad_wait}"
+            );
+        }
         for socket in ["/ws", "/ws/0", "/ws/any-tag?queue=q2"] {
             assert!(
                 matches!(get(socket), Ok(Route::JobSocket { .. })),
