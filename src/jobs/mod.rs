@@ -11,6 +11,7 @@ mod id;
 
 use std::time::Duration;
 
+use base64::prelude::{Engine, BASE64_STANDARD};
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -30,6 +31,8 @@ pub enum JobState {
     Processing,
     /// Done, with the worker's result (JSON if the reply was JSON, else a string).
     Done(Value),
+    /// Done, with a result that is neither JSON nor UTF-8 text, in base64 (so no byte is lost).
+    DoneBase64(String),
     /// The worker reported a failure.
     Failed(String),
 }
@@ -59,13 +62,16 @@ impl Job {
         let mut object = Map::new();
         object.insert("id".into(), Value::String(self.id.to_string()));
         for (name, value) in &self.fields {
-            if !matches!(name.as_str(), "id" | "status" | "result" | "error") {
+            if !matches!(
+                name.as_str(),
+                "id" | "status" | "result" | "result_encoding" | "error"
+            ) {
                 object.insert(name.clone(), value.clone());
             }
         }
         let status = match &self.state {
             JobState::Processing => "Processing",
-            JobState::Done(_) => "Done",
+            JobState::Done(_) | JobState::DoneBase64(_) => "Done",
             JobState::Failed(_) => "Failed",
         };
         object.insert("status".into(), status.into());
@@ -73,6 +79,10 @@ impl Job {
             JobState::Processing => {}
             JobState::Done(result) => {
                 object.insert("result".into(), result.clone());
+            }
+            JobState::DoneBase64(result) => {
+                object.insert("result".into(), result.clone().into());
+                object.insert("result_encoding".into(), "base64".into());
             }
             JobState::Failed(error) => {
                 object.insert("error".into(), error.clone().into());
@@ -243,7 +253,7 @@ enum Found {
 const LEFT_THE_QUEUE: &str =
     "the job left its queue without a result (queue cleared or trimmed, or taken without pending)";
 
-/// What a worker's reply says: a failure report, a JSON result, or text.
+/// What a worker's reply says: a failure report, a JSON result, text, or bytes.
 fn outcome(reply: &Payload) -> JobState {
     let content_type = reply.content_type.as_deref().unwrap_or("");
     let media_type = content_type
@@ -267,7 +277,10 @@ fn outcome(reply: &Payload) -> JobState {
             return JobState::Done(result);
         }
     }
-    JobState::Done(Value::String(text()))
+    match std::str::from_utf8(&reply.body) {
+        Ok(text) => JobState::Done(Value::String(text.to_owned())),
+        Err(_) => JobState::DoneBase64(BASE64_STANDARD.encode(&reply.body)),
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +312,18 @@ mod tests {
         assert_eq!(outcome(&problem), JobState::Failed("boom".into()));
         let bare = reply(Some(FAILURE_TYPE), "plain words");
         assert_eq!(outcome(&bare), JobState::Failed("plain words".into()));
+        // Bytes that are not UTF-8 come back whole, in base64, and say so.
+        let binary = Payload {
+            body: Bytes::from_static(b"\x89PNG\xff"),
+            content_type: Some("application/octet-stream".into()),
+        };
+        assert_eq!(outcome(&binary), JobState::DoneBase64("iVBOR/8=".into()));
+        let fields = Map::from_iter([("result_encoding".to_owned(), json!("mine"))]);
+        let job = Job::new(&"q.1-0".parse().unwrap(), fields, outcome(&binary));
+        assert_eq!(
+            job.to_json(),
+            json!({"id": "q.1-0", "status": "Done", "result": "iVBOR/8=", "result_encoding": "base64"})
+        );
     }
 
     /// A job that left its queue without a result is handed out once, as failed; given back

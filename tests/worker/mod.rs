@@ -209,6 +209,26 @@ async fn text_output_is_plain_text() {
     assert_eq!(reply.text(), "hello\n");
 }
 
+/// Stdout that is not UTF-8 is replied as application/octet-stream, and `/done` gives it whole,
+/// in base64, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_output_reaches_done_in_base64() {
+    let (client, base) = memory();
+    let queue = tunnel_id("worker-binary");
+    let _worker = Worker::start(&base, &queue, &[], &["printf", "\\211PNG\\377"]);
+    let triggered = client
+        .post_typed(&format!("/trigger?queue={queue}"), "application/json", "{}")
+        .await
+        .expect(202)
+        .json();
+    let id = triggered["id"].as_str().expect("a job id");
+    let done = client.get(&format!("/done/{id}?wait=10")).await.expect(200);
+    let done = done.json();
+    assert_eq!(done["status"], "Done", "{done}");
+    assert_eq!(done["result_encoding"], "base64", "{done}");
+    assert_eq!(done["result"], "iVBOR/8=", "{done}");
+}
+
 /// A non-zero exit is replied as a problem with the exit code and the end of stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_command_reports_problem() {
