@@ -39,7 +39,7 @@ impl Upstream {
             outcome = self.exchange(&mut head, &writer, reader) => outcome,
             reason = writer.closed() => Outcome::Reset(reason),
         };
-        let path = head.path.split('?').next().unwrap_or_default();
+        let path = logged(head.path.split('?').next().unwrap_or_default());
         let duration = started.elapsed().as_secs_f64();
         match outcome {
             Outcome::Answered(status) => {
@@ -145,7 +145,9 @@ impl Upstream {
             .map_err(|_| Outcome::Failed(400, format!("invalid method {:?}", head.method)))?;
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
-            let why = "a path with `.` or `..` segments (or still encoded after 8 decodings)";
+            let why =
+                "a path with `.` or `..` segments (or one still encoded after 8 decodings, or \
+                       growing past 8 times its length as it is read)";
             return Err(Outcome::Failed(400, format!("{why} is refused")));
         }
         let target = format!("{}{}", self.prefix, head.path);
@@ -196,8 +198,8 @@ fn upstream_headers(mut headers: Headers) -> HeaderMap {
 /// which would resolve it against the path before it. The path is read as
 /// [`as_upstreams_may_read`] says, then each segment (split at `/` or `\`, as WHATWG URL parsers
 /// and IIS do) is cut at `;` parameters (Tomcat, Jetty) or a NUL (C): dots alone are refused,
-/// also with spaces or tabs among or after them (Windows drops trailing dots, spaces and tabs, and
-/// reads `...` as `..`). A decoded `?` or
+/// also with spaces among or after them (Windows drops trailing dots and spaces, and reads `...`
+/// as `..`). A decoded `?` or
 /// `#` that a decoder splits at again ends the path there, so dots alone before it are refused
 /// when they climb (`..`); `.#notes` stays a file name.
 fn has_dot_segment(path: &str) -> bool {
@@ -207,8 +209,7 @@ fn has_dot_segment(path: &str) -> bool {
         return true;
     };
     let read = String::from_utf8_lossy(&read);
-    let dots =
-        |text: &str| text.starts_with('.') && text.chars().all(|c| matches!(c, '.' | ' ' | '\t'));
+    let dots = |text: &str| text.starts_with('.') && text.chars().all(|c| matches!(c, '.' | ' '));
     read.split(['/', '\\']).any(|segment| {
         let cut = |at: &[char]| segment.split(at).next().unwrap_or_default();
         let before_split = cut(&[';', '\0', '?', '#']);
@@ -220,22 +221,32 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), overlong UTF-8 read as the ASCII it encodes
+/// How many bytes, per byte of the path, all rounds of reading it may produce together: a
+/// legitimate path takes one or two rounds at about its length (NFKC rarely more than doubles
+/// one), while a character NFKC expands elevenfold (U+FDFA), read again in each of
+/// [`MAX_DECODINGS`] rounds, would cost the agent's thread tens of milliseconds per request.
+const READING_BUDGET: usize = 8;
+
+/// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
+/// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
 /// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
 /// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
-/// changes after [`MAX_DECODINGS`] rounds.
+/// changes after [`MAX_DECODINGS`] rounds, or its rounds outgrow [`READING_BUDGET`].
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
+    let mut budget = READING_BUDGET * path.len() + 1024;
     let mut read = path.as_bytes().to_vec();
     for _ in 0..=MAX_DECODINGS {
-        let decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
+        let mut decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
+        decoded.retain(|b| !matches!(b, b'\t' | b'\n' | b'\r'));
         let next = if decoded.is_ascii() {
             decoded
         } else {
-            nfkc(&without_overlong(&decoded))
+            nfkc(&without_overlong(&decoded), budget)?
         };
         if next == read {
             return Some(read);
         }
+        budget = budget.checked_sub(next.len())?;
         read = next;
     }
     None
@@ -279,16 +290,42 @@ fn u_escape(rest: &[u8]) -> Option<char> {
     char::from_u32(u32::from_str_radix(hex, 16).ok()?)
 }
 
-/// `bytes` in NFKC where they are UTF-8. Bytes that are not stay as they are: decoding them
-/// again may complete a sequence (`c0` then `%ae`).
-fn nfkc(bytes: &[u8]) -> Vec<u8> {
+/// `bytes` in NFKC where they are UTF-8, or `None` if that is longer than `limit` (the
+/// normalizer stops there). Bytes that are not UTF-8 stay as they are: decoding them again may
+/// complete a sequence (`c0` then `%ae`).
+fn nfkc(bytes: &[u8], limit: usize) -> Option<Vec<u8>> {
     let normalizer = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = Bounded {
+        bytes: Vec::with_capacity(bytes.len()),
+        limit,
+    };
     for chunk in bytes.utf8_chunks() {
-        out.extend_from_slice(normalizer.normalize(chunk.valid()).as_bytes());
-        out.extend_from_slice(chunk.invalid());
+        normalizer.normalize_to(chunk.valid(), &mut out).ok()?;
+        out.push(chunk.invalid()).ok()?;
     }
-    out
+    Some(out.bytes)
+}
+
+/// Bytes that refuse to grow past a limit.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Bounded {
+    fn push(&mut self, more: &[u8]) -> std::fmt::Result {
+        if self.bytes.len() + more.len() > self.limit {
+            return Err(std::fmt::Error);
+        }
+        self.bytes.extend_from_slice(more);
+        Ok(())
+    }
+}
+
+impl std::fmt::Write for Bounded {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.push(text.as_bytes())
+    }
 }
 
 /// `bytes` with every overlong UTF-8 sequence of an ASCII character (`c0 ae` for `.`, `e0 80
@@ -333,6 +370,18 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
         });
     let ascii = u8::try_from(value).ok().filter(u8::is_ascii)?;
     Some((len, ascii))
+}
+
+/// How long a path the log line shows: a client may send up to the relay's 64 KiB head, and one
+/// line per request must stay short.
+const LOGGED_PATH: usize = 256;
+
+/// `path` as the log line shows it, cut at [`LOGGED_PATH`] characters.
+fn logged(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.char_indices().nth(LOGGED_PATH) {
+        Some((cut, _)) => format!("{}…", &path[..cut]).into(),
+        None => path.into(),
+    }
 }
 
 /// Answers `status` with a one-line text body saying why, framed and with CORS headers as the
@@ -380,6 +429,16 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    /// A long path is logged cut, a short one whole.
+    #[test]
+    fn logged_paths() {
+        assert_eq!(logged("/a/é"), "/a/é");
+        let long = format!("/{}", "é".repeat(70_000));
+        let shown = logged(&long);
+        assert_eq!(shown.chars().count(), LOGGED_PATH + 1);
+        assert!(shown.ends_with('…'));
+    }
+
     /// `.` and `..` segments are found however they are written; dots elsewhere are fine.
     #[test]
     fn dot_segments() {
@@ -404,6 +463,12 @@ mod tests {
             "/..%09/x",
             "/.. ./x",
             "/.%09%20./x",
+            // Tabs and newlines, which WHATWG URL parsers drop anywhere.
+            "/.%0a./x",
+            "/..%0d/x",
+            "/%09../x",
+            "/%0a../%0d../etc/passwd",
+            "/.%u000a./x",
             "/.../x",
             "/%ef%bc%8e%ef%bc%8e/x",
             // A fragment is dropped before the path goes upstream.
@@ -451,6 +516,11 @@ mod tests {
         assert!(has_dot_segment(&deep));
         let shallow = format!("/%{}41", "25".repeat(MAX_DECODINGS - 1));
         assert!(!has_dot_segment(&shallow));
+        // Grown past its budget by NFKC (U+FDFA is eleven times longer): given up on, rather
+        // than read again in every round.
+        let swollen = format!("/{}/x", "\u{FDFA}".repeat(1000));
+        assert!(has_dot_segment(&swollen));
+        assert!(!has_dot_segment("/\u{FDFA}/\u{3300}\u{3301}/x"));
         for path in [
             "/",
             "/a.b/c",
@@ -463,6 +533,7 @@ mod tests {
             "/a/.hidden",
             "/a/.%20b",
             "/%20../x",
+            "/a%09b/.%0ab",
             "/a;b=1/c",
             "/a%2Fb",
             "/search/what%3F",

@@ -455,8 +455,11 @@ impl RelayApp {
         let Some(payload) = payload else {
             return Response::empty(204);
         };
+        // A type that cannot be a header (stored by the original relay, which took any bytes)
+        // is replaced by the default, as a missing one is, rather than left out.
         let content_type = payload
             .content_type
+            .filter(|ct| !ct.is_empty() && ::http::HeaderValue::from_str(ct).is_ok())
             .unwrap_or_else(|| self.tunnels.config().default_content_type.clone());
         Response::empty(200)
             .header("Content-Type", content_type)
@@ -499,9 +502,10 @@ pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<
 /// either store. One that is not UTF-8 is refused rather than stored without it.
 fn payload(session: &ServerSession, body: Bytes) -> Result<Payload, Error> {
     let content_type = match session.get_header("Content-Type") {
+        // HTTP's whitespace only: a Unicode space is part of the type, kept as it came.
         Some(value) => std::str::from_utf8(value.as_bytes())
             .map_err(|_| Error::ContentTypeNotText)?
-            .trim(),
+            .trim_matches([' ', '\t']),
         None => "",
     };
     let content_type = (!content_type.is_empty()).then(|| content_type.to_owned());

@@ -78,6 +78,11 @@ pub(super) async fn content_type_round_trips_or_is_refused(api: &Client) {
             .header(CONTENT_TYPE, value)
             .body("body")
     };
+    // A Unicode space at either end is part of the type, not HTTP's whitespace.
+    let unicode_space = "text/x\u{a0}".as_bytes();
+    api.send(typed(&path, unicode_space)).await.expect(201);
+    let consumed = api.consume(&t, "").await.expect(200);
+    assert_eq!(consumed.headers[CONTENT_TYPE].as_bytes(), unicode_space);
     let utf8 = "text/plain; name=\"café\"".as_bytes();
     api.send(typed(&path, utf8)).await.expect(201);
     let consumed = api.consume(&t, "?pending").await.expect(200);

@@ -37,9 +37,18 @@ async fn reads_messages_written_by_original() {
     let untyped = redis
         .command(&["XADD", &stream, "*", "data", "plain"])
         .text();
+    // Types the original stored as they came, which cannot be a header: the default instead.
+    let unwritable = ["", "a\nb"].map(|ct| {
+        redis
+            .command(&["XADD", &stream, "*", "data", "odd", "ct", ct])
+            .text()
+    });
+    let [empty, newline] = unwritable;
     let expected = [
         (typed, "hello", "application/json"),
         (untyped, "plain", "text/plain"),
+        (empty, "odd", "text/plain"),
+        (newline, "odd", "text/plain"),
     ];
     for (id, body, content_type) in expected {
         let consumed = api.consume(&t, "").await.expect(200);
