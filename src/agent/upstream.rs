@@ -147,7 +147,7 @@ impl Upstream {
         if has_dot_segment(&head.path) {
             let why =
                 "a path with `.` or `..` segments (or one still encoded after 8 decodings, or \
-                       growing past 8 times its length as it is read)";
+                       growing past 4 times its length as it is read)";
             return Err(Outcome::Failed(400, format!("{why} is refused")));
         }
         let target = format!("{}{}", self.prefix, head.path);
@@ -221,11 +221,12 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// How many bytes, per byte of the path, all rounds of reading it may produce together: a
-/// legitimate path takes one or two rounds at about its length (NFKC rarely more than doubles
-/// one), while a character NFKC expands elevenfold (U+FDFA), read again in each of
-/// [`MAX_DECODINGS`] rounds, would cost the agent's thread tens of milliseconds per request.
-const READING_BUDGET: usize = 8;
+/// How many bytes, per byte of the path, the rounds of reading it that change it may produce
+/// together: a legitimate path changes in one or two rounds, at most about its length (NFKC
+/// rarely more than doubles one), while a character NFKC expands elevenfold (U+FDFA), read again
+/// in each of [`MAX_DECODINGS`] rounds, would cost the agent's thread tens of milliseconds per
+/// request.
+const READING_BUDGET: usize = 4;
 
 /// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
 /// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
