@@ -221,25 +221,27 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// How many bytes, per byte of the path, the rounds of reading it that change it may produce
-/// together (plus 1 KiB, so that no path of ordinary length is ever refused for it): decoding
-/// shrinks a path, and NFKC leaves real names about as long, while a character NFKC expands
-/// elevenfold (U+FDFA), read again in each of [`MAX_DECODINGS`] rounds, would cost the agent's
-/// thread tens of milliseconds per request.
+/// How many bytes, per byte of the path, the rounds that change it through NFKC may produce
+/// together (plus 1 KiB, so that no path of ordinary length is ever refused for it). Rounds on
+/// ASCII only decode, which shrinks a path and costs little; NFKC leaves real names about as
+/// long, but expands a character elevenfold (U+FDFA), and redone in each of [`MAX_DECODINGS`]
+/// rounds that would cost the agent's thread tens of milliseconds per request.
 const READING_BUDGET: usize = 2;
 
 /// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
 /// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
 /// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
 /// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
-/// changes after [`MAX_DECODINGS`] rounds, or its rounds outgrow [`READING_BUDGET`].
+/// changes after [`MAX_DECODINGS`] rounds, or its rounds through NFKC outgrow
+/// [`READING_BUDGET`].
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut budget = READING_BUDGET * path.len() + 1024;
     let mut read = path.as_bytes().to_vec();
     for _ in 0..=MAX_DECODINGS {
         let mut decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
         decoded.retain(|b| !matches!(b, b'\t' | b'\n' | b'\r'));
-        let next = if decoded.is_ascii() {
+        let ascii = decoded.is_ascii();
+        let next = if ascii {
             decoded
         } else {
             // The last round, which changes nothing, fits whatever is left.
@@ -248,7 +250,9 @@ fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
         if next == read {
             return Some(read);
         }
-        budget = budget.checked_sub(next.len())?;
+        if !ascii {
+            budget = budget.checked_sub(next.len())?;
+        }
         read = next;
     }
     None
@@ -302,7 +306,12 @@ fn nfkc(bytes: &[u8], limit: usize) -> Option<Vec<u8>> {
         limit,
     };
     for chunk in bytes.utf8_chunks() {
-        normalizer.normalize_to(chunk.valid(), &mut out).ok()?;
+        // ASCII is its own NFKC: not worth a call per chunk when invalid bytes cut a path into
+        // thousands of them.
+        match chunk.valid() {
+            ascii if ascii.is_ascii() => out.push(ascii.as_bytes()).ok()?,
+            text => normalizer.normalize_to(text, &mut out).ok()?,
+        }
         out.push(chunk.invalid()).ok()?;
     }
     Some(out.bytes)
@@ -523,7 +532,10 @@ mod tests {
         let swollen = format!("/{}/x", "\u{FDFA}".repeat(1000));
         assert!(has_dot_segment(&swollen));
         assert!(!has_dot_segment("/\u{FDFA}/\u{3300}\u{3301}/x"));
-        // Long real names pass: percent-encoded (9 KB), and raw with a character NFKC expands.
+        // Long real names pass: percent-encoded (9 KB), and raw with a character NFKC expands,
+        // and encoded seven deep after 8 KB of ASCII.
+        let deep_after_long = format!("/{}/%{}41", "a".repeat(8192), "25".repeat(6));
+        assert!(!has_dot_segment(&deep_after_long));
         assert!(!has_dot_segment(&format!(
             "/{}",
             "%E6%96%87%E6%9B%B8".repeat(500)
