@@ -7,6 +7,7 @@
 //! write(2) once it holds [`FLUSH_AT`] bytes, and otherwise by [`flush`], which the server calls
 //! every [`FLUSH_EVERY`] and when it stops: a line appears at most that late.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,6 +22,19 @@ const FLUSH_AT: usize = 32 * 1024;
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 static BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// How many characters of a method a log line shows (the longest registered method has 17).
+pub const SHOWN_METHOD: usize = 32;
+
+/// A value from the client (a method, a path) as a log line shows it: cut at `chars` characters
+/// and marked `…`, so that one request is one short line whatever it sends (this log's, and the
+/// agent's).
+pub fn shown(text: &str, chars: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+        None => text.into(),
+    }
+}
 
 /// Whether `RUST_LOG` lets access lines through.
 pub fn enabled() -> bool {
@@ -58,4 +72,23 @@ fn write_out(buffer: &mut Vec<u8>) {
 fn buffer() -> MutexGuard<'static, Vec<u8>> {
     // Poisoning only means a panic mid-append: at worst one partial line.
     BUFFER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long value is shown cut (at a character, not a byte), a short one whole.
+    #[test]
+    fn shown_values() {
+        assert_eq!(shown("/a/é", 256), "/a/é");
+        let long = format!("/{}", "é".repeat(70_000));
+        let cut = shown(&long, 256);
+        assert_eq!(cut.chars().count(), 257);
+        assert!(cut.ends_with('…'));
+        assert_eq!(
+            shown(&"X".repeat(50_000), SHOWN_METHOD).len(),
+            32 + '…'.len_utf8()
+        );
+    }
 }

@@ -8,6 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::client::{Client, ClientError, RequestBody};
+use crate::access_log::{shown, SHOWN_METHOD};
 use crate::cors;
 use crate::routing::frame::{Kind, HEADER_LEN, MAX_MESSAGE};
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
@@ -39,23 +40,19 @@ impl Upstream {
             outcome = self.exchange(&mut head, &writer, reader) => outcome,
             reason = writer.closed() => Outcome::Reset(reason),
         };
-        let path = logged(head.path.split('?').next().unwrap_or_default());
+        let path = shown(head.path.split('?').next().unwrap_or_default(), SHOWN_PATH);
+        let method = shown(&head.method, SHOWN_METHOD);
         let duration = started.elapsed().as_secs_f64();
         match outcome {
             Outcome::Answered(status) => {
-                log::info!(
-                    "{} {path} status={status} duration={duration:.3}s",
-                    head.method
-                )
+                log::info!("{method} {path} status={status} duration={duration:.3}s")
             }
-            Outcome::Failed(status, why) => log::info!(
-                "{} {path} status={status} duration={duration:.3}s error={why}",
-                head.method
-            ),
-            Outcome::Reset(why) => log::info!(
-                "{} {path} status=reset duration={duration:.3}s reason={why}",
-                head.method
-            ),
+            Outcome::Failed(status, why) => {
+                log::info!("{method} {path} status={status} duration={duration:.3}s error={why}")
+            }
+            Outcome::Reset(why) => {
+                log::info!("{method} {path} status=reset duration={duration:.3}s reason={why}")
+            }
         }
     }
 
@@ -141,8 +138,10 @@ impl Upstream {
         head: &mut RequestHead,
         mut reader: BodyReader,
     ) -> Result<http::Request<RequestBody>, Outcome> {
-        let method = http::Method::from_bytes(head.method.as_bytes())
-            .map_err(|_| Outcome::Failed(400, format!("invalid method {:?}", head.method)))?;
+        let method = http::Method::from_bytes(head.method.as_bytes()).map_err(|_| {
+            let method = shown(&head.method, SHOWN_METHOD);
+            Outcome::Failed(400, format!("invalid method {method:?}"))
+        })?;
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
             let why =
@@ -383,17 +382,9 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
     Some((len, ascii))
 }
 
-/// How long a path the log line shows: a client may send up to the relay's 64 KiB head, and one
-/// line per request must stay short.
-const LOGGED_PATH: usize = 256;
-
-/// `path` as the log line shows it, cut at [`LOGGED_PATH`] characters.
-fn logged(path: &str) -> std::borrow::Cow<'_, str> {
-    match path.char_indices().nth(LOGGED_PATH) {
-        Some((cut, _)) => format!("{}…", &path[..cut]).into(),
-        None => path.into(),
-    }
-}
+/// How many characters of a path a log line shows: a client may send up to the relay's 64 KiB
+/// head, and one line per request must stay short.
+const SHOWN_PATH: usize = 256;
 
 /// Answers `status` with a one-line text body saying why, framed and with CORS headers as the
 /// relay's own errors are.
@@ -439,16 +430,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A long path is logged cut, a short one whole.
-    #[test]
-    fn logged_paths() {
-        assert_eq!(logged("/a/é"), "/a/é");
-        let long = format!("/{}", "é".repeat(70_000));
-        let shown = logged(&long);
-        assert_eq!(shown.chars().count(), LOGGED_PATH + 1);
-        assert!(shown.ends_with('…'));
-    }
 
     /// `.` and `..` segments are found however they are written; dots elsewhere are fine.
     #[test]

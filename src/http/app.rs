@@ -24,7 +24,7 @@ use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
 use super::{connection, forward, framing, sse, websocket};
-use crate::access_log;
+use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::cors::ALLOWED_METHODS;
@@ -459,7 +459,10 @@ impl RelayApp {
         // is replaced by the default, as a missing one is, rather than left out.
         let content_type = payload
             .content_type
-            .filter(|ct| !ct.is_empty() && ::http::HeaderValue::from_str(ct).is_ok())
+            .filter(|ct| {
+                !ct.trim_matches([' ', '\t']).is_empty()
+                    && ::http::HeaderValue::from_str(ct).is_ok()
+            })
             .unwrap_or_else(|| self.tunnels.config().default_content_type.clone());
         Response::empty(200)
             .header("Content-Type", content_type)
@@ -748,7 +751,8 @@ impl RelayApp {
         metrics::request(served.name, status, served.started);
         if self.access_log {
             let Served { method, name, .. } = served;
-            let method = method.as_ref().map_or("-", Method::as_str);
+            let method =
+                access_log::shown(method.as_ref().map_or("-", Method::as_str), SHOWN_METHOD);
             let ms = served.started.elapsed().as_secs_f64() * 1000.0;
             let tunnel = served.tunnel.as_deref().unwrap_or("-");
             access_log::line(format_args!(

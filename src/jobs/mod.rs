@@ -256,15 +256,17 @@ const LEFT_THE_QUEUE: &str =
 /// What a worker's reply says: a failure report, a JSON result, text, or bytes.
 fn outcome(reply: &Payload) -> JobState {
     let content_type = reply.content_type.as_deref().unwrap_or("");
+    // HTTP's whitespace only, as the tunnels keep a type: a Unicode space is part of it.
     let media_type = content_type
         .split(';')
         .next()
         .unwrap_or("")
-        .trim()
+        .trim_matches([' ', '\t'])
         .to_ascii_lowercase();
     let text = || String::from_utf8_lossy(&reply.body).into_owned();
     if media_type == FAILURE_TYPE {
-        let problem = serde_json::from_slice::<Value>(&reply.body).ok();
+        // A detail that is not UTF-8 is still the detail, with U+FFFD in place of its bytes.
+        let problem = serde_json::from_str::<Value>(&String::from_utf8_lossy(&reply.body)).ok();
         let detail = problem.as_ref().and_then(|p| {
             p.get("detail")
                 .or_else(|| p.get("title"))
@@ -312,6 +314,14 @@ mod tests {
         assert_eq!(outcome(&problem), JobState::Failed("boom".into()));
         let bare = reply(Some(FAILURE_TYPE), "plain words");
         assert_eq!(outcome(&bare), JobState::Failed("plain words".into()));
+        let not_utf8 = Payload {
+            body: Bytes::from_static(b"{\"title\":\"t\",\"detail\":\"boom \xff\"}"),
+            content_type: Some(FAILURE_TYPE.into()),
+        };
+        assert_eq!(outcome(&not_utf8), JobState::Failed("boom \u{FFFD}".into()));
+        // A Unicode space makes another type, as the tunnels keep it.
+        let spaced = reply(Some("\u{a0}application/json"), r#"{"n":1}"#);
+        assert_eq!(outcome(&spaced), JobState::Done(json!(r#"{"n":1}"#)));
         // Bytes that are not UTF-8 come back whole, in base64, and say so.
         let binary = Payload {
             body: Bytes::from_static(b"\x89PNG\xff"),

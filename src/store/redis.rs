@@ -437,7 +437,7 @@ fn reply_payload(reply: Value) -> Result<Option<Payload>, StoreError> {
         .ok_or_else(|| StoreError::Internal("reply without a body".into()))?;
     Ok(Some(Payload {
         body,
-        content_type: parts.next().and_then(bytes_of).map(content_type),
+        content_type: parts.next().and_then(bytes_of).and_then(content_type),
     }))
 }
 
@@ -536,9 +536,10 @@ fn message_id(value: &Value) -> Option<MessageId> {
     value.as_str()?.parse().ok()
 }
 
-/// A stored Content-Type; it came from an HTTP header, so it is text.
-fn content_type(bytes: Bytes) -> String {
-    String::from_utf8_lossy(&bytes).into_owned()
+/// A stored Content-Type, if it is UTF-8 as Burrow stores them: one that the original relay stored
+/// in another encoding is none, so that the default type applies rather than a mangled one.
+fn content_type(bytes: Bytes) -> Option<String> {
+    String::from_utf8(bytes.into()).ok()
 }
 
 /// Reads a stream entry `[id, [field, value, ...]]`. Fields may come in any order; an entry
@@ -559,7 +560,7 @@ fn parse_entry(value: Value) -> Result<Message, StoreError> {
     while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
         match name.as_bytes() {
             Some(b"data") if body.is_none() => body = bytes_of(value),
-            Some(b"ct") if content.is_none() => content = bytes_of(value).map(content_type),
+            Some(b"ct") if content.is_none() => content = bytes_of(value).and_then(content_type),
             _ => {}
         }
     }

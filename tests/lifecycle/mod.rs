@@ -386,6 +386,11 @@ async fn access_log_switch() {
                 relay.log()
             );
         }
+        // A method of 5,000 characters is shown cut: one short line per request.
+        let long = reqwest::Method::from_bytes("X".repeat(5000).as_bytes()).expect("a token");
+        api.send(api.request(long, &format!("/t/{t}")))
+            .await
+            .expect(405);
         let last = tunnel_id("last");
         api.produce(&last, "x").await;
         relay.signal("TERM");
@@ -399,6 +404,12 @@ async fn access_log_switch() {
         assert_eq!(line_for(&log, &t).is_some(), logged, "{case}: {log}");
         assert_eq!(line_for(&log, &last).is_some(), logged, "{case}: {log}");
         assert_eq!(log.contains("burrow::access"), logged, "{case}: {log}");
+        let cut = format!("] {}… ", "X".repeat(32));
+        assert_eq!(log.contains(&cut), logged, "{case}: {log}");
+        assert!(
+            !log.contains(&"X".repeat(33)),
+            "{case}: a method logged whole"
+        );
         if logged {
             let line = line_for(&log, &t).unwrap_or_default();
             assert!(
