@@ -65,8 +65,14 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .thread_name("burrow-store")
         .enable_all()
         .build()?;
+    // Watched before the store is opened, which may wait for a redis server for seconds: a SIGINT
+    // then stops the relay too, also when its parent ignores SIGINT (which the handler undoes).
+    let interrupt = {
+        let _runtime = store_runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    };
+    store_runtime.spawn(exit_on_interrupt(interrupt));
     let store = store_runtime.block_on(Store::open(&config.store))?;
-    store_runtime.spawn(exit_on_interrupt());
     let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
     let app = RelayApp::new(&config, store, Duration::from_secs(grace));
     let announcer = background_service("presence", Announcer(app.presence()));
@@ -118,9 +124,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
 /// Stops the process at SIGINT, having written the access log. Pingora's own quick shutdown
 /// stops its runtimes under their tasks, and its accept loop then sometimes spins on the
 /// errors for ever (about one SIGINT in ten), logging each.
-async fn exit_on_interrupt() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut interrupt) = signal(SignalKind::interrupt()) else {
+async fn exit_on_interrupt(interrupt: std::io::Result<tokio::signal::unix::Signal>) {
+    let Ok(mut interrupt) = interrupt else {
         log::warn!("cannot watch for SIGINT: it is left to Pingora");
         return;
     };

@@ -65,16 +65,25 @@ impl Site {
 
     /// Starts `burrow serve args…` on `port` with `env` added; waits for `/health` unless upgrading.
     fn start(&self, port: u16, args: &[&str], env: &[(&str, &str)]) -> Burrow {
-        let listen = format!("127.0.0.1:{port}");
-        let log_path = self
-            .dir
-            .path()
-            .join(format!("relay-{port}-{}.log", args.len()));
+        let mut command = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")));
+        command.arg("serve").args(args);
+        let burrow = self.spawn(command, port, args.len(), env);
+        if !args.contains(&"--upgrade") {
+            let healthy = wait_until(Duration::from_secs(10), || {
+                status_of(port, "/health") == Some(200)
+            });
+            assert!(healthy, "burrow on port {port} did not become healthy");
+        }
+        burrow
+    }
+
+    /// Runs `command` (a relay on `port`, the `nth` there) with this site's configuration and
+    /// `env` added, its output in a log of its own.
+    fn spawn(&self, mut command: Command, port: u16, nth: usize, env: &[(&str, &str)]) -> Burrow {
+        let log_path = self.dir.path().join(format!("relay-{port}-{nth}.log"));
         let log = std::fs::File::create(&log_path).expect("the tempdir is writable");
-        let child = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
-            .arg("serve")
-            .args(args)
-            .env("BURROW_LISTEN", &listen)
+        let child = command
+            .env("BURROW_LISTEN", format!("127.0.0.1:{port}"))
             .env("BURROW_CONF", self.conf())
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
@@ -83,18 +92,11 @@ impl Site {
             .stderr(log)
             .spawn()
             .expect("the burrow binary starts");
-        let burrow = Burrow {
+        Burrow {
             child,
             port,
             log: log_path,
-        };
-        if !args.contains(&"--upgrade") {
-            let healthy = wait_until(Duration::from_secs(10), || {
-                status_of(port, "/health") == Some(200)
-            });
-            assert!(healthy, "burrow on port {port} did not become healthy");
         }
-        burrow
     }
 }
 
@@ -438,6 +440,33 @@ async fn sigint_stops_at_once() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert!(log.contains("POST produce 201"), "{log}");
     assert!(!log.contains("Accept() failed"), "{log}");
+}
+
+/// A SIGINT while the relay waits for its store at start-up stops it too, also when its parent
+/// ignores SIGINT (`burrow serve &` in a script): the handler is installed before that wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_starting_stops_it() {
+    let site = Site::new();
+    // The shell's `trap '' INT` leaves SIGINT ignored in the relay it becomes.
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "trap '' INT; exec \"$0\" serve"])
+        .arg(env!("CARGO_BIN_EXE_burrow"));
+    let nobody = free_port().to_string();
+    let env = [("BURROW_STORE", "redis"), ("REDIS_PORT", nobody.as_str())];
+    let mut relay = site.spawn(command, free_port(), 0, &env);
+    let waiting = wait_until(Duration::from_secs(10), || {
+        relay.log().contains("redis: cannot connect")
+    });
+    assert!(waiting, "{}", relay.log());
+    relay.signal("INT");
+    let status = relay.exit_within(EXIT_WITHIN).await;
+    let log = relay.log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
+    assert!(
+        !log.contains("not reachable at start-up"),
+        "stopped only after the wait: {log}"
+    );
 }
 
 /// Presence follows agents at once: an agent connecting is announced without waiting for the
