@@ -144,9 +144,8 @@ impl Upstream {
         })?;
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
-            let why =
-                "a path with `.` or `..` segments (or one still encoded after 8 decodings, or \
-                       growing past twice its length as it is read)";
+            let why = "a path with `.` or `..` segments (or one still encoded after 8 decodings, \
+                       or expanded past twice its length by NFKC)";
             return Err(Outcome::Failed(400, format!("{why} is refused")));
         }
         let target = format!("{}{}", self.prefix, head.path);
