@@ -219,41 +219,51 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// How many bytes, per byte of the path, the rounds that change it through NFKC may produce
-/// together (plus 1 KiB, so that no path of ordinary length is ever refused for it). Rounds on
-/// ASCII only decode, which shrinks a path and costs little; NFKC leaves real names about as
-/// long, but expands a character elevenfold (U+FDFA), and redone in each of [`MAX_DECODINGS`]
-/// rounds that would cost the agent's thread tens of milliseconds per request.
+/// How many bytes, per byte of the path, the passes of NFKC that change it may produce together
+/// (plus 1 KiB, so that no path of ordinary length is ever refused for it). A real name takes one
+/// pass at about its length; NFKC is the costly step (up to ~2.5 ms per 64 KiB of combining
+/// marks), expands a character elevenfold (U+FDFA), and a path could ask for a pass per decoding.
 const READING_BUDGET: usize = 2;
 
 /// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
 /// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
 /// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
-/// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). `None` when it still
-/// changes after [`MAX_DECODINGS`] rounds, or its rounds through NFKC outgrow
-/// [`READING_BUDGET`].
+/// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). Decoding goes first,
+/// to its end, then the rest, which may make new escapes to decode; dots and slashes, once there,
+/// stay whatever comes after, so the order finds what any other would. `None` when it is still
+/// encoded after [`MAX_DECODINGS`] decodings, or its passes of NFKC outgrow [`READING_BUDGET`].
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut budget = READING_BUDGET * path.len() + 1024;
     let mut read = path.as_bytes().to_vec();
-    for _ in 0..=MAX_DECODINGS {
-        let mut decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
-        decoded.retain(|b| !matches!(b, b'\t' | b'\n' | b'\r'));
-        let ascii = decoded.is_ascii();
-        let next = if ascii {
-            decoded
-        } else {
-            // The last round, which changes nothing, fits whatever is left.
-            nfkc(&without_overlong(&decoded), budget.max(read.len()))?
-        };
+    let mut decodings = 0;
+    let mut normalized = false;
+    loop {
+        let mut decoded_now = false;
+        loop {
+            let mut decoded = without_u_escapes(percent_encoding::percent_decode(&read).collect());
+            decoded.retain(|b| !matches!(b, b'\t' | b'\n' | b'\r'));
+            if decoded == read {
+                break;
+            }
+            decodings += 1;
+            if decodings > MAX_DECODINGS {
+                return None;
+            }
+            (read, decoded_now) = (decoded, true);
+        }
+        // ASCII is its own NFKC; and what a pass of NFKC gave, if decoding left it as it was, a
+        // second pass would too (overlong forms were read before it, and it never starts a
+        // sequence with a continuation byte, so the bytes it carried stay as they were).
+        if read.is_ascii() || (normalized && !decoded_now) {
+            return Some(read);
+        }
+        let next = nfkc(&without_overlong(&read), budget)?;
         if next == read {
             return Some(read);
         }
-        if !ascii {
-            budget = budget.checked_sub(next.len())?;
-        }
-        read = next;
+        budget = budget.checked_sub(next.len())?;
+        (read, normalized) = (next, true);
     }
-    None
 }
 
 /// `bytes` with IIS's `%uXXXX` escapes (a UTF-16 code unit in four hex digits) read as the
@@ -493,6 +503,10 @@ mod tests {
             "/%e2%80%25a5/x",
             "/..%ef%bc%258f..%ef%bc%258fx",
             "/%ef%bc%85%ef%bc%92e%ef%bc%85%ef%bc%92e/x",
+            // A `\` still encoded when a combining mark would compose with its `c`, had NFKC
+            // come before the last decoding.
+            "/\u{2026}%255c\u{301}x",
+            "/%2525252e%2525252e%255c\u{301}x",
             // IIS's `%u` escapes, also of `/` and of a fullwidth dot, and percent-encoded.
             "/%u002e%U002E/x",
             "/..%u002fx",
@@ -516,6 +530,8 @@ mod tests {
         // and encoded seven deep after 8 KB of ASCII.
         let deep_after_long = format!("/{}/%{}41", "a".repeat(8192), "25".repeat(6));
         assert!(!has_dot_segment(&deep_after_long));
+        let deep_after_accents = format!("/café/{}/%{}41", "é".repeat(16_000), "25".repeat(6));
+        assert!(!has_dot_segment(&deep_after_accents));
         assert!(!has_dot_segment(&format!(
             "/{}",
             "%E6%96%87%E6%9B%B8".repeat(500)
