@@ -145,7 +145,7 @@ impl Upstream {
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
             let why = "a path with `.` or `..` segments (or one still encoded after 8 decodings, \
-                       or expanded past twice its length by NFKC)";
+                       or expanded past three times its length by NFKD)";
             return Err(Outcome::Failed(400, format!("{why} is refused")));
         }
         let target = format!("{}{}", self.prefix, head.path);
@@ -219,19 +219,21 @@ fn has_dot_segment(path: &str) -> bool {
 /// `%2525252e`): no client has a reason to send more, and each round costs a pass over the path.
 const MAX_DECODINGS: usize = 8;
 
-/// How many bytes, per byte of the path, the passes of NFKC that change it may produce together
+/// How many bytes, per byte of the path, the passes of NFKD that change it may produce together
 /// (plus 1 KiB, so that no path of ordinary length is ever refused for it). A real name takes one
-/// pass at about its length; NFKC is the costly step (up to ~2.5 ms per 64 KiB of combining
-/// marks), expands a character elevenfold (U+FDFA), and a path could ask for a pass per decoding.
-const READING_BUDGET: usize = 2;
+/// pass, at most about three times its length (a Hangul syllable is three letters); NFKD is the
+/// costly step, expands a character elevenfold (U+FDFA), and a path could ask for a pass per
+/// decoding.
+const READING_BUDGET: usize = 3;
 
 /// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
 /// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
-/// (decoders older than the rule against it), and in NFKC (`‥` as `..`, `／` as `/`, `％２e` as
-/// `%2e`) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). Decoding goes first,
+/// (decoders older than the rule against it), and in NFKD (`‥` as `..`, `／` as `/`, `％２e` as
+/// `%2e`; decomposed and never composed, since composing can only hide an ASCII letter — the `f`
+/// of a `%2f` under a combining mark — from a reading that does not compose, never make one) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). Decoding goes first,
 /// to its end, then the rest, which may make new escapes to decode; dots and slashes, once there,
 /// stay whatever comes after, so the order finds what any other would. `None` when it is still
-/// encoded after [`MAX_DECODINGS`] decodings, or its passes of NFKC outgrow [`READING_BUDGET`].
+/// encoded after [`MAX_DECODINGS`] decodings, or its passes of NFKD outgrow [`READING_BUDGET`].
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut budget = READING_BUDGET * path.len() + 1024;
     let mut read = path.as_bytes().to_vec();
@@ -251,13 +253,13 @@ fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
             }
             (read, decoded_now) = (decoded, true);
         }
-        // ASCII is its own NFKC; and what a pass of NFKC gave, if decoding left it as it was, a
+        // ASCII is its own NFKD; and what a pass of NFKD gave, if decoding left it as it was, a
         // second pass would too (overlong forms were read before it, and it never starts a
         // sequence with a continuation byte, so the bytes it carried stay as they were).
         if read.is_ascii() || (normalized && !decoded_now) {
             return Some(read);
         }
-        let next = nfkc(&without_overlong(&read), budget)?;
+        let next = nfkd(&without_overlong(&read), budget)?;
         if next == read {
             return Some(read);
         }
@@ -304,17 +306,17 @@ fn u_escape(rest: &[u8]) -> Option<char> {
     char::from_u32(u32::from_str_radix(hex, 16).ok()?)
 }
 
-/// `bytes` in NFKC where they are UTF-8, or `None` if that is longer than `limit` (the
+/// `bytes` in NFKD where they are UTF-8, or `None` if that is longer than `limit` (the
 /// normalizer stops there). Bytes that are not UTF-8 stay as they are: decoding them again may
 /// complete a sequence (`c0` then `%ae`).
-fn nfkc(bytes: &[u8], limit: usize) -> Option<Vec<u8>> {
-    let normalizer = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc();
+fn nfkd(bytes: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let normalizer = icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
     let mut out = Bounded {
         bytes: Vec::with_capacity(bytes.len()),
         limit,
     };
     for chunk in bytes.utf8_chunks() {
-        // ASCII is its own NFKC: not worth a call per chunk when invalid bytes cut a path into
+        // ASCII is its own NFKD: not worth a call per chunk when invalid bytes cut a path into
         // thousands of them.
         match chunk.valid() {
             ascii if ascii.is_ascii() => out.push(ascii.as_bytes()).ok()?,
@@ -488,7 +490,7 @@ mod tests {
             "/%e0%80%ae%e0%80%ae/x",
             "/%f0%80%80%ae./x",
             "/%fc%80%80%80%80%ae./x",
-            // NFKC forms of space, `;`, `?`, `#`, and of `%`, decoded again; an overlong `%`.
+            // NFKD forms of space, `;`, `?`, `#`, and of `%`, decoded again; an overlong `%`.
             "/..%C2%A0/x",
             "/..%E3%80%80/x",
             "/..%EF%BC%9B/x",
@@ -498,15 +500,21 @@ mod tests {
             "/..\u{2048}/x",
             "/%EF%BC%852e%EF%BC%852e/x",
             "/%c0%a52e%c0%a52e/x",
-            // Sequences completed by a later decoding; full NFKC, then decoded again.
+            // Sequences completed by a later decoding; full NFKD, then decoded again.
             "/.%c0%25ae/x",
             "/%e2%80%25a5/x",
             "/..%ef%bc%258f..%ef%bc%258fx",
             "/%ef%bc%85%ef%bc%92e%ef%bc%85%ef%bc%92e/x",
-            // A `\` still encoded when a combining mark would compose with its `c`, had NFKC
-            // come before the last decoding.
+            // A `\` or `/` still encoded when a combining mark follows it: composing its `c` or
+            // `f` with the mark would hide it from the check, not from an upstream that decodes
+            // without composing (the mark decoded first, or later, or with `％` forms).
             "/\u{2026}%255c\u{301}x",
             "/%2525252e%2525252e%255c\u{301}x",
+            "/..%EF%BC%85%EF%BC%92%EF%BD%86%25CC%2587x",
+            "/..%EF%BC%85%EF%BC%95%EF%BD%83%25CC%2581x",
+            "/..%c0%a52f%CC%87x",
+            "/..%EF%BC%85%EF%BC%92%EF%BD%86%CC%87x",
+            "/..\u{FF05}\u{FF12}\u{FF46}%CC%87x",
             // IIS's `%u` escapes, also of `/` and of a fullwidth dot, and percent-encoded.
             "/%u002e%U002E/x",
             "/..%u002fx",
@@ -521,13 +529,17 @@ mod tests {
         assert!(has_dot_segment(&deep));
         let shallow = format!("/%{}41", "25".repeat(MAX_DECODINGS - 1));
         assert!(!has_dot_segment(&shallow));
-        // Grown past its budget by NFKC (U+FDFA is eleven times longer): given up on, rather
+        // Grown past its budget by NFKD (U+FDFA is eleven times longer): given up on, rather
         // than read again in every round.
         let swollen = format!("/{}/x", "\u{FDFA}".repeat(1000));
         assert!(has_dot_segment(&swollen));
         assert!(!has_dot_segment("/\u{FDFA}/\u{3300}\u{3301}/x"));
-        // Long real names pass: percent-encoded (9 KB), and raw with a character NFKC expands,
-        // and encoded seven deep after 8 KB of ASCII.
+        // Long real names pass: percent-encoded (9 KB), raw with a character NFKD expands, raw
+        // Hangul (three letters a syllable, 30 KB), and encoded seven deep after 8 KB of ASCII.
+        assert!(!has_dot_segment(&format!(
+            "/{}",
+            "\u{D55C}\u{AE00}".repeat(5000)
+        )));
         let deep_after_long = format!("/{}/%{}41", "a".repeat(8192), "25".repeat(6));
         assert!(!has_dot_segment(&deep_after_long));
         let deep_after_accents = format!("/café/{}/%{}41", "é".repeat(16_000), "25".repeat(6));
