@@ -226,14 +226,15 @@ const MAX_DECODINGS: usize = 8;
 /// decoding.
 const READING_BUDGET: usize = 3;
 
-/// `path` as upstreams may read it: percent-decoded (also IIS's `%u002e`), without ASCII tabs and
-/// newlines (WHATWG URL parsers drop them anywhere), overlong UTF-8 read as the ASCII it encodes
-/// (decoders older than the rule against it), and in NFKD (`‥` as `..`, `／` as `/`, `％２e` as
-/// `%2e`; decomposed and never composed, since composing can only hide an ASCII letter — the `f`
-/// of a `%2f` under a combining mark — from a reading that does not compose, never make one) — over again, until nothing changes (`%252e`, `％2e`, `%c0%25ae`). Decoding goes first,
-/// to its end, then the rest, which may make new escapes to decode; dots and slashes, once there,
-/// stay whatever comes after, so the order finds what any other would. `None` when it is still
-/// encoded after [`MAX_DECODINGS`] decodings, or its passes of NFKD outgrow [`READING_BUDGET`].
+/// `path` as upstreams may read it, over again until nothing changes: percent-decoded (also IIS's
+/// `%u002e`) without ASCII tabs and newlines (WHATWG URL parsers drop them anywhere), to the end;
+/// then with overlong UTF-8 read as the ASCII it encodes (decoders older than the rule against
+/// it) and in NFKD (`‥` as `..`, `／` as `/`, `％２e` as `%2e`), which may make new escapes to
+/// decode (`%252e`, `％2e`, `%c0%25ae`). NFKD decomposes and never composes: composing can only
+/// hide an ASCII letter (the `f` of a `%2f` before a combining mark) from an upstream that does not
+/// compose, never make one. Dots and slashes, once there, stay whatever comes after, so this order
+/// finds what any other would. `None` when it is still encoded after [`MAX_DECODINGS`] decodings,
+/// or its passes of NFKD outgrow [`READING_BUDGET`].
 fn as_upstreams_may_read(path: &str) -> Option<Vec<u8>> {
     let mut budget = READING_BUDGET * path.len() + 1024;
     let mut read = path.as_bytes().to_vec();

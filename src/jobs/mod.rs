@@ -332,7 +332,12 @@ mod tests {
         let job = Job::new(&"q.1-0".parse().unwrap(), fields, outcome(&binary));
         assert_eq!(
             job.to_json(),
-            json!({"id": "q.1-0", "status": "Done", "result": "iVBOR/8=", "result_encoding": "base64"})
+            json!({
+                "id": "q.1-0",
+                "status": "Done",
+                "result": "iVBOR/8=",
+                "result_encoding": "base64"
+            })
         );
     }
 
