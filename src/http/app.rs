@@ -33,6 +33,7 @@ use crate::events::Subscription;
 use crate::jobs::{JobId, Jobs};
 use crate::metrics;
 use crate::presence::Presence;
+use crate::routing::head::trim_ows;
 use crate::routing::{self, Agents, RouteError};
 use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
@@ -459,10 +460,7 @@ impl RelayApp {
         // is replaced by the default, as a missing one is, rather than left out.
         let content_type = payload
             .content_type
-            .filter(|ct| {
-                !ct.trim_matches([' ', '\t']).is_empty()
-                    && ::http::HeaderValue::from_str(ct).is_ok()
-            })
+            .filter(|ct| !trim_ows(ct).is_empty() && ::http::HeaderValue::from_str(ct).is_ok())
             .unwrap_or_else(|| self.tunnels.config().default_content_type.clone());
         Response::empty(200)
             .header("Content-Type", content_type)
@@ -506,9 +504,9 @@ pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<
 fn payload(session: &ServerSession, body: Bytes) -> Result<Payload, Error> {
     let content_type = match session.get_header("Content-Type") {
         // HTTP's whitespace only: a Unicode space is part of the type, kept as it came.
-        Some(value) => std::str::from_utf8(value.as_bytes())
-            .map_err(|_| Error::ContentTypeNotText)?
-            .trim_matches([' ', '\t']),
+        Some(value) => {
+            trim_ows(std::str::from_utf8(value.as_bytes()).map_err(|_| Error::ContentTypeNotText)?)
+        }
         None => "",
     };
     let content_type = (!content_type.is_empty()).then(|| content_type.to_owned());

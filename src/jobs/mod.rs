@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 pub use id::JobId;
 
 use crate::error::Error;
+use crate::routing::head::trim_ows;
 use crate::store::{MessageStatus, Payload, Store};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
@@ -257,12 +258,7 @@ const LEFT_THE_QUEUE: &str =
 fn outcome(reply: &Payload) -> JobState {
     let content_type = reply.content_type.as_deref().unwrap_or("");
     // HTTP's whitespace only, as the tunnels keep a type: a Unicode space is part of it.
-    let media_type = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim_matches([' ', '\t'])
-        .to_ascii_lowercase();
+    let media_type = trim_ows(content_type.split(';').next().unwrap_or("")).to_ascii_lowercase();
     let text = || String::from_utf8_lossy(&reply.body).into_owned();
     if media_type == FAILURE_TYPE {
         // A detail that is not UTF-8 is still the detail, with U+FFFD in place of its bytes.

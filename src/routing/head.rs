@@ -139,7 +139,7 @@ fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, HeadError> {
 /// `value` without the spaces and tabs HTTP allows around it (RFC 9110 §5.6.3), and nothing
 /// else: `str::trim` would also take Unicode spaces, and read `5` in `5\u{a0}`, which Pingora,
 /// framing a body from it, does not.
-fn trim_ows(value: &str) -> &str {
+pub(crate) fn trim_ows(value: &str) -> &str {
     value.trim_matches([' ', '\t'])
 }
 

@@ -334,6 +334,19 @@ async fn every_status() {
     let response = client.get(&format!("/r/{name}/a/..;/b")).await;
     let response = response.expect_one_line_error(400);
     assert!(response.text().contains("segments"), "{response:?}");
+    // The agent's line for a request shows a long method and path cut, not whole.
+    let method = Method::from_bytes("M".repeat(50).as_bytes()).expect("a token");
+    let path = "a".repeat(5000);
+    client
+        .send(client.request(method, &format!("/r/{name}/{path}")))
+        .await;
+    let cut = format!("{}… /{}… status=", "M".repeat(32), "a".repeat(255));
+    assert!(
+        setup.agent.logged(&cut, WAIT).await,
+        "{}",
+        setup.agent.log()
+    );
+    assert!(!setup.agent.log().contains(&"a".repeat(256)));
 
     // The agent dies while its upstream works on the request (it was taken: no replay).
     let slept_before = *setup.upstream.sleeping.borrow();
