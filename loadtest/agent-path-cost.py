@@ -38,7 +38,7 @@ CASES = {
     "(e, U+0344) x 21799": "e\u0344".encode() * 21799,
     "(e, U+0344) x 21795, deep": "e\u0344".encode() * 21795 + b"%25252541",
     "(e, U+0344) x 21790, %EF%BC%85": "e\u0344".encode() * 21790 + b"%EF%BC%8541",
-    "probe V's worst": ("a\u0344" * 21300 + "\u0345%252525%u0344%e0\uff05\uff12\uff15\uff25\uff26"
+    "marks + ％ escapes (searched)": ("a\u0344" * 21300 + "\u0345%252525%u0344%e0\uff05\uff12\uff15\uff25\uff26"
                         "\uff05\uff12\uff15\uff22\uff23\uff05\uff12\uff15\uff18\uff15%EF%BC%85"
                         "\u034541\uff45%u").encode(),
     "deep, then %e0 x 19993": b"%2525252525252541" + b"%e0" * 19993,
