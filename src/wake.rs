@@ -5,10 +5,13 @@
 //! directly, the redis store from its one pub/sub subscriber, so a produce on any instance wakes a
 //! poll on this one. A woken waiter re-reads the store, which alone decides who gets a message.
 //! Once a second the store checks every waited key at once (`Store::open` starts that re-check),
-//! so a lost notification delays a waiter by about a second, never forever.
+//! so a lost notification delays a waiter by about a second, never forever. That check asks
+//! about what the waiters could take (see [`Waited`]), so waiters on a tunnel whose messages are
+//! all out with consumers are not woken for nothing every second.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -40,6 +43,27 @@ impl WakeKey {
     }
 }
 
+/// A waited key as the periodic re-check asks the store about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waited {
+    /// What is waited for.
+    pub key: WakeKey,
+    /// For a tunnel: the shortest visibility timeout among its waiters in pending mode, after
+    /// which a message left unacknowledged is theirs to take again. `None`: only a message never
+    /// handed out is of use to the waiters.
+    pub redeliver_after: Option<Duration>,
+}
+
+impl Waited {
+    /// `key`, for waiters that take only what was never handed out (or a reply).
+    pub fn new(key: WakeKey) -> Waited {
+        Waited {
+            key,
+            redeliver_after: None,
+        }
+    }
+}
+
 /// The waiters of this process, by key. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Wakeups {
@@ -49,23 +73,35 @@ pub struct Wakeups {
 struct Slot {
     notify: Arc<Notify>,
     waiters: usize,
+    /// How many of the waiters take a message back after each visibility timeout.
+    redeliveries: BTreeMap<Duration, usize>,
 }
 
 impl Wakeups {
-    /// Registers interest in `key`; wake-ups sent from now on reach the returned [`Waiter`].
-    pub fn register(&self, key: WakeKey) -> Waiter {
+    /// Registers interest in `waited.key`; wake-ups sent from now on reach the returned
+    /// [`Waiter`].
+    pub fn register(&self, waited: Waited) -> Waiter {
+        let Waited {
+            key,
+            redeliver_after,
+        } = waited;
         let notify = {
             let mut waiting = self.lock();
             let slot = waiting.entry(key.clone()).or_insert_with(|| Slot {
                 notify: Arc::new(Notify::new()),
                 waiters: 0,
+                redeliveries: BTreeMap::new(),
             });
             slot.waiters += 1;
+            if let Some(after) = redeliver_after {
+                *slot.redeliveries.entry(after).or_default() += 1;
+            }
             slot.notify.clone()
         };
         Waiter {
             wakeups: self.clone(),
             key,
+            redeliver_after,
             notify,
         }
     }
@@ -90,8 +126,13 @@ impl Wakeups {
     }
 
     /// The keys waited on right now.
-    pub fn keys(&self) -> Vec<WakeKey> {
-        self.lock().keys().cloned().collect()
+    pub fn waited(&self) -> Vec<Waited> {
+        let waiting = self.lock();
+        let waited = waiting.iter().map(|(key, slot)| Waited {
+            key: key.clone(),
+            redeliver_after: slot.redeliveries.keys().next().copied(),
+        });
+        waited.collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WakeKey, Slot>> {
@@ -104,6 +145,7 @@ impl Wakeups {
 pub struct Waiter {
     wakeups: Wakeups,
     key: WakeKey,
+    redeliver_after: Option<Duration>,
     notify: Arc<Notify>,
 }
 
@@ -120,6 +162,14 @@ impl Drop for Waiter {
         let mut waiting = self.wakeups.lock();
         if let Some(slot) = waiting.get_mut(&self.key) {
             slot.waiters -= 1;
+            if let Some(after) = self.redeliver_after {
+                if let Some(count) = slot.redeliveries.get_mut(&after) {
+                    *count -= 1;
+                    if *count == 0 {
+                        slot.redeliveries.remove(&after);
+                    }
+                }
+            }
             if slot.waiters == 0 {
                 waiting.remove(&self.key);
             }
@@ -148,7 +198,7 @@ mod tests {
     async fn wake_reaches_waiter() {
         let wakeups = Wakeups::default();
         let key = WakeKey::Message("t".into());
-        let waiter = wakeups.register(key.clone());
+        let waiter = wakeups.register(Waited::new(key.clone()));
         {
             let notified = waiter.notified();
             tokio::pin!(notified);
@@ -159,5 +209,33 @@ mod tests {
         assert_eq!(wakeups.lock()[&key].waiters, 1);
         drop(waiter);
         assert!(wakeups.lock().is_empty());
+    }
+
+    /// The re-check is asked about the shortest visibility timeout of a tunnel's waiting pending
+    /// consumers, as long as one of them waits.
+    #[test]
+    fn waited_keys_carry_the_shortest_redelivery() {
+        let wakeups = Wakeups::default();
+        let key = WakeKey::Message("t".into());
+        let pending = |secs| Waited {
+            key: key.clone(),
+            redeliver_after: Some(Duration::from_secs(secs)),
+        };
+        let redelivery = || wakeups.waited().first().and_then(|w| w.redeliver_after);
+        let plain = wakeups.register(Waited::new(key.clone()));
+        assert_eq!(redelivery(), None);
+        let long = wakeups.register(pending(60));
+        let short = wakeups.register(pending(5));
+        let short_too = wakeups.register(pending(5));
+        assert_eq!(redelivery(), Some(Duration::from_secs(5)));
+        drop(short);
+        assert_eq!(redelivery(), Some(Duration::from_secs(5)));
+        drop(short_too);
+        assert_eq!(redelivery(), Some(Duration::from_secs(60)));
+        drop(long);
+        assert_eq!(redelivery(), None);
+        assert_eq!(wakeups.waited(), vec![Waited::new(key.clone())]);
+        drop(plain);
+        assert!(wakeups.waited().is_empty());
     }
 }

@@ -13,7 +13,7 @@ use super::{
     Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
 };
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::WakeKey;
+use crate::wake::{Waited, WakeKey};
 
 /// How often expired replies and job records are swept away.
 const PURGE_EVERY: Duration = Duration::from_secs(10);
@@ -69,6 +69,16 @@ impl Tunnel {
             self.pending.insert(id, (Some(payload.clone()), now));
         }
         Some(Message { id, payload })
+    }
+
+    /// Whether a consumer could take a message now: one never handed out, or (`redeliver_after`)
+    /// one unacknowledged that long whose body was not trimmed away.
+    fn has_message_for(&self, redeliver_after: Option<Duration>, now: Instant) -> bool {
+        let due = |after: Duration| {
+            let mut pending = self.pending.values();
+            pending.any(|(body, at)| body.is_some() && now.duration_since(*at) >= after)
+        };
+        !self.queued.is_empty() || redeliver_after.is_some_and(due)
     }
 
     /// Nothing queued and nothing pending, not even a trimmed message awaiting its answer.
@@ -361,11 +371,15 @@ impl Backend for MemoryStore {
         Ok(())
     }
 
-    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {
+    async fn ready(&self, keys: &[Waited]) -> Result<Vec<bool>, StoreError> {
         let state = self.lock();
-        let ready = |key: &WakeKey| -> Option<bool> {
-            Some(match key {
-                WakeKey::Message(tunnel) => state.tunnels.get(&TunnelId::parse(tunnel)?)?.len() > 0,
+        let now = Instant::now();
+        let ready = |waited: &Waited| -> Option<bool> {
+            Some(match &waited.key {
+                WakeKey::Message(tunnel) => state
+                    .tunnels
+                    .get(&TunnelId::parse(tunnel)?)?
+                    .has_message_for(waited.redeliver_after, now),
                 WakeKey::Reply(tunnel, msg) => {
                     let key = (TunnelId::parse(tunnel)?, msg.parse().ok()?);
                     state.replies.contains_key(&key)

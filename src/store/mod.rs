@@ -19,7 +19,7 @@ use bytes::Bytes;
 use crate::config::StoreConfig;
 use crate::events::Events;
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::{WakeKey, Wakeups};
+use crate::wake::{Waited, Wakeups};
 
 /// How often every waited key is re-checked against the store, so that a lost notification (or a
 /// producer that publishes none, like the Lua relay during a migration) delays a waiter by at most
@@ -206,9 +206,10 @@ pub trait Backend: Send + Sync {
         true
     }
 
-    /// For each key, whether its waiters may find something now: a message in the tunnel, or the
-    /// reply. A false positive costs a waiter one store read; the answer must not miss anything.
-    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError>;
+    /// For each key, whether its waiters may find something now: a message in the tunnel never
+    /// handed out, one unacknowledged for its `redeliver_after`, or the reply. A false positive
+    /// costs a waiter one store read; the answer must not miss anything.
+    async fn ready(&self, keys: &[Waited]) -> Result<Vec<bool>, StoreError>;
 }
 
 /// What a store reports to: the waiting long-polls and the event subscribers of this process.
@@ -264,14 +265,14 @@ async fn recheck(backend: std::sync::Weak<dyn Backend>, wakeups: Wakeups) {
         let Some(backend) = backend.upgrade() else {
             return;
         };
-        let keys = wakeups.keys();
+        let keys = wakeups.waited();
         if keys.is_empty() {
             continue;
         }
         match backend.ready(&keys).await {
             Ok(ready) => {
                 let found = keys.iter().zip(ready).filter(|(_, ready)| *ready);
-                found.for_each(|(key, _)| wakeups.wake_all(key));
+                found.for_each(|(waited, _)| wakeups.wake_all(&waited.key));
             }
             // The waiters' own reads report the outage; this one only waits for the next tick.
             Err(e) => log::debug!("re-check of {} waited keys failed: {e}", keys.len()),

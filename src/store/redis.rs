@@ -43,7 +43,7 @@ use clients::Clients;
 mod batch;
 mod clients;
 use crate::tunnel::{MessageId, TunnelId};
-use crate::wake::WakeKey;
+use crate::wake::{Waited, WakeKey};
 
 /// The pub/sub channel carrying [`WakeKey`]s between relay instances.
 pub const WAKE_CHANNEL: &str = "burrow:wake";
@@ -396,7 +396,8 @@ struct TunnelKeys {
 }
 
 impl TunnelKeys {
-    fn new(tunnel: &TunnelId) -> TunnelKeys {
+    /// The keys of `tunnel` (a [`TunnelId`], or one as a wake-up names it).
+    fn new(tunnel: &impl std::fmt::Display) -> TunnelKeys {
         TunnelKeys {
             stream: format!("t:{tunnel}:s"),
             group: format!("t:{tunnel}:g"),
@@ -827,19 +828,28 @@ impl Backend for RedisStore {
         *self.hears_events.borrow()
     }
 
-    async fn ready(&self, keys: &[WakeKey]) -> Result<Vec<bool>, StoreError> {
+    async fn ready(&self, keys: &[Waited]) -> Result<Vec<bool>, StoreError> {
         let mut ready = Vec::with_capacity(keys.len());
         for batch in keys.chunks(READY_BATCH) {
-            let (names, kinds): (Vec<String>, Vec<Value>) = batch
-                .iter()
-                .map(|key| match key {
-                    WakeKey::Message(tunnel) => (format!("t:{tunnel}:s"), Value::from("m")),
-                    WakeKey::Reply(tunnel, msg) => {
-                        (format!("t:{tunnel}:r-{msg}"), Value::from("r"))
+            let mut names = Vec::with_capacity(batch.len());
+            let mut args = Vec::with_capacity(3 * batch.len());
+            for waited in batch {
+                let (name, arg) = match &waited.key {
+                    WakeKey::Message(tunnel) => {
+                        let keys = TunnelKeys::new(tunnel);
+                        let idle = waited.redeliver_after.map(|after| after.as_millis());
+                        let idle = idle.map_or_else(String::new, |ms| ms.to_string());
+                        (keys.stream, ["m".to_owned(), keys.group, idle])
                     }
-                })
-                .unzip();
-            let flags = READY.run(&self.call(), names, kinds).await?;
+                    WakeKey::Reply(tunnel, msg) => (
+                        format!("t:{tunnel}:r-{msg}"),
+                        ["r".to_owned(), String::new(), String::new()],
+                    ),
+                };
+                names.push(name);
+                args.extend(arg.map(Value::from));
+            }
+            let flags = READY.run(&self.call(), names, args).await?;
             let Value::Array(flags) = &flags else {
                 return Err(unexpected("ready", &flags));
             };

@@ -16,7 +16,7 @@ use crate::config::TunnelConfig;
 use crate::error::Error;
 use crate::metrics::{self, MessageEvent, StoreOp, WaitingPoll};
 use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
-use crate::wake::WakeKey;
+use crate::wake::{Waited, WakeKey};
 
 /// A produce's `limit` parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +127,17 @@ impl Tunnels {
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Option<Message>, Error> {
-        let key = WakeKey::Message(tunnel.to_string());
+        let key = Waited {
+            key: WakeKey::Message(tunnel.to_string()),
+            // Only these waiters take back what others left unacknowledged: the others need not
+            // be woken for a message that is out with a consumer.
+            redeliver_after: match delivery {
+                Delivery::Pending { redeliver_after } if !redeliver_after.is_zero() => {
+                    Some(redeliver_after)
+                }
+                _ => None,
+            },
+        };
         let waited = AtomicBool::new(false);
         let attempt = || {
             let delivery = match waited.swap(true, Ordering::Relaxed) {
@@ -174,7 +184,7 @@ impl Tunnels {
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Option<Payload>, Error> {
-        let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
+        let key = Waited::new(WakeKey::Reply(tunnel.to_string(), msg.to_string()));
         let attempt = || metrics::store_op(StoreOp::TakeReply, self.store.take_reply(tunnel, msg));
         self.wait_for(key, wait, shutdown, attempt).await
     }
@@ -187,7 +197,7 @@ impl Tunnels {
         wait: Duration,
         shutdown: &mut Shutdown,
     ) -> Result<bool, Error> {
-        let key = WakeKey::Reply(tunnel.to_string(), msg.to_string());
+        let key = Waited::new(WakeKey::Reply(tunnel.to_string(), msg.to_string()));
         let keys = [key.clone()];
         let attempt = || async {
             let ready = self.store.ready(&keys).await?;
@@ -219,7 +229,7 @@ impl Tunnels {
     /// down. Waiting holds no store connection and no timer beyond the deadline.
     async fn wait_for<T, F, Fut>(
         &self,
-        key: WakeKey,
+        key: Waited,
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
         attempt: F,

@@ -86,6 +86,7 @@ per_store! {
         default_limit_is_maxlen,
         unlimited_produce_trims_to_maxlen,
         trimmed_pending_message_is_skipped,
+        waiters_sleep_while_messages_are_out,
         backpressure_off_setting,
         default_content_type_setting,
         oversize_is_413,

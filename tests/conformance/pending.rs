@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::consume::assert_waited;
 use crate::support::client::id_order;
 use crate::support::raw::{Answer, Connection};
-use crate::support::{let_polls_start, spawn_get, tunnel_id, Backend, Client};
+use crate::support::{let_polls_start, metric, spawn_get, tunnel_id, Backend, Client};
 
 /// `?pending`, `?pending=` and `?pending=0` hand out the same message until it is acknowledged.
 pub(super) async fn pending_consume_redelivers_until_ack(api: &Client) {
@@ -111,6 +111,46 @@ pub(super) async fn visibility_timeout_redelivers_late(api: &Client) {
         (again.message_id(), again.text()),
         (ids[0].clone(), "m0".to_owned())
     );
+}
+
+/// While a tunnel's only message is out with a consumer, the polls waiting on it are left alone by
+/// the relay's once-a-second re-check (each reads when it starts and when its time is up, not once
+/// a second), except a
+/// pending poll whose visibility timeout has run out on it: that one is woken and takes it back.
+pub(super) async fn waiters_sleep_while_messages_are_out(backend: Backend) {
+    let relay = backend.start(&[]);
+    let api = relay.client();
+    let metrics = api.metrics().expect("the harness's relays show metrics");
+    let consumes = || {
+        metric(
+            &metrics,
+            "burrow_store_duration_seconds_count{op=\"consume\"}",
+        )
+    };
+    let t = tunnel_id("outwithconsumer");
+    let id = api
+        .post(&format!("/t/{t}"), "m")
+        .await
+        .expect(201)
+        .message_id();
+    api.consume(&t, "?pending=300").await.expect(200);
+
+    // Waits through at least one re-check after the message is due for it, well inside its own
+    // timeout: only the re-check can hand it the message.
+    let taken_back = spawn_get(&api, format!("/t/{t}/poll?pending=2&timeout=20"));
+    let (answer, waited) = taken_back.await.expect("the poll ran");
+    assert_eq!(answer.expect(200).message_id(), id);
+    assert!(
+        waited < Duration::from_secs(15),
+        "woken only by its timeout: {waited:?}"
+    );
+
+    let before = consumes().await;
+    let plain = spawn_get(&api, format!("/t/{t}/poll?timeout=3"));
+    let pending = spawn_get(&api, format!("/t/{t}/poll?pending=300&timeout=3"));
+    plain.await.expect("the poll ran").0.expect_empty();
+    pending.await.expect("the poll ran").0.expect_empty();
+    assert_eq!(consumes().await - before, 4.0, "two reads per poll");
 }
 
 /// A pending message trimmed away (TUNNEL_MAXLEN, no backpressure) is not handed out again: once

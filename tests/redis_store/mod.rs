@@ -181,28 +181,50 @@ async fn clear_keeps_the_last_id() {
 }
 
 /// A poll waiting on Burrow finds a message the Lua relay wrote (which publishes no wake-up) through
-/// the periodic re-check, within about a second.
+/// the periodic re-check, within about a second: on a new tunnel, and on one whose consumers' group
+/// exists and holds a message out with a consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_finds_messages_the_original_wrote() {
     let (api, redis) = shared();
     let t = tunnel_id("lua-poll");
-    let poll = spawn_get(&api, format!("/t/{t}/poll?timeout=10"));
-    let_polls_start(&api, 1).await;
+    found_when_written(&api, redis, &t, "silent").await;
+    api.produce(&t, "taken").await;
+    api.consume(&t, "?pending=300").await.expect(200);
+    found_when_written(&api, redis, &t, "silent again").await;
+}
+
+/// Writes `body` to `tunnel` as the Lua relay does while a poll waits there, and checks that the
+/// poll gets it within about a second.
+async fn found_when_written(api: &Client, redis: &RedisServer, tunnel: &str, body: &str) {
+    let poll = spawn_get(api, format!("/t/{tunnel}/poll?timeout=10"));
+    let_polls_start(api, 1).await;
     let id = redis
-        .command(&["XADD", &format!("t:{t}:s"), "*", "data", "silent"])
+        .command(&["XADD", &format!("t:{tunnel}:s"), "*", "data", body])
         .text();
     let written = Instant::now();
     let (response, _) = poll.await.expect("the poll task does not panic");
     let response = response.expect(200);
-    assert_eq!(
-        (response.message_id(), response.text()),
-        (id, "silent".into())
-    );
+    assert_eq!((response.message_id(), response.text()), (id, body.into()));
     let late = written.elapsed();
     assert!(
         late < Duration::from_millis(2500),
         "found {late:?} after the write"
     );
+}
+
+/// A poll whose tunnel's key is made unreadable behind the relay's back (a string, not a stream) is
+/// woken by the re-check and told why, rather than left to its timeout; a key that cannot be read
+/// does not fail the re-check of the keys beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_on_a_key_made_unreadable_is_told_why() {
+    let (api, redis) = shared();
+    let t = tunnel_id("lua-broken");
+    let poll = spawn_get(&api, format!("/t/{t}/poll?timeout=20"));
+    let_polls_start(&api, 1).await;
+    redis.command(&["SET", &format!("t:{t}:s"), "not a stream"]);
+    let (response, waited) = poll.await.expect("the poll task does not panic");
+    response.expect_error(500, "Internal store error");
+    assert!(waited < Duration::from_secs(15), "left to its timeout");
 }
 
 /// Burrow writes the original layout: stream fields, group, consumer, and reply keys with a TTL.
