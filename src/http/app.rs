@@ -144,7 +144,9 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         // Only a signature needs the body: without one, a request is refused before its body is
         // read (no `100 Continue`, nothing uploaded for nothing), as the original did.
-        let signed = self.auth.checks_signatures() && credentials(session).signature.is_some();
+        let signed = self.auth.checks_signatures()
+            && matches!(route.access(), Access::Name(_))
+            && credentials(session).signature.is_some();
         let allows = |session: &ServerSession, body: &[u8]| match route.access() {
             Access::Open => true,
             Access::Name(name) => self.auth.allows(name.as_str(), credentials(session), body),
@@ -153,7 +155,7 @@ impl RelayApp {
         if !signed && !allows(session, b"") {
             return Err(Error::AccessDenied);
         }
-        let body = if route.takes_body() {
+        let body = if route.reads_body(signed) {
             self.read_body(session).await?
         } else {
             Bytes::new()
@@ -485,11 +487,13 @@ pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
 }
 
 /// Answers `Expect: 100-continue` before a body is read: curl waits a second for it before
-/// sending bodies over 1 KiB.
+/// sending bodies over 1 KiB. An HTTP/1.0 client's is ignored, as RFC 9110 (10.1.1) says and nginx
+/// did: it would read the `100` as the answer.
 pub(super) async fn continue_if_expected(session: &mut ServerSession) -> Result<(), Error> {
-    let expected = session
-        .get_header("Expect")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expected = session.req_header().version != http::Version::HTTP_10
+        && session
+            .get_header("Expect")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expected {
         session
             .write_continue_response()

@@ -358,15 +358,22 @@ impl Route {
         }
     }
 
-    /// Whether the route reads a request body.
-    pub fn takes_body(&self) -> bool {
-        matches!(
-            self,
+    /// Whether the request's body is read before it is answered: on the routes that take one,
+    /// and on the relay's other HTTP routes when the request is `signed`, a signature being the
+    /// HMAC of the body (the original checked every signed request against its body). A WebSocket
+    /// handshake and a request for an agent (whose body is streamed on) are not read here.
+    pub fn reads_body(&self, signed: bool) -> bool {
+        match self {
             Route::Produce { .. }
-                | Route::Reply { .. }
-                | Route::Trigger { .. }
-                | Route::Publish { .. }
-        )
+            | Route::Reply { .. }
+            | Route::Trigger { .. }
+            | Route::Publish { .. } => true,
+            Route::JobSocket { .. }
+            | Route::EventSocket { .. }
+            | Route::AgentConnect { .. }
+            | Route::Forward { .. } => false,
+            _ => signed,
+        }
     }
 
     /// A short name for logs.

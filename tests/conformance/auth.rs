@@ -120,11 +120,12 @@ pub(super) async fn signature_guards_produce(backend: Backend) {
     let api = relay.client();
     let t = tunnel_id("signed");
     let path = format!("/t/{t}");
-    let signed = |signature: String, body: &'static str| {
-        api.request(Method::POST, &path)
+    let request = |method: Method, signature: String, body: &'static str| {
+        api.request(method, &path)
             .header("X-Hub-Signature-256", signature)
             .body(body)
     };
+    let signed = |signature, body| request(Method::POST, signature, body);
     api.send(signed(sign("sec", b"hook"), "hook"))
         .await
         .expect(201);
@@ -141,6 +142,18 @@ pub(super) async fn signature_guards_produce(backend: Backend) {
         .await
         .expect_error(403, ACCESS_DENIED);
     api.get(&path).await.expect_error(403, ACCESS_DENIED);
+
+    // Any tunnel route opens to a signed body, as in the original, which checked every signed
+    // request against its body: here a consume.
+    let consume = |signature, body| request(Method::GET, signature, body);
+    api.send(consume(sign("sec", b""), ""))
+        .await
+        .expect_error(403, ACCESS_DENIED);
+    api.send(consume(sign("sec", b"hook"), "other"))
+        .await
+        .expect_error(403, ACCESS_DENIED);
+    let taken = api.send(consume(sign("sec", b"take"), "take")).await;
+    assert_eq!(taken.expect(200).text(), "hook");
 }
 
 /// `sha256=<hex HMAC-SHA256(secret, body)>`, as GitHub signs webhooks.

@@ -31,6 +31,7 @@ per_store! {
         limit_zero_or_negative_disables_backpressure,
         limit_above_maxlen_is_400,
         limit_not_integer_is_400,
+        expect_continue_is_http11s,
         // consume and long-poll
         consume_removes_message,
         consume_is_fifo,

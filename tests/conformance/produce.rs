@@ -1,6 +1,7 @@
 //! Produce (route 1): ids, Content-Type, bodies, `limit`, backpressure and the size limit.
 
 use crate::support::client::id_order;
+use crate::support::raw::Connection;
 use crate::support::says::{FULL, LIMIT_TOO_BIG};
 use crate::support::{tunnel_id, Backend, Client};
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
@@ -266,4 +267,24 @@ pub(super) async fn oversize_is_413(backend: Backend) {
     );
     api.post(&reply, vec![b'd'; 1024]).await.expect(201);
     assert_eq!(api.get(&reply).await.expect(200).body, vec![b'd'; 1024]);
+}
+
+/// `Expect: 100-continue` gets a `100 Continue` before the body on HTTP/1.1, and is ignored on
+/// HTTP/1.0 (RFC 9110 10.1.1), whose clients would take the `100` for the answer.
+pub(super) async fn expect_continue_is_http11s(api: &Client) {
+    let t = tunnel_id("continue");
+    let head = |version: &str| {
+        format!(
+            "POST /t/{t} HTTP/{version}\r\nHost: relay\r\nContent-Length: 2\r\n\
+             Expect: 100-continue\r\n\r\n"
+        )
+    };
+    let mut connection = Connection::open(api.base()).await;
+    assert_eq!(connection.exchange(&head("1.1")).await.status, 100);
+    assert_eq!(connection.exchange("m1").await.status, 201);
+    let mut connection = Connection::open(api.base()).await;
+    let answer = connection.exchange(&(head("1.0") + "m2")).await;
+    assert_eq!(answer.status, 201, "{answer:?}");
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "m1");
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "m2");
 }
