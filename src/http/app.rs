@@ -358,8 +358,15 @@ impl RelayApp {
             Error::Route(RouteError::NotTaken(_)) => forward::sendable_again(session),
             _ => false,
         };
-        if !elsewhere || session.get_header(forward::HOP_HEADER).is_some() {
+        if !elsewhere {
             return Err(failure);
+        }
+        // Sent here by another instance: that one tries the next instance listed with the name.
+        if session.get_header(forward::HOP_HEADER).is_some() {
+            return Err(match failure {
+                Error::Route(route) => RouteError::Refused(Box::new(route)).into(),
+                other => other,
+            });
         }
         // An instance killed without a goodbye stays listed until its record expires: a request
         // it never received goes on to the next one.

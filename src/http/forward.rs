@@ -16,6 +16,7 @@ use pingora_core::protocols::http::ServerSession;
 use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
 use crate::error::Error;
+use crate::routing::head::strip_hop_by_hop_keeping;
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
 use crate::tunnel::TunnelId;
@@ -23,6 +24,11 @@ use crate::tunnel::TunnelId;
 /// Marks a request one relay instance sent to another, which then serves it only with its own
 /// agents: requests never loop between instances.
 pub const HOP_HEADER: &str = "x-burrow-hop";
+
+/// The value of [`HOP_HEADER`] on the answer of an instance that has no agent (any more) for a
+/// request sent to it: its record outlived its agent, or it is a new process at the address of
+/// one that died. The sending instance tries the next one.
+pub const HOP_REFUSED: &str = "refused";
 
 /// The pooled HTTP/1.1 client that sends requests on to other instances.
 pub type HopClient =
@@ -45,6 +51,14 @@ const RELAY_HEADERS: [&str; 3] = [
     "x-backstream-client-id",
     "x-backstream-request-timeout",
     HOP_HEADER,
+];
+
+/// What the instance with the agent acts on: it goes on to it even when the client's
+/// `Connection` names it, so that the request is served there as it would be here.
+const ACTED_ON: [&str; 3] = [
+    "x-backstream-client-id",
+    "x-backstream-request-timeout",
+    "authorization",
 ];
 
 /// Sends the request to an agent named `agent` as `path`, streams the request body to it, and
@@ -109,8 +123,9 @@ pub fn sendable_again(session: &mut ServerSession) -> bool {
 
 /// Sends the request as it came to the relay instance at `address`, which has the agent, and
 /// returns the head of its answer with the response whose body follows. The request body is
-/// streamed to it while the request is sent. `None`: the instance refused the connection and
-/// the request, having no body, can go to another.
+/// streamed to it while the request is sent. `None`: the instance refused the connection or the
+/// request (it has no such agent), and the request, having no body (or an empty one), can go to
+/// another.
 pub async fn proxy(
     session: &mut ServerSession,
     client: &HopClient,
@@ -129,7 +144,7 @@ pub async fn proxy(
     let mut headers = header_list(&request.headers);
     // This instance answers `Expect: 100-continue` itself, below.
     headers.retain(|(name, _)| name != "host" && name != "expect");
-    strip_hop_by_hop(&mut headers);
+    strip_hop_by_hop_keeping(&mut headers, &ACTED_ON);
     // The instance with the agent keeps these: the upstream learns the client's address and the
     // host it asked for, not this instance's.
     add_forwarded(&mut headers, client_address(session), host(session));
@@ -176,8 +191,9 @@ pub async fn proxy(
     };
     let response = match sent {
         Err(_) => return Err(RouteError::Timeout.into()),
-        // Nothing of the request was sent or read, so nothing is lost by trying elsewhere.
-        Ok(Err(e)) if e.is_connect() && !has_body => {
+        // Nothing of the request was sent, or nothing but an empty body, so nothing is lost by
+        // trying elsewhere.
+        Ok(Err(e)) if e.is_connect() && sendable_again(session) => {
             log::warn!("forwarding to the instance at {address}: {e}");
             return Ok(None);
         }
@@ -189,6 +205,14 @@ pub async fn proxy(
         }
         Ok(Ok(response)) => response,
     };
+    let refused = response.headers().get(HOP_HEADER);
+    if refused.is_some_and(|mark| mark == HOP_REFUSED) {
+        if sendable_again(session) {
+            return Ok(None);
+        }
+        let why = "the relay instance listed with the agent no longer has it".to_owned();
+        return Err(RouteError::AgentFailed(why).into());
+    }
     let mut answer = header_list(response.headers());
     strip_hop_by_hop(&mut answer);
     let head = Response::forwarded(response.status().as_u16(), answer);

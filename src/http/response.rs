@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
+use super::forward::{HOP_HEADER, HOP_REFUSED};
 use crate::cors;
 use crate::error::Error;
 use crate::routing::RouteError;
@@ -152,9 +153,7 @@ impl From<Error> for Response {
             Error::MethodNotAllowed { .. } => 405,
             Error::TooLarge { .. } => 413,
             Error::QueueFull { .. } => 507,
-            Error::Route(RouteError::NoAgent(_)) => 422,
-            Error::Route(RouteError::AgentFailed(_) | RouteError::NotTaken(_)) => 502,
-            Error::Route(RouteError::Timeout) => 504,
+            Error::Route(route) => route_status(route),
             Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => 503,
             Error::Store(StoreError::Internal(_)) => 500,
         };
@@ -169,8 +168,19 @@ impl From<Error> for Response {
             Error::NotWebSocket(_) => response
                 .header("Upgrade", "websocket")
                 .header("Sec-WebSocket-Version", 13),
+            Error::Route(RouteError::Refused(_)) => response.header(HOP_HEADER, HOP_REFUSED),
             _ => response,
         }
+    }
+}
+
+/// The status of a request for an agent that could not be served.
+fn route_status(error: &RouteError) -> u16 {
+    match error {
+        RouteError::NoAgent(_) => 422,
+        RouteError::AgentFailed(_) | RouteError::NotTaken(_) => 502,
+        RouteError::Timeout => 504,
+        RouteError::Refused(inner) => route_status(inner),
     }
 }
 

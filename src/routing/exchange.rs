@@ -34,6 +34,11 @@ pub enum RouteError {
     /// No response head within the timeout (504).
     #[error("agent did not answer in time")]
     Timeout,
+    /// A request another relay instance sent here for an agent this instance does not have (any
+    /// more), failing as the inner error says: answered as that one is, with a mark on which the
+    /// sending instance tries the next instance listed with the name.
+    #[error(transparent)]
+    Refused(Box<RouteError>),
 }
 
 /// Where the response side stands.

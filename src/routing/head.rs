@@ -145,12 +145,18 @@ pub(crate) fn trim_ows(value: &str) -> &str {
 
 /// Removes the hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut Headers) {
+    strip_hop_by_hop_keeping(headers, &[]);
+}
+
+/// Removes the hop-by-hop headers, including those the `Connection` header names, except the
+/// `kept` ones (lower case) it names.
+pub(crate) fn strip_hop_by_hop_keeping(headers: &mut Headers, kept: &[&str]) {
     let named: Vec<String> = headers
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, value)| value.split(','))
         .map(|token| trim_ows(token).to_owned())
-        .filter(|token| !token.is_empty())
+        .filter(|token| !token.is_empty() && !kept.iter().any(|k| token.eq_ignore_ascii_case(k)))
         .collect();
     headers.retain(|(name, _)| {
         let is = |other: &str| name.eq_ignore_ascii_case(other);

@@ -1345,6 +1345,14 @@ async fn agent_on_another_instance() {
         .request(Method::GET, &format!("/r/{name}/x"))
         .header("x-burrow-hop", "elsewhere");
     client_b.send(hopped).await.expect(422);
+    // The relay's own headers reach A even when the client's `Connection` names them, so that A
+    // serves the request as B would have: here it would have answered its own 404.
+    let listed = client_b
+        .request(Method::GET, "/through-b")
+        .header(CLIENT_ID, name.as_str())
+        .header("Connection", "x-backstream-client-id");
+    let listed = client_b.send(listed).await.expect(200);
+    assert_eq!(Echo::parse(&listed.body).uri, "/through-b");
     // A client of B that leaves before the answer ends the exchange on A too.
     let mut hanging = setup.upstream.hanging.subscribe();
     let hang = client_b
@@ -1356,15 +1364,31 @@ async fn agent_on_another_instance() {
     hanging_at(&mut hanging, 0, "the upstream request ends with B's client").await;
     no_exchange_left(&setup.client, name, "the exchange on A outlived B's client").await;
     // C has an agent of the same name too. Once A is killed, it stays listed until its record
-    // expires, but B's requests without a body go on to C, whichever record B reads first.
-    let c = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
+    // expires, but B's requests without a body (or with an empty one, as browsers send with a
+    // bodiless POST) go on to C, whichever record B reads first.
+    let redis = crate::support::shared_redis();
+    let c = Relay::start(Store::Redis(redis), &[]);
     let c_upstream = Upstream::start("c").await;
     let c_agent = Agent::serve(&c.base, name, &c_upstream.url(), None);
     wait_agents(&client_b, name, 2, WAIT, &[&setup.agent, &c_agent]).await;
-    let (a_address, name) = (setup.relay.base.replace("http://", ""), name.clone());
+    let (a_address, a_port) = (setup.relay.base.replace("http://", ""), setup.relay.port());
+    let name = name.clone();
     drop(setup);
+    let empty_post = || {
+        let request = client_b.request(Method::POST, &format!("/r/{name}/echo"));
+        client_b.send(request.header("Content-Length", "0"))
+    };
     for _ in 0..10 {
         echo_through(&client_b, &name, "c").await;
+        let answer = empty_post().await.expect(200);
+        assert_eq!(Echo::parse(&answer.body).upstream, "c");
+    }
+    // A new relay at A's address (restarted in place) has no agent for A's record, which is still
+    // listed: requests sent there go on to C, from B and from the new relay itself.
+    let a = Relay::start_on(a_port, Store::Redis(redis), &[]);
+    for _ in 0..10 {
+        echo_through(&client_b, &name, "c").await;
+        echo_through(&a.client(), &name, "c").await;
     }
     // C gone too: no listed instance answers, so the agent is not connected anywhere reachable.
     // A request with a body is not sent twice: the client learns that the hop failed, not A's
