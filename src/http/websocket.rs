@@ -41,9 +41,10 @@ const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 /// control frames (pongs, a Close).
 const CONTROL_ROOM: usize = 4096;
 
-/// How much bigger than its job and result a job's JSON frame may be: a result of control bytes
-/// is escaped to six times its size (`\u0001`), the job's fields come along.
-const JOB_FRAME_GROWTH: usize = 8;
+/// How much bigger than the largest message a job's JSON frame may be: its result, escaped, up
+/// to six times (control bytes are written `\u0001`), and its fields, written again, up to four
+/// and a half times (`9e15` is written `9000000000000000.0`).
+const JOB_FRAME_GROWTH: usize = 11;
 
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);

@@ -250,6 +250,27 @@ async fn websocket_round_trip(api: &Client) {
     assert_closed_for(&mut socket(api, "/ws", None).await, &broken, 1002).await;
 }
 
+/// The largest frame a socket may have to push arrives whole: a job of the largest size whose
+/// numbers grow when written again, with the largest result of control bytes, each escaped.
+async fn largest_frames_are_pushed(api: &Client) {
+    let queue = tunnel_id("wsbig");
+    let mut ws = socket(api, &format!("/ws?queue={queue}"), None).await;
+    // Written short here, as a client may: serde_json would write each in full.
+    let job = format!(r#"{{"a":[{}]}}"#, ["9e15"; 26_200].join(","));
+    assert!(job.len() <= 131_072, "a job within the default limit");
+    ws.send(Message::text(job.clone()))
+        .await
+        .expect("the job goes out");
+    assert_eq!(next_json(&mut ws).await["status"], "started");
+    let job: Value = serde_json::from_str(&job).expect("the job is JSON");
+    let result = "\u{1}".repeat(131_072);
+    work(api, &queue, "text/plain", &result).await;
+    let finished = next_json(&mut ws).await;
+    assert_eq!(finished["status"], "Done");
+    assert_eq!(finished["result"], result.as_str());
+    assert_eq!(finished["a"], job["a"]);
+}
+
 /// 50 jobs in flight on one socket: each is answered once, with its own result.
 async fn many_jobs_on_one_socket(api: &Client) {
     let queue = tunnel_id("ws-many");
@@ -574,6 +595,7 @@ per_store! {
     shared: [
         trigger_work_and_collect,
         wait_text_and_failure,
+        largest_frames_are_pushed,
         bad_requests,
         websocket_round_trip,
         many_jobs_on_one_socket,
