@@ -15,10 +15,14 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 
-# Dependencies first, against a dummy crate, so that editing Burrow's sources reuses this layer.
+# Dependencies first, against dummy crates, so that editing Burrow's sources reuses this layer.
+# The workspace's other member (the load generator) must be there for cargo to read the
+# workspace; only its manifest is needed, and it is not built.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY loadtest/loadgen/Cargo.toml loadtest/loadgen/
+RUN mkdir src loadtest/loadgen/src \
  && echo 'fn main() {}' > src/main.rs \
+ && cp src/main.rs loadtest/loadgen/src/main.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --bin burrow \
  && rm -rf src target/release/burrow* target/release/deps/burrow-* target/release/deps/libburrow-* \

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs, via apt-get and only when missing, what building Burrow needs on a fresh Debian
 # machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
-# `--tests`, also redis-server (the tests start their own on a free port; no system service is used)
-# and openssl (the https-upstream test makes its certificates with it).
-# With `--browser`, also Debian's chromium (/usr/bin/chromium, for tests/browser); with
-# `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options combine.
+# `--tests`, also redis-server (the tests start their own on a free port; no system service is used),
+# openssl (the https-upstream test makes its certificates with it), curl and python3
+# (scripts/test.sh waits for its relay with them) and procps (its `kill`, which tests send signals with).
+# With `--browser`, also Debian's chromium (/usr/bin/chromium) and Node.js with npm, for
+# tests/browser; with `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options
+# combine.
 set -euo pipefail
 
 # Debian packages, each with the commands that show it is installed.
@@ -15,8 +17,11 @@ declare -A needs=(
 )
 for opt in "$@"; do
   case "$opt" in
-    --tests) needs[redis-server]=redis-server needs[openssl]=openssl ;;
-    --browser) needs[chromium]=chromium ;;
+    --tests)
+      needs[redis-server]=redis-server needs[openssl]=openssl needs[curl]=curl
+      needs[python3]=python3 needs[procps]=pkill
+      ;;
+    --browser) needs[chromium]=chromium needs[nodejs]=node needs[npm]=npm ;;
     --loadtest) needs[redis-server]=redis-server needs[wrk]=wrk needs[curl]=curl ;;
     *) echo "usage: $0 [--tests] [--browser] [--loadtest]" >&2; exit 2 ;;
   esac
