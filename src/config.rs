@@ -72,6 +72,26 @@ impl AuthConfig {
     pub fn enabled(&self) -> bool {
         self.token.is_some() || self.signature_secret.is_some() || !self.public_ids.is_empty()
     }
+
+    /// What the start-up line says of authorization, so that a misspelled variable that left the
+    /// relay open shows: which of the settings are on, never their values.
+    pub fn summary(&self) -> String {
+        if !self.enabled() {
+            return "authorization off".into();
+        }
+        let public = format!("{} public ids", self.public_ids.len());
+        let on = [
+            self.token.as_ref().map(|_| "bearer token".to_owned()),
+            self.signature_secret
+                .as_ref()
+                .map(|_| "signatures".to_owned()),
+            (!self.public_ids.is_empty()).then_some(public),
+        ];
+        format!(
+            "authorization on: {}",
+            on.into_iter().flatten().collect::<Vec<_>>().join(", ")
+        )
+    }
 }
 
 // Secrets must never reach a log, so Debug says only which settings are present.
@@ -178,8 +198,8 @@ impl Config {
             max_message_size: env.parse(
                 "TUNNEL_MAX_MESSAGE_SIZE",
                 131_072,
-                "a size in bytes ≥ 1",
-                |n: &usize| *n >= 1,
+                "a size in bytes from 1 to 536870912 (512 MiB, the most redis keeps in one value)",
+                |n: &usize| (1..=MAX_MESSAGE_SIZE).contains(n),
             )?,
         };
         let mut auth = AuthConfig {
@@ -276,7 +296,7 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
             Err(expected) => {
                 return Err(ConfigError::Invalid {
                     var: "REDIS_URL",
-                    value: url,
+                    value: without_credentials(&url),
                     expected,
                 })
             }
@@ -321,13 +341,24 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
 /// Checks a store URL as the redis client will read it (so that a bad one stops start-up naming
 /// its variable); the error says what was expected.
 fn redis_url(url: &str) -> Result<(), &'static str> {
-    const EXPECTED: &str = "a redis:// or rediss:// URL: [user:password@]host[:port][/database]";
+    const EXPECTED: &str =
+        "a redis:// or rediss:// URL: [user:password@]host[:port][/database 0-255]";
     let parsed = url::Url::parse(url).map_err(|_| EXPECTED)?;
     let database = parsed.path().trim_start_matches('/');
     let valid = matches!(parsed.scheme(), "redis" | "rediss")
         && parsed.host_str().is_some_and(|host| !host.is_empty())
-        && (database.is_empty() || database.parse::<u32>().is_ok());
+        && (database.is_empty() || database.parse::<u8>().is_ok());
     valid.then_some(()).ok_or(EXPECTED)
+}
+
+/// `url` as an error may show it: what comes before its last `@` (a user and password), after
+/// the scheme, is hidden.
+fn without_credentials(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let scheme = url[..at].find("://").map_or(0, |end| end + 3);
+    format!("{}<hidden>{}", &url[..scheme], &url[at..])
 }
 
 /// Typed access to the environment; every error names its variable.
@@ -475,7 +506,11 @@ impl Env<'_> {
             let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
             let host_ok = match bare {
                 Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
-                None => !host.is_empty() && !host.contains([':', '/', ' ', '[', ']']),
+                // A name or IPv4 address: anything else (`#`, `?`, `@`) would cut a URL short.
+                None => {
+                    let name = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+                    !host.is_empty() && host.chars().all(name)
+                }
             };
             host_ok && port.parse::<u16>().is_ok_and(|port| port > 0)
         });
@@ -526,6 +561,9 @@ impl Env<'_> {
 
 /// The longest duration a setting may give: timeouts and TTLs are added to the clock.
 const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+
+/// The largest `TUNNEL_MAX_MESSAGE_SIZE`: redis keeps at most 512 MiB in one value.
+const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024;
 
 /// The error for a value of `var` that is no tunnel id.
 fn invalid_id(var: &'static str, value: String) -> ConfigError {
@@ -627,6 +665,7 @@ mod tests {
             ("REDIS_PORT", "99999"),
             ("BURROW_STORE", "postgres"),
             ("TUNNEL_MAX_MESSAGE_SIZE", "1k"),
+            ("TUNNEL_MAX_MESSAGE_SIZE", "536870913"),
             ("BURROW_LISTEN", "localhost"),
             ("BURROW_METRICS_LISTEN", "9090"),
             ("BURROW_ACCESS_LOG", "yes please"),
@@ -645,6 +684,9 @@ mod tests {
             ("BURROW_ADVERTISE", ":8080"),
             ("BURROW_ADVERTISE", "http://host:8080"),
             ("BURROW_ADVERTISE", "[::1:8080"),
+            ("BURROW_ADVERTISE", "127.0.0.1#x:8080"),
+            ("BURROW_ADVERTISE", "user@host:8080"),
+            ("BURROW_ADVERTISE", "ho?st:8080"),
             ("BURROW_HEADER_TIMEOUT", "0"),
             ("BURROW_HEADER_TIMEOUT", "3601"),
             ("TUNNEL_ACCESS_TOKEN", ""),
@@ -653,6 +695,7 @@ mod tests {
             ("REDIS_URL", "redis://"),
             ("REDIS_URL", "redis://127.0.0.1:99999"),
             ("REDIS_URL", "redis://127.0.0.1:6379/notanumber"),
+            ("REDIS_URL", "redis://127.0.0.1:6379/256"),
             ("REDIS_URL", "http://127.0.0.1:6379"),
             ("REDIS_HOST", "bad host"),
             ("REDIS_HOST", "127.0.0.1#x"),
@@ -675,6 +718,13 @@ mod tests {
         // A secret is not repeated in its error, nor a flag's value trimmed.
         let err = config(&[("TUNNEL_ACCESS_TOKEN", "s3cret\n")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
+        for url in ["redis://admin:s3cret@host:99999/0", "admin:s3cret@host"] {
+            let err = config(&[("REDIS_URL", url)]).unwrap_err().to_string();
+            assert!(
+                !err.contains("s3cret") && err.contains("<hidden>@host"),
+                "{err}"
+            );
+        }
         // A signature key is any bytes; a token may hold a tab, as a header value may.
         let keys = config(&[
             ("TUNNEL_SIGNATURE_SECRET", "secret \t\u{1}"),
@@ -696,6 +746,10 @@ mod tests {
         assert_eq!(c.auth.public_ids.len(), 3);
         assert!(c.auth.enabled());
         assert!(!format!("{:?}", c).contains("s3cret"));
+        let summary = c.auth.summary();
+        assert_eq!(summary, "authorization on: bearer token, 3 public ids");
+        let c = config(&[("TUNNEL_ACCES_TOKEN", "s3cret")]).unwrap();
+        assert_eq!(c.auth.summary(), "authorization off");
     }
 
     /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.

@@ -99,9 +99,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         server.add_service(metrics);
     }
     log::info!(
-        "Burrow listening on {} ({})",
+        "Burrow listening on {} ({} store, {})",
         config.listen,
-        config.store.name()
+        config.store.name(),
+        config.auth.summary()
     );
     let loopback = config
         .advertise

@@ -41,6 +41,9 @@ use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 /// The browser demo page, served at `/demo/`.
 const DEMO_PAGE: &str = include_str!("demo.html");
 
+/// How much room a body gets before its bytes come; it grows as they do.
+const BODY_ROOM: usize = 16 * 1024;
+
 /// How long an idle client connection is kept open between requests.
 pub(super) const KEEPALIVE_SECS: u64 = 60;
 
@@ -394,7 +397,10 @@ impl RelayApp {
             return Err(too_large);
         }
         continue_if_expected(session).await?;
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        // Room for what has come, not for what is announced: a connection that announces a large
+        // body and sends none must not hold its size.
+        let announced = declared.unwrap_or(0).min(BODY_ROOM as u64) as usize;
+        let mut body = BytesMut::with_capacity(announced);
         while let Some(chunk) = session
             .read_request_body()
             .await
