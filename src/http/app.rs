@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::Method;
 use log::{debug, warn};
 use pingora_core::apps::{
@@ -416,11 +417,17 @@ impl RelayApp {
 
     /// Serves an upgraded connection as a WebSocket until it closes.
     async fn serve_upgraded(&self, session: ServerSession, upgraded: Upgraded, shutdown: Shutdown) {
-        let ServerSession::H1(h1) = session else {
+        let ServerSession::H1(mut h1) = session else {
             return;
         };
         let config = self.tunnels.config();
-        let stream = h1.into_inner();
+        // Frames a client sent right behind its handshake, without waiting for the 101, were read
+        // with the head: Pingora hands them out first, at once, as the upgraded body.
+        let early = h1.read_body_bytes().now_or_never();
+        let stream = match early {
+            Some(Ok(Some(bytes))) => connection::rewound(h1.into_inner(), &bytes),
+            _ => h1.into_inner(),
+        };
         match upgraded {
             Upgraded::Jobs(queue) => {
                 let (jobs, max_message) = (self.jobs.clone(), config.max_message_size);

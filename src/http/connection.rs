@@ -207,6 +207,18 @@ pub(super) fn with_pipelined(reusable: ReusableHttpStream) -> Result<Stream, Str
     }
 }
 
+/// The stream with `bytes`, read from it already, put back in front (plain TCP only: any other
+/// stream, of which there is none here, as it was).
+pub(super) fn rewound(stream: Stream, bytes: &[u8]) -> Stream {
+    match plain_tcp(stream) {
+        Ok(mut tcp) => {
+            tcp.rewind(bytes);
+            tcp
+        }
+        Err(other) => other,
+    }
+}
+
 /// The stream as plain TCP, which can take bytes back (`rewind`) once they are read; any other
 /// stream as it was.
 pub(super) fn plain_tcp(stream: Stream) -> Result<Box<TcpStream>, Stream> {

@@ -41,6 +41,11 @@ const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 /// control frames (pongs, a Close).
 const CONTROL_ROOM: usize = 4096;
 
+/// How much a client's socket reads at a time. Subscribers and job clients send little, and
+/// tungstenite's default (128 KiB, allocated up front) made most of what each idle socket cost;
+/// an agent's link, which carries bodies, keeps the default.
+const READ_BUFFER: usize = 8 * 1024;
+
 /// How much bigger than the largest message a job's JSON frame may be: its result, escaped, up
 /// to six times (control bytes are written `\u0001`), and its fields, written again, up to four
 /// and a half times (`9e15` is written `9000000000000000.0`).
@@ -259,6 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
 /// stops reading (while it sends pings, say) cannot make the relay queue without end.
 fn settings(incoming: usize, outgoing: usize) -> WebSocketConfig {
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(incoming))
         .max_frame_size(Some(incoming));
     let most = config.write_buffer_size.saturating_add(outgoing);
@@ -358,6 +364,7 @@ where
 /// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.
 pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
     let config = settings(MAX_MESSAGE, MAX_MESSAGE);
+    let config = config.read_buffer_size(WebSocketConfig::default().read_buffer_size);
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
 }
 

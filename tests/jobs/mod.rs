@@ -250,6 +250,45 @@ async fn websocket_round_trip(api: &Client) {
     assert_closed_for(&mut socket(api, "/ws", None).await, &broken, 1002).await;
 }
 
+/// A job frame sent in the same write as the handshake, before the 101 (which RFC 6455 asks
+/// clients to wait for, and some do not), is read like any other, not dropped with the head.
+async fn frames_behind_the_handshake_are_read(api: &Client) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let queue = tunnel_id("early");
+    let address = api.base().trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("the relay accepts");
+    let mut bytes = format!(
+        "GET /ws?queue={queue} HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    // One masked text frame: FIN + text, the mask bit and length, the mask, the masked payload.
+    let (job, mask) = (br#"{"early":true}"#, [1u8, 2, 3, 4]);
+    bytes.extend([0x81, 0x80 | job.len() as u8]);
+    bytes.extend(mask);
+    bytes.extend(job.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    tcp.write_all(&bytes).await.expect("sent");
+    // The head byte by byte, so that no frame behind it is read with it.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("the head"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let plain = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let mut ws = Socket::from_raw_socket(plain, Role::Client, None).await;
+    assert_eq!(next_json(&mut ws).await["status"], "started");
+    let job = api.get(&format!("/t/{queue}")).await.expect(200);
+    assert_eq!(job.json(), json!({"early": true}));
+}
+
 /// The largest frame a socket may have to push arrives whole: a job of the largest size whose
 /// numbers grow when written again, with the largest result of control bytes, each escaped.
 async fn largest_frames_are_pushed(api: &Client) {
@@ -596,6 +635,7 @@ per_store! {
         trigger_work_and_collect,
         wait_text_and_failure,
         largest_frames_are_pushed,
+        frames_behind_the_handshake_are_read,
         bad_requests,
         websocket_round_trip,
         many_jobs_on_one_socket,

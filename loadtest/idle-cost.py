@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""What idle clients cost a relay, for one or more `burrow` binaries (to compare two builds).
+
+    loadtest/idle-cost.py BURROW [OTHER_BURROW ...]
+
+For each binary, a relay on the memory store on a free 127.0.0.1 port, then:
+- sockets: 1000 event subscribers over WebSockets (`GET /ws/e/t{i}`) that read nothing; the
+  relay's RSS (from /proc) before and after, per socket;
+- waiters: one message taken with `pending=300`, so that it is out with a consumer, and 500 polls
+  waiting on its tunnel (`?pending=300&timeout=20`); the store reads (consumes) the relay makes in
+  5 s, from its metrics page: each waiter reads once when it starts, and nothing is there for any
+  of them until the message's visibility timeout ends.
+Bounded (a few seconds per binary); every process and socket it opens is closed on exit.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+SOCKETS = 1000
+WAITERS = 500
+WATCHED = 5.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, head, body=b""):
+    """One request on a new connection; the status and the whole answer."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head.encode() + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def consumes(metrics_port):
+    _, page = request(metrics_port, "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+    found = re.search(rb'burrow_store_duration_seconds_count\{op="consume"\} (\d+)', page)
+    return int(found.group(1)) if found else 0
+
+
+def rss(pid):
+    with open(f"/proc/{pid}/status") as status:
+        line = next(l for l in status if l.startswith("VmRSS"))
+    return int(line.split()[1])
+
+
+def measure(binary):
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, BURROW_STORE="memory", BURROW_LISTEN=f"127.0.0.1:{port}",
+               BURROW_METRICS_LISTEN=f"127.0.0.1:{metrics_port}", RUST_LOG="warn")
+    relay = subprocess.Popen([binary, "serve"], env=env)
+    opened = []
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        before = rss(relay.pid)
+        for i in range(SOCKETS):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall((f"GET /ws/e/t{i} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                       "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+            opened.append(s)
+        for s in opened:
+            assert b" 101 " in s.recv(4096), "a subscriber was refused"
+        time.sleep(0.5)
+        per_socket = (rss(relay.pid) - before) / SOCKETS
+        for s in opened:
+            s.close()
+        opened.clear()
+
+        close = "Host: x\r\nConnection: close\r\n"
+        status, _ = request(port, f"POST /t/busy HTTP/1.1\r\n{close}Content-Length: 1\r\n\r\n", b"m")
+        assert status == 201, status
+        status, _ = request(port, f"GET /t/busy?pending=300 HTTP/1.1\r\n{close}\r\n")
+        assert status == 200, status
+        for _ in range(WAITERS):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"GET /t/busy/poll?pending=300&timeout=20 HTTP/1.1\r\n{close}\r\n".encode())
+            opened.append(s)
+        time.sleep(1.0)
+        start = consumes(metrics_port)
+        time.sleep(WATCHED)
+        reads = (consumes(metrics_port) - start) / WATCHED
+        print(f"{binary}: {per_socket:.1f} KiB per idle WebSocket subscriber; "
+              f"{reads:.0f} store reads a second by {WAITERS} waiting polls")
+    finally:
+        for s in opened:
+            s.close()
+        relay.terminate()
+        relay.wait()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for binary in sys.argv[1:]:
+        measure(binary)
