@@ -2,6 +2,7 @@
 //! from the environment (see `config`); `worker` and `agent` take flags, each with an environment
 //! variable of its own.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,7 @@ enum Command {
 
 /// Parses the command line and runs what it names; the exit code reports failure.
 pub fn run() -> ExitCode {
+    forget_empty_variables();
     let cli = Cli::parse();
     // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
     // throttled (RUST_LOG can still ask for fred's lines).
@@ -49,6 +51,24 @@ pub fn run() -> ExitCode {
         Command::Serve { upgrade } => serve(upgrade),
         Command::Worker(args) => crate::worker::run(args),
         Command::Agent(args) => crate::agent::run(args),
+    }
+}
+
+/// Unsets every `BURROW_*` variable that is set but empty, so that the worker's and the agent's
+/// flags read one as unset, as the relay's settings do (clap would take the empty value: a shared
+/// env file's `BURROW_JOBS_QUEUE=` stopped the worker). Runs first, before any other thread.
+fn forget_empty_variables() {
+    let empty: Vec<OsString> = std::env::vars_os()
+        .filter(|(name, value)| {
+            value.is_empty()
+                && name
+                    .to_str()
+                    .is_some_and(|name| name.starts_with("BURROW_"))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    for name in empty {
+        std::env::remove_var(name);
     }
 }
 

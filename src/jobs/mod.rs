@@ -251,8 +251,10 @@ enum Found {
 }
 
 /// Why a job without a result whose message is gone failed.
-const LEFT_THE_QUEUE: &str =
-    "the job left its queue without a result (queue cleared or trimmed, or taken without pending)";
+const LEFT_THE_QUEUE: &str = concat!(
+    "the job left its queue without a result (queue cleared or trimmed, taken without pending, ",
+    "or acknowledged without a reply)"
+);
 
 /// What a worker's reply says: a failure report, a JSON result, text, or bytes.
 fn outcome(reply: &Payload) -> JobState {

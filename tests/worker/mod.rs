@@ -457,10 +457,13 @@ async fn token_is_sent() {
 }
 
 /// A visibility timeout not longer than the job timeout stops the worker at start-up (exit 2).
+/// Empty variables count as unset, as for the relay: they do not stop it first.
 #[test]
 fn visibility_must_exceed_job_timeout() {
     let output = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
         .args(["worker", "--relay", "http://127.0.0.1:9"])
+        .env("BURROW_JOBS_QUEUE", "")
+        .env("BURROW_WORKER_CONCURRENCY", "")
         .args(["--job-timeout", "10", "--visibility", "10", "--", "cat"])
         .output()
         .expect("the burrow binary runs");
