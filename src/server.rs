@@ -1,16 +1,17 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
+use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::ShutdownWatch;
-use pingora_core::server::{RunArgs, Server};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::access_log;
 use crate::config::{Config, StoreConfig};
@@ -66,10 +67,12 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .enable_all()
         .build()?;
     // Watched before the store is opened, which may wait for a redis server for seconds: a SIGINT
-    // then stops the relay too, also when its parent ignores SIGINT (which the handler undoes).
-    let interrupt = {
+    // then stops the relay too, also when its parent ignores SIGINT (which the handler undoes),
+    // and a SIGTERM drains it as soon as it runs (rather than the default action: exit 143).
+    let (interrupt, signals) = {
         let _runtime = store_runtime.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        let signals = Signals::watch(conf.upgrade_sock.clone())?;
+        (signal(SignalKind::interrupt()), signals)
     };
     store_runtime.spawn(exit_on_interrupt(interrupt));
     let store = store_runtime.block_on(Store::open(&config.store))?;
@@ -115,7 +118,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
             config.advertise
         );
     }
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
     // The requests drained at shutdown were logged after the flusher's last round.
     access_log::flush();
     store_runtime.shutdown_background();
@@ -126,14 +131,63 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
 /// stops its runtimes under their tasks, and its accept loop then sometimes spins on the
 /// errors for ever (about one SIGINT in ten), logging each.
 async fn exit_on_interrupt(interrupt: std::io::Result<tokio::signal::unix::Signal>) {
-    let Ok(mut interrupt) = interrupt else {
-        log::warn!("cannot watch for SIGINT: it is left to Pingora");
-        return;
+    let mut interrupt = match interrupt {
+        Ok(interrupt) => interrupt,
+        Err(e) => {
+            log::warn!("cannot watch for SIGINT ({e}): it stops the relay without a word");
+            return;
+        }
     };
     if interrupt.recv().await.is_some() {
         log::info!("SIGINT received, exiting");
         access_log::flush();
         std::process::exit(0);
+    }
+}
+
+/// The signals that stop the relay as Pingora's own watch reads them (SIGTERM drains, SIGQUIT
+/// hands the listening socket over, then drains; SIGINT is [`exit_on_interrupt`]'s), except that
+/// a SIGQUIT with no new process waiting at the upgrade socket is refused: Pingora would hand the
+/// socket to nobody and drain, leaving nothing listening.
+struct Signals {
+    quit: tokio::sync::Mutex<Signal>,
+    terminate: tokio::sync::Mutex<Signal>,
+    upgrade_sock: String,
+}
+
+impl Signals {
+    /// Starts watching; signals that come before Pingora asks are kept for it.
+    fn watch(upgrade_sock: String) -> std::io::Result<Signals> {
+        Ok(Signals {
+            quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
+            terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
+            upgrade_sock,
+        })
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (mut quit, mut terminate) = (self.quit.lock().await, self.terminate.lock().await);
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = quit.recv() => {
+                    // The new process listens there until it has the socket, then removes it.
+                    let waiting = std::fs::metadata(&self.upgrade_sock)
+                        .is_ok_and(|found| found.file_type().is_socket());
+                    if waiting {
+                        return ShutdownSignal::GracefulUpgrade;
+                    }
+                    log::error!(
+                        "SIGQUIT ignored: no new process waits at {} to take the listening \
+                         socket (start `burrow serve --upgrade` first); still serving",
+                        self.upgrade_sock
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -469,6 +469,49 @@ async fn sigint_while_starting_stops_it() {
     );
 }
 
+/// A SIGTERM while the relay waits for its store at start-up drains it as soon as it runs: exit 0,
+/// not the default action's 143.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_it_cleanly() {
+    let site = Site::new();
+    let nobody = free_port().to_string();
+    let env = [("BURROW_STORE", "redis"), ("REDIS_PORT", nobody.as_str())];
+    let mut relay = site.spawn(
+        Command::new(env!("CARGO_BIN_EXE_burrow")),
+        free_port(),
+        0,
+        &env,
+    );
+    let waiting = wait_until(Duration::from_secs(10), || {
+        relay.log().contains("redis: cannot connect")
+    });
+    assert!(waiting, "{}", relay.log());
+    relay.signal("TERM");
+    let status = relay.exit_within(EXIT_WITHIN).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        relay.log()
+    );
+}
+
+/// A SIGQUIT with no new relay waiting to take the listening socket is refused, with a word why:
+/// handing the socket to nobody would leave nothing listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_without_a_new_relay_is_refused() {
+    let site = Site::new();
+    let mut relay = site.start(free_port(), &[], &[]);
+    relay.signal("QUIT");
+    let refused = wait_until(Duration::from_secs(10), || {
+        relay.log().contains("SIGQUIT ignored")
+    });
+    assert!(refused, "{}", relay.log());
+    relay.client().get("/health").await.expect(200);
+    relay.signal("TERM");
+    let status = relay.exit_within(EXIT_WITHIN).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
 /// Presence follows agents at once: an agent connecting is announced without waiting for the
 /// 5 s tick, and a relay stopped with SIGTERM withdraws its agents as it stops, instead of other
 /// instances listing them (and sending it their requests) until its record expires (15 s).
