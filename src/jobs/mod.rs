@@ -165,7 +165,12 @@ impl Jobs {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
-        let first = self.tunnels.take_reply(queue, msg, wait, shutdown).await?;
+        // Collected by another (its reply and record go in one step): there is nothing to wait for.
+        let recorded = || async { Ok(self.store.job(queue, msg).await?.is_some()) };
+        let tunnels = &self.tunnels;
+        let first = tunnels
+            .take_reply_while(queue, msg, wait, shutdown, recorded)
+            .await?;
         let again = self.tunnels.take_reply(queue, msg, None, shutdown);
         // Taking the reply forgot the job in the same step: its final state is handed out once.
         let (state, reply) = match self.found(id, first, again).await? {

@@ -184,9 +184,34 @@ impl Tunnels {
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Option<Payload>, Error> {
+        let always = || async { Ok(true) };
+        self.take_reply_while(tunnel, msg, wait, shutdown, always)
+            .await
+    }
+
+    /// [`Tunnels::take_reply`], waiting only while `wanted` holds, which is asked each time the
+    /// reply is not there: a waiter whose reply someone else took need not wait out its time.
+    pub async fn take_reply_while<W, Fut>(
+        &self,
+        tunnel: &TunnelId,
+        msg: MessageId,
+        wait: Option<Duration>,
+        shutdown: &mut Shutdown,
+        wanted: W,
+    ) -> Result<Option<Payload>, Error>
+    where
+        W: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, crate::store::StoreError>>,
+    {
         let key = Waited::new(WakeKey::Reply(tunnel.to_string(), msg.to_string()));
-        let attempt = || metrics::store_op(StoreOp::TakeReply, self.store.take_reply(tunnel, msg));
-        self.wait_for(key, wait, shutdown, attempt).await
+        let attempt = || async {
+            let taken = self.store.take_reply(tunnel, msg);
+            if let Some(reply) = metrics::store_op(StoreOp::TakeReply, taken).await? {
+                return Ok(Some(Some(reply)));
+            }
+            Ok((!wanted().await?).then_some(None))
+        };
+        Ok(self.wait_for(key, wait, shutdown, attempt).await?.flatten())
     }
 
     /// Waits up to `wait` until `msg` has a reply, leaving it in place; whether it has one.

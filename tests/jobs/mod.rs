@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{assert_close_answered, assert_closed_for, shared_redis, tunnel_id};
+use crate::support::{let_polls_start, spawn_get};
 use crate::support::{Backend, Client};
 use crate::support::{RedisServer, Relay, Store, WebSocket};
 
@@ -118,6 +119,29 @@ async fn wait_text_and_failure(api: &Client) {
         failed,
         json!({"id": id, "n": 2, "status": "Failed", "error": "exit status 3: boom"})
     );
+}
+
+/// Several `?wait`s on one job: the first to take the result gets it, and the others learn at
+/// once that it is gone (404), rather than at the end of their wait.
+async fn racing_waits_end_with_the_result(api: &Client) {
+    let queue = tunnel_id("jobs-race");
+    let id = trigger(api, &queue, json!({"n": 1})).await;
+    let waits: Vec<_> = (0..3)
+        .map(|_| spawn_get(api, format!("/done/{id}?wait=30")))
+        .collect();
+    let_polls_start(api, 3).await;
+    work(api, &queue, "text/plain", "once").await;
+    let mut statuses = Vec::new();
+    for wait in waits {
+        let (answer, waited) = wait.await.expect("the waiting task does not panic");
+        assert!(
+            waited < Duration::from_secs(20),
+            "waited out its time: {waited:?}"
+        );
+        statuses.push(answer.status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 404, 404]);
 }
 
 /// Bodies that are not a JSON object are 400; unknown ids 404 `Unknown`; wrong methods 405.
@@ -635,6 +659,7 @@ per_store! {
         trigger_work_and_collect,
         wait_text_and_failure,
         largest_frames_are_pushed,
+        racing_waits_end_with_the_result,
         frames_behind_the_handshake_are_read,
         bad_requests,
         websocket_round_trip,
