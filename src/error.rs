@@ -82,3 +82,19 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// An error with its sources, on one line (hyper's and reqwest's own messages hide the cause:
+/// refused, reset, DNS, TLS); a cause that its error already printed is not repeated.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use super::client::{Client, ClientError, RequestBody};
 use crate::access_log::{shown, SHOWN_METHOD};
 use crate::cors;
+use crate::error::error_chain;
 use crate::routing::frame::{Kind, HEADER_LEN, MAX_MESSAGE};
 use crate::routing::head::{strip_hop_by_hop, Headers, RequestHead, ResponseHead};
 use crate::routing::stream::{BodyReader, BodyWriter, Inbound};
@@ -421,22 +422,6 @@ async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome 
         Ok(()) => Outcome::Failed(status, why),
         Err(reason) => Outcome::Reset(reason),
     }
-}
-
-/// An error with its sources, on one line (hyper's own message hides the cause); a cause that
-/// its error already printed is not repeated.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

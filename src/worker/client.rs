@@ -72,7 +72,7 @@ pub enum Delivery {
 #[derive(Debug, thiserror::Error)]
 pub enum Fault {
     /// No answer: connection refused or reset, DNS, TLS, timeout.
-    #[error("cannot reach the relay: {0}")]
+    #[error("cannot reach the relay: {}", crate::error::error_chain(.0))]
     Unreachable(#[source] reqwest::Error),
     /// An answer the protocol does not expect here (403, 5xx…).
     #[error("the relay answered {status}: {text}")]

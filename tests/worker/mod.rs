@@ -416,6 +416,8 @@ async fn waits_for_the_relay() {
     let queue = tunnel_id("worker-late-relay");
     let worker = Worker::start(&base, &queue, &[], &["cat"]);
     worker.wait_for_log("cannot reach the relay").await;
+    // The line says why (reqwest's own message names only the request).
+    worker.wait_for_log("Connection refused").await;
 
     let dir = TempDir::new().expect("a tempdir for the relay's log");
     let _relay = relay_on(port, None, &dir);
