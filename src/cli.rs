@@ -38,6 +38,10 @@ enum Command {
 pub fn run() -> ExitCode {
     forget_empty_variables();
     let cli = Cli::parse();
+    // env_logger reads such a filter as unset, without a word (it warns of one it cannot parse).
+    if let Err(std::env::VarError::NotUnicode(_)) = std::env::var("RUST_LOG") {
+        eprintln!("burrow: RUST_LOG is not UTF-8 text: ignored");
+    }
     // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
     // throttled (RUST_LOG can still ask for fred's lines).
     let logger = env_logger::Builder::from_env(

@@ -76,14 +76,33 @@ fn taken_address_is_fatal() {
     }
 }
 
+/// A `RUST_LOG` that is not UTF-8 is ignored, as env_logger ignores a directive it cannot parse,
+/// and said so on stderr, as env_logger says that.
+#[test]
+fn log_filter_that_is_not_utf8_is_reported() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"warn\xff");
+    let vars = [("RUST_LOG", not_utf8), ("TUNNEL_MAXLEN", "abc".as_ref())];
+    let (code, stderr) = serve_with_all(&vars);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("RUST_LOG is not UTF-8 text: ignored"),
+        "{stderr:?}"
+    );
+}
+
 /// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
 fn serve_with(var: &str, value: impl AsRef<std::ffi::OsStr>) -> (Option<i32>, String) {
-    let value = value.as_ref();
+    serve_with_all(&[(var, value.as_ref())])
+}
+
+/// Runs `burrow serve` with `vars`; answers its exit code and its stderr.
+fn serve_with_all(vars: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_burrow"))
         .arg("serve")
         .env("BURROW_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "warn")
-        .env(var, value)
+        .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -97,7 +116,7 @@ fn serve_with(var: &str, value: impl AsRef<std::ffi::OsStr>) -> (Option<i32>, St
     let Some(status) = status else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("{var}={value:?}: burrow is still running after 10 s");
+        panic!("{vars:?}: burrow is still running after 10 s");
     };
     let mut stderr = String::new();
     let mut pipe = child.stderr.take().expect("stderr is piped");
