@@ -2,8 +2,9 @@
 # Runs every check and test of Burrow: the one command for CI and for a fresh Debian 12 machine.
 #
 # 1. Installs what the build and the tests need, via apt-get, only when it is missing
-#    (scripts/install-deps.sh: a C toolchain, cmake, pkg-config, redis-server and openssl — the
-#    tests start their own redis-server on a free port; no system redis service is used).
+#    (scripts/install-deps.sh: a C toolchain, cmake, pkg-config, redis-server, openssl, curl,
+#    python3 and procps, then chromium, Node.js and npm for step 4 — the tests start their own
+#    redis-server on a free port; no system redis service is used).
 # 2. Adds the rustfmt and clippy components when missing.
 # 3. Runs `cargo fmt --check` and `cargo clippy -D warnings`.
 # 4. Runs the browser test of the /demo/ page (tests/browser: headless Debian chromium, installed

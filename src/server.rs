@@ -174,10 +174,7 @@ impl ShutdownSignalWatch for Signals {
             tokio::select! {
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = quit.recv() => {
-                    // The new process listens there until it has the socket, then removes it.
-                    let waiting = std::fs::metadata(&self.upgrade_sock)
-                        .is_ok_and(|found| found.file_type().is_socket());
-                    if waiting {
+                    if listens_at(&self.upgrade_sock) {
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     log::error!(
@@ -189,6 +186,25 @@ impl ShutdownSignalWatch for Signals {
             }
         }
     }
+}
+
+/// Whether a process listens on the Unix socket at `path`, where a new relay waits for the
+/// listening socket until it has it. A file left by one that was killed is no listener, so the
+/// kernel's table of sockets is asked (`/proc/net/unix`: a listening one is flagged
+/// `__SO_ACCEPTCON`, 0x10000); connecting to find out would not do, since the new relay takes
+/// the first connection for the hand-over. Without that table, the file's presence answers.
+fn listens_at(path: &str) -> bool {
+    const ACCEPTING: u32 = 0x10000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return std::fs::metadata(path).is_ok_and(|found| found.file_type().is_socket());
+    };
+    // Num RefCount Protocol Flags Type St Inode Path
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
+        fields.get(7..).is_some_and(|name| name.join(" ") == path)
+            && flags.is_some_and(|flags| flags & ACCEPTING != 0)
+    })
 }
 
 /// Whether `address` can be listened on now (std's listener, as Pingora's, reuses addresses).

@@ -88,7 +88,10 @@ pub async fn open(
         answer = exchange.response() => answer?,
         () = client_gone(session) => return Err(Error::ClientGone),
     };
-    Ok((Response::forwarded(answer.status, answer.headers), exchange))
+    let mut headers = answer.headers;
+    // The relay's own mark between instances: an upstream cannot send it in the relay's name.
+    headers.retain(|(name, _)| !name.eq_ignore_ascii_case(HOP_HEADER));
+    Ok((Response::forwarded(answer.status, headers), exchange))
 }
 
 /// Streams the request body to the agent, chunk by chunk, within the request's timeout.
@@ -144,7 +147,12 @@ pub async fn proxy(
     let mut headers = header_list(&request.headers);
     // This instance answers `Expect: 100-continue` itself, below.
     headers.retain(|(name, _)| name != "host" && name != "expect");
-    strip_hop_by_hop_keeping(&mut headers, &ACTED_ON);
+    // Still named in a `Connection` of their own, so that the instance with the agent drops them
+    // before the upstream as this one would have (the client's `Authorization`, say).
+    let spared = strip_hop_by_hop_keeping(&mut headers, &ACTED_ON);
+    if !spared.is_empty() {
+        headers.push(("connection".into(), spared.join(", ")));
+    }
     // The instance with the agent keeps these: the upstream learns the client's address and the
     // host it asked for, not this instance's.
     add_forwarded(&mut headers, client_address(session), host(session));
@@ -205,8 +213,11 @@ pub async fn proxy(
         }
         Ok(Ok(response)) => response,
     };
+    // Only the relay's own 422 and 502 carry it: an upstream's header of that name is removed
+    // before its answer leaves the instance with the agent.
     let refused = response.headers().get(HOP_HEADER);
-    if refused.is_some_and(|mark| mark == HOP_REFUSED) {
+    let status = response.status().as_u16();
+    if matches!(status, 422 | 502) && refused.is_some_and(|mark| mark == HOP_REFUSED) {
         if sendable_again(session) {
             return Ok(None);
         }

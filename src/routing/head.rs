@@ -149,19 +149,24 @@ pub fn strip_hop_by_hop(headers: &mut Headers) {
 }
 
 /// Removes the hop-by-hop headers, including those the `Connection` header names, except the
-/// `kept` ones (lower case) it names.
-pub(crate) fn strip_hop_by_hop_keeping(headers: &mut Headers, kept: &[&str]) {
-    let named: Vec<String> = headers
+/// `kept` ones (lower case) it names; answers those.
+pub(crate) fn strip_hop_by_hop_keeping(
+    headers: &mut Headers,
+    kept: &[&'static str],
+) -> Vec<&'static str> {
+    let (spared, named): (Vec<String>, Vec<String>) = headers
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, value)| value.split(','))
-        .map(|token| trim_ows(token).to_owned())
-        .filter(|token| !token.is_empty() && !kept.iter().any(|k| token.eq_ignore_ascii_case(k)))
-        .collect();
+        .map(|token| trim_ows(token).to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .partition(|token| kept.contains(&token.as_str()));
     headers.retain(|(name, _)| {
         let is = |other: &str| name.eq_ignore_ascii_case(other);
         !HOP_BY_HOP.iter().copied().any(is) && !named.iter().any(|other| is(other))
     });
+    let spared = kept.iter().filter(|k| spared.iter().any(|s| s == *k));
+    spared.copied().collect()
 }
 
 #[cfg(test)]

@@ -496,11 +496,16 @@ async fn sigterm_while_starting_stops_it_cleanly() {
 }
 
 /// A SIGQUIT with no new relay waiting to take the listening socket is refused, with a word why:
-/// handing the socket to nobody would leave nothing listening.
+/// handing the socket to nobody would leave nothing listening. A socket file left by a new relay
+/// that was killed while it waited is not one waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_without_a_new_relay_is_refused() {
     let site = Site::new();
     let mut relay = site.start(free_port(), &[], &[]);
+    // Nor does a socket file left by a new relay that was killed while it waited.
+    let left = std::os::unix::net::UnixListener::bind(site.upgrade_sock());
+    drop(left.expect("the upgrade socket can be made"));
+    assert!(site.upgrade_sock().exists());
     relay.signal("QUIT");
     let refused = wait_until(Duration::from_secs(10), || {
         relay.log().contains("SIGQUIT ignored")

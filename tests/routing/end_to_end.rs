@@ -1353,6 +1353,18 @@ async fn agent_on_another_instance() {
         .header("Connection", "x-backstream-client-id");
     let listed = client_b.send(listed).await.expect(200);
     assert_eq!(Echo::parse(&listed.body).uri, "/through-b");
+    // The client's credential it meant for the first hop only stays there, as on A.
+    let own = client_b
+        .request(Method::GET, &format!("/r/{name}/own"))
+        .header("Authorization", "Bearer for-the-relay-only")
+        .header("Connection", "authorization");
+    let own = Echo::parse(&client_b.send(own).await.expect(200).body);
+    assert!(!own.has("authorization"), "{own:?}");
+    // The mark between instances is the relays' own: a service that sends it is answered as sent.
+    let forged = client_b.get(&format!("/r/{name}/forged-mark")).await;
+    let forged = forged.expect(422);
+    assert_eq!(forged.text(), "the service's own 422");
+    assert_eq!(forged.header("x-burrow-hop"), None);
     // A client of B that leaves before the answer ends the exchange on A too.
     let mut hanging = setup.upstream.hanging.subscribe();
     let hang = client_b

@@ -265,6 +265,14 @@ async fn answer(request: Request<Incoming>, id: &str, waits: &Waits) -> Response
             .body(Full::new(Bytes::new()).boxed())
             .expect("a valid response");
     }
+    if path == "/forged-mark" {
+        // The relays' own mark between instances, as if this service spoke in their name.
+        return Response::builder()
+            .status(422)
+            .header("x-burrow-hop", "refused")
+            .body(Full::new(Bytes::from("the service's own 422")).boxed())
+            .expect("a valid response");
+    }
     if path == "/close" {
         return Response::builder()
             .header("Connection", "close")
