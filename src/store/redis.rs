@@ -837,7 +837,9 @@ impl Backend for RedisStore {
                 let (name, arg) = match &waited.key {
                     WakeKey::Message(tunnel) => {
                         let keys = TunnelKeys::new(tunnel);
-                        let idle = waited.redeliver_after.map(|after| after.as_millis());
+                        // Within what redis takes (a longer one counted the key as unreadable,
+                        // so ready every second).
+                        let idle = waited.redeliver_after.map(millis_i64);
                         let idle = idle.map_or_else(String::new, |ms| ms.to_string());
                         (keys.stream, ["m".to_owned(), keys.group, idle])
                     }

@@ -151,6 +151,11 @@ pub(super) async fn waiters_sleep_while_messages_are_out(backend: Backend) {
     plain.await.expect("the poll ran").0.expect_empty();
     pending.await.expect("the poll ran").0.expect_empty();
     assert_eq!(consumes().await - before, 4.0, "two reads per poll");
+    // The longest visibility timeout there is, beyond what redis counts in milliseconds.
+    let before = consumes().await;
+    let longest = spawn_get(&api, format!("/t/{t}/poll?pending={}&timeout=3", u64::MAX));
+    longest.await.expect("the poll ran").0.expect_empty();
+    assert_eq!(consumes().await - before, 2.0, "two reads");
 }
 
 /// A pending message trimmed away (TUNNEL_MAXLEN, no backpressure) is not handed out again: once
