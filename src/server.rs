@@ -37,6 +37,10 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A new relay (`--upgrade`) cannot wait for the listening socket where the configuration
+    /// says (Pingora would panic there).
+    #[error("the upgrade socket {path} cannot be made: {why}")]
+    UpgradeSocket { path: String, why: &'static str },
     /// A listening address is taken or not this host's.
     #[error("{var}={address} cannot be listened on: {source}")]
     Listen {
@@ -58,6 +62,8 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         if let Some(metrics) = &config.metrics_listen {
             can_listen("BURROW_METRICS_LISTEN", metrics)?;
         }
+    } else {
+        can_wait_at(&conf.upgrade_sock)?;
     }
     // The store's background tasks (redis connections, the wake-up subscriber, expiry) live on
     // their own runtime: Pingora's service runtimes come and go with the services.
@@ -189,22 +195,44 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// Whether a process listens on the Unix socket at `path`, where a new relay waits for the
-/// listening socket until it has it. A file left by one that was killed is no listener, so the
-/// kernel's table of sockets is asked (`/proc/net/unix`: a listening one is flagged
-/// `__SO_ACCEPTCON`, 0x10000); connecting to find out would not do, since the new relay takes
-/// the first connection for the hand-over. Without that table, the file's presence answers.
+/// listening socket until it has it: the socket file must be there (the old relay connects by
+/// path; one unlinked under a new relay that still listens leads nowhere), and a socket bound to
+/// that path must be listening — a file left by one that was killed is no listener. The kernel's
+/// table of sockets says which listen (`/proc/net/unix`, flag `__SO_ACCEPTCON`); connecting to
+/// find out would not do, since the new relay takes the first connection for the hand-over.
+/// Without that table, the file answers alone.
 fn listens_at(path: &str) -> bool {
     const ACCEPTING: u32 = 0x10000;
+    if !std::fs::metadata(path).is_ok_and(|found| found.file_type().is_socket()) {
+        return false;
+    }
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return std::fs::metadata(path).is_ok_and(|found| found.file_type().is_socket());
+        return true;
     };
-    // Num RefCount Protocol Flags Type St Inode Path
+    // Num RefCount Protocol Flags Type St Inode Path: the path, which may hold spaces, last.
+    let bound_here = format!(" {path}");
     table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
-        fields.get(7..).is_some_and(|name| name.join(" ") == path)
-            && flags.is_some_and(|flags| flags & ACCEPTING != 0)
+        let flags = line.split_whitespace().nth(3);
+        let flags = flags.and_then(|flags| u32::from_str_radix(flags, 16).ok());
+        line.ends_with(&bound_here) && flags.is_some_and(|flags| flags & ACCEPTING != 0)
     })
+}
+
+/// Whether a new relay can make its upgrade socket at `path`: in a directory that exists, where
+/// nothing but a file (which it replaces) stands.
+fn can_wait_at(path: &str) -> Result<(), ServeError> {
+    let refused = |why| ServeError::UpgradeSocket {
+        path: path.to_owned(),
+        why,
+    };
+    let path = std::path::Path::new(path);
+    if !path.parent().is_some_and(|dir| dir.is_dir()) {
+        return Err(refused("its directory does not exist"));
+    }
+    if path.is_dir() {
+        return Err(refused("a directory stands there"));
+    }
+    Ok(())
 }
 
 /// Whether `address` can be listened on now (std's listener, as Pingora's, reuses addresses).
@@ -310,6 +338,37 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new relay waits at the upgrade socket while a socket bound to its path listens and its
+    /// file is there: not when the file was left by one that is gone, nor when the file was
+    /// removed under one still listening; a path may hold spaces.
+    #[test]
+    fn successor_waits_only_while_it_listens_there() {
+        let dir = tempfile::TempDir::new().expect("a tempdir");
+        let path = dir.path().join("up  grade.sock");
+        let name = path.to_str().expect("a UTF-8 path");
+        assert!(!listens_at(name));
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bound");
+        assert!(listens_at(name));
+        std::fs::remove_file(&path).expect("removed");
+        assert!(!listens_at(name), "the file is gone");
+        drop(listener);
+        let left = std::os::unix::net::UnixListener::bind(&path).expect("bound again");
+        drop(left);
+        assert!(path.exists());
+        assert!(!listens_at(name), "nobody listens there");
+    }
+
+    /// A new relay refuses an upgrade socket it could not make, in one line, before Pingora
+    /// would panic on it.
+    #[test]
+    fn upgrade_socket_must_be_makeable() {
+        let dir = tempfile::TempDir::new().expect("a tempdir");
+        let nowhere = dir.path().join("missing/up.sock");
+        assert!(can_wait_at(nowhere.to_str().unwrap()).is_err());
+        assert!(can_wait_at(dir.path().to_str().unwrap()).is_err());
+        assert!(can_wait_at(dir.path().join("up.sock").to_str().unwrap()).is_ok());
+    }
 
     /// The built-in settings give each port its own upgrade socket; a `BURROW_CONF` file's is
     /// kept as written.
