@@ -1143,6 +1143,47 @@ async fn raw_answer(base: &str, path: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// An HTTP/1.0 client that asks to keep its connection keeps it when the upstream's answer has a
+/// length; an answer streamed without one is ended by closing the connection, HTTP/1.0 knowing no
+/// chunked coding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_keep_alive_when_the_length_is_known() {
+    use crate::support::raw::Connection;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let name = &setup.name;
+    let mut connection = Connection::open(&setup.relay.base).await;
+    let request =
+        format!("GET /r/{name}/echo HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n");
+    for _ in 0..2 {
+        let answer = connection.exchange(&request).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(
+            answer.header("connection"),
+            Some("keep-alive"),
+            "{answer:?}"
+        );
+    }
+    let address = setup.relay.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let streamed =
+        format!("GET /r/{name}/blob?bytes=100000 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    socket.write_all(streamed.as_bytes()).await.expect("sent");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, socket.read_to_end(&mut answer)).await;
+    read.expect("the body ends with the connection")
+        .expect("readable");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(answer[split + 4..], blob(100_000));
+}
+
 /// The basic round trip, agent and client on one relay, on each store.
 async fn round_trip(backend: Backend) {
     let setup = Setup::on(backend.start(&[])).await;
