@@ -218,19 +218,29 @@ fn listens_at(path: &str) -> bool {
     })
 }
 
-/// Whether a new relay can make its upgrade socket at `path`: in a directory that exists, where
-/// nothing but a file (which it replaces) stands.
+/// Whether a new relay can make its upgrade socket at `path`: a path a Unix socket can have
+/// (108 bytes with its terminating NUL), in a directory that exists, where nothing but a file
+/// (which it replaces) stands.
 fn can_wait_at(path: &str) -> Result<(), ServeError> {
+    const SUN_PATH: usize = 108;
     let refused = |why| ServeError::UpgradeSocket {
         path: path.to_owned(),
         why,
     };
-    let path = std::path::Path::new(path);
-    if !path.parent().is_some_and(|dir| dir.is_dir()) {
-        return Err(refused("its directory does not exist"));
+    if path.len() >= SUN_PATH {
+        return Err(refused("a Unix socket's path is at most 107 bytes"));
     }
+    let path = std::path::Path::new(path);
     if path.is_dir() {
         return Err(refused("a directory stands there"));
+    }
+    // A bare file name (`up.sock`) is in the working directory.
+    let dir = path.parent().map(|dir| match dir.as_os_str().is_empty() {
+        true => std::path::Path::new("."),
+        false => dir,
+    });
+    if !dir.is_some_and(|dir| dir.is_dir()) {
+        return Err(refused("its directory does not exist"));
     }
     Ok(())
 }
@@ -367,7 +377,12 @@ mod tests {
         let nowhere = dir.path().join("missing/up.sock");
         assert!(can_wait_at(nowhere.to_str().unwrap()).is_err());
         assert!(can_wait_at(dir.path().to_str().unwrap()).is_err());
+        assert!(can_wait_at("/").is_err());
+        let long = dir.path().join("a".repeat(120));
+        assert!(can_wait_at(long.to_str().unwrap()).is_err());
         assert!(can_wait_at(dir.path().join("up.sock").to_str().unwrap()).is_ok());
+        // A bare name is in the working directory, which exists.
+        assert!(can_wait_at("up.sock").is_ok());
     }
 
     /// The built-in settings give each port its own upgrade socket; a `BURROW_CONF` file's is

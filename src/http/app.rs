@@ -942,11 +942,16 @@ pub(super) fn log_store_failure(name: &str, error: &StoreError) {
 
 /// Whether a streamed body without a length goes to an HTTP/1.0 client, which knows no chunked
 /// encoding (RFC 9112 §6.1): the body then ends where the connection does. An upstream's answer
-/// with a Content-Length keeps the connection as the client asked.
+/// with a Content-Length, or of a status that has no body (204, 304), keeps the connection as the
+/// client asked.
 fn close_delimited(session: &ServerSession, response: &Response) -> bool {
     let has_length =
         (response.headers.iter()).any(|(name, _)| name.eq_ignore_ascii_case("content-length"));
-    response.streamed && !has_length && session.req_header().version == http::Version::HTTP_10
+    let bodiless = matches!(response.status, 204 | 304);
+    response.streamed
+        && !has_length
+        && !bodiless
+        && session.req_header().version == http::Version::HTTP_10
 }
 
 /// Writes a response; `None` when the client is gone.

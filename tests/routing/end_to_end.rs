@@ -1164,6 +1164,16 @@ async fn http10_clients_keep_alive_when_the_length_is_known() {
             "{answer:?}"
         );
     }
+    // So does an answer of a status without a body.
+    let empty = request.replace("\r\n\r\n", "\r\nx-echo-status: 204\r\n\r\n");
+    let answer = connection.exchange(&empty).await;
+    assert_eq!(answer.status, 204, "{answer:?}");
+    assert_eq!(
+        answer.header("connection"),
+        Some("keep-alive"),
+        "{answer:?}"
+    );
+    assert_eq!(connection.exchange(&request).await.status, 200);
     let address = setup.relay.base.trim_start_matches("http://");
     let mut socket = tokio::net::TcpStream::connect(address)
         .await
