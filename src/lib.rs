@@ -7,7 +7,8 @@
 //! # Layout
 //! - [`config`]: the environment, read once into a typed `Config`; errors name the variable.
 //! - `cli`: the command line (`burrow serve | worker | agent`), parsed with clap.
-//! - `server`: builds Pingora's `Server` from `conf/burrow.yaml` and the config, and runs it.
+//! - `server`: builds Pingora's `Server` from `conf/burrow.yaml` and the config, and runs it;
+//!   `signals`: what SIGTERM and SIGQUIT do to it (a SIGQUIT with no new relay waiting is refused).
 //! - `http`: the Pingora app — routing (`Route`), authorization, responses and the one place
 //!   where errors become statuses.
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
@@ -42,6 +43,7 @@ mod metrics;
 mod presence;
 mod routing;
 mod server;
+mod signals;
 mod store;
 mod tunnel;
 mod wake;

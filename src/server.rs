@@ -1,22 +1,22 @@
 //! Builds Pingora's `Server` from `conf/burrow.yaml` and the [`Config`], and runs it until a
 //! signal stops it.
 
-use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::server::{RunArgs, Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log;
 use crate::config::{Config, StoreConfig};
 use crate::http::{Connections, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
+use crate::signals::Signals;
 use crate::store::{Store, StoreError};
 
 /// Pingora's settings when `BURROW_CONF` names no file.
@@ -151,73 +151,6 @@ async fn exit_on_interrupt(interrupt: std::io::Result<tokio::signal::unix::Signa
     }
 }
 
-/// The signals that stop the relay as Pingora's own watch reads them (SIGTERM drains, SIGQUIT
-/// hands the listening socket over, then drains; SIGINT is [`exit_on_interrupt`]'s), except that
-/// a SIGQUIT with no new process waiting at the upgrade socket is refused: Pingora would hand the
-/// socket to nobody and drain, leaving nothing listening.
-struct Signals {
-    quit: tokio::sync::Mutex<Signal>,
-    terminate: tokio::sync::Mutex<Signal>,
-    upgrade_sock: String,
-}
-
-impl Signals {
-    /// Starts watching; signals that come before Pingora asks are kept for it.
-    fn watch(upgrade_sock: String) -> std::io::Result<Signals> {
-        Ok(Signals {
-            quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
-            terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
-            upgrade_sock,
-        })
-    }
-}
-
-#[async_trait]
-impl ShutdownSignalWatch for Signals {
-    async fn recv(&self) -> ShutdownSignal {
-        let (mut quit, mut terminate) = (self.quit.lock().await, self.terminate.lock().await);
-        loop {
-            tokio::select! {
-                _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
-                _ = quit.recv() => {
-                    if listens_at(&self.upgrade_sock) {
-                        return ShutdownSignal::GracefulUpgrade;
-                    }
-                    log::error!(
-                        "SIGQUIT ignored: no new process waits at {} to take the listening \
-                         socket (start `burrow serve --upgrade` first); still serving",
-                        self.upgrade_sock
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Whether a process listens on the Unix socket at `path`, where a new relay waits for the
-/// listening socket until it has it: the socket file must be there (the old relay connects by
-/// path; one unlinked under a new relay that still listens leads nowhere), and a socket bound to
-/// that path must be listening — a file left by one that was killed is no listener. The kernel's
-/// table of sockets says which listen (`/proc/net/unix`, flag `__SO_ACCEPTCON`); connecting to
-/// find out would not do, since the new relay takes the first connection for the hand-over.
-/// Without that table, the file answers alone.
-fn listens_at(path: &str) -> bool {
-    const ACCEPTING: u32 = 0x10000;
-    if !std::fs::metadata(path).is_ok_and(|found| found.file_type().is_socket()) {
-        return false;
-    }
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return true;
-    };
-    // Num RefCount Protocol Flags Type St Inode Path: the path, which may hold spaces, last.
-    let bound_here = format!(" {path}");
-    table.lines().skip(1).any(|line| {
-        let flags = line.split_whitespace().nth(3);
-        let flags = flags.and_then(|flags| u32::from_str_radix(flags, 16).ok());
-        line.ends_with(&bound_here) && flags.is_some_and(|flags| flags & ACCEPTING != 0)
-    })
-}
-
 /// Whether a new relay can make its upgrade socket at `path`: a path a Unix socket can have
 /// (108 bytes with its terminating NUL), in a directory that exists, where nothing but a file
 /// (which it replaces) stands.
@@ -348,26 +281,6 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A new relay waits at the upgrade socket while a socket bound to its path listens and its
-    /// file is there: not when the file was left by one that is gone, nor when the file was
-    /// removed under one still listening; a path may hold spaces.
-    #[test]
-    fn successor_waits_only_while_it_listens_there() {
-        let dir = tempfile::TempDir::new().expect("a tempdir");
-        let path = dir.path().join("up  grade.sock");
-        let name = path.to_str().expect("a UTF-8 path");
-        assert!(!listens_at(name));
-        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bound");
-        assert!(listens_at(name));
-        std::fs::remove_file(&path).expect("removed");
-        assert!(!listens_at(name), "the file is gone");
-        drop(listener);
-        let left = std::os::unix::net::UnixListener::bind(&path).expect("bound again");
-        drop(left);
-        assert!(path.exists());
-        assert!(!listens_at(name), "nobody listens there");
-    }
 
     /// A new relay refuses an upgrade socket it could not make, in one line, before Pingora
     /// would panic on it.

@@ -1,0 +1,100 @@
+//! The signals that stop or upgrade a running relay, as Pingora's shutdown watch reads them, and
+//! whether a new relay waits to take the listening socket over (a SIGQUIT without one is refused).
+
+use std::os::unix::fs::FileTypeExt;
+
+use async_trait::async_trait;
+use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// The signals that stop the relay as Pingora's own watch reads them (SIGTERM drains, SIGQUIT
+/// hands the listening socket over, then drains; `server` stops it at once on SIGINT), except
+/// that a SIGQUIT with no new process waiting at the upgrade socket is refused: Pingora would
+/// hand the socket to nobody and drain, leaving nothing listening.
+pub struct Signals {
+    quit: tokio::sync::Mutex<Signal>,
+    terminate: tokio::sync::Mutex<Signal>,
+    upgrade_sock: String,
+}
+
+impl Signals {
+    /// Starts watching; signals that come before Pingora asks are kept for it.
+    pub fn watch(upgrade_sock: String) -> std::io::Result<Signals> {
+        Ok(Signals {
+            quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
+            terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
+            upgrade_sock,
+        })
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (mut quit, mut terminate) = (self.quit.lock().await, self.terminate.lock().await);
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = quit.recv() => {
+                    if listens_at(&self.upgrade_sock) {
+                        return ShutdownSignal::GracefulUpgrade;
+                    }
+                    log::error!(
+                        "SIGQUIT ignored: no new process waits at {} to take the listening \
+                         socket (start `burrow serve --upgrade` first); still serving",
+                        self.upgrade_sock
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process listens on the Unix socket at `path`, where a new relay waits for the
+/// listening socket until it has it: the socket file must be there (the old relay connects by
+/// path; one unlinked under a new relay that still listens leads nowhere), and a socket bound to
+/// that path must be listening — a file left by one that was killed is no listener. The kernel's
+/// table of sockets says which listen (`/proc/net/unix`, flag `__SO_ACCEPTCON`); connecting to
+/// find out would not do, since the new relay takes the first connection for the hand-over.
+/// Without that table, the file answers alone.
+fn listens_at(path: &str) -> bool {
+    const ACCEPTING: u32 = 0x10000;
+    if !std::fs::metadata(path).is_ok_and(|found| found.file_type().is_socket()) {
+        return false;
+    }
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return true;
+    };
+    // Num RefCount Protocol Flags Type St Inode Path: the path, which may hold spaces, last.
+    let bound_here = format!(" {path}");
+    table.lines().skip(1).any(|line| {
+        let flags = line.split_whitespace().nth(3);
+        let flags = flags.and_then(|flags| u32::from_str_radix(flags, 16).ok());
+        line.ends_with(&bound_here) && flags.is_some_and(|flags| flags & ACCEPTING != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new relay waits at the upgrade socket while a socket bound to its path listens and its
+    /// file is there: not when the file was left by one that is gone, nor when the file was
+    /// removed under one still listening; a path may hold spaces.
+    #[test]
+    fn successor_waits_only_while_it_listens_there() {
+        let dir = tempfile::TempDir::new().expect("a tempdir");
+        let path = dir.path().join("up  grade.sock");
+        let name = path.to_str().expect("a UTF-8 path");
+        assert!(!listens_at(name));
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bound");
+        assert!(listens_at(name));
+        std::fs::remove_file(&path).expect("removed");
+        assert!(!listens_at(name), "the file is gone");
+        drop(listener);
+        let left = std::os::unix::net::UnixListener::bind(&path).expect("bound again");
+        drop(left);
+        assert!(path.exists());
+        assert!(!listens_at(name), "nobody listens there");
+    }
+}
