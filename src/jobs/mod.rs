@@ -165,7 +165,8 @@ impl Jobs {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
-        // Collected by another (its reply and record go in one step): there is nothing to wait for.
+        // Collected by another meanwhile (its reply and record go in one step): there is nothing
+        // left to wait for.
         let recorded = || async { Ok(self.store.job(queue, msg).await?.is_some()) };
         let tunnels = &self.tunnels;
         let first = tunnels

@@ -189,8 +189,9 @@ impl Tunnels {
             .await
     }
 
-    /// [`Tunnels::take_reply`], waiting only while `wanted` holds, which is asked each time the
-    /// reply is not there: a waiter whose reply someone else took need not wait out its time.
+    /// [`Tunnels::take_reply`], waiting only while `wanted` holds, which is asked each time a
+    /// wake-up finds the reply not there (not at the first look: the caller knows it holds then):
+    /// a waiter whose reply someone else took need not wait out its time.
     pub async fn take_reply_while<W, Fut>(
         &self,
         tunnel: &TunnelId,
@@ -204,10 +205,14 @@ impl Tunnels {
         Fut: std::future::Future<Output = Result<bool, crate::store::StoreError>>,
     {
         let key = Waited::new(WakeKey::Reply(tunnel.to_string(), msg.to_string()));
+        let woken = AtomicBool::new(false);
         let attempt = || async {
             let taken = self.store.take_reply(tunnel, msg);
             if let Some(reply) = metrics::store_op(StoreOp::TakeReply, taken).await? {
                 return Ok(Some(Some(reply)));
+            }
+            if !woken.swap(true, Ordering::Relaxed) {
+                return Ok(None);
             }
             Ok((!wanted().await?).then_some(None))
         };
