@@ -37,7 +37,17 @@ burrow_bin="$PWD/target/debug/burrow"
 # The conformance suite's `external` variants target BURROW_URL; when none is given, they run
 # against a relay started here, so the external mode itself stays tested.
 if [[ -z "${BURROW_URL:-}" ]]; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A free port below the kernel's ephemeral range, where no outgoing connection can take it
+  # before the relay binds it.
+  port=$(python3 -c '
+import random, socket
+for port in random.sample(range(10000, 32768), 1000):
+    try:
+        socket.socket().bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break')
   BURROW_LISTEN="127.0.0.1:$port" RUST_LOG=warn target/debug/burrow serve &
   relay=$!
   trap 'kill $relay 2>/dev/null || true' EXIT
@@ -46,6 +56,7 @@ if [[ -z "${BURROW_URL:-}" ]]; then
     curl -sf "$BURROW_URL/health" >/dev/null 2>&1 && break
     sleep 0.1
   done
+  curl -sf "$BURROW_URL/health" >/dev/null || { echo "the relay on port $port did not start" >&2; exit 1; }
 fi
 echo "==> conformance suite against $BURROW_URL"
 cargo test --test tests external -- --ignored

@@ -72,7 +72,11 @@ impl Site {
             let healthy = wait_until(Duration::from_secs(10), || {
                 status_of(port, "/health") == Some(200)
             });
-            assert!(healthy, "burrow on port {port} did not become healthy");
+            assert!(
+                healthy,
+                "burrow on port {port} did not become healthy:\n{}",
+                burrow.log()
+            );
         }
         burrow
     }

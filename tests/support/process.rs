@@ -4,9 +4,13 @@
 //! child runs under a tiny `sh` guardian that reads its stdin (a pipe held by this process): when the
 //! pipe closes — on `Drop`, or because the test binary exited or died — the guardian kills the child.
 
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeSet;
 use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// Waits for stdin to close, then kills the program it started in the background.
@@ -80,12 +84,35 @@ impl Drop for Guarded {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, for a child process to bind.
+///
+/// It lies below the kernel's ephemeral range: a port from `bind(0)` is in that range, and in the
+/// moment before the child binds it an outgoing connection of a parallel test may take it (a relay
+/// in CI failed to start so). Nor is one port handed out twice by this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("the loopback interface has free ports")
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    let (low, high) = (10_000, ephemeral_ports_start());
+    let span = u64::from(high - low);
+    let start = RandomState::new().build_hasher().finish();
+    (0..span)
+        .map(|step| low + ((start.wrapping_add(step)) % span) as u16)
+        .find(|&port| {
+            !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        })
+        .inspect(|&port| {
+            given.insert(port);
+        })
+        .expect("the loopback interface has free ports below the ephemeral range")
+}
+
+/// Where the kernel's ephemeral ports begin (Linux's default if it cannot be read).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .filter(|&start| start > 20_000)
+        .unwrap_or(32_768)
 }
 
 /// Sends `signal` (`TERM`, `QUIT`, `KILL`…) to `child`.
