@@ -86,10 +86,12 @@ pub enum StoreOp {
     Status,
     Len,
     Clear,
+    /// Reading every instance's presence record (`GET /agents`, finding an agent elsewhere).
+    Instances,
 }
 
 impl StoreOp {
-    const ALL: [StoreOp; 8] = [
+    const ALL: [StoreOp; 9] = [
         StoreOp::Produce,
         StoreOp::Consume,
         StoreOp::Ack,
@@ -98,6 +100,7 @@ impl StoreOp {
         StoreOp::Status,
         StoreOp::Len,
         StoreOp::Clear,
+        StoreOp::Instances,
     ];
 
     fn label(self) -> &'static str {
@@ -110,6 +113,7 @@ impl StoreOp {
             StoreOp::Status => "status",
             StoreOp::Len => "len",
             StoreOp::Clear => "clear",
+            StoreOp::Instances => "instances",
         }
     }
 }

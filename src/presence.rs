@@ -4,11 +4,15 @@
 //! vanished leaves its instance's list once its heartbeats stop. `GET /agents` lists every
 //! instance's agents, and a request for an agent connected elsewhere is sent to that instance.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::metrics::{self, StoreOp};
 use crate::routing::Agents;
 use crate::store::{Store, StoreError};
 
@@ -21,6 +25,11 @@ pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
 /// How long an announcement lasts: three missed announcements and the instance is gone.
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(15);
 
+/// How long a read of where the other instances' agents are answers later requests for the names
+/// it found. A read parses every instance's record, which with many agents costs milliseconds
+/// and a round trip to the store per request; a name it did not find is looked up afresh.
+const REMEMBER_HOLDERS: Duration = Duration::from_secs(1);
+
 /// This instance's presence, and the view of everyone's.
 #[derive(Clone)]
 pub struct Presence {
@@ -28,6 +37,29 @@ pub struct Presence {
     agents: Agents,
     instance: String,
     address: String,
+    /// The last read of the other instances' agents.
+    directory: Arc<Mutex<Option<Directory>>>,
+}
+
+/// Which other instances had which agents, by name, when the store was read.
+struct Directory {
+    read_at: Instant,
+    holders: HashMap<String, Vec<String>>,
+}
+
+/// The part of an instance's record that says where its agents are.
+#[derive(Deserialize)]
+struct Record {
+    instance: String,
+    address: String,
+    #[serde(default)]
+    agents: Vec<Named>,
+}
+
+/// An agent in a record, by name (the rest is for `GET /agents`).
+#[derive(Deserialize)]
+struct Named {
+    name: String,
 }
 
 impl Presence {
@@ -39,6 +71,7 @@ impl Presence {
             agents,
             instance,
             address,
+            directory: Arc::default(),
         }
     }
 
@@ -86,27 +119,53 @@ impl Presence {
         Ok(agents)
     }
 
-    /// The addresses of the other instances with an agent named `name`, in random order so that
-    /// instances sharing a name share its requests.
-    pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        let mut addresses: Vec<String> = self
-            .others()
-            .await?
-            .into_iter()
-            .filter(|record| {
-                record["agents"]
-                    .as_array()
-                    .is_some_and(|agents| agents.iter().any(|a| a["name"] == name))
-            })
-            .filter_map(|record| record["address"].as_str().map(String::from))
-            .collect();
+    /// The addresses of the other instances that had an agent named `name` at a read of the
+    /// store less than a second ago, in random order; `None` if there was no such read.
+    pub fn remembered_holders(&self, name: &str) -> Option<Vec<String>> {
+        let directory = self
+            .directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let directory = directory.as_ref()?;
+        if directory.read_at.elapsed() >= REMEMBER_HOLDERS {
+            return None;
+        }
+        let mut addresses = directory.holders.get(name)?.clone();
         fastrand::shuffle(&mut addresses);
+        Some(addresses)
+    }
+
+    /// The addresses of the other instances with an agent named `name`, read from the store now,
+    /// in random order so that instances sharing a name share its requests.
+    pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let read_at = Instant::now();
+        let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        let others = records
+            .iter()
+            .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
+            .filter(|record| record.instance != self.instance);
+        for record in others {
+            for agent in record.agents {
+                let addresses = holders.entry(agent.name).or_default();
+                if !addresses.contains(&record.address) {
+                    addresses.push(record.address.clone());
+                }
+            }
+        }
+        let mut addresses = holders.get(name).cloned().unwrap_or_default();
+        fastrand::shuffle(&mut addresses);
+        let directory = Directory { read_at, holders };
+        *self
+            .directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(directory);
         Ok(addresses)
     }
 
     /// The records of the other live instances.
     async fn others(&self) -> Result<Vec<Value>, StoreError> {
-        let records = self.store.instances().await?;
+        let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
         Ok(records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Value>(record).ok())

@@ -372,18 +372,55 @@ impl RelayApp {
                 other => other,
             });
         }
-        // An instance killed without a goodbye stays listed until its record expires: a request
-        // it never received goes on to the next one.
+        // Where the name was found lately is tried first; when none of those takes the request
+        // (the agent moved, an instance went), the store is read for any others. A request with
+        // a body could not go on after such a refusal, so it is sent where the store says now.
+        let mut tried = Vec::new();
+        let remembered = forward::sendable_again(session)
+            .then(|| self.presence.remembered_holders(agent.as_str()))
+            .flatten();
+        if let Some(addresses) = remembered {
+            if let Some(outcome) = self
+                .send_on(session, addresses, &mut tried, deadline)
+                .await?
+            {
+                return Ok(outcome);
+            }
+        }
+        let addresses = self.presence.holders(agent.as_str()).await?;
+        match self
+            .send_on(session, addresses, &mut tried, deadline)
+            .await?
+        {
+            Some(outcome) => Ok(outcome),
+            None => Err(failure),
+        }
+    }
+
+    /// Sends the request on to the first of the instances at `addresses` not yet `tried` that
+    /// takes it. An instance killed without a goodbye stays listed until its record expires: a
+    /// request it never received goes on to the next one.
+    async fn send_on(
+        &self,
+        session: &mut ServerSession,
+        addresses: Vec<String>,
+        tried: &mut Vec<String>,
+        deadline: Instant,
+    ) -> Result<Option<Outcome>, Error> {
         let instance = self.presence.instance();
-        for address in self.presence.holders(agent.as_str()).await? {
+        for address in addresses {
+            if tried.contains(&address) {
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let proxied = forward::proxy(session, &self.proxy, &address, instance, left);
             if let Some((head, response)) = proxied.await? {
                 let body = Body::Instance(response);
-                return Ok(Outcome::Respond(head, Some(After::Forward(body))));
+                return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
             }
+            tried.push(address);
         }
-        Err(failure)
+        Ok(None)
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.

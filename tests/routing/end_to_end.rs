@@ -16,7 +16,7 @@ use super::upstream::{blob, sha256, Echo, Upstream};
 use super::{upstream_answering, Agent};
 use crate::support::process::free_port;
 use crate::support::{
-    says, tunnel_id, wait_until, Backend, Client, RedisServer, Relay, Response, Store,
+    metric, says, tunnel_id, wait_until, Backend, Client, RedisServer, Relay, Response, Store,
 };
 
 /// How long an agent may take to (re)connect: its back-off reaches 10 s.
@@ -1257,6 +1257,41 @@ async fn sigterm_answers_routed_requests_in_flight() {
     let answer = request.await.expect("the request task does not panic");
     let answer = answer.expect_error(503, "Relay shutting down, retry");
     assert_eq!(answer.header("retry-after"), Some("1"));
+}
+
+/// B remembers for a moment which instances it found an agent on: its requests to the agent on A
+/// read the store once, not once each. When the agent has moved to C meanwhile, A refuses the
+/// request and B reads the store again, rather than answer 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_holding_an_agent_are_remembered() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let Setup {
+        relay: _a,
+        upstream: _upstream,
+        agent: mut a_agent,
+        name,
+        ..
+    } = setup;
+    let client_b = b.client();
+    let metrics = client_b.metrics().expect("the relay has a metrics page");
+    let reads = "burrow_store_duration_seconds_count{op=\"instances\"}";
+    let before = metric(&metrics, reads).await;
+    for _ in 0..10 {
+        echo_through(&client_b, &name, "up").await;
+    }
+    let read = metric(&metrics, reads).await - before;
+    assert!(read <= 2.0, "ten requests read the store {read} times");
+
+    let redis = crate::support::shared_redis();
+    let c = Relay::start(Store::Redis(redis), &[]);
+    let c_upstream = Upstream::start("c").await;
+    // What B remembers now lists A alone.
+    echo_through(&client_b, &name, "up").await;
+    let c_agent = Agent::serve(&c.base, &name, &c_upstream.url(), None);
+    wait_agents(&client_b, &name, 2, WAIT, &[&a_agent, &c_agent]).await;
+    a_agent.kill();
+    wait_agents(&client_b, &name, 1, WAIT, &[&c_agent]).await;
+    echo_through(&client_b, &name, "c").await;
 }
 
 /// Two instances on one redis-server: a request whose only agent on B hung up before taking it
