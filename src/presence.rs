@@ -5,7 +5,7 @@
 //! instance's agents, and a request for an agent connected elsewhere is sent to that instance.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,7 +44,15 @@ pub struct Presence {
 /// Which other instances had which agents, by name, when the store was read.
 struct Directory {
     read_at: Instant,
-    holders: HashMap<String, Vec<String>>,
+    holders: HashMap<String, Vec<Holder>>,
+}
+
+/// An instance with agents of a name.
+#[derive(Clone)]
+struct Holder {
+    address: String,
+    /// Whether every one of them is silent (frozen or cut off): such an instance is tried last.
+    silent: bool,
 }
 
 /// The part of an instance's record that says where its agents are.
@@ -56,10 +64,12 @@ struct Record {
     agents: Vec<Named>,
 }
 
-/// An agent in a record, by name (the rest is for `GET /agents`).
+/// An agent in a record, by name and whether it is silent (the rest is for `GET /agents`).
 #[derive(Deserialize)]
 struct Named {
     name: String,
+    #[serde(default)]
+    silent: bool,
 }
 
 impl Presence {
@@ -91,7 +101,8 @@ impl Presence {
         self.record(Vec::new()).await
     }
 
-    /// Resolves when an agent connects here or leaves, which is worth announcing at once.
+    /// Resolves when an agent connects here or leaves, falls silent or speaks again, which is
+    /// worth announcing at once.
     pub async fn agents_changed(&self) {
         self.agents.changed().await;
     }
@@ -110,8 +121,13 @@ impl Presence {
 
     /// Every instance's agents, each with its `instance`; this instance's are always current.
     pub async fn all(&self) -> Result<Vec<Value>, StoreError> {
+        let records = self.read().await?;
         let mut agents = self.local_agents();
-        for record in self.others().await? {
+        let others = records
+            .iter()
+            .filter_map(|record| serde_json::from_slice::<Value>(record).ok())
+            .filter(|record| record["instance"] != self.instance.as_str());
+        for record in others {
             if let Some(Value::Array(theirs)) = record.get("agents") {
                 agents.extend(theirs.iter().cloned());
             }
@@ -120,57 +136,56 @@ impl Presence {
     }
 
     /// The addresses of the other instances that had an agent named `name` at a read of the
-    /// store less than a second ago, in random order; `None` if there was no such read.
+    /// store less than a second ago, in the order to try them (see [`Presence::holders`]);
+    /// `None` if there was no such read.
     pub fn remembered_holders(&self, name: &str) -> Option<Vec<String>> {
-        let directory = self
-            .directory
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let directory = self.directory();
         let directory = directory.as_ref()?;
         if directory.read_at.elapsed() >= REMEMBER_HOLDERS {
             return None;
         }
-        let mut addresses = directory.holders.get(name)?.clone();
-        fastrand::shuffle(&mut addresses);
-        Some(addresses)
+        Some(in_order(directory.holders.get(name)?))
     }
 
-    /// The addresses of the other instances with an agent named `name`, read from the store now,
-    /// in random order so that instances sharing a name share its requests.
+    /// The addresses of the other instances with an agent named `name`, read from the store now:
+    /// those whose agents of the name are all silent last, in random order otherwise so that
+    /// instances sharing a name share its requests.
     pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        self.read().await?;
+        let directory = self.directory();
+        let holders = directory.as_ref().and_then(|d| d.holders.get(name));
+        Ok(holders.map(|holders| in_order(holders)).unwrap_or_default())
+    }
+
+    /// Reads every instance's record, and notes which other instances have which agents.
+    async fn read(&self) -> Result<Vec<Bytes>, StoreError> {
         let read_at = Instant::now();
         let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
-        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        let mut holders: HashMap<String, Vec<Holder>> = HashMap::new();
         let others = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
             .filter(|record| record.instance != self.instance);
         for record in others {
             for agent in record.agents {
-                let addresses = holders.entry(agent.name).or_default();
-                if !addresses.contains(&record.address) {
-                    addresses.push(record.address.clone());
+                let of_name = holders.entry(agent.name).or_default();
+                match of_name.iter_mut().find(|h| h.address == record.address) {
+                    Some(holder) => holder.silent &= agent.silent,
+                    None => of_name.push(Holder {
+                        address: record.address.clone(),
+                        silent: agent.silent,
+                    }),
                 }
             }
         }
-        let mut addresses = holders.get(name).cloned().unwrap_or_default();
-        fastrand::shuffle(&mut addresses);
-        let directory = Directory { read_at, holders };
-        *self
-            .directory
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(directory);
-        Ok(addresses)
+        *self.directory() = Some(Directory { read_at, holders });
+        Ok(records)
     }
 
-    /// The records of the other live instances.
-    async fn others(&self) -> Result<Vec<Value>, StoreError> {
-        let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
-        Ok(records
-            .iter()
-            .filter_map(|record| serde_json::from_slice::<Value>(record).ok())
-            .filter(|record| record["instance"] != self.instance.as_str())
-            .collect())
+    fn directory(&self) -> MutexGuard<'_, Option<Directory>> {
+        self.directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn local_agents(&self) -> Vec<Value> {
@@ -184,8 +199,18 @@ impl Presence {
                     "connected_since_ms": a.connected_since_ms,
                     "last_heartbeat_ms": a.last_heartbeat_ms,
                     "requests_in_flight": a.in_flight,
+                    "silent": a.silent,
                 })
             })
             .collect()
     }
+}
+
+/// The addresses of `holders`, those with only silent agents of the name last, each group in
+/// random order.
+fn in_order(holders: &[Holder]) -> Vec<String> {
+    let mut holders = holders.to_vec();
+    fastrand::shuffle(&mut holders);
+    holders.sort_by_key(|holder| holder.silent);
+    holders.into_iter().map(|holder| holder.address).collect()
 }

@@ -23,6 +23,8 @@ pub struct AgentInfo {
     pub last_heartbeat_ms: u64,
     /// Requests it is serving now.
     pub in_flight: usize,
+    /// Whether it has not acknowledged a request for a second (see [`Link::silent`]).
+    pub silent: bool,
 }
 
 /// The agents connected to this process; a cheap clone around shared state.
@@ -38,7 +40,8 @@ struct Shared {
     next_link: AtomicU64,
     /// Rotates the choice between equally busy links.
     turn: AtomicUsize,
-    /// Told when an agent connects or leaves, so presence is announced without waiting.
+    /// Told when an agent connects, leaves, falls silent or speaks again, so presence is
+    /// announced without waiting.
     changed: Notify,
 }
 
@@ -61,6 +64,7 @@ impl Agents {
                 connected_since_ms: link.connected_since_ms,
                 last_heartbeat_ms: link.last_heartbeat_ms(),
                 in_flight: link.in_flight(),
+                silent: link.silent(),
             })
             .collect()
     }
@@ -102,8 +106,8 @@ impl Agents {
         self.shared.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Resolves at the next connection or departure of an agent (or at once, if one happened
-    /// since the last call).
+    /// Resolves at the next connection or departure of an agent, or when one falls silent or
+    /// speaks again (or at once, if one of these happened since the last call).
     pub async fn changed(&self) {
         self.shared.changed.notified().await;
     }
@@ -114,6 +118,12 @@ impl Agents {
             .entry(link.name.clone())
             .or_default()
             .push(link);
+        self.shared.changed.notify_one();
+    }
+
+    /// Tells presence that a link fell silent or spoke again, which is worth announcing at once:
+    /// other instances send requests to silent agents last.
+    pub(crate) fn silence_changed(&self) {
         self.shared.changed.notify_one();
     }
 

@@ -135,6 +135,7 @@ pub async fn serve<S>(
     // A relay already shutting down takes no agents: it drains at once.
     let mut drain_until = (*shutdown.borrow()).then(|| begin_drain(&link));
     let mut check = tokio::time::interval(CHECK_EVERY);
+    let mut silent = false;
     let reason: Reason = loop {
         tokio::select! {
             message = incoming.next() => match message {
@@ -160,6 +161,10 @@ pub async fn serve<S>(
                 }
                 if drain_until.is_some_and(|until| link.in_flight() == 0 || Instant::now() > until) {
                     break "relay shutting down".into();
+                }
+                if link.silent() != silent {
+                    silent = !silent;
+                    registry.silence_changed();
                 }
             }
             changed = shutdown.changed(), if drain_until.is_none() => {

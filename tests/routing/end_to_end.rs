@@ -1294,6 +1294,57 @@ async fn instances_holding_an_agent_are_remembered() {
     echo_through(&client_b, &name, "c").await;
 }
 
+/// An agent that stops answering (frozen, or cut off without a reset) gets requests last from
+/// other instances too: its instance finds it silent and says so in its presence record, and B
+/// sends the name's requests to the agent on C instead of timing out half of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_on_another_instance_comes_last() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let Setup {
+        relay: a,
+        upstream: _upstream,
+        agent: a_agent,
+        name,
+        ..
+    } = setup;
+    let redis = crate::support::shared_redis();
+    let c = Relay::start(Store::Redis(redis), &[]);
+    let c_upstream = Upstream::start("c").await;
+    let c_agent = Agent::serve(&c.base, &name, &c_upstream.url(), None);
+    let client_b = b.client();
+    wait_agents(&client_b, &name, 2, WAIT, &[&a_agent, &c_agent]).await;
+    let silent_on_a = || async {
+        let agents = client_b.get("/agents").await.expect(200).json();
+        agents["agents"]
+            .as_array()
+            .expect("/agents has an `agents` array")
+            .iter()
+            .any(|agent| agent["name"] == name.as_str() && agent["silent"] == true)
+    };
+    assert!(!silent_on_a().await);
+
+    crate::support::process::signal(&a_agent.child, "STOP");
+    let request = a.client().request(Method::GET, &format!("/r/{name}/echo"));
+    a.client()
+        .send(request.header(TIMEOUT, "1s"))
+        .await
+        .expect_one_line_error(504);
+    // Announced when it falls silent, not at the next 5 s tick.
+    assert!(
+        crate::support::eventually(Duration::from_secs(3), silent_on_a).await,
+        "B did not learn within 3 s that the agent on A is silent"
+    );
+    for _ in 0..10 {
+        let request = client_b.request(Method::GET, &format!("/r/{name}/echo"));
+        let answer = client_b
+            .send(request.header(TIMEOUT, "2s"))
+            .await
+            .expect(200);
+        assert_eq!(Echo::parse(&answer.body).upstream, "c");
+    }
+    crate::support::process::signal(&a_agent.child, "CONT");
+}
+
 /// Two instances on one redis-server: a request whose only agent on B hung up before taking it
 /// goes on to the agent of the name on A (so does one with an empty body); one with a body,
 /// which B has read, gets 502.
