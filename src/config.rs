@@ -79,7 +79,10 @@ impl AuthConfig {
         if !self.enabled() {
             return "authorization off".into();
         }
-        let public = format!("{} public ids", self.public_ids.len());
+        let public = match self.public_ids.len() {
+            1 => "1 public id".to_owned(),
+            n => format!("{n} public ids"),
+        };
         let on = [
             self.token.as_ref().map(|_| "bearer token".to_owned()),
             self.signature_secret
@@ -144,6 +147,8 @@ pub struct Config {
     /// `BURROW_ADVERTISE`: the `host:port` other instances reach this one at (default: the listen
     /// address, with an unspecified IP replaced by 127.0.0.1).
     pub advertise: String,
+    /// Whether `BURROW_ADVERTISE` was set, rather than derived from the listen address.
+    pub advertise_given: bool,
     /// `BURROW_ROUTE_TIMEOUT`: the round-trip limit of a routed request without
     /// `x-backstream-request-timeout` (a Go duration).
     pub route_timeout: Duration,
@@ -227,10 +232,10 @@ impl Config {
                 expected: "an address other than BURROW_LISTEN's",
             });
         }
+        let advertise = env.host_port("BURROW_ADVERTISE")?;
         Ok(Config {
-            advertise: env
-                .host_port("BURROW_ADVERTISE")?
-                .unwrap_or_else(|| reachable(&listen)),
+            advertise_given: advertise.is_some(),
+            advertise: advertise.unwrap_or_else(|| reachable(&listen)),
             listen,
             metrics_listen,
             access_log: env.flag("BURROW_ACCESS_LOG", true)?,
@@ -610,6 +615,7 @@ mod tests {
         assert_eq!(c.tunnel.max_message_size, 131_072);
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.advertise, "127.0.0.1:8080");
+        assert!(!c.advertise_given);
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert!(!c.auth.enabled());
     }
@@ -620,6 +626,7 @@ mod tests {
         for value in ["relay-0.relay:8080", "10.0.3.7:80", "[fd00::7]:8080"] {
             let c = config(&[("BURROW_ADVERTISE", value)]).expect(value);
             assert_eq!(c.advertise, value);
+            assert!(c.advertise_given);
         }
     }
 
@@ -750,6 +757,8 @@ mod tests {
         assert_eq!(summary, "authorization on: bearer token, 3 public ids");
         let c = config(&[("TUNNEL_ACCES_TOKEN", "s3cret")]).unwrap();
         assert_eq!(c.auth.summary(), "authorization off");
+        let c = config(&[("TUNNEL_PUBLIC_IDS", "a")]).unwrap();
+        assert_eq!(c.auth.summary(), "authorization on: 1 public id");
     }
 
     /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.

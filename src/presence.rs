@@ -25,6 +25,9 @@ pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
 /// How long an announcement lasts: three missed announcements and the instance is gone.
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(15);
 
+/// How long an instance that could not be reached is tried after the others.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
 /// How long a read of where the other instances' agents are answers later requests for the names
 /// it found. A read parses every instance's record, which with many agents costs milliseconds
 /// and a round trip to the store per request; a name it did not find is looked up afresh.
@@ -39,6 +42,11 @@ pub struct Presence {
     address: String,
     /// The last read of the other instances' agents.
     directory: Arc<Mutex<Option<Directory>>>,
+    /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
+    /// for the next one instead of each reading every record.
+    reading: Arc<tokio::sync::Mutex<()>>,
+    /// Addresses of instances that could not be reached, and since when.
+    unreachable: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 /// Which other instances had which agents, by name, when the store was read.
@@ -64,12 +72,15 @@ struct Record {
     agents: Vec<Named>,
 }
 
-/// An agent in a record, by name and whether it is silent (the rest is for `GET /agents`).
+/// An agent in a record, by name and state (the rest is for `GET /agents`).
 #[derive(Deserialize)]
 struct Named {
     name: String,
     #[serde(default)]
     silent: bool,
+    /// Leaving (it or its relay said GOAWAY): it takes no new requests.
+    #[serde(default)]
+    draining: bool,
 }
 
 impl Presence {
@@ -82,6 +93,8 @@ impl Presence {
             instance,
             address,
             directory: Arc::default(),
+            reading: Arc::default(),
+            unreachable: Arc::default(),
         }
     }
 
@@ -101,8 +114,8 @@ impl Presence {
         self.record(Vec::new()).await
     }
 
-    /// Resolves when an agent connects here or leaves, falls silent or speaks again, which is
-    /// worth announcing at once.
+    /// Resolves when an agent connects here or leaves, falls silent, speaks again or begins to
+    /// drain, which is worth announcing at once.
     pub async fn agents_changed(&self) {
         self.agents.changed().await;
     }
@@ -144,17 +157,57 @@ impl Presence {
         if directory.read_at.elapsed() >= REMEMBER_HOLDERS {
             return None;
         }
-        Some(in_order(directory.holders.get(name)?))
+        Some(self.in_order(directory.holders.get(name)?))
     }
 
-    /// The addresses of the other instances with an agent named `name`, read from the store now:
-    /// those whose agents of the name are all silent last, in random order otherwise so that
-    /// instances sharing a name share its requests.
+    /// The addresses of the other instances with an agent named `name`, from a read of the store
+    /// begun after this call: in random order so that instances sharing a name share its
+    /// requests, but those that could not be reached lately last, and before them those whose
+    /// agents of the name are all silent. One read serves every request waiting for it.
     pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        self.read().await?;
+        let asked_at = Instant::now();
+        let _turn = self.reading.lock().await;
+        let fresh = self
+            .directory()
+            .as_ref()
+            .is_some_and(|d| d.read_at >= asked_at);
+        if !fresh {
+            self.read().await?;
+        }
         let directory = self.directory();
         let holders = directory.as_ref().and_then(|d| d.holders.get(name));
-        Ok(holders.map(|holders| in_order(holders)).unwrap_or_default())
+        Ok(holders
+            .map(|holders| self.in_order(holders))
+            .unwrap_or_default())
+    }
+
+    /// Notes that the instance at `address` could not be reached: for a few seconds it is tried
+    /// after the others. Whether it was not noted already (a failure worth a log line).
+    pub fn unreachable(&self, address: &str) -> bool {
+        let mut unreachable = lock(&self.unreachable);
+        unreachable.retain(|_, since| since.elapsed() < UNREACHABLE_FOR);
+        unreachable
+            .insert(address.to_owned(), Instant::now())
+            .is_none()
+    }
+
+    /// Notes that the instance at `address` answered.
+    pub fn reached(&self, address: &str) {
+        lock(&self.unreachable).remove(address);
+    }
+
+    /// The addresses of `holders` in the order to try them (see [`Presence::holders`]).
+    fn in_order(&self, holders: &[Holder]) -> Vec<String> {
+        let unreachable = lock(&self.unreachable);
+        let lately = |address: &str| {
+            unreachable
+                .get(address)
+                .is_some_and(|since| since.elapsed() < UNREACHABLE_FOR)
+        };
+        let mut holders = holders.to_vec();
+        fastrand::shuffle(&mut holders);
+        holders.sort_by_key(|holder| (lately(&holder.address), holder.silent));
+        holders.into_iter().map(|holder| holder.address).collect()
     }
 
     /// Reads every instance's record, and notes which other instances have which agents.
@@ -167,7 +220,7 @@ impl Presence {
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
             .filter(|record| record.instance != self.instance);
         for record in others {
-            for agent in record.agents {
+            for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
                 let of_name = holders.entry(agent.name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {
                     Some(holder) => holder.silent &= agent.silent,
@@ -178,14 +231,16 @@ impl Presence {
                 }
             }
         }
-        *self.directory() = Some(Directory { read_at, holders });
+        let mut directory = self.directory();
+        // `GET /agents` reads too, alongside: a slower, older read does not replace a newer.
+        if directory.as_ref().is_none_or(|d| d.read_at < read_at) {
+            *directory = Some(Directory { read_at, holders });
+        }
         Ok(records)
     }
 
     fn directory(&self) -> MutexGuard<'_, Option<Directory>> {
-        self.directory
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.directory)
     }
 
     fn local_agents(&self) -> Vec<Value> {
@@ -200,17 +255,14 @@ impl Presence {
                     "last_heartbeat_ms": a.last_heartbeat_ms,
                     "requests_in_flight": a.in_flight,
                     "silent": a.silent,
+                    "draining": a.draining,
                 })
             })
             .collect()
     }
 }
 
-/// The addresses of `holders`, those with only silent agents of the name last, each group in
-/// random order.
-fn in_order(holders: &[Holder]) -> Vec<String> {
-    let mut holders = holders.to_vec();
-    fastrand::shuffle(&mut holders);
-    holders.sort_by_key(|holder| holder.silent);
-    holders.into_iter().map(|holder| holder.address).collect()
+/// Locks `mutex`; a panic elsewhere while it was held left nothing half-done worth refusing.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

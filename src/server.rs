@@ -117,7 +117,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         .advertise
         .parse::<std::net::SocketAddr>()
         .is_ok_and(|address| address.ip().is_loopback());
-    if matches!(config.store, StoreConfig::Redis(_)) && loopback {
+    if matches!(config.store, StoreConfig::Redis(_)) && loopback && !config.advertise_given {
         log::info!(
             "agents connected here are announced at {}, which only instances on this host \
              reach: set BURROW_ADVERTISE when instances run on several hosts or containers",

@@ -69,6 +69,12 @@ pub enum ConfigError {
     },
     #[error("--{0} must be an http:// or https:// URL without query or fragment, not {1:?}")]
     NotHttp(&'static str, String),
+    /// Not echoed: the URL holds a password.
+    #[error(
+        "--{0} must not hold a user or password: they are not sent (and would be logged); \
+         give the relay's token with --token"
+    )]
+    Credentials(&'static str),
     #[error("--name {0:?} is not a valid name (1 to 1024 characters from A-Z a-z 0-9 - _)")]
     InvalidName(String),
     #[error("--token cannot be sent in an HTTP header")]
@@ -134,6 +140,9 @@ fn http_url(flag: &'static str, raw: &str) -> Result<url::Url, ConfigError> {
         url: raw.to_owned(),
         reason: err.to_string(),
     })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::Credentials(flag));
+    }
     if !matches!(url.scheme(), "http" | "https")
         || url.query().is_some()
         || url.fragment().is_some()
@@ -377,7 +386,7 @@ mod tests {
         assert_eq!(c.connect_url, "wss://r/p/agent/connect?name=a");
     }
 
-    /// Bad schemes, names and tokens are refused, naming the flag.
+    /// Bad schemes, names, tokens and URLs with credentials are refused, naming the flag.
     #[test]
     fn refused() {
         let err = config(&[
@@ -414,6 +423,19 @@ mod tests {
         ])
         .unwrap_err();
         assert!(matches!(err, ConfigError::InvalidToken), "{err}");
+        for (relay, upstream, flag) in [
+            ("http://me:pw@r", "http://u", "relay"),
+            ("http://r", "http://me:pw@u", "upstream"),
+            ("http://r", "http://me@u", "upstream"),
+        ] {
+            let err = config(&["--relay", relay, "--name", "a", "--upstream", upstream]);
+            let err = err.unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Credentials(f) if f == flag),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
     }
 
     /// Delays double from 100 ms to at most 10 s, jittered within their upper half.

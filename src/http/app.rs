@@ -20,7 +20,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
-use super::forward::Body;
+use super::forward::{Body, Hop};
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
@@ -295,8 +295,13 @@ impl RelayApp {
                 ..
             } => {
                 // Stopping, the relay has let its agents go: a request that comes on a kept-alive
-                // connection is told to retry (elsewhere), not that its agent does not exist.
+                // connection is told to retry (elsewhere), not that its agent does not exist;
+                // one sent by another instance is refused, and that one tries the next.
                 if *shutdown.borrow() {
+                    if session.get_header(forward::HOP_HEADER).is_some() {
+                        let gone = RouteError::NoAgent(agent.to_string());
+                        return Err(RouteError::Refused(Box::new(gone)).into());
+                    }
                     return Err(Error::ShuttingDown);
                 }
                 // And it answers before its runtimes go, rather than drop the connection of a
@@ -387,7 +392,9 @@ impl RelayApp {
                 return Ok(outcome);
             }
         }
-        let addresses = self.presence.holders(agent.as_str()).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
+        let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
         match self
             .send_on(session, addresses, &mut tried, deadline)
             .await?
@@ -399,7 +406,7 @@ impl RelayApp {
 
     /// Sends the request on to the first of the instances at `addresses` not yet `tried` that
     /// takes it. An instance killed without a goodbye stays listed until its record expires: a
-    /// request it never received goes on to the next one.
+    /// request it never received goes on to the next one, and it is tried last for a while.
     async fn send_on(
         &self,
         session: &mut ServerSession,
@@ -413,10 +420,30 @@ impl RelayApp {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let proxied = forward::proxy(session, &self.proxy, &address, instance, left);
-            if let Some((head, response)) = proxied.await? {
-                let body = Body::Instance(response);
-                return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
+            let proxied = forward::proxy(session, &self.proxy, &address, instance, left).await;
+            // An instance that took the request but did not answer in time may be frozen, or
+            // its node gone: the name's next requests try the others first.
+            if let Err(Error::Route(RouteError::Timeout)) = &proxied {
+                if self.presence.unreachable(&address) {
+                    log::warn!(
+                        "forwarding to the instance at {address}: no answer within the timeout"
+                    );
+                }
+            }
+            match proxied? {
+                Hop::Answered(head, response) => {
+                    self.presence.reached(&address);
+                    let body = Body::Instance(response);
+                    return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
+                }
+                Hop::Refused => self.presence.reached(&address),
+                // Once per address while it stays unreachable: every request would log it.
+                Hop::Unreachable(why) if self.presence.unreachable(&address) => {
+                    log::warn!("forwarding to the instance at {address}: {why}");
+                }
+                Hop::Unreachable(why) => {
+                    log::debug!("forwarding to the instance at {address}: {why}");
+                }
             }
             tried.push(address);
         }

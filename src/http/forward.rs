@@ -30,6 +30,11 @@ pub const HOP_HEADER: &str = "x-burrow-hop";
 /// one that died. The sending instance tries the next one.
 pub const HOP_REFUSED: &str = "refused";
 
+/// How long connecting to another instance may take: one whose address no longer answers (a
+/// node gone without a goodbye) must not hold requests until their timeout, which another
+/// instance with the agent could serve.
+const HOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The pooled HTTP/1.1 client that sends requests on to other instances.
 pub type HopClient =
     hyper_util::client::legacy::Client<HttpConnector, BoxBody<Bytes, std::io::Error>>;
@@ -40,6 +45,7 @@ pub type HopClient =
 pub fn hop_client() -> HopClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(HOP_CONNECT_TIMEOUT));
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http1_max_headers(MAX_RESPONSE_HEADERS + 16)
         .http1_max_buf_size(MAX_RESPONSE_HEAD_BYTES)
@@ -124,18 +130,26 @@ pub fn sendable_again(session: &mut ServerSession) -> bool {
     !carries_body(session) || (session.is_body_done() && session.body_bytes_read() == 0)
 }
 
-/// Sends the request as it came to the relay instance at `address`, which has the agent, and
-/// returns the head of its answer with the response whose body follows. The request body is
-/// streamed to it while the request is sent. `None`: the instance refused the connection or the
-/// request (it has no such agent), and the request, having no body (or an empty one), can go to
-/// another.
+/// How a request sent on to another instance fared.
+pub enum Hop {
+    /// The head of the instance's answer, and the response whose body follows.
+    Answered(Response, hyper::Response<Incoming>),
+    /// The instance no longer has the agent; the request, having no body (or an empty one), can
+    /// go to another.
+    Refused,
+    /// The instance could not be reached (why); the request can go to another, as above.
+    Unreachable(String),
+}
+
+/// Sends the request as it came to the relay instance at `address`, which has the agent. The
+/// request body is streamed to it while the request is sent.
 pub async fn proxy(
     session: &mut ServerSession,
     client: &HopClient,
     address: &str,
     instance: &str,
     timeout: Duration,
-) -> Result<Option<(Response, hyper::Response<Incoming>)>, Error> {
+) -> Result<Hop, Error> {
     let request = session.req_header();
     // Over HTTP/2 the URI is absolute: only its path and query go on.
     let target = request
@@ -202,8 +216,7 @@ pub async fn proxy(
         // Nothing of the request was sent, or nothing but an empty body, so nothing is lost by
         // trying elsewhere.
         Ok(Err(e)) if e.is_connect() && sendable_again(session) => {
-            log::warn!("forwarding to the instance at {address}: {e}");
-            return Ok(None);
+            return Ok(Hop::Unreachable(crate::error::error_chain(&e)));
         }
         Ok(Err(e)) => {
             // The client learns that the hop failed, not the store's addresses of instances.
@@ -219,7 +232,7 @@ pub async fn proxy(
     let status = response.status().as_u16();
     if matches!(status, 422 | 502) && refused.is_some_and(|mark| mark == HOP_REFUSED) {
         if sendable_again(session) {
-            return Ok(None);
+            return Ok(Hop::Refused);
         }
         let why = "the relay instance listed with the agent no longer has it".to_owned();
         return Err(RouteError::AgentFailed(why).into());
@@ -227,7 +240,7 @@ pub async fn proxy(
     let mut answer = header_list(response.headers());
     strip_hop_by_hop(&mut answer);
     let head = Response::forwarded(response.status().as_u16(), answer);
-    Ok(Some((head, response)))
+    Ok(Hop::Answered(head, response))
 }
 
 /// Headers as name/value strings.

@@ -232,11 +232,12 @@ impl Route {
         let timeout = routing
             .timeout
             .map(|raw| {
+                // Zero would end the request before its agent could answer, or not, by a race.
                 parse_go_duration(raw)
-                    .filter(|timeout| *timeout <= MAX_ROUTE_TIMEOUT)
+                    .filter(|timeout| *timeout <= MAX_ROUTE_TIMEOUT && !timeout.is_zero())
                     .ok_or_else(|| {
                         Error::BadParameter(format!(
-                            "Invalid x-backstream-request-timeout {}: expected a Go duration up to 24h such as 3s",
+                            "Invalid x-backstream-request-timeout {}: expected a Go duration above 0 and up to 24h such as 3s",
                             shown(raw)
                         ))
                     })

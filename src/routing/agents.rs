@@ -25,6 +25,8 @@ pub struct AgentInfo {
     pub in_flight: usize,
     /// Whether it has not acknowledged a request for a second (see [`Link::silent`]).
     pub silent: bool,
+    /// Whether it is leaving (it or the relay said GOAWAY) and takes no new requests.
+    pub draining: bool,
 }
 
 /// The agents connected to this process; a cheap clone around shared state.
@@ -40,8 +42,8 @@ struct Shared {
     next_link: AtomicU64,
     /// Rotates the choice between equally busy links.
     turn: AtomicUsize,
-    /// Told when an agent connects, leaves, falls silent or speaks again, so presence is
-    /// announced without waiting.
+    /// Told when an agent connects, leaves, falls silent, speaks again or begins to drain, so
+    /// presence is announced without waiting.
     changed: Notify,
 }
 
@@ -65,6 +67,7 @@ impl Agents {
                 last_heartbeat_ms: link.last_heartbeat_ms(),
                 in_flight: link.in_flight(),
                 silent: link.silent(),
+                draining: !link.accepting(),
             })
             .collect()
     }
@@ -106,8 +109,8 @@ impl Agents {
         self.shared.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Resolves at the next connection or departure of an agent, or when one falls silent or
-    /// speaks again (or at once, if one of these happened since the last call).
+    /// Resolves at the next connection or departure of an agent, or when one falls silent, speaks
+    /// again or begins to drain (or at once, if one of these happened since the last call).
     pub async fn changed(&self) {
         self.shared.changed.notified().await;
     }
@@ -121,9 +124,10 @@ impl Agents {
         self.shared.changed.notify_one();
     }
 
-    /// Tells presence that a link fell silent or spoke again, which is worth announcing at once:
-    /// other instances send requests to silent agents last.
-    pub(crate) fn silence_changed(&self) {
+    /// Tells presence that a link fell silent, spoke again or began to drain, which is worth
+    /// announcing at once: other instances send requests to silent agents last, and none to
+    /// draining ones.
+    pub(crate) fn state_changed(&self) {
         self.shared.changed.notify_one();
     }
 

@@ -142,8 +142,12 @@ pub async fn serve<S>(
                 Some(Ok(Message::Binary(bytes))) => {
                     last_heard = Instant::now();
                     link.heard();
+                    let accepting = link.accepting();
                     if let Err(reason) = receive(&link, bytes) {
                         break reason;
+                    }
+                    if link.accepting() != accepting {
+                        registry.state_changed();
                     }
                 }
                 // tungstenite answers pings itself.
@@ -164,7 +168,7 @@ pub async fn serve<S>(
                 }
                 if link.silent() != silent {
                     silent = !silent;
-                    registry.silence_changed();
+                    registry.state_changed();
                 }
             }
             changed = shutdown.changed(), if drain_until.is_none() => {

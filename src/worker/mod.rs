@@ -84,6 +84,12 @@ pub enum ConfigError {
     BadScheme(String),
     #[error("--relay must not carry a query or fragment: {0:?}")]
     UrlExtras(String),
+    /// Not echoed: the URL holds a password.
+    #[error(
+        "--relay must not hold a user or password: they are not sent (and would be logged); \
+         give the relay's token with --token"
+    )]
+    Credentials,
     #[error("--queue {0:?} is not a tunnel id (1 to 1024 characters from A-Z a-z 0-9 - _)")]
     BadQueue(String),
     #[error("--token cannot be sent in an HTTP header")]
@@ -133,6 +139,9 @@ impl WorkerConfig {
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(ConfigError::UrlExtras(args.relay));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ConfigError::Credentials);
         }
         let queue = TunnelId::parse(&args.queue).ok_or(ConfigError::BadQueue(args.queue))?;
         if let Some(token) = &args.token {
@@ -477,7 +486,7 @@ mod tests {
         assert_eq!(ok.unwrap().visibility, 11);
     }
 
-    /// Only http and https relays, without query, and tunnel-id queues are accepted.
+    /// Only http and https relays, without query or credentials, and tunnel-id queues are accepted.
     #[test]
     fn relay_and_queue_are_checked() {
         let err = config(&["--relay", "ftp://r", "--", "cat"]).unwrap_err();
@@ -488,6 +497,9 @@ mod tests {
         assert!(matches!(err, ConfigError::BadUrl { .. }), "{err}");
         let err = config(&["--relay", "http://r/?x=1", "--", "cat"]).unwrap_err();
         assert!(matches!(err, ConfigError::UrlExtras(_)), "{err}");
+        let err = config(&["--relay", "http://me:pw@r", "--", "cat"]).unwrap_err();
+        assert!(matches!(err, ConfigError::Credentials), "{err}");
+        assert!(!err.to_string().contains("pw"), "{err}");
         let err = config(&["--relay", "http://r", "--queue", "a/b", "--", "cat"]).unwrap_err();
         assert!(matches!(err, ConfigError::BadQueue(_)), "{err}");
         let ok = config(&["--relay", "https://r/prefix/", "--", "cat"]).unwrap();

@@ -262,7 +262,7 @@ async fn headers_and_query_preserved() {
     assert_eq!(echo.all("x-forwarded-for"), ["6.6.6.6, 7.7.7.7, 127.0.0.1"]);
 }
 
-/// 422 for a name no agent has, 400 for a timeout that does not parse, 504 when the upstream is
+/// 422 for a name no agent has, 400 for a timeout that does not parse (or is 0), 504 when the upstream is
 /// slower than the timeout, 502 when the agent cannot reach its upstream or dies mid-request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_status() {
@@ -291,7 +291,17 @@ async fn every_status() {
         .header(CLIENT_ID, &name)
         .header(TIMEOUT, micro);
     client.send(request).await.expect(504);
-    for bad in ["soon", "12", "1.5.s", "-", "25h", "3000000000000000h"] {
+    for bad in [
+        "soon",
+        "12",
+        "1.5.s",
+        "-",
+        "25h",
+        "3000000000000000h",
+        "0",
+        "0s",
+        "0ms",
+    ] {
         let request = client
             .request(Method::GET, &format!("/r/{name}/echo"))
             .header(TIMEOUT, bad);
@@ -1223,7 +1233,8 @@ per_store!(shared: [], dedicated: [round_trip]);
 
 /// Stopping, the relay answers a routed request still waiting for its answer with 503 before its
 /// grace period (1 s) ends (the connection was dropped without an answer), and one that comes on a
-/// kept-alive connection meanwhile with 503 at once (it was 422: no such agent).
+/// kept-alive connection meanwhile with 503 at once (it was 422: no such agent) — unless another
+/// instance sent it, which is told the agent is gone (marked, so that it tries the next one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_routed_requests_in_flight() {
     let setup = Setup::start(Store::Memory, &[]).await;
@@ -1235,9 +1246,10 @@ async fn sigterm_answers_routed_requests_in_flight() {
         .await
         .expect("the upstream is reached");
     let open = || crate::support::raw::Connection::open(&setup.relay.base);
-    let (mut probe, mut kept) = (open().await, open().await);
+    let (mut probe, mut kept, mut hop) = (open().await, open().await, open().await);
     let late = format!("GET /r/{}/late HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
     assert_eq!(kept.exchange(&late).await.status, 200);
+    assert_eq!(hop.exchange(&late).await.status, 200);
     setup.relay.signal("TERM");
     // Served as before until the relay has taken the signal in; an answer already on its way then
     // closes its connection, so the probe is another one than `kept`.
@@ -1254,6 +1266,11 @@ async fn sigterm_answers_routed_requests_in_flight() {
     assert!(taken_in(&answer), "{answer:?}");
     let answer = kept.exchange(&late).await;
     assert_eq!(answer.status, 503, "{answer:?}");
+    // One sent on by another instance is refused, so that one tries the next with the agent.
+    let from_b = late.replace("Host: relay", "Host: relay\r\nx-burrow-hop: b");
+    let answer = hop.exchange(&from_b).await;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(answer.header("x-burrow-hop"), Some("refused"));
     let answer = request.await.expect("the request task does not panic");
     let answer = answer.expect_error(503, "Relay shutting down, retry");
     assert_eq!(answer.header("retry-after"), Some("1"));
@@ -1294,6 +1311,30 @@ async fn instances_holding_an_agent_are_remembered() {
     echo_through(&client_b, &name, "c").await;
 }
 
+/// A third instance C on the shared redis-server with an agent named `name` in front of an
+/// upstream `c`, once B (`client_b`) lists it beside the agent on A.
+async fn third_instance(
+    client_b: &Client,
+    name: &str,
+    a_agent: &Agent,
+) -> (Relay, Upstream, Agent) {
+    let c = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
+    let upstream = Upstream::start("c").await;
+    let agent = Agent::serve(&c.base, name, &upstream.url(), None);
+    wait_agents(client_b, name, 2, WAIT, &[a_agent, &agent]).await;
+    (c, upstream, agent)
+}
+
+/// Whether `GET /agents` lists an agent named `name` whose `flag` (`silent`, `draining`) is set.
+async fn flagged(client: &Client, name: &str, flag: &str) -> bool {
+    let agents = client.get("/agents").await.expect(200).json();
+    agents["agents"]
+        .as_array()
+        .expect("/agents has an `agents` array")
+        .iter()
+        .any(|agent| agent["name"] == name && agent[flag] == true)
+}
+
 /// An agent that stops answering (frozen, or cut off without a reset) gets requests last from
 /// other instances too: its instance finds it silent and says so in its presence record, and B
 /// sends the name's requests to the agent on C instead of timing out half of them.
@@ -1307,20 +1348,9 @@ async fn silent_agent_on_another_instance_comes_last() {
         name,
         ..
     } = setup;
-    let redis = crate::support::shared_redis();
-    let c = Relay::start(Store::Redis(redis), &[]);
-    let c_upstream = Upstream::start("c").await;
-    let c_agent = Agent::serve(&c.base, &name, &c_upstream.url(), None);
     let client_b = b.client();
-    wait_agents(&client_b, &name, 2, WAIT, &[&a_agent, &c_agent]).await;
-    let silent_on_a = || async {
-        let agents = client_b.get("/agents").await.expect(200).json();
-        agents["agents"]
-            .as_array()
-            .expect("/agents has an `agents` array")
-            .iter()
-            .any(|agent| agent["name"] == name.as_str() && agent["silent"] == true)
-    };
+    let _c = third_instance(&client_b, &name, &a_agent).await;
+    let silent_on_a = || flagged(&client_b, &name, "silent");
     assert!(!silent_on_a().await);
 
     crate::support::process::signal(&a_agent.child, "STOP");
@@ -1343,6 +1373,176 @@ async fn silent_agent_on_another_instance_comes_last() {
         assert_eq!(Echo::parse(&answer.body).upstream, "c");
     }
     crate::support::process::signal(&a_agent.child, "CONT");
+}
+
+/// An agent that said GOAWAY (stopping, its requests in flight to finish) gets no more requests
+/// from other instances: its instance announces it draining at once, and B sends a request with a
+/// body to the agent of the name on C rather than to A, which would refuse it (502: a body read
+/// cannot be sent twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_agent_gets_no_requests_from_other_instances() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let Setup {
+        relay: a,
+        upstream,
+        agent: a_agent,
+        name,
+        ..
+    } = setup;
+    let client_b = b.client();
+    let _c = third_instance(&client_b, &name, &a_agent).await;
+    // A request in flight on A keeps its agent connected while it drains.
+    let client_a = a.client();
+    let path = format!("/r/{name}/hang");
+    let _in_flight = tokio::spawn(async move { client_a.get(&path).await });
+    let mut hanging = upstream.hanging.subscribe();
+    hanging
+        .wait_for(|&n| n > 0)
+        .await
+        .expect("the upstream is reached");
+    crate::support::process::signal(&a_agent.child, "TERM");
+    let draining_on_a = || flagged(&client_b, &name, "draining");
+    let announced = crate::support::eventually(Duration::from_secs(3), draining_on_a).await;
+    assert!(
+        announced,
+        "B did not learn within 3 s that the agent on A drains"
+    );
+    for _ in 0..10 {
+        let answer = client_b.post(&format!("/r/{name}/echo"), "body").await;
+        assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "c");
+    }
+}
+
+/// Requests for a name no instance has, arriving together, share reads of the store rather
+/// than each reading every instance's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_of_unknown_names_share_store_reads() {
+    let (_setup, b) = Setup::with_second_instance().await;
+    let client_b = b.client();
+    let metrics = client_b.metrics().expect("the relay has a metrics page");
+    let reads = "burrow_store_duration_seconds_count{op=\"instances\"}";
+    let before = metric(&metrics, reads).await;
+    let mut requests = JoinSet::new();
+    for _ in 0..20 {
+        let client = client_b.clone();
+        requests.spawn(async move { client.get("/r/nobody-has-this-name/x").await });
+    }
+    while let Some(answer) = requests.join_next().await {
+        answer.expect("the request task does not panic").expect(422);
+    }
+    let read = metric(&metrics, reads).await - before;
+    assert!(read <= 10.0, "20 lookups read the store {read} times");
+}
+
+/// The request's timeout bounds looking for its agent in the store too: with the store hung, a
+/// request for an agent not connected here is answered 504 when its timeout ends, not 503 when
+/// the store gives up seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_store_lookup_ends_with_the_request_timeout() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let pid = redis
+        .command(&["INFO", "server"])
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .map(|pid| pid.trim().parse::<u32>().expect("a process id"))
+        .expect("INFO server names the process");
+    crate::support::process::signal_pid(pid, "STOP");
+    let client = relay.client();
+    let request = client.request(Method::GET, "/r/somewhere-else/x");
+    let answer = client.send(request.header(TIMEOUT, "500ms")).await;
+    crate::support::process::signal_pid(pid, "CONT");
+    answer.expect_one_line_error(504);
+}
+
+/// Lists, in the store, a made-up instance at `address` with an agent named `name`, as a relay
+/// records itself; it lives a minute.
+fn list_instance(name: &str, address: &str) {
+    let instance = tunnel_id("made-up");
+    let record = serde_json::json!({
+        "instance": instance,
+        "address": address,
+        "agents": [{"name": name, "instance": instance}],
+    });
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        + Duration::from_secs(60);
+    let redis = crate::support::shared_redis();
+    let key = format!("burrow:instance:{instance}");
+    redis.command(&["SET", &key, &record.to_string(), "PX", "60000"]);
+    let score = expires.as_millis().to_string();
+    redis.command(&["ZADD", "burrow:instances", &score, &instance]);
+}
+
+/// An instance listed with the agent whose address takes no connection (its node gone without a
+/// goodbye: nothing refuses, nothing answers) costs a request a second at most, not its whole
+/// timeout: the request goes on to the next instance, and the next requests try it last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_that_takes_no_connection_is_passed_over() {
+    let (setup, b) = Setup::with_second_instance().await;
+    // A listening socket whose queue of connections is full: the kernel drops further attempts.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("a free port");
+    let full = socket.listen(0).expect("the socket listens");
+    let address = full.local_addr().expect("a bound address").to_string();
+    let mut queued = Vec::new();
+    while let Ok(Ok(stream)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect(&address),
+    )
+    .await
+    {
+        queued.push(stream);
+    }
+    list_instance(&setup.name, &address);
+    let client_b = b.client();
+    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    for _ in 0..10 {
+        let request = client_b.request(Method::GET, &format!("/r/{}/echo", setup.name));
+        let answer = client_b
+            .send(request.header(TIMEOUT, "3s"))
+            .await
+            .expect(200);
+        assert_eq!(Echo::parse(&answer.body).upstream, "up");
+    }
+    let log = b.output();
+    assert_eq!(log.matches(&address).count(), 1, "{log}");
+}
+
+/// An instance listed with the agent that takes the request and never answers (frozen) times out
+/// the request it got; for a while after, the name's requests go to the instances that answer
+/// first, instead of each waiting out its timeout there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_that_does_not_answer_is_tried_last() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let frozen = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free port");
+    let address = frozen.local_addr().expect("a bound address").to_string();
+    list_instance(&setup.name, &address);
+    let client_b = b.client();
+    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    let path = format!("/r/{}/echo", setup.name);
+    let get = || client_b.send(client_b.request(Method::GET, &path).header(TIMEOUT, "1s"));
+    // Each request goes to A or to the frozen instance at random, until one times out there.
+    let mut timed_out = false;
+    for _ in 0..30 {
+        let answer = get().await;
+        if answer.status == 504 {
+            timed_out = true;
+            break;
+        }
+        assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+    }
+    assert!(timed_out, "no request went to the frozen instance");
+    for _ in 0..10 {
+        let answer = get().await.expect(200);
+        assert_eq!(Echo::parse(&answer.body).upstream, "up");
+    }
 }
 
 /// Two instances on one redis-server: a request whose only agent on B hung up before taking it
