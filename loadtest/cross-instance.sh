@@ -4,11 +4,11 @@
 # real `burrow agent --name svc` on A, and wrk sending small GETs to B, which sends each on to A.
 # The other agents are presence records of made-up instances (100 agents each, never contacted),
 # written to the store as a relay writes its own; every instance that routes a request elsewhere
-# reads them. One line per binary and count: requests per second, p50 and p99. Everything runs on
-# 127.0.0.1, is bounded in time and stops by itself.
+# reads them. One line per binary, count and number of connections: requests per second, p50 and
+# p99. Everything runs on 127.0.0.1, is bounded in time and stops by itself.
 #
 #   loadtest/cross-instance.sh /tmp/old/burrow target/release/burrow
-#   AGENTS="0 100 1000" DURATION=10s loadtest/cross-instance.sh target/release/burrow
+#   AGENTS="0 100 1000" CONNECTIONS="8 64" DURATION=10s loadtest/cross-instance.sh target/release/burrow
 #
 # Needs wrk, redis-server and a release loadgen (`cargo build --release -p loadgen`); run
 # `scripts/install-deps.sh --loadtest` first on a fresh machine.
@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 BINARIES=("$@")
 AGENTS=${AGENTS:-0 1000}
+CONNECTIONS=${CONNECTIONS:-8}
 DURATION=${DURATION:-5s}
 LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
 TMP=$(mktemp -d /tmp/burrow-cross-instance.XXXXXX)
@@ -85,13 +86,16 @@ for binary in "${BINARIES[@]}"; do
     agent=$!
     PIDS+=("$agent")
     wait_http "http://127.0.0.1:$b_port/small" -H 'x-backstream-client-id: svc'
-    out=$(wrk -t1 -c8 -d"$DURATION" --latency -H 'x-backstream-client-id: svc' \
-      "http://127.0.0.1:$b_port/small")
-    rate=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    failed=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    echo "$binary, $count agents elsewhere: $rate req/s, p50 $p50, p99 $p99, non-2xx ${failed:-0}"
+    for connections in $CONNECTIONS; do
+      out=$(wrk -t1 -c"$connections" -d"$DURATION" --latency -H 'x-backstream-client-id: svc' \
+        "http://127.0.0.1:$b_port/small")
+      rate=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
+      p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+      p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+      failed=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+      echo "$binary, $count agents elsewhere, $connections connections: $rate req/s, p50 $p50," \
+        "p99 $p99, non-2xx ${failed:-0}"
+    done
     kill "$agent" "${relays[@]}" 2>/dev/null || true
     wait "$agent" "${relays[@]}" 2>/dev/null || true
   done

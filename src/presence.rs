@@ -152,12 +152,28 @@ impl Presence {
     /// store less than a second ago, in the order to try them (see [`Presence::holders`]);
     /// `None` if there was no such read.
     pub fn remembered_holders(&self, name: &str) -> Option<Vec<String>> {
+        Some(self.in_order(&self.remembered(name)?))
+    }
+
+    /// The addresses of the other instances with an agent named `name` that is not silent, as
+    /// remembered or else read now, in the order to try them.
+    pub async fn answering_holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let holders = match self.remembered(name) {
+            Some(holders) => holders,
+            None => self.read_holders(name).await?,
+        };
+        let answering: Vec<Holder> = holders.into_iter().filter(|h| !h.silent).collect();
+        Ok(self.in_order(&answering))
+    }
+
+    /// The instances with an agent named `name` at a read less than a second ago.
+    fn remembered(&self, name: &str) -> Option<Vec<Holder>> {
         let directory = self.directory();
         let directory = directory.as_ref()?;
         if directory.read_at.elapsed() >= REMEMBER_HOLDERS {
             return None;
         }
-        Some(self.in_order(directory.holders.get(name)?))
+        directory.holders.get(name).cloned()
     }
 
     /// The addresses of the other instances with an agent named `name`, from a read of the store
@@ -165,6 +181,12 @@ impl Presence {
     /// requests, but those that could not be reached lately last, and before them those whose
     /// agents of the name are all silent. One read serves every request waiting for it.
     pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.in_order(&self.read_holders(name).await?))
+    }
+
+    /// The instances with an agent named `name`, from a read begun after this call; one read
+    /// serves every call waiting for it.
+    async fn read_holders(&self, name: &str) -> Result<Vec<Holder>, StoreError> {
         let asked_at = Instant::now();
         let _turn = self.reading.lock().await;
         let fresh = self
@@ -176,9 +198,7 @@ impl Presence {
         }
         let directory = self.directory();
         let holders = directory.as_ref().and_then(|d| d.holders.get(name));
-        Ok(holders
-            .map(|holders| self.in_order(holders))
-            .unwrap_or_default())
+        Ok(holders.cloned().unwrap_or_default())
     }
 
     /// Notes that the instance at `address` could not be reached: for a few seconds it is tried

@@ -349,6 +349,27 @@ impl RelayApp {
         let withhold = self.auth.enabled()
             && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
         let deadline = Instant::now() + timeout;
+        let mut tried = Vec::new();
+        // Every agent of the name here is silent (frozen, or cut off before its heartbeat
+        // expires): another instance whose agent answers serves the request first. Not one sent
+        // here by another instance (that one chose this one), nor one with a body, which could
+        // not come back here if that instance refused it.
+        if self.agents.all_silent(agent.as_str())
+            && session.get_header(forward::HOP_HEADER).is_none()
+            && forward::sendable_again(session)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answering = self.presence.answering_holders(agent.as_str());
+            // Store trouble leaves the request to the agents here, as before it.
+            let answering = tokio::time::timeout(left, answering).await;
+            let addresses = answering.ok().and_then(Result::ok).unwrap_or_default();
+            if let Some(outcome) = self
+                .send_on(session, addresses, &mut tried, deadline)
+                .await?
+            {
+                return Ok(outcome);
+            }
+        }
         let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
         let failure = match local.await {
             Ok((head, exchange)) => {
@@ -380,7 +401,6 @@ impl RelayApp {
         // Where the name was found lately is tried first; when none of those takes the request
         // (the agent moved, an instance went), the store is read for any others. A request with
         // a body could not go on after such a refusal, so it is sent where the store says now.
-        let mut tried = Vec::new();
         let remembered = forward::sendable_again(session)
             .then(|| self.presence.remembered_holders(agent.as_str()))
             .flatten();

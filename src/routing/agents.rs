@@ -85,6 +85,19 @@ impl Agents {
         Exchange::start(self.clone(), name, head, timeout).await
     }
 
+    /// Whether agents named `name` take requests here, but every one of them is silent (see
+    /// [`Link::silent`]).
+    pub fn all_silent(&self, name: &str) -> bool {
+        let links = self.links();
+        let mut accepting = links
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|l| l.accepting());
+        let first = accepting.next();
+        first.is_some_and(|link| link.silent()) && accepting.all(|link| link.silent())
+    }
+
     /// The least busy accepting link of `name` not in `exclude`, silent ones last (see
     /// [`Link::silent`]); ties go round-robin.
     pub(crate) fn pick(&self, name: &str, exclude: &[u64]) -> Option<Arc<Link>> {

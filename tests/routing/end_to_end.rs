@@ -1337,7 +1337,8 @@ async fn flagged(client: &Client, name: &str, flag: &str) -> bool {
 
 /// An agent that stops answering (frozen, or cut off without a reset) gets requests last from
 /// other instances too: its instance finds it silent and says so in its presence record, and B
-/// sends the name's requests to the agent on C instead of timing out half of them.
+/// sends the name's requests to the agent on C instead of timing out half of them. A sends its own
+/// requests for the name to C too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_agent_on_another_instance_comes_last() {
     let (setup, b) = Setup::with_second_instance().await;
@@ -1364,13 +1365,13 @@ async fn silent_agent_on_another_instance_comes_last() {
         crate::support::eventually(Duration::from_secs(3), silent_on_a).await,
         "B did not learn within 3 s that the agent on A is silent"
     );
-    for _ in 0..10 {
-        let request = client_b.request(Method::GET, &format!("/r/{name}/echo"));
-        let answer = client_b
-            .send(request.header(TIMEOUT, "2s"))
-            .await
-            .expect(200);
-        assert_eq!(Echo::parse(&answer.body).upstream, "c");
+    // Nor does A send its own clients' requests to it while C's agent answers.
+    for client in [&client_b, &a.client()] {
+        for _ in 0..10 {
+            let request = client.request(Method::GET, &format!("/r/{name}/echo"));
+            let answer = client.send(request.header(TIMEOUT, "2s")).await.expect(200);
+            assert_eq!(Echo::parse(&answer.body).upstream, "c");
+        }
     }
     crate::support::process::signal(&a_agent.child, "CONT");
 }
