@@ -350,25 +350,11 @@ impl RelayApp {
             && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
         let deadline = Instant::now() + timeout;
         let mut tried = Vec::new();
-        // Every agent of the name here is silent (frozen, or cut off before its heartbeat
-        // expires): another instance whose agent answers serves the request first. Not one sent
-        // here by another instance (that one chose this one), nor one with a body, which could
-        // not come back here if that instance refused it.
-        if self.agents.all_silent(agent.as_str())
-            && session.get_header(forward::HOP_HEADER).is_none()
-            && forward::sendable_again(session)
+        if let Some(outcome) = self
+            .past_silent_agents(session, &agent, &mut tried, deadline)
+            .await?
         {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let answering = self.presence.answering_holders(agent.as_str());
-            // Store trouble leaves the request to the agents here, as before it.
-            let answering = tokio::time::timeout(left, answering).await;
-            let addresses = answering.ok().and_then(Result::ok).unwrap_or_default();
-            if let Some(outcome) = self
-                .send_on(session, addresses, &mut tried, deadline)
-                .await?
-            {
-                return Ok(outcome);
-            }
+            return Ok(outcome);
         }
         let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
         let failure = match local.await {
@@ -398,30 +384,63 @@ impl RelayApp {
                 other => other,
             });
         }
-        // Where the name was found lately is tried first; when none of those takes the request
-        // (the agent moved, an instance went), the store is read for any others. A request with
-        // a body could not go on after such a refusal, so it is sent where the store says now.
-        let remembered = forward::sendable_again(session)
-            .then(|| self.presence.remembered_holders(agent.as_str()))
-            .flatten();
-        if let Some(addresses) = remembered {
-            if let Some(outcome) = self
-                .send_on(session, addresses, &mut tried, deadline)
-                .await?
-            {
-                return Ok(outcome);
-            }
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
-        let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
         match self
-            .send_on(session, addresses, &mut tried, deadline)
+            .to_another_instance(session, &agent, &mut tried, deadline)
             .await?
         {
             Some(outcome) => Ok(outcome),
             None => Err(failure),
         }
+    }
+
+    /// When every agent of the name here is silent (frozen, or cut off before its heartbeat
+    /// expires), sends the request to another instance whose agent answers, if one has the name.
+    /// Not a request sent here by another instance (that one chose this one), nor one with a
+    /// body, which could not come back here if that instance refused it.
+    async fn past_silent_agents(
+        &self,
+        session: &mut ServerSession,
+        agent: &TunnelId,
+        tried: &mut Vec<String>,
+        deadline: Instant,
+    ) -> Result<Option<Outcome>, Error> {
+        if !self.agents.all_silent(agent.as_str())
+            || session.get_header(forward::HOP_HEADER).is_some()
+            || !forward::sendable_again(session)
+        {
+            return Ok(None);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answering = self.presence.answering_holders(agent.as_str());
+        // Store trouble leaves the request to the agents here, as before.
+        let answering = tokio::time::timeout(left, answering).await;
+        let addresses = answering.ok().and_then(Result::ok).unwrap_or_default();
+        self.send_on(session, addresses, tried, deadline).await
+    }
+
+    /// Sends the request to another instance with an agent of the name. Where the name was
+    /// found lately is tried first; when none of those takes the request (the agent moved, an
+    /// instance went), the store is read for any others. A request with a body could not go on
+    /// after such a refusal, so it is sent where the store says now.
+    async fn to_another_instance(
+        &self,
+        session: &mut ServerSession,
+        agent: &TunnelId,
+        tried: &mut Vec<String>,
+        deadline: Instant,
+    ) -> Result<Option<Outcome>, Error> {
+        let remembered = forward::sendable_again(session)
+            .then(|| self.presence.remembered_holders(agent.as_str()))
+            .flatten();
+        if let Some(addresses) = remembered {
+            if let Some(outcome) = self.send_on(session, addresses, tried, deadline).await? {
+                return Ok(Some(outcome));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
+        let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
+        self.send_on(session, addresses, tried, deadline).await
     }
 
     /// Sends the request on to the first of the instances at `addresses` not yet `tried` that
