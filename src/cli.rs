@@ -43,11 +43,14 @@ pub fn run() -> ExitCode {
         eprintln!("burrow: RUST_LOG is not UTF-8 text: ignored");
     }
     // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
-    // throttled (RUST_LOG can still ask for fred's lines).
-    let logger = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,fred=error"),
-    )
-    .build();
+    // throttled. A RUST_LOG that names fred gets its lines; one that does not (`info`, `warn`)
+    // does not.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) if filter.contains("fred") => filter,
+        Ok(filter) if !filter.trim().is_empty() => format!("{filter},fred=error"),
+        _ => "info,fred=error".to_owned(),
+    };
+    let logger = env_logger::Builder::new().parse_filters(&filter).build();
     log::set_max_level(logger.filter());
     // Only fails if a logger is set already, which nothing else does.
     let _ = log::set_boxed_logger(Box::new(Redacting(logger)));

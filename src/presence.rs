@@ -25,8 +25,15 @@ pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
 /// How long an announcement lasts: three missed announcements and the instance is gone.
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(15);
 
-/// How long an instance that could not be reached is tried after the others.
+/// How long an instance that could not be reached is tried after the others; then one request
+/// tries it again, while the others keep it last for as long again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
+/// How long a request waits for a read of the store before it makes do with the last one.
+const STORE_PATIENCE: Duration = Duration::from_millis(500);
+
+/// How long an instance that could not be reached, and was not tried since, is remembered as such.
+const FORGET_UNREACHABLE: Duration = Duration::from_secs(60);
 
 /// How long a read of where the other instances' agents are answers later requests for the names
 /// it found. A read parses every instance's record, which with many agents costs milliseconds
@@ -45,7 +52,7 @@ pub struct Presence {
     /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
     /// for the next one instead of each reading every record.
     reading: Arc<tokio::sync::Mutex<()>>,
-    /// Addresses of instances that could not be reached, and since when.
+    /// Addresses of instances that could not be reached, and until when they are tried last.
     unreachable: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
@@ -184,30 +191,53 @@ impl Presence {
         Ok(self.in_order(&self.read_holders(name).await?))
     }
 
-    /// The instances with an agent named `name`, from a read begun after this call; one read
-    /// serves every call waiting for it.
+    /// The instances with an agent named `name`, from a read begun after this call (one read
+    /// serves every call waiting for it). While the store fails or is slow to answer (over
+    /// [`STORE_PATIENCE`]), from the last read within a record's lifetime, if there is one:
+    /// records live that long anyway, and an instance gone meanwhile is passed over as any.
     async fn read_holders(&self, name: &str) -> Result<Vec<Holder>, StoreError> {
         let asked_at = Instant::now();
-        let _turn = self.reading.lock().await;
-        let fresh = self
+        let read = async {
+            let _turn = self.reading.lock().await;
+            let fresh = self
+                .directory()
+                .as_ref()
+                .is_some_and(|d| d.read_at >= asked_at);
+            if !fresh {
+                self.read().await?;
+            }
+            Ok(self.listed(name))
+        };
+        let known = self
             .directory()
             .as_ref()
-            .is_some_and(|d| d.read_at >= asked_at);
-        if !fresh {
-            self.read().await?;
+            .filter(|d| d.read_at.elapsed() < ANNOUNCEMENT_TTL)
+            .map(|d| d.holders.get(name).cloned().unwrap_or_default());
+        match known {
+            Some(known) => match tokio::time::timeout(STORE_PATIENCE, read).await {
+                Ok(Ok(holders)) => Ok(holders),
+                Ok(Err(_)) | Err(_) => Ok(known),
+            },
+            None => read.await,
         }
+    }
+
+    /// The instances with an agent named `name` at the last read.
+    fn listed(&self, name: &str) -> Vec<Holder> {
         let directory = self.directory();
         let holders = directory.as_ref().and_then(|d| d.holders.get(name));
-        Ok(holders.cloned().unwrap_or_default())
+        holders.cloned().unwrap_or_default()
     }
 
     /// Notes that the instance at `address` could not be reached: for a few seconds it is tried
-    /// after the others. Whether it was not noted already (a failure worth a log line).
+    /// after the others. Whether it was not noted already (a failure worth a log line: the
+    /// first of an outage).
     pub fn unreachable(&self, address: &str) -> bool {
+        let now = Instant::now();
         let mut unreachable = lock(&self.unreachable);
-        unreachable.retain(|_, since| since.elapsed() < UNREACHABLE_FOR);
+        unreachable.retain(|_, until| *until + FORGET_UNREACHABLE > now);
         unreachable
-            .insert(address.to_owned(), Instant::now())
+            .insert(address.to_owned(), now + UNREACHABLE_FOR)
             .is_none()
     }
 
@@ -216,18 +246,32 @@ impl Presence {
         lock(&self.unreachable).remove(address);
     }
 
-    /// The addresses of `holders` in the order to try them (see [`Presence::holders`]).
+    /// The addresses of `holders` in the order to try them (see [`Presence::holders`]). An
+    /// unreachable instance whose time is served is tried in its turn by this request alone:
+    /// the others keep it last meanwhile, so that they do not all wait on it at once again.
     fn in_order(&self, holders: &[Holder]) -> Vec<String> {
-        let unreachable = lock(&self.unreachable);
-        let lately = |address: &str| {
-            unreachable
-                .get(address)
-                .is_some_and(|since| since.elapsed() < UNREACHABLE_FOR)
-        };
-        let mut holders = holders.to_vec();
+        let now = Instant::now();
+        let mut unreachable = lock(&self.unreachable);
+        let mut holders: Vec<(bool, &Holder)> = holders
+            .iter()
+            .map(|holder| {
+                let last = match unreachable.get_mut(&holder.address) {
+                    Some(until) if *until > now => true,
+                    Some(until) => {
+                        *until = now + UNREACHABLE_FOR;
+                        false
+                    }
+                    None => false,
+                };
+                (last, holder)
+            })
+            .collect();
         fastrand::shuffle(&mut holders);
-        holders.sort_by_key(|holder| (lately(&holder.address), holder.silent));
-        holders.into_iter().map(|holder| holder.address).collect()
+        holders.sort_by_key(|(last, holder)| (*last, holder.silent));
+        holders
+            .into_iter()
+            .map(|(_, holder)| holder.address.clone())
+            .collect()
     }
 
     /// Reads every instance's record, and notes which other instances have which agents.
@@ -285,4 +329,37 @@ impl Presence {
 /// Locks `mutex`; a panic elsewhere while it was held left nothing half-done worth refusing.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+
+    /// An instance that could not be reached comes after the others (silent ones included) and
+    /// is logged once; when its time is served, one request tries it in its turn while the others
+    /// keep it last; once it answers, it takes its turn again.
+    #[tokio::test]
+    async fn unreachable_instances_come_last_and_one_request_tries_again() {
+        let store = Store::open(&StoreConfig::Memory)
+            .await
+            .expect("a memory store");
+        let presence = Presence::new(store, Agents::new(), "127.0.0.1:1".into());
+        let holder = |address: &str, silent| Holder {
+            address: address.into(),
+            silent,
+        };
+        let holders = [holder("dead:1", false), holder("frozen:1", true)];
+        assert!(presence.unreachable("dead:1"));
+        assert!(!presence.unreachable("dead:1"));
+        for _ in 0..10 {
+            assert_eq!(presence.in_order(&holders), ["frozen:1", "dead:1"]);
+        }
+        let served = Instant::now() - Duration::from_millis(1);
+        lock(&presence.unreachable).insert("dead:1".into(), served);
+        assert_eq!(presence.in_order(&holders), ["dead:1", "frozen:1"]);
+        assert_eq!(presence.in_order(&holders), ["frozen:1", "dead:1"]);
+        presence.reached("dead:1");
+        assert_eq!(presence.in_order(&holders), ["dead:1", "frozen:1"]);
+    }
 }

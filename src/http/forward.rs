@@ -3,6 +3,7 @@
 //! are streamed through the agent's connection, never held whole. A request for an agent
 //! connected to another instance is sent on to that instance, as it came, with a hop marker.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -177,10 +178,18 @@ pub async fn proxy(
         builder = builder.header(name, value);
     }
     let (chunks, body) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    // The body is read from the client only once the other instance takes it, that is once
+    // connected: a request whose instance cannot be reached has lost nothing and can go on to the
+    // next (and `Expect: 100-continue` is answered only then).
+    let (wanted, asked) = tokio::sync::oneshot::channel::<()>();
     let body = if has_body {
-        let body = futures_util::stream::unfold(body, |mut body| async move {
+        let first = Some(wanted);
+        let body = futures_util::stream::unfold((body, first), |(mut body, first)| async move {
+            if let Some(wanted) = first {
+                let _ = wanted.send(());
+            }
             let chunk = body.recv().await?;
-            Some((chunk.map(Frame::data), body))
+            Some((chunk.map(Frame::data), (body, None)))
         });
         BodyExt::boxed(StreamBody::new(body))
     } else {
@@ -189,19 +198,25 @@ pub async fn proxy(
     let hop = builder
         .body(body)
         .map_err(|e| Error::BadRequest(e.to_string()))?;
-    continue_if_expected(session).await?;
-    // Streams the body, then watches for the client leaving (resolving only then).
+    let started = AtomicBool::new(false);
+    // Streams the body once asked for, then watches for the client leaving (resolving only then).
     let pump = async {
-        loop {
-            let chunk = match session.read_request_body().await {
-                Ok(Some(chunk)) => Ok(chunk),
-                Ok(None) => break,
-                // The other instance must not take a body cut short for a whole one.
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            let failed = chunk.is_err();
-            if chunks.send(chunk).await.is_err() || failed {
-                break;
+        if has_body && asked.await.is_ok() {
+            started.store(true, Ordering::Relaxed);
+            if continue_if_expected(session).await.is_err() {
+                return;
+            }
+            loop {
+                let chunk = match session.read_request_body().await {
+                    Ok(Some(chunk)) => Ok(chunk),
+                    Ok(None) => break,
+                    // The other instance must not take a body cut short for a whole one.
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                let failed = chunk.is_err();
+                if chunks.send(chunk).await.is_err() || failed {
+                    break;
+                }
             }
         }
         drop(chunks);
@@ -215,7 +230,9 @@ pub async fn proxy(
         Err(_) => return Err(RouteError::Timeout.into()),
         // Nothing of the request was sent, or nothing but an empty body, so nothing is lost by
         // trying elsewhere.
-        Ok(Err(e)) if e.is_connect() && sendable_again(session) => {
+        Ok(Err(e))
+            if e.is_connect() && (!started.load(Ordering::Relaxed) || sendable_again(session)) =>
+        {
             return Ok(Hop::Unreachable(crate::error::error_chain(&e)));
         }
         Ok(Err(e)) => {

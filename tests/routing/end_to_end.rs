@@ -1457,6 +1457,23 @@ async fn hung_store_lookup_ends_with_the_request_timeout() {
     answer.expect_one_line_error(504);
 }
 
+/// With the store down, an instance still sends requests to the instances it found an agent on
+/// lately (records live 15 s anyway), rather than answer 503 to all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_keeps_routing_to_known_instances() {
+    let mut redis = RedisServer::start();
+    let setup = Setup::on(Relay::start(Store::Redis(&redis), &[])).await;
+    let b = Relay::start(Store::Redis(&redis), &[]);
+    let client_b = b.client();
+    wait_agents(&client_b, &setup.name, 1, WAIT, &[&setup.agent]).await;
+    redis.stop();
+    // A request with a body is looked up afresh each time: the store's failure is what it meets.
+    let answer = client_b
+        .post(&format!("/r/{}/echo", setup.name), "body")
+        .await;
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
 /// Lists, in the store, a made-up instance at `address` with an agent named `name`, as a relay
 /// records itself; it lives a minute.
 fn list_instance(name: &str, address: &str) {
@@ -1479,7 +1496,8 @@ fn list_instance(name: &str, address: &str) {
 
 /// An instance listed with the agent whose address takes no connection (its node gone without a
 /// goodbye: nothing refuses, nothing answers) costs a request a second at most, not its whole
-/// timeout: the request goes on to the next instance, and the next requests try it last.
+/// timeout: the request, with a body or not, goes on to the next instance, and the next requests
+/// try it last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_that_takes_no_connection_is_passed_over() {
     let (setup, b) = Setup::with_second_instance().await;
@@ -1502,13 +1520,14 @@ async fn instance_that_takes_no_connection_is_passed_over() {
     list_instance(&setup.name, &address);
     let client_b = b.client();
     wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
-    for _ in 0..10 {
-        let request = client_b.request(Method::GET, &format!("/r/{}/echo", setup.name));
-        let answer = client_b
-            .send(request.header(TIMEOUT, "3s"))
-            .await
-            .expect(200);
-        assert_eq!(Echo::parse(&answer.body).upstream, "up");
+    // A request with a body too: nothing of it is read before the other instance takes it.
+    for method in [Method::POST, Method::GET] {
+        for _ in 0..10 {
+            let request = client_b.request(method.clone(), &format!("/r/{}/echo", setup.name));
+            let request = request.header(TIMEOUT, "3s").body("body");
+            let answer = client_b.send(request).await.expect(200);
+            assert_eq!(Echo::parse(&answer.body).upstream, "up");
+        }
     }
     let log = b.output();
     assert_eq!(log.matches(&address).count(), 1, "{log}");
