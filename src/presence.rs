@@ -25,12 +25,16 @@ pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
 /// How long an announcement lasts: three missed announcements and the instance is gone.
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(15);
 
-/// How long an instance that could not be reached is tried after the others; then one request
-/// tries it again, while the others keep it last for as long again.
+/// How long an instance that could not be reached (or that refused a name) is tried after the
+/// others; then one request tries it again, while the others keep it last for as long again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 /// How long a request waits for a read of the store before it makes do with the last one.
 const STORE_PATIENCE: Duration = Duration::from_millis(500);
+
+/// How long after a read failed (or outlasted [`STORE_PATIENCE`]) requests make do with the last
+/// read without asking the store.
+const STORE_RESPITE: Duration = Duration::from_secs(1);
 
 /// How long an instance that could not be reached, and was not tried since, is remembered as such.
 const FORGET_UNREACHABLE: Duration = Duration::from_secs(60);
@@ -52,8 +56,11 @@ pub struct Presence {
     /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
     /// for the next one instead of each reading every record.
     reading: Arc<tokio::sync::Mutex<()>>,
-    /// Addresses of instances that could not be reached, and until when they are tried last.
-    unreachable: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Instances tried last until a time: by address those that could not be reached, by
+    /// `address/name` those that refused a name (a record older than the agent's leaving).
+    tried_last: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Until when the store is left alone after a read failed.
+    respite: Arc<Mutex<Option<Instant>>>,
 }
 
 /// Which other instances had which agents, by name, when the store was read.
@@ -101,7 +108,8 @@ impl Presence {
             address,
             directory: Arc::default(),
             reading: Arc::default(),
-            unreachable: Arc::default(),
+            tried_last: Arc::default(),
+            respite: Arc::default(),
         }
     }
 
@@ -159,7 +167,7 @@ impl Presence {
     /// store less than a second ago, in the order to try them (see [`Presence::holders`]);
     /// `None` if there was no such read.
     pub fn remembered_holders(&self, name: &str) -> Option<Vec<String>> {
-        Some(self.in_order(&self.remembered(name)?))
+        Some(self.in_order(name, &self.remembered(name)?))
     }
 
     /// The addresses of the other instances with an agent named `name` that is not silent, as
@@ -170,7 +178,7 @@ impl Presence {
             None => self.read_holders(name).await?,
         };
         let answering: Vec<Holder> = holders.into_iter().filter(|h| !h.silent).collect();
-        Ok(self.in_order(&answering))
+        Ok(self.in_order(name, &answering))
     }
 
     /// The instances with an agent named `name` at a read less than a second ago.
@@ -188,13 +196,14 @@ impl Presence {
     /// requests, but those that could not be reached lately last, and before them those whose
     /// agents of the name are all silent. One read serves every request waiting for it.
     pub async fn holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.in_order(&self.read_holders(name).await?))
+        Ok(self.in_order(name, &self.read_holders(name).await?))
     }
 
     /// The instances with an agent named `name`, from a read begun after this call (one read
     /// serves every call waiting for it). While the store fails or is slow to answer (over
     /// [`STORE_PATIENCE`]), from the last read within a record's lifetime, if there is one:
-    /// records live that long anyway, and an instance gone meanwhile is passed over as any.
+    /// records live that long anyway, and an instance gone meanwhile is passed over as any. A
+    /// failed read leaves the store alone for [`STORE_RESPITE`].
     async fn read_holders(&self, name: &str) -> Result<Vec<Holder>, StoreError> {
         let asked_at = Instant::now();
         let read = async {
@@ -213,12 +222,19 @@ impl Presence {
             .as_ref()
             .filter(|d| d.read_at.elapsed() < ANNOUNCEMENT_TTL)
             .map(|d| d.holders.get(name).cloned().unwrap_or_default());
-        match known {
-            Some(known) => match tokio::time::timeout(STORE_PATIENCE, read).await {
-                Ok(Ok(holders)) => Ok(holders),
-                Ok(Err(_)) | Err(_) => Ok(known),
-            },
-            None => read.await,
+        let Some(known) = known else {
+            return read.await;
+        };
+        let resting = lock(&self.respite).is_some_and(|until| until > Instant::now());
+        if resting {
+            return Ok(known);
+        }
+        match tokio::time::timeout(STORE_PATIENCE, read).await {
+            Ok(Ok(holders)) => Ok(holders),
+            Ok(Err(_)) | Err(_) => {
+                *lock(&self.respite) = Some(Instant::now() + STORE_RESPITE);
+                Ok(known)
+            }
         }
     }
 
@@ -233,37 +249,47 @@ impl Presence {
     /// after the others. Whether it was not noted already (a failure worth a log line: the
     /// first of an outage).
     pub fn unreachable(&self, address: &str) -> bool {
+        self.try_last(address.to_owned())
+    }
+
+    /// Notes that the instance at `address` said it has no agent named `name` (its record is
+    /// older than the agent's leaving): for a few seconds it is tried last for that name.
+    pub fn refused(&self, address: &str, name: &str) {
+        self.try_last(format!("{address}/{name}"));
+    }
+
+    /// Marks `key` tried last; whether it was not marked already.
+    fn try_last(&self, key: String) -> bool {
         let now = Instant::now();
-        let mut unreachable = lock(&self.unreachable);
-        unreachable.retain(|_, until| *until + FORGET_UNREACHABLE > now);
-        unreachable
-            .insert(address.to_owned(), now + UNREACHABLE_FOR)
-            .is_none()
+        let mut tried_last = lock(&self.tried_last);
+        tried_last.retain(|_, until| *until + FORGET_UNREACHABLE > now);
+        tried_last.insert(key, now + UNREACHABLE_FOR).is_none()
     }
 
     /// Notes that the instance at `address` answered.
     pub fn reached(&self, address: &str) {
-        lock(&self.unreachable).remove(address);
+        lock(&self.tried_last).remove(address);
     }
 
     /// The addresses of `holders` in the order to try them (see [`Presence::holders`]). An
     /// unreachable instance whose time is served is tried in its turn by this request alone:
     /// the others keep it last meanwhile, so that they do not all wait on it at once again.
-    fn in_order(&self, holders: &[Holder]) -> Vec<String> {
+    fn in_order(&self, name: &str, holders: &[Holder]) -> Vec<String> {
         let now = Instant::now();
-        let mut unreachable = lock(&self.unreachable);
+        let mut tried_last = lock(&self.tried_last);
+        let mut last = |key: &str| match tried_last.get_mut(key) {
+            Some(until) if *until > now => true,
+            Some(until) => {
+                *until = now + UNREACHABLE_FOR;
+                false
+            }
+            None => false,
+        };
         let mut holders: Vec<(bool, &Holder)> = holders
             .iter()
             .map(|holder| {
-                let last = match unreachable.get_mut(&holder.address) {
-                    Some(until) if *until > now => true,
-                    Some(until) => {
-                        *until = now + UNREACHABLE_FOR;
-                        false
-                    }
-                    None => false,
-                };
-                (last, holder)
+                let refused = last(&format!("{}/{name}", holder.address));
+                (last(&holder.address) || refused, holder)
             })
             .collect();
         fastrand::shuffle(&mut holders);
@@ -353,13 +379,13 @@ mod tests {
         assert!(presence.unreachable("dead:1"));
         assert!(!presence.unreachable("dead:1"));
         for _ in 0..10 {
-            assert_eq!(presence.in_order(&holders), ["frozen:1", "dead:1"]);
+            assert_eq!(presence.in_order("svc", &holders), ["frozen:1", "dead:1"]);
         }
         let served = Instant::now() - Duration::from_millis(1);
-        lock(&presence.unreachable).insert("dead:1".into(), served);
-        assert_eq!(presence.in_order(&holders), ["dead:1", "frozen:1"]);
-        assert_eq!(presence.in_order(&holders), ["frozen:1", "dead:1"]);
+        lock(&presence.tried_last).insert("dead:1".into(), served);
+        assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
+        assert_eq!(presence.in_order("svc", &holders), ["frozen:1", "dead:1"]);
         presence.reached("dead:1");
-        assert_eq!(presence.in_order(&holders), ["dead:1", "frozen:1"]);
+        assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
     }
 }

@@ -415,7 +415,8 @@ impl RelayApp {
         // Store trouble leaves the request to the agents here, as before.
         let answering = tokio::time::timeout(left, answering).await;
         let addresses = answering.ok().and_then(Result::ok).unwrap_or_default();
-        self.send_on(session, addresses, tried, deadline).await
+        self.send_on(session, agent, addresses, tried, deadline)
+            .await
     }
 
     /// Sends the request to another instance with an agent of the name. Where the name was
@@ -433,14 +434,18 @@ impl RelayApp {
             .then(|| self.presence.remembered_holders(agent.as_str()))
             .flatten();
         if let Some(addresses) = remembered {
-            if let Some(outcome) = self.send_on(session, addresses, tried, deadline).await? {
+            if let Some(outcome) = self
+                .send_on(session, agent, addresses, tried, deadline)
+                .await?
+            {
                 return Ok(Some(outcome));
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
         let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
-        self.send_on(session, addresses, tried, deadline).await
+        self.send_on(session, agent, addresses, tried, deadline)
+            .await
     }
 
     /// Sends the request on to the first of the instances at `addresses` not yet `tried` that
@@ -449,6 +454,7 @@ impl RelayApp {
     async fn send_on(
         &self,
         session: &mut ServerSession,
+        agent: &TunnelId,
         addresses: Vec<String>,
         tried: &mut Vec<String>,
         deadline: Instant,
@@ -475,13 +481,26 @@ impl RelayApp {
                     let body = Body::Instance(response);
                     return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
                 }
-                Hop::Refused => self.presence.reached(&address),
-                // Once per address while it stays unreachable: every request would log it.
-                Hop::Unreachable(why) if self.presence.unreachable(&address) => {
-                    log::warn!("forwarding to the instance at {address}: {why}");
+                Hop::Refused { again } => {
+                    self.presence.reached(&address);
+                    self.presence.refused(&address, agent.as_str());
+                    if !again {
+                        let why = "the relay instance listed with the agent no longer has it";
+                        return Err(RouteError::AgentFailed(why.to_owned()).into());
+                    }
                 }
-                Hop::Unreachable(why) => {
-                    log::debug!("forwarding to the instance at {address}: {why}");
+                Hop::Failed { why, again } => {
+                    // Once per address while it stays unreachable: every request would log it.
+                    if self.presence.unreachable(&address) {
+                        log::warn!("forwarding to the instance at {address}: {why}");
+                    } else {
+                        log::debug!("forwarding to the instance at {address}: {why}");
+                    }
+                    if !again {
+                        // The client learns that the hop failed, not the store's addresses.
+                        let why = "the relay instance with the agent did not answer";
+                        return Err(RouteError::AgentFailed(why.to_owned()).into());
+                    }
                 }
             }
             tried.push(address);

@@ -135,11 +135,13 @@ pub fn sendable_again(session: &mut ServerSession) -> bool {
 pub enum Hop {
     /// The head of the instance's answer, and the response whose body follows.
     Answered(Response, hyper::Response<Incoming>),
-    /// The instance no longer has the agent; the request, having no body (or an empty one), can
-    /// go to another.
-    Refused,
-    /// The instance could not be reached (why); the request can go to another, as above.
-    Unreachable(String),
+    /// The instance no longer has the agent. The request can go to another (`again`) unless
+    /// part of its body is gone with this one.
+    Refused { again: bool },
+    /// The instance could not be reached, or failed before answering (why). The request can go
+    /// to another (`again`) when nothing of its body was read and, unless the instance never got
+    /// it (no connection), its method is idempotent.
+    Failed { why: String, again: bool },
 }
 
 /// Sends the request as it came to the relay instance at `address`, which has the agent. The
@@ -226,20 +228,14 @@ pub async fn proxy(
         sent = tokio::time::timeout(timeout, client.request(hop)) => sent,
         () = pump => return Err(Error::ClientGone),
     };
+    let untouched = !started.load(Ordering::Relaxed) || sendable_again(session);
     let response = match sent {
         Err(_) => return Err(RouteError::Timeout.into()),
-        // Nothing of the request was sent, or nothing but an empty body, so nothing is lost by
-        // trying elsewhere.
-        Ok(Err(e))
-            if e.is_connect() && (!started.load(Ordering::Relaxed) || sendable_again(session)) =>
-        {
-            return Ok(Hop::Unreachable(crate::error::error_chain(&e)));
-        }
         Ok(Err(e)) => {
-            // The client learns that the hop failed, not the store's addresses of instances.
-            log::warn!("forwarding to the instance at {address}: {e}");
-            let why = "the relay instance with the agent did not answer".to_owned();
-            return Err(RouteError::AgentFailed(why).into());
+            let idempotent = session.req_header().method.is_idempotent();
+            let again = untouched && (e.is_connect() || idempotent);
+            let why = crate::error::error_chain(&e);
+            return Ok(Hop::Failed { why, again });
         }
         Ok(Ok(response)) => response,
     };
@@ -248,11 +244,7 @@ pub async fn proxy(
     let refused = response.headers().get(HOP_HEADER);
     let status = response.status().as_u16();
     if matches!(status, 422 | 502) && refused.is_some_and(|mark| mark == HOP_REFUSED) {
-        if sendable_again(session) {
-            return Ok(Hop::Refused);
-        }
-        let why = "the relay instance listed with the agent no longer has it".to_owned();
-        return Err(RouteError::AgentFailed(why).into());
+        return Ok(Hop::Refused { again: untouched });
     }
     let mut answer = header_list(response.headers());
     strip_hop_by_hop(&mut answer);
