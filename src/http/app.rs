@@ -465,17 +465,8 @@ impl RelayApp {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let proxied = forward::proxy(session, &self.proxy, &address, instance, left).await;
-            // An instance that took the request but did not answer in time may be frozen, or
-            // its node gone: the name's next requests try the others first.
-            if let Err(Error::Route(RouteError::Timeout)) = &proxied {
-                if self.presence.unreachable(&address) {
-                    log::warn!(
-                        "forwarding to the instance at {address}: no answer within the timeout"
-                    );
-                }
-            }
-            match proxied? {
+            let proxied = forward::proxy(session, &self.proxy, &address, instance, left);
+            match proxied.await? {
                 Hop::Answered(head, response) => {
                     self.presence.reached(&address);
                     let body = Body::Instance(response);
@@ -501,6 +492,13 @@ impl RelayApp {
                         let why = "the relay instance with the agent did not answer";
                         return Err(RouteError::AgentFailed(why.to_owned()).into());
                     }
+                }
+                // Frozen, or its node gone: the name's next requests try the others first.
+                Hop::TimedOut => {
+                    if self.presence.unreachable(&address) {
+                        log::warn!("forwarding to the instance at {address}: no answer in time");
+                    }
+                    return Err(RouteError::Timeout.into());
                 }
             }
             tried.push(address);

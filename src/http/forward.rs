@@ -19,7 +19,7 @@ use super::response::Response;
 use crate::error::Error;
 use crate::routing::head::strip_hop_by_hop_keeping;
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
-use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead, RouteError};
+use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead};
 use crate::tunnel::TunnelId;
 
 /// Marks a request one relay instance sent to another, which then serves it only with its own
@@ -142,6 +142,8 @@ pub enum Hop {
     /// to another (`again`) when nothing of its body was read and, unless the instance never got
     /// it (no connection), its method is idempotent.
     Failed { why: String, again: bool },
+    /// The instance took the request but gave no answer within the timeout (504).
+    TimedOut,
 }
 
 /// Sends the request as it came to the relay instance at `address`, which has the agent. The
@@ -230,7 +232,7 @@ pub async fn proxy(
     };
     let untouched = !started.load(Ordering::Relaxed) || sendable_again(session);
     let response = match sent {
-        Err(_) => return Err(RouteError::Timeout.into()),
+        Err(_) => return Ok(Hop::TimedOut),
         Ok(Err(e)) => {
             let idempotent = session.req_header().method.is_idempotent();
             let again = untouched && (e.is_connect() || idempotent);

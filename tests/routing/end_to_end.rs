@@ -1496,9 +1496,8 @@ async fn instance_that_closes_connections_is_passed_over() {
             drop(stream);
         }
     });
-    list_instance(&setup.name, &address);
     let client_b = b.client();
-    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    list_instance(&client_b, &setup, &address).await;
     for _ in 0..10 {
         echo_through(&client_b, &setup.name, "up").await;
     }
@@ -1513,9 +1512,8 @@ async fn instance_that_closes_connections_is_passed_over() {
 async fn instance_that_refused_a_name_is_tried_last() {
     let (setup, b) = Setup::with_second_instance().await;
     let c = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
-    list_instance(&setup.name, c.base.trim_start_matches("http://"));
     let client_b = b.client();
-    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    list_instance(&client_b, &setup, c.base.trim_start_matches("http://")).await;
     let mut lost = 0;
     for _ in 0..10 {
         let answer = client_b
@@ -1540,9 +1538,11 @@ fn redis_pid(redis: &RedisServer) -> u32 {
         .expect("INFO server names the process")
 }
 
-/// Lists, in the store, a made-up instance at `address` with an agent named `name`, as a relay
-/// records itself; it lives a minute.
-fn list_instance(name: &str, address: &str) {
+/// Lists, in the store, a made-up instance at `address` with an agent of `setup`'s name, as a
+/// relay records itself (it lives a minute), and waits until B (`client_b`) lists it beside the
+/// agent of `setup`.
+async fn list_instance(client_b: &Client, setup: &Setup, address: &str) {
+    let name = setup.name.as_str();
     let instance = tunnel_id("made-up");
     let record = serde_json::json!({
         "instance": instance,
@@ -1558,6 +1558,7 @@ fn list_instance(name: &str, address: &str) {
     redis.command(&["SET", &key, &record.to_string(), "PX", "60000"]);
     let score = expires.as_millis().to_string();
     redis.command(&["ZADD", "burrow:instances", &score, &instance]);
+    wait_agents(client_b, name, 2, WAIT, &[&setup.agent]).await;
 }
 
 /// An instance listed with the agent whose address takes no connection (its node gone without a
@@ -1583,9 +1584,8 @@ async fn instance_that_takes_no_connection_is_passed_over() {
     {
         queued.push(stream);
     }
-    list_instance(&setup.name, &address);
     let client_b = b.client();
-    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    list_instance(&client_b, &setup, &address).await;
     // A request with a body too: nothing of it is read before the other instance takes it.
     for method in [Method::POST, Method::GET] {
         for _ in 0..10 {
@@ -1609,9 +1609,8 @@ async fn instance_that_does_not_answer_is_tried_last() {
         .await
         .expect("a free port");
     let address = frozen.local_addr().expect("a bound address").to_string();
-    list_instance(&setup.name, &address);
     let client_b = b.client();
-    wait_agents(&client_b, &setup.name, 2, WAIT, &[&setup.agent]).await;
+    list_instance(&client_b, &setup, &address).await;
     let path = format!("/r/{}/echo", setup.name);
     let get = || client_b.send(client_b.request(Method::GET, &path).header(TIMEOUT, "1s"));
     // Each request goes to A or to the frozen instance at random, until one times out there.
