@@ -79,32 +79,38 @@ impl Client {
         })
     }
 
-    /// Sends `request` on an idle connection, or on a new one if none is left or the idle one
-    /// closed before taking it. The response's connection goes back to the pool through
+    /// A connection for the next request: an idle one that is still open, or a new one.
+    pub async fn connection(&self) -> Result<SendRequest<RequestBody>, ClientError> {
+        while let Some(mut sender) = self.checkout() {
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        self.connect().await
+    }
+
+    /// Sends `request` on `sender` (from [`Client::connection`]), or on a new connection if that
+    /// one closed before taking it. The response's connection goes back to the pool through
     /// [`Client::release`] once its body has been read to the end.
     pub async fn send(
         &self,
+        mut sender: SendRequest<RequestBody>,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, SendRequest<RequestBody>), ClientError> {
         request
             .headers_mut()
             .insert(http::header::HOST, self.host.clone());
-        while let Some(mut sender) = self.checkout() {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, sender)),
-                Err(mut err) => match err.take_message() {
-                    // The connection closed before the request was written: try another.
-                    Some(unsent) => request = unsent,
-                    None => return Err(err.into_error().into()),
-                },
-            }
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok((response, sender)),
+            Err(mut err) => match err.take_message() {
+                Some(unsent) => {
+                    let mut fresh = self.connect().await?;
+                    let response = fresh.send_request(unsent).await?;
+                    Ok((response, fresh))
+                }
+                None => Err(err.into_error().into()),
+            },
         }
-        let mut sender = self.connect().await?;
-        let response = sender.send_request(request).await?;
-        Ok((response, sender))
     }
 
     /// Keeps a connection whose response was read to the end for the next request.

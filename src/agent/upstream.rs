@@ -32,11 +32,11 @@ impl Upstream {
         })
     }
 
-    /// Serves one stream: acknowledges the request, forwards it, answers, and logs one line.
+    /// Serves one stream: takes the request once the upstream can be reached (else refuses it,
+    /// and the relay replays it on another agent of the name), forwards it, answers, and logs
+    /// one line.
     pub async fn forward(&self, mut head: RequestHead, writer: BodyWriter, reader: BodyReader) {
         let started = Instant::now();
-        // Tells the relay the request is taken: from now on it will not be retried elsewhere.
-        writer.grant(0);
         let outcome = tokio::select! {
             outcome = self.exchange(&mut head, &writer, reader) => outcome,
             reason = writer.closed() => Outcome::Reset(reason),
@@ -51,6 +51,9 @@ impl Upstream {
             Outcome::Failed(status, why) => {
                 log::info!("{method} {path} status={status} duration={duration:.3}s error={why}")
             }
+            Outcome::Refused(why) => {
+                log::info!("{method} {path} status=refused duration={duration:.3}s error={why}")
+            }
             Outcome::Reset(why) => {
                 log::info!("{method} {path} status=reset duration={duration:.3}s reason={why}")
             }
@@ -63,12 +66,35 @@ impl Upstream {
         writer: &BodyWriter,
         reader: BodyReader,
     ) -> Outcome {
-        let request = match self.request(head, reader).await {
-            Ok(request) => request,
-            Err(Outcome::Failed(status, why)) => return answer_error(writer, status, why).await,
+        let (method, uri) = match self.target(head) {
+            Ok(target) => target,
+            Err(why) => {
+                writer.grant(0);
+                return answer_error(writer, 400, why).await;
+            }
+        };
+        // Refused before it is taken, a request goes to another agent of the name, whose
+        // upstream may be up; answered here, it could only fail.
+        let sender = match self.client.connection().await {
+            Ok(sender) => sender,
+            Err(err) => {
+                let why = format!("upstream unreachable: {}", error_chain(&err));
+                writer.reset(&why);
+                return Outcome::Refused(why);
+            }
+        };
+        // Tells the relay the request is taken: from now on it will not be retried elsewhere.
+        writer.grant(0);
+        let body = match request_body(reader).await {
+            Ok(body) => body,
             Err(outcome) => return outcome,
         };
-        let (response, connection) = match self.client.send(request).await {
+        let mut request = http::Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        // The headers go upstream; the log line needs only the method and the path.
+        *request.headers_mut() = upstream_headers(std::mem::take(&mut head.headers));
+        let (response, connection) = match self.client.send(sender, request).await {
             Ok(sent) => sent,
             Err(err) => {
                 let what = match err {
@@ -132,38 +158,32 @@ impl Upstream {
         }
     }
 
-    /// Builds the upstream request. The body starts streaming only if the relay sends one: a
-    /// request whose first item is `END` goes without a body.
-    async fn request(
-        &self,
-        head: &mut RequestHead,
-        mut reader: BodyReader,
-    ) -> Result<http::Request<RequestBody>, Outcome> {
+    /// The request's method and upstream URI; `Err` (a 400's reason) for an invalid method, or
+    /// a path that climbs out of the upstream's.
+    fn target(&self, head: &RequestHead) -> Result<(http::Method, http::Uri), String> {
         let method = http::Method::from_bytes(head.method.as_bytes()).map_err(|_| {
             let method = shown(&head.method, SHOWN_METHOD);
-            Outcome::Failed(400, format!("invalid method {method:?}"))
+            format!("invalid method {method:?}")
         })?;
         // `--upstream http://host/api` exposes `/api` and below, not its parent.
         if has_dot_segment(&head.path) {
             let why = "a path with `.` or `..` segments (or one still encoded after 8 decodings, \
                        or expanded past three times its length by NFKD)";
-            return Err(Outcome::Failed(400, format!("{why} is refused")));
+            return Err(format!("{why} is refused"));
         }
         let target = format!("{}{}", self.prefix, head.path);
-        let uri = http::Uri::try_from(target)
-            .map_err(|err| Outcome::Failed(400, format!("invalid path: {err}")))?;
-        let body = match reader.next().await {
-            Inbound::End => RequestBody::empty(),
-            Inbound::Data(first) => RequestBody::streaming(first, reader),
-            Inbound::Reset(reason) => return Err(Outcome::Reset(reason)),
-            Inbound::Response(_) => return Err(Outcome::Reset("a RESPONSE from the relay".into())),
-        };
-        let mut request = http::Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        // The headers go upstream; the log line needs only the method and the path.
-        *request.headers_mut() = upstream_headers(std::mem::take(&mut head.headers));
-        Ok(request)
+        let uri = http::Uri::try_from(target).map_err(|err| format!("invalid path: {err}"))?;
+        Ok((method, uri))
+    }
+}
+
+/// The request body as it comes from the relay: none if the stream's first item is `END`.
+async fn request_body(mut reader: BodyReader) -> Result<RequestBody, Outcome> {
+    match reader.next().await {
+        Inbound::End => Ok(RequestBody::empty()),
+        Inbound::Data(first) => Ok(RequestBody::streaming(first, reader)),
+        Inbound::Reset(reason) => Err(Outcome::Reset(reason)),
+        Inbound::Response(_) => Err(Outcome::Reset("a RESPONSE from the relay".into())),
     }
 }
 
@@ -171,6 +191,8 @@ impl Upstream {
 enum Outcome {
     Answered(u16),
     Failed(u16, String),
+    /// Not taken: the relay replays it on another agent.
+    Refused(String),
     Reset(String),
 }
 

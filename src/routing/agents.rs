@@ -98,8 +98,8 @@ impl Agents {
         first.is_some_and(|link| link.silent()) && accepting.all(|link| link.silent())
     }
 
-    /// The least busy accepting link of `name` not in `exclude`, silent ones last (see
-    /// [`Link::silent`]); ties go round-robin.
+    /// The least busy accepting link of `name` not in `exclude`, silent ones last, then those
+    /// refusing requests (see [`Link::silent`], [`Link::refusing`]); ties go round-robin.
     pub(crate) fn pick(&self, name: &str, exclude: &[u64]) -> Option<Arc<Link>> {
         let links = self.links();
         let candidates: Vec<&Arc<Link>> = links
@@ -113,7 +113,7 @@ impl Agents {
         let start = self.shared.turn.fetch_add(1, Ordering::Relaxed) % candidates.len();
         (0..candidates.len())
             .map(|offset| candidates[(start + offset) % candidates.len()])
-            .min_by_key(|link| (link.silent(), link.in_flight()))
+            .min_by_key(|link| (link.silent(), link.refusing(), link.in_flight()))
             .cloned()
     }
 

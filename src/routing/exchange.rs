@@ -238,6 +238,7 @@ impl Exchange {
         let Some(replay) = self.replay.as_ref().filter(|_| !self.writer.taken()) else {
             return Err(self.fail(reason));
         };
+        self.link.refused();
         log::debug!(
             "agent {} link {} lost a request before taking it ({reason}); retrying",
             self.name,

@@ -29,6 +29,10 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an agent may say nothing after being sent a request before [`Link::silent`] holds.
 const SILENT_AFTER: Duration = Duration::from_secs(1);
 
+/// How long an agent that refused a request (its upstream unreachable) is picked after the others
+/// of its name: a second, then it gets its share again, in case its upstream is back.
+const REFUSING_FOR: Duration = Duration::from_secs(1);
+
 /// How long a shutting-down relay lets an agent's requests in flight finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -47,6 +51,8 @@ pub struct Link {
     /// Since when a request sent here waits for the agent to say anything (it acknowledges each
     /// at once), in Unix milliseconds; 0 while nothing does.
     unanswered_since_ms: AtomicU64,
+    /// When the agent last refused a request before taking it, in Unix milliseconds; 0 never.
+    refused_at_ms: AtomicU64,
     /// The next stream id: odd, increasing.
     next_stream: AtomicU32,
     /// Set once either side said GOAWAY: no new requests go to this link.
@@ -71,6 +77,18 @@ impl Link {
     pub fn silent(&self) -> bool {
         let since = self.unanswered_since_ms.load(Ordering::Relaxed);
         since != 0 && unix_ms().saturating_sub(since) > SILENT_AFTER.as_millis() as u64
+    }
+
+    /// Whether the agent refused a request within [`REFUSING_FOR`] (it does so when it cannot
+    /// reach its upstream). Other agents of the name are picked first.
+    pub fn refusing(&self) -> bool {
+        let at = self.refused_at_ms.load(Ordering::Relaxed);
+        at != 0 && unix_ms().saturating_sub(at) < REFUSING_FOR.as_millis() as u64
+    }
+
+    /// Notes that the agent refused a request (reset it before taking it).
+    pub(crate) fn refused(&self) {
+        self.refused_at_ms.store(unix_ms(), Ordering::Relaxed);
     }
 
     /// Whether new requests may be sent here.
@@ -122,6 +140,7 @@ pub async fn serve<S>(
         connected_since_ms: now,
         last_heartbeat_ms: AtomicU64::new(now),
         unanswered_since_ms: AtomicU64::new(0),
+        refused_at_ms: AtomicU64::new(0),
         next_stream: AtomicU32::new(1),
         draining: AtomicBool::new(false),
         streams: Streams::new(out, Side::Asks),

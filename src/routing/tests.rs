@@ -605,26 +605,60 @@ async fn timeout() {
     }
 }
 
-/// An unreachable upstream is a 502 with a one-line reason.
+/// An agent that cannot reach its upstream refuses the request before taking it: with no other
+/// agent of the name, the request is not taken, for the reason the agent gave.
 #[tokio::test]
 async fn upstream_unreachable() {
     let relay = start_relay().await;
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let _agent = start_agent(&relay, "down", &format!("http://{closed}")).await;
+    let _agent = start_agent(&relay, "down", &closed_upstream().await).await;
     relay.wait_for("down", 1).await;
-    let (response, body) = call(&relay.agents, "down", head("GET", "/", &[]), Bytes::new())
+    let err = call(&relay.agents, "down", head("GET", "/", &[]), Bytes::new())
+        .await
+        .err();
+    let Some(RouteError::NotTaken(reason)) = err else {
+        panic!("{err:?}");
+    };
+    assert!(reason.starts_with("upstream unreachable: "), "{reason}");
+}
+
+/// Of two agents of one name, the one that cannot reach its upstream refuses what it is sent,
+/// which the other answers (bodies replayed); and for a second after a refusal it is picked
+/// after the other, so most requests do not go its way first.
+#[tokio::test]
+async fn agent_with_unreachable_upstream_is_passed_over() {
+    let relay = start_relay().await;
+    let upstream = start_upstream("real").await;
+    let _down = start_agent(&relay, "pair", &closed_upstream().await).await;
+    let _real = start_agent(&relay, "pair", &upstream).await;
+    relay.wait_for("pair", 2).await;
+    let body: Bytes = (0..100_000).map(pattern).collect::<Vec<u8>>().into();
+    // Equally idle links take turns, so one of two requests goes to the refusing agent first.
+    for _ in 0..2 {
+        let (response, answer) = call(
+            &relay.agents,
+            "pair",
+            head("POST", "/echo", &[]),
+            body.clone(),
+        )
         .await
         .unwrap();
-    assert_eq!(response.status, 502);
-    let text = String::from_utf8(body.to_vec()).unwrap();
-    assert!(
-        text.starts_with("upstream unreachable") && text.ends_with('\n'),
-        "{text}"
-    );
+        assert_eq!(response.status, 200);
+        let seen: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(seen["tag"], "real");
+        assert_eq!(seen["sha256"], pattern_hash(100_000));
+    }
+    let first = relay.agents.pick("pair", &[]).unwrap();
+    let second = relay.agents.pick("pair", &[first.id]).unwrap();
+    assert!(!first.refusing() && second.refusing());
+    for _ in 0..4 {
+        assert_eq!(relay.agents.pick("pair", &[]).unwrap().id, first.id);
+    }
+}
+
+/// An `http://` URL where nothing listens.
+async fn closed_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
 }
 
 /// A draining agent says GOAWAY (no new requests reach it), finishes the request in flight, and

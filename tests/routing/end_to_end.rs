@@ -336,9 +336,23 @@ async fn every_status() {
     let response = client.get(&format!("/r/{broken}/x")).await;
     let response = response.expect_one_line_error(502);
     let text = response.text();
-    assert!(text.starts_with("upstream unreachable: "), "{text}");
+    assert!(
+        text.starts_with("agent failed: upstream unreachable: "),
+        "{text}"
+    );
     // The cause is named once, though hyper's error and its source both print it.
     assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+    assert!(
+        broken_agent.logged("GET /x status=refused", WAIT).await,
+        "{}",
+        broken_agent.log()
+    );
+    // Beside an agent whose upstream is up, the one that refuses loses no request.
+    let working = Agent::serve(&setup.relay.base, &broken, &setup.upstream.url(), None);
+    wait_agents(&client, &broken, 2, RECONNECT, &[&broken_agent, &working]).await;
+    for _ in 0..10 {
+        echo_through(&client, &broken, "up").await;
+    }
     // The agent's own refusal of a path that climbs (`..;` is a name to URL parsers, `..` to
     // Tomcat) is an error like the relay's.
     let response = client.get(&format!("/r/{name}/a/..;/b")).await;
