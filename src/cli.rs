@@ -37,7 +37,7 @@ enum Command {
 /// Parses the command line and runs what it names; the exit code reports failure.
 pub fn run() -> ExitCode {
     forget_empty_variables();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| naming_the_variable(err).exit());
     // env_logger reads such a filter as unset, without a word (it warns of one it cannot parse).
     if let Err(std::env::VarError::NotUnicode(_)) = std::env::var("RUST_LOG") {
         eprintln!("burrow: RUST_LOG is not UTF-8 text: ignored");
@@ -77,6 +77,48 @@ fn forget_empty_variables() {
     for name in empty {
         std::env::remove_var(name);
     }
+}
+
+/// `err`, naming the environment variable its value came from, when clap refused a value that
+/// was not on the command line: clap names only the flag (`--concurrency`), which a container
+/// configured by `BURROW_WORKER_CONCURRENCY` never typed.
+fn naming_the_variable(mut err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let typed: Vec<OsString> = std::env::args_os().collect();
+    let command = <Cli as clap::CommandFactory>::command();
+    let arguments = command
+        .get_subcommands()
+        .flat_map(|sub| sub.get_arguments());
+    for argument in arguments {
+        let (Some(long), Some(variable)) = (argument.get_long(), argument.get_env()) else {
+            continue;
+        };
+        let flag = format!("--{long}");
+        if !(shown == &flag || shown.starts_with(&format!("{flag} "))) {
+            continue;
+        }
+        let given = typed.iter().filter_map(|arg| arg.to_str()).any(|arg| {
+            arg == flag
+                || arg
+                    .strip_prefix(flag.as_str())
+                    .is_some_and(|rest| rest.starts_with('='))
+        });
+        if !given {
+            let named = format!("{} ({flag})", variable.to_string_lossy());
+            err.insert(ContextKind::InvalidArg, ContextValue::String(named));
+        }
+        break;
+    }
+    err
 }
 
 fn serve(upgrade: bool) -> ExitCode {

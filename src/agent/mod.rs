@@ -58,26 +58,34 @@ pub struct AgentArgs {
     token: Option<String>,
 }
 
-/// Why the command line does not make an agent.
+/// The two URL settings, named as flag and environment variable in errors.
+const RELAY: &str = "--relay (BURROW_RELAY)";
+const UPSTREAM: &str = "--upstream (BURROW_UPSTREAM)";
+
+/// Why the command line does not make an agent. Each error names the setting both ways: a
+/// container sets the variable, a shell types the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--{flag} {url:?} is not a URL: {reason}")]
+    #[error("{flag} {url:?} is not a URL: {reason}")]
     NotAUrl {
         flag: &'static str,
         url: String,
         reason: String,
     },
-    #[error("--{0} must be an http:// or https:// URL without query or fragment, not {1:?}")]
+    #[error("{0} must be an http:// or https:// URL without query or fragment, not {1:?}")]
     NotHttp(&'static str, String),
     /// Not echoed: the URL holds a password.
     #[error(
-        "--{0} must not hold a user or password: they are not sent (and would be logged); \
-         give the relay's token with --token"
+        "{0} must not hold a user or password: they are not sent (and would be logged); \
+         give the relay's token with --token (BURROW_TOKEN)"
     )]
     Credentials(&'static str),
-    #[error("--name {0:?} is not a valid name (1 to 1024 characters from A-Z a-z 0-9 - _)")]
+    #[error(
+        "--name (BURROW_AGENT_NAME) {0:?} is not a valid name (1 to 1024 characters from A-Z a-z \
+         0-9 - _)"
+    )]
     InvalidName(String),
-    #[error("--token cannot be sent in an HTTP header")]
+    #[error("--token (BURROW_TOKEN) cannot be sent in an HTTP header")]
     InvalidToken,
 }
 
@@ -93,8 +101,8 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Checks the command line and derives the relay's WebSocket URL.
     pub fn from_args(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
-        let relay = http_url("relay", &args.relay)?;
-        let upstream = http_url("upstream", &args.upstream)?;
+        let relay = http_url(RELAY, &args.relay)?;
+        let upstream = http_url(UPSTREAM, &args.upstream)?;
         let name = TunnelId::parse(&args.name).ok_or(ConfigError::InvalidName(args.name))?;
         if let Some(token) = &args.token {
             HeaderValue::from_str(&format!("Bearer {token}"))
@@ -109,7 +117,7 @@ impl AgentConfig {
         };
         connect
             .set_scheme(scheme)
-            .map_err(|()| ConfigError::NotHttp("relay", args.relay.clone()))?;
+            .map_err(|()| ConfigError::NotHttp(RELAY, args.relay.clone()))?;
         let path = format!("{}/agent/connect", relay.path().trim_end_matches('/'));
         connect.set_path(&path);
         connect.query_pairs_mut().append_pair("name", name.as_str());
@@ -424,9 +432,9 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ConfigError::InvalidToken), "{err}");
         for (relay, upstream, flag) in [
-            ("http://me:pw@r", "http://u", "relay"),
-            ("http://r", "http://me:pw@u", "upstream"),
-            ("http://r", "http://me@u", "upstream"),
+            ("http://me:pw@r", "http://u", RELAY),
+            ("http://r", "http://me:pw@u", UPSTREAM),
+            ("http://r", "http://me@u", UPSTREAM),
         ] {
             let err = config(&["--relay", relay, "--name", "a", "--upstream", upstream]);
             let err = err.unwrap_err();

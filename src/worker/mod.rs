@@ -78,25 +78,29 @@ pub struct WorkerArgs {
 /// Why the command line does not make a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--relay {url:?} is not a URL: {reason}")]
+    #[error("--relay (BURROW_RELAY) {url:?} is not a URL: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("--relay must be an http:// or https:// URL, not {0:?}")]
+    #[error("--relay (BURROW_RELAY) must be an http:// or https:// URL, not {0:?}")]
     BadScheme(String),
-    #[error("--relay must not carry a query or fragment: {0:?}")]
+    #[error("--relay (BURROW_RELAY) must not carry a query or fragment: {0:?}")]
     UrlExtras(String),
     /// Not echoed: the URL holds a password.
     #[error(
-        "--relay must not hold a user or password: they are not sent (and would be logged); \
-         give the relay's token with --token"
+        "--relay (BURROW_RELAY) must not hold a user or password: they are not sent (and would \
+         be logged); give the relay's token with --token (BURROW_TOKEN)"
     )]
     Credentials,
-    #[error("--queue {0:?} is not a tunnel id (1 to 1024 characters from A-Z a-z 0-9 - _)")]
+    #[error(
+        "--queue (BURROW_JOBS_QUEUE) {0:?} is not a tunnel id (1 to 1024 characters from A-Z a-z \
+         0-9 - _)"
+    )]
     BadQueue(String),
-    #[error("--token cannot be sent in an HTTP header")]
+    #[error("--token (BURROW_TOKEN) cannot be sent in an HTTP header")]
     BadToken,
     #[error(
-        "--visibility ({visibility} s) must be longer than --job-timeout ({job_timeout} s): \
-         otherwise a job still running is handed to another worker"
+        "--visibility (BURROW_JOB_VISIBILITY) of {visibility} s must be longer than --job-timeout \
+         (BURROW_JOB_TIMEOUT) of {job_timeout} s: otherwise a job still running is handed to \
+         another worker"
     )]
     VisibilityTooShort { visibility: u64, job_timeout: u64 },
     #[error("no command given: put it after `--`, as in `burrow worker --relay URL -- ./job`")]

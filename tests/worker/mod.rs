@@ -471,8 +471,37 @@ fn visibility_must_exceed_job_timeout() {
         .expect("the burrow binary runs");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
+    let says = "--visibility (BURROW_JOB_VISIBILITY) of 10 s must be longer than --job-timeout \
+                (BURROW_JOB_TIMEOUT) of 10 s";
+    assert!(stderr.contains(says), "{stderr}");
+}
+
+/// A value clap refuses names its environment variable when it came from there, and only its
+/// flag when it was typed.
+#[test]
+fn invalid_values_name_where_they_came_from() {
+    let worker = |env: &[(&str, &str)], args: &[&str]| {
+        let output = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
+            .args(["worker", "--relay", "http://127.0.0.1:9"])
+            .envs(env.iter().copied())
+            .args(args)
+            .args(["--", "cat"])
+            .output()
+            .expect("the burrow binary runs");
+        assert_eq!(output.status.code(), Some(2));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = worker(&[("BURROW_WORKER_CONCURRENCY", "abc")], &[]);
     assert!(
-        stderr.contains("--visibility (10 s) must be longer than --job-timeout (10 s)"),
+        stderr.contains("'abc' for 'BURROW_WORKER_CONCURRENCY (--concurrency)'"),
+        "{stderr}"
+    );
+    let stderr = worker(&[], &["--concurrency", "abc"]);
+    assert!(stderr.contains("'abc' for '--concurrency "), "{stderr}");
+    assert!(!stderr.contains("BURROW_WORKER_CONCURRENCY"), "{stderr}");
+    let stderr = worker(&[("BURROW_JOB_TIMEOUT", "0")], &[]);
+    assert!(
+        stderr.contains("BURROW_JOB_TIMEOUT (--job-timeout)"),
         "{stderr}"
     );
 }
