@@ -21,32 +21,17 @@ BINARIES=("$@")
 DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-2}
 LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
-TMP=$(mktemp -d /tmp/burrow-cpu-ab.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. loadtest/lib.sh
+scratch cpu-ab
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-wait_http() {
-  for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return; sleep 0.05; done
-  echo "no answer from $1" >&2
-  exit 1
-}
 
 ENV=(BURROW_ACCESS_LOG=0 RUST_LOG=warn)
 WRK_CONNECTIONS=64
 case $SCENARIO in
   health | route) ENV+=(BURROW_STORE=memory) ;;
   produce)
-    REDIS_PORT=$(free_port)
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-      --dir "$TMP" --daemonize yes --pidfile "$TMP/redis.pid" >/dev/null
-    for _ in $(seq 100); do [[ -s $TMP/redis.pid ]] && break; sleep 0.05; done
-    PIDS+=("$(cat "$TMP/redis.pid")")
+    start_redis
     ENV+=(BURROW_STORE=redis "REDIS_URL=redis://127.0.0.1:$REDIS_PORT")
     ;;
   *) echo "scenario: health, produce or route" >&2 && exit 2 ;;
@@ -56,9 +41,7 @@ esac
 for _ in $(seq "$ROUNDS"); do
   for binary in "${BINARIES[@]}"; do
     port=$(free_port)
-    sed -e "s|^pid_file:.*|pid_file: $TMP/burrow.pid|" -e "s|^upgrade_sock:.*|upgrade_sock: $TMP/upgrade.sock|" \
-      conf/burrow.yaml >"$TMP/burrow.yaml"
-    env "${ENV[@]}" BURROW_CONF="$TMP/burrow.yaml" BURROW_LISTEN="127.0.0.1:$port" "$binary" serve \
+    env "${ENV[@]}" BURROW_CONF="$(relay_conf burrow)" BURROW_LISTEN="127.0.0.1:$port" "$binary" serve \
       >"$TMP/relay.log" 2>&1 &
     relay=$!
     PIDS+=("$relay")

@@ -20,21 +20,8 @@ AGENTS=${AGENTS:-0 1000}
 CONNECTIONS=${CONNECTIONS:-8}
 DURATION=${DURATION:-5s}
 LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
-TMP=$(mktemp -d /tmp/burrow-cross-instance.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  for _ in $(seq 200); do curl -sf "${@:2}" "$1" >/dev/null 2>&1 && return; sleep 0.05; done
-  echo "no answer from $1" >&2
-  exit 1
-}
+. loadtest/lib.sh
+scratch cross-instance
 
 # fake_instances COUNT: presence records of made-up instances holding COUNT agents in all, alive
 # for ten minutes.
@@ -55,11 +42,7 @@ for first in range(0, count, per):
 PY
 }
 
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$TMP" --daemonize yes --pidfile "$TMP/redis.pid" >/dev/null
-for _ in $(seq 100); do [[ -s $TMP/redis.pid ]] && break; sleep 0.05; done
-PIDS+=("$(cat "$TMP/redis.pid")")
+start_redis
 UP_PORT=$(free_port)
 "$LOADGEN" upstream --port "$UP_PORT" --seconds 600 >"$TMP/upstream.log" 2>&1 &
 PIDS+=("$!")
@@ -71,10 +54,8 @@ for binary in "${BINARIES[@]}"; do
     relays=()
     for instance in a b; do
       port=$(free_port)
-      sed -e "s|^pid_file:.*|pid_file: $TMP/$instance.pid|" \
-        -e "s|^upgrade_sock:.*|upgrade_sock: $TMP/$instance.sock|" conf/burrow.yaml >"$TMP/$instance.yaml"
       env BURROW_ACCESS_LOG=0 RUST_LOG=warn BURROW_STORE=redis "REDIS_URL=redis://127.0.0.1:$REDIS_PORT" \
-        BURROW_CONF="$TMP/$instance.yaml" BURROW_LISTEN="127.0.0.1:$port" "$binary" serve \
+        BURROW_CONF="$(relay_conf "$instance")" BURROW_LISTEN="127.0.0.1:$port" "$binary" serve \
         >"$TMP/$instance.log" 2>&1 &
       relays+=("$!")
       PIDS+=("$!")

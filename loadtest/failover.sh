@@ -18,21 +18,8 @@ CONNECTIONS=${CONNECTIONS:-8}
 DURATION=${DURATION:-5s}
 PUTS=${PUTS:-50}
 LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
-TMP=$(mktemp -d /tmp/burrow-failover.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  for _ in $(seq 200); do curl -sf "${@:2}" "$1" >/dev/null 2>&1 && return; sleep 0.05; done
-  echo "no answer from $1" >&2
-  exit 1
-}
+. loadtest/lib.sh
+scratch failover
 
 UP_PORT=$(free_port)
 "$LOADGEN" upstream --port "$UP_PORT" --seconds 600 >"$TMP/upstream.log" 2>&1 &
@@ -40,12 +27,11 @@ PIDS+=("$!")
 # Bound, then closed: nothing listens there.
 DEAD_PORT=$(free_port)
 head -c 100000 /dev/urandom >"$TMP/body"
-sed -e "s|^pid_file:.*|pid_file: $TMP/relay.pid|" \
-  -e "s|^upgrade_sock:.*|upgrade_sock: $TMP/relay.sock|" conf/burrow.yaml >"$TMP/relay.yaml"
+CONF=$(relay_conf relay)
 
 for binary in "${BINARIES[@]}"; do
   port=$(free_port)
-  env BURROW_ACCESS_LOG=0 RUST_LOG=warn BURROW_STORE=memory BURROW_CONF="$TMP/relay.yaml" \
+  env BURROW_ACCESS_LOG=0 RUST_LOG=warn BURROW_STORE=memory BURROW_CONF="$CONF" \
     BURROW_LISTEN="127.0.0.1:$port" "$binary" serve >"$TMP/relay.log" 2>&1 &
   relay=$!
   PIDS+=("$relay")
