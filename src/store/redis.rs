@@ -15,7 +15,9 @@
 //! with [`StoreError::Unavailable`] instead of queueing. A command already at the server is
 //! awaited up to [`ANSWER_TIMEOUT`], past the point where a hung connection is dropped: giving up
 //! sooner would answer 503 for a consume or produce the server runs later anyway, losing the
-//! message taken or storing the one the client then sends again.
+//! message taken or storing the one the client then sends again. And a data-changing script that
+//! the server starts only after [`FENCE_AFTER`] (it was frozen, or the call sat in a socket while
+//! the relay gave up on it) does nothing at all (see `clock`).
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -42,6 +44,7 @@ use clients::Clients;
 
 mod batch;
 mod clients;
+mod clock;
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::{Waited, WakeKey};
 
@@ -80,25 +83,40 @@ const FIRST_RECONNECT_DELAY_MS: u32 = 10;
 /// half-open TCP connection (server host gone) does not stay in use.
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(5);
 
+/// A data-changing script that the server starts later than this after it was sent does nothing
+/// (`fence.lua`): from [`UNRESPONSIVE_AFTER`] on, the relay may have answered 503 for it. The half
+/// second between covers the error of reading the server's clock and the answer's way back.
+const FENCE_AFTER: Duration = Duration::from_millis(4500);
+
 /// Wake-ups buffered for the listener; a burst beyond this loses some, which the waiters'
 /// periodic re-check absorbs.
 const WAKE_BUFFER: usize = 4096;
 
+/// A data-changing script: the fence first (see [`FENCE_AFTER`]), then `$file`.
+macro_rules! fenced {
+    ($file:literal) => {
+        Script::fenced(concat!(
+            include_str!("redis/fence.lua"),
+            include_str!(concat!("redis/", $file))
+        ))
+    };
+}
+
 static PRODUCE: Batched = Batched {
-    script: Script::new(include_str!("redis/produce.lua")),
+    script: fenced!("produce.lua"),
     arity: 8,
     name: "produce",
 };
 static CONSUME: Batched = Batched {
-    script: Script::new(include_str!("redis/consume.lua")),
+    script: fenced!("consume.lua"),
     arity: 4,
     name: "consume",
 };
-static ACK: Script = Script::new(include_str!("redis/ack.lua"));
-static CLEAR: Script = Script::new(include_str!("redis/clear.lua"));
-static REPLY: Script = Script::new(include_str!("redis/reply.lua"));
-static TAKE_REPLY: Script = Script::new(include_str!("redis/take_reply.lua"));
-static RESTORE_JOB: Script = Script::new(include_str!("redis/restore_job.lua"));
+static ACK: Script = fenced!("ack.lua");
+static CLEAR: Script = fenced!("clear.lua");
+static REPLY: Script = fenced!("reply.lua");
+static TAKE_REPLY: Script = fenced!("take_reply.lua");
+static RESTORE_JOB: Script = fenced!("restore_job.lua");
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
 static READY: Script = Script::new(include_str!("redis/ready.lua"));
 static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
@@ -195,30 +213,40 @@ impl RedisStore {
             log::warn!("redis: not reachable at start-up; answering 503 until it is");
         }
         tokio::spawn(warn_if_evicting(pool.clone()));
+        let clients = Arc::new(Clients::new(pool, command_builder));
+        clients.clock().read(&clients.shared()).await;
+        let reading = clients.clone();
+        tokio::spawn(async move { reading.clock().keep_reading(|| reading.shared()).await });
         Ok(RedisStore {
-            clients: Arc::new(Clients::new(pool, command_builder)),
+            clients,
             hears_events,
         })
     }
 
     /// Starts an operation on the connection [`Clients::pick`] chooses.
     fn call(&self) -> Call {
-        Call::new(self.clients.pick())
+        Call::new(&self.clients)
     }
 }
 
-/// One operation: its client and its deadline, shared by the one or two commands it sends.
+/// One operation: its client, its deadline and its fence, shared by the one or two commands it
+/// sends.
 struct Call {
     client: Client,
     deadline: Instant,
+    /// The server's time after which a data-changing script of this call does nothing (0: none
+    /// until the server's clock has been read).
+    fence: i64,
 }
 
 impl Call {
-    /// An operation sent now on `client`.
-    fn new(client: Client) -> Call {
+    /// An operation sent now on the connection [`Clients::pick`] chooses.
+    fn new(clients: &Clients) -> Call {
+        let now = Instant::now();
         Call {
-            client,
-            deadline: Instant::now() + ANSWER_TIMEOUT,
+            client: clients.pick(),
+            deadline: now + ANSWER_TIMEOUT,
+            fence: clients.clock().at(now + FENCE_AFTER),
         }
     }
 
@@ -334,6 +362,8 @@ async fn subscribe(subscriber: &Client) -> bool {
 struct Script {
     source: &'static str,
     sha: OnceLock<String>,
+    /// Whether the script starts with `fence.lua`, and so takes the call's fence first.
+    fenced: bool,
 }
 
 impl Script {
@@ -341,6 +371,16 @@ impl Script {
         Script {
             source,
             sha: OnceLock::new(),
+            fenced: false,
+        }
+    }
+
+    /// A script that starts with `fence.lua` (see the `fenced!` macro).
+    const fn fenced(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: OnceLock::new(),
+            fenced: true,
         }
     }
 
@@ -352,9 +392,10 @@ impl Script {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, StoreError> {
+        let fence = self.fenced.then_some(call.fence);
         let result = async {
             if let Some(sha) = self.sha.get() {
-                match evalsha(&call.client(), sha, &keys, &args).await {
+                match evalsha(&call.client(), sha, &keys, fence, &args).await {
                     Err(e) if e.details().starts_with("NOSCRIPT") => {}
                     result => return result,
                 }
@@ -366,24 +407,26 @@ impl Script {
                 .await?;
             // Every server derives the same SHA from the same source: the first one learnt stays.
             let sha = self.sha.get_or_init(|| sha);
-            evalsha(&call.client(), sha, &keys, &args).await
+            evalsha(&call.client(), sha, &keys, fence, &args).await
         };
         bounded(result).await
     }
 }
 
-/// `EVALSHA sha numkeys key... arg...`.
+/// `EVALSHA sha numkeys key... [fence] arg...`.
 async fn evalsha(
     client: &WithOptions<Client>,
     sha: &str,
     keys: &[String],
+    fence: Option<i64>,
     args: &[Value],
 ) -> Result<Value, fred::error::Error> {
     let command = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
-    let mut line = Vec::with_capacity(2 + keys.len() + args.len());
+    let mut line = Vec::with_capacity(3 + keys.len() + args.len());
     line.push(Value::from(sha));
     line.push(Value::from(keys.len() as i64));
     line.extend(keys.iter().map(|key| Value::from(key.as_str())));
+    line.extend(fence.map(Value::from));
     line.extend(args.iter().cloned());
     client.custom(command, line).await
 }
@@ -481,9 +524,9 @@ async fn bounded<T>(
 /// Errors that say the server cannot be reached or cannot serve right now: retrying later can
 /// succeed. fred reports some connection trouble only as an `Unknown` error with these messages;
 /// the upper-case ones are server replies (loading a dump, a script running too long, failover,
-/// a replica not yet promoted, out of memory until consumers drain the tunnels): a write they
-/// refused was not done.
-const TRANSIENT: [&str; 10] = [
+/// a replica not yet promoted, out of memory until consumers drain the tunnels, a script that
+/// started past its fence): a write they refused was not done.
+const TRANSIENT: [&str; 11] = [
     "Failed to route command",
     "Too many failed write attempts",
     "Max attempts exceeded",
@@ -494,6 +537,7 @@ const TRANSIENT: [&str; 10] = [
     "TRYAGAIN",
     "READONLY",
     "OOM",
+    "LATE",
 ];
 
 /// Whether an error's text says that retrying later can succeed (see [`TRANSIENT`]).

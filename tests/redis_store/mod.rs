@@ -4,6 +4,7 @@
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
+use crate::support::process::signal_pid;
 use crate::support::redis::Value;
 use crate::support::redis_proxy::RedisProxy;
 use crate::support::{
@@ -512,21 +513,8 @@ async fn hung_store_answers_every_queued_operation() {
     let api = relay.client();
     let t = tunnel_id("hung");
     api.produce(&t, "before").await;
-    let pid = redis
-        .command(&["INFO", "server"])
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .map(|pid| pid.trim().to_owned())
-        .expect("INFO server names the process");
-    let signal = |name: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([name, pid.as_str()])
-            .status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill {name} {pid}");
-    };
-
-    signal("-STOP");
+    let pid = redis.pid();
+    signal_pid(pid, "STOP");
     let clients: Vec<_> = (0..32).map(|_| Client::new(api.base())).collect();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -547,7 +535,7 @@ async fn hung_store_answers_every_queued_operation() {
     for task in tasks {
         answers.push(task.await.expect("the client task does not panic"));
     }
-    signal("-CONT");
+    signal_pid(pid, "CONT");
     for (response, took) in answers {
         let response = response.expect_one_line_error(503);
         assert_eq!(response.header("retry-after"), Some("1"), "{response:?}");
@@ -642,6 +630,57 @@ async fn slow_store_loses_nothing() {
     for (status, body) in &answered {
         assert!([200, 201, 204, 503].contains(status), "{status} {body}");
     }
+}
+
+/// With redis-server frozen (SIGSTOP) past the point where the relay stops waiting for its calls,
+/// consumes, a reply read and a produce answer 503 and, once the server runs again, none of them
+/// has done anything: the messages and the reply are still there, the refused message was not
+/// stored. Before, the server ran the calls it found in its sockets when it woke: the consumes
+/// took their messages (lost), the produce stored a message its client was told to send again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_store_loses_nothing() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let (t, q) = (tunnel_id("frozen"), tunnel_id("asked"));
+    api.produce_numbered(&t, 2).await;
+    let asked = api.produce(&q, "question").await;
+    api.consume(&q, "?pending").await.expect(200);
+    let reply = format!("/t/{q}/{asked}/reply");
+    api.post(&reply, "answer").await.expect(201);
+
+    let pid = redis.pid();
+    signal_pid(pid, "STOP");
+    let requests = [
+        api.request(reqwest::Method::GET, &format!("/t/{t}")),
+        api.request(reqwest::Method::GET, &format!("/t/{t}")),
+        api.request(reqwest::Method::GET, &reply),
+        api.request(reqwest::Method::POST, &format!("/t/{t}"))
+            .body("refused"),
+    ];
+    let answers = requests.map(|request| {
+        let api = api.clone();
+        tokio::spawn(async move { api.send(request).await })
+    });
+    for answer in answers {
+        let response = answer.await.expect("the client task does not panic");
+        response.expect_one_line_error(503);
+    }
+    signal_pid(pid, "CONT");
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = api.consume(&t, "").await;
+        match response.status {
+            200 => seen.push(response.text()),
+            204 => break,
+            // Still reconnecting after the freeze.
+            _ => assert!(Instant::now() < deadline, "{response:?}"),
+        }
+    }
+    assert_eq!(seen, ["m0", "m1"]);
+    assert_eq!(api.get(&reply).await.expect(200).text(), "answer");
 }
 
 /// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.

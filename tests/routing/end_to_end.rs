@@ -1456,7 +1456,7 @@ async fn lookups_of_unknown_names_share_store_reads() {
 async fn hung_store_lookup_ends_with_the_request_timeout() {
     let redis = RedisServer::start();
     let relay = Relay::start(Store::Redis(&redis), &[]);
-    let pid = redis_pid(&redis);
+    let pid = redis.pid();
     crate::support::process::signal_pid(pid, "STOP");
     let client = relay.client();
     let request = client.request(Method::GET, "/r/somewhere-else/x");
@@ -1476,7 +1476,7 @@ async fn store_outage_keeps_routing_to_known_instances() {
     let client_b = b.client();
     wait_agents(&client_b, &setup.name, 1, WAIT, &[&setup.agent]).await;
     // Frozen, as a stalled server or a partition leaves it: reads hang rather than fail.
-    let pid = redis_pid(&redis);
+    let pid = redis.pid();
     crate::support::process::signal_pid(pid, "STOP");
     // A request with a body is looked up afresh each time: the store's failure is what it meets.
     let path = format!("/r/{}/echo", setup.name);
@@ -1539,17 +1539,6 @@ async fn instance_that_refused_a_name_is_tried_last() {
         }
     }
     assert!(lost <= 1, "{lost} of 10 requests lost");
-}
-
-/// The process id of `redis`, to freeze it with SIGSTOP.
-fn redis_pid(redis: &RedisServer) -> u32 {
-    redis
-        .command(&["INFO", "server"])
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:"))
-        .map(|pid| pid.trim().parse::<u32>().expect("a process id"))
-        .expect("INFO server names the process")
 }
 
 /// Lists, in the store, a made-up instance at `address` with an agent of `setup`'s name, as a

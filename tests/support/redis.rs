@@ -57,6 +57,16 @@ impl RedisServer {
         monitor
     }
 
+    /// The server's process id, to freeze it with SIGSTOP (see `process::signal_pid`).
+    pub fn pid(&self) -> u32 {
+        self.command(&["INFO", "server"])
+            .text()
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .map(|pid| pid.trim().parse::<u32>().expect("a process id"))
+            .expect("INFO server names the process")
+    }
+
     /// Runs one command on a fresh connection and returns its reply.
     pub fn command(&self, args: &[&str]) -> Value {
         Value::read(&mut self.send(args)).expect("redis-server answers in RESP")

@@ -211,7 +211,7 @@ async fn send(
         keys.push(operation.key);
         args.extend(operation.args);
     }
-    let call = Call::new(clients.pick());
+    let call = Call::new(clients);
     match batched.script.run(&call, keys, args).await? {
         Value::Array(replies) if replies.len() == count => Ok(replies
             .into_iter()

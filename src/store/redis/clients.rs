@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fred::prelude::{Builder, Client, ClientLike, Pool};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
+use super::clock::ServerClock;
+
 /// Tells the stores of one process apart in [`LOCAL`] (tests open many).
 static NEXT_STORE: AtomicU64 = AtomicU64::new(0);
 
@@ -22,11 +24,13 @@ thread_local! {
     static LOCAL: RefCell<Vec<(u64, Client)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The store's command connections: the shared pool and one per single-threaded runtime.
+/// The store's command connections: the shared pool and one per single-threaded runtime; and the
+/// server's clock as read over them.
 pub(super) struct Clients {
     pool: Pool,
     builder: Builder,
     store: u64,
+    clock: ServerClock,
 }
 
 impl Clients {
@@ -36,7 +40,13 @@ impl Clients {
             pool,
             builder,
             store: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
+            clock: ServerClock::default(),
         }
+    }
+
+    /// The server's clock, for the fences of data-changing scripts.
+    pub(super) fn clock(&self) -> &ServerClock {
+        &self.clock
     }
 
     /// Tells this store apart from the others of the process.
@@ -49,8 +59,14 @@ impl Clients {
     pub(super) fn pick(&self) -> Client {
         match self.local() {
             Some(client) if client.is_connected() => client,
-            _ => self.pool.next_connected().clone(),
+            _ => self.shared(),
         }
+    }
+
+    /// A connected connection of the shared pool (any, when none is), for the store's own
+    /// background work: it opens no connection for the thread it runs on.
+    pub(super) fn shared(&self) -> Client {
+        self.pool.next_connected().clone()
     }
 
     /// The current thread's own connection, opened (in the background) on first use; none on
