@@ -61,6 +61,9 @@ pub enum Delivery {
     /// 204: the job was no longer pending (redelivered after its visibility timeout, or
     /// acknowledged), so the relay dropped this result.
     NotPending,
+    /// 204 after an earlier attempt that got no clear answer (a 5xx, a timeout, a cut
+    /// connection): that attempt may have delivered the result, or the job was no longer pending.
+    MaybeEarlier,
     /// 413: the result is larger than the relay's `TUNNEL_MAX_MESSAGE_SIZE`.
     TooLarge,
     /// The relay could not be reached before the job's visibility timeout; another worker will get
@@ -193,6 +196,7 @@ impl Relay {
     /// visibility timeout would have expired and another worker may have it).
     pub async fn reply(&self, job: &Job, reply: &Reply, deadline: Instant) -> Delivery {
         let mut backoff = Backoff::default();
+        let mut unclear = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -204,9 +208,13 @@ impl Relay {
             {
                 Ok(delivery) => {
                     self.outage.over();
-                    return delivery;
+                    return match delivery {
+                        Delivery::NotPending if unclear => Delivery::MaybeEarlier,
+                        delivery => delivery,
+                    };
                 }
                 Err(fault) => {
+                    unclear = true;
                     self.outage
                         .begun(&format!("handing in job {}", job.id), &fault);
                     let delay = backoff.next_delay();

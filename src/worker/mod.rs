@@ -371,6 +371,16 @@ impl Worker {
                 );
                 outcome.push_str(", reply not accepted");
             }
+            Delivery::MaybeEarlier => {
+                log::warn!(
+                    "job {} was not pending when its result was handed in again: the earlier \
+                     attempt, which got no clear answer, may have delivered it (GET /done/{} \
+                     tells), or its visibility timeout expired",
+                    job.id,
+                    job.id
+                );
+                outcome.push_str(", reply perhaps accepted by an earlier attempt");
+            }
             Delivery::TooLarge => outcome.push_str(", reply refused as too large"),
             Delivery::GaveUp => {
                 outcome.push_str(", relay unreachable until the visibility timeout: not replied")

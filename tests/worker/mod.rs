@@ -505,3 +505,68 @@ fn invalid_values_name_where_they_came_from() {
         "{stderr}"
     );
 }
+
+/// A reply answered 204 after an earlier attempt got no clear answer is not reported as a
+/// result dropped: that attempt may have delivered it. A scripted relay hands out one job, answers
+/// the first reply 503 and the second 204, and holds later polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_after_an_unclear_attempt_is_not_called_dropped() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port for the scripted relay");
+    let base = format!("http://{}", listener.local_addr().expect("bound"));
+    let (polls, replies) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (polls, replies) = (polls.clone(), replies.clone());
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                loop {
+                    let mut head = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(value) =
+                            line.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = value.trim().parse().expect("a length");
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0; length];
+                    socket.read_exact(&mut body).await.expect("the body");
+                    let answer = if head.starts_with("GET /t/jobs/poll") {
+                        if polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                            std::future::pending::<()>().await;
+                        }
+                        "HTTP/1.1 200 OK\r\nX-Message-Id: 1-0\r\nContent-Length: 2\r\n\r\n{}"
+                    } else if replies.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n"
+                    } else {
+                        "HTTP/1.1 204 No Content\r\n\r\n"
+                    };
+                    let written = socket.get_mut().write_all(answer.as_bytes()).await;
+                    if written.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let worker = Worker::start(&base, "jobs", &[], &["cat"]);
+    worker
+        .wait_for_log("id=1-0 outcome=done, reply perhaps accepted by an earlier attempt")
+        .await;
+    assert!(!worker.log().contains("result dropped"), "{}", worker.log());
+}
