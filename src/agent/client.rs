@@ -35,8 +35,8 @@ const MAX_IDLE: usize = 256;
 pub enum ClientError {
     #[error("cannot connect to {0}: {1}")]
     Connect(String, #[source] io::Error),
-    #[error("no connection to {0} within {secs}s", secs = CONNECT_TIMEOUT.as_secs())]
-    ConnectTimeout(String),
+    #[error("no connection to {0} within {1:?}")]
+    ConnectTimeout(String, Duration),
     #[error("{0}")]
     Http(#[from] hyper::Error),
 }
@@ -79,14 +79,18 @@ impl Client {
         })
     }
 
-    /// A connection for the next request: an idle one that is still open, or a new one.
-    pub async fn connection(&self) -> Result<SendRequest<RequestBody>, ClientError> {
+    /// A connection for the next request: an idle one that is still open, or a new one opened
+    /// within `patience` (at most [`CONNECT_TIMEOUT`]).
+    pub async fn connection(
+        &self,
+        patience: Duration,
+    ) -> Result<SendRequest<RequestBody>, ClientError> {
         while let Some(mut sender) = self.checkout() {
             if sender.ready().await.is_ok() {
                 return Ok(sender);
             }
         }
-        self.connect().await
+        self.connect(patience.min(CONNECT_TIMEOUT)).await
     }
 
     /// Sends `request` on `sender` (from [`Client::connection`]), or on a new connection if that
@@ -104,7 +108,7 @@ impl Client {
             Ok(response) => Ok((response, sender)),
             Err(mut err) => match err.take_message() {
                 Some(unsent) => {
-                    let mut fresh = self.connect().await?;
+                    let mut fresh = self.connect(CONNECT_TIMEOUT).await?;
                     let response = fresh.send_request(unsent).await?;
                     Ok((response, fresh))
                 }
@@ -135,7 +139,7 @@ impl Client {
         None
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, ClientError> {
+    async fn connect(&self, limit: Duration) -> Result<SendRequest<RequestBody>, ClientError> {
         let connecting = async {
             let tcp = TcpStream::connect(&self.address).await?;
             tcp.set_nodelay(true)?;
@@ -146,9 +150,9 @@ impl Client {
                 )),
             }
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let stream = tokio::time::timeout(limit, connecting)
             .await
-            .map_err(|_| ClientError::ConnectTimeout(self.address.clone()))?
+            .map_err(|_| ClientError::ConnectTimeout(self.address.clone(), limit))?
             .map_err(|err| ClientError::Connect(self.address.clone(), err))?;
         // Past hyper's default of 100: a response head with more headers is still a response.
         let (sender, connection) = http1::Builder::new()

@@ -1,7 +1,7 @@
 //! Forwards one stream's request to the upstream service and streams the answer back, both
 //! bodies within the stream's flow control.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -74,8 +74,12 @@ impl Upstream {
             }
         };
         // Refused before it is taken, a request goes to another agent of the name, whose
-        // upstream may be up; answered here, it could only fail.
-        let sender = match self.client.connection().await {
+        // upstream may be up; answered here, it could only fail. Half the relay's patience is
+        // left for that other agent.
+        let patience = head
+            .timeout_ms
+            .map_or(Duration::MAX, |ms| Duration::from_millis(ms / 2));
+        let sender = match self.client.connection(patience).await {
             Ok(sender) => sender,
             Err(err) => {
                 let why = format!("upstream unreachable: {}", error_chain(&err));
@@ -99,7 +103,7 @@ impl Upstream {
             Err(err) => {
                 let what = match err {
                     ClientError::Http(_) => "upstream answered badly",
-                    ClientError::Connect(..) | ClientError::ConnectTimeout(_) => {
+                    ClientError::Connect(..) | ClientError::ConnectTimeout(..) => {
                         "upstream unreachable"
                     }
                 };

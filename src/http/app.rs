@@ -361,7 +361,7 @@ impl RelayApp {
             Ok((head, exchange)) => {
                 return Ok(Outcome::Respond(
                     head,
-                    Some(After::Forward(Body::Agent(exchange))),
+                    Some(After::Forward(Body::Agent(Box::new(exchange)))),
                 ))
             }
             Err(failure) => failure,

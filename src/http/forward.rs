@@ -267,8 +267,9 @@ fn header_list(headers: &http::HeaderMap) -> Headers {
 
 /// Where a forwarded response body comes from.
 pub enum Body {
-    /// An agent connected to this instance.
-    Agent(Exchange),
+    /// An agent connected to this instance (boxed: an exchange is five times the size of the
+    /// other outcomes a request handler returns).
+    Agent(Box<Exchange>),
     /// Another instance, which has the agent.
     Instance(hyper::Response<Incoming>),
 }
@@ -348,6 +349,7 @@ fn request_head(
         method: request.method.as_str().to_owned(),
         path,
         headers,
+        timeout_ms: None,
     }
 }
 

@@ -80,10 +80,11 @@ impl Exchange {
     pub(crate) async fn start(
         agents: Agents,
         name: &str,
-        head: RequestHead,
+        mut head: RequestHead,
         timeout: Duration,
     ) -> Result<Exchange, RouteError> {
         let deadline = Instant::now() + timeout;
+        head.timeout_ms = Some(millis_until(deadline));
         let mut tried = Vec::new();
         let attempt = connect(&agents, name, &head, &mut tried, &[], false, None);
         let (link, writer, reader) = tokio::time::timeout_at(deadline, attempt)
@@ -239,6 +240,7 @@ impl Exchange {
             return Err(self.fail(reason));
         };
         self.link.refused();
+        self.head.timeout_ms = Some(millis_until(self.deadline));
         log::debug!(
             "agent {} link {} lost a request before taking it ({reason}); retrying",
             self.name,
@@ -275,6 +277,12 @@ impl Exchange {
         self.failure = Some(failure.clone());
         failure
     }
+}
+
+/// The whole milliseconds from now until `deadline` (0 once it has passed).
+fn millis_until(deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs `work` until `deadline` if there is one; `None` when the deadline passed first.

@@ -32,6 +32,11 @@ pub struct RequestHead {
     /// The client's headers, hop-by-hop ones removed and `X-Forwarded-*` added.
     #[serde(default)]
     pub headers: Headers,
+    /// How long the relay waits for the response head from when it sent this, in milliseconds
+    /// (absent: not said). An agent that cannot reach its upstream within half of it refuses the
+    /// request, which leaves the relay time to send it to another agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The most headers an upstream response may carry (hyper's default is 100; nginx sets no count,
@@ -186,8 +191,17 @@ mod tests {
             method: "POST".into(),
             path: "/a/b?x=1&y=%20".into(),
             headers: pairs(&[("X-A", "1"), ("x-a", "2")]),
+            timeout_ms: Some(2500),
         };
         assert_eq!(RequestHead::from_json(&request.to_json()).unwrap(), request);
+        // A relay that says no timeout sends no field, and an agent reads its absence as none.
+        let untimed = RequestHead {
+            timeout_ms: None,
+            ..request
+        };
+        let json = untimed.to_json();
+        assert!(!String::from_utf8_lossy(&json).contains("timeout_ms"));
+        assert_eq!(RequestHead::from_json(&json).unwrap(), untimed);
         let response = ResponseHead {
             status: 201,
             headers: pairs(&[("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]),

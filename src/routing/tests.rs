@@ -266,6 +266,7 @@ fn head(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestHead {
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
+        timeout_ms: None,
     }
 }
 
@@ -652,6 +653,52 @@ async fn agent_with_unreachable_upstream_is_passed_over() {
     assert!(!first.refusing() && second.refusing());
     for _ in 0..4 {
         assert_eq!(relay.agents.pick("pair", &[]).unwrap().id, first.id);
+    }
+}
+
+/// An agent whose upstream cannot be connected to (SYNs dropped) refuses a request within half
+/// the time the relay waits for it, so another agent of the name answers it in time; with only
+/// its own connect timeout (5 s), the relay's 2 s would run out first.
+#[tokio::test]
+async fn agent_refuses_in_time_when_connecting_hangs() {
+    let relay = start_relay().await;
+    let upstream = start_upstream("real").await;
+    let (hole, _held) = black_hole().await;
+    let _stuck = start_agent(&relay, "pair", &hole).await;
+    let _real = start_agent(&relay, "pair", &upstream).await;
+    relay.wait_for("pair", 2).await;
+    // Equally idle links take turns, so one of two requests goes to the stuck agent first.
+    for _ in 0..2 {
+        let mut exchange = relay
+            .agents
+            .forward("pair", head("GET", "/echo", &[]), Duration::from_secs(2))
+            .await
+            .unwrap();
+        exchange.finish().await.unwrap();
+        assert_eq!(exchange.response().await.map(|head| head.status), Ok(200));
+        let mut body = Vec::new();
+        while let Some(chunk) = exchange.next_chunk().await {
+            body.extend_from_slice(&chunk.unwrap());
+        }
+        let seen: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(seen["tag"], "real");
+    }
+}
+
+/// An `http://` URL where connecting hangs, as behind a firewall that drops SYNs: a listener
+/// whose accept queue is full. It lasts as long as the connections returned with it.
+async fn black_hole() -> (String, (TcpListener, Vec<TcpStream>)) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let connecting = TcpStream::connect(address);
+        match tokio::time::timeout(Duration::from_millis(300), connecting).await {
+            Ok(stream) => queued.push(stream.unwrap()),
+            Err(_) => return (format!("http://{address}"), (listener, queued)),
+        }
     }
 }
 
