@@ -154,7 +154,10 @@ impl Presence {
         let others = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Value>(record).ok())
-            .filter(|record| record["instance"] != self.instance.as_str());
+            .filter(|record| {
+                let instance = record["instance"].as_str().unwrap_or_default();
+                self.is_other(instance, record["address"].as_str().unwrap_or_default())
+            });
         for record in others {
             if let Some(Value::Array(theirs)) = record.get("agents") {
                 agents.extend(theirs.iter().cloned());
@@ -308,7 +311,7 @@ impl Presence {
         let others = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
-            .filter(|record| record.instance != self.instance);
+            .filter(|record| self.is_other(&record.instance, &record.address));
         for record in others {
             for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
                 let of_name = holders.entry(agent.name).or_default();
@@ -327,6 +330,13 @@ impl Presence {
             *directory = Some(Directory { read_at, holders });
         }
         Ok(records)
+    }
+
+    /// Whether a record of `instance` at `address` is another live instance's: not this one's,
+    /// nor one left by a predecessor at this one's address (restarted in place, say after a
+    /// crash), whose agents are gone or connected here now, and whose address leads here.
+    fn is_other(&self, instance: &str, address: &str) -> bool {
+        instance != self.instance && address != self.address
     }
 
     fn directory(&self) -> MutexGuard<'_, Option<Directory>> {

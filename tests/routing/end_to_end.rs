@@ -1541,11 +1541,34 @@ async fn instance_that_refused_a_name_is_tried_last() {
     assert!(lost <= 1, "{lost} of 10 requests lost");
 }
 
+/// A record left at an instance's own address by its predecessor (killed, then restarted in
+/// place) is not another instance: a request for a name only that record lists is 422 at once,
+/// with a body too, where it went to the instance itself, which refused it after its body was
+/// read (502 until the record expired); and `GET /agents` does not list the predecessor's agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predecessor_at_own_address_is_not_another_instance() {
+    let relay = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
+    let client = relay.client();
+    let name = tunnel_id("left-behind");
+    record_instance(relay.base.trim_start_matches("http://"), &name);
+    let answer = client.post(&format!("/r/{name}/echo"), "body").await;
+    let answer = answer.expect_one_line_error(422);
+    assert!(answer.text().contains("not found"), "{answer:?}");
+    assert_eq!(agents_named(&client, &name).await, 0);
+}
+
 /// Lists, in the store, a made-up instance at `address` with an agent of `setup`'s name, as a
 /// relay records itself (it lives a minute), and waits until B (`client_b`) lists it beside the
 /// agent of `setup`.
 async fn list_instance(client_b: &Client, setup: &Setup, address: &str) {
     let name = setup.name.as_str();
+    record_instance(address, name);
+    wait_agents(client_b, name, 2, WAIT, &[&setup.agent]).await;
+}
+
+/// Writes, in the shared store, the record of a made-up instance at `address` with an agent
+/// `name`, as a relay records itself (it lives a minute).
+fn record_instance(address: &str, name: &str) {
     let instance = tunnel_id("made-up");
     let record = serde_json::json!({
         "instance": instance,
@@ -1561,7 +1584,6 @@ async fn list_instance(client_b: &Client, setup: &Setup, address: &str) {
     redis.command(&["SET", &key, &record.to_string(), "PX", "60000"]);
     let score = expires.as_millis().to_string();
     redis.command(&["ZADD", "burrow:instances", &score, &instance]);
-    wait_agents(client_b, name, 2, WAIT, &[&setup.agent]).await;
 }
 
 /// An instance listed with the agent whose address takes no connection (its node gone without a
