@@ -205,8 +205,8 @@ impl Presence {
     /// The instances with an agent named `name`, from a read begun after this call (one read
     /// serves every call waiting for it). While the store fails or is slow to answer (over
     /// [`STORE_PATIENCE`]), from the last read within a record's lifetime, if there is one:
-    /// records live that long anyway, and an instance gone meanwhile is passed over as any. A
-    /// failed read leaves the store alone for [`STORE_RESPITE`].
+    /// records live that long anyway, and an instance gone meanwhile is passed over as any;
+    /// without one, `Unavailable`. A failed read leaves the store alone for [`STORE_RESPITE`].
     async fn read_holders(&self, name: &str) -> Result<Vec<Holder>, StoreError> {
         let asked_at = Instant::now();
         let read = async {
@@ -225,18 +225,23 @@ impl Presence {
             .as_ref()
             .filter(|d| d.read_at.elapsed() < ANNOUNCEMENT_TTL)
             .map(|d| d.holders.get(name).cloned().unwrap_or_default());
-        let Some(known) = known else {
-            return read.await;
+        let unknown = || {
+            let why = "the store did not answer in time, and no read of it is recent enough";
+            StoreError::Unavailable(why.into())
         };
         let resting = lock(&self.respite).is_some_and(|until| until > Instant::now());
         if resting {
-            return Ok(known);
+            return known.ok_or_else(unknown);
         }
         match tokio::time::timeout(STORE_PATIENCE, read).await {
             Ok(Ok(holders)) => Ok(holders),
-            Ok(Err(_)) | Err(_) => {
+            Ok(Err(err)) => {
                 *lock(&self.respite) = Some(Instant::now() + STORE_RESPITE);
-                Ok(known)
+                known.ok_or(err)
+            }
+            Err(_) => {
+                *lock(&self.respite) = Some(Instant::now() + STORE_RESPITE);
+                known.ok_or_else(unknown)
             }
         }
     }
