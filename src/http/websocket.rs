@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -100,6 +101,13 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
         ));
     }
     let key = key.ok_or(Error::NotWebSocket("no Sec-WebSocket-Key header"))?;
+    // A nonce of 16 bytes in base64 (RFC 6455 §4.1): anything else is no WebSocket client.
+    let nonce = base64::engine::general_purpose::STANDARD.decode(key.trim_ascii());
+    if nonce.map_or(true, |nonce| nonce.len() != 16) {
+        return Err(Error::NotWebSocket(
+            "Sec-WebSocket-Key is not 16 bytes in base64",
+        ));
+    }
     Ok(Response::empty(101)
         .header("Upgrade", "websocket")
         .header("Connection", "Upgrade")
@@ -492,7 +500,8 @@ mod tests {
         assert!(accept(&listed).is_ok());
     }
 
-    /// A request without any of the headers, of HTTP/1.0, or of another version is refused.
+    /// A request without any of the headers, of HTTP/1.0, of another version, or whose key is
+    /// not 16 bytes in base64 (here 5 characters, and 17 bytes) is refused.
     #[test]
     fn refused_handshakes() {
         let refused = [
@@ -522,6 +531,14 @@ mod tests {
             },
             Handshake {
                 key: None,
+                ..valid()
+            },
+            Handshake {
+                key: Some(b"short"),
+                ..valid()
+            },
+            Handshake {
+                key: Some(b"dGhlIHNhbXBsZSBub25jZSE="),
                 ..valid()
             },
         ];
