@@ -454,6 +454,23 @@ async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome 
 mod tests {
     use super::*;
 
+    /// The path goes upstream as the client wrote it, empty segments included, after the
+    /// upstream URL's own path.
+    #[test]
+    fn target_keeps_the_path() {
+        let upstream = |url: &str| Upstream::new(&url::Url::parse(url).unwrap()).unwrap();
+        let head = |path: &str| RequestHead {
+            method: "GET".into(),
+            path: path.into(),
+            headers: Vec::new(),
+            timeout_ms: None,
+        };
+        let target = |url: &str, path: &str| upstream(url).target(&head(path)).unwrap().1;
+        assert_eq!(target("http://u", "//x?a=1").to_string(), "//x?a=1");
+        assert_eq!(target("http://u/api/", "/a//b").to_string(), "/api/a//b");
+        assert!(upstream("http://u").target(&head("/a b")).is_err());
+    }
+
     /// `.` and `..` segments are found however they are written; dots elsewhere are fine.
     #[test]
     fn dot_segments() {
