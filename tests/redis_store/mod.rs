@@ -641,6 +641,23 @@ async fn slow_store_loses_nothing() {
 async fn frozen_store_loses_nothing() {
     let redis = RedisServer::start();
     let relay = Relay::start(Store::Redis(&redis), &[]);
+    loses_nothing_while_frozen(&redis, &relay).await;
+}
+
+/// The same with redis 150 ms away: the relay's readings of the server's clock take that long,
+/// and still set the fence (they once had to be quicker than 100 ms, and no fence was set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_distant_store_loses_nothing() {
+    let redis = RedisServer::start();
+    let proxy = RedisProxy::with_delay(&redis, Duration::from_millis(150));
+    let proxy_url = proxy.url();
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    loses_nothing_while_frozen(&redis, &relay).await;
+}
+
+/// Freezes `redis` while `relay` is asked to consume, read a reply and produce (each 503), and
+/// checks that none of them did anything once it runs again.
+async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
     let api = relay.client();
     let (t, q) = (tunnel_id("frozen"), tunnel_id("asked"));
     api.produce_numbered(&t, 2).await;

@@ -1,11 +1,13 @@
 //! A TCP proxy in front of a redis-server that can make the server forget a relay's subscriptions
 //! without the relay being told: the one state that only a race produces otherwise (a subscriber
-//! connection the server dropped, whose loss the client has not noticed yet).
+//! connection the server dropped, whose loss the client has not noticed yet). It can also hold
+//! back the server's answers, as a server far away would.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use super::RedisServer;
 
@@ -20,6 +22,11 @@ pub struct RedisProxy {
 impl RedisProxy {
     /// A proxy on a free port in front of `server`.
     pub fn start(server: &RedisServer) -> RedisProxy {
+        RedisProxy::with_delay(server, Duration::ZERO)
+    }
+
+    /// A proxy that passes on each read of the server's answers `delay` after it came.
+    pub fn with_delay(server: &RedisServer, delay: Duration) -> RedisProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port for the proxy");
         let port = listener.local_addr().expect("a bound address").port();
         let target = server.url().replace("redis://", "");
@@ -35,7 +42,7 @@ impl RedisProxy {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                forward(client, server, &subscribers, &clients);
+                forward(client, server, delay, &subscribers, &clients);
             }
         });
         proxy
@@ -68,6 +75,7 @@ impl Drop for RedisProxy {
 fn forward(
     client: TcpStream,
     server: TcpStream,
+    delay: Duration,
     subscribers: &Arc<Mutex<Vec<TcpStream>>>,
     clients: &Mutex<Vec<TcpStream>>,
 ) {
@@ -99,6 +107,12 @@ fn forward(
         }
     });
     thread::spawn(move || {
-        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let mut buffer = [0u8; 16 * 1024];
+        while let Ok(read @ 1..) = from_server.read(&mut buffer) {
+            thread::sleep(delay);
+            if to_client.write_all(&buffer[..read]).is_err() {
+                break;
+            }
+        }
     });
 }

@@ -16,8 +16,11 @@ use fred::types::{ClusterHash, CustomCommand};
 /// How often the server's clock is read again (a step of its clock is followed this late).
 const READ_EVERY: Duration = Duration::from_secs(5);
 
-/// A reading whose round trip took longer says too little about when the server read its clock.
-const MAX_ROUND_TRIP: Duration = Duration::from_millis(100);
+/// How often it is tried while it has never been read (no fence meanwhile).
+const FIRST_READ_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a reading may take; a slower one is tried again at the next turn.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The latest reading of the server's clock: `server_ms` at the local instant `at`.
 #[derive(Default)]
@@ -40,23 +43,24 @@ impl ServerClock {
         }
     }
 
-    /// Reads the server's clock with `TIME` on `client`; keeps the reading if the round trip was
-    /// short enough to place it.
+    /// Reads the server's clock with `TIME` on `client`. The server read it somewhere within the
+    /// round trip; the reading is placed at its end, so that a fence computed from it is never
+    /// later than meant, only earlier by up to the round trip (a server far away gets less
+    /// patience, never a call run after the relay gave up on it).
     pub(super) async fn read(&self, client: &Client) {
         let command = CustomCommand::new_static("TIME", ClusterHash::Random, false);
-        let sent = Instant::now();
         // fred's own timeout, so that a reading not sent in time is never sent.
         let client = client.with_options(&Options {
             fail_fast: true,
             max_attempts: Some(1),
-            timeout: Some(MAX_ROUND_TRIP),
+            timeout: Some(READ_TIMEOUT),
             ..Options::default()
         });
         let Ok(Value::Array(parts)) = client.custom::<Value, Value>(command, Vec::new()).await
         else {
             return;
         };
-        let round_trip = sent.elapsed();
+        let received = Instant::now();
         let number = |value: &Value| value.as_str().and_then(|text| text.parse::<i64>().ok());
         let [Some(seconds), Some(micros)] =
             [parts.first(), parts.get(1)].map(|v| v.and_then(number))
@@ -64,16 +68,19 @@ impl ServerClock {
             return;
         };
         let server_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
-        let midway = sent + round_trip / 2;
-        *self.reading.lock().unwrap_or_else(|e| e.into_inner()) = Some((midway, server_ms));
+        *self.reading.lock().unwrap_or_else(|e| e.into_inner()) = Some((received, server_ms));
     }
 
-    /// Reads the server's clock every [`READ_EVERY`], for the life of the process.
+    /// Reads the server's clock every [`READ_EVERY`] (every [`FIRST_READ_EVERY`] until the
+    /// first reading), for the life of the process.
     pub(super) async fn keep_reading(&self, client: impl Fn() -> Client) {
-        let mut every = tokio::time::interval(READ_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            every.tick().await;
+            let read = self
+                .reading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+            tokio::time::sleep(if read { READ_EVERY } else { FIRST_READ_EVERY }).await;
             self.read(&client()).await;
         }
     }
