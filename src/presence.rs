@@ -5,6 +5,7 @@
 //! instance's agents, and a request for an agent connected elsewhere is sent to that instance.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,12 @@ const STORE_RESPITE: Duration = Duration::from_secs(1);
 /// How long an instance that could not be reached, and was not tried since, is remembered as such.
 const FORGET_UNREACHABLE: Duration = Duration::from_secs(60);
 
+/// How long after this instance started a record at its own address under another id is taken
+/// for its predecessor's (restarted in place): such a record expires within a record's lifetime
+/// of the start (plus slack for the clocks that write and read expiry times). One still there
+/// later is a live instance given the same address, by mistake.
+const PREDECESSOR_WITHIN: Duration = Duration::from_secs(20);
+
 /// How long a read of where the other instances' agents are answers later requests for the names
 /// it found. A read parses every instance's record, which with many agents costs milliseconds
 /// and a round trip to the store per request; a name it did not find is looked up afresh.
@@ -61,6 +68,10 @@ pub struct Presence {
     tried_last: Arc<Mutex<HashMap<String, Instant>>>,
     /// Until when the store is left alone after a read failed.
     respite: Arc<Mutex<Option<Instant>>>,
+    /// When this instance started, to tell a predecessor at its address from a live instance.
+    started: Instant,
+    /// Whether another live instance announcing this one's address was logged.
+    warned_shared_address: Arc<AtomicBool>,
 }
 
 /// Which other instances had which agents, by name, when the store was read.
@@ -110,6 +121,8 @@ impl Presence {
             reading: Arc::default(),
             tried_last: Arc::default(),
             respite: Arc::default(),
+            started: Instant::now(),
+            warned_shared_address: Arc::default(),
         }
     }
 
@@ -339,9 +352,27 @@ impl Presence {
 
     /// Whether a record of `instance` at `address` is another live instance's: not this one's,
     /// nor one left by a predecessor at this one's address (restarted in place, say after a
-    /// crash), whose agents are gone or connected here now, and whose address leads here.
+    /// crash), whose agents are gone or connected here now, and whose address leads here. Past
+    /// [`PREDECESSOR_WITHIN`], another id at this address is a live instance given the same
+    /// `BURROW_ADVERTISE` by mistake: taken as another instance, as before, and logged once.
     fn is_other(&self, instance: &str, address: &str) -> bool {
-        instance != self.instance && address != self.address
+        if instance == self.instance {
+            return false;
+        }
+        if address != self.address {
+            return true;
+        }
+        if self.started.elapsed() < PREDECESSOR_WITHIN {
+            return false;
+        }
+        if !self.warned_shared_address.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "another relay instance ({instance}) announces this instance's address {address}: \
+                 give each instance its own BURROW_ADVERTISE, or requests sent on to it may come \
+                 back here"
+            );
+        }
+        true
     }
 
     fn directory(&self) -> MutexGuard<'_, Option<Directory>> {
@@ -402,5 +433,22 @@ mod tests {
         assert_eq!(presence.in_order("svc", &holders), ["frozen:1", "dead:1"]);
         presence.reached("dead:1");
         assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
+    }
+
+    /// Another id at this instance's address is its predecessor's for a record's lifetime after
+    /// the start, then a live instance sharing the address by mistake, taken as another one.
+    #[tokio::test]
+    async fn another_id_at_this_address_is_a_predecessor_only_at_first() {
+        let store = Store::open(&StoreConfig::Memory)
+            .await
+            .expect("a memory store");
+        let mut presence = Presence::new(store, Agents::new(), "10.0.0.1:80".into());
+        let me = presence.instance().to_owned();
+        assert!(!presence.is_other(&me, "10.0.0.2:80"));
+        assert!(presence.is_other("other", "10.0.0.2:80"));
+        assert!(!presence.is_other("other", "10.0.0.1:80"));
+        presence.started = Instant::now() - PREDECESSOR_WITHIN;
+        assert!(presence.is_other("other", "10.0.0.1:80"));
+        assert!(!presence.is_other(&me, "10.0.0.1:80"));
     }
 }
