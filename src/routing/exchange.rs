@@ -64,6 +64,8 @@ pub struct Exchange {
     deadline: Instant,
     /// Links tried so far, so that a retry goes elsewhere.
     tried: Vec<u64>,
+    /// When the request was sent to the current link.
+    sent_at: Instant,
     link: Arc<Link>,
     writer: BodyWriter,
     reader: BodyReader,
@@ -96,6 +98,7 @@ impl Exchange {
             head,
             deadline,
             tried,
+            sent_at: Instant::now(),
             link,
             writer,
             reader,
@@ -164,6 +167,7 @@ impl Exchange {
             match item {
                 Inbound::Response(payload) => {
                     self.replay = None;
+                    self.link.took();
                     return match ResponseHead::from_json(&payload) {
                         Ok(head) => {
                             self.phase = Phase::Body;
@@ -239,7 +243,7 @@ impl Exchange {
         let Some(replay) = self.replay.as_ref().filter(|_| !self.writer.taken()) else {
             return Err(self.fail(reason));
         };
-        self.link.refused();
+        self.link.refused(self.sent_at.elapsed());
         self.head.timeout_ms = Some(millis_until(self.deadline));
         log::debug!(
             "agent {} link {} lost a request before taking it ({reason}); retrying",
@@ -263,6 +267,7 @@ impl Exchange {
         self.link = link;
         self.writer = writer;
         self.reader = reader;
+        self.sent_at = Instant::now();
         Ok(())
     }
 

@@ -30,8 +30,13 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 const SILENT_AFTER: Duration = Duration::from_secs(1);
 
 /// How long an agent that refused a request (its upstream unreachable) is picked after the others
-/// of its name: a second, then it gets its share again, in case its upstream is back.
+/// of its name: a second, then it gets its share again, in case its upstream is back. Each
+/// refusal in a row doubles it, up to [`MAX_REFUSING_FOR`]; and it is never shorter than the
+/// refusal took (an upstream that drops connections costs the request that finds out).
 const REFUSING_FOR: Duration = Duration::from_secs(1);
+
+/// The longest an agent that keeps refusing is picked last before it is tried again.
+const MAX_REFUSING_FOR: Duration = Duration::from_secs(30);
 
 /// How long a shutting-down relay lets an agent's requests in flight finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -51,8 +56,10 @@ pub struct Link {
     /// Since when a request sent here waits for the agent to say anything (it acknowledges each
     /// at once), in Unix milliseconds; 0 while nothing does.
     unanswered_since_ms: AtomicU64,
-    /// When the agent last refused a request before taking it, in Unix milliseconds; 0 never.
-    refused_at_ms: AtomicU64,
+    /// Until when the agent is picked last for refusing, in Unix milliseconds; 0 never.
+    refusing_until_ms: AtomicU64,
+    /// Refusals since the agent last took a request.
+    refusals: AtomicU32,
     /// The next stream id: odd, increasing.
     next_stream: AtomicU32,
     /// Set once either side said GOAWAY: no new requests go to this link.
@@ -79,16 +86,25 @@ impl Link {
         since != 0 && unix_ms().saturating_sub(since) > SILENT_AFTER.as_millis() as u64
     }
 
-    /// Whether the agent refused a request within [`REFUSING_FOR`] (it does so when it cannot
-    /// reach its upstream). Other agents of the name are picked first.
+    /// Whether the agent refused a request lately (see [`REFUSING_FOR`]; it does so when it
+    /// cannot reach its upstream). Other agents of the name are picked first.
     pub fn refusing(&self) -> bool {
-        let at = self.refused_at_ms.load(Ordering::Relaxed);
-        at != 0 && unix_ms().saturating_sub(at) < REFUSING_FOR.as_millis() as u64
+        unix_ms() < self.refusing_until_ms.load(Ordering::Relaxed)
     }
 
-    /// Notes that the agent refused a request (reset it before taking it).
-    pub(crate) fn refused(&self) {
-        self.refused_at_ms.store(unix_ms(), Ordering::Relaxed);
+    /// Notes that the agent refused a request (reset it before taking it) after `took`.
+    pub(crate) fn refused(&self, took: Duration) {
+        let before = self.refusals.fetch_add(1, Ordering::Relaxed);
+        let span = refusing_span(before, took);
+        let until = unix_ms().saturating_add(span.as_millis() as u64);
+        self.refusing_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Notes that the agent took a request: its next refusal counts from one again.
+    pub(crate) fn took(&self) {
+        if self.refusals.load(Ordering::Relaxed) != 0 {
+            self.refusals.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Whether new requests may be sent here.
@@ -117,6 +133,13 @@ impl Link {
     }
 }
 
+/// How long an agent is picked last after a refusal that took `took`, with `before` refusals in a
+/// row ahead of it (see [`REFUSING_FOR`]).
+fn refusing_span(before: u32, took: Duration) -> Duration {
+    let doubled = REFUSING_FOR.saturating_mul(2u32.saturating_pow(before));
+    doubled.min(MAX_REFUSING_FOR).max(took)
+}
+
 /// Runs one agent's connection until it closes, stops heart-beating or the relay shuts down:
 /// registers it under `name` in `registry`, carries its streams, and unregisters it.
 ///
@@ -140,7 +163,8 @@ pub async fn serve<S>(
         connected_since_ms: now,
         last_heartbeat_ms: AtomicU64::new(now),
         unanswered_since_ms: AtomicU64::new(0),
-        refused_at_ms: AtomicU64::new(0),
+        refusing_until_ms: AtomicU64::new(0),
+        refusals: AtomicU32::new(0),
         next_stream: AtomicU32::new(1),
         draining: AtomicBool::new(false),
         streams: Streams::new(out, Side::Asks),
@@ -232,5 +256,22 @@ fn receive(link: &Link, bytes: bytes::Bytes) -> Result<(), Reason> {
             link.streams.dispatch(frame);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second, doubling with each refusal in a row up to 30 s, and never shorter than the
+    /// refusal took.
+    #[test]
+    fn refusals_in_a_row_keep_an_agent_last_longer() {
+        let quick = Duration::from_millis(2);
+        let spans: Vec<u64> = (0..7).map(|n| refusing_span(n, quick).as_secs()).collect();
+        assert_eq!(spans, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(refusing_span(u32::MAX, quick), MAX_REFUSING_FOR);
+        let slow = Duration::from_millis(1500);
+        assert_eq!(refusing_span(0, slow), slow);
     }
 }
