@@ -79,46 +79,62 @@ fn forget_empty_variables() {
     }
 }
 
-/// `err`, naming the environment variable its value came from, when clap refused a value that
-/// was not on the command line: clap names only the flag (`--concurrency`), which a container
-/// configured by `BURROW_WORKER_CONCURRENCY` never typed.
+/// `err`, naming environment variables where clap names only flags, which a container
+/// configured by `BURROW_*` variables never typed: the variable a refused value came from, when
+/// the flag was not on the command line (`BURROW_WORKER_CONCURRENCY (--concurrency)`), and the
+/// variable that could have given a missing argument (`--name <NAME> (or BURROW_AGENT_NAME)`).
 fn naming_the_variable(mut err: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if !matches!(
-        err.kind(),
-        ErrorKind::InvalidValue | ErrorKind::ValueValidation
-    ) {
-        return err;
-    }
-    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
-        return err;
-    };
-    let typed: Vec<OsString> = std::env::args_os().collect();
-    let command = <Cli as clap::CommandFactory>::command();
-    let arguments = command
-        .get_subcommands()
-        .flat_map(|sub| sub.get_arguments());
-    for argument in arguments {
-        let (Some(long), Some(variable)) = (argument.get_long(), argument.get_env()) else {
-            continue;
-        };
-        let flag = format!("--{long}");
-        if !(shown == &flag || shown.starts_with(&format!("{flag} "))) {
-            continue;
+    match (err.kind(), err.get(ContextKind::InvalidArg)) {
+        (
+            ErrorKind::InvalidValue | ErrorKind::ValueValidation,
+            Some(ContextValue::String(shown)),
+        ) => {
+            let Some((flag, variable)) = variable_of(shown) else {
+                return err;
+            };
+            let given = std::env::args_os()
+                .filter_map(|a| a.into_string().ok())
+                .any(|arg| {
+                    arg == flag
+                        || arg
+                            .strip_prefix(flag.as_str())
+                            .is_some_and(|r| r.starts_with('='))
+                });
+            if !given {
+                let named = format!("{variable} ({flag})");
+                err.insert(ContextKind::InvalidArg, ContextValue::String(named));
+            }
         }
-        let given = typed.iter().filter_map(|arg| arg.to_str()).any(|arg| {
-            arg == flag
-                || arg
-                    .strip_prefix(flag.as_str())
-                    .is_some_and(|rest| rest.starts_with('='))
-        });
-        if !given {
-            let named = format!("{} ({flag})", variable.to_string_lossy());
-            err.insert(ContextKind::InvalidArg, ContextValue::String(named));
+        (ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(missing))) => {
+            let named = missing
+                .iter()
+                .map(|shown| match variable_of(shown) {
+                    Some((_, variable)) => format!("{shown} (or {variable})"),
+                    None => shown.clone(),
+                })
+                .collect();
+            err.insert(ContextKind::InvalidArg, ContextValue::Strings(named));
         }
-        break;
+        _ => {}
     }
     err
+}
+
+/// The flag (`--concurrency`) and environment variable of the argument clap shows as `shown`
+/// (`--concurrency <CONCURRENCY>`), if it has a variable.
+fn variable_of(shown: &str) -> Option<(String, String)> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let found = command
+        .get_subcommands()
+        .flat_map(|sub| sub.get_arguments())
+        .find_map(|argument| {
+            let flag = format!("--{}", argument.get_long()?);
+            let named = shown == flag || shown.starts_with(&format!("{flag} "));
+            let variable = argument.get_env()?.to_string_lossy().into_owned();
+            named.then_some((flag, variable))
+        });
+    found
 }
 
 fn serve(upgrade: bool) -> ExitCode {

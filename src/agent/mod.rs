@@ -76,8 +76,8 @@ pub enum ConfigError {
     NotHttp(&'static str, String),
     /// Not echoed: the URL holds a password.
     #[error(
-        "{0} must not hold a user or password: they are not sent (and would be logged); \
-         give the relay's token with --token (BURROW_TOKEN)"
+        "{0} must not hold a user or password: they are not sent (and would be logged){hint}",
+        hint = if *.0 == RELAY { "; give the relay's token with --token (BURROW_TOKEN)" } else { "" }
     )]
     Credentials(&'static str),
     #[error(

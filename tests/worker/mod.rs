@@ -477,7 +477,7 @@ fn visibility_must_exceed_job_timeout() {
 }
 
 /// A value clap refuses names its environment variable when it came from there, and only its
-/// flag when it was typed.
+/// flag when it was typed; a missing argument is named with its variable.
 #[test]
 fn invalid_values_name_where_they_came_from() {
     let worker = |env: &[(&str, &str)], args: &[&str]| {
@@ -502,6 +502,18 @@ fn invalid_values_name_where_they_came_from() {
     let stderr = worker(&[("BURROW_JOB_TIMEOUT", "0")], &[]);
     assert!(
         stderr.contains("BURROW_JOB_TIMEOUT (--job-timeout)"),
+        "{stderr}"
+    );
+    // A missing argument is named with the variable that could have given it.
+    let output = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
+        .args(["worker", "--", "cat"])
+        .env_remove("BURROW_RELAY")
+        .output()
+        .expect("the burrow binary runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--relay <URL> (or BURROW_RELAY)"),
         "{stderr}"
     );
 }
