@@ -351,7 +351,7 @@ impl RelayApp {
         let deadline = Instant::now() + timeout;
         let mut tried = Vec::new();
         if let Some(outcome) = self
-            .past_silent_agents(session, &agent, &mut tried, deadline)
+            .past_failing_agents(session, &agent, &mut tried, deadline)
             .await?
         {
             return Ok(outcome);
@@ -394,20 +394,21 @@ impl RelayApp {
     }
 
     /// When every agent of the name here is silent (frozen, or cut off before its heartbeat
-    /// expires), sends the request to another instance whose agent answers, if one has the name.
-    /// Not a request sent here by another instance (that one chose this one), nor one with a
-    /// body, which could not come back here if that instance refused it.
-    async fn past_silent_agents(
+    /// expires) or refusing (its upstream down), sends the request to another instance whose
+    /// agent answers, if one has the name. Not a request sent here by another instance (that one
+    /// chose this one); nor, past silent agents, one with a body, which could not come back here
+    /// if that instance refused it after reading it (refusing agents here would only refuse it).
+    async fn past_failing_agents(
         &self,
         session: &mut ServerSession,
         agent: &TunnelId,
         tried: &mut Vec<String>,
         deadline: Instant,
     ) -> Result<Option<Outcome>, Error> {
-        if !self.agents.all_silent(agent.as_str())
-            || session.get_header(forward::HOP_HEADER).is_some()
-            || !forward::sendable_again(session)
-        {
+        let name = agent.as_str();
+        let failing = self.agents.all_refusing(name)
+            || (self.agents.all_silent(name) && forward::sendable_again(session));
+        if !failing || session.get_header(forward::HOP_HEADER).is_some() {
             return Ok(None);
         }
         let left = deadline.saturating_duration_since(Instant::now());

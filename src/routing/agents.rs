@@ -88,6 +88,17 @@ impl Agents {
     /// Whether agents named `name` take requests here, but every one of them is silent (see
     /// [`Link::silent`]).
     pub fn all_silent(&self, name: &str) -> bool {
+        self.all_accepting(name, Link::silent)
+    }
+
+    /// Whether agents named `name` take requests here, but every one of them refused one lately
+    /// (see [`Link::refusing`]): their upstreams are down.
+    pub fn all_refusing(&self, name: &str) -> bool {
+        self.all_accepting(name, Link::refusing)
+    }
+
+    /// Whether agents named `name` take requests here, and every one of them is `so`.
+    fn all_accepting(&self, name: &str, so: impl Fn(&Link) -> bool) -> bool {
         let links = self.links();
         let mut accepting = links
             .get(name)
@@ -95,7 +106,7 @@ impl Agents {
             .flatten()
             .filter(|l| l.accepting());
         let first = accepting.next();
-        first.is_some_and(|link| link.silent()) && accepting.all(|link| link.silent())
+        first.is_some_and(|link| so(link)) && accepting.all(|link| so(link))
     }
 
     /// The least busy accepting link of `name` not in `exclude`, silent ones last, then those

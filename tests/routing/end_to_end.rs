@@ -1548,6 +1548,33 @@ async fn instance_that_refused_a_name_is_tried_last() {
     assert!(lost <= 1, "{lost} of 10 requests lost");
 }
 
+/// An instance whose own agents of a name all refuse (their upstream down) sends requests, with
+/// bodies too, to another instance whose agent answers: the refusing agents here could only
+/// refuse them, and a body read here could not go on after that (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_agents_send_requests_to_another_instance() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let client_b = b.client();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let refusing = Agent::serve(&b.base, &setup.name, &closed, None);
+    wait_agents(
+        &client_b,
+        &setup.name,
+        2,
+        RECONNECT,
+        &[&setup.agent, &refusing],
+    )
+    .await;
+    // The first request finds the agent here refusing; without a body, it goes on to A.
+    echo_through(&client_b, &setup.name, "up").await;
+    for _ in 0..10 {
+        let answer = client_b
+            .post(&format!("/r/{}/echo", setup.name), "body")
+            .await;
+        assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+    }
+}
+
 /// A record left at an instance's own address by its predecessor (killed, then restarted in
 /// place) is not another instance: a request for a name only that record lists is 422 at once,
 /// with a body too, where it went to the instance itself, which refused it after its body was
