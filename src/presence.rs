@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -70,6 +70,9 @@ pub struct Presence {
     respite: Arc<Mutex<Option<Instant>>>,
     /// When this instance started, to tell a predecessor at its address from a live instance.
     started: Instant,
+    /// The same in Unix milliseconds, in its record: of the records at one address, other
+    /// instances take the latest started's (the one that has the address now).
+    started_ms: u64,
     /// Whether another live instance announcing this one's address was logged.
     warned_shared_address: Arc<AtomicBool>,
 }
@@ -93,6 +96,9 @@ struct Holder {
 struct Record {
     instance: String,
     address: String,
+    /// When the instance started, in Unix milliseconds (0 in records of older versions).
+    #[serde(default)]
+    started_ms: u64,
     #[serde(default)]
     agents: Vec<Named>,
 }
@@ -122,6 +128,9 @@ impl Presence {
             tried_last: Arc::default(),
             respite: Arc::default(),
             started: Instant::now(),
+            started_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64),
             warned_shared_address: Arc::default(),
         }
     }
@@ -152,6 +161,7 @@ impl Presence {
         let record = json!({
             "instance": self.instance,
             "address": self.address,
+            "started_ms": self.started_ms,
             "agents": agents,
         });
         let record = Bytes::from(record.to_string());
@@ -164,14 +174,17 @@ impl Presence {
     pub async fn all(&self) -> Result<Vec<Value>, StoreError> {
         let records = self.read().await?;
         let mut agents = self.local_agents();
-        let others = records
+        let others: Vec<Value> = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Value>(record).ok())
             .filter(|record| {
                 let instance = record["instance"].as_str().unwrap_or_default();
                 self.is_other(instance, record["address"].as_str().unwrap_or_default())
-            });
-        for record in others {
+            })
+            .collect();
+        let address = |record: &Value| record["address"].as_str().unwrap_or_default().to_owned();
+        let started = |record: &Value| record["started_ms"].as_u64().unwrap_or(0);
+        for record in newest_at_each_address(others, address, started) {
             if let Some(Value::Array(theirs)) = record.get("agents") {
                 agents.extend(theirs.iter().cloned());
             }
@@ -326,11 +339,13 @@ impl Presence {
         let read_at = Instant::now();
         let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
         let mut holders: HashMap<String, Vec<Holder>> = HashMap::new();
-        let others = records
+        let others: Vec<Record> = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
-            .filter(|record| self.is_other(&record.instance, &record.address));
-        for record in others {
+            .filter(|record| self.is_other(&record.instance, &record.address))
+            .collect();
+        let address = |record: &Record| record.address.clone();
+        for record in newest_at_each_address(others, address, |record| record.started_ms) {
             for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
                 let of_name = holders.entry(agent.name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {
@@ -403,6 +418,25 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Of `records`, those of the instance that started last at each address: an instance restarted
+/// in place (or upgraded) holds its address now, and its predecessor's record, until it
+/// expires, lists agents that are gone.
+fn newest_at_each_address<T>(
+    records: Vec<T>,
+    address: impl Fn(&T) -> String,
+    started_ms: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    let mut latest: HashMap<String, u64> = HashMap::new();
+    for record in &records {
+        let newest = latest.entry(address(record)).or_default();
+        *newest = (*newest).max(started_ms(record));
+    }
+    records
+        .into_iter()
+        .filter(|record| latest.get(&address(record)) == Some(&started_ms(record)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +467,20 @@ mod tests {
         assert_eq!(presence.in_order("svc", &holders), ["frozen:1", "dead:1"]);
         presence.reached("dead:1");
         assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
+    }
+
+    /// Of the records at each address, those of the instance that started last are kept.
+    #[test]
+    fn the_latest_started_holds_an_address() {
+        let records = vec![
+            ("a", 5, "old"),
+            ("a", 9, "new"),
+            ("b", 1, "only"),
+            ("c", 0, "x"),
+        ];
+        let kept = newest_at_each_address(records, |r| r.0.to_owned(), |r| r.1);
+        let kept: Vec<&str> = kept.iter().map(|r| r.2).collect();
+        assert_eq!(kept, ["new", "only", "x"]);
     }
 
     /// Another id at this instance's address is its predecessor's for a record's lifetime after

@@ -1548,6 +1548,22 @@ async fn instance_that_refused_a_name_is_tried_last() {
     assert!(lost <= 1, "{lost} of 10 requests lost");
 }
 
+/// Of two records at one address, other instances take the one of the instance that started
+/// last (restarted in place, it holds the address now): the older one's agents, gone, are not
+/// listed, and a request for them is 422 at once, where a POST got 502 from the restarted
+/// instance until the old record expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predecessor_record_is_ignored_by_other_instances() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let client_b = b.client();
+    let gone = tunnel_id("gone");
+    record_instance(setup.relay.base.trim_start_matches("http://"), &gone, 0);
+    let answer = client_b.post(&format!("/r/{gone}/echo"), "body").await;
+    answer.expect_one_line_error(422);
+    assert_eq!(agents_named(&client_b, &gone).await, 0);
+    assert_eq!(agents_named(&client_b, &setup.name).await, 1);
+}
+
 /// An instance whose own agents of a name all refuse (their upstream down) sends requests, with
 /// bodies too, to another instance whose agent answers: the refusing agents here could only
 /// refuse them, and a body read here could not go on after that (502).
@@ -1584,7 +1600,7 @@ async fn predecessor_at_own_address_is_not_another_instance() {
     let relay = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
     let client = relay.client();
     let name = tunnel_id("left-behind");
-    record_instance(relay.base.trim_start_matches("http://"), &name);
+    record_instance(relay.base.trim_start_matches("http://"), &name, 0);
     let answer = client.post(&format!("/r/{name}/echo"), "body").await;
     let answer = answer.expect_one_line_error(422);
     assert!(answer.text().contains("not found"), "{answer:?}");
@@ -1593,20 +1609,22 @@ async fn predecessor_at_own_address_is_not_another_instance() {
 
 /// Lists, in the store, a made-up instance at `address` with an agent of `setup`'s name, as a
 /// relay records itself (it lives a minute), and waits until B (`client_b`) lists it beside the
-/// agent of `setup`.
+/// agent of `setup`. It started after every other, so that it holds `address` even where a
+/// real relay listens (one that restarted and does not know yet that its agent is gone).
 async fn list_instance(client_b: &Client, setup: &Setup, address: &str) {
     let name = setup.name.as_str();
-    record_instance(address, name);
+    record_instance(address, name, u64::MAX);
     wait_agents(client_b, name, 2, WAIT, &[&setup.agent]).await;
 }
 
 /// Writes, in the shared store, the record of a made-up instance at `address` with an agent
-/// `name`, as a relay records itself (it lives a minute).
-fn record_instance(address: &str, name: &str) {
+/// `name`, started at `started_ms` (Unix ms), as a relay records itself (it lives a minute).
+fn record_instance(address: &str, name: &str, started_ms: u64) {
     let instance = tunnel_id("made-up");
     let record = serde_json::json!({
         "instance": instance,
         "address": address,
+        "started_ms": started_ms,
         "agents": [{"name": name, "instance": instance}],
     });
     let expires = std::time::SystemTime::now()
@@ -1880,9 +1898,9 @@ async fn agent_on_another_instance() {
         echo_through(&client_b, &name, "c").await;
         echo_through(&a.client(), &name, "c").await;
     }
-    // C gone too: no listed instance answers, so the agent is not connected anywhere reachable.
-    // A request with a body is not sent twice: the client learns that the hop failed, not A's
-    // address.
+    // C gone too: only old A's record lists the name, and the new relay at A's address started
+    // after it, so that record no longer counts: not connected anywhere, a request with a body
+    // too (it used to go to the new A, which refused it after its body was read: 502).
     drop((c, c_agent));
     let gone = format!("connection for clientID='{name}' not found");
     client_b
@@ -1890,7 +1908,7 @@ async fn agent_on_another_instance() {
         .await
         .expect_error(422, &gone);
     let response = client_b.post(&format!("/r/{name}/x"), "body").await;
-    let text = response.expect_one_line_error(502).text();
+    let text = response.expect_one_line_error(422).text();
     assert!(!text.contains(&a_address), "{text}");
 }
 
