@@ -405,9 +405,9 @@ impl RelayApp {
         tried: &mut Vec<String>,
         deadline: Instant,
     ) -> Result<Option<Outcome>, Error> {
-        let name = agent.as_str();
-        let failing = self.agents.all_refusing(name)
-            || (self.agents.all_silent(name) && forward::sendable_again(session));
+        let standing = self.agents.standing(agent.as_str());
+        let failing =
+            standing.all_refusing || (standing.all_silent && forward::sendable_again(session));
         if !failing || session.get_header(forward::HOP_HEADER).is_some() {
             return Ok(None);
         }

@@ -29,6 +29,16 @@ pub struct AgentInfo {
     pub draining: bool,
 }
 
+/// Whether every agent of a name that takes requests here is failing, and how (both false when
+/// none takes requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Every one is silent (see [`Link::silent`]): frozen, or cut off.
+    pub all_silent: bool,
+    /// Every one refused a request lately (see [`Link::refusing`]): its upstream is down.
+    pub all_refusing: bool,
+}
+
 /// The agents connected to this process; a cheap clone around shared state.
 #[derive(Clone, Default)]
 pub struct Agents {
@@ -85,28 +95,26 @@ impl Agents {
         Exchange::start(self.clone(), name, head, timeout).await
     }
 
-    /// Whether agents named `name` take requests here, but every one of them is silent (see
-    /// [`Link::silent`]).
-    pub fn all_silent(&self, name: &str) -> bool {
-        self.all_accepting(name, Link::silent)
-    }
-
-    /// Whether agents named `name` take requests here, but every one of them refused one lately
-    /// (see [`Link::refusing`]): their upstreams are down.
-    pub fn all_refusing(&self, name: &str) -> bool {
-        self.all_accepting(name, Link::refusing)
-    }
-
-    /// Whether agents named `name` take requests here, and every one of them is `so`.
-    fn all_accepting(&self, name: &str, so: impl Fn(&Link) -> bool) -> bool {
+    /// How the agents named `name` that take requests here stand together, in one look at the
+    /// registry (asked for every routed request).
+    pub fn standing(&self, name: &str) -> Standing {
         let links = self.links();
         let mut accepting = links
             .get(name)
             .into_iter()
             .flatten()
-            .filter(|l| l.accepting());
-        let first = accepting.next();
-        first.is_some_and(|link| so(link)) && accepting.all(|link| so(link))
+            .filter(|l| l.accepting())
+            .peekable();
+        let any = accepting.peek().is_some();
+        let mut standing = Standing {
+            all_silent: any,
+            all_refusing: any,
+        };
+        for link in accepting {
+            standing.all_silent &= link.silent();
+            standing.all_refusing &= link.refusing();
+        }
+        standing
     }
 
     /// The least busy accepting link of `name` not in `exclude`, silent ones last, then those
