@@ -509,24 +509,24 @@ async fn retried_when_agent_vanishes_before_taking() {
         }
     });
     relay.wait_for("flaky", 2).await;
-    let body: Bytes = (0..200_000).map(pattern).collect::<Vec<u8>>().into();
     // Equally idle links take turns, so one of two requests goes to the vanishing agent.
+    two_posts_answered_by_real(&relay, "flaky", 200_000).await;
+    head_seen.await.expect("the vanishing agent got a request");
+    relay.wait_for("flaky", 1).await;
+}
+
+/// Two POSTs of `len` bytes to agents `name`, each answered by the upstream tagged "real" with the
+/// whole body.
+async fn two_posts_answered_by_real(relay: &Relay, name: &str, len: usize) {
+    let body: Bytes = (0..len).map(pattern).collect::<Vec<u8>>().into();
     for _ in 0..2 {
-        let (response, answer) = call(
-            &relay.agents,
-            "flaky",
-            head("POST", "/echo", &[]),
-            body.clone(),
-        )
-        .await
-        .unwrap();
+        let post = head("POST", "/echo", &[]);
+        let (response, answer) = call(&relay.agents, name, post, body.clone()).await.unwrap();
         assert_eq!(response.status, 200);
         let seen: Value = serde_json::from_slice(&answer).unwrap();
         assert_eq!(seen["tag"], "real");
-        assert_eq!(seen["sha256"], pattern_hash(200_000));
+        assert_eq!(seen["sha256"], pattern_hash(len));
     }
-    head_seen.await.expect("the vanishing agent got a request");
-    relay.wait_for("flaky", 1).await;
 }
 
 /// An agent that has said nothing for a second since it was sent a request (frozen, say) is
@@ -632,22 +632,8 @@ async fn agent_with_unreachable_upstream_is_passed_over() {
     let _down = start_agent(&relay, "pair", &closed_upstream().await).await;
     let _real = start_agent(&relay, "pair", &upstream).await;
     relay.wait_for("pair", 2).await;
-    let body: Bytes = (0..100_000).map(pattern).collect::<Vec<u8>>().into();
     // Equally idle links take turns, so one of two requests goes to the refusing agent first.
-    for _ in 0..2 {
-        let (response, answer) = call(
-            &relay.agents,
-            "pair",
-            head("POST", "/echo", &[]),
-            body.clone(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(response.status, 200);
-        let seen: Value = serde_json::from_slice(&answer).unwrap();
-        assert_eq!(seen["tag"], "real");
-        assert_eq!(seen["sha256"], pattern_hash(100_000));
-    }
+    two_posts_answered_by_real(&relay, "pair", 100_000).await;
     let first = relay.agents.pick("pair", &[]).unwrap();
     let second = relay.agents.pick("pair", &[first.id]).unwrap();
     assert!(!first.refusing() && second.refusing());
