@@ -41,6 +41,7 @@ use super::{
 use crate::config::RedisConfig;
 use batch::{Batched, Operation};
 use clients::Clients;
+use clock::ServerClock;
 
 mod batch;
 mod clients;
@@ -224,27 +225,29 @@ impl RedisStore {
     }
 
     /// Starts an operation on the connection [`Clients::pick`] chooses.
-    fn call(&self) -> Call {
+    fn call(&self) -> Call<'_> {
         Call::new(&self.clients)
     }
 }
 
 /// One operation: its client, its deadline and its fence, shared by the one or two commands it
 /// sends.
-struct Call {
+struct Call<'a> {
     client: Client,
+    clock: &'a ServerClock,
     deadline: Instant,
     /// The server's time after which a data-changing script of this call does nothing (0: none
     /// until the server's clock has been read).
     fence: i64,
 }
 
-impl Call {
+impl Call<'_> {
     /// An operation sent now on the connection [`Clients::pick`] chooses.
-    fn new(clients: &Clients) -> Call {
+    fn new(clients: &Clients) -> Call<'_> {
         let now = Instant::now();
         Call {
             client: clients.pick(),
+            clock: clients.clock(),
             deadline: now + ANSWER_TIMEOUT,
             fence: clients.clock().at(now + FENCE_AFTER),
         }
@@ -388,28 +391,47 @@ impl Script {
     /// commands because fred applies per-command [`Options`] only to those, not to its Lua API.
     async fn run(
         &self,
-        call: &Call,
+        call: &Call<'_>,
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<Value, StoreError> {
         let fence = self.fenced.then_some(call.fence);
         let result = async {
-            if let Some(sha) = self.sha.get() {
-                match evalsha(&call.client(), sha, &keys, fence, &args).await {
-                    Err(e) if e.details().starts_with("NOSCRIPT") => {}
-                    result => return result,
+            let result = self.send(call, &keys, fence, &args).await;
+            if let Err(e) = &result {
+                // Late without a freeze means the server's clock stepped forward since it was
+                // read: read it again now rather than refuse every write until the next reading.
+                if e.details().starts_with("LATE") {
+                    call.clock.doubt();
                 }
             }
-            let load = CustomCommand::new_static("SCRIPT", ClusterHash::Random, false);
-            let sha: String = call
-                .client()
-                .custom(load, vec!["LOAD", self.source])
-                .await?;
-            // Every server derives the same SHA from the same source: the first one learnt stays.
-            let sha = self.sha.get_or_init(|| sha);
-            evalsha(&call.client(), sha, &keys, fence, &args).await
+            result
         };
         bounded(result).await
+    }
+
+    /// EVALSHA, and SCRIPT LOAD first when the server does not know the script.
+    async fn send(
+        &self,
+        call: &Call<'_>,
+        keys: &[String],
+        fence: Option<i64>,
+        args: &[Value],
+    ) -> Result<Value, fred::error::Error> {
+        if let Some(sha) = self.sha.get() {
+            match evalsha(&call.client(), sha, keys, fence, args).await {
+                Err(e) if e.details().starts_with("NOSCRIPT") => {}
+                result => return result,
+            }
+        }
+        let load = CustomCommand::new_static("SCRIPT", ClusterHash::Random, false);
+        let sha: String = call
+            .client()
+            .custom(load, vec!["LOAD", self.source])
+            .await?;
+        // Every server derives the same SHA from the same source: the first one learnt stays.
+        let sha = self.sha.get_or_init(|| sha);
+        evalsha(&call.client(), sha, keys, fence, args).await
     }
 }
 

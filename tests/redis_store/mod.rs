@@ -699,6 +699,25 @@ async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
     assert_eq!(api.get(&reply).await.expect(200).text(), "answer");
 }
 
+/// When the server's clock steps forward after the relay read it, writes find their fence
+/// passed (503, nothing stored) only until the clock is read again, which the first such write
+/// asks for at once: not for the seconds until the next regular reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_clock_step_is_read_again_at_once() {
+    let redis = RedisServer::start();
+    let proxy = RedisProxy::with_clock_stepped(&redis, 10);
+    let proxy_url = proxy.url();
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let api = relay.client();
+    let t = tunnel_id("stepped");
+    let refused = api.post(&format!("/t/{t}"), "refused").await;
+    refused.expect_one_line_error(503);
+    // The next regular reading is 5 s after start-up.
+    assert!(eventually_produces(&api, &t, Duration::from_millis(1500)).await);
+    assert_eq!(api.consume(&t, "").await.expect(200).text(), "after");
+    api.consume(&t, "").await.expect(204);
+}
+
 /// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.
 async fn eventually_produces(api: &Client, t: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;

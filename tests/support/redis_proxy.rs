@@ -1,10 +1,12 @@
 //! A TCP proxy in front of a redis-server that can make the server forget a relay's subscriptions
 //! without the relay being told: the one state that only a race produces otherwise (a subscriber
 //! connection the server dropped, whose loss the client has not noticed yet). It can also hold
-//! back the server's answers, as a server far away would.
+//! back the server's answers, as a server far away would, and make the server's clock seem to
+//! step forward right after the relay first reads it.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -27,6 +29,16 @@ impl RedisProxy {
 
     /// A proxy that passes on each read of the server's answers `delay` after it came.
     pub fn with_delay(server: &RedisServer, delay: Duration) -> RedisProxy {
+        RedisProxy::started(server, delay, 0)
+    }
+
+    /// A proxy that answers the first `TIME` it passes on `behind_s` seconds early, as if the
+    /// server's clock stepped forward by that much once the relay had read it.
+    pub fn with_clock_stepped(server: &RedisServer, behind_s: u64) -> RedisProxy {
+        RedisProxy::started(server, Duration::ZERO, behind_s)
+    }
+
+    fn started(server: &RedisServer, delay: Duration, behind_s: u64) -> RedisProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port for the proxy");
         let port = listener.local_addr().expect("a bound address").port();
         let target = server.url().replace("redis://", "");
@@ -37,12 +49,17 @@ impl RedisProxy {
             subscribers: Arc::clone(&subscribers),
             clients: Arc::clone(&clients),
         };
+        let step = Arc::new(AtomicBool::new(behind_s > 0));
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                forward(client, server, delay, &subscribers, &clients);
+                let stepped = Stepped {
+                    pending: Arc::clone(&step),
+                    behind_s,
+                };
+                forward(client, server, delay, stepped, &subscribers, &clients);
             }
         });
         proxy
@@ -71,11 +88,44 @@ impl Drop for RedisProxy {
     }
 }
 
+/// The one `TIME` answer to set back, shared by all connections until it has been.
+struct Stepped {
+    pending: Arc<AtomicBool>,
+    behind_s: u64,
+}
+
+impl Stepped {
+    /// Sets back the seconds of a `TIME` answer (`*2 $10 <seconds> $N <micros>`) in `answer`, if
+    /// the step is still pending and `asked` says the connection sent `TIME`.
+    fn apply(&self, asked: &AtomicBool, answer: &mut [u8]) {
+        const HEAD: &[u8] = b"*2\r\n$10\r\n";
+        if !asked.load(Ordering::SeqCst) || !self.pending.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(at) = answer.windows(HEAD.len()).position(|w| w == HEAD) else {
+            return;
+        };
+        let digits = &mut answer[at + HEAD.len()..];
+        let Some(seconds) = digits
+            .get(..10)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u64>().ok())
+        else {
+            return;
+        };
+        if self.pending.swap(false, Ordering::SeqCst) {
+            let earlier = format!("{:010}", seconds - self.behind_s);
+            digits[..10].copy_from_slice(earlier.as_bytes());
+        }
+    }
+}
+
 /// Copies bytes both ways between `client` and `server`, each way on a thread of its own.
 fn forward(
     client: TcpStream,
     server: TcpStream,
     delay: Duration,
+    stepped: Stepped,
     subscribers: &Arc<Mutex<Vec<TcpStream>>>,
     clients: &Mutex<Vec<TcpStream>>,
 ) {
@@ -89,11 +139,16 @@ fn forward(
     };
     clients.lock().expect("not poisoned").push(client);
     let subscribers = Arc::clone(subscribers);
+    let asked_time = Arc::new(AtomicBool::new(false));
+    let asks_time = Arc::clone(&asked_time);
     thread::spawn(move || {
         let mut buffer = [0u8; 16 * 1024];
         let mut noted = false;
         while let Ok(read @ 1..) = from_client.read(&mut buffer) {
             let sent = &buffer[..read];
+            if sent.windows(8).any(|w| w == b"\r\nTIME\r\n") {
+                asks_time.store(true, Ordering::SeqCst);
+            }
             // fred sends commands in upper case; PSUBSCRIBE contains SUBSCRIBE.
             if !noted && sent.windows(9).any(|w| w == b"SUBSCRIBE") {
                 if let Ok(clone) = server.try_clone() {
@@ -110,6 +165,7 @@ fn forward(
         let mut buffer = [0u8; 16 * 1024];
         while let Ok(read @ 1..) = from_server.read(&mut buffer) {
             thread::sleep(delay);
+            stepped.apply(&asked_time, &mut buffer[..read]);
             if to_client.write_all(&buffer[..read]).is_err() {
                 break;
             }

@@ -10,6 +10,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use fred::prelude::{Client, ClientLike, Options, Value};
 use fred::types::{ClusterHash, CustomCommand};
 
@@ -26,6 +28,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(super) struct ServerClock {
     reading: Mutex<Option<(Instant, i64)>>,
+    /// Told when a script found itself past its fence: the reading may be stale.
+    doubted: Notify,
 }
 
 impl ServerClock {
@@ -71,8 +75,14 @@ impl ServerClock {
         *self.reading.lock().unwrap_or_else(|e| e.into_inner()) = Some((received, server_ms));
     }
 
+    /// Asks for a new reading at once (the reader does one at a time, so a burst of doubts
+    /// costs one or two readings).
+    pub(super) fn doubt(&self) {
+        self.doubted.notify_one();
+    }
+
     /// Reads the server's clock every [`READ_EVERY`] (every [`FIRST_READ_EVERY`] until the
-    /// first reading), for the life of the process.
+    /// first reading), and whenever the reading is doubted, for the life of the process.
     pub(super) async fn keep_reading(&self, client: impl Fn() -> Client) {
         loop {
             let read = self
@@ -80,7 +90,11 @@ impl ServerClock {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some();
-            tokio::time::sleep(if read { READ_EVERY } else { FIRST_READ_EVERY }).await;
+            let wait = if read { READ_EVERY } else { FIRST_READ_EVERY };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.doubted.notified() => {}
+            }
             self.read(&client()).await;
         }
     }
