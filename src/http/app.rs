@@ -2,7 +2,8 @@
 //! the tunnel, job or event logic and writes the [`Response`] — or, for WebSockets and
 //! server-sent events, the head after which the connection stays open. One `HttpServerApp` serves
 //! every route: it owns the session, so a long-poll can wait on the shutdown signal and answer 204
-//! when it fires, and it can take the upgraded stream.
+//! when it fires, and it can take the upgraded stream. Where a routed request goes is
+//! `routed`'s.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
-use super::forward::{Body, Hop};
+use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
@@ -38,6 +39,8 @@ use crate::routing::head::trim_ows;
 use crate::routing::{self, Agents, RouteError};
 use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
+
+mod routed;
 
 /// The browser demo page, served at `/demo/`.
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -330,181 +333,6 @@ impl RelayApp {
             return Err(Error::Store(StoreError::Unavailable(why)));
         }
         Ok(self.events.events().subscribe(topic.as_str()))
-    }
-
-    /// Forwards a request to agent `agent`: over its link when it is connected here, else
-    /// through the instance that holds it.
-    async fn forward(
-        &self,
-        session: &mut ServerSession,
-        agent: TunnelId,
-        path: String,
-        timeout: Option<Duration>,
-    ) -> Result<Outcome, Error> {
-        let timeout = timeout.unwrap_or(self.route_timeout);
-        // `Authorization` is the relay's business, unless the agent is public; even then
-        // the relay's own token is never passed on.
-        let authorizations = session.req_header().headers.get_all("Authorization");
-        let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
-        let withhold = self.auth.enabled()
-            && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
-        let deadline = Instant::now() + timeout;
-        let mut tried = Vec::new();
-        if let Some(outcome) = self
-            .past_failing_agents(session, &agent, &mut tried, deadline)
-            .await?
-        {
-            return Ok(outcome);
-        }
-        let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
-        let failure = match local.await {
-            Ok((head, exchange)) => {
-                return Ok(Outcome::Respond(
-                    head,
-                    Some(After::Forward(Body::Agent(Box::new(exchange)))),
-                ))
-            }
-            Err(failure) => failure,
-        };
-        // Not connected here, or every agent here lost the request before taking it: maybe
-        // another instance has the name, unless that one sent it. A body read here cannot be sent
-        // again, so only a request without one (or with an empty one) is.
-        let elsewhere = match &failure {
-            Error::Route(RouteError::NoAgent(_)) => true,
-            Error::Route(RouteError::NotTaken(_)) => forward::sendable_again(session),
-            _ => false,
-        };
-        if !elsewhere {
-            return Err(failure);
-        }
-        // Sent here by another instance: that one tries the next instance listed with the name.
-        if session.get_header(forward::HOP_HEADER).is_some() {
-            return Err(match failure {
-                Error::Route(route) => RouteError::Refused(Box::new(route)).into(),
-                other => other,
-            });
-        }
-        match self
-            .to_another_instance(session, &agent, &mut tried, deadline)
-            .await?
-        {
-            Some(outcome) => Ok(outcome),
-            None => Err(failure),
-        }
-    }
-
-    /// When every agent of the name here is silent (frozen, or cut off before its heartbeat
-    /// expires) or refusing (its upstream down), sends the request to another instance whose
-    /// agent answers, if one has the name. Not a request sent here by another instance (that one
-    /// chose this one); nor, past silent agents, one with a body, which could not come back here
-    /// if that instance refused it after reading it (refusing agents here would only refuse it).
-    async fn past_failing_agents(
-        &self,
-        session: &mut ServerSession,
-        agent: &TunnelId,
-        tried: &mut Vec<String>,
-        deadline: Instant,
-    ) -> Result<Option<Outcome>, Error> {
-        let standing = self.agents.standing(agent.as_str());
-        let failing =
-            standing.all_refusing || (standing.all_silent && forward::sendable_again(session));
-        if !failing || session.get_header(forward::HOP_HEADER).is_some() {
-            return Ok(None);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let answering = self.presence.answering_holders(agent.as_str());
-        // Store trouble leaves the request to the agents here, as before.
-        let answering = tokio::time::timeout(left, answering).await;
-        let addresses = answering.ok().and_then(Result::ok).unwrap_or_default();
-        self.send_on(session, agent, addresses, tried, deadline)
-            .await
-    }
-
-    /// Sends the request to another instance with an agent of the name. Where the name was
-    /// found lately is tried first; when none of those takes the request (the agent moved, an
-    /// instance went), the store is read for any others. A request with a body could not go on
-    /// after such a refusal, so it is sent where the store says now.
-    async fn to_another_instance(
-        &self,
-        session: &mut ServerSession,
-        agent: &TunnelId,
-        tried: &mut Vec<String>,
-        deadline: Instant,
-    ) -> Result<Option<Outcome>, Error> {
-        let remembered = forward::sendable_again(session)
-            .then(|| self.presence.remembered_holders(agent.as_str()))
-            .flatten();
-        if let Some(addresses) = remembered {
-            if let Some(outcome) = self
-                .send_on(session, agent, addresses, tried, deadline)
-                .await?
-            {
-                return Ok(Some(outcome));
-            }
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
-        let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
-        self.send_on(session, agent, addresses, tried, deadline)
-            .await
-    }
-
-    /// Sends the request on to the first of the instances at `addresses` not yet `tried` that
-    /// takes it. An instance killed without a goodbye stays listed until its record expires: a
-    /// request it never received goes on to the next one, and it is tried last for a while.
-    async fn send_on(
-        &self,
-        session: &mut ServerSession,
-        agent: &TunnelId,
-        addresses: Vec<String>,
-        tried: &mut Vec<String>,
-        deadline: Instant,
-    ) -> Result<Option<Outcome>, Error> {
-        let instance = self.presence.instance();
-        for address in addresses {
-            if tried.contains(&address) {
-                continue;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let proxied = forward::proxy(session, &self.proxy, &address, instance, left);
-            match proxied.await? {
-                Hop::Answered(head, response) => {
-                    self.presence.reached(&address);
-                    let body = Body::Instance(response);
-                    return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
-                }
-                Hop::Refused { again } => {
-                    self.presence.reached(&address);
-                    self.presence.refused(&address, agent.as_str());
-                    if !again {
-                        let why = "the relay instance listed with the agent no longer has it";
-                        return Err(RouteError::AgentFailed(why.to_owned()).into());
-                    }
-                }
-                Hop::Failed { why, again } => {
-                    // Once per address while it stays unreachable: every request would log it.
-                    if self.presence.unreachable(&address) {
-                        log::warn!("forwarding to the instance at {address}: {why}");
-                    } else {
-                        log::debug!("forwarding to the instance at {address}: {why}");
-                    }
-                    if !again {
-                        // The client learns that the hop failed, not the store's addresses.
-                        let why = "the relay instance with the agent did not answer";
-                        return Err(RouteError::AgentFailed(why.to_owned()).into());
-                    }
-                }
-                // Frozen, or its node gone: the name's next requests try the others first.
-                Hop::TimedOut => {
-                    if self.presence.unreachable(&address) {
-                        log::warn!("forwarding to the instance at {address}: no answer in time");
-                    }
-                    return Err(RouteError::Timeout.into());
-                }
-            }
-            tried.push(address);
-        }
-        Ok(None)
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.

@@ -5,7 +5,8 @@
 //! - `connection`: tells HTTP/2 (h2c) from HTTP/1 on a new connection without waiting for bytes
 //!   a short request never sends, and serves HTTP/1's keep-alive loop, reading each head whole
 //!   (within the header timeout, up to 64 KiB) before Pingora parses it;
-//! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes;
+//! - `app`: the `HttpServerApp` — reads, authorizes, dispatches, writes; its `routed` part
+//!   chooses where a request for an agent goes (an agent here, or another instance);
 //! - `parked`: long-polls that wait outside Pingora's per-connection state;
 //! - `response`: responses, CORS, and the one mapping from errors to statuses;
 //! - `websocket`: the jobs (`/ws`) and events (`/ws/e/{topic}`) WebSockets, and the agents'
