@@ -36,7 +36,7 @@ use crate::jobs::{JobId, Jobs};
 use crate::metrics;
 use crate::presence::Presence;
 use crate::routing::head::trim_ows;
-use crate::routing::{self, Agents, RouteError};
+use crate::routing::{self, Agents};
 use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
 use crate::tunnel::{Shutdown, TunnelId, Tunnels};
 
@@ -296,25 +296,7 @@ impl RelayApp {
                 path,
                 timeout,
                 ..
-            } => {
-                // Stopping, the relay has let its agents go: a request that comes on a kept-alive
-                // connection is told to retry (elsewhere), not that its agent does not exist;
-                // one sent by another instance is refused, and that one tries the next.
-                if *shutdown.borrow() {
-                    if session.get_header(forward::HOP_HEADER).is_some() {
-                        let gone = RouteError::NoAgent(agent.to_string());
-                        return Err(RouteError::Refused(Box::new(gone)).into());
-                    }
-                    return Err(Error::ShuttingDown);
-                }
-                // And it answers before its runtimes go, rather than drop the connection of a
-                // request whose agent is still at work.
-                let forwarding = self.forward(session, agent, path, timeout);
-                return tokio::select! {
-                    outcome = forwarding => outcome,
-                    () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
-                };
-            }
+            } => return self.route(session, agent, path, timeout, shutdown).await,
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
                 let subscription = self.subscribe(&topic)?;
@@ -504,14 +486,6 @@ fn accept(session: &ServerSession) -> Result<Response, Error> {
         version: header("Sec-WebSocket-Version"),
         key: header("Sec-WebSocket-Key"),
     })
-}
-
-/// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less the time
-/// an answer takes to write.
-async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
-    const ANSWER_TIME: Duration = Duration::from_millis(250);
-    crate::tunnel::stopping(shutdown).await;
-    tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
 }
 
 /// A CORS preflight for an agent's service that the relay answers: adds the one method asked

@@ -10,12 +10,39 @@ use super::{After, Outcome, RelayApp};
 use crate::error::Error;
 use crate::http::forward::{self, Body, Hop};
 use crate::routing::RouteError;
-use crate::tunnel::TunnelId;
+use crate::tunnel::{Shutdown, TunnelId};
 
 impl RelayApp {
+    /// Forwards a request to agent `agent`, unless the relay is stopping; answers before the
+    /// grace period ends, rather than drop the connection of a request whose agent is still at
+    /// work when the runtimes go.
+    pub(super) async fn route(
+        &self,
+        session: &mut ServerSession,
+        agent: TunnelId,
+        path: String,
+        timeout: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Outcome, Error> {
+        // Stopping, the relay has let its agents go: a request that comes on a kept-alive
+        // connection is told to retry (elsewhere), not that its agent does not exist; one sent by
+        // another instance is refused, and that one tries the next.
+        if *shutdown.borrow() {
+            if session.get_header(forward::HOP_HEADER).is_some() {
+                let gone = RouteError::NoAgent(agent.to_string());
+                return Err(RouteError::Refused(Box::new(gone)).into());
+            }
+            return Err(Error::ShuttingDown);
+        }
+        tokio::select! {
+            outcome = self.forward(session, agent, path, timeout) => outcome,
+            () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
+        }
+    }
+
     /// Forwards a request to agent `agent`: over its link when it is connected here, else
     /// through the instance that holds it.
-    pub(super) async fn forward(
+    async fn forward(
         &self,
         session: &mut ServerSession,
         agent: TunnelId,
@@ -187,4 +214,12 @@ impl RelayApp {
         }
         Ok(None)
     }
+}
+
+/// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less the time
+/// an answer takes to write.
+async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
+    const ANSWER_TIME: Duration = Duration::from_millis(250);
+    crate::tunnel::stopping(shutdown).await;
+    tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
 }
