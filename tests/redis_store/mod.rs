@@ -99,6 +99,42 @@ async fn refused_writes_are_503_and_keep_the_message() {
     assert_eq!(api.len(&t).await, 0, "nothing produced while refused");
 }
 
+/// A server whose ACL refuses the announcements (no `PUBLISH`) refuses produces and replies
+/// whole: the client is told 500 and nothing was stored, so a retry cannot store it twice. The
+/// reply's message stays pending, to be answered by an instance the server lets announce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_announcement_stores_nothing() {
+    let redis = RedisServer::start();
+    let user = [
+        "ACL", "SETUSER", "mute", "on", ">pw", "~*", "&*", "+@all", "-publish",
+    ];
+    redis.command(&user);
+    let mute_url = redis.url().replace("redis://", "redis://mute:pw@");
+    let mute = Relay::start(Store::Redis(&redis), &[("REDIS_URL", mute_url.as_str())]);
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let (api, muted) = (relay.client(), mute.client());
+    let t = tunnel_id("mute");
+    muted
+        .post(&format!("/t/{t}"), "refused")
+        .await
+        .expect_one_line_error(500);
+    let job = muted
+        .post(&format!("/trigger?queue={t}"), r#"{"n":1}"#)
+        .await;
+    job.expect_one_line_error(500);
+    assert_eq!(api.len(&t).await, 0, "nothing stored");
+    let id = api.produce(&t, "question").await;
+    api.consume(&t, "?pending").await.expect(200);
+    let reply = format!("/t/{t}/{id}/reply");
+    muted
+        .post(&reply, "answer")
+        .await
+        .expect_one_line_error(500);
+    assert_eq!(api.status(&t, &id).await, 202, "still pending");
+    assert_eq!(api.post(&reply, "answer").await.status, 201);
+    assert_eq!(api.get(&reply).await.expect(200).text(), "answer");
+}
+
 /// A server that evicts keys under memory pressure is named at start-up (its evictions would take
 /// queued messages); one that refuses writes instead is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

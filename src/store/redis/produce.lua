@@ -16,12 +16,18 @@ local function produce(stream, mode, bound, body, channel, payload, content_type
     fields[4] = content_type
   end
 
-  local id, size
+  local id, size, len
   if mode == 'limit' then
-    local len = redis.call('XLEN', stream)
+    len = redis.call('XLEN', stream)
     if len >= tonumber(bound) then
       return { 'full', len }
     end
+  end
+  -- A script's writes are not undone when it fails, so the announcement, which a server may
+  -- refuse (an ACL without PUBLISH), comes before them: a refused produce stores nothing. No
+  -- subscriber hears it before the script has ended.
+  redis.call('PUBLISH', channel, payload)
+  if len then
     id = redis.call('XADD', stream, '*', unpack(fields))
     size = len + 1
   else
@@ -32,7 +38,6 @@ local function produce(stream, mode, bound, body, channel, payload, content_type
     redis.call('SET', job .. id, body, 'PX', job_ttl)
   end
 
-  redis.call('PUBLISH', channel, payload)
   if size then
     return { 'stored', id, size }
   end

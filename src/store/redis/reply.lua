@@ -18,8 +18,11 @@ if #pending == 0 then
   return 0
 end
 
--- A script's writes are not undone when it fails, so the ones that can be refused (a key of
--- another type, out of memory) come first: then the message stays pending, to be answered again.
+-- A script's writes are not undone when it fails, so the steps that can be refused (the
+-- announcement by an ACL without PUBLISH, a key of another type, out of memory) come first: then
+-- the message stays pending, to be answered again. No subscriber hears the announcement before
+-- the script has ended.
+redis.call('PUBLISH', ARGV[6], ARGV[7])
 if ARGV[8] then
   redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[5])
 end
@@ -28,5 +31,4 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('XACK', stream, group, id)
 redis.call('XDEL', stream, id)
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
