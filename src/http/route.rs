@@ -1,6 +1,7 @@
 //! Routing: a request's method, path and query parsed into one [`Route`], or the error that
 //! tells the client why not. Nothing here touches the store or the connection.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::Method;
@@ -163,6 +164,7 @@ impl Route {
         if let Some(route) = Route::parse_forward(path, query, routing)? {
             return Ok(route);
         }
+        let path = &merge_slashes(path);
         let Some(rest) = path.strip_prefix("/t/") else {
             return Route::parse_other(method, path, Query::parse(query), jobs_queue);
         };
@@ -418,6 +420,22 @@ fn whole_seconds(raw: &str) -> Option<u64> {
 }
 
 /// `/ws` or `/ws/{tag}`, where the tag is a free label such as highway's `/ws/0`.
+/// The relay's own paths with each run of slashes read as one, as the original's nginx read them
+/// (`merge_slashes`): a client whose base URL ends in `/` asks for `//t/abc`. A path forwarded
+/// to an agent is not touched.
+fn merge_slashes(path: &str) -> Cow<'_, str> {
+    if !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let mut merged = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && merged.ends_with('/')) {
+            merged.push(c);
+        }
+    }
+    Cow::Owned(merged)
+}
+
 fn is_socket_path(path: &str) -> bool {
     match path.strip_prefix("/ws") {
         Some("") => true,
@@ -641,10 +659,11 @@ mod tests {
             "/t/x/1-0/",
             "/t/x/1-0/reply/",
             "/t/x/1-0/reply/poll/",
+            "/t/x//",
         ] {
             assert!(get(ok).is_ok(), "{ok}");
         }
-        for bad in ["/t/x/poll/", "/t/x/len/", "/t/x//", "/t//", "/t/"] {
+        for bad in ["/t/x/poll/", "/t/x/len/", "/t//", "/t/"] {
             assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
         }
     }
@@ -662,6 +681,25 @@ mod tests {
             assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
         }
         assert!(matches!(get("/elsewhere"), Err(Error::NotFound)));
+    }
+
+    /// A run of slashes in the relay's own paths counts as one, as nginx read them; an agent's
+    /// path is forwarded as written.
+    #[test]
+    fn merged_slashes() {
+        let consume = Route::Consume {
+            tunnel: tunnel("abc"),
+            delivery: Delivery::Remove,
+        };
+        for path in ["//t/abc", "/t//abc", "///t///abc"] {
+            assert_eq!(get(path).unwrap(), consume, "{path}");
+        }
+        assert!(matches!(get("/t/abc//poll"), Ok(Route::Poll { .. })));
+        assert_eq!(get("//health").unwrap(), Route::Health);
+        let Ok(Route::Forward { path, .. }) = get("/r/svc//a//b") else {
+            panic!("a routed request");
+        };
+        assert_eq!(path, "//a//b");
     }
 
     /// A wrong method names the allowed ones; OPTIONS is always a preflight.

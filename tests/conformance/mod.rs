@@ -65,6 +65,7 @@ per_store! {
         tunnel_id_length_limit,
         malformed_urls_are_400,
         trailing_slash_is_accepted,
+        repeated_slashes_count_as_one,
         fixed_words_are_routes_or_tunnels,
         tunnel_ids_are_case_sensitive,
         wrong_method_is_405,

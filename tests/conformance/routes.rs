@@ -88,6 +88,17 @@ pub(super) async fn trailing_slash_is_accepted(api: &Client) {
     assert_eq!(read.text(), "polled");
 }
 
+/// A run of slashes counts as one, as the original's nginx read paths: a client whose base URL
+/// ends in `/` reaches the same tunnel.
+pub(super) async fn repeated_slashes_count_as_one(api: &Client) {
+    let t = tunnel_id("slashes");
+    api.post(&format!("//t/{t}"), "merged").await.expect(201);
+    let read = api.get(&format!("/t//{t}//?pending")).await.expect(200);
+    assert_eq!(read.text(), "merged");
+    let id = read.message_id();
+    assert_eq!(api.get(&format!("//t/{t}//{id}")).await.status, 202);
+}
+
 /// `poll`, `len` and `all` are routes in the second segment and plain tunnel ids in the first.
 pub(super) async fn fixed_words_are_routes_or_tunnels(api: &Client) {
     let t = tunnel_id("words");
