@@ -159,6 +159,10 @@ pub struct Config {
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
     pub store: StoreConfig,
+    /// A redis setting given where the memory store was chosen because nothing named a store
+    /// (`REDIS_PORT` without `REDIS_HOST`, say): the Lua relay would have used redis on
+    /// 127.0.0.1, so start-up warns.
+    pub unused_redis_setting: Option<&'static str>,
     /// Who may use tunnels.
     pub auth: AuthConfig,
     /// How tunnels behave.
@@ -250,6 +254,7 @@ impl Config {
                 )
                 .map(Duration::from_secs)?,
             pingora_conf: env.get("BURROW_CONF"),
+            unused_redis_setting: unused_redis_setting(&env),
             store: store_config(&env)?,
             auth,
             tunnel,
@@ -277,6 +282,25 @@ fn overlap(a: &str, b: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// The first redis setting given while no store is named (see [`Config::unused_redis_setting`]).
+/// Kubernetes sets `REDIS_PORT=tcp://…` for a service named `redis`: that is no one's setting.
+fn unused_redis_setting(env: &Env) -> Option<&'static str> {
+    let named = ["BURROW_STORE", "REDIS_HOST", "REDIS_URL"];
+    if named.iter().any(|var| env.get(var).is_some()) {
+        return None;
+    }
+    let settings = [
+        "REDIS_PORT",
+        "REDIS_PASSWORD",
+        "REDIS_POOL_SIZE",
+        "REDIS_POOL_KEEPALIVE",
+    ];
+    settings.into_iter().find(|var| {
+        env.get(var)
+            .is_some_and(|value| !value.starts_with("tcp://"))
+    })
 }
 
 fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
@@ -551,13 +575,13 @@ impl Env<'_> {
             None => Ok(default),
             Some("true" | "yes" | "on") => Ok(true),
             Some("false" | "no" | "off") => Ok(false),
-            // As the original read its flags: any whole number, on from 1.
-            Some(number) => match number.parse::<i64>() {
-                Ok(n) => Ok(n >= 1),
-                Err(_) => Err(ConfigError::Invalid {
+            // As the original read its flags (`tonumber(x) >= 1`): any number, on from 1.
+            Some(number) => match number.parse::<f64>() {
+                Ok(n) if n.is_finite() => Ok(n >= 1.0),
+                _ => Err(ConfigError::Invalid {
                     var,
                     value: self.get(var).unwrap_or_default(),
-                    expected: "1 or 0 (or true/false, yes/no, on/off)",
+                    expected: "1 or 0 (any number: on from 1), or true/false, yes/no, on/off",
                 }),
             },
         }
@@ -698,7 +722,7 @@ mod tests {
             ("BURROW_HEADER_TIMEOUT", "3601"),
             ("TUNNEL_ACCESS_TOKEN", ""),
             ("TUNNEL_SIGNATURE_SECRET", ""),
-            ("TUNNEL_BACKPRESSURE", "1.5"),
+            ("TUNNEL_BACKPRESSURE", "inf"),
             ("REDIS_URL", "redis://"),
             ("REDIS_URL", "redis://127.0.0.1:99999"),
             ("REDIS_URL", "redis://127.0.0.1:6379/notanumber"),
@@ -762,6 +786,25 @@ mod tests {
     }
 
     /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.
+    /// A redis setting with no store named is noted (the Lua relay used redis there); not once a
+    /// store is named, nor Kubernetes' `REDIS_PORT=tcp://…`.
+    #[test]
+    fn unused_redis_setting_is_noted() {
+        let c = config(&[("REDIS_PORT", "6380")]).unwrap();
+        assert_eq!(c.unused_redis_setting, Some("REDIS_PORT"));
+        assert!(matches!(c.store, StoreConfig::Memory));
+        let c = config(&[("REDIS_PASSWORD", "pw")]).unwrap();
+        assert_eq!(c.unused_redis_setting, Some("REDIS_PASSWORD"));
+        for vars in [
+            &[("REDIS_PORT", "tcp://10.0.0.7:6379")][..],
+            &[("REDIS_PORT", "6380"), ("BURROW_STORE", "memory")],
+            &[("REDIS_PORT", "6380"), ("REDIS_HOST", "keydb")],
+            &[],
+        ] {
+            assert_eq!(config(vars).unwrap().unused_redis_setting, None, "{vars:?}");
+        }
+    }
+
     #[test]
     fn demo_id_is_public() {
         let c = config(&[("TUNNEL_DEMO_ID", "demo"), ("TUNNEL_ACCESS_TOKEN", "t")]).unwrap();
@@ -770,8 +813,8 @@ mod tests {
         assert!(!c.auth.enabled());
     }
 
-    /// Flags are read as the original read them: any whole number, on from 1; or a word, in any
-    /// case.
+    /// Flags are read as the original read them (`tonumber(x) >= 1`): any number, on from 1; or
+    /// a word, in any case.
     #[test]
     fn numeric_flags() {
         for (value, on) in [
@@ -779,6 +822,9 @@ mod tests {
             ("1", true),
             ("0", false),
             ("-1", false),
+            ("1.0", true),
+            ("0.5", false),
+            ("99999999999999999999", true),
             ("on", true),
             ("TRUE", true),
             ("No", false),

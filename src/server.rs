@@ -113,6 +113,13 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
         config.store.name(),
         config.auth.summary()
     );
+    if let Some(var) = config.unused_redis_setting {
+        log::warn!(
+            "{var} is set, but no store is named: using the memory store, whose content is lost \
+             when the relay stops (the Lua relay used redis on 127.0.0.1); set REDIS_HOST, \
+             REDIS_URL or BURROW_STORE"
+        );
+    }
     let loopback = config
         .advertise
         .parse::<std::net::SocketAddr>()

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::process::free_port;
-use crate::support::wait_until;
+use crate::support::{wait_until, Relay, Store};
 
 /// An unusable setting makes `burrow serve` exit with code 2 and stderr naming the variable: values
 /// that do not parse, and a `BURROW_CONF` file that is missing or not Pingora's YAML.
@@ -89,6 +89,16 @@ fn log_filter_that_is_not_utf8_is_reported() {
         stderr.contains("RUST_LOG is not UTF-8 text: ignored"),
         "{stderr:?}"
     );
+}
+
+/// A redis setting given where no store is named starts the memory store with a warning naming
+/// it: the Lua relay would have used redis on 127.0.0.1 there.
+#[test]
+fn unused_redis_setting_is_named() {
+    let relay = Relay::start(Store::Memory, &[("REDIS_PORT", "6380")]);
+    let said = "REDIS_PORT is set, but no store is named: using the memory store";
+    let warned = wait_until(Duration::from_secs(5), || relay.output().contains(said));
+    assert!(warned, "{}", relay.output());
 }
 
 /// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
