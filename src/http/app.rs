@@ -38,7 +38,7 @@ use crate::presence::Presence;
 use crate::routing::head::trim_ows;
 use crate::routing::{self, Agents};
 use crate::store::{Message, MessageStatus, Payload, Store, StoreError};
-use crate::tunnel::{Shutdown, TunnelId, Tunnels};
+use crate::tunnel::{Limit, Shutdown, TunnelId, Tunnels};
 
 mod routed;
 
@@ -80,8 +80,8 @@ enum After {
 
 /// What an upgraded connection serves.
 enum Upgraded {
-    /// Jobs sent as frames on this queue.
-    Jobs(TunnelId),
+    /// Jobs sent as frames on this queue, with this limit.
+    Jobs(TunnelId, Limit),
     /// A topic's events pushed as frames.
     Events(Subscription),
     /// An agent dialling in under this name.
@@ -242,8 +242,8 @@ impl RelayApp {
                 tunnels.clear(&tunnel).await?;
                 Response::empty(204).header("X-Queue-Size", 0)
             }
-            Route::Trigger { queue } => {
-                let job = self.jobs.trigger(&queue, body).await?;
+            Route::Trigger { queue, limit } => {
+                let job = self.jobs.trigger(&queue, body, limit).await?;
                 Response::json(202, &job.to_json()).header("Location", format!("/done/{}", job.id))
             }
             Route::Done { job, wait: None } => self.done(&job, None, shutdown).await?,
@@ -254,8 +254,8 @@ impl RelayApp {
                 let timeout = self.poll_timeout(Some(asked));
                 return Ok(Outcome::Wait(Wait::Job { job, timeout }));
             }
-            Route::JobSocket { queue } => {
-                let then = Some(After::Upgraded(Upgraded::Jobs(queue)));
+            Route::JobSocket { queue, limit } => {
+                let then = Some(After::Upgraded(Upgraded::Jobs(queue, limit)));
                 return Ok(Outcome::Respond(accept(session)?, then));
             }
             Route::Publish { topic } => {
@@ -360,9 +360,9 @@ impl RelayApp {
             _ => h1.into_inner(),
         };
         match upgraded {
-            Upgraded::Jobs(queue) => {
+            Upgraded::Jobs(queue, limit) => {
                 let (jobs, max_message) = (self.jobs.clone(), config.max_message_size);
-                websocket::serve_jobs(stream, jobs, queue, max_message, shutdown).await;
+                websocket::serve_jobs(stream, jobs, (queue, limit), max_message, shutdown).await;
             }
             Upgraded::Events(subscription) => {
                 let max_event = config.max_message_size;

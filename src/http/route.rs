@@ -55,12 +55,13 @@ pub enum Route {
     Len { tunnel: TunnelId },
     /// `DELETE /t/{tunnel}/all`.
     Clear { tunnel: TunnelId },
-    /// `POST /trigger[?queue=Q]`: queue a job.
-    Trigger { queue: TunnelId },
+    /// `POST /trigger[?queue=Q][&limit=N]`: queue a job (`limit` as for a produce).
+    Trigger { queue: TunnelId, limit: Limit },
     /// `GET /done/{id}[?wait=S]`: a job's state, waiting up to `wait` seconds for it to finish.
     Done { job: JobId, wait: Option<u64> },
-    /// `GET /ws[/{tag}][?queue=Q]`: a WebSocket that triggers jobs and pushes their results.
-    JobSocket { queue: TunnelId },
+    /// `GET /ws[/{tag}][?queue=Q][&limit=N]`: a WebSocket that triggers jobs (`limit` as for a
+    /// produce) and pushes their results.
+    JobSocket { queue: TunnelId, limit: Limit },
     /// `POST /e/{topic}`: publish an event.
     Publish { topic: TunnelId },
     /// `GET /e/{topic}`: subscribe as server-sent events.
@@ -303,12 +304,20 @@ impl Route {
                 })?;
                 Ok(Route::AgentConnect { name })
             }),
-            "/trigger" if method == Method::POST => Ok(Route::Trigger { queue: queue()? }),
+            "/trigger" if method == Method::POST => Ok(Route::Trigger {
+                queue: queue()?,
+                limit: query.limit()?,
+            }),
             "/trigger" if method == Method::OPTIONS => Ok(Route::Preflight),
             "/trigger" => Err(Error::MethodNotAllowed {
                 allow: "POST, OPTIONS",
             }),
-            _ if is_socket_path(path) => only_get(method, Route::JobSocket { queue: queue()? }),
+            _ if is_socket_path(path) => only_get_with(method, || {
+                Ok(Route::JobSocket {
+                    queue: queue()?,
+                    limit: query.limit()?,
+                })
+            }),
             // A browser's preflight for a request addressed by `x-backstream-client-id` cannot
             // carry that header, so it lands here on whatever path the service has; so does
             // HAProxy's `OPTIONS /` health check.
@@ -350,7 +359,7 @@ impl Route {
             | Route::Status { tunnel, .. }
             | Route::Len { tunnel }
             | Route::Clear { tunnel } => Some(tunnel),
-            Route::Trigger { queue } | Route::JobSocket { queue } => Some(queue),
+            Route::Trigger { queue, .. } | Route::JobSocket { queue, .. } => Some(queue),
             Route::Done { job, .. } => Some(job.queue()),
             Route::Publish { topic }
             | Route::Subscribe { topic }
@@ -761,20 +770,30 @@ mod tests {
         assert_eq!(
             trigger,
             Route::Trigger {
-                queue: tunnel("jobs")
+                queue: tunnel("jobs"),
+                limit: Limit::Default,
             }
         );
-        let trigger = parse(Method::POST, "/trigger?queue=q1").unwrap();
+        let trigger = parse(Method::POST, "/trigger?queue=q1&limit=10").unwrap();
         assert_eq!(
             trigger,
             Route::Trigger {
-                queue: tunnel("q1")
+                queue: tunnel("q1"),
+                limit: Limit::At(10),
             }
         );
-        assert!(matches!(
-            parse(Method::POST, "/trigger?queue=a.b"),
-            Err(Error::BadParameter(_))
-        ));
+        for bad in ["/trigger?queue=a.b", "/trigger?limit=abc"] {
+            let refused = parse(Method::POST, bad);
+            assert!(matches!(refused, Err(Error::BadParameter(_))), "{bad}");
+        }
+        let socket = get("/ws/0?limit=0").unwrap();
+        assert_eq!(
+            socket,
+            Route::JobSocket {
+                queue: tunnel("jobs"),
+                limit: Limit::Off,
+            }
+        );
         assert!(matches!(
             get("/trigger"),
             Err(Error::MethodNotAllowed {

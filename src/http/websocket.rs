@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::routing::frame::MAX_MESSAGE;
-use crate::tunnel::{stopping, Shutdown, TunnelId};
+use crate::tunnel::{stopping, Limit, Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
@@ -123,7 +123,7 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
 pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
-    queue: TunnelId,
+    (queue, limit): (TunnelId, Limit),
     max_message: usize,
     mut shutdown: Shutdown,
 ) {
@@ -142,7 +142,7 @@ pub async fn serve_jobs(
             frame = incoming.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let body = Bytes::copy_from_slice(text.as_bytes());
-                    match jobs.trigger(&queue, body).await {
+                    match jobs.trigger(&queue, body, limit).await {
                         Ok(job) => {
                             waiters.wait(job.id.clone(), Duration::ZERO);
                             json!({"id": job.id.to_string(), "status": "started"})

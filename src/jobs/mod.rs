@@ -20,7 +20,7 @@ pub use id::JobId;
 use crate::error::Error;
 use crate::routing::head::trim_ows;
 use crate::store::{MessageStatus, Payload, Store};
-use crate::tunnel::{Shutdown, TunnelId, Tunnels};
+use crate::tunnel::{Limit, Shutdown, TunnelId, Tunnels};
 
 /// The Content-Type a worker replies with to report a failure.
 pub const FAILURE_TYPE: &str = "application/problem+json";
@@ -106,8 +106,9 @@ impl Jobs {
         Jobs { tunnels, store }
     }
 
-    /// Queues a job whose fields are `body`, a JSON object.
-    pub async fn trigger(&self, queue: &TunnelId, body: Bytes) -> Result<Job, Error> {
+    /// Queues a job whose fields are `body`, a JSON object, with backpressure at `limit` as for a
+    /// produce.
+    pub async fn trigger(&self, queue: &TunnelId, body: Bytes, limit: Limit) -> Result<Job, Error> {
         let fields = match serde_json::from_slice::<Value>(&body) {
             Ok(Value::Object(fields)) => fields,
             Ok(_) => return Err(Error::InvalidBody("a job must be a JSON object".into())),
@@ -121,7 +122,7 @@ impl Jobs {
             body,
             content_type: Some("application/json".into()),
         };
-        let msg = self.tunnels.produce_job(queue, payload).await?;
+        let msg = self.tunnels.produce_job(queue, payload, limit).await?;
         Ok(Job {
             id: JobId::new(queue.clone(), msg),
             fields,
@@ -356,7 +357,7 @@ mod tests {
         let jobs = Jobs::new(Tunnels::new(store.clone(), config.tunnel), store);
         let queue = TunnelId::parse("jobs").expect("a valid id");
         let job = jobs
-            .trigger(&queue, Bytes::from("{}"))
+            .trigger(&queue, Bytes::from("{}"), Limit::Default)
             .await
             .expect("queued");
         jobs.tunnels.clear(&queue).await.expect("cleared");

@@ -76,11 +76,10 @@ impl Tunnels {
         &self,
         queue: &TunnelId,
         payload: Payload,
+        limit: Limit,
     ) -> Result<MessageId, Error> {
         let ttl = Some(self.config.job_ttl);
-        let (msg, _) = self
-            .produce_kept(queue, payload, Limit::Default, ttl)
-            .await?;
+        let (msg, _) = self.produce_kept(queue, payload, limit, ttl).await?;
         Ok(msg)
     }
 

@@ -555,6 +555,32 @@ async fn limits(backend: Backend) {
     }
 }
 
+/// `limit` works on `/trigger` and `/ws` as on a produce: backpressure at that many jobs, none
+/// with 0, 400 when it does not parse.
+async fn limit_parameter(backend: Backend) {
+    let relay = backend.start(&[]);
+    let api = relay.client();
+    let queue = tunnel_id("limited");
+    let limited = format!("/trigger?queue={queue}&limit=2");
+    for _ in 0..2 {
+        api.post(&limited, "{}").await.expect(202);
+    }
+    let full = api.post(&limited, "{}").await.expect(507);
+    assert_eq!(full.queue_size(), Some(2));
+    let unlimited = format!("/trigger?queue={queue}&limit=0");
+    api.post(&unlimited, "{}").await.expect(202);
+    let bad = format!("/trigger?queue={queue}&limit=abc");
+    api.post(&bad, "{}").await.expect_one_line_error(400);
+    assert_eq!(api.len(&queue).await, 3);
+    let mut ws = socket(&api, &format!("/ws?queue={queue}&limit=3"), None).await;
+    ws.send(Message::text("{}"))
+        .await
+        .expect("the frame goes out");
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused["status"], "Error", "{refused}");
+    assert_eq!(api.len(&queue).await, 3);
+}
+
 /// Jobs waited on over a WebSocket do not depend on the long-poll limit: with
 /// `TUNNEL_MAX_POLL_TIMEOUT=0` a waiting job once spun its thread, and the relay stopped answering.
 async fn socket_jobs_without_long_polls(backend: Backend) {
@@ -669,6 +695,7 @@ per_store! {
     ],
     dedicated: [
         limits,
+        limit_parameter,
         stuck_socket_leaves_its_result_for_done,
         auth,
         socket_jobs_without_long_polls,
