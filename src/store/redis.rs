@@ -399,8 +399,9 @@ impl Script {
         let result = async {
             let result = self.send(call, &keys, fence, &args).await;
             if let Err(e) = &result {
-                // Late without a freeze means the server's clock stepped forward since it was
-                // read: read it again now rather than refuse every write until the next reading.
+                // Past its fence: the server stalled, or its clock stepped forward since it was
+                // read. In the second case every write would be refused until the next reading,
+                // so the clock is read again now.
                 if e.details().starts_with("LATE") {
                     call.clock.doubt();
                 }

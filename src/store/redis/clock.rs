@@ -10,10 +10,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use fred::prelude::{Client, ClientLike, Options, Value};
 use fred::types::{ClusterHash, CustomCommand};
+use tokio::sync::Notify;
 
 /// How often the server's clock is read again (a step of its clock is followed this late).
 const READ_EVERY: Duration = Duration::from_secs(5);
