@@ -785,7 +785,6 @@ mod tests {
         assert_eq!(c.auth.summary(), "authorization on: 1 public id");
     }
 
-    /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.
     /// A redis setting with no store named is noted (the Lua relay used redis there); not once a
     /// store is named, nor Kubernetes' `REDIS_PORT=tcp://…`.
     #[test]
@@ -805,6 +804,7 @@ mod tests {
         }
     }
 
+    /// `TUNNEL_DEMO_ID` opens one tunnel when authorization is on, and does not turn it on.
     #[test]
     fn demo_id_is_public() {
         let c = config(&[("TUNNEL_DEMO_ID", "demo"), ("TUNNEL_ACCESS_TOKEN", "t")]).unwrap();

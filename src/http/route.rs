@@ -428,7 +428,6 @@ fn whole_seconds(raw: &str) -> Option<u64> {
     Some(digits.parse().unwrap_or(u64::MAX))
 }
 
-/// `/ws` or `/ws/{tag}`, where the tag is a free label such as highway's `/ws/0`.
 /// The relay's own paths with each run of slashes read as one, as the original's nginx read them
 /// (`merge_slashes`): a client whose base URL ends in `/` asks for `//t/abc`. A path forwarded
 /// to an agent is not touched.
@@ -445,6 +444,7 @@ fn merge_slashes(path: &str) -> Cow<'_, str> {
     Cow::Owned(merged)
 }
 
+/// `/ws` or `/ws/{tag}`, where the tag is a free label such as highway's `/ws/0`.
 fn is_socket_path(path: &str) -> bool {
     match path.strip_prefix("/ws") {
         Some("") => true,
