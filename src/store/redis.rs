@@ -291,6 +291,11 @@ async fn listen(
     // cannot be reached, each new reason once (a wrong password is not an unreachable server).
     let mut connected = false;
     let mut reasons = std::collections::HashSet::new();
+    // Named in every failure line: a wrong address is the usual cause.
+    let configured = match subscriber.client_config().server {
+        fred::types::config::ServerConfig::Centralized { server } => server.to_string(),
+        other => format!("{other:?}"),
+    };
     loop {
         tokio::select! {
             message = events.messages.recv() => match message {
@@ -323,13 +328,14 @@ async fn listen(
                 Err(RecvError::Closed) => return,
             },
             error = events.errors.recv() => match error {
-                Ok((error, _)) => {
+                Ok((error, server)) => {
                     subscribed.send_replace(false);
                     let text = error.to_string();
+                    let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
                     if std::mem::take(&mut connected) {
-                        log::warn!("redis: connection lost, reconnecting: {text}");
+                        log::warn!("redis: connection to {at} lost, reconnecting: {text}");
                     } else if !reasons.contains(&text) && reasons.len() < MAX_REASONS {
-                        log::warn!("redis: cannot connect: {text}");
+                        log::warn!("redis: cannot connect to {at}: {text}");
                         reasons.insert(text);
                     }
                 }
