@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use crate::metrics::{Open, Opened};
+
 /// Events buffered per subscriber before it starts skipping.
 const BUFFER: usize = 256;
 
@@ -33,6 +35,7 @@ impl Events {
             events: self.clone(),
             topic: topic.to_owned(),
             receiver,
+            _open: Opened::start(Open::Subscriber),
         }
     }
 
@@ -60,6 +63,7 @@ pub struct Subscription {
     events: Events,
     topic: String,
     receiver: broadcast::Receiver<Bytes>,
+    _open: Opened,
 }
 
 impl Subscription {

@@ -8,8 +8,8 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use pingora_prometheus::prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, HistogramVec,
-    IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 // Registration fails only for a duplicate or malformed name, which these constants are not.
@@ -35,6 +35,23 @@ static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 static WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("burrow_waiting_polls", "Long-polls waiting right now")
         .expect("metric definition is valid")
+});
+
+static OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "burrow_open",
+        "Long-lived connections open right now: agents, event subscribers, job sockets",
+        &["kind"]
+    )
+    .expect("metric definition is valid")
+});
+
+static STORE_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "burrow_store_connected",
+        "1 while the relay's connection to its store is up (always, for the memory store)"
+    )
+    .expect("metric definition is valid")
 });
 
 static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -138,10 +155,60 @@ impl MessageEvent {
     }
 }
 
+/// A long-lived connection, for `burrow_open`.
+#[derive(Debug, Clone, Copy)]
+pub enum Open {
+    /// An agent's link (`/agent/connect`).
+    Agent,
+    /// An events subscriber, over server-sent events or a WebSocket.
+    Subscriber,
+    /// A jobs WebSocket (`/ws`).
+    JobSocket,
+}
+
+impl Open {
+    const ALL: [Open; 3] = [Open::Agent, Open::Subscriber, Open::JobSocket];
+
+    fn label(self) -> &'static str {
+        match self {
+            Open::Agent => "agent",
+            Open::Subscriber => "subscriber",
+            Open::JobSocket => "job_socket",
+        }
+    }
+}
+
+/// Counts one open connection of a kind for as long as it lives.
+#[derive(Debug)]
+pub struct Opened(Open);
+
+impl Opened {
+    /// Starts counting one `kind` of connection.
+    pub fn start(kind: Open) -> Opened {
+        OPEN.with_label_values(&[kind.label()]).inc();
+        Opened(kind)
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        OPEN.with_label_values(&[self.0.label()]).dec();
+    }
+}
+
+/// Records whether the store's connection is up.
+pub fn store_connected(up: bool) {
+    STORE_CONNECTED.set(i64::from(up));
+}
+
 /// Creates every series whose labels are known in advance at zero, so that dashboards and
 /// alerts (`rate()`, `absent()`) see them from the start, not from their first event.
 pub fn init() {
     LazyLock::force(&WAITING);
+    LazyLock::force(&STORE_CONNECTED);
+    for kind in Open::ALL {
+        OPEN.with_label_values(&[kind.label()]);
+    }
     for event in MessageEvent::ALL {
         MESSAGES.with_label_values(&[event.label()]);
     }

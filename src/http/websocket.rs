@@ -27,6 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, JobState, Jobs};
+use crate::metrics::{Open, Opened};
 use crate::routing::frame::MAX_MESSAGE;
 use crate::tunnel::{stopping, Limit, Shutdown, TunnelId};
 
@@ -127,6 +128,7 @@ pub async fn serve_jobs(
     max_message: usize,
     mut shutdown: Shutdown,
 ) {
+    let _open = Opened::start(Open::JobSocket);
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
     let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
     let mut keepalive = keepalive();

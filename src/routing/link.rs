@@ -19,6 +19,7 @@ use super::agents::{unix_ms, Agents};
 use super::frame::{Frame, Kind};
 use super::stream::{BodyReader, BodyWriter, Reason, Side, Streams};
 use super::writer::write_frames;
+use crate::metrics::{Open, Opened};
 
 /// How often the relay pings an agent.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
@@ -172,6 +173,7 @@ pub async fn serve<S>(
     let (stop, stopped) = oneshot::channel();
     let writer = tokio::spawn(write_frames(sink, queues, Some(PING_EVERY), stopped));
     registry.insert(link.clone());
+    let _open = Opened::start(Open::Agent);
     log::info!("agent connected: name={} link={}", link.name, link.id);
 
     let mut last_heard = Instant::now();

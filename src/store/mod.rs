@@ -235,7 +235,10 @@ impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let audience = Audience::default();
         let backend: Arc<dyn Backend> = match config {
-            StoreConfig::Memory => Arc::new(memory::MemoryStore::new(audience.clone())),
+            StoreConfig::Memory => {
+                crate::metrics::store_connected(true);
+                Arc::new(memory::MemoryStore::new(audience.clone()))
+            }
             StoreConfig::Redis(redis) => {
                 Arc::new(redis::RedisStore::connect(redis, audience.clone()).await?)
             }

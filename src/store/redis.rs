@@ -39,6 +39,7 @@ use super::{
     Audience, Backend, Bound, Delivery, Message, MessageStatus, Payload, Produced, StoreError,
 };
 use crate::config::RedisConfig;
+use crate::metrics;
 use batch::{Batched, Operation};
 use clients::Clients;
 use clock::ServerClock;
@@ -319,6 +320,7 @@ async fn listen(
                 Ok(server) => {
                     log::info!("redis: connected to {server}");
                     connected = true;
+                    metrics::store_connected(true);
                     reasons.clear();
                     subscribed.send_replace(subscribe(&subscriber).await);
                 }
@@ -330,6 +332,7 @@ async fn listen(
             error = events.errors.recv() => match error {
                 Ok((error, server)) => {
                     subscribed.send_replace(false);
+                    metrics::store_connected(false);
                     let text = error.to_string();
                     let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
                     if std::mem::take(&mut connected) {

@@ -18,7 +18,7 @@ use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
 use crate::support::{
     eventually, metric, shared_redis, spawn_get, tunnel_id, wait_for_waiting_polls, wait_until,
-    Client,
+    Client, RedisServer,
 };
 
 /// Pingora settings for these tests: the grace period of conf/burrow.yaml and an upgrade socket
@@ -682,6 +682,79 @@ async fn slow_heads_are_counted_with_their_time() {
     // From the relay's first read of the head, which may come a little after the client's write.
     let more = metric(&metrics, sample).await - seconds;
     assert!(more >= 0.4, "{sample} grew by {more}");
+}
+
+/// The metrics page counts the agents, event subscribers and job sockets open right now, and
+/// says whether the store is connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_open_connections() {
+    let site = Site::new();
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let relay = site.start(
+        free_port(),
+        &[],
+        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
+    );
+    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let open = |kind: &'static str| {
+        let metrics = metrics.clone();
+        async move { metric(&metrics, &format!("burrow_open{{kind=\"{kind}\"}}")).await }
+    };
+    let kinds = ["agent", "subscriber", "job_socket"];
+    let page = metrics.get("/metrics").await.expect(200).text();
+    for kind in kinds {
+        let sample = format!("burrow_open{{kind=\"{kind}\"}} 0");
+        assert!(
+            page.lines().any(|line| line == sample),
+            "no {sample}:\n{page}"
+        );
+    }
+    assert_eq!(metric(&metrics, "burrow_store_connected").await, 1.0);
+    let ws = relay.client().base().replacen("http", "ws", 1);
+    let mut sockets = Vec::new();
+    for path in ["/agent/connect?name=svc", "/ws/e/topic", "/ws"] {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("{ws}{path}"))
+            .await
+            .expect("the relay accepts the WebSocket");
+        sockets.push(socket);
+    }
+    for kind in kinds {
+        let one = eventually(Duration::from_secs(5), || async { open(kind).await == 1.0 });
+        assert!(one.await, "{kind}: {}", open(kind).await);
+    }
+    drop(sockets);
+    for kind in kinds {
+        let none = eventually(Duration::from_secs(5), || async { open(kind).await == 0.0 });
+        assert!(none.await, "{kind}: {}", open(kind).await);
+    }
+}
+
+/// The metrics page says whether the store is connected: 0 while redis is down, 1 again once
+/// the relay has reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_whether_the_store_is_connected() {
+    let mut redis = RedisServer::start();
+    let site = Site::new();
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let url = redis.url();
+    let env = [
+        ("BURROW_METRICS_LISTEN", metrics_listen.as_str()),
+        ("REDIS_URL", url.as_str()),
+    ];
+    let _relay = site.start(free_port(), &[], &env);
+    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let connected = |up: f64| {
+        let metrics = metrics.clone();
+        eventually(Duration::from_secs(10), move || {
+            let metrics = metrics.clone();
+            async move { metric(&metrics, "burrow_store_connected").await == up }
+        })
+    };
+    assert!(connected(1.0).await, "connected at start-up");
+    redis.stop();
+    assert!(connected(0.0).await, "down with redis");
+    redis.restart();
+    assert!(connected(1.0).await, "up again");
 }
 
 /// The metrics page counts requests, messages and waiting polls as they happen.
