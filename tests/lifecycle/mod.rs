@@ -81,6 +81,16 @@ impl Site {
         burrow
     }
 
+    /// Starts `burrow serve` with `env` added and its metrics served on a port of their own;
+    /// answers the relay and a client of its metrics page.
+    fn start_with_metrics(&self, env: &[(&str, &str)]) -> (Burrow, Client) {
+        let metrics_listen = format!("127.0.0.1:{}", free_port());
+        let mut env = env.to_vec();
+        env.push(("BURROW_METRICS_LISTEN", &metrics_listen));
+        let relay = self.start(free_port(), &[], &env);
+        (relay, Client::new(&format!("http://{metrics_listen}")))
+    }
+
     /// Runs `command` (a relay on `port`, the `nth` there) with this site's configuration and
     /// `env` added, its output in a log of its own.
     fn spawn(&self, mut command: Command, port: u16, nth: usize, env: &[(&str, &str)]) -> Burrow {
@@ -225,21 +235,12 @@ fn stored_count(tunnel: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_waiting_polls_and_exits() {
     let site = Site::new();
-    let metrics_port = free_port();
-    let metrics_listen = format!("127.0.0.1:{metrics_port}");
-    let mut relay = site.start(
-        free_port(),
-        &[],
-        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
-    );
+    let (mut relay, metrics) = site.start_with_metrics(&[]);
     let api = relay.client();
     let polls: Vec<_> = (0..5)
         .map(|_| spawn_get(&api, format!("/t/{}/poll?timeout=30", tunnel_id("drain"))))
         .collect();
-    wait_for_waiting_polls(&Client::new(&format!("http://{metrics_listen}")), |n| {
-        n == 5.0
-    })
-    .await;
+    wait_for_waiting_polls(&metrics, |n| n == 5.0).await;
     let ws = api.base().replacen("http", "ws", 1);
     let mut sockets = Vec::new();
     for path in ["/ws".to_owned(), format!("/ws/e/{}", tunnel_id("drain"))] {
@@ -284,16 +285,12 @@ async fn sigterm_answers_waiting_polls_and_exits() {
 async fn abandoned_polls_take_nothing() {
     for store in [None, Some(shared_redis().url())] {
         let site = Site::new();
-        let metrics_listen = format!("127.0.0.1:{}", free_port());
-        let mut env = vec![("BURROW_METRICS_LISTEN", metrics_listen.as_str())];
+        let mut env = Vec::new();
         if let Some(url) = &store {
             env.extend([("BURROW_STORE", "redis"), ("REDIS_URL", url.as_str())]);
         }
-        let relay = site.start(free_port(), &[], &env);
-        let (api, metrics) = (
-            relay.client(),
-            Client::new(&format!("http://{metrics_listen}")),
-        );
+        let (relay, metrics) = site.start_with_metrics(&env);
+        let api = relay.client();
         let t = tunnel_id("abandoned");
         let msg = api.produce(&t, "question").await;
         api.consume(&t, "?pending").await.expect(200);
@@ -642,13 +639,7 @@ async fn until_closed(raw: &mut tokio::net::TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_heads_are_counted_with_their_time() {
     let site = Site::new();
-    let metrics_listen = format!("127.0.0.1:{}", free_port());
-    let env = [
-        ("BURROW_METRICS_LISTEN", metrics_listen.as_str()),
-        ("BURROW_HEADER_TIMEOUT", "1"),
-    ];
-    let relay = site.start(free_port(), &[], &env);
-    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let (relay, metrics) = site.start_with_metrics(&[("BURROW_HEADER_TIMEOUT", "1")]);
     let address = relay
         .client()
         .base()
@@ -689,13 +680,7 @@ async fn slow_heads_are_counted_with_their_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_open_connections() {
     let site = Site::new();
-    let metrics_listen = format!("127.0.0.1:{}", free_port());
-    let relay = site.start(
-        free_port(),
-        &[],
-        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
-    );
-    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let (relay, metrics) = site.start_with_metrics(&[]);
     let open = |kind: &'static str| {
         let metrics = metrics.clone();
         async move { metric(&metrics, &format!("burrow_open{{kind=\"{kind}\"}}")).await }
@@ -735,14 +720,8 @@ async fn metrics_count_open_connections() {
 async fn metrics_say_whether_the_store_is_connected() {
     let mut redis = RedisServer::start();
     let site = Site::new();
-    let metrics_listen = format!("127.0.0.1:{}", free_port());
     let url = redis.url();
-    let env = [
-        ("BURROW_METRICS_LISTEN", metrics_listen.as_str()),
-        ("REDIS_URL", url.as_str()),
-    ];
-    let _relay = site.start(free_port(), &[], &env);
-    let metrics = Client::new(&format!("http://{metrics_listen}"));
+    let (_relay, metrics) = site.start_with_metrics(&[("REDIS_URL", url.as_str())]);
     let connected = |up: f64| {
         let metrics = metrics.clone();
         eventually(Duration::from_secs(10), move || {
@@ -761,16 +740,8 @@ async fn metrics_say_whether_the_store_is_connected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_traffic() {
     let site = Site::new();
-    let metrics_listen = format!("127.0.0.1:{}", free_port());
-    let relay = site.start(
-        free_port(),
-        &[],
-        &[("BURROW_METRICS_LISTEN", &metrics_listen)],
-    );
-    let (api, metrics) = (
-        relay.client(),
-        Client::new(&format!("http://{metrics_listen}")),
-    );
+    let (relay, metrics) = site.start_with_metrics(&[]);
+    let api = relay.client();
     // Series with labels known in advance are there at zero before any traffic.
     let page = metrics.get("/metrics").await.expect(200).text();
     for sample in [
