@@ -255,6 +255,8 @@ impl RelayApp {
                 return Ok(Outcome::Wait(Wait::Job { job, timeout }));
             }
             Route::JobSocket { queue, limit } => {
+                // A limit no job could be queued under is refused before the socket opens.
+                self.tunnels.bound(limit)?;
                 let then = Some(After::Upgraded(Upgraded::Jobs(queue, limit)));
                 return Ok(Outcome::Respond(accept(session)?, then));
             }

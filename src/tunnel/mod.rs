@@ -83,6 +83,20 @@ impl Tunnels {
         Ok(msg)
     }
 
+    /// How a produce with `limit` is bounded: 400 for a limit above `TUNNEL_MAXLEN`.
+    pub fn bound(&self, limit: Limit) -> Result<Bound, Error> {
+        let maxlen = self.config.maxlen;
+        match limit {
+            // The original's words, though a limit of the max length itself is taken.
+            Limit::At(n) if n > maxlen => Err(Error::BadParameter(
+                "Limit must be less than the tunnel max length".into(),
+            )),
+            Limit::At(n) => Ok(Bound::Limit(n)),
+            Limit::Default if self.config.backpressure => Ok(Bound::Limit(maxlen)),
+            Limit::Default | Limit::Off => Ok(Bound::Trim(maxlen)),
+        }
+    }
+
     /// Stores a message, with a job record kept for `job_ttl` if given.
     async fn produce_kept(
         &self,
@@ -91,17 +105,7 @@ impl Tunnels {
         limit: Limit,
         job_ttl: Option<Duration>,
     ) -> Result<(MessageId, Option<u64>), Error> {
-        let maxlen = self.config.maxlen;
-        let bound = match limit {
-            Limit::At(n) if n > maxlen => {
-                return Err(Error::BadParameter(
-                    "Limit must be less than the tunnel max length".into(),
-                ))
-            }
-            Limit::At(n) => Bound::Limit(n),
-            Limit::Default if self.config.backpressure => Bound::Limit(maxlen),
-            Limit::Default | Limit::Off => Bound::Trim(maxlen),
-        };
+        let bound = self.bound(limit)?;
         let produced = metrics::store_op(
             StoreOp::Produce,
             self.store.produce(tunnel, payload, bound, job_ttl),

@@ -572,6 +572,14 @@ async fn limit_parameter(backend: Backend) {
     let bad = format!("/trigger?queue={queue}&limit=abc");
     api.post(&bad, "{}").await.expect_one_line_error(400);
     assert_eq!(api.len(&queue).await, 3);
+    // A limit no job could be queued under is refused before the socket opens.
+    let over = format!("{}/ws?limit=1001", api.base().replacen("http", "ws", 1));
+    match tokio_tungstenite::connect_async(over).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 400);
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
     let mut ws = socket(&api, &format!("/ws?queue={queue}&limit=3"), None).await;
     ws.send(Message::text("{}"))
         .await
