@@ -214,7 +214,7 @@ impl Route {
         query: Option<&str>,
         routing: RoutingHeaders<'_>,
     ) -> Result<Option<Route>, Error> {
-        let (agent, forwarded_path) = match (routing.client_id, path.strip_prefix("/r/")) {
+        let (agent, forwarded_path) = match (routing.client_id, routed_rest(path)) {
             (Some(id), _) => {
                 let agent = TunnelId::parse(id.trim()).ok_or_else(|| {
                     Error::BadParameter(format!("Invalid x-backstream-client-id {}", shown(id)))
@@ -225,8 +225,7 @@ impl Route {
                 }
                 (agent, path.to_owned())
             }
-            (None, Some(rest)) => {
-                let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
+            (None, Some((name, rest))) => {
                 let agent = TunnelId::parse(name).ok_or(Error::MalformedUrl)?;
                 (agent, format!("/{rest}"))
             }
@@ -426,6 +425,14 @@ fn whole_seconds(raw: &str) -> Option<u64> {
         return None;
     }
     Some(digits.parse().unwrap_or(u64::MAX))
+}
+
+/// `/r/{name}/{rest}` split into the agent's name and the rest of the path, which is forwarded as
+/// written; runs of slashes before the rest count as one, as in the relay's own paths.
+fn routed_rest(path: &str) -> Option<(&str, &str)> {
+    let inside = path.strip_prefix('/')?.trim_start_matches('/');
+    let named = inside.strip_prefix("r/")?.trim_start_matches('/');
+    Some(named.split_once('/').unwrap_or((named, "")))
 }
 
 /// The relay's own paths with each run of slashes read as one, as the original's nginx read them
@@ -705,10 +712,21 @@ mod tests {
         }
         assert!(matches!(get("/t/abc//poll"), Ok(Route::Poll { .. })));
         assert_eq!(get("//health").unwrap(), Route::Health);
-        let Ok(Route::Forward { path, .. }) = get("/r/svc//a//b") else {
-            panic!("a routed request");
-        };
-        assert_eq!(path, "//a//b");
+        for (asked, forwarded) in [
+            ("/r/svc//a//b", "//a//b"),
+            ("//r/svc/a", "/a"),
+            ("/r//svc/a", "/a"),
+            ("///r///svc", "/"),
+        ] {
+            let Ok(Route::Forward { agent, path, .. }) = get(asked) else {
+                panic!("{asked}: a routed request");
+            };
+            assert_eq!(
+                (agent.as_str(), path.as_str()),
+                ("svc", forwarded),
+                "{asked}"
+            );
+        }
     }
 
     /// A wrong method names the allowed ones; OPTIONS is always a preflight.
