@@ -754,6 +754,33 @@ async fn server_clock_step_is_read_again_at_once() {
     api.consume(&t, "").await.expect(204);
 }
 
+/// Writes that keep finding their fence passed (the clock read is always behind the scripts')
+/// ask for the clock to be read again, but not one reading after another: at most ten a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doubted_clock_is_read_at_most_ten_times_a_second() {
+    let redis = RedisServer::start();
+    let proxy = RedisProxy::with_clock_behind(&redis, 10);
+    let proxy_url = proxy.url();
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let api = relay.client();
+    let t = tunnel_id("behind");
+    let before = proxy.clock_readings();
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        let response = api.post(&format!("/t/{t}"), "refused").await;
+        assert_eq!(response.status, 503, "{response:?}");
+        refused += 1;
+    }
+    let readings = proxy.clock_readings() - before;
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(readings >= 1, "a refusal asks for a reading");
+    assert!(
+        (readings as f64) <= 10.0 * seconds + 2.0,
+        "{readings} readings in {seconds:.2} s for {refused} refused writes"
+    );
+}
+
 /// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.
 async fn eventually_produces(api: &Client, t: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;

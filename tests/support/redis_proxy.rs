@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -19,6 +19,7 @@ pub struct RedisProxy {
     subscribers: Arc<Mutex<Vec<TcpStream>>>,
     /// The clients' side of every connection, held so that none is closed before the proxy is.
     clients: Arc<Mutex<Vec<TcpStream>>>,
+    clock: Arc<Clock>,
 }
 
 impl RedisProxy {
@@ -29,40 +30,49 @@ impl RedisProxy {
 
     /// A proxy that passes on each read of the server's answers `delay` after it came.
     pub fn with_delay(server: &RedisServer, delay: Duration) -> RedisProxy {
-        RedisProxy::started(server, delay, 0)
+        RedisProxy::started(server, delay, Clock::new(0, 0))
     }
 
     /// A proxy that answers the first `TIME` it passes on `behind_s` seconds early, as if the
     /// server's clock stepped forward by that much once the relay had read it.
     pub fn with_clock_stepped(server: &RedisServer, behind_s: u64) -> RedisProxy {
-        RedisProxy::started(server, Duration::ZERO, behind_s)
+        RedisProxy::started(server, Duration::ZERO, Clock::new(behind_s, 1))
     }
 
-    fn started(server: &RedisServer, delay: Duration, behind_s: u64) -> RedisProxy {
+    /// A proxy that answers every `TIME` `behind_s` seconds early, as a second server whose
+    /// clock disagrees with the scripts' would.
+    pub fn with_clock_behind(server: &RedisServer, behind_s: u64) -> RedisProxy {
+        RedisProxy::started(server, Duration::ZERO, Clock::new(behind_s, u64::MAX))
+    }
+
+    fn started(server: &RedisServer, delay: Duration, clock: Clock) -> RedisProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port for the proxy");
         let port = listener.local_addr().expect("a bound address").port();
         let target = server.url().replace("redis://", "");
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let clients = Arc::new(Mutex::new(Vec::new()));
+        let clock = Arc::new(clock);
         let proxy = RedisProxy {
             port,
             subscribers: Arc::clone(&subscribers),
             clients: Arc::clone(&clients),
+            clock: Arc::clone(&clock),
         };
-        let step = Arc::new(AtomicBool::new(behind_s > 0));
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                let stepped = Stepped {
-                    pending: Arc::clone(&step),
-                    behind_s,
-                };
-                forward(client, server, delay, stepped, &subscribers, &clients);
+                let clock = Arc::clone(&clock);
+                forward(client, server, delay, clock, &subscribers, &clients);
             }
         });
         proxy
+    }
+
+    /// How many `TIME` answers have passed.
+    pub fn clock_readings(&self) -> u64 {
+        self.clock.answered.load(Ordering::SeqCst)
     }
 
     /// `redis://127.0.0.1:PORT` of the proxy.
@@ -88,18 +98,27 @@ impl Drop for RedisProxy {
     }
 }
 
-/// The one `TIME` answer to set back, shared by all connections until it has been.
-struct Stepped {
-    pending: Arc<AtomicBool>,
+/// The `TIME` answers set back, shared by all connections: how many more, and by how much.
+struct Clock {
     behind_s: u64,
+    to_set_back: AtomicU64,
+    answered: AtomicU64,
 }
 
-impl Stepped {
-    /// Sets back the seconds of a `TIME` answer (`*2 $10 <seconds> $N <micros>`) in `answer`, if
-    /// the step is still pending and `asked` says the connection sent `TIME`.
+impl Clock {
+    fn new(behind_s: u64, answers: u64) -> Clock {
+        Clock {
+            behind_s,
+            to_set_back: AtomicU64::new(answers),
+            answered: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a `TIME` answer (`*2 $10 <seconds> $N <micros>`) in `answer`, if `asked` says the
+    /// connection sent `TIME`, and sets back its seconds while answers are left to set back.
     fn apply(&self, asked: &AtomicBool, answer: &mut [u8]) {
         const HEAD: &[u8] = b"*2\r\n$10\r\n";
-        if !asked.load(Ordering::SeqCst) || !self.pending.load(Ordering::SeqCst) {
+        if !asked.load(Ordering::SeqCst) {
             return;
         }
         let Some(at) = answer.windows(HEAD.len()).position(|w| w == HEAD) else {
@@ -113,7 +132,13 @@ impl Stepped {
         else {
             return;
         };
-        if self.pending.swap(false, Ordering::SeqCst) {
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        let left = |n: u64| n.checked_sub(1);
+        if self
+            .to_set_back
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, left)
+            .is_ok()
+        {
             let earlier = format!("{:010}", seconds - self.behind_s);
             digits[..10].copy_from_slice(earlier.as_bytes());
         }
@@ -125,7 +150,7 @@ fn forward(
     client: TcpStream,
     server: TcpStream,
     delay: Duration,
-    stepped: Stepped,
+    clock: Arc<Clock>,
     subscribers: &Arc<Mutex<Vec<TcpStream>>>,
     clients: &Mutex<Vec<TcpStream>>,
 ) {
@@ -165,7 +190,7 @@ fn forward(
         let mut buffer = [0u8; 16 * 1024];
         while let Ok(read @ 1..) = from_server.read(&mut buffer) {
             thread::sleep(delay);
-            stepped.apply(&asked_time, &mut buffer[..read]);
+            clock.apply(&asked_time, &mut buffer[..read]);
             if to_client.write_all(&buffer[..read]).is_err() {
                 break;
             }

@@ -20,6 +20,11 @@ const READ_EVERY: Duration = Duration::from_secs(5);
 /// How often it is tried while it has never been read (no fence meanwhile).
 const FIRST_READ_EVERY: Duration = Duration::from_millis(250);
 
+/// The least time between two readings that doubts ask for: scripts that keep finding their
+/// fence passed (the server's clocks disagree, say) cost the server ten readings a second, not
+/// one after another.
+const DOUBT_GAP: Duration = Duration::from_millis(100);
+
 /// How long a reading may take; a slower one is tried again at the next turn.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -90,9 +95,12 @@ impl ServerClock {
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some();
             let wait = if read { READ_EVERY } else { FIRST_READ_EVERY };
+            let last_read = Instant::now();
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = self.doubted.notified() => {}
+                () = self.doubted.notified() => {
+                    tokio::time::sleep_until((last_read + DOUBT_GAP).into()).await;
+                }
             }
             self.read(&client()).await;
         }
