@@ -54,6 +54,9 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// The shared pool's size (`REDIS_POOL_SIZE`); the store opens at most 4 of them.
     pub pool_size: usize,
+    /// `BURROW_EMPTY_TUNNEL_TTL`: how long a tunnel's emptied stream is kept before redis expires
+    /// it; zero keeps it, as the original did.
+    pub empty_tunnel_ttl: Duration,
 }
 
 /// Which requests must prove who they are.
@@ -296,6 +299,7 @@ fn unused_redis_setting(env: &Env) -> Option<&'static str> {
         "REDIS_PASSWORD",
         "REDIS_POOL_SIZE",
         "REDIS_POOL_KEEPALIVE",
+        "BURROW_EMPTY_TUNNEL_TTL",
     ];
     settings.into_iter().find(|var| {
         env.get(var)
@@ -364,6 +368,7 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
             "a whole number ≥ 1",
             |n: &usize| *n >= 1,
         )?,
+        empty_tunnel_ttl: env.seconds("BURROW_EMPTY_TUNNEL_TTL", 0)?,
     }))
 }
 

@@ -111,7 +111,7 @@ static PRODUCE: Batched = Batched {
 };
 static CONSUME: Batched = Batched {
     script: fenced!("consume.lua"),
-    arity: 4,
+    arity: 5,
     name: "consume",
 };
 static ACK: Script = fenced!("ack.lua");
@@ -136,6 +136,8 @@ pub struct RedisStore {
     clients: Arc<Clients>,
     /// Whether the subscriber connection is up and subscribed to events.
     hears_events: watch::Receiver<bool>,
+    /// How long an emptied stream is kept, in ms (`BURROW_EMPTY_TUNNEL_TTL`; 0: for ever).
+    empty_ttl: Value,
 }
 
 impl RedisStore {
@@ -222,6 +224,10 @@ impl RedisStore {
         Ok(RedisStore {
             clients,
             hears_events,
+            // Zero stays zero (kept for ever): `millis` would make it one.
+            empty_ttl: Value::Integer(
+                i64::try_from(config.empty_tunnel_ttl.as_millis()).unwrap_or(i64::MAX),
+            ),
         })
     }
 
@@ -744,6 +750,7 @@ impl Backend for RedisStore {
                 Value::from(keys.consumer),
                 Value::from(mode),
                 idle,
+                self.empty_ttl.clone(),
             ],
             key: keys.stream,
             bytes: 0,
@@ -757,7 +764,11 @@ impl Backend for RedisStore {
 
     async fn ack(&self, tunnel: &TunnelId, msg: MessageId) -> Result<(), StoreError> {
         let keys = TunnelKeys::new(tunnel);
-        let args = vec![Value::from(keys.group), Value::from(msg.to_string())];
+        let args = vec![
+            Value::from(keys.group),
+            Value::from(msg.to_string()),
+            self.empty_ttl.clone(),
+        ];
         ACK.run(&self.call(), vec![keys.stream], args).await?;
         Ok(())
     }
@@ -781,6 +792,7 @@ impl Backend for RedisStore {
             millis(ttl),
             Value::from(WAKE_CHANNEL),
             Value::from(WakeKey::Reply(tunnel.to_string(), msg.to_string()).encode()),
+            self.empty_ttl.clone(),
         ];
         args.extend(reply.content_type.map(Value::from));
         let stored = REPLY.run(&self.call(), keys, args).await?;
@@ -945,7 +957,7 @@ impl Backend for RedisStore {
             .run(
                 &self.call(),
                 vec![keys.stream],
-                vec![Value::from(keys.group)],
+                vec![Value::from(keys.group), self.empty_ttl.clone()],
             )
             .await?;
         Ok(())

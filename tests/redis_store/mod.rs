@@ -217,6 +217,56 @@ async fn clear_keeps_the_last_id() {
     assert_eq!(api.consume(&t, "?pending").await.expect(200).text(), "new");
 }
 
+/// With `BURROW_EMPTY_TUNNEL_TTL`, a stream that a consume, an acknowledgement, a reply or a clear
+/// leaves empty is set to expire; one that holds a message (pending ones included) never is, and
+/// a produce takes the expiry away. Once expired, the tunnel works as a new one. Without the
+/// setting, streams are kept, as the original kept them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptied_streams_expire_when_asked() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[("BURROW_EMPTY_TUNNEL_TTL", "60")]);
+    let api = relay.client();
+    let t = tunnel_id("emptied");
+    let stream = format!("t:{t}:s");
+    let ttl = || redis.command(&["PTTL", &stream]).int();
+    let expiring = |ms: i64| ms > 0 && ms <= 60_000;
+    api.produce_numbered(&t, 2).await;
+    api.consume(&t, "").await.expect(200);
+    assert_eq!(ttl(), -1, "a message is left");
+    api.consume(&t, "").await.expect(200);
+    assert!(expiring(ttl()), "consumed: {}", ttl());
+    let acked = api.produce(&t, "acked").await;
+    assert_eq!(ttl(), -1, "produced");
+    api.consume(&t, "?pending").await.expect(200);
+    assert_eq!(ttl(), -1, "a message is pending");
+    api.delete(&format!("/t/{t}/{acked}")).await.expect_empty();
+    assert!(expiring(ttl()), "acknowledged: {}", ttl());
+    let replied = api.produce(&t, "replied").await;
+    api.consume(&t, "?pending").await.expect(200);
+    api.post(&format!("/t/{t}/{replied}/reply"), "r")
+        .await
+        .expect(201);
+    assert!(expiring(ttl()), "replied: {}", ttl());
+    api.produce(&t, "cleared").await;
+    api.delete(&format!("/t/{t}/all")).await.expect_empty();
+    assert!(expiring(ttl()), "cleared: {}", ttl());
+    // Expired, the tunnel is new again.
+    redis.command(&["PEXPIRE", &stream, "1"]);
+    let gone = wait_until(Duration::from_secs(5), || {
+        redis.command(&["EXISTS", &stream]).int() == 0
+    });
+    assert!(gone, "the stream expired");
+    let again = api.produce(&t, "again").await;
+    api.consume(&t, "?pending").await.expect(200);
+    api.delete(&format!("/t/{t}/{again}")).await.expect_empty();
+
+    let kept = Relay::start(Store::Redis(&redis), &[]);
+    let (api, k) = (kept.client(), tunnel_id("kept"));
+    api.produce(&k, "m").await;
+    api.consume(&k, "").await.expect(200);
+    assert_eq!(redis.command(&["PTTL", &format!("t:{k}:s")]).int(), -1);
+}
+
 /// A poll waiting on Burrow finds a message the Lua relay wrote (which publishes no wake-up) through
 /// the periodic re-check, within about a second: on a new tunnel, and on one whose consumers' group
 /// exists and holds a message out with a consumer.

@@ -1,9 +1,10 @@
 -- Hands the next message of tunnels to their consumers; each one atomic step. One call carries
 -- the consumes that queued up on one relay thread while its previous call ran (often just one).
 -- KEYS[i] the stream of consume i
--- ARGV[4i-3] group, ARGV[4i-2] consumer, ARGV[4i-1] 'remove', 'pending' or 'new' (kept pending,
+-- ARGV[5i-4] group, ARGV[5i-3] consumer, ARGV[5i-2] 'remove', 'pending' or 'new' (kept pending,
 -- but only a message never handed out is taken),
--- ARGV[4i] ('pending') ms a message must have stayed unacknowledged before it is handed out again
+-- ARGV[5i-1] ('pending') ms a message must have stayed unacknowledged before it is handed out
+-- again, ARGV[5i] how long an emptied stream is kept, in ms (0: for ever)
 -- Returns, per consume, {id, {field, value, ...}}, false (nothing to hand out) or {'error', why}.
 
 -- The first entry of an XREADGROUP reply: {{stream, {{id, fields}}}} or nil.
@@ -14,7 +15,7 @@ local function first(read)
   return read[1][2][1]
 end
 
-local function consume(stream, group, consumer, mode, idle)
+local function consume(stream, group, consumer, mode, idle, empty_ttl)
   -- A tunnel nobody produced to has no stream; creating one here would leave empty keys behind.
   if redis.call('EXISTS', stream) == 0 then
     return false
@@ -67,14 +68,18 @@ local function consume(stream, group, consumer, mode, idle)
     return false
   end
   redis.call('XDEL', stream, entry[1])
+  if tonumber(empty_ttl) > 0 and redis.call('XLEN', stream) == 0 then
+    redis.call('PEXPIRE', stream, empty_ttl)
+  end
   return entry
 end
 
 -- A consume that fails (a key of another type) fails alone: {'error', why}.
 local replies = {}
 for i, stream in ipairs(KEYS) do
-  local a = 4 * (i - 1)
-  local ok, reply = pcall(consume, stream, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+  local a = 5 * (i - 1)
+  local ok, reply = pcall(consume, stream, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    ARGV[a + 5])
   if not ok then
     reply = { 'error', type(reply) == 'table' and reply.err or tostring(reply) }
   end

@@ -37,6 +37,9 @@ local function produce(stream, mode, bound, body, channel, payload, content_type
   if job ~= '' then
     redis.call('SET', job .. id, body, 'PX', job_ttl)
   end
+  -- A stream that holds a message never expires, whoever set it to (BURROW_EMPTY_TUNNEL_TTL
+  -- once it was emptied, or an operator).
+  redis.call('PERSIST', stream)
 
   if size then
     return { 'stored', id, size }

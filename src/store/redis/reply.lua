@@ -2,7 +2,8 @@
 -- KEYS[1] stream, KEYS[2] reply list, KEYS[3] reply Content-Type, KEYS[4] the message's job record
 -- (if it is a job: then kept as long as the reply)
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] message id, ARGV[4] body, ARGV[5] ttl in ms,
--- ARGV[6] wake-up channel, ARGV[7] wake-up payload, ARGV[8] Content-Type (optional)
+-- ARGV[6] wake-up channel, ARGV[7] wake-up payload, ARGV[8] how long an emptied stream is kept,
+-- in ms (0: for ever), ARGV[9] Content-Type (optional)
 -- Returns 1 when stored, 0 when the message was not pending (nothing stored).
 local stream, group, consumer, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 
@@ -23,12 +24,15 @@ end
 -- the message stays pending, to be answered again. No subscriber hears the announcement before
 -- the script has ended.
 redis.call('PUBLISH', ARGV[6], ARGV[7])
-if ARGV[8] then
-  redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[5])
+if ARGV[9] then
+  redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[5])
 end
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('XACK', stream, group, id)
 redis.call('XDEL', stream, id)
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
+if tonumber(ARGV[8]) > 0 and redis.call('XLEN', stream) == 0 then
+  redis.call('PEXPIRE', stream, ARGV[8])
+end
 return 1
