@@ -6,6 +6,7 @@
 //! `routed`'s.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -594,6 +595,7 @@ impl HttpServerApp for RelayApp {
                 Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
                 _ => None,
             },
+            client: client_ip(&session),
             started,
         };
         // A body refused unread (too large) or broken off is still on the wire, where nothing
@@ -689,7 +691,17 @@ struct Served {
     name: &'static str,
     /// Only when the access log is on.
     tunnel: Option<String>,
+    /// The peer's address (a load balancer's, behind one).
+    client: Option<IpAddr>,
     started: Instant,
+}
+
+/// The IP address of the connection's peer.
+fn client_ip(session: &ServerSession) -> Option<IpAddr> {
+    match session.client_addr()? {
+        pingora_core::protocols::l4::socket::SocketAddr::Inet(address) => Some(address.ip()),
+        _ => None,
+    }
 }
 
 impl RelayApp {
@@ -702,8 +714,12 @@ impl RelayApp {
                 access_log::shown(method.as_ref().map_or("-", Method::as_str), SHOWN_METHOD);
             let ms = served.started.elapsed().as_secs_f64() * 1000.0;
             let tunnel = served.tunnel.as_deref().unwrap_or("-");
+            let client: &dyn std::fmt::Display = match &served.client {
+                Some(ip) => ip,
+                None => &"-",
+            };
             access_log::line(format_args!(
-                "{method} {name} {status} {ms:.3}ms tunnel={tunnel}"
+                "{method} {name} {status} {ms:.3}ms client={client} tunnel={tunnel}"
             ));
         }
     }
@@ -716,6 +732,7 @@ impl RelayApp {
             method: None,
             name: "invalid",
             tunnel: None,
+            client: client_ip(&session),
             started: began,
         };
         let response = Response::from(why);

@@ -419,7 +419,7 @@ async fn access_log_switch() {
                 line.contains("INFO  burrow::access] POST produce 201 "),
                 "{line}"
             );
-            assert!(line.contains("ms tunnel="), "{line}");
+            assert!(line.contains("ms client=127.0.0.1 tunnel="), "{line}");
             let poll = line_for(&log, &format!("{t}-poll")).unwrap_or_default();
             assert!(poll.contains("] GET poll 204 "), "{log}");
         }
