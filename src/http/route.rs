@@ -15,7 +15,7 @@ use crate::tunnel::{Limit, MessageId, TunnelId};
 /// What a request asks for, with its parameters validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// `GET /health`.
+    /// `GET /health`, or any path it begins (`/healthz`), as the original's nginx matched it.
     Health,
     /// `GET /demo/`: the browser page.
     Demo,
@@ -289,9 +289,10 @@ impl Route {
             });
         }
         match path {
-            // Load balancers' health checks may ask with HEAD.
-            // Load balancers' and uptime checks may ask with HEAD (RFC 9110 §9.3.2).
-            "/health" => readable(method, Route::Health),
+            // Load balancers' and uptime checks may ask with HEAD (RFC 9110 §9.3.2). The
+            // original's nginx matched `/health` as a prefix, so probes set up against it at
+            // `/healthz` or `/health/` keep passing.
+            _ if path.starts_with("/health") => readable(method, Route::Health),
             "/demo" | "/demo/" | "/demo/index.html" => readable(method, Route::Demo),
             "/agents" => readable(method, Route::Agents),
             "/agent/connect" => only_get_with(method, || {
@@ -697,6 +698,15 @@ mod tests {
             assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
         }
         assert!(matches!(get("/elsewhere"), Err(Error::NotFound)));
+    }
+
+    /// `/health` is a prefix, as the original's nginx location was.
+    #[test]
+    fn health_is_a_prefix() {
+        for probe in ["/health", "/healthz", "/health/", "/healthcheck"] {
+            assert_eq!(get(probe).unwrap(), Route::Health, "{probe}");
+        }
+        assert!(matches!(get("/heal"), Err(Error::NotFound)));
     }
 
     /// A run of slashes in the relay's own paths counts as one, as nginx read them; an agent's

@@ -164,6 +164,8 @@ pub(super) async fn wrong_method_is_405(api: &Client) {
 pub(super) async fn health_demo_and_not_found(api: &Client) {
     let health = api.get("/health").await.expect(200);
     assert_eq!(health.text().trim_end_matches('\n'), "OK");
+    // A prefix, as the original's nginx location was: probes set up at `/healthz` keep passing.
+    assert_eq!(api.get("/healthz").await.expect(200).text(), health.text());
     assert!(
         content_type(&health).starts_with("text/plain"),
         "{health:?}"
