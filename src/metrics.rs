@@ -46,10 +46,10 @@ static OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric definition is valid")
 });
 
-static STORE_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+static STORE_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
-        "burrow_store_connected",
-        "1 while the relay's connection to its store is up (always, for the memory store)"
+        "burrow_store_up",
+        "1 while the store answers (always, for the memory store)"
     )
     .expect("metric definition is valid")
 });
@@ -196,16 +196,21 @@ impl Drop for Opened {
     }
 }
 
-/// Records whether the store's connection is up.
-pub fn store_connected(up: bool) {
-    STORE_CONNECTED.set(i64::from(up));
+/// Records whether the store answers: its connection came up, or an operation was answered
+/// (1); its connection failed, or an operation found it unreachable or unanswering (0).
+pub fn store_up(up: bool) {
+    // Read first: every store operation reports, and a write on each would bounce the gauge's
+    // cache line between threads.
+    if STORE_UP.get() != i64::from(up) {
+        STORE_UP.set(i64::from(up));
+    }
 }
 
 /// Creates every series whose labels are known in advance at zero, so that dashboards and
 /// alerts (`rate()`, `absent()`) see them from the start, not from their first event.
 pub fn init() {
     LazyLock::force(&WAITING);
-    LazyLock::force(&STORE_CONNECTED);
+    LazyLock::force(&STORE_UP);
     for kind in Open::ALL {
         OPEN.with_label_values(&[kind.label()]);
     }

@@ -699,7 +699,10 @@ struct Served {
 /// The IP address of the connection's peer.
 fn client_ip(session: &ServerSession) -> Option<IpAddr> {
     match session.client_addr()? {
-        pingora_core::protocols::l4::socket::SocketAddr::Inet(address) => Some(address.ip()),
+        // An IPv4 client of a dual-stack listener is `::ffff:a.b.c.d`: logged as `a.b.c.d`.
+        pingora_core::protocols::l4::socket::SocketAddr::Inet(address) => {
+            Some(address.ip().to_canonical())
+        }
         _ => None,
     }
 }

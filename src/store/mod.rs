@@ -236,7 +236,7 @@ impl Store {
         let audience = Audience::default();
         let backend: Arc<dyn Backend> = match config {
             StoreConfig::Memory => {
-                crate::metrics::store_connected(true);
+                crate::metrics::store_up(true);
                 Arc::new(memory::MemoryStore::new(audience.clone()))
             }
             StoreConfig::Redis(redis) => {

@@ -326,7 +326,7 @@ async fn listen(
                 Ok(server) => {
                     log::info!("redis: connected to {server}");
                     connected = true;
-                    metrics::store_connected(true);
+                    metrics::store_up(true);
                     reasons.clear();
                     subscribed.send_replace(subscribe(&subscriber).await);
                 }
@@ -338,7 +338,7 @@ async fn listen(
             error = events.errors.recv() => match error {
                 Ok((error, server)) => {
                     subscribed.send_replace(false);
-                    metrics::store_connected(false);
+                    metrics::store_up(false);
                     let text = error.to_string();
                     let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
                     if std::mem::take(&mut connected) {
@@ -551,12 +551,19 @@ async fn warn_if_evicting(pool: fred::clients::Pool) {
 async fn bounded<T>(
     op: impl Future<Output = Result<T, fred::error::Error>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(ANSWER_TIMEOUT + SAFETY_MARGIN, op).await {
+    let result = match tokio::time::timeout(ANSWER_TIMEOUT + SAFETY_MARGIN, op).await {
         Ok(result) => result.map_err(store_error),
         Err(_) => Err(StoreError::Unavailable(
             "redis did not answer in time".into(),
         )),
+    };
+    // A frozen server keeps its connections up: only the operations tell.
+    match &result {
+        Ok(_) => metrics::store_up(true),
+        Err(StoreError::Unavailable(_)) => metrics::store_up(false),
+        Err(_) => {}
     }
+    result
 }
 
 /// Errors that say the server cannot be reached or cannot serve right now: retrying later can

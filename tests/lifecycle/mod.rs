@@ -426,6 +426,24 @@ async fn access_log_switch() {
     }
 }
 
+/// The access log names an IPv4 client of a dual-stack listener as IPv4, as a load balancer's
+/// own log does (not `::ffff:127.0.0.1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_names_ipv4_clients_of_dual_stack_listeners() {
+    let site = Site::new();
+    let port = free_port();
+    let listen = format!("[::]:{port}");
+    let env = [("BURROW_LISTEN", listen.as_str()), ("RUST_LOG", "info")];
+    let relay = site.start(port, &[], &env);
+    let t = tunnel_id("dual-stack");
+    relay.client().produce(&t, "x").await;
+    let said = format!("client=127.0.0.1 tunnel={t}");
+    let logged = eventually(Duration::from_secs(5), || {
+        std::future::ready(relay.log().contains(&said))
+    });
+    assert!(logged.await, "{}", relay.log());
+}
+
 /// SIGINT stops the relay at once, with its access log written. (Burrow stops itself: Pingora's
 /// own quick shutdown left about one relay in twenty spinning on accept errors for ever, in runs of
 /// `kill -INT` half a second after a request, which no test here waits for.)
@@ -694,7 +712,7 @@ async fn metrics_count_open_connections() {
             "no {sample}:\n{page}"
         );
     }
-    assert_eq!(metric(&metrics, "burrow_store_connected").await, 1.0);
+    assert_eq!(metric(&metrics, "burrow_store_up").await, 1.0);
     let ws = relay.client().base().replacen("http", "ws", 1);
     let mut sockets = Vec::new();
     for path in ["/agent/connect?name=svc", "/ws/e/topic", "/ws"] {
@@ -714,26 +732,41 @@ async fn metrics_count_open_connections() {
     }
 }
 
-/// The metrics page says whether the store is connected: 0 while redis is down, 1 again once
-/// the relay has reconnected.
+/// The metrics page says whether the store answers: 0 while redis is down, and while it is frozen
+/// (its connections stay up, its operations time out); 1 again once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_say_whether_the_store_is_connected() {
+async fn metrics_say_whether_the_store_answers() {
     let mut redis = RedisServer::start();
     let site = Site::new();
     let url = redis.url();
-    let (_relay, metrics) = site.start_with_metrics(&[("REDIS_URL", url.as_str())]);
-    let connected = |up: f64| {
+    let (relay, metrics) = site.start_with_metrics(&[("REDIS_URL", url.as_str())]);
+    let up = |up: f64| {
         let metrics = metrics.clone();
         eventually(Duration::from_secs(10), move || {
             let metrics = metrics.clone();
-            async move { metric(&metrics, "burrow_store_connected").await == up }
+            async move { metric(&metrics, "burrow_store_up").await == up }
         })
     };
-    assert!(connected(1.0).await, "connected at start-up");
+    assert!(up(1.0).await, "up at start-up");
     redis.stop();
-    assert!(connected(0.0).await, "down with redis");
+    assert!(up(0.0).await, "down with redis");
     redis.restart();
-    assert!(connected(1.0).await, "up again");
+    assert!(up(1.0).await, "up again");
+    let api = relay.client();
+    let t = tunnel_id("frozen-gauge");
+    let pid = redis.pid();
+    process::signal_pid(pid, "STOP");
+    api.post(&format!("/t/{t}"), "x")
+        .await
+        .expect_one_line_error(503);
+    let frozen = up(0.0).await;
+    process::signal_pid(pid, "CONT");
+    assert!(frozen, "down while frozen");
+    let answered = eventually(Duration::from_secs(10), || async {
+        api.post(&format!("/t/{t}"), "y").await.status == 201
+    });
+    assert!(answered.await, "answers again");
+    assert!(up(1.0).await, "up once it answers");
 }
 
 /// The metrics page counts requests, messages and waiting polls as they happen.
