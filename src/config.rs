@@ -299,7 +299,6 @@ fn unused_redis_setting(env: &Env) -> Option<&'static str> {
         "REDIS_PASSWORD",
         "REDIS_POOL_SIZE",
         "REDIS_POOL_KEEPALIVE",
-        "BURROW_EMPTY_TUNNEL_TTL",
     ];
     settings.into_iter().find(|var| {
         env.get(var)

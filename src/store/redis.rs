@@ -94,12 +94,13 @@ const FENCE_AFTER: Duration = Duration::from_millis(4500);
 /// periodic re-check absorbs.
 const WAKE_BUFFER: usize = 4096;
 
-/// A data-changing script: the fence first (see [`FENCE_AFTER`]), then `$file`.
+/// A data-changing script: the fence first (see [`FENCE_AFTER`]), then the `$file`s (helpers
+/// such as `emptied.lua` before the script that calls them).
 macro_rules! fenced {
-    ($file:literal) => {
+    ($($file:literal),+) => {
         Script::fenced(concat!(
             include_str!("redis/fence.lua"),
-            include_str!(concat!("redis/", $file))
+            $(include_str!(concat!("redis/", $file))),+
         ))
     };
 }
@@ -110,13 +111,13 @@ static PRODUCE: Batched = Batched {
     name: "produce",
 };
 static CONSUME: Batched = Batched {
-    script: fenced!("consume.lua"),
+    script: fenced!("emptied.lua", "consume.lua"),
     arity: 5,
     name: "consume",
 };
-static ACK: Script = fenced!("ack.lua");
-static CLEAR: Script = fenced!("clear.lua");
-static REPLY: Script = fenced!("reply.lua");
+static ACK: Script = fenced!("emptied.lua", "ack.lua");
+static CLEAR: Script = fenced!("emptied.lua", "clear.lua");
+static REPLY: Script = fenced!("emptied.lua", "reply.lua");
 static TAKE_REPLY: Script = fenced!("take_reply.lua");
 static RESTORE_JOB: Script = fenced!("restore_job.lua");
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));

@@ -250,6 +250,17 @@ async fn emptied_streams_expire_when_asked() {
     api.produce(&t, "cleared").await;
     api.delete(&format!("/t/{t}/all")).await.expect_empty();
     assert!(expiring(ttl()), "cleared: {}", ttl());
+    // A message trimmed while pending keeps its pending entry, and may still be answered: the
+    // stream is not empty until it is.
+    let trimmed = api.produce(&t, "trimmed").await;
+    api.consume(&t, "?pending").await.expect(200);
+    redis.command(&["XTRIM", &stream, "MAXLEN", "0"]);
+    api.produce(&t, "last").await;
+    api.consume(&t, "").await.expect(200);
+    assert_eq!(ttl(), -1, "an entry is pending");
+    let answer = format!("/t/{t}/{trimmed}/reply");
+    api.post(&answer, "late").await.expect(201);
+    assert!(expiring(ttl()), "answered: {}", ttl());
     // Expired, the tunnel is new again.
     redis.command(&["PEXPIRE", &stream, "1"]);
     let gone = wait_until(Duration::from_secs(5), || {

@@ -8,7 +8,5 @@ if type(reply) == 'table' and reply.err and not string.find(reply.err, 'NOGROUP'
   error(reply)
 end
 redis.call('XDEL', KEYS[1], ARGV[2])
-if tonumber(ARGV[3]) > 0 and redis.call('XLEN', KEYS[1]) == 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
+expire_if_emptied(KEYS[1], ARGV[1], ARGV[3])
 return 1

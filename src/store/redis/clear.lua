@@ -15,7 +15,5 @@ end
 redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
 -- The group goes with its pending list; the next consume creates it again.
 redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
-if tonumber(ARGV[2]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
+expire_if_emptied(KEYS[1], ARGV[1], ARGV[2])
 return 0

@@ -68,9 +68,7 @@ local function consume(stream, group, consumer, mode, idle, empty_ttl)
     return false
   end
   redis.call('XDEL', stream, entry[1])
-  if tonumber(empty_ttl) > 0 and redis.call('XLEN', stream) == 0 then
-    redis.call('PEXPIRE', stream, empty_ttl)
-  end
+  expire_if_emptied(stream, group, empty_ttl)
   return entry
 end
 

@@ -32,7 +32,5 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('XACK', stream, group, id)
 redis.call('XDEL', stream, id)
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
-if tonumber(ARGV[8]) > 0 and redis.call('XLEN', stream) == 0 then
-  redis.call('PEXPIRE', stream, ARGV[8])
-end
+expire_if_emptied(stream, group, ARGV[8])
 return 1
