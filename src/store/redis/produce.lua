@@ -24,8 +24,8 @@ local function produce(stream, mode, bound, body, channel, payload, content_type
     end
   end
   -- A script's writes are not undone when it fails, so the announcement, which a server may
-  -- refuse (an ACL without PUBLISH), comes before them: a refused produce stores nothing. No
-  -- subscriber hears it before the script has ended.
+  -- refuse (an ACL without PUBLISH), comes before them: a refused produce stores nothing. A
+  -- waiter it wakes reads with a command of its own, which the server runs after this script.
   redis.call('PUBLISH', channel, payload)
   if len then
     id = redis.call('XADD', stream, '*', unpack(fields))

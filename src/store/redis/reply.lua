@@ -21,8 +21,8 @@ end
 
 -- A script's writes are not undone when it fails, so the steps that can be refused (the
 -- announcement by an ACL without PUBLISH, a key of another type, out of memory) come first: then
--- the message stays pending, to be answered again. No subscriber hears the announcement before
--- the script has ended.
+-- the message stays pending, to be answered again. A waiter the announcement wakes reads with a
+-- command of its own, which the server runs after this script.
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 if ARGV[9] then
   redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[5])
