@@ -595,7 +595,7 @@ impl HttpServerApp for RelayApp {
                 Ok(route) if self.access_log => route.tunnel().map(|t| t.to_string()),
                 _ => None,
             },
-            client: client_ip(&session),
+            client: self.access_log.then(|| client_ip(&session)).flatten(),
             started,
         };
         // A body refused unread (too large) or broken off is still on the wire, where nothing
@@ -691,7 +691,7 @@ struct Served {
     name: &'static str,
     /// Only when the access log is on.
     tunnel: Option<String>,
-    /// The peer's address (a load balancer's, behind one).
+    /// The peer's address (a load balancer's, behind one); only when the access log is on.
     client: Option<IpAddr>,
     started: Instant,
 }
@@ -735,7 +735,7 @@ impl RelayApp {
             method: None,
             name: "invalid",
             tunnel: None,
-            client: client_ip(&session),
+            client: self.access_log.then(|| client_ip(&session)).flatten(),
             started: began,
         };
         let response = Response::from(why);
