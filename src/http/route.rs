@@ -437,8 +437,8 @@ fn routed_rest(path: &str) -> Option<(&str, &str)> {
 }
 
 /// The relay's own paths with each run of slashes read as one, as the original's nginx read them
-/// (`merge_slashes`): a client whose base URL ends in `/` asks for `//t/abc`. A path forwarded
-/// to an agent is not touched.
+/// (`merge_slashes`): a client whose base URL ends in `/` asks for `//t/abc`. Requests for agents
+/// are read before, by `routed_rest`, which leaves the forwarded part as written.
 fn merge_slashes(path: &str) -> Cow<'_, str> {
     if !path.contains("//") {
         return Cow::Borrowed(path);
