@@ -335,7 +335,7 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
         },
         None => {
             let host = env.get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into());
-            let port = redis_port(env)?;
+            let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port", |p: &u16| *p > 0)?;
             // An IPv6 address is bracketed in a URL.
             let url = match host.contains(':') && !host.starts_with('[') {
                 true => format!("redis://[{host}]:{port}"),
@@ -369,27 +369,6 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
         )?,
         empty_tunnel_ttl: env.seconds("BURROW_EMPTY_TUNNEL_TTL", 0)?,
     }))
-}
-
-/// `REDIS_PORT`, a TCP port; or the port of a `tcp://HOST:PORT` link, which Kubernetes (and
-/// Docker's links) set for a service named `redis` beside `REDIS_HOST` given by hand.
-fn redis_port(env: &Env) -> Result<u16, ConfigError> {
-    let invalid = |value: String| ConfigError::Invalid {
-        var: "REDIS_PORT",
-        value,
-        expected: "a TCP port (or a tcp://HOST:PORT link)",
-    };
-    let Some(value) = env.get("REDIS_PORT") else {
-        return Ok(6379);
-    };
-    let digits = match value.trim().strip_prefix("tcp://") {
-        Some(link) => link.rsplit_once(':').map_or("", |(_, port)| port),
-        None => value.trim(),
-    };
-    match digits.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(invalid(value)),
-    }
 }
 
 /// Checks a store URL as the redis client will read it (so that a bad one stops start-up naming
@@ -687,12 +666,6 @@ mod tests {
             panic!("expected redis")
         };
         assert_eq!(r.url, "redis://keydb:6380");
-        let linked = [
-            ("REDIS_HOST", "redis"),
-            ("REDIS_PORT", "tcp://10.0.0.7:6380"),
-        ];
-        let c = config(&linked).unwrap();
-        assert!(matches!(&c.store, StoreConfig::Redis(r) if r.url == "redis://redis:6380"));
         let c = config(&[("REDIS_HOST", "keydb"), ("REDIS_URL", "redis://x:1/2")]).unwrap();
         assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == "redis://x:1/2"));
         let c = config(&[("REDIS_HOST", "keydb"), ("BURROW_STORE", "memory")]).unwrap();
