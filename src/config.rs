@@ -335,7 +335,11 @@ fn store_config(env: &Env) -> Result<StoreConfig, ConfigError> {
         },
         None => {
             let host = env.get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into());
-            let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port", |p: &u16| *p > 0)?;
+            // Kubernetes sets `REDIS_PORT=tcp://IP:PORT` for a service named `redis`: its port
+            // belongs to that service, not necessarily to REDIS_HOST, so it is refused, saying so.
+            let expected = "a TCP port (a tcp://… link, as Kubernetes sets for a service named \
+                            redis, is not one: set the port by hand)";
+            let port: u16 = env.parse("REDIS_PORT", 6379, expected, |p: &u16| *p > 0)?;
             // An IPv6 address is bracketed in a URL.
             let url = match host.contains(':') && !host.starts_with('[') {
                 true => format!("redis://[{host}]:{port}"),
@@ -750,6 +754,13 @@ mod tests {
             let err = config(&vars).expect_err(var).to_string();
             assert!(err.starts_with(var), "{err}");
         }
+        // A Kubernetes service link is not taken for the port of REDIS_HOST, and the error says so.
+        let link = [
+            ("REDIS_HOST", "redis"),
+            ("REDIS_PORT", "tcp://10.0.0.7:6380"),
+        ];
+        let err = config(&link).unwrap_err().to_string();
+        assert!(err.contains("Kubernetes"), "{err}");
         // A secret is not repeated in its error, nor a flag's value trimmed.
         let err = config(&[("TUNNEL_ACCESS_TOKEN", "s3cret\n")]).unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
