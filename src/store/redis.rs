@@ -552,31 +552,40 @@ async fn warn_if_evicting(pool: fred::clients::Pool) {
 async fn bounded<T>(
     op: impl Future<Output = Result<T, fred::error::Error>>,
 ) -> Result<T, StoreError> {
-    let result = match tokio::time::timeout(ANSWER_TIMEOUT + SAFETY_MARGIN, op).await {
-        Ok(result) => result.map_err(store_error),
-        Err(_) => Err(StoreError::Unavailable(
-            "redis did not answer in time".into(),
-        )),
-    };
-    // A frozen server keeps its connections up: only the operations tell.
-    match &result {
-        Ok(_) => metrics::store_up(true),
-        Err(StoreError::Unavailable(_)) => metrics::store_up(false),
-        Err(_) => {}
+    // Whether the server answers is recorded from every operation: a frozen one keeps its
+    // connections up. An answer that refuses (out of memory, say) is an answer.
+    match tokio::time::timeout(ANSWER_TIMEOUT + SAFETY_MARGIN, op).await {
+        Ok(Ok(value)) => {
+            metrics::store_up(true);
+            Ok(value)
+        }
+        Ok(Err(error)) => {
+            metrics::store_up(!unanswered(&error));
+            Err(store_error(error))
+        }
+        Err(_) => {
+            metrics::store_up(false);
+            Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            ))
+        }
     }
-    result
 }
 
-/// Errors that say the server cannot be reached or cannot serve right now: retrying later can
-/// succeed. fred reports some connection trouble only as an `Unknown` error with these messages;
-/// the upper-case ones are server replies (loading a dump, a script running too long, failover,
-/// a replica not yet promoted, out of memory until consumers drain the tunnels, a script that
-/// started past its fence): a write they refused was not done.
-const TRANSIENT: [&str; 11] = [
+/// Connection trouble that fred reports only as an `Unknown` error with these messages: the
+/// server did not answer.
+const UNANSWERED: [&str; 4] = [
     "Failed to route command",
     "Too many failed write attempts",
     "Max attempts exceeded",
     "Missing expected connection",
+];
+
+/// Server replies that say it cannot serve right now (loading a dump, a script running too long,
+/// failover, a replica not yet promoted, out of memory until consumers drain the tunnels, a
+/// script that started past its fence): a write they refused was not done, and retrying later
+/// can succeed.
+const REFUSING: [&str; 7] = [
     "LOADING",
     "BUSY",
     "MASTERDOWN",
@@ -586,22 +595,32 @@ const TRANSIENT: [&str; 11] = [
     "LATE",
 ];
 
-/// Whether an error's text says that retrying later can succeed (see [`TRANSIENT`]).
+/// Whether an error's text says that retrying later can succeed: the server did not answer, or
+/// answered that it cannot serve now (see [`UNANSWERED`], [`REFUSING`]).
 fn is_transient(details: &str) -> bool {
-    TRANSIENT.iter().any(|prefix| details.starts_with(prefix))
+    UNANSWERED
+        .iter()
+        .chain(&REFUSING)
+        .any(|prefix| details.starts_with(prefix))
 }
 
-/// Connection trouble is `Unavailable`, anything else `Internal`.
-fn store_error(error: fred::error::Error) -> StoreError {
-    let transient = matches!(
+/// Whether `error` means that the server did not answer (as opposed to answering with an error).
+fn unanswered(error: &fred::error::Error) -> bool {
+    matches!(
         error.kind(),
         ErrorKind::IO
             | ErrorKind::Timeout
             | ErrorKind::Canceled
             | ErrorKind::Backpressure
             | ErrorKind::Routing
-    ) || is_transient(error.details());
-    if transient {
+    ) || UNANSWERED
+        .iter()
+        .any(|prefix| error.details().starts_with(prefix))
+}
+
+/// Connection trouble and refusals to serve now are `Unavailable`, anything else `Internal`.
+fn store_error(error: fred::error::Error) -> StoreError {
+    if unanswered(&error) || is_transient(error.details()) {
         StoreError::Unavailable(error.to_string())
     } else {
         StoreError::Internal(error.to_string())

@@ -733,7 +733,8 @@ async fn metrics_count_open_connections() {
 }
 
 /// The metrics page says whether the store answers: 0 while redis is down, and while it is frozen
-/// (its connections stay up, its operations time out); 1 again once it answers.
+/// (its connections stay up, its operations time out); 1 again once it answers, and 1 while it
+/// answers only to refuse writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_say_whether_the_store_answers() {
     let mut redis = RedisServer::start();
@@ -754,6 +755,18 @@ async fn metrics_say_whether_the_store_answers() {
     assert!(up(1.0).await, "up again");
     let api = relay.client();
     let t = tunnel_id("frozen-gauge");
+    // A server that answers, if only to refuse (out of memory), is up.
+    let msg = api.produce(&t, "question").await;
+    api.consume(&t, "?pending").await.expect(200);
+    redis.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    let refused = api.post(&format!("/t/{t}/{msg}/reply"), "answer").await;
+    redis.command(&["CONFIG", "SET", "maxmemory", "0"]);
+    refused.expect_one_line_error(503);
+    assert_eq!(
+        metric(&metrics, "burrow_store_up").await,
+        1.0,
+        "refusing is answering"
+    );
     let pid = redis.pid();
     process::signal_pid(pid, "STOP");
     api.post(&format!("/t/{t}"), "x")

@@ -261,6 +261,13 @@ async fn emptied_streams_expire_when_asked() {
     let answer = format!("/t/{t}/{trimmed}/reply");
     api.post(&answer, "late").await.expect(201);
     assert!(expiring(ttl()), "answered: {}", ttl());
+    // A pending consume that acknowledges away an entry whose message is gone empties it too.
+    api.produce(&t, "orphan").await;
+    api.consume(&t, "?pending").await.expect(200);
+    redis.command(&["XTRIM", &stream, "MAXLEN", "0"]);
+    assert_eq!(ttl(), -1, "an entry is pending");
+    api.consume(&t, "?pending").await.expect(204);
+    assert!(expiring(ttl()), "acknowledged away: {}", ttl());
     // Expired, the tunnel is new again.
     redis.command(&["PEXPIRE", &stream, "1"]);
     let gone = wait_until(Duration::from_secs(5), || {

@@ -35,6 +35,7 @@ local function consume(stream, group, consumer, mode, idle, empty_ttl)
     return reply
   end
 
+  local acked_away = false
   if mode == 'pending' then
     -- The oldest pending message idle long enough is handed out again: XPENDING's IDLE filter
     -- finds it in one scan of the pending list (XAUTOCLAIM with COUNT 1 took ~17 µs a call and
@@ -52,11 +53,16 @@ local function consume(stream, group, consumer, mode, idle, empty_ttl)
         return entry
       end
       redis.call('XACK', stream, group, oldest[1])
+      acked_away = true
     end
   end
   if mode ~= 'remove' then
     local entry = first(in_group('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1,
       'STREAMS', stream, '>'))
+    -- The entries acknowledged away may have been all that kept the stream.
+    if not entry and acked_away then
+      expire_if_emptied(stream, group, empty_ttl)
+    end
     return entry or false
   end
 
