@@ -588,8 +588,7 @@ async fn events_wait_for_the_subscription() {
 async fn publish_that_reached_no_subscription_is_refused() {
     let redis = RedisServer::start();
     let proxy = RedisProxy::start(&redis);
-    let proxy_url = proxy.url();
-    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let relay = through(&proxy, &redis);
     let api = relay.client();
     let topic = tunnel_id("unheard");
     api.post(&format!("/e/{topic}"), "heard").await.expect(202);
@@ -753,8 +752,7 @@ async fn frozen_store_loses_nothing() {
 async fn frozen_distant_store_loses_nothing() {
     let redis = RedisServer::start();
     let proxy = RedisProxy::with_delay(&redis, Duration::from_millis(150));
-    let proxy_url = proxy.url();
-    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let relay = through(&proxy, &redis);
     loses_nothing_while_frozen(&redis, &relay).await;
 }
 
@@ -810,8 +808,7 @@ async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
 async fn server_clock_step_is_read_again_at_once() {
     let redis = RedisServer::start();
     let proxy = RedisProxy::with_clock_stepped(&redis, 10);
-    let proxy_url = proxy.url();
-    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let relay = through(&proxy, &redis);
     let api = relay.client();
     let t = tunnel_id("stepped");
     let refused = api.post(&format!("/t/{t}"), "refused").await;
@@ -828,8 +825,7 @@ async fn server_clock_step_is_read_again_at_once() {
 async fn doubted_clock_is_read_at_most_ten_times_a_second() {
     let redis = RedisServer::start();
     let proxy = RedisProxy::with_clock_behind(&redis, 10);
-    let proxy_url = proxy.url();
-    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", proxy_url.as_str())]);
+    let relay = through(&proxy, &redis);
     let api = relay.client();
     let t = tunnel_id("behind");
     let before = proxy.clock_readings();
@@ -847,6 +843,12 @@ async fn doubted_clock_is_read_at_most_ten_times_a_second() {
         (readings as f64) <= 10.0 * seconds + 2.0,
         "{readings} readings in {seconds:.2} s for {refused} refused writes"
     );
+}
+
+/// A relay on `redis` that reaches it through `proxy`.
+fn through(proxy: &RedisProxy, redis: &RedisServer) -> Relay {
+    let url = proxy.url();
+    Relay::start(Store::Redis(redis), &[("REDIS_URL", url.as_str())])
 }
 
 /// Produces `after` on `t` until it succeeds or `limit` has passed; answers whether it succeeded.
