@@ -62,8 +62,27 @@ impl Auth {
     /// Whether an `Authorization` value carries the relay's own token, which is never passed on:
     /// as `Bearer <token>` or bare, alone or among credentials a proxy joined with commas.
     pub fn carries_relay_token(&self, authorization: &[u8]) -> bool {
-        authorization.split(|&b| b == b',').any(|part| {
-            let part = part.trim_ascii();
+        let Some(token) = &self.config.token else {
+            return false;
+        };
+        // A token with commas of its own spans as many more of the comma-separated pieces.
+        let span = token.bytes().filter(|&b| b == b',').count() + 1;
+        let commas = authorization
+            .iter()
+            .enumerate()
+            .filter_map(|(at, &b)| (b == b',').then_some(at));
+        let starts: Vec<usize> = std::iter::once(0).chain(commas.map(|at| at + 1)).collect();
+        let ends: Vec<usize> = starts
+            .iter()
+            .skip(1)
+            .map(|start| start - 1)
+            .chain(std::iter::once(authorization.len()))
+            .collect();
+        (0..=starts.len().saturating_sub(span)).any(|first| {
+            let Some(&end) = ends.get(first + span - 1) else {
+                return false;
+            };
+            let part = authorization[starts[first]..end].trim_ascii();
             self.token_matches(Some(part)) || self.token_equals(part)
         })
     }
@@ -125,6 +144,7 @@ mod tests {
             token: token.map(String::from),
             signature_secret: secret.map(String::from),
             public_ids: public.iter().map(|s| s.to_string()).collect(),
+            public_ids_set: !public.is_empty(),
         })
     }
 
@@ -159,6 +179,18 @@ mod tests {
             assert!(!a.carries_relay_token(other.as_bytes()), "{other}");
         }
         assert!(!auth(None, None, &[]).carries_relay_token(b"anything"));
+        let commas = auth(Some("sek,ret"), None, &[]);
+        for carried in [
+            "Bearer sek,ret",
+            "sek,ret",
+            "Basic x, Bearer sek,ret",
+            "sek,ret,Basic x",
+        ] {
+            assert!(commas.carries_relay_token(carried.as_bytes()), "{carried}");
+        }
+        for other in ["Bearer sek", "ret", "Bearer sek, ret", "sek,ret2"] {
+            assert!(!commas.carries_relay_token(other.as_bytes()), "{other}");
+        }
     }
 
     /// With nothing configured, everything passes.

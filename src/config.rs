@@ -68,12 +68,15 @@ pub struct AuthConfig {
     pub signature_secret: Option<String>,
     /// `TUNNEL_PUBLIC_IDS`: tunnels open to everyone.
     pub public_ids: HashSet<String>,
+    /// Whether `TUNNEL_PUBLIC_IDS` is set, even to separators only (`,`): that turns
+    /// authorization on with nothing public, as the original read a set variable.
+    pub public_ids_set: bool,
 }
 
 impl AuthConfig {
     /// Authorization is on when any of its three settings is given.
     pub fn enabled(&self) -> bool {
-        self.token.is_some() || self.signature_secret.is_some() || !self.public_ids.is_empty()
+        self.token.is_some() || self.signature_secret.is_some() || self.public_ids_set
     }
 
     /// What the start-up line says of authorization, so that a misspelled variable that left the
@@ -91,10 +94,15 @@ impl AuthConfig {
             self.signature_secret
                 .as_ref()
                 .map(|_| "signatures".to_owned()),
-            (!self.public_ids.is_empty()).then_some(public),
+            (self.public_ids_set || !self.public_ids.is_empty()).then_some(public),
         ];
+        // Agents and `/agents` open to the bearer token alone, so without one they never open.
+        let no_agents = match self.token {
+            None => " (no bearer token: agents cannot connect and /agents answers 403)",
+            Some(_) => "",
+        };
         format!(
-            "authorization on: {}",
+            "authorization on: {}{no_agents}",
             on.into_iter().flatten().collect::<Vec<_>>().join(", ")
         )
     }
@@ -218,6 +226,7 @@ impl Config {
             token: env.token("TUNNEL_ACCESS_TOKEN")?,
             signature_secret: env.secret("TUNNEL_SIGNATURE_SECRET")?,
             public_ids: env.tunnel_ids("TUNNEL_PUBLIC_IDS")?,
+            public_ids_set: env.get("TUNNEL_PUBLIC_IDS").is_some(),
         };
         // The original's older setting for one open tunnel, which did not turn authorization
         // on by itself.
@@ -797,7 +806,17 @@ mod tests {
         let c = config(&[("TUNNEL_ACCES_TOKEN", "s3cret")]).unwrap();
         assert_eq!(c.auth.summary(), "authorization off");
         let c = config(&[("TUNNEL_PUBLIC_IDS", "a")]).unwrap();
-        assert_eq!(c.auth.summary(), "authorization on: 1 public id");
+        let no_agents = " (no bearer token: agents cannot connect and /agents answers 403)";
+        assert_eq!(
+            c.auth.summary(),
+            format!("authorization on: 1 public id{no_agents}")
+        );
+        let c = config(&[("TUNNEL_PUBLIC_IDS", ",")]).unwrap();
+        assert!(c.auth.public_ids.is_empty());
+        assert_eq!(
+            c.auth.summary(),
+            format!("authorization on: 0 public ids{no_agents}")
+        );
     }
 
     /// A redis setting with no store named is noted (the Lua relay used redis there); not once a

@@ -143,6 +143,30 @@ impl RelayApp {
         self.presence.clone()
     }
 
+    /// What a request that did not parse is told: a tunnel's bad parameters or method only to
+    /// whoever may use the tunnel, as the original checked access first (a signed request, whose
+    /// check needs its body, is told what is wrong).
+    fn refused_first(
+        &self,
+        session: &ServerSession,
+        routing: RoutingHeaders<'_>,
+        error: Error,
+    ) -> Error {
+        let credentials = credentials(session);
+        let checkable = !(self.auth.checks_signatures() && credentials.signature.is_some());
+        let refused = |tunnel: TunnelId| !self.auth.allows(tunnel.as_str(), credentials, b"");
+        match error {
+            Error::BadParameter(_) | Error::MethodNotAllowed { .. }
+                if checkable
+                    && Route::tunnel_in_path(session.req_header().uri.path(), routing)
+                        .is_some_and(refused) =>
+            {
+                Error::AccessDenied
+            }
+            error => error,
+        }
+    }
+
     /// Answers one parsed request.
     async fn handle(
         &self,
@@ -614,7 +638,7 @@ impl HttpServerApp for RelayApp {
                     Outcome::whole(failed(name, e))
                 }
             },
-            Err(e) => Outcome::whole(Response::from(e)),
+            Err(e) => Outcome::whole(Response::from(self.refused_first(&session, routing, e))),
         };
         let (response, after) = match outcome {
             Outcome::Respond(response, after) => (response, after),

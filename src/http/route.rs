@@ -106,6 +106,15 @@ pub struct RoutingHeaders<'a> {
     pub preflight: bool,
 }
 
+impl<'a> RoutingHeaders<'a> {
+    /// The agent `x-backstream-client-id` names. An empty header names none, as Go's
+    /// `Header.Get` reads it: a proxy that always adds the header must not turn tunnel traffic
+    /// into 400s.
+    fn agent(&self) -> Option<&'a str> {
+        self.client_id.filter(|id| !id.trim().is_empty())
+    }
+}
+
 /// The shapes of `/t/...` paths, before the method picks the route.
 enum TunnelPath {
     Tunnel(TunnelId),
@@ -139,6 +148,19 @@ impl TunnelPath {
             _ => return None,
         };
         Some(path)
+    }
+
+    /// The tunnel the path names.
+    fn tunnel(&self) -> &TunnelId {
+        match self {
+            TunnelPath::Tunnel(tunnel)
+            | TunnelPath::Poll(tunnel)
+            | TunnelPath::Len(tunnel)
+            | TunnelPath::All(tunnel)
+            | TunnelPath::Message(tunnel, _)
+            | TunnelPath::Reply(tunnel, _)
+            | TunnelPath::ReplyPoll(tunnel, _) => tunnel,
+        }
     }
 
     /// The methods this path serves, for `Allow`.
@@ -208,13 +230,24 @@ impl Route {
         Ok(route)
     }
 
+    /// The tunnel a well-formed `/t/...` path names, whatever its method and parameters, unless
+    /// the request is for an agent: the original checked access to it before anything else.
+    pub fn tunnel_in_path(path: &str, routing: RoutingHeaders<'_>) -> Option<TunnelId> {
+        if routing.agent().is_some() {
+            return None;
+        }
+        let path = merge_slashes(path);
+        let shape = TunnelPath::parse(path.strip_prefix("/t/")?)?;
+        Some(shape.tunnel().clone())
+    }
+
     /// A request for an agent, if it is one: backstream's header on any path, or `/r/{agent}/...`.
     fn parse_forward(
         path: &str,
         query: Option<&str>,
         routing: RoutingHeaders<'_>,
     ) -> Result<Option<Route>, Error> {
-        let (agent, forwarded_path) = match (routing.client_id, routed_rest(path)) {
+        let (agent, forwarded_path) = match (routing.agent(), routed_rest(path)) {
             (Some(id), _) => {
                 let agent = TunnelId::parse(id.trim()).ok_or_else(|| {
                     Error::BadParameter(format!("Invalid x-backstream-client-id {}", shown(id)))
@@ -898,6 +931,14 @@ mod tests {
         };
         let route = Route::parse(&Method::GET, "/", None, bad, &tunnel("jobs"));
         assert!(matches!(route, Err(Error::BadParameter(_))));
+        for empty in ["", " "] {
+            let headers = RoutingHeaders {
+                client_id: Some(empty),
+                ..headers
+            };
+            let route = Route::parse(&Method::GET, "/t/x", None, headers, &tunnel("jobs"));
+            assert!(matches!(route, Ok(Route::Consume { .. })), "{empty:?}");
+        }
         let asterisk = Route::parse(&Method::OPTIONS, "*", None, headers, &tunnel("jobs"));
         assert!(matches!(asterisk, Err(Error::MalformedUrl)));
         let route = get("/r/svc/api/v1?q=2").unwrap();

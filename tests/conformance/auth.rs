@@ -84,6 +84,23 @@ pub(super) async fn auth_covers_every_tunnel_route(backend: Backend) {
         "denied requests changed the tunnel"
     );
     assert_eq!(member.len(&t).await, 1);
+    // Access comes before parameters and methods, as in the original: only a member learns
+    // what is wrong with its request.
+    let malformed = [
+        (Method::POST, format!("/t/{t}?limit=abc"), 400),
+        (Method::GET, format!("/t/{t}?pending=true"), 400),
+        (Method::GET, format!("/t/{t}/poll?timeout=soon"), 400),
+        (Method::PUT, format!("/t/{t}"), 405),
+    ];
+    for (method, path, status) in malformed {
+        let request = |client: &crate::support::client::Client| {
+            client.request(method.clone(), &path).body("x")
+        };
+        let response = anonymous.send(request(&anonymous)).await;
+        assert_eq!(response.status, 403, "{method} {path}: {response:?}");
+        let response = member.send(request(&member)).await;
+        assert_eq!(response.status, status, "{method} {path}: {response:?}");
+    }
 
     anonymous.get("/health").await.expect(200);
     anonymous.get("/demo/").await.expect(200);
