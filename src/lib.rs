@@ -8,7 +8,8 @@
 //! - [`config`]: the environment, read once into a typed `Config`; errors name the variable.
 //! - `cli`: the command line (`burrow serve | worker | agent`), parsed with clap.
 //! - `server`: builds Pingora's `Server` from `conf/burrow.yaml` and the config, and runs it;
-//!   `signals`: what SIGTERM and SIGQUIT do to it (a SIGQUIT with no new relay waiting is refused).
+//!   `signals`: what SIGTERM and SIGQUIT do to it (a SIGQUIT with no new relay waiting is refused);
+//!   `drain`: the routed requests a stopping relay waits for before it exits.
 //! - `http`: the Pingora app — routing (`Route`), authorization, responses and the one place
 //!   where errors become statuses.
 //! - `tunnel`: the tunnel protocol (produce, consume, long-poll, replies…), store-agnostic.
@@ -34,6 +35,7 @@ mod agent;
 mod auth;
 mod cli;
 mod cors;
+mod drain;
 mod duration;
 mod error;
 mod events;

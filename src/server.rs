@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log;
 use crate::config::{Config, StoreConfig};
+use crate::drain::{self, InFlight};
 use crate::http::{Connections, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::signals::Signals;
@@ -83,7 +84,14 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     store_runtime.spawn(exit_on_interrupt(interrupt));
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
-    let app = RelayApp::new(&config, store, Duration::from_secs(grace));
+    let in_flight = InFlight::default();
+    let app = RelayApp::new(
+        &config,
+        store,
+        Duration::from_secs(grace),
+        in_flight.clone(),
+    );
+    let drainer = background_service("drain", Drainer(in_flight));
     let announcer = background_service("presence", Announcer(app.presence()));
     let access_log = background_service("access log", AccessLogFlusher);
 
@@ -101,6 +109,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     server.add_service(service);
     server.add_service(announcer);
     server.add_service(access_log);
+    server.add_service(drainer);
     if let Some(metrics_listen) = &config.metrics_listen {
         crate::metrics::init();
         let mut metrics = pingora_prometheus::prometheus_http_service();
@@ -194,6 +203,23 @@ fn can_listen(var: &'static str, address: &str) -> Result<(), ServeError> {
             address: address.to_owned(),
             source,
         })
+}
+
+/// Ends a stopping relay as soon as no routed request is left in flight (see `drain`), where
+/// Pingora would sleep out its whole grace period first.
+struct Drainer(InFlight);
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        crate::tunnel::stopping(&mut shutdown).await;
+        let began = tokio::time::Instant::now();
+        self.0.none_left().await;
+        tokio::time::sleep_until(began + drain::AT_LEAST).await;
+        log::info!("no routed request left in flight: exiting");
+        access_log::flush();
+        std::process::exit(0);
+    }
 }
 
 /// Announces this instance's agents in the store until shutdown (see `presence`).

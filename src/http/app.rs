@@ -31,6 +31,7 @@ use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::cors::ALLOWED_METHODS;
+use crate::drain::InFlight;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, Jobs};
@@ -104,13 +105,16 @@ pub struct RelayApp {
     header_timeout: Duration,
     /// How long requests in flight may take once shutdown begins (Pingora's grace period).
     grace: Duration,
+    /// The routed requests in flight, which a stopping relay waits for.
+    in_flight: InFlight,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
     /// An app serving tunnels, jobs, events and agents on `store` as `config` says, whose
-    /// requests in flight have `grace` to finish when the relay stops.
-    pub fn new(config: &Config, store: Store, grace: Duration) -> RelayApp {
+    /// requests in flight have `grace` to finish when the relay stops; its routed ones are
+    /// counted in `in_flight`.
+    pub fn new(config: &Config, store: Store, grace: Duration, in_flight: InFlight) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -134,6 +138,7 @@ impl RelayApp {
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
             grace,
+            in_flight,
             options,
         }
     }
@@ -612,6 +617,8 @@ impl HttpServerApp for RelayApp {
             &self.jobs_queue,
         );
         let name = route.as_ref().map_or("invalid", Route::name);
+        // Counted until its response is written, the body streamed included.
+        let _routed = matches!(route, Ok(Route::Forward { .. })).then(|| self.in_flight.enter());
         let served = Served {
             method: Some(method),
             name,

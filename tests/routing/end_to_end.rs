@@ -1245,13 +1245,8 @@ async fn round_trip(backend: Backend) {
 
 per_store!(shared: [], dedicated: [round_trip]);
 
-/// Stopping, the relay answers a routed request still waiting for its answer with 503 before its
-/// grace period (1 s) ends (the connection was dropped without an answer), and one that comes on a
-/// kept-alive connection meanwhile with 503 at once (it was 422: no such agent) — unless another
-/// instance sent it, which is told the agent is gone (marked, so that it tries the next one).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_answers_routed_requests_in_flight() {
-    let setup = Setup::start(Store::Memory, &[]).await;
+/// A routed `GET /sleep` (two seconds at the upstream), once the upstream has it.
+async fn at_the_upstream(setup: &Setup) -> tokio::task::JoinHandle<crate::support::Response> {
     let mut sleeping = setup.upstream.sleeping.subscribe();
     let (client, path) = (setup.client.clone(), format!("/r/{}/sleep", setup.name));
     let request = tokio::spawn(async move { client.get(&path).await });
@@ -1259,6 +1254,27 @@ async fn sigterm_answers_routed_requests_in_flight() {
         .wait_for(|&n| n > 0)
         .await
         .expect("the upstream is reached");
+    request
+}
+
+/// Stopping, the relay answers a routed request still waiting for its answer with 503 before its
+/// grace period (here 1 s, shorter than the upstream's 2 s) ends (the connection was dropped
+/// without an answer), and one that comes on a kept-alive connection meanwhile with 503 at once
+/// (it was 422: no such agent) — unless another instance sent it, which is told the agent is gone
+/// (marked, so that it tries the next one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_routed_requests_in_flight() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = dir.path().join("burrow.yaml");
+    let sock = dir.path().join("upgrade.sock");
+    let settings = format!(
+        "---\nversion: 1\nthreads: 2\ngrace_period_seconds: 1\nupgrade_sock: {}\n",
+        sock.display()
+    );
+    std::fs::write(&conf, settings).expect("the settings are written");
+    let conf = conf.to_str().expect("a UTF-8 path");
+    let setup = Setup::start(Store::Memory, &[("BURROW_CONF", conf)]).await;
+    let request = at_the_upstream(&setup).await;
     let open = || crate::support::raw::Connection::open(&setup.relay.base);
     let (mut probe, mut kept, mut hop) = (open().await, open().await, open().await);
     let late = format!("GET /r/{}/late HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
@@ -1288,6 +1304,23 @@ async fn sigterm_answers_routed_requests_in_flight() {
     let answer = request.await.expect("the request task does not panic");
     let answer = answer.expect_error(503, "Relay shutting down, retry");
     assert_eq!(answer.header("retry-after"), Some("1"));
+}
+
+/// Stopping with the built-in grace period (8 s), the relay lets a routed request that takes
+/// longer than a moment (the upstream's 2 s) finish, and exits as soon as it has, not when the
+/// grace period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_routed_requests_finish_then_exits() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let request = at_the_upstream(&setup).await;
+    setup.relay.signal("TERM");
+    let answer = request.await.expect("the request task does not panic");
+    assert_eq!(answer.expect(200).text(), "late");
+    // Well before the grace period's end, 6 s or more from now.
+    assert!(
+        setup.relay.exits_within(Duration::from_secs(4)).await,
+        "the relay still runs with no request in flight"
+    );
 }
 
 /// B remembers for a moment which instances it found an agent on: its requests to the agent on A

@@ -99,6 +99,18 @@ impl Relay {
         super::process::signal_pid(self.process.pid(), signal);
     }
 
+    /// Whether the relay process ends within `limit` (a zombie until the test drops it).
+    pub async fn exits_within(&self, limit: Duration) -> bool {
+        let stat = format!("/proc/{}/stat", self.process.pid());
+        super::eventually(limit, || {
+            // `pid (comm) state …`: the state follows the last `)`.
+            let state = std::fs::read_to_string(&stat).ok();
+            let state = state.as_deref().and_then(|s| s.rsplit(')').next());
+            std::future::ready(state.is_none_or(|s| s.trim_start().starts_with('Z')))
+        })
+        .await
+    }
+
     /// The relay's resident memory now, in bytes (`VmRSS`).
     pub fn resident_bytes(&self) -> u64 {
         let status = format!("/proc/{}/status", self.process.pid());
