@@ -268,6 +268,15 @@ async fn websocket_round_trip(api: &Client) {
     assert_eq!(finished, expected);
     // The socket took the result before pushing it: the push was the one hand-out.
     assert_eq!(done(api, &id, "", 404).await["status"], "Unknown");
+    // Frames sent back to back are answered in the order sent, refusals included.
+    for frame in [json!([1]), json!({"n": 1}), json!("x"), json!({"n": 2})] {
+        send_json(&mut ws, &frame).await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(next_json(&mut ws).await["status"].clone());
+    }
+    assert_eq!(answers, ["Error", "started", "Error", "started"]);
     assert_close_answered(&mut ws).await;
     // A broken frame (RSV1 set, no extension agreed; masked, as from a client) closes with 1002.
     let broken = [0xc1, 0x80, 1, 2, 3, 4];
