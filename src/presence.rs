@@ -157,6 +157,11 @@ impl Presence {
         self.agents.changed().await;
     }
 
+    /// Resolves when the store is back after an outage, which may have lost the records.
+    pub async fn store_back(&self) {
+        self.store.back().await;
+    }
+
     async fn record(&self, agents: Vec<Value>) -> Result<(), StoreError> {
         let record = json!({
             "instance": self.instance,

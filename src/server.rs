@@ -240,8 +240,10 @@ impl BackgroundService for Announcer {
                     return;
                 }
                 _ = tick.tick() => {}
-                // A new agent is reachable from other instances at once, not at the next tick.
+                // A new agent is reachable from other instances at once, not at the next tick;
+                // so are this instance's agents when a restarted store has lost their records.
                 () = self.0.agents_changed() => {}
+                () = self.0.store_back() => {}
             }
             match self.0.announce().await {
                 Ok(()) if failing => {

@@ -206,6 +206,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Resolves the next time the store is back after its connection was lost: a server
+    /// restarted without persistence has lost what it held (the presence records). Never, for
+    /// a store in the process.
+    async fn back(&self) {
+        std::future::pending::<()>().await;
+    }
+
     /// For each key, whether its waiters may find something now: a message in the tunnel never
     /// handed out, one unacknowledged for its `redeliver_after`, or the reply. A false positive
     /// costs a waiter one store read; the answer must not miss anything.

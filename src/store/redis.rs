@@ -943,6 +943,16 @@ impl Backend for RedisStore {
         *self.hears_events.borrow()
     }
 
+    async fn back(&self) {
+        // The subscriber's connection stands for the server's: down, then up and subscribed.
+        let mut subscribed = self.hears_events.clone();
+        let down = subscribed.wait_for(|up| !*up).await.is_ok();
+        if !down || subscribed.wait_for(|up| *up).await.is_err() {
+            // The subscriber is gone for good: nothing will ever come back.
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn ready(&self, keys: &[Waited]) -> Result<Vec<bool>, StoreError> {
         let mut ready = Vec::with_capacity(keys.len());
         for batch in keys.chunks(READY_BATCH) {

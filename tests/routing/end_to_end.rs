@@ -1945,6 +1945,33 @@ async fn agent_on_another_instance() {
     assert!(!text.contains(&a_address), "{text}");
 }
 
+/// An instance whose store restarted between two rounds of announcements, without persistence,
+/// announces its agents again as soon as it is back, not at its next round (5 s after the last):
+/// meanwhile other instances would answer 422 for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcing_again_after_a_store_restart() {
+    use std::io::BufRead;
+
+    let mut redis = RedisServer::start();
+    let a = Relay::start(Store::Redis(&redis), &[]);
+    let upstream = Upstream::start("up").await;
+    let name = tunnel_id("restart");
+    let agent = Agent::serve(&a.base, &name, &upstream.url(), None);
+    wait_agents(&a.client(), &name, 1, RECONNECT, &[&agent]).await;
+    // Restarted right after a round, so that the next one is about 5 s away.
+    let mut monitor = redis.monitor();
+    let round = std::iter::from_fn(|| {
+        let mut line = String::new();
+        monitor.read_line(&mut line).ok().filter(|&read| read > 0)?;
+        Some(line)
+    })
+    .find(|line| line.contains("burrow:instance:"));
+    assert!(round.is_some(), "A announces its agents");
+    redis.restart();
+    let b = Relay::start(Store::Redis(&redis), &[]);
+    wait_agents(&b.client(), &name, 1, Duration::from_secs(3), &[&agent]).await;
+}
+
 /// An instance that cannot announce its agents (its store is down) says so once, and announces
 /// them as soon as the store is back rather than at its next round (every 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
