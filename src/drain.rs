@@ -1,8 +1,9 @@
-//! What a stopping relay waits for: routed requests in flight, which may take seconds (a slow
-//! upstream, a long download), where every other request is answered in a moment. Pingora sleeps
-//! out its whole grace period on every shutdown, so the grace period is the longest wait, and the
-//! relay exits as soon as no routed request is left (and [`AT_LEAST`] after the signal, which the
-//! other requests had before).
+//! What a stopping relay waits for before it exits: the requests in flight (a routed one may take
+//! seconds: a slow upstream, a long download) and the HTTP/2 connections, whose answers are
+//! written by the connection's own task. Pingora sleeps out its whole grace period on every
+//! shutdown, so the grace period is the longest wait, and the relay exits as soon as nothing is
+//! left (and [`AT_LEAST`] after the signal, in which waiting long-polls, answered outside any
+//! request, and sockets told to close are done).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,11 +11,11 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// How long a stopping relay waits even when no routed request is in flight: requests of other
-/// kinds in flight finish, and long-polls are answered (204) in that time.
+/// How long a stopping relay waits even when nothing is in flight: long-polls are answered (204)
+/// and sockets closed in that time.
 pub const AT_LEAST: Duration = Duration::from_secs(1);
 
-/// The routed requests in flight in this process.
+/// The requests and HTTP/2 connections in flight in this process.
 #[derive(Clone, Default)]
 pub struct InFlight(Arc<Count>);
 
@@ -25,13 +26,13 @@ struct Count {
 }
 
 impl InFlight {
-    /// Counts a routed request until the returned guard is dropped, its response written.
+    /// Counts a request (or an HTTP/2 connection) until the returned guard is dropped.
     pub fn enter(&self) -> Entered {
         self.0.requests.fetch_add(1, Ordering::AcqRel);
         Entered(self.clone())
     }
 
-    /// Resolves once no routed request is in flight.
+    /// Resolves once nothing is in flight.
     pub async fn none_left(&self) {
         loop {
             let notified = self.0.none_left.notified();
@@ -46,7 +47,7 @@ impl InFlight {
     }
 }
 
-/// One routed request in flight; dropping it ends the count.
+/// One request or connection in flight; dropping it ends the count.
 pub struct Entered(InFlight);
 
 impl Drop for Entered {

@@ -105,15 +105,14 @@ pub struct RelayApp {
     header_timeout: Duration,
     /// How long requests in flight may take once shutdown begins (Pingora's grace period).
     grace: Duration,
-    /// The routed requests in flight, which a stopping relay waits for.
+    /// The requests in flight, which a stopping relay waits for.
     in_flight: InFlight,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
     /// An app serving tunnels, jobs, events and agents on `store` as `config` says, whose
-    /// requests in flight have `grace` to finish when the relay stops; its routed ones are
-    /// counted in `in_flight`.
+    /// requests in flight have `grace` to finish when the relay stops, counted in `in_flight`.
     pub fn new(config: &Config, store: Store, grace: Duration, in_flight: InFlight) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
@@ -141,6 +140,11 @@ impl RelayApp {
             in_flight,
             options,
         }
+    }
+
+    /// The requests and connections a stopping relay waits for.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 
     /// This instance's presence, announced by a background service.
@@ -617,8 +621,9 @@ impl HttpServerApp for RelayApp {
             &self.jobs_queue,
         );
         let name = route.as_ref().map_or("invalid", Route::name);
-        // Counted until its response is written, the body streamed included.
-        let _routed = matches!(route, Ok(Route::Forward { .. })).then(|| self.in_flight.enter());
+        // Counted until its response is written, a streamed body included (a long-poll that
+        // leaves to wait outside is answered at once when the relay stops).
+        let _in_flight = self.in_flight.enter();
         let served = Served {
             method: Some(method),
             name,

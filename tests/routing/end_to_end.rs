@@ -1323,6 +1323,39 @@ async fn sigterm_lets_routed_requests_finish_then_exits() {
     );
 }
 
+/// The same over HTTP/2, where the connection's own task writes the answers: every stream in
+/// flight gets its whole answer before the relay exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_routed_http2_streams_finish() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client builds");
+    let mut sleeping = setup.upstream.sleeping.subscribe();
+    let url = format!("{}/r/{}/sleep", setup.relay.base, setup.name);
+    let mut requests = JoinSet::new();
+    const STREAMS: u64 = 20;
+    for _ in 0..STREAMS {
+        let (h2, url) = (h2.clone(), url.clone());
+        requests.spawn(async move {
+            let response = h2.get(url).send().await?;
+            Ok::<_, reqwest::Error>((response.status(), response.text().await?))
+        });
+    }
+    sleeping
+        .wait_for(|&n| n >= STREAMS)
+        .await
+        .expect("the upstream is reached");
+    setup.relay.signal("TERM");
+    while let Some(answer) = requests.join_next().await {
+        let answer = answer.expect("the request task does not panic");
+        let (status, body) = answer.expect("a whole answer");
+        assert_eq!((status.as_u16(), body.as_str()), (200, "late"));
+    }
+    assert!(setup.relay.exits_within(Duration::from_secs(4)).await);
+}
+
 /// B remembers for a moment which instances it found an agent on: its requests to the agent on A
 /// read the store once, not once each. When the agent has moved to C meanwhile, A refuses the
 /// request and B reads the store again, rather than answer 422.
