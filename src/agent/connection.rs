@@ -36,12 +36,15 @@ pub enum Ended {
 
 /// Serves one connection until it is lost, or until `drain` turns true and the requests in flight
 /// have finished (at most `grace` later). While draining, the agent has said `GOAWAY` and refuses
-/// new requests with `RESET`, which the relay retries on another agent.
+/// new requests with `RESET`, which the relay retries on another agent. A `GOAWAY` from the relay
+/// is told to `relay_leaving`, so that the agent connects again at once while this connection
+/// finishes its requests.
 pub async fn serve<S>(
     socket: WebSocketStream<S>,
     upstream: Arc<Upstream>,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
+    relay_leaving: oneshot::Sender<()>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -56,6 +59,7 @@ where
     let mut drain_until: Option<Instant> = None;
     let mut drain_open = true;
     let mut check = tokio::time::interval(CHECK_EVERY);
+    let mut relay_leaving = Some(relay_leaving);
 
     let ended = loop {
         if drain_until.is_none() && *drain.borrow() {
@@ -74,8 +78,14 @@ where
                     };
                     match frame.kind {
                         Kind::Head => start(&streams, frame, &upstream, drain_until.is_some(), &mut requests),
-                        // The relay is going away: finish what is in flight, then reconnect.
-                        Kind::GoAway => drain_until = drain_until.or(Some(Instant::now() + grace)),
+                        // The relay is going away: finish what is in flight here, while the
+                        // agent connects again (to another instance behind the same address).
+                        Kind::GoAway => {
+                            drain_until = drain_until.or(Some(Instant::now() + grace));
+                            if let Some(leaving) = relay_leaving.take() {
+                                let _ = leaving.send(());
+                            }
+                        }
                         _ => streams.dispatch(frame),
                     }
                 }

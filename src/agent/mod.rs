@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -219,6 +220,8 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
 
     let mut backoff = Backoff::new();
     let mut outage: Option<(Instant, u32)> = None;
+    // Connections whose relay said GOAWAY, finishing their requests while a new one serves.
+    let mut leaving = Vec::new();
     while !*drain.borrow() {
         let mut stop = drain.clone();
         let dialled = tokio::select! {
@@ -235,11 +238,35 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                     None => log::info!("connected to the relay"),
                 }
                 backoff.reset();
-                match connection::serve(socket, upstream.clone(), drain.clone(), DRAIN_GRACE).await
-                {
-                    Ended::Drained => break,
-                    Ended::Lost(reason) => {
+                let (relay_leaving, left) = oneshot::channel();
+                let served = connection::serve(
+                    socket,
+                    upstream.clone(),
+                    drain.clone(),
+                    DRAIN_GRACE,
+                    relay_leaving,
+                );
+                let mut link = tokio::spawn(served);
+                let ended = tokio::select! {
+                    ended = &mut link => ended,
+                    Ok(()) = left => {
+                        log::info!(
+                            "the relay is going away: connecting again while its requests in \
+                             flight finish"
+                        );
+                        leaving.retain(|link: &JoinHandle<Ended>| !link.is_finished());
+                        leaving.push(link);
+                        continue;
+                    }
+                };
+                match ended {
+                    Ok(Ended::Drained) => break,
+                    Ok(Ended::Lost(reason)) => {
                         log::warn!("connection to the relay lost: {reason}; reconnecting");
+                        outage = Some((Instant::now(), 0));
+                    }
+                    Err(failed) => {
+                        log::warn!("connection to the relay ended: {failed}; reconnecting");
                         outage = Some((Instant::now(), 0));
                     }
                 }
@@ -264,6 +291,10 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
             _ = tokio::time::sleep(pause) => {}
             _ = stop_signal(drain.clone()) => break,
         }
+    }
+    // Those still finishing drain as the last one did.
+    for link in leaving {
+        let _ = link.await;
     }
     log::info!("stopped");
     Ok(())

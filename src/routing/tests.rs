@@ -240,11 +240,14 @@ async fn start_agent(relay: &Relay, name: &str, upstream: &str) -> Agent {
     let url = url::Url::parse(upstream).unwrap();
     let upstream = Arc::new(Upstream::new(&url).unwrap());
     let (drain, watching) = watch::channel(false);
+    // Nobody dials again here: the relay's `GOAWAY` is not listened for.
+    let (relay_leaving, _) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(connection::serve(
         socket,
         upstream,
         watching,
         Duration::from_secs(10),
+        relay_leaving,
     ));
     Agent { drain, task }
 }

@@ -1356,6 +1356,41 @@ async fn sigterm_lets_routed_http2_streams_finish() {
     assert!(setup.relay.exits_within(Duration::from_secs(4)).await);
 }
 
+/// When its relay stops with a request of the agent's still in flight, the agent connects again
+/// at once (here to a new relay on the same address, as behind a load balancer) while the old
+/// connection finishes that request, so that the name stays reachable; before, it waited for the
+/// request (up to the grace period, 8 s) and the name was "not found" meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connects_again_while_its_stopping_relay_finishes() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let mut hanging = setup.upstream.hanging.subscribe();
+    let (client, path) = (setup.client.clone(), format!("/r/{}/hang", setup.name));
+    let mut request = tokio::spawn(async move { client.get(&path).await });
+    hanging
+        .wait_for(|&n| n > 0)
+        .await
+        .expect("the upstream is reached");
+    setup.relay.signal("TERM");
+    let port = setup.relay.port();
+    let closed = || std::future::ready(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let closed = crate::support::eventually(WAIT, closed).await;
+    assert!(closed, "the stopping relay still listens");
+    let b = Relay::start_on(port, Store::Memory, &[]);
+    let moved = async {
+        while agents_named(&b.client(), &setup.name).await != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        () = moved => {}
+        answer = &mut request => panic!("the agent moved only after its request ended: {answer:?}"),
+    }
+    echo_through(&b.client(), &setup.name, "up").await;
+    // The old connection still serves its request, until its timeout (3 s).
+    let answer = request.await.expect("the request task does not panic");
+    answer.expect_error(504, "agent did not answer in time");
+}
+
 /// B remembers for a moment which instances it found an agent on: its requests to the agent on A
 /// read the store once, not once each. When the agent has moved to C meanwhile, A refuses the
 /// request and B reads the store again, rather than answer 422.
