@@ -311,6 +311,11 @@ impl RelayApp {
                 ));
             }
             Route::AgentConnect { name } => {
+                // An agent told to leave the moment it came would dial straight back: a
+                // stopping relay refuses it, and it tries again after a pause.
+                if *shutdown.borrow() {
+                    return Err(Error::ShuttingDown);
+                }
                 let then = Some(After::Upgraded(Upgraded::Agent(name)));
                 return Ok(Outcome::Respond(accept(session)?, then));
             }

@@ -1277,9 +1277,11 @@ async fn sigterm_answers_routed_requests_in_flight() {
     let request = at_the_upstream(&setup).await;
     let open = || crate::support::raw::Connection::open(&setup.relay.base);
     let (mut probe, mut kept, mut hop) = (open().await, open().await, open().await);
+    let mut dialling = open().await;
     let late = format!("GET /r/{}/late HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
     assert_eq!(kept.exchange(&late).await.status, 200);
     assert_eq!(hop.exchange(&late).await.status, 200);
+    assert_eq!(dialling.exchange(&late).await.status, 200);
     setup.relay.signal("TERM");
     // Served as before until the relay has taken the signal in; an answer already on its way then
     // closes its connection, so the probe is another one than `kept`.
@@ -1295,6 +1297,13 @@ async fn sigterm_answers_routed_requests_in_flight() {
     }
     assert!(taken_in(&answer), "{answer:?}");
     let answer = kept.exchange(&late).await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    // An agent connecting now is refused, not taken in and sent away at once (it would dial
+    // straight back).
+    let connect = "GET /agent/connect?name=late HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n\
+                   Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let answer = dialling.exchange(connect).await;
     assert_eq!(answer.status, 503, "{answer:?}");
     // One sent on by another instance is refused, so that one tries the next with the agent.
     let from_b = late.replace("Host: relay", "Host: relay\r\nx-burrow-hop: b");
