@@ -21,14 +21,14 @@ pub struct InFlight(Arc<Count>);
 
 #[derive(Default)]
 struct Count {
-    requests: AtomicUsize,
+    open: AtomicUsize,
     none_left: Notify,
 }
 
 impl InFlight {
     /// Counts a request (or an HTTP/2 connection) until the returned guard is dropped.
     pub fn enter(&self) -> Entered {
-        self.0.requests.fetch_add(1, Ordering::AcqRel);
+        self.0.open.fetch_add(1, Ordering::AcqRel);
         Entered(self.clone())
     }
 
@@ -39,7 +39,7 @@ impl InFlight {
             tokio::pin!(notified);
             // Registered before the count is read, so a request ending in between still wakes it.
             notified.as_mut().enable();
-            if self.0.requests.load(Ordering::Acquire) == 0 {
+            if self.0.open.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -53,7 +53,7 @@ pub struct Entered(InFlight);
 impl Drop for Entered {
     fn drop(&mut self) {
         let count = &self.0 .0;
-        if count.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if count.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             count.none_left.notify_waiters();
         }
     }

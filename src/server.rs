@@ -205,18 +205,18 @@ fn can_listen(var: &'static str, address: &str) -> Result<(), ServeError> {
         })
 }
 
-/// Ends a stopping relay as soon as no routed request is left in flight (see `drain`), where
-/// Pingora would sleep out its whole grace period first.
+/// Ends a stopping relay as soon as nothing is left in flight (see `drain`), where Pingora
+/// would sleep out its whole grace period first.
 struct Drainer(InFlight);
 
 #[async_trait]
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         crate::tunnel::stopping(&mut shutdown).await;
-        let began = tokio::time::Instant::now();
+        tokio::time::sleep(drain::AT_LEAST).await;
+        // Counted after the pause too: a kept-alive connection may have brought one more.
         self.0.none_left().await;
-        tokio::time::sleep_until(began + drain::AT_LEAST).await;
-        log::info!("no routed request left in flight: exiting");
+        log::info!("nothing left in flight: exiting");
         access_log::flush();
         std::process::exit(0);
     }
