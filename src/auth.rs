@@ -34,10 +34,12 @@ impl Auth {
         self.config.enabled()
     }
 
-    /// Whether signatures are checked at all (`TUNNEL_SIGNATURE_SECRET`): only then does a
-    /// request's body take part in its authorization.
-    pub fn checks_signatures(&self) -> bool {
+    /// Whether a request's body takes part in its authorization: signatures are checked
+    /// (`TUNNEL_SIGNATURE_SECRET`) and it carries one shaped as `sha256=<hex digest>`. One shaped
+    /// otherwise can never pass, so such a request is refused as an unsigned one is.
+    pub fn checks_signature_of(&self, credentials: Credentials<'_>) -> bool {
         self.config.signature_secret.is_some()
+            && credentials.signature.and_then(signature_digest).is_some()
     }
 
     /// Whether `name` is open to everyone.
@@ -111,10 +113,7 @@ impl Auth {
         if body.is_empty() {
             return false;
         }
-        let Some(signature) = header
-            .strip_prefix(b"sha256=")
-            .and_then(|hex_digest| hex::decode(hex_digest.trim_ascii()).ok())
-        else {
+        let Some(signature) = signature_digest(header) else {
             return false;
         };
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
@@ -123,6 +122,13 @@ impl Auth {
         mac.update(body);
         mac.verify_slice(&signature).is_ok()
     }
+}
+
+/// The digest of `sha256=<hex>` (in hex of either case, blanks around it allowed), if the
+/// value is shaped so.
+fn signature_digest(header: &[u8]) -> Option<Vec<u8>> {
+    let digest = hex::decode(header.strip_prefix(b"sha256=")?.trim_ascii()).ok()?;
+    (digest.len() == 32).then_some(digest)
 }
 
 /// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110).

@@ -162,7 +162,7 @@ impl RelayApp {
         error: Error,
     ) -> Error {
         let credentials = credentials(session);
-        let checkable = !(self.auth.checks_signatures() && credentials.signature.is_some());
+        let checkable = !self.auth.checks_signature_of(credentials);
         let refused = |tunnel: TunnelId| !self.auth.allows(tunnel.as_str(), credentials, b"");
         match error {
             Error::BadParameter(_) | Error::MethodNotAllowed { .. }
@@ -185,9 +185,8 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         // Only a signature needs the body: without one, a request is refused before its body is
         // read (no `100 Continue`, nothing uploaded for nothing), as the original did.
-        let signed = self.auth.checks_signatures()
-            && matches!(route.access(), Access::Name(_))
-            && credentials(session).signature.is_some();
+        let signed = matches!(route.access(), Access::Name(_))
+            && self.auth.checks_signature_of(credentials(session));
         let allows = |session: &ServerSession, body: &[u8]| match route.access() {
             Access::Open => true,
             Access::Name(name) => self.auth.allows(name.as_str(), credentials(session), body),

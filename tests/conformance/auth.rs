@@ -159,6 +159,20 @@ pub(super) async fn signature_guards_produce(backend: Backend) {
         .await
         .expect_error(403, ACCESS_DENIED);
     api.get(&path).await.expect_error(403, ACCESS_DENIED);
+    // A value not shaped as `sha256=<hex digest>` can never pass: refused as an unsigned
+    // request is, before its body is asked for, and before its bad parameters are told.
+    for shapeless in ["garbage", "sha256=00", "sha1=abc"] {
+        for target in [path.clone(), format!("{path}?limit=x")] {
+            let mut connection = Connection::open(&relay.base).await;
+            let head = format!(
+                "POST {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\
+                 X-Hub-Signature-256: {shapeless}\r\nExpect: 100-continue\r\n\r\n"
+            );
+            let answer = connection.exchange(&head).await;
+            assert_eq!(answer.status, 403, "{shapeless} {target}: {answer:?}");
+            assert!(connection.closed().await);
+        }
+    }
 
     // Any tunnel route opens to a signed body, as in the original, which checked every signed
     // request against its body: here a consume.
