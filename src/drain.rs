@@ -1,5 +1,5 @@
 //! What a stopping relay waits for before it exits: the requests in flight (a routed one may take
-//! seconds: a slow upstream, a long download) and the HTTP/2 connections, whose answers are
+//! seconds: a slow upstream, a long download), then its HTTP/2 connections, whose answers are
 //! written by the connection's own task. Pingora sleeps out its whole grace period on every
 //! shutdown, so the grace period is the longest wait, and the relay exits as soon as nothing is
 //! left (and [`AT_LEAST`] after the signal, in which waiting long-polls, answered outside any
@@ -15,29 +15,58 @@ use tokio::sync::Notify;
 /// and sockets closed in that time.
 pub const AT_LEAST: Duration = Duration::from_secs(1);
 
+/// How long a stopping relay with no request left waits for its HTTP/2 connections to send their
+/// last answers and close: one whose client never acknowledges the closing (frozen, or gone
+/// without a word) holds it no longer.
+const H2_LINGER: Duration = Duration::from_secs(1);
+
 /// The requests and HTTP/2 connections in flight in this process.
 #[derive(Clone, Default)]
-pub struct InFlight(Arc<Count>);
+pub struct InFlight {
+    requests: Count,
+    h2_connections: Count,
+}
+
+impl InFlight {
+    /// Counts a request until the returned guard is dropped, its answer written.
+    pub fn request(&self) -> Entered {
+        self.requests.enter()
+    }
+
+    /// Counts an HTTP/2 connection until the returned guard is dropped, the connection closed.
+    pub fn h2_connection(&self) -> Entered {
+        self.h2_connections.enter()
+    }
+
+    /// Resolves once no request is in flight and the HTTP/2 connections have closed, or have had
+    /// [`H2_LINGER`] to.
+    pub async fn drained(&self) {
+        self.requests.none_left().await;
+        let _ = tokio::time::timeout(H2_LINGER, self.h2_connections.none_left()).await;
+    }
+}
+
+/// How many of one kind are open.
+#[derive(Clone, Default)]
+struct Count(Arc<Open>);
 
 #[derive(Default)]
-struct Count {
+struct Open {
     open: AtomicUsize,
     none_left: Notify,
 }
 
-impl InFlight {
-    /// Counts a request (or an HTTP/2 connection) until the returned guard is dropped.
-    pub fn enter(&self) -> Entered {
+impl Count {
+    fn enter(&self) -> Entered {
         self.0.open.fetch_add(1, Ordering::AcqRel);
         Entered(self.clone())
     }
 
-    /// Resolves once nothing is in flight.
-    pub async fn none_left(&self) {
+    async fn none_left(&self) {
         loop {
             let notified = self.0.none_left.notified();
             tokio::pin!(notified);
-            // Registered before the count is read, so a request ending in between still wakes it.
+            // Registered before the count is read, so one ending in between still wakes it.
             notified.as_mut().enable();
             if self.0.open.load(Ordering::Acquire) == 0 {
                 return;
@@ -48,7 +77,7 @@ impl InFlight {
 }
 
 /// One request or connection in flight; dropping it ends the count.
-pub struct Entered(InFlight);
+pub struct Entered(Count);
 
 impl Drop for Entered {
     fn drop(&mut self) {
@@ -69,13 +98,23 @@ mod tests {
     #[tokio::test]
     async fn waits_for_the_last_request() {
         let in_flight = InFlight::default();
-        assert!(in_flight.none_left().now_or_never().is_some());
-        let (first, second) = (in_flight.enter(), in_flight.enter());
-        let mut waiting = Box::pin(in_flight.none_left());
+        assert!(in_flight.drained().now_or_never().is_some());
+        let (first, second) = (in_flight.request(), in_flight.request());
+        let mut waiting = Box::pin(in_flight.drained());
         assert!(waiting.as_mut().now_or_never().is_none());
         drop(first);
         assert!(waiting.as_mut().now_or_never().is_none(), "one is left");
         drop(second);
         assert!(waiting.as_mut().now_or_never().is_some());
+    }
+
+    /// An HTTP/2 connection that does not close holds the wait for [`H2_LINGER`] only.
+    #[tokio::test(start_paused = true)]
+    async fn lingers_for_open_connections() {
+        let in_flight = InFlight::default();
+        let _open = in_flight.h2_connection();
+        let started = tokio::time::Instant::now();
+        in_flight.drained().await;
+        assert_eq!(started.elapsed(), H2_LINGER);
     }
 }

@@ -215,7 +215,7 @@ impl BackgroundService for Drainer {
         crate::tunnel::stopping(&mut shutdown).await;
         tokio::time::sleep(drain::AT_LEAST).await;
         // Counted after the pause too: a kept-alive connection may have brought one more.
-        self.0.none_left().await;
+        self.0.drained().await;
         log::info!("nothing left in flight: exiting");
         access_log::flush();
         std::process::exit(0);

@@ -627,7 +627,7 @@ impl HttpServerApp for RelayApp {
         let name = route.as_ref().map_or("invalid", Route::name);
         // Counted until its response is written, a streamed body included (a long-poll that
         // leaves to wait outside is answered at once when the relay stops).
-        let _in_flight = self.in_flight.enter();
+        let _in_flight = self.in_flight.request();
         let served = Served {
             method: Some(method),
             name,

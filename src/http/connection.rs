@@ -58,8 +58,8 @@ impl ServerApp for Connections {
         let (stream, h2, head_began) = sniff(stream, self.app.header_timeout()).await?;
         if h2 {
             // Answers are written by the connection's own task, which ends once they are sent:
-            // a stopping relay waits for it, not only for the requests.
-            let _open = self.app.in_flight().enter();
+            // a stopping relay waits a moment for it after the requests.
+            let _open = self.app.in_flight().h2_connection();
             // The preface is back in front of the stream: Pingora's own check finds it at once.
             return ServerApp::process_new(&self.app, stream, shutdown).await;
         }

@@ -1365,6 +1365,30 @@ async fn sigterm_lets_routed_http2_streams_finish() {
     assert!(setup.relay.exits_within(Duration::from_secs(4)).await);
 }
 
+/// An HTTP/2 client that never reads (frozen, or gone without a word) holds a stopping relay a
+/// moment only, not its whole grace period (8 s): the relay waits for its HTTP/2 connections to
+/// close after their last answers, but not for a client that never acknowledges the closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_frozen_http2_client() {
+    use tokio::io::AsyncWriteExt;
+
+    let relay = Relay::start(Store::Memory, &[]);
+    let mut frozen = tokio::net::TcpStream::connect(("127.0.0.1", relay.port()))
+        .await
+        .expect("the relay accepts");
+    // The preface and an empty SETTINGS frame, then nothing: no acknowledgement, ever.
+    let hello = [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(),
+        &[0, 0, 0, 4, 0, 0, 0, 0, 0],
+    ]
+    .concat();
+    frozen.write_all(&hello).await.expect("the preface is sent");
+    relay.client().get("/health").await.expect(200);
+    relay.signal("TERM");
+    assert!(relay.exits_within(Duration::from_secs(4)).await);
+    drop(frozen);
+}
+
 /// When its relay stops with a request of the agent's still in flight, the agent connects again
 /// at once (here to a new relay on the same address, as behind a load balancer) while the old
 /// connection finishes that request, so that the name stays reachable; before, it waited for the
