@@ -60,6 +60,8 @@ where
     let mut drain_open = true;
     let mut check = tokio::time::interval(CHECK_EVERY);
     let mut relay_leaving = Some(relay_leaving);
+    // The relay said GOAWAY: its grace period, not the agent's, bounds the requests in flight.
+    let mut relay_left = false;
 
     let ended = loop {
         if drain_until.is_none() && *drain.borrow() {
@@ -77,11 +79,11 @@ where
                         Err(err) => break Ended::Lost(format!("protocol error: {err}")),
                     };
                     match frame.kind {
-                        Kind::Head => start(&streams, frame, &upstream, drain_until.is_some(), &mut requests),
+                        Kind::Head => start(&streams, frame, &upstream, drain_until.is_some() || relay_left, &mut requests),
                         // The relay is going away: finish what is in flight here, while the
                         // agent connects again (to another instance behind the same address).
                         Kind::GoAway => {
-                            drain_until = drain_until.or(Some(Instant::now() + grace));
+                            relay_left = true;
                             if let Some(leaving) = relay_leaving.take() {
                                 let _ = leaving.send(());
                             }
@@ -103,12 +105,11 @@ where
                 }
                 if let Some(until) = drain_until {
                     if requests.is_empty() || Instant::now() > until {
-                        break if *drain.borrow() {
-                            Ended::Drained
-                        } else {
-                            Ended::Lost("the relay said GOAWAY".into())
-                        };
+                        break Ended::Drained;
                     }
+                }
+                if relay_left && requests.is_empty() {
+                    break Ended::Lost("the relay said GOAWAY".into());
                 }
             }
             changed = drain.changed(), if drain_until.is_none() && drain_open => {

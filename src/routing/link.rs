@@ -39,9 +39,6 @@ const REFUSING_FOR: Duration = Duration::from_secs(1);
 /// The longest an agent that keeps refusing is picked last before it is tried again.
 const MAX_REFUSING_FOR: Duration = Duration::from_secs(30);
 
-/// How long a shutting-down relay lets an agent's requests in flight finish.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
-
 /// How often the reader checks heartbeats and drain progress.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -145,8 +142,9 @@ fn refusing_span(before: u32, took: Duration) -> Duration {
 /// registers it under `name` in `registry`, carries its streams, and unregisters it.
 ///
 /// `socket` is the already upgraded WebSocket (for Pingora, built with
-/// `WebSocketStream::from_raw_socket(stream, Role::Server, config)`). On shutdown the relay sends
-/// `GOAWAY`, lets requests in flight finish for up to 10 s, and closes.
+/// `WebSocketStream::from_raw_socket(stream, Role::Server, config)`). When `shutdown` turns true
+/// the relay sends `GOAWAY`, lets requests in flight finish (within its grace period, which ends
+/// the process), and closes.
 pub async fn serve<S>(
     socket: WebSocketStream<S>,
     name: String,
@@ -178,7 +176,12 @@ pub async fn serve<S>(
 
     let mut last_heard = Instant::now();
     // A relay already shutting down takes no agents: it drains at once.
-    let mut drain_until = (*shutdown.borrow()).then(|| begin_drain(&link));
+    // Draining, the link closes once its requests are done: the relay's own grace period bounds
+    // how long that may take (the process ends with it).
+    let mut draining = *shutdown.borrow();
+    if draining {
+        begin_drain(&link);
+    }
     let mut check = tokio::time::interval(CHECK_EVERY);
     let mut silent = false;
     let reason: Reason = loop {
@@ -208,7 +211,7 @@ pub async fn serve<S>(
                 if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
                     break "no heartbeat for 30 s".into();
                 }
-                if drain_until.is_some_and(|until| link.in_flight() == 0 || Instant::now() > until) {
+                if draining && link.in_flight() == 0 {
                     break "relay shutting down".into();
                 }
                 if link.silent() != silent {
@@ -216,9 +219,10 @@ pub async fn serve<S>(
                     registry.state_changed();
                 }
             }
-            changed = shutdown.changed(), if drain_until.is_none() => {
+            changed = shutdown.changed(), if !draining => {
                 if changed.is_err() || *shutdown.borrow() {
-                    drain_until = Some(begin_drain(&link));
+                    draining = true;
+                    begin_drain(&link);
                 }
             }
         }
@@ -236,13 +240,12 @@ pub async fn serve<S>(
     );
 }
 
-/// Stops new requests to `link` and tells the agent (GOAWAY); answers when the grace period ends.
-fn begin_drain(link: &Link) -> Instant {
+/// Stops new requests to `link` and tells the agent (GOAWAY).
+fn begin_drain(link: &Link) {
     link.draining.store(true, Ordering::Relaxed);
     link.streams
         .out()
         .control(Frame::new(Kind::GoAway, 0, Default::default()));
-    Instant::now() + DRAIN_GRACE
 }
 
 /// Handles one binary message from the agent; `Err` ends the connection.

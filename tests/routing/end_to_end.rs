@@ -1245,6 +1245,35 @@ async fn round_trip(backend: Backend) {
 
 per_store!(shared: [], dedicated: [round_trip]);
 
+/// Pingora settings in `dir` with a grace period of `seconds`; their path.
+fn with_grace_period(dir: &tempfile::TempDir, seconds: u64) -> String {
+    let conf = dir.path().join("burrow.yaml");
+    let sock = dir.path().join("upgrade.sock");
+    let settings = format!(
+        "---\nversion: 1\nthreads: 2\ngrace_period_seconds: {seconds}\nupgrade_sock: {}\n",
+        sock.display()
+    );
+    std::fs::write(&conf, settings).expect("the settings are written");
+    conf.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// A routed download goes on for as long as the relay's grace period, when that is raised past
+/// 10 s for long downloads: neither the relay's link nor the agent cut it at 10 s of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_download_lasts_the_raised_grace_period() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 12);
+    let setup = Setup::start(Store::Memory, &[("BURROW_CONF", &conf)]).await;
+    let url = format!("{}/r/{}/hang-body", setup.relay.base, setup.name);
+    let mut download = reqwest::get(url).await.expect("the head comes");
+    assert_eq!(download.status(), 200);
+    setup.relay.signal("TERM");
+    let stopping = Instant::now();
+    while let Ok(Some(_)) = download.chunk().await {}
+    let lasted = stopping.elapsed();
+    assert!(lasted > Duration::from_secs(11), "cut after {lasted:?}");
+}
+
 /// A routed `GET /sleep` (two seconds at the upstream), once the upstream has it.
 async fn at_the_upstream(setup: &Setup) -> tokio::task::JoinHandle<crate::support::Response> {
     let mut sleeping = setup.upstream.sleeping.subscribe();
@@ -1265,15 +1294,8 @@ async fn at_the_upstream(setup: &Setup) -> tokio::task::JoinHandle<crate::suppor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_routed_requests_in_flight() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let conf = dir.path().join("burrow.yaml");
-    let sock = dir.path().join("upgrade.sock");
-    let settings = format!(
-        "---\nversion: 1\nthreads: 2\ngrace_period_seconds: 1\nupgrade_sock: {}\n",
-        sock.display()
-    );
-    std::fs::write(&conf, settings).expect("the settings are written");
-    let conf = conf.to_str().expect("a UTF-8 path");
-    let setup = Setup::start(Store::Memory, &[("BURROW_CONF", conf)]).await;
+    let conf = with_grace_period(&dir, 1);
+    let setup = Setup::start(Store::Memory, &[("BURROW_CONF", &conf)]).await;
     let request = at_the_upstream(&setup).await;
     let open = || crate::support::raw::Connection::open(&setup.relay.base);
     let (mut probe, mut kept, mut hop) = (open().await, open().await, open().await);
