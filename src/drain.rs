@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 /// How long a stopping relay waits even when nothing is in flight: long-polls are answered (204)
 /// and sockets closed in that time.
@@ -19,18 +19,6 @@ pub const AT_LEAST: Duration = Duration::from_secs(1);
 /// last answers and close: one whose client never acknowledges the closing (frozen, or gone
 /// without a word) holds it no longer.
 const H2_LINGER: Duration = Duration::from_secs(1);
-
-/// How the relay stops, as its app needs to know.
-#[derive(Clone)]
-pub struct Stopping {
-    /// Pingora's grace period: the longest requests in flight may take once shutdown begins.
-    pub grace: Duration,
-    /// What a stopping relay waits for.
-    pub in_flight: InFlight,
-    /// True once a SIGQUIT has handed the listening socket to a new process (see `signals`):
-    /// agents move there at once rather than when the drain begins.
-    pub handing_over: watch::Receiver<bool>,
-}
 
 /// The requests and HTTP/2 connections in flight in this process.
 #[derive(Clone, Default)]

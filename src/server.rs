@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log;
 use crate::config::{Config, StoreConfig};
-use crate::drain::{self, InFlight, Stopping};
+use crate::drain::{self, InFlight};
 use crate::http::{Connections, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::signals::Signals;
@@ -76,22 +76,21 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     // Watched before the store is opened, which may wait for a redis server for seconds: a SIGINT
     // then stops the relay too, also when its parent ignores SIGINT (which the handler undoes),
     // and a SIGTERM drains it as soon as it runs (rather than the default action: exit 143).
-    let (handing_over, handover) = tokio::sync::watch::channel(false);
     let (interrupt, signals) = {
         let _runtime = store_runtime.enter();
-        let signals = Signals::watch(conf.upgrade_sock.clone(), handing_over)?;
+        let signals = Signals::watch(conf.upgrade_sock.clone())?;
         (signal(SignalKind::interrupt()), signals)
     };
     store_runtime.spawn(exit_on_interrupt(interrupt));
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
     let in_flight = InFlight::default();
-    let stopping = Stopping {
-        grace: Duration::from_secs(grace),
-        in_flight: in_flight.clone(),
-        handing_over: handover,
-    };
-    let app = RelayApp::new(&config, store, stopping);
+    let app = RelayApp::new(
+        &config,
+        store,
+        Duration::from_secs(grace),
+        in_flight.clone(),
+    );
     let drainer = background_service("drain", Drainer(in_flight));
     let announcer = background_service("presence", Announcer(app.presence()));
     let access_log = background_service("access log", AccessLogFlusher);

@@ -6,7 +6,6 @@ use std::os::unix::fs::FileTypeExt;
 use async_trait::async_trait;
 use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
 
 /// The signals that stop the relay as Pingora's own watch reads them (SIGTERM drains, SIGQUIT
 /// hands the listening socket over, then drains; `server` stops it at once on SIGINT), except
@@ -16,22 +15,15 @@ pub struct Signals {
     quit: tokio::sync::Mutex<Signal>,
     terminate: tokio::sync::Mutex<Signal>,
     upgrade_sock: String,
-    handing_over: watch::Sender<bool>,
 }
 
 impl Signals {
-    /// Starts watching; signals that come before Pingora asks are kept for it. `handing_over`
-    /// turns true when a SIGQUIT hands the listening socket over, 5 s before the drain begins:
-    /// agents move to the new process at once (see `http::RelayApp`).
-    pub fn watch(
-        upgrade_sock: String,
-        handing_over: watch::Sender<bool>,
-    ) -> std::io::Result<Signals> {
+    /// Starts watching; signals that come before Pingora asks are kept for it.
+    pub fn watch(upgrade_sock: String) -> std::io::Result<Signals> {
         Ok(Signals {
             quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
             terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
             upgrade_sock,
-            handing_over,
         })
     }
 }
@@ -45,7 +37,6 @@ impl ShutdownSignalWatch for Signals {
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = quit.recv() => {
                     if listens_at(&self.upgrade_sock) {
-                        self.handing_over.send_replace(true);
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     log::error!(

@@ -21,7 +21,6 @@ use pingora_core::apps::{
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
-use tokio::sync::watch;
 
 use super::forward::Body;
 use super::parked::{self, Detached, Wait};
@@ -32,7 +31,7 @@ use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
 use crate::cors::ALLOWED_METHODS;
-use crate::drain::{InFlight, Stopping};
+use crate::drain::InFlight;
 use crate::error::Error;
 use crate::events::Subscription;
 use crate::jobs::{JobId, Jobs};
@@ -104,15 +103,17 @@ pub struct RelayApp {
     jobs_queue: TunnelId,
     route_timeout: Duration,
     header_timeout: Duration,
-    /// The grace period, what a stopping relay waits for, and whether it hands over.
-    stopping: Stopping,
+    /// How long requests in flight may take once shutdown begins (Pingora's grace period).
+    grace: Duration,
+    /// The requests in flight, which a stopping relay waits for.
+    in_flight: InFlight,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
-    /// An app serving tunnels, jobs, events and agents on `store` as `config` says, which stops
-    /// as `stopping` says.
-    pub fn new(config: &Config, store: Store, stopping: Stopping) -> RelayApp {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says, whose
+    /// requests in flight have `grace` to finish when the relay stops, counted in `in_flight`.
+    pub fn new(config: &Config, store: Store, grace: Duration, in_flight: InFlight) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -135,14 +136,15 @@ impl RelayApp {
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
-            stopping,
+            grace,
+            in_flight,
             options,
         }
     }
 
     /// The requests and connections a stopping relay waits for.
     pub fn in_flight(&self) -> &InFlight {
-        &self.stopping.in_flight
+        &self.in_flight
     }
 
     /// This instance's presence, announced by a background service.
@@ -309,9 +311,8 @@ impl RelayApp {
             }
             Route::AgentConnect { name } => {
                 // An agent told to leave the moment it came would dial straight back: a
-                // stopping relay (or one handing its socket over) refuses it, and it tries again
-                // after a pause.
-                if *shutdown.borrow() || *self.stopping.handing_over.borrow() {
+                // stopping relay refuses it, and it tries again after a pause.
+                if *shutdown.borrow() {
                     return Err(Error::ShuttingDown);
                 }
                 let then = Some(After::Upgraded(Upgraded::Agent(name)));
@@ -409,26 +410,9 @@ impl RelayApp {
             }
             Upgraded::Agent(name) => {
                 let socket = websocket::agent_socket(stream).await;
-                let leave = self.agents_leave(shutdown);
-                routing::serve(socket, name.to_string(), self.agents.clone(), leave).await;
+                routing::serve(socket, name.to_string(), self.agents.clone(), shutdown).await;
             }
         }
-    }
-
-    /// Turns true when this relay's agents should leave: it stops, or it hands its listening
-    /// socket over (SIGQUIT), when they move to the new process at once, 5 s before the drain.
-    fn agents_leave(&self, mut shutdown: Shutdown) -> watch::Receiver<bool> {
-        let mut handing_over = self.stopping.handing_over.clone();
-        let (leave, leaving) = watch::channel(*shutdown.borrow() || *handing_over.borrow());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = crate::tunnel::stopping(&mut shutdown) => {}
-                _ = handing_over.wait_for(|handing| *handing) => {}
-                () = leave.closed() => return,
-            }
-            leave.send_replace(true);
-        });
-        leaving
     }
 
     /// The job's state, waiting up to `wait` for it to finish (`GET /done/{id}`).
@@ -643,7 +627,7 @@ impl HttpServerApp for RelayApp {
         let name = route.as_ref().map_or("invalid", Route::name);
         // Counted until its response is written, a streamed body included (a long-poll that
         // leaves to wait outside is answered at once when the relay stops).
-        let _in_flight = self.stopping.in_flight.request();
+        let _in_flight = self.in_flight.request();
         let served = Served {
             method: Some(method),
             name,

@@ -36,7 +36,7 @@ impl RelayApp {
         }
         tokio::select! {
             outcome = self.forward(session, agent, path, timeout) => outcome,
-            () = grace_ends(shutdown, self.stopping.grace) => Err(Error::ShuttingDown),
+            () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
         }
     }
 
