@@ -175,9 +175,9 @@ pub async fn serve<S>(
     log::info!("agent connected: name={} link={}", link.name, link.id);
 
     let mut last_heard = Instant::now();
-    // A relay already shutting down takes no agents: it drains at once.
-    // Draining, the link closes once its requests are done: the relay's own grace period bounds
-    // how long that may take (the process ends with it).
+    // A relay already shutting down takes no agents: it drains at once. Draining, the link
+    // closes once its requests are done; the relay's grace period, which ends the process,
+    // bounds how long that may take.
     let mut draining = *shutdown.borrow();
     if draining {
         begin_drain(&link);
