@@ -69,20 +69,16 @@ impl Auth {
         };
         // A token with commas of its own spans as many more of the comma-separated pieces.
         let span = token.bytes().filter(|&b| b == b',').count() + 1;
-        let commas = authorization
-            .iter()
-            .enumerate()
-            .filter_map(|(at, &b)| (b == b',').then_some(at));
-        let starts: Vec<usize> = std::iter::once(0).chain(commas.map(|at| at + 1)).collect();
-        let ends: Vec<usize> = starts
-            .iter()
-            .skip(1)
-            .map(|start| start - 1)
-            .chain(std::iter::once(authorization.len()))
+        let commas = authorization.iter().enumerate().filter(|(_, &b)| b == b',');
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(commas.map(|(at, _)| at + 1))
             .collect();
-        (0..=starts.len().saturating_sub(span)).any(|first| {
-            let Some(&end) = ends.get(first + span - 1) else {
-                return false;
+        (0..starts.len()).any(|first| {
+            // The run of pieces ends at the comma before the next run's first piece, or at the end.
+            let end = match starts.get(first + span) {
+                Some(next) => next - 1,
+                None if first + span == starts.len() => authorization.len(),
+                None => return false,
             };
             let part = authorization[starts[first]..end].trim_ascii();
             self.token_matches(Some(part)) || self.token_equals(part)
