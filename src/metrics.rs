@@ -37,6 +37,14 @@ static WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric definition is valid")
 });
 
+static AWAITING_AGENT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "burrow_awaiting_agent",
+        "Routed requests waiting for an agent of their name to come back"
+    )
+    .expect("metric definition is valid")
+});
+
 static OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "burrow_open",
@@ -210,6 +218,7 @@ pub fn store_up(up: bool) {
 /// alerts (`rate()`, `absent()`) see them from the start, not from their first event.
 pub fn init() {
     LazyLock::force(&WAITING);
+    LazyLock::force(&AWAITING_AGENT);
     LazyLock::force(&STORE_UP);
     for kind in Open::ALL {
         OPEN.with_label_values(&[kind.label()]);
@@ -260,20 +269,29 @@ pub async fn store_op<T, E>(op: StoreOp, call: impl Future<Output = Result<T, E>
     result
 }
 
-/// Counts a waiting long-poll for as long as it lives.
-pub struct WaitingPoll(());
+/// Counts a waiting request for as long as it lives.
+pub struct Waiting(&'static IntGauge);
 
-impl WaitingPoll {
-    /// Starts counting one waiting poll.
-    pub fn start() -> WaitingPoll {
-        WAITING.inc();
-        WaitingPoll(())
+impl Waiting {
+    /// Starts counting one waiting long-poll.
+    pub fn poll() -> Waiting {
+        Waiting::on(&WAITING)
+    }
+
+    /// Starts counting one routed request waiting for its agent to come back.
+    pub fn for_agent() -> Waiting {
+        Waiting::on(&AWAITING_AGENT)
+    }
+
+    fn on(gauge: &'static IntGauge) -> Waiting {
+        gauge.inc();
+        Waiting(gauge)
     }
 }
 
-impl Drop for WaitingPoll {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        WAITING.dec();
+        self.0.dec();
     }
 }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::metrics::{self, StoreOp};
-use crate::routing::Agents;
+use crate::routing::{Agents, RETURN_WITHIN};
 use crate::store::{Store, StoreError};
 
 /// How often an instance announces itself.
@@ -60,6 +60,9 @@ pub struct Presence {
     address: String,
     /// The last read of the other instances' agents.
     directory: Arc<Mutex<Option<Directory>>>,
+    /// When reads of the store last listed each name at another instance, leaving or not, for
+    /// [`RETURN_WITHIN`] (see [`Presence::listed_lately`]).
+    listed: Arc<Mutex<HashMap<String, Instant>>>,
     /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
     /// for the next one instead of each reading every record.
     reading: Arc<tokio::sync::Mutex<()>>,
@@ -124,6 +127,7 @@ impl Presence {
             instance,
             address,
             directory: Arc::default(),
+            listed: Arc::default(),
             reading: Arc::default(),
             tried_last: Arc::default(),
             respite: Arc::default(),
@@ -195,6 +199,16 @@ impl Presence {
             }
         }
         Ok(agents)
+    }
+
+    /// Whether a read of the store within [`RETURN_WITHIN`] listed an agent named `name` at
+    /// another instance, even one leaving: a request that finds none may wait for one to come
+    /// back.
+    pub fn listed_lately(&self, name: &str) -> bool {
+        let listed = lock(&self.listed);
+        listed
+            .get(name)
+            .is_some_and(|at| at.elapsed() < RETURN_WITHIN)
     }
 
     /// The addresses of the other instances that had an agent named `name` at a read of the
@@ -349,9 +363,16 @@ impl Presence {
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
             .filter(|record| self.is_other(&record.instance, &record.address))
             .collect();
+        let mut listed = lock(&self.listed);
+        listed.retain(|_, at| at.elapsed() < RETURN_WITHIN);
         let address = |record: &Record| record.address.clone();
         for record in newest_at_each_address(others, address, |record| record.started_ms) {
-            for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
+            for agent in record.agents {
+                let at = listed.entry(agent.name.clone()).or_insert(read_at);
+                *at = (*at).max(read_at);
+                if agent.draining {
+                    continue;
+                }
                 let of_name = holders.entry(agent.name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {
                     Some(holder) => holder.silent &= agent.silent,
@@ -362,6 +383,7 @@ impl Presence {
                 }
             }
         }
+        drop(listed);
         let mut directory = self.directory();
         // `GET /agents` reads too, alongside: a slower, older read does not replace a newer.
         if directory.as_ref().is_none_or(|d| d.read_at < read_at) {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
@@ -55,7 +55,15 @@ struct Shared {
     /// Told when an agent connects, leaves, falls silent, speaks again or begins to drain, so
     /// presence is announced without waiting.
     changed: Notify,
+    /// Told every waiter when an agent connects: requests held for an agent coming back.
+    arrived: Notify,
+    /// When the last link of each name that had one here lately closed (see
+    /// [`Agents::had_lately`]).
+    departed: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long after its last link here closed a name counts as one whose agent may come back.
+pub const RETURN_WITHIN: Duration = Duration::from_secs(10);
 
 impl Agents {
     /// An empty registry.
@@ -136,6 +144,42 @@ impl Agents {
             .cloned()
     }
 
+    /// Whether an agent named `name` is connected here, even if only leaving, or was within
+    /// [`RETURN_WITHIN`]: a request that finds none may wait for one to come back.
+    pub fn had_lately(&self, name: &str) -> bool {
+        if self.links().contains_key(name) {
+            return true;
+        }
+        let departed = lock(&self.shared.departed);
+        departed
+            .get(name)
+            .is_some_and(|at| at.elapsed() < RETURN_WITHIN)
+    }
+
+    /// Resolves when an agent named `name` that takes requests is connected here, or at
+    /// `until`, whichever comes first.
+    pub async fn arrival(&self, name: &str, until: Instant) {
+        loop {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before the look, so that a connection between the two is not missed.
+            arrived.as_mut().enable();
+            if self
+                .links()
+                .get(name)
+                .is_some_and(|l| l.iter().any(|l| l.accepting()))
+            {
+                return;
+            }
+            if tokio::time::timeout_at(until.into(), arrived)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
     /// A link id not used before in this process.
     pub(crate) fn next_link_id(&self) -> u64 {
         self.shared.next_link.fetch_add(1, Ordering::Relaxed)
@@ -154,6 +198,7 @@ impl Agents {
             .or_default()
             .push(link);
         self.shared.changed.notify_one();
+        self.shared.arrived.notify_waiters();
     }
 
     /// Tells presence that a link fell silent, spoke again or began to drain, which is worth
@@ -170,6 +215,9 @@ impl Agents {
             list.retain(|other| other.id != link.id);
             if list.is_empty() {
                 links.remove(&link.name);
+                let mut departed = lock(&self.shared.departed);
+                departed.retain(|_, at| at.elapsed() < RETURN_WITHIN);
+                departed.insert(link.name.clone(), Instant::now());
             }
         }
         drop(links);
@@ -177,9 +225,13 @@ impl Agents {
     }
 
     fn links(&self) -> MutexGuard<'_, HashMap<String, Vec<Arc<Link>>>> {
-        // Poisoning only means a panic elsewhere mid-update of a plain map.
-        self.shared.links.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.shared.links)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only means a panic elsewhere mid-update of a plain map.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Now, in Unix milliseconds (0 on a clock before 1970).

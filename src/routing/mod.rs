@@ -24,7 +24,7 @@ pub(crate) mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use agents::Agents;
+pub use agents::{Agents, RETURN_WITHIN};
 pub use exchange::{Exchange, RouteError};
 pub use head::{strip_hop_by_hop, Headers, RequestHead};
 pub use link::{serve, HEARTBEAT_TIMEOUT};

@@ -14,7 +14,7 @@ pub use id::{MessageId, TunnelId};
 
 use crate::config::TunnelConfig;
 use crate::error::Error;
-use crate::metrics::{self, MessageEvent, StoreOp, WaitingPoll};
+use crate::metrics::{self, MessageEvent, StoreOp, Waiting};
 use crate::store::{Bound, Delivery, Message, MessageStatus, Payload, Produced, Store};
 use crate::wake::{Waited, WakeKey};
 
@@ -276,7 +276,7 @@ impl Tunnels {
         };
         let deadline = Instant::now() + wait;
         let waiter = self.store.wakeups().register(key);
-        let _waiting = WaitingPoll::start();
+        let _waiting = Waiting::poll();
         loop {
             let notified = waiter.notified();
             tokio::pin!(notified);

@@ -947,6 +947,76 @@ async fn agent_and_relay_restarts() {
     );
 }
 
+/// A request for a name whose only agent is leaving (its own SIGTERM, a request still in flight),
+/// or left within 10 s, waits, up to 5 s within its timeout, for another to connect, as in a
+/// rolling restart of a one-replica agent, rather than be told at once that no agent has the
+/// name (422); unless the relay begins to stop meanwhile (503: retry elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_waits_for_a_restarting_agent() {
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (setup.client.clone(), setup.name.clone());
+    let _in_flight = at_the_upstream(&setup).await;
+    crate::support::process::signal(&setup.agent.child, "TERM");
+    let draining = || flagged(&client, &name, "draining");
+    assert!(crate::support::eventually(WAIT, draining).await);
+
+    let waiting = held_request(&client, &name).await;
+    let mut next = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+    let metrics = client.metrics().expect("the relay has a metrics page");
+    assert_eq!(metric(&metrics, "burrow_awaiting_agent").await, 0.0);
+
+    // Gone altogether (killed, the other one done), the name is waited for as well.
+    next.kill();
+    wait_agents(&client, &name, 0, WAIT, &[&setup.agent, &next]).await;
+    let waiting = held_request(&client, &name).await;
+    let mut last = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+
+    // A relay that begins to stop sends a waiting request elsewhere at once.
+    last.kill();
+    wait_agents(&client, &name, 0, WAIT, &[&last]).await;
+    let waiting = held_request(&client, &name).await;
+    setup.relay.signal("TERM");
+    let answer = waiting.await.expect("the request task does not panic");
+    answer.expect_error(503, "Relay shutting down, retry");
+}
+
+/// Another instance holds such a request too: B, which listed the agent at A lately, waits for
+/// the name to be announced again after the agent was killed (here by a new one on A).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_at_another_instance_waits_for_a_restarting_agent() {
+    let (mut setup, b) = Setup::with_second_instance().await;
+    let (client_b, name) = (b.client(), setup.name.clone());
+    echo_through(&client_b, &name, "up").await;
+    setup.agent.kill();
+    wait_agents(&client_b, &name, 0, WAIT, &[&setup.agent]).await;
+
+    let waiting = held_request(&client_b, &name).await;
+    setup.agent = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
+/// `GET /r/{name}/echo` with a 20 s timeout, sent in a task of its own, once the relay counts it
+/// among the requests waiting for their agent.
+async fn held_request(client: &Client, name: &str) -> tokio::task::JoinHandle<Response> {
+    let metrics = client.metrics().expect("the relay has a metrics page");
+    let sender = client.clone();
+    let request = sender
+        .request(Method::GET, &format!("/r/{name}/echo"))
+        .header(TIMEOUT, "20s");
+    let waiting = tokio::spawn(async move { sender.send(request).await });
+    let held = || async { metric(&metrics, "burrow_awaiting_agent").await == 1.0 };
+    assert!(
+        crate::support::eventually(WAIT, held).await,
+        "the request is not held"
+    );
+    waiting
+}
+
 /// With `TUNNEL_ACCESS_TOKEN`, agents need the token to connect and requests need the bearer,
 /// which is not passed on; requests for a public name need none and get their own
 /// `Authorization` passed through, never the relay's token.

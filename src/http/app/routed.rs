@@ -9,8 +9,16 @@ use pingora_core::protocols::http::ServerSession;
 use super::{After, Outcome, RelayApp};
 use crate::error::Error;
 use crate::http::forward::{self, Body, Hop};
+use crate::metrics::Waiting;
 use crate::routing::RouteError;
 use crate::tunnel::{Shutdown, TunnelId};
+
+/// How long at most a request waits for an agent of its name to come back (see
+/// [`RelayApp::forward`]).
+const AWAIT_RETURN: Duration = Duration::from_secs(5);
+
+/// How often a request waiting for an agent to come back reads presence again.
+const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(200);
 
 impl RelayApp {
     /// Forwards a request to agent `agent`, unless the relay is stopping; answers before the
@@ -34,37 +42,76 @@ impl RelayApp {
             }
             return Err(Error::ShuttingDown);
         }
+        let stopping = shutdown.clone();
         tokio::select! {
-            outcome = self.forward(session, agent, path, timeout) => outcome,
+            outcome = self.forward(session, agent, path, timeout, stopping) => outcome,
             () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
         }
     }
 
     /// Forwards a request to agent `agent`: over its link when it is connected here, else
-    /// through the instance that holds it.
+    /// through the instance that holds it. When none is connected anywhere but one of the name
+    /// was lately (it is restarting, or moving off a stopping instance), the request waits up to
+    /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
+    /// stop meanwhile: then it is told to retry elsewhere.
     async fn forward(
         &self,
         session: &mut ServerSession,
         agent: TunnelId,
         path: String,
         timeout: Option<Duration>,
+        mut stopping: Shutdown,
     ) -> Result<Outcome, Error> {
-        let timeout = timeout.unwrap_or(self.route_timeout);
+        let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
+        let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
+        let mut waiting = None;
+        loop {
+            let failure = match self.forward_once(session, &agent, &path, deadline).await {
+                Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
+                answered => return answered,
+            };
+            // Another instance sent it here: that one waits.
+            let origin = session.get_header(forward::HOP_HEADER).is_none();
+            let lately = self.agents.had_lately(agent.as_str())
+                || self.presence.listed_lately(agent.as_str());
+            let now = Instant::now();
+            if !origin || !lately || now >= hold_until {
+                return Err(failure.into());
+            }
+            // Presence is read again at most this often; an agent connecting here ends the wait.
+            waiting.get_or_insert_with(Waiting::for_agent);
+            let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
+            tokio::select! {
+                () = self.agents.arrival(agent.as_str(), look_again) => {}
+                () = crate::tunnel::stopping(&mut stopping) => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// One try of [`RelayApp::forward`]: here, then at the other instances with the name.
+    async fn forward_once(
+        &self,
+        session: &mut ServerSession,
+        agent: &TunnelId,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Outcome, Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
         // `Authorization` is the relay's business, unless the agent is public; even then
         // the relay's own token is never passed on.
         let authorizations = session.req_header().headers.get_all("Authorization");
         let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
         let withhold = self.auth.enabled()
             && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
-        let deadline = Instant::now() + timeout;
         let mut tried = Vec::new();
         if let Some(outcome) = self
-            .past_failing_agents(session, &agent, &mut tried, deadline)
+            .past_failing_agents(session, agent, &mut tried, deadline)
             .await?
         {
             return Ok(outcome);
         }
-        let local = forward::open(session, &self.agents, &agent, path, timeout, withhold);
+        let path = path.to_owned();
+        let local = forward::open(session, &self.agents, agent, path, timeout, withhold);
         let failure = match local.await {
             Ok((head, exchange)) => {
                 return Ok(Outcome::Respond(
@@ -93,7 +140,7 @@ impl RelayApp {
             });
         }
         match self
-            .to_another_instance(session, &agent, &mut tried, deadline)
+            .to_another_instance(session, agent, &mut tried, deadline)
             .await?
         {
             Some(outcome) => Ok(outcome),
