@@ -4,7 +4,7 @@
 //! The agent keeps one WebSocket to the relay (`connection`), reconnecting forever with back-off;
 //! each request runs in a task of its own (`upstream`). SIGTERM or SIGINT: the agent says GOAWAY,
 //! refuses new requests (the relay retries them on another agent), lets those in flight finish
-//! within 10 s, and exits 0.
+//! within 10 s, and exits 0; a second signal exits 1 at once, cutting them.
 
 pub(crate) mod client;
 pub(crate) mod connection;
@@ -206,10 +206,19 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
-        log::info!("stopping: taking no more requests, finishing those in flight");
+        log::info!(
+            "stopping: taking no more requests, finishing those in flight (signal again to stop \
+             at once)"
+        );
+        // The sender lives on, so that the connection never sees the channel close.
         drain_tx.send_replace(true);
-        // Keep the sender, so that the connection never sees the channel close.
-        std::future::pending::<()>().await;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        // As a worker's second signal: whoever sends it wants the process gone, not the requests.
+        log::warn!("stopping at once: the requests still in flight are cut");
+        std::process::exit(1);
     });
     log::info!(
         "agent started: name={} relay={} upstream={}",

@@ -984,6 +984,28 @@ async fn request_waits_for_a_restarting_agent() {
     answer.expect_error(503, "Relay shutting down, retry");
 }
 
+/// SIGTERM lets the agent finish its requests in flight; a second signal stops it at once, exit
+/// code 1, cutting them (502), as a worker's second signal does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_stops_the_agent_at_once() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let in_flight = at_the_upstream(&setup).await;
+    setup.agent.terminate();
+    assert!(
+        setup
+            .agent
+            .logged("signal again to stop at once", WAIT)
+            .await,
+        "{}",
+        setup.agent.log()
+    );
+    crate::support::process::signal(&setup.agent.child, "INT");
+    let status = setup.agent.exit(WAIT).await;
+    assert_eq!(status.code(), Some(1), "{}", setup.agent.log());
+    let answer = in_flight.await.expect("the request task does not panic");
+    assert_eq!(answer.status, 502, "{answer:?}");
+}
+
 /// Another instance holds such a request too: B, which listed the agent at A lately, waits for
 /// the name to be announced again after the agent was killed (here by a new one on A).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
