@@ -984,6 +984,35 @@ async fn request_waits_for_a_restarting_agent() {
     answer.expect_error(503, "Relay shutting down, retry");
 }
 
+/// A client that leaves while its request waits for the agent ends the wait (499), so that the
+/// request is not sent on when the agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_ends_the_wait_for_its_agent() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (setup.client.clone(), setup.name.clone());
+    let metrics = client.metrics().expect("the relay has a metrics page");
+    setup.agent.kill();
+    wait_agents(&client, &name, 0, WAIT, &[&setup.agent]).await;
+    let address = setup.relay.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("the relay takes connections");
+    let head = format!("GET /r/{name}/echo HTTP/1.1\r\nHost: x\r\n{TIMEOUT}: 20s\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut socket, head.as_bytes())
+        .await
+        .expect("the request is sent");
+    let held = || async { metric(&metrics, "burrow_awaiting_agent").await == 1.0 };
+    assert!(crate::support::eventually(WAIT, held).await, "not held");
+    drop(socket);
+    let left = "burrow_requests_total{route=\"forward\",status=\"499\"}";
+    let ended = || async { metric(&metrics, left).await == 1.0 };
+    assert!(
+        crate::support::eventually(WAIT, ended).await,
+        "the wait did not end with its client"
+    );
+    assert_eq!(metric(&metrics, "burrow_awaiting_agent").await, 0.0);
+}
+
 /// SIGTERM lets the agent finish its requests in flight; a second signal stops it at once, exit
 /// code 1, cutting them (502), as a worker's second signal does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use pingora_core::protocols::http::ServerSession;
 
-use super::{After, Outcome, RelayApp};
+use super::{client_gone, After, Outcome, RelayApp};
 use crate::error::Error;
 use crate::http::forward::{self, Body, Hop};
 use crate::metrics::Waiting;
@@ -53,7 +53,7 @@ impl RelayApp {
     /// through the instance that holds it. When none is connected anywhere but one of the name
     /// was lately (it is restarting, or moving off a stopping instance), the request waits up to
     /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
-    /// stop meanwhile: then it is told to retry elsewhere.
+    /// stop meanwhile (then it is told to retry elsewhere) or its client leaves.
     async fn forward(
         &self,
         session: &mut ServerSession,
@@ -81,9 +81,13 @@ impl RelayApp {
             // Presence is read again at most this often; an agent connecting here ends the wait.
             waiting.get_or_insert_with(Waiting::for_agent);
             let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
+            // A client that leaves meanwhile is not sent on, once its agent is back; one still
+            // sending a body cannot be watched without reading it.
+            let watch_client = session.is_body_done();
             tokio::select! {
                 () = self.agents.arrival(agent.as_str(), look_again) => {}
                 () = crate::tunnel::stopping(&mut stopping) => return Err(Error::ShuttingDown),
+                () = client_gone(session), if watch_client => return Err(Error::ClientGone),
             }
         }
     }
