@@ -358,21 +358,26 @@ impl Presence {
         let read_at = Instant::now();
         let records = metrics::store_op(StoreOp::Instances, self.store.instances()).await?;
         let mut holders: HashMap<String, Vec<Holder>> = HashMap::new();
-        let others: Vec<Record> = records
+        let parsed: Vec<Record> = records
             .iter()
             .filter_map(|record| serde_json::from_slice::<Record>(record).ok())
-            .filter(|record| self.is_other(&record.instance, &record.address))
+            .filter(|record| record.instance != self.instance)
             .collect();
+        // A predecessor's agents (at this address, or another's) are likely to connect again.
         let mut listed = lock(&self.listed);
         listed.retain(|_, at| at.elapsed() < RETURN_WITHIN);
+        for agent in parsed.iter().flat_map(|record| &record.agents) {
+            let at = listed.entry(agent.name.clone()).or_insert(read_at);
+            *at = (*at).max(read_at);
+        }
+        drop(listed);
+        let others = parsed
+            .into_iter()
+            .filter(|record| self.is_other(&record.instance, &record.address))
+            .collect();
         let address = |record: &Record| record.address.clone();
         for record in newest_at_each_address(others, address, |record| record.started_ms) {
-            for agent in record.agents {
-                let at = listed.entry(agent.name.clone()).or_insert(read_at);
-                *at = (*at).max(read_at);
-                if agent.draining {
-                    continue;
-                }
+            for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
                 let of_name = holders.entry(agent.name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {
                     Some(holder) => holder.silent &= agent.silent,
@@ -383,7 +388,6 @@ impl Presence {
                 }
             }
         }
-        drop(listed);
         let mut directory = self.directory();
         // `GET /agents` reads too, alongside: a slower, older read does not replace a newer.
         if directory.as_ref().is_none_or(|d| d.read_at < read_at) {

@@ -156,28 +156,32 @@ impl Agents {
             .is_some_and(|at| at.elapsed() < RETURN_WITHIN)
     }
 
-    /// Resolves when an agent named `name` that takes requests is connected here, or at
-    /// `until`, whichever comes first.
-    pub async fn arrival(&self, name: &str, until: Instant) {
+    /// Resolves when an agent named `name` that takes requests is connected here (true), or at
+    /// `until` (false), whichever comes first.
+    pub async fn arrival(&self, name: &str, until: Instant) -> bool {
         loop {
             let arrived = self.shared.arrived.notified();
             tokio::pin!(arrived);
             // Registered before the look, so that a connection between the two is not missed.
             arrived.as_mut().enable();
-            if self
-                .links()
-                .get(name)
-                .is_some_and(|l| l.iter().any(|l| l.accepting()))
-            {
-                return;
+            if self.takes_requests(name) {
+                return true;
             }
             if tokio::time::timeout_at(until.into(), arrived)
                 .await
                 .is_err()
             {
-                return;
+                return false;
             }
         }
+    }
+
+    /// Whether an agent named `name` that takes requests is connected here.
+    fn takes_requests(&self, name: &str) -> bool {
+        let links = self.links();
+        links
+            .get(name)
+            .is_some_and(|l| l.iter().any(|l| l.accepting()))
     }
 
     /// A link id not used before in this process.

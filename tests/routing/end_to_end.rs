@@ -1829,8 +1829,8 @@ async fn instance_that_refused_a_name_is_tried_last() {
 
 /// Of two records at one address, other instances take the one of the instance that started
 /// last (restarted in place, it holds the address now): the older one's agents, gone, are not
-/// listed, and a request for them is 422 at once, where a POST got 502 from the restarted
-/// instance until the old record expired.
+/// listed, and a request for them is 422 (once none came back), where a POST got 502 from the
+/// restarted instance until the old record expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predecessor_record_is_ignored_by_other_instances() {
     let (setup, b) = Setup::with_second_instance().await;
@@ -1871,9 +1871,10 @@ async fn refusing_agents_send_requests_to_another_instance() {
 }
 
 /// A record left at an instance's own address by its predecessor (killed, then restarted in
-/// place) is not another instance: a request for a name only that record lists is 422 at once,
-/// with a body too, where it went to the instance itself, which refused it after its body was
-/// read (502 until the record expired); and `GET /agents` does not list the predecessor's agents.
+/// place) is not another instance: a request for a name only that record lists is 422 (once no
+/// agent of the name came back), with a body too, where it went to the instance itself, which
+/// refused it after its body was read (502 until the record expired); and `GET /agents` does not
+/// list the predecessor's agents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predecessor_at_own_address_is_not_another_instance() {
     let relay = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
@@ -1884,6 +1885,20 @@ async fn predecessor_at_own_address_is_not_another_instance() {
     let answer = answer.expect_one_line_error(422);
     assert!(answer.text().contains("not found"), "{answer:?}");
     assert_eq!(agents_named(&client, &name).await, 0);
+}
+
+/// Its predecessor's agents, though, are waited for: they are dialling this address again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predecessors_agents_are_waited_for() {
+    let relay = Relay::start(Store::Redis(crate::support::shared_redis()), &[]);
+    let client = relay.client();
+    let upstream = Upstream::start("up").await;
+    let name = tunnel_id("dialling-back");
+    record_instance(relay.base.trim_start_matches("http://"), &name, 0);
+    let waiting = held_request(&client, &name).await;
+    let _agent = Agent::serve(&relay.base, &name, &upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
 }
 
 /// Lists, in the store, a made-up instance at `address` with an agent of `setup`'s name, as a

@@ -84,10 +84,15 @@ impl RelayApp {
             // A client that leaves meanwhile is not sent on, once its agent is back; one still
             // sending a body cannot be watched without reading it.
             let watch_client = session.is_body_done();
-            tokio::select! {
-                () = self.agents.arrival(agent.as_str(), look_again) => {}
+            let arrived = tokio::select! {
+                arrived = self.agents.arrival(agent.as_str(), look_again) => arrived,
                 () = crate::tunnel::stopping(&mut stopping) => return Err(Error::ShuttingDown),
                 () = client_gone(session), if watch_client => return Err(Error::ClientGone),
+            };
+            // At the end of the wait, a look at the store could only time out (504): the name
+            // is still not found.
+            if !arrived && Instant::now() >= hold_until {
+                return Err(failure.into());
             }
         }
     }
