@@ -166,7 +166,8 @@ pub struct Config {
     /// `BURROW_HEADER_TIMEOUT`: how long a request head may take to arrive once its first byte
     /// has (a client trickling a head, slowloris, is cut off then).
     pub header_timeout: Duration,
-    /// `BURROW_CONF`: a Pingora YAML file replacing the built-in `conf/burrow.yaml`.
+    /// `BURROW_CONF`: a Pingora YAML file whose settings replace those of the built-in
+    /// `conf/burrow.yaml`.
     pub pingora_conf: Option<String>,
     /// Where tunnels live.
     pub store: StoreConfig,

@@ -284,31 +284,49 @@ impl BackgroundService for AccessLogFlusher {
     }
 }
 
+/// Pingora's settings: the built-in ones, with the keys of the `BURROW_CONF` file (if any) laid
+/// over them, so that a file raising the grace period keeps the rest (Pingora's own defaults
+/// differ: one thread, a shared upgrade socket, five minutes of grace).
 fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
-    let Some(path) = &config.pingora_conf else {
-        // Cannot fail in practice: every relay the tests start uses it.
-        let mut conf =
-            ServerConf::from_yaml(DEFAULT_CONF).map_err(|e| ServeError::PingoraConf {
-                path: "(built in)".into(),
-                message: e.to_string(),
-            })?;
-        // One socket per port: relays on one host must not take each other's listening socket
-        // in a graceful upgrade (the wrong one's port closed, the new process served nothing).
-        if let Ok(listen) = config.listen.parse::<std::net::SocketAddr>() {
-            conf.upgrade_sock = format!("/tmp/burrow_upgrade_{}.sock", listen.port());
-        }
-        return Ok(conf);
+    let built_in = || ServeError::PingoraConf {
+        path: "(built in)".into(),
+        message: "not a YAML mapping".into(),
     };
+    let mut settings: serde_yaml::Mapping =
+        serde_yaml::from_str(DEFAULT_CONF).map_err(|_| built_in())?;
+    let path = config.pingora_conf.as_deref();
     let unusable = |message: String| ServeError::PingoraConf {
-        path: path.clone(),
+        path: path.unwrap_or("(built in)").to_owned(),
         message,
     };
-    let yaml = std::fs::read_to_string(path).map_err(|e| unusable(e.to_string()))?;
+    let mut own_socket = false;
+    if let Some(path) = path {
+        let yaml = std::fs::read_to_string(path).map_err(|e| unusable(e.to_string()))?;
+        let file: serde_yaml::Value =
+            serde_yaml::from_str(&yaml).map_err(|e| unusable(e.to_string()))?;
+        let keys = match file {
+            serde_yaml::Value::Mapping(keys) => keys,
+            // An empty file (or one of comments only) changes nothing.
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            _ => return Err(unusable("not a YAML mapping of settings".into())),
+        };
+        own_socket = keys.contains_key("upgrade_sock");
+        settings.extend(keys);
+    }
+    let yaml = serde_yaml::to_string(&settings).map_err(|e| unusable(e.to_string()))?;
     // Only the parser's own words: Pingora's error repeats the whole file as its context.
-    let conf = ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))?;
+    let mut conf =
+        ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))?;
     // Pingora would panic building a runtime without threads.
     if conf.threads == 0 {
         return Err(unusable("threads must be at least 1".into()));
+    }
+    // One socket per port: relays on one host must not take each other's listening socket in a
+    // graceful upgrade (the wrong one's port closed, the new process served nothing).
+    if !own_socket {
+        if let Ok(listen) = config.listen.parse::<std::net::SocketAddr>() {
+            conf.upgrade_sock = format!("/tmp/burrow_upgrade_{}.sock", listen.port());
+        }
     }
     Ok(conf)
 }
@@ -358,5 +376,39 @@ mod tests {
         let config = Config::from_lookup(|name| (name == "BURROW_CONF").then(|| path.clone()));
         let conf = pingora_conf(&config.expect("valid")).expect("the file's settings");
         assert_eq!(conf.upgrade_sock, "/run/mine.sock");
+    }
+
+    /// A `BURROW_CONF` file's keys replace the built-in ones, and only those: the rest keep
+    /// Burrow's values, not Pingora's defaults. An empty file changes nothing; one that is not a
+    /// mapping of settings is refused.
+    #[test]
+    fn conf_file_overlays_the_built_in_settings() {
+        let with_file = |text: &str| {
+            let file = tempfile::NamedTempFile::new().expect("a temporary file");
+            std::fs::write(file.path(), text).expect("the file is written");
+            let path = file.path().display().to_string();
+            let vars = [
+                ("BURROW_CONF", path),
+                ("BURROW_LISTEN", "127.0.0.1:8125".to_owned()),
+            ];
+            let config = Config::from_lookup(|name| {
+                vars.iter()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, v)| v.clone())
+            });
+            pingora_conf(&config.expect("valid"))
+        };
+        let raised = with_file("grace_period_seconds: 30\n").expect("usable");
+        assert_eq!(raised.grace_period_seconds, Some(30));
+        assert_eq!(raised.threads, 2);
+        assert!(!raised.work_stealing);
+        assert_eq!(raised.graceful_shutdown_timeout_seconds, Some(2));
+        assert_eq!(raised.upgrade_sock, "/tmp/burrow_upgrade_8125.sock");
+        let empty = with_file("# nothing to change\n").expect("usable");
+        assert_eq!(empty.grace_period_seconds, Some(8));
+        assert_eq!(empty.threads, 2);
+        assert!(with_file("- threads\n").is_err());
+        assert!(with_file("threads: 0\n").is_err());
+        assert!(with_file("threads: [\n").is_err());
     }
 }
