@@ -92,8 +92,12 @@ pub async fn open(
     }
     // A client that leaves meanwhile ends the exchange: dropping it aborts the upstream request.
     let answer = tokio::select! {
-        answer = exchange.response() => answer?,
-        () = client_gone(session) => return Err(Error::ClientGone),
+        answer = exchange.response() => Some(answer?),
+        () = client_gone(session) => None,
+    };
+    let Some(answer) = answer else {
+        exchange.client_left();
+        return Err(Error::ClientGone);
     };
     let mut headers = answer.headers;
     // The relay's own mark between instances: an upstream cannot send it in the relay's name.
@@ -292,6 +296,14 @@ impl Body {
             },
         }
     }
+
+    /// Tells an agent connected here that the client left; another instance learns it from
+    /// this connection closing.
+    fn client_left(&mut self) {
+        if let Body::Agent(exchange) = self {
+            exchange.client_left();
+        }
+    }
 }
 
 /// Streams a forwarded response body to the client; whether it all arrived (only then can the
@@ -301,12 +313,16 @@ pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
         match unless_gone(session, body.next_chunk()).await {
             Some(Some(Ok(chunk))) => {
                 if session.write_response_body(chunk, false).await.is_err() {
+                    body.client_left();
                     return false;
                 }
             }
             Some(None) => break,
-            // Broken off, or the client left.
-            Some(Some(Err(()))) | None => return false,
+            Some(Some(Err(()))) => return false,
+            None => {
+                body.client_left();
+                return false;
+            }
         }
     }
     let end = session.write_response_body(Bytes::new(), true).await;

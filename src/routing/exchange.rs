@@ -222,6 +222,12 @@ impl Exchange {
         (self.phase == Phase::AwaitingHead).then_some(self.deadline)
     }
 
+    /// Ends the exchange because its client left, which the agent logs as the reason (dropping
+    /// it ends it too, as abandoned).
+    pub fn client_left(&mut self) {
+        self.writer.reset("client left");
+    }
+
     /// The deadline passed: the stream is reset, which aborts the upstream request.
     fn timed_out(&mut self) -> RouteError {
         self.writer.reset("timeout");

@@ -425,7 +425,7 @@ async fn timeout_while_sending_the_body() {
 
 /// A client that leaves while the upstream has not answered yet (here it never will) ends its
 /// exchange with the agent at once, over HTTP/1 and h2c, not when the request's timeout (an hour
-/// here) runs out.
+/// here) runs out; the agent logs that the client left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_ends_the_upstream_request() {
     use tokio::io::AsyncWriteExt;
@@ -463,6 +463,9 @@ async fn client_leaving_ends_the_upstream_request() {
         "the exchanges outlived their clients",
     )
     .await;
+    let told = || std::future::ready(setup.agent.log().matches("reason=client left").count() == 2);
+    let told = crate::support::eventually(WAIT, told).await;
+    assert!(told, "the agent logs why: {}", setup.agent.log());
 }
 
 /// A client that leaves after the response head, while the body does not come (an event stream,
@@ -494,6 +497,9 @@ async fn client_leaving_mid_body_ends_the_upstream_request() {
         "the exchange outlived its client",
     )
     .await;
+    let told = || std::future::ready(setup.agent.log().contains("reason=client left"));
+    let told = crate::support::eventually(WAIT, told).await;
+    assert!(told, "the agent logs why: {}", setup.agent.log());
 }
 
 /// A request in flight when the agent's connection to the relay is lost ends at the upstream and
