@@ -20,6 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay (the default). Configured by environment variables; see README.md.
+    #[command(after_help = crate::config::VARIABLES_HELP)]
     Serve {
         /// Take over the listening socket of a running relay (graceful upgrade): start this, then
         /// send SIGQUIT to the old process, which hands over its socket and drains.

@@ -144,6 +144,22 @@ pub struct TunnelConfig {
     pub max_message_size: usize,
 }
 
+/// The variables `burrow serve` reads, for `--help`; README.md's "Configuration" says what each
+/// one means and takes. (A test checks that this names exactly the variables read.)
+pub const VARIABLES_HELP: &str = "\
+Environment (README.md, \"Configuration\", says what each takes):
+  listening    BURROW_LISTEN (0.0.0.0:8080), BURROW_ADVERTISE, BURROW_METRICS_LISTEN,
+               BURROW_HEADER_TIMEOUT, BURROW_CONF (Pingora settings laid over the built-in ones)
+  store        BURROW_STORE (memory | redis), REDIS_URL, REDIS_HOST, REDIS_PORT,
+               REDIS_PASSWORD, REDIS_POOL_SIZE, REDIS_POOL_KEEPALIVE, BURROW_EMPTY_TUNNEL_TTL
+  access       TUNNEL_ACCESS_TOKEN, TUNNEL_SIGNATURE_SECRET, TUNNEL_PUBLIC_IDS, TUNNEL_DEMO_ID
+  tunnels      TUNNEL_MAXLEN, TUNNEL_BACKPRESSURE, TUNNEL_MAX_MESSAGE_SIZE,
+               TUNNEL_MAX_POLL_TIMEOUT, TUNNEL_DEFAULT_POLL_TIMEOUT, TUNNEL_DEFAULT_CONTENT_TYPE,
+               TUNNEL_REPLY_TTL
+  jobs         BURROW_JOBS_QUEUE, BURROW_JOB_TTL
+  routing      BURROW_ROUTE_TIMEOUT
+  logs         BURROW_ACCESS_LOG, RUST_LOG";
+
 /// Everything `burrow serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -640,6 +656,28 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
         })
+    }
+
+    /// `burrow serve --help` names every variable the configuration reads (with either store), and
+    /// nothing else but `RUST_LOG`, which the logger reads.
+    #[test]
+    fn help_names_every_variable() {
+        let asked = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        for store in ["memory", "redis"] {
+            let lookup = |name: &str| {
+                asked.borrow_mut().insert(name.to_owned());
+                (name == "BURROW_STORE").then(|| store.to_owned())
+            };
+            Config::from_lookup(lookup).expect("the defaults are valid");
+        }
+        let mut asked = asked.into_inner();
+        asked.insert("RUST_LOG".to_owned());
+        let named: std::collections::BTreeSet<String> = VARIABLES_HELP
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .filter(|word| word.contains('_'))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(named, asked);
     }
 
     /// With nothing set, the original's defaults and the embedded store apply.
