@@ -340,7 +340,7 @@ async fn listen(
                 Ok((error, server)) => {
                     subscribed.send_replace(false);
                     metrics::store_up(false);
-                    let text = error.to_string();
+                    let text = readable(&error);
                     let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
                     if std::mem::take(&mut connected) {
                         log::warn!("redis: connection to {at} lost, reconnecting: {text}");
@@ -621,10 +621,26 @@ fn unanswered(error: &fred::error::Error) -> bool {
 /// Connection trouble and refusals to serve now are `Unavailable`, anything else `Internal`.
 fn store_error(error: fred::error::Error) -> StoreError {
     if unanswered(&error) || is_transient(error.details()) {
-        StoreError::Unavailable(error.to_string())
+        StoreError::Unavailable(readable(&error))
     } else {
-        StoreError::Internal(error.to_string())
+        StoreError::Internal(readable(&error))
     }
+}
+
+/// `error` as an operator should read it: fred gives an I/O error as the `Debug` form of Rust's
+/// (`IO Error: Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`), whose
+/// message (or a resolver's error) is what says what went wrong.
+fn readable(error: &fred::error::Error) -> String {
+    if matches!(error.kind(), ErrorKind::IO) {
+        let details = error.details();
+        for field in ["message: \"", "error: \""] {
+            let quoted = details.find(field).map(|at| &details[at + field.len()..]);
+            if let Some(message) = quoted.and_then(|rest| rest.split('"').next()) {
+                return message.to_owned();
+            }
+        }
+    }
+    error.to_string()
 }
 
 /// A reply of the wrong shape: the server is not what Burrow expects.
@@ -998,5 +1014,30 @@ impl Backend for RedisStore {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An I/O error reads as its message, a resolver's as its own words; others as fred says.
+    #[test]
+    fn errors_read_as_their_message() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let os = std::io::Error::from_raw_os_error(111);
+        assert_eq!(readable(&os.into()), "Connection refused");
+        assert_eq!(
+            readable(&refused.into()),
+            "IO Error: Kind(ConnectionRefused)"
+        );
+        let lookup = std::io::Error::other("failed to lookup address information: no such host");
+        let lookup = fred::error::Error::from(lookup);
+        assert_eq!(
+            readable(&lookup),
+            "failed to lookup address information: no such host"
+        );
+        let other = fred::error::Error::new(ErrorKind::Timeout, "Request timed out.");
+        assert_eq!(readable(&other), "Timeout Error: Request timed out.");
     }
 }

@@ -502,8 +502,8 @@ async fn sigterm_while_starting_stops_it_cleanly() {
         0,
         &env,
     );
-    // The line names the address it tried.
-    let said = format!("redis: cannot connect to 127.0.0.1:{nobody}: ");
+    // The line names the address it tried, and why in the system's words.
+    let said = format!("redis: cannot connect to 127.0.0.1:{nobody}: Connection refused\n");
     let waiting = wait_until(Duration::from_secs(10), || relay.log().contains(&said));
     assert!(waiting, "{}", relay.log());
     relay.signal("TERM");
