@@ -64,7 +64,6 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
         let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
-        let mut waiting = None;
         loop {
             let failure = match self.forward_once(session, &agent, &path, deadline).await {
                 Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
@@ -79,7 +78,7 @@ impl RelayApp {
                 return Err(failure.into());
             }
             // Presence is read again at most this often; an agent connecting here ends the wait.
-            waiting.get_or_insert_with(Waiting::for_agent);
+            let _waiting = Waiting::for_agent();
             let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
             // A client that leaves meanwhile is not sent on, once its agent is back; one still
             // sending a body cannot be watched without reading it.
