@@ -177,7 +177,7 @@ impl Agents {
     }
 
     /// Whether an agent named `name` that takes requests is connected here.
-    fn takes_requests(&self, name: &str) -> bool {
+    pub fn takes_requests(&self, name: &str) -> bool {
         let links = self.links();
         links
             .get(name)

@@ -1041,6 +1041,51 @@ async fn second_signal_stops_the_agent_at_once() {
     assert_eq!(answer.status, 502, "{answer:?}");
 }
 
+/// A request that the only agent of its name refused as it began to leave (its `HEAD` crossed
+/// the agent's `GOAWAY`) waits for a successor too, rather than get 502 (`agent failed: agent is
+/// shutting down`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_refused_by_a_leaving_agent_waits_for_its_successor() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let upstream = Upstream::start("up").await;
+    let name = tunnel_id("leaving");
+    let ws = relay.base.replace("http://", "ws://");
+    let connect = format!("{ws}/agent/connect?name={name}");
+    let (mut leaving, _) = tokio_tungstenite::connect_async(connect)
+        .await
+        .expect("the relay takes the agent");
+    wait_agents(&client, &name, 1, WAIT, &[]).await;
+    let path = format!("/r/{name}/echo");
+    let request = client.request(Method::GET, &path).header(TIMEOUT, "20s");
+    let sender = client.clone();
+    let waiting = tokio::spawn(async move { sender.send(request).await });
+    let head = loop {
+        let message = tokio::time::timeout(WAIT, leaving.next()).await;
+        match message.expect("a frame in time").expect("the link is open") {
+            Ok(Message::Binary(bytes)) => break bytes,
+            Ok(_) => continue,
+            Err(err) => panic!("the link failed: {err}"),
+        }
+    };
+    assert_eq!(head[0], 1, "a HEAD");
+    let stream = &head[1..5];
+    let goaway = [7, 0, 0, 0, 0];
+    let reset = [&[5], stream, b"agent is shutting down"].concat();
+    for frame in [goaway.to_vec(), reset] {
+        let sent = leaving.send(Message::binary(frame)).await;
+        sent.expect("the frame is sent");
+    }
+    let metrics = client.metrics().expect("the relay has a metrics page");
+    let held = || async { metric(&metrics, "burrow_awaiting_agent").await == 1.0 };
+    assert!(crate::support::eventually(WAIT, held).await, "not held");
+    let _successor = Agent::serve(&relay.base, &name, &upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
 /// Another instance holds such a request too: B, which listed the agent at A lately, waits for
 /// the name to be announced again after the agent was killed (here by a new one on A).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,15 @@ impl RelayApp {
         loop {
             let failure = match self.forward_once(session, &agent, &path, deadline).await {
                 Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
+                // Refused before it was taken (its HEAD crossed the agent's GOAWAY) or lost with
+                // the agent's connection, by agents none of which takes requests now: they are
+                // leaving, and the request, whose body is not read yet, may wait as well.
+                Err(Error::Route(RouteError::NotTaken(why)))
+                    if forward::sendable_again(session)
+                        && !self.agents.takes_requests(agent.as_str()) =>
+                {
+                    RouteError::NotTaken(why)
+                }
                 answered => return answered,
             };
             // Another instance sent it here: that one waits.
