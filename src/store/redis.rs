@@ -137,6 +137,9 @@ pub struct RedisStore {
     clients: Arc<Clients>,
     /// Whether the subscriber connection is up and subscribed to events.
     hears_events: watch::Receiver<bool>,
+    /// How often the subscriber connection came back after it was lost; one receiver for the
+    /// life of the store, so that `back` misses no return between its calls.
+    came_back: tokio::sync::Mutex<watch::Receiver<u64>>,
     /// How long an emptied stream is kept, in ms (`BURROW_EMPTY_TUNNEL_TTL`; 0: for ever).
     empty_ttl: Value,
 }
@@ -199,7 +202,12 @@ impl RedisStore {
             errors: subscriber.error_rx(),
         };
         let (subscribed, hears_events) = watch::channel(false);
-        tokio::spawn(listen(subscriber.clone(), events, audience, subscribed));
+        let (returns, came_back) = watch::channel(0);
+        let told = Told {
+            subscribed,
+            returns,
+        };
+        tokio::spawn(listen(subscriber.clone(), events, audience, told));
         drop(subscriber.connect());
 
         // A relay that answers /health should not turn its first requests away while a reachable
@@ -225,6 +233,7 @@ impl RedisStore {
         Ok(RedisStore {
             clients,
             hears_events,
+            came_back: tokio::sync::Mutex::new(came_back),
             // Zero stays zero (kept for ever): `millis` would make it one.
             empty_ttl: Value::Integer(
                 i64::try_from(config.empty_tunnel_ttl.as_millis()).unwrap_or(i64::MAX),
@@ -286,15 +295,24 @@ struct SubscriberEvents {
 /// How many distinct reasons for not reaching the store are logged per outage.
 const MAX_REASONS: usize = 8;
 
-/// Feeds `audience` from the subscriber for the life of the process, subscribing again after
-/// every (re)connection since a new connection starts without subscriptions; tells `subscribed`
-/// whether it is.
-async fn listen(
-    subscriber: Client,
-    mut events: SubscriberEvents,
-    audience: Audience,
+/// What the subscriber's task tells the store.
+struct Told {
+    /// Whether the subscriber is connected and subscribed.
     subscribed: watch::Sender<bool>,
-) {
+    /// How often it was subscribed again after its connection was lost.
+    returns: watch::Sender<u64>,
+}
+
+/// Feeds `audience` from the subscriber for the life of the process, subscribing again after
+/// every (re)connection since a new connection starts without subscriptions; tells whether it is,
+/// and counts its returns after a loss.
+async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience, told: Told) {
+    let Told {
+        subscribed,
+        returns,
+    } = told;
+    // Whether the connection was up once and lost since its last (re)connection.
+    let (mut was_up, mut lost) = (false, false);
     // Logs one line per outage rather than one per reconnection attempt, and, while the server
     // cannot be reached, each new reason once (a wrong password is not an unreachable server).
     let mut connected = false;
@@ -323,22 +341,27 @@ async fn listen(
                 }
                 Err(RecvError::Closed) => return,
             },
-            reconnect = events.reconnects.recv() => match reconnect {
-                Ok(server) => {
-                    log::info!("redis: connected to {server}");
-                    connected = true;
-                    metrics::store_up(true);
-                    reasons.clear();
-                    subscribed.send_replace(subscribe(&subscriber).await);
+            reconnect = events.reconnects.recv() => {
+                match reconnect {
+                    Ok(server) => {
+                        log::info!("redis: connected to {server}");
+                        connected = true;
+                        metrics::store_up(true);
+                        reasons.clear();
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
                 }
-                Err(RecvError::Lagged(_)) => {
-                    subscribed.send_replace(subscribe(&subscriber).await);
+                subscribed.send_replace(subscribe(&subscriber).await);
+                was_up = true;
+                if std::mem::take(&mut lost) {
+                    returns.send_modify(|n| *n += 1);
                 }
-                Err(RecvError::Closed) => return,
-            },
+            }
             error = events.errors.recv() => match error {
                 Ok((error, server)) => {
                     subscribed.send_replace(false);
+                    lost |= was_up;
                     metrics::store_up(false);
                     let text = readable(&error);
                     let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
@@ -960,10 +983,8 @@ impl Backend for RedisStore {
     }
 
     async fn back(&self) {
-        // The subscriber's connection stands for the server's: down, then up and subscribed.
-        let mut subscribed = self.hears_events.clone();
-        let down = subscribed.wait_for(|up| !*up).await.is_ok();
-        if !down || subscribed.wait_for(|up| *up).await.is_err() {
+        // The subscriber's connection stands for the server's: lost, then up and subscribed.
+        if self.came_back.lock().await.changed().await.is_err() {
             // The subscriber is gone for good: nothing will ever come back.
             std::future::pending::<()>().await;
         }
