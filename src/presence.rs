@@ -60,8 +60,8 @@ pub struct Presence {
     address: String,
     /// The last read of the other instances' agents.
     directory: Arc<Mutex<Option<Directory>>>,
-    /// When reads of the store last listed each name at another instance, leaving or not, for
-    /// [`RETURN_WITHIN`] (see [`Presence::listed_lately`]).
+    /// When reads of the store last listed each name at another instance or at a predecessor,
+    /// leaving or not, for [`RETURN_WITHIN`] (see [`Presence::listed_lately`]).
     listed: Arc<Mutex<HashMap<String, Instant>>>,
     /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
     /// for the next one instead of each reading every record.
@@ -202,8 +202,8 @@ impl Presence {
     }
 
     /// Whether a read of the store within [`RETURN_WITHIN`] listed an agent named `name` at
-    /// another instance, even one leaving: a request that finds none may wait for one to come
-    /// back.
+    /// another instance or at a predecessor (restarted in place), even one leaving: a request
+    /// that finds none may wait for one to come back.
     pub fn listed_lately(&self, name: &str) -> bool {
         let listed = lock(&self.listed);
         listed
