@@ -104,6 +104,9 @@ struct Record {
     started_ms: u64,
     #[serde(default)]
     agents: Vec<Named>,
+    /// The names of the agents it had as it stopped (see [`Presence::withdraw`]).
+    #[serde(default)]
+    departed: Vec<String>,
 }
 
 /// An agent in a record, by name and state (the rest is for `GET /agents`).
@@ -146,13 +149,14 @@ impl Presence {
 
     /// Records this instance's address and agents in the store.
     pub async fn announce(&self) -> Result<(), StoreError> {
-        self.record(self.local_agents()).await
+        self.record(self.local_agents(), Vec::new()).await
     }
 
     /// Records this instance with no agents, as it stops: other instances stop sending it
-    /// requests at once instead of when its record expires.
+    /// requests at once instead of when its record expires. The names it had stay in the record
+    /// apart, for its successor and the other instances to wait for those agents to come back.
     pub async fn withdraw(&self) -> Result<(), StoreError> {
-        self.record(Vec::new()).await
+        self.record(Vec::new(), self.agents.names_lately()).await
     }
 
     /// Resolves when an agent connects here or leaves, falls silent, speaks again or begins to
@@ -166,12 +170,13 @@ impl Presence {
         self.store.back().await;
     }
 
-    async fn record(&self, agents: Vec<Value>) -> Result<(), StoreError> {
+    async fn record(&self, agents: Vec<Value>, departed: Vec<String>) -> Result<(), StoreError> {
         let record = json!({
             "instance": self.instance,
             "address": self.address,
             "started_ms": self.started_ms,
             "agents": agents,
+            "departed": departed,
         });
         let record = Bytes::from(record.to_string());
         self.store
@@ -366,8 +371,12 @@ impl Presence {
         // A predecessor's agents (at this address, or another's) are likely to connect again.
         let mut listed = lock(&self.listed);
         listed.retain(|_, at| at.elapsed() < RETURN_WITHIN);
-        for agent in parsed.iter().flat_map(|record| &record.agents) {
-            let at = listed.entry(agent.name.clone()).or_insert(read_at);
+        let names = parsed.iter().flat_map(|record| {
+            let agents = record.agents.iter().map(|agent| &agent.name);
+            agents.chain(&record.departed)
+        });
+        for name in names {
+            let at = listed.entry(name.clone()).or_insert(read_at);
             *at = (*at).max(read_at);
         }
         drop(listed);

@@ -139,9 +139,10 @@ pub fn sendable_again(session: &mut ServerSession) -> bool {
 pub enum Hop {
     /// The head of the instance's answer, and the response whose body follows.
     Answered(Response, hyper::Response<Incoming>),
-    /// The instance no longer has the agent. The request can go to another (`again`) unless
-    /// part of its body is gone with this one.
-    Refused { again: bool },
+    /// The instance no longer has the agent, or its agents of the name all refused the request
+    /// before taking it (`failed`, why: their upstream is down, say). The request can go to
+    /// another (`again`) unless part of its body is gone with this one.
+    Refused { again: bool, failed: Option<String> },
     /// The instance could not be reached, or failed before answering (why). The request can go
     /// to another (`again`) when nothing of its body was read and, unless the instance never got
     /// it (no connection), its method is idempotent.
@@ -250,12 +251,34 @@ pub async fn proxy(
     let refused = response.headers().get(HOP_HEADER);
     let status = response.status().as_u16();
     if matches!(status, 422 | 502) && refused.is_some_and(|mark| mark == HOP_REFUSED) {
-        return Ok(Hop::Refused { again: untouched });
+        let failed = match status {
+            502 => Some(refusal(response).await),
+            _ => None,
+        };
+        return Ok(Hop::Refused {
+            again: untouched,
+            failed,
+        });
     }
     let mut answer = header_list(response.headers());
     strip_hop_by_hop(&mut answer);
     let head = Response::forwarded(response.status().as_u16(), answer);
     Ok(Hop::Answered(head, response))
+}
+
+/// Why the agents at another instance refused a request: its one-line answer, less the prefix
+/// that the answer here adds again.
+async fn refusal(response: hyper::Response<Incoming>) -> String {
+    const LONGEST: usize = 4096;
+    let body = http_body_util::Limited::new(response.into_body(), LONGEST).collect();
+    let text = match tokio::time::timeout(Duration::from_secs(1), body).await {
+        Ok(Ok(body)) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+        _ => String::new(),
+    };
+    match text.strip_prefix("agent failed: ") {
+        Some(why) => why.to_owned(),
+        None => "the agents of the name at another instance refused the request".to_owned(),
+    }
 }
 
 /// Headers as name/value strings.

@@ -156,6 +156,20 @@ impl Agents {
             .is_some_and(|at| at.elapsed() < RETURN_WITHIN)
     }
 
+    /// The names of the agents connected here, leaving or not, and of those that left within
+    /// [`RETURN_WITHIN`], in order.
+    pub fn names_lately(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.links().keys().cloned().collect();
+        let departed = lock(&self.shared.departed);
+        let lately = departed
+            .iter()
+            .filter(|(_, at)| at.elapsed() < RETURN_WITHIN);
+        names.extend(lately.map(|(name, _)| name.clone()));
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Resolves when an agent named `name` that takes requests is connected here (true), or at
     /// `until` (false), whichever comes first.
     pub async fn arrival(&self, name: &str, until: Instant) -> bool {

@@ -1052,12 +1052,7 @@ async fn request_refused_by_a_leaving_agent_waits_for_its_successor() {
     let client = relay.client();
     let upstream = Upstream::start("up").await;
     let name = tunnel_id("leaving");
-    let ws = relay.base.replace("http://", "ws://");
-    let connect = format!("{ws}/agent/connect?name={name}");
-    let (mut leaving, _) = tokio_tungstenite::connect_async(connect)
-        .await
-        .expect("the relay takes the agent");
-    wait_agents(&client, &name, 1, WAIT, &[]).await;
+    let mut leaving = raw_agent(&relay, &name).await;
     let path = format!("/r/{name}/echo");
     let request = client.request(Method::GET, &path).header(TIMEOUT, "20s");
     let sender = client.clone();
@@ -1086,6 +1081,74 @@ async fn request_refused_by_a_leaving_agent_waits_for_its_successor() {
     assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
 }
 
+/// A request with a body does not wait: whether its client is still there cannot be seen without
+/// reading the body, and one that left must not be sent on once the agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_with_a_body_does_not_wait() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let (client, name) = (setup.client.clone(), setup.name.clone());
+    setup.agent.kill();
+    wait_agents(&client, &name, 0, WAIT, &[&setup.agent]).await;
+    let metrics = client.metrics().expect("the relay has a metrics page");
+    let sender = client.clone();
+    let path = format!("/r/{name}/echo");
+    let request = sender.request(Method::POST, &path).header(TIMEOUT, "20s");
+    let mut answer = tokio::spawn(async move { sender.send(request.body("body")).await });
+    loop {
+        tokio::select! {
+            answered = &mut answer => {
+                answered.expect("the request task does not panic").expect(422);
+                break;
+            }
+            held = metric(&metrics, "burrow_awaiting_agent") => assert_eq!(held, 0.0, "held"),
+        }
+    }
+}
+
+/// A request at another instance for an agent that refuses it (its upstream down) gets that
+/// agent's 502 at once, not a wait that ends in 422 "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_at_another_instance_is_its_502() {
+    let redis = crate::support::shared_redis();
+    let a = Relay::start(Store::Redis(redis), &[]);
+    let b = Relay::start(Store::Redis(redis), &[]);
+    let name = tunnel_id("refusing");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let agent = Agent::serve(&a.base, &name, &closed, None);
+    wait_agents(&b.client(), &name, 1, RECONNECT, &[&agent]).await;
+    let answer = b.client().get(&format!("/r/{name}/x")).await;
+    let text = answer.expect_one_line_error(502).text();
+    assert!(
+        text.starts_with("agent failed: upstream unreachable"),
+        "{text}"
+    );
+}
+
+/// A relay restarted in place after a SIGTERM (which withdrew its agents from the store) waits for
+/// its predecessor's agents too: its predecessor's record still names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successor_after_sigterm_waits_for_the_agents() {
+    use futures_util::StreamExt;
+    let redis = crate::support::shared_redis();
+    let mut first = Relay::start(Store::Redis(redis), &[]);
+    let name = tunnel_id("moving");
+    let mut gone = raw_agent(&first, &name).await;
+    first.signal("TERM");
+    // The agent says nothing and leaves when told to go.
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, gone.next()).await {}
+    drop(gone);
+    assert!(first.exits_within(WAIT).await, "{}", first.output());
+    let port = first.port();
+    first.kill();
+    let successor = Relay::start_on(port, Store::Redis(redis), &[]);
+    let client = successor.client();
+    let waiting = held_request(&client, &name).await;
+    let upstream = Upstream::start("up").await;
+    let _agent = Agent::serve(&successor.base, &name, &upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
 /// Another instance holds such a request too: B, which listed the agent at A lately, waits for
 /// the name to be announced again after the agent was killed (here by a new one on A).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1100,6 +1163,20 @@ async fn request_at_another_instance_waits_for_a_restarting_agent() {
     setup.agent = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
     let answer = waiting.await.expect("the request task does not panic");
     assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
+/// A WebSocket connected to `relay` as agent `name`, which the test speaks for, once listed.
+async fn raw_agent(
+    relay: &Relay,
+    name: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let ws = relay.base.replace("http://", "ws://");
+    let connect = format!("{ws}/agent/connect?name={name}");
+    let (socket, _) = tokio_tungstenite::connect_async(connect)
+        .await
+        .expect("the relay takes the agent");
+    wait_agents(&relay.client(), name, 1, WAIT, &[]).await;
+    socket
 }
 
 /// `GET /r/{name}/echo` with a 20 s timeout, sent in a task of its own, once the relay counts it

@@ -78,24 +78,23 @@ impl RelayApp {
                 }
                 answered => return answered,
             };
-            // Another instance sent it here: that one waits.
+            // Another instance sent it here: that one waits. A request whose body is still to be
+            // read does not: whether its client left cannot be seen without reading the body, and
+            // one that left must not be sent on once the agent is back.
             let origin = session.get_header(forward::HOP_HEADER).is_none();
             let lately = self.agents.had_lately(agent.as_str())
                 || self.presence.listed_lately(agent.as_str());
             let now = Instant::now();
-            if !origin || !lately || now >= hold_until {
+            if !origin || !lately || !session.is_body_done() || now >= hold_until {
                 return Err(failure.into());
             }
             // Presence is read again at most this often; an agent connecting here ends the wait.
             let _waiting = Waiting::for_agent();
             let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
-            // A client that leaves meanwhile is not sent on, once its agent is back; one still
-            // sending a body cannot be watched without reading it.
-            let watch_client = session.is_body_done();
             let arrived = tokio::select! {
                 arrived = self.agents.arrival(agent.as_str(), look_again) => arrived,
                 () = crate::tunnel::stopping(&mut stopping) => return Err(Error::ShuttingDown),
-                () = client_gone(session), if watch_client => return Err(Error::ClientGone),
+                () = client_gone(session) => return Err(Error::ClientGone),
             };
             // At the end of the wait, a look at the store could only time out (504): the name
             // is still not found.
@@ -120,7 +119,7 @@ impl RelayApp {
         let relays = |v: &http::HeaderValue| self.auth.carries_relay_token(v.as_bytes());
         let withhold = self.auth.enabled()
             && (!self.auth.is_public(agent.as_str()) || authorizations.iter().any(relays));
-        let mut tried = Vec::new();
+        let mut tried = Tried::default();
         if let Some(outcome) = self
             .past_failing_agents(session, agent, &mut tried, deadline)
             .await?
@@ -149,9 +148,16 @@ impl RelayApp {
         if !elsewhere {
             return Err(failure);
         }
-        // Sent here by another instance: that one tries the next instance listed with the name.
+        // Sent here by another instance: that one tries the next instance listed with the name
+        // (and waits, when agents here are leaving: as far as it is concerned, none is here).
         if session.get_header(forward::HOP_HEADER).is_some() {
             return Err(match failure {
+                Error::Route(RouteError::NotTaken(_))
+                    if !self.agents.takes_requests(agent.as_str()) =>
+                {
+                    let gone = RouteError::NoAgent(agent.to_string());
+                    RouteError::Refused(Box::new(gone)).into()
+                }
                 Error::Route(route) => RouteError::Refused(Box::new(route)).into(),
                 other => other,
             });
@@ -161,7 +167,13 @@ impl RelayApp {
             .await?
         {
             Some(outcome) => Ok(outcome),
-            None => Err(failure),
+            // None here, and agents elsewhere refused it: theirs is the answer.
+            None => Err(match (failure, tried.refusal) {
+                (Error::Route(RouteError::NoAgent(_)), Some(why)) => {
+                    RouteError::AgentFailed(why).into()
+                }
+                (failure, _) => failure,
+            }),
         }
     }
 
@@ -174,7 +186,7 @@ impl RelayApp {
         &self,
         session: &mut ServerSession,
         agent: &TunnelId,
-        tried: &mut Vec<String>,
+        tried: &mut Tried,
         deadline: Instant,
     ) -> Result<Option<Outcome>, Error> {
         let standing = self.agents.standing(agent.as_str());
@@ -200,7 +212,7 @@ impl RelayApp {
         &self,
         session: &mut ServerSession,
         agent: &TunnelId,
-        tried: &mut Vec<String>,
+        tried: &mut Tried,
         deadline: Instant,
     ) -> Result<Option<Outcome>, Error> {
         let remembered = forward::sendable_again(session)
@@ -229,12 +241,12 @@ impl RelayApp {
         session: &mut ServerSession,
         agent: &TunnelId,
         addresses: Vec<String>,
-        tried: &mut Vec<String>,
+        tried: &mut Tried,
         deadline: Instant,
     ) -> Result<Option<Outcome>, Error> {
         let instance = self.presence.instance();
         for address in addresses {
-            if tried.contains(&address) {
+            if tried.addresses.contains(&address) {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -245,13 +257,15 @@ impl RelayApp {
                     let body = Body::Instance(response);
                     return Ok(Some(Outcome::Respond(head, Some(After::Forward(body)))));
                 }
-                Hop::Refused { again } => {
+                Hop::Refused { again, failed } => {
                     self.presence.reached(&address);
                     self.presence.refused(&address, agent.as_str());
                     if !again {
-                        let why = "the relay instance listed with the agent no longer has it";
-                        return Err(RouteError::AgentFailed(why.to_owned()).into());
+                        let gone = "the relay instance listed with the agent no longer has it";
+                        let why = failed.unwrap_or_else(|| gone.to_owned());
+                        return Err(RouteError::AgentFailed(why).into());
                     }
+                    tried.refusal = failed.or(tried.refusal.take());
                 }
                 Hop::Failed { why, again } => {
                     // Once per address while it stays unreachable: every request would log it.
@@ -274,10 +288,17 @@ impl RelayApp {
                     return Err(RouteError::Timeout.into());
                 }
             }
-            tried.push(address);
+            tried.addresses.push(address);
         }
         Ok(None)
     }
+}
+
+/// The other instances a request was sent to, and why their agents refused it, if they did.
+#[derive(Default)]
+struct Tried {
+    addresses: Vec<String>,
+    refusal: Option<String>,
 }
 
 /// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less the time
