@@ -36,6 +36,14 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// After a relay said it is stopping (GOAWAY), the longest reconnect delay for
+/// [`QUICK_REDIAL_FOR`]: a relay restarted in place, or its replacement, is usually back within
+/// seconds, and requests for this agent wait only 5 s for it.
+const QUICK_REDIAL: Duration = Duration::from_millis(500);
+
+/// How long after a relay's GOAWAY reconnecting stays quick.
+const QUICK_REDIAL_FOR: Duration = Duration::from_secs(30);
+
 /// How long dialling the relay (TCP, TLS and the WebSocket handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -263,6 +271,7 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                             "the relay is going away: connecting again while its requests in \
                              flight finish"
                         );
+                        backoff.relay_stopping();
                         leaving.retain(|link: &JoinHandle<Ended>| !link.is_finished());
                         leaving.push(link);
                         continue;
@@ -367,25 +376,38 @@ async fn dial(
 }
 
 /// Exponential back-off with jitter: 100 ms doubling to 10 s, each delay drawn from its upper half
-/// so that many agents cut off together do not reconnect in step.
+/// so that many agents cut off together do not reconnect in step; at most 500 ms for a while after
+/// a relay said it is stopping.
 struct Backoff {
     next: Duration,
+    /// Until when delays stay short (see [`QUICK_REDIAL`]).
+    quick_until: Option<Instant>,
 }
 
 impl Backoff {
     fn new() -> Backoff {
         Backoff {
             next: FIRST_BACKOFF,
+            quick_until: None,
         }
     }
 
+    /// Connected: the next outage starts from the first delay.
     fn reset(&mut self) {
         self.next = FIRST_BACKOFF;
     }
 
+    /// The relay said it is stopping: it, or another instance, should take the agent soon.
+    fn relay_stopping(&mut self) {
+        self.quick_until = Some(Instant::now() + QUICK_REDIAL_FOR);
+    }
+
     fn next(&mut self) -> Duration {
-        let delay = self.next;
+        let mut delay = self.next;
         self.next = (self.next * 2).min(MAX_BACKOFF);
+        if self.quick_until.is_some_and(|until| Instant::now() < until) {
+            delay = delay.min(QUICK_REDIAL);
+        }
         delay.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 }
@@ -496,5 +518,15 @@ mod tests {
         assert!(delays[11] >= MAX_BACKOFF / 2);
         backoff.reset();
         assert!(backoff.next() <= FIRST_BACKOFF);
+    }
+
+    /// After a relay's GOAWAY, delays stay at most 500 ms however many attempts fail.
+    #[test]
+    fn quick_redial_after_a_relay_stops() {
+        let mut backoff = Backoff::new();
+        backoff.relay_stopping();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
+        assert!(delays.iter().all(|d| *d <= QUICK_REDIAL), "{delays:?}");
+        assert!(delays[11] >= QUICK_REDIAL / 2, "{delays:?}");
     }
 }
