@@ -322,7 +322,7 @@ impl Body {
 
     /// Tells an agent connected here that the client left; another instance learns it from
     /// this connection closing.
-    fn client_left(&mut self) {
+    fn client_left(&self) {
         if let Body::Agent(exchange) = self {
             exchange.client_left();
         }

@@ -224,7 +224,7 @@ impl Exchange {
 
     /// Ends the exchange because its client left, which the agent logs as the reason (dropping
     /// it ends it too, as abandoned).
-    pub fn client_left(&mut self) {
+    pub fn client_left(&self) {
         self.writer.reset("client left");
     }
 
