@@ -203,11 +203,8 @@ impl RedisStore {
         };
         let (subscribed, hears_events) = watch::channel(false);
         let (returns, came_back) = watch::channel(0);
-        let told = Told {
-            subscribed,
-            returns,
-        };
-        tokio::spawn(listen(subscriber.clone(), events, audience, told));
+        let listening = listen(subscriber.clone(), events, audience, subscribed, returns);
+        tokio::spawn(listening);
         drop(subscriber.connect());
 
         // A relay that answers /health should not turn its first requests away while a reachable
@@ -295,22 +292,16 @@ struct SubscriberEvents {
 /// How many distinct reasons for not reaching the store are logged per outage.
 const MAX_REASONS: usize = 8;
 
-/// What the subscriber's task tells the store.
-struct Told {
-    /// Whether the subscriber is connected and subscribed.
-    subscribed: watch::Sender<bool>,
-    /// How often it was subscribed again after its connection was lost.
-    returns: watch::Sender<u64>,
-}
-
 /// Feeds `audience` from the subscriber for the life of the process, subscribing again after
-/// every (re)connection since a new connection starts without subscriptions; tells whether it is,
-/// and counts its returns after a loss.
-async fn listen(subscriber: Client, mut events: SubscriberEvents, audience: Audience, told: Told) {
-    let Told {
-        subscribed,
-        returns,
-    } = told;
+/// every (re)connection since a new connection starts without subscriptions; tells `subscribed`
+/// whether it is, and counts in `returns` each time it is again after its connection was lost.
+async fn listen(
+    subscriber: Client,
+    mut events: SubscriberEvents,
+    audience: Audience,
+    subscribed: watch::Sender<bool>,
+    returns: watch::Sender<u64>,
+) {
     // Whether the connection was up once and lost since its last (re)connection.
     let (mut was_up, mut lost) = (false, false);
     // Logs one line per outage rather than one per reconnection attempt, and, while the server
