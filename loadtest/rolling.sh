@@ -17,6 +17,8 @@
 #   s3b the same with 10 agents of one name          s3c like s3a, docker-style: wait for A to exit, +2 s, start A'
 #   s4a 10 names all on A, clients only to B         s4b 10 agents 'svc' all on A, clients only to B
 #   s5a/s5b as s3a/s4a, but A is replaced by a graceful upgrade (serve --upgrade + SIGQUIT)
+#   s5c the memory store, A alone: 10 names on A, clients to A on a connection per request
+#       (so that they reach both processes), A replaced by a graceful upgrade
 # Output: one table on stdout; $OUT/details.txt has event marks and each distinct non-200 (body, headers).
 # Uses ports BASE_PORT..BASE_PORT+99 only (default 45200-45299). Runs in about 3 minutes.
 set -uo pipefail
@@ -93,9 +95,11 @@ conf_for() {  # relay tag port -> conf path
   echo "$c"
 }
 
-start_relay() {  # tag port [extra serve args] -> sets RELAY_PID
+start_relay() {  # tag port [extra serve args] -> sets RELAY_PID; STORE_ENV=memory: no redis
   local tag=$1 port=$2; shift 2
-  env BURROW_LISTEN="127.0.0.1:$port" BURROW_STORE=redis REDIS_URL="redis://127.0.0.1:$RP" \
+  local store=(BURROW_STORE=redis REDIS_URL="redis://127.0.0.1:$RP")
+  [[ ${STORE_ENV:-} == memory ]] && store=(BURROW_STORE=memory)
+  env BURROW_LISTEN="127.0.0.1:$port" "${store[@]}" \
     BURROW_ADVERTISE="127.0.0.1:$port" BURROW_CONF="$(conf_for "$tag" "$port")" BURROW_ACCESS_LOG=0 \
     RUST_LOG=info "$BURROW" serve "$@" >>"$OUT/$SCEN.relay-$tag.log" 2>&1 &
   RELAY_PID=$!
@@ -109,9 +113,9 @@ start_agent() {  # relay-hostport name upstream-port -> sets AGENT_PID
   PIDS+=("$AGENT_PID")
 }
 
-run_load() {  # targets names -> starts load in background, sets LOAD_PID
+run_load() {  # targets names [--fresh] -> starts load in background, sets LOAD_PID
   python3 "$CLIENT_PY" load --targets "$1" --names "$2" --clients "$CLIENTS" \
-    --seconds "$SECONDS_PER" --out "$OUT/$SCEN.jsonl" &
+    --seconds "$SECONDS_PER" --out "$OUT/$SCEN.jsonl" "${@:3}" &
   LOAD_PID=$!
   PIDS+=("$LOAD_PID")
 }
@@ -286,6 +290,22 @@ want s4a && relay_scenario s4a_clients_B_only_distinct_allA allA distinct "$B" n
 want s4b && relay_scenario s4b_clients_B_only_same_allA allA same "$B" now
 want s5a && relay_scenario s5a_relayA_upgrade_distinct_spread spread distinct "$A,$B" upgrade
 want s5b && relay_scenario s5b_relayA_upgrade_B_only_allA allA distinct "$B" upgrade
+
+# 5c: the memory store, relay A alone, 10 names on it; A replaced by a graceful upgrade while
+# clients open a connection per request.
+if want s5c; then
+  SCEN=s5c_memory_upgrade_fresh_connections
+  : >"$OUT/$SCEN.marks"
+  STORE_ENV=memory start_relay A "$PA"; RELAY_A=$RELAY_PID; SCEN_PIDS+=("$RELAY_A")
+  wait_listen "$PA" || { log "relay A did not start (see $OUT/$SCEN.relay-A.log)"; exit 1; }
+  log "== $SCEN"
+  for i in $(seq 0 9); do start_agent "$A" "svc$i" $(( i % 2 ? UP2 : UP1 )); SCEN_PIDS+=("$AGENT_PID"); done
+  for i in $(seq 0 9); do wait_agents "$A" "svc$i" 1; done
+  run_load "$A" "$(seq -s, -f 'svc%g' 0 9)" --fresh; sleep "$EV"
+  mark "EVENT graceful upgrade of A begins (serve --upgrade)"
+  STORE_ENV=memory upgrade_a
+  wait "$LOAD_PID"; teardown; RAN+=("$SCEN")
+fi
 
 timeout 2 redis-cli -p "$RP" shutdown nosave >/dev/null 2>&1
 python3 "$CLIENT_PY" summary --dir "$OUT" "${RAN[@]}" | tee "$OUT/summary.txt"

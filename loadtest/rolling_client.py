@@ -11,7 +11,9 @@ load balancer would, rotating through the names, GET /small with x-backstream-cl
   {"t0": start, "t1": end, "c": client, "tgt": target, "name": name, "res": "200" | "ERR:kind",
    "body": first 160 bytes, "ra": Retry-After, "hop": x-burrow-hop}
 A kept-alive connection that the server closed while idle is detected before reuse (as urllib3
-does) and replaced silently: that is not counted as an error.
+does) and replaced silently: that is not counted as an error. With --fresh, every request has a
+connection of its own (as curl, or a load balancer that does not pool): during a graceful
+upgrade those reach both processes, where kept-alive ones stay with the old one.
 """
 import argparse, http.client, json, os, select, socket, sys, threading, time, collections
 
@@ -27,7 +29,7 @@ def dropped(conn):
     return bool(r)  # readable while idle = EOF (or garbage): not reusable
 
 
-def client(cid, targets, names, deadline, interval, timeout, out, lock):
+def client(cid, targets, names, deadline, interval, timeout, fresh, out, lock):
     conns = {}
     i = 0
     buf = []
@@ -56,7 +58,7 @@ def client(cid, targets, names, deadline, interval, timeout, out, lock):
                 rec["hop"] = resp.getheader("x-burrow-hop")
                 rec["hdrs"] = {k.lower(): v for k, v in resp.getheaders()
                                if k.lower() not in ("date",)}
-            if resp.will_close:
+            if resp.will_close or fresh:
                 conn.close()
                 conns.pop(tgt, None)
         except Exception as e:  # transport error
@@ -86,7 +88,7 @@ def load(a):
     lock = threading.Lock()
     with open(a.out, "w") as out:
         ts = [threading.Thread(target=client, args=(c, targets, names, deadline, a.interval,
-                                                    a.timeout, out, lock))
+                                                    a.timeout, a.fresh, out, lock))
               for c in range(a.clients)]
         for t in ts:
             t.start()
@@ -194,6 +196,7 @@ def main():
     l.add_argument("--seconds", type=float, default=15)
     l.add_argument("--interval", type=float, default=0.005)
     l.add_argument("--timeout", type=float, default=5)
+    l.add_argument("--fresh", action="store_true")
     l.add_argument("--out", required=True)
     s = sp.add_parser("summary")
     s.add_argument("--dir", required=True)

@@ -72,6 +72,10 @@ pub enum Error {
     /// The relay is stopping and the request's answer did not come within its grace period.
     #[error("Relay shutting down, retry")]
     ShuttingDown,
+    /// An agent dialled the old process of a graceful upgrade, which hands its address over: the
+    /// new process takes connections on it and is one dial away.
+    #[error("Relay handing over to a new process, retry at once")]
+    HandingOver,
     /// The client left before its answer was ready (logged as nginx's 499).
     #[error("Client closed request")]
     ClientGone,

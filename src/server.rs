@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::access_log;
 use crate::config::{Config, StoreConfig};
 use crate::drain::{self, InFlight};
-use crate::http::{Connections, RelayApp};
+use crate::http::{Connections, Lifecycle, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::signals::Signals;
 use crate::store::{Store, StoreError};
@@ -76,31 +76,34 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     // Watched before the store is opened, which may wait for a redis server for seconds: a SIGINT
     // then stops the relay too, also when its parent ignores SIGINT (which the handler undoes),
     // and a SIGTERM drains it as soon as it runs (rather than the default action: exit 143).
+    let (handing_over, handover) = tokio::sync::watch::channel(false);
     let (interrupt, signals) = {
         let _runtime = store_runtime.enter();
-        let signals = Signals::watch(conf.upgrade_sock.clone())?;
+        let signals = Signals::watch(conf.upgrade_sock.clone(), handing_over)?;
         (signal(SignalKind::interrupt()), signals)
     };
     store_runtime.spawn(exit_on_interrupt(interrupt));
     let store = store_runtime.block_on(Store::open(&config.store))?;
     let grace = conf.grace_period_seconds.unwrap_or(PINGORA_GRACE_PERIOD);
-    let in_flight = InFlight::default();
-    let app = RelayApp::new(
-        &config,
-        store,
-        Duration::from_secs(grace),
-        in_flight.clone(),
-    );
-    let drainer = background_service("drain", Drainer(in_flight));
-    let announcer = background_service("presence", Announcer(app.presence()));
-    let access_log = background_service("access log", AccessLogFlusher);
-
     let opt = Opt {
         upgrade,
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With `upgrade`, this waits until the old process has handed the listening socket over: a
+    // successor's time counts from then.
     server.bootstrap();
+    let in_flight = InFlight::default();
+    let life = Lifecycle {
+        grace: Duration::from_secs(grace),
+        in_flight: in_flight.clone(),
+        handing_over: handover,
+        successor: upgrade,
+    };
+    let app = RelayApp::new(&config, store, life);
+    let drainer = background_service("drain", Drainer(in_flight));
+    let announcer = background_service("presence", Announcer(app.presence()));
+    let access_log = background_service("access log", AccessLogFlusher);
     let mut service = Service::new("burrow".to_string(), Connections::new(Arc::new(app)));
     // No L4 read buffer: Pingora's default allocates 64 KiB per connection up front, which would
     // dominate the cost of an idle long-poll, and the HTTP/1 parser reads into a buffer of its own.

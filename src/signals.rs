@@ -15,15 +15,21 @@ pub struct Signals {
     quit: tokio::sync::Mutex<Signal>,
     terminate: tokio::sync::Mutex<Signal>,
     upgrade_sock: String,
+    handing_over: tokio::sync::watch::Sender<bool>,
 }
 
 impl Signals {
-    /// Starts watching; signals that come before Pingora asks are kept for it.
-    pub fn watch(upgrade_sock: String) -> std::io::Result<Signals> {
+    /// Starts watching; signals that come before Pingora asks are kept for it. `handing_over`
+    /// is set when a SIGQUIT is taken, before Pingora hands the socket over.
+    pub fn watch(
+        upgrade_sock: String,
+        handing_over: tokio::sync::watch::Sender<bool>,
+    ) -> std::io::Result<Signals> {
         Ok(Signals {
             quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
             terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
             upgrade_sock,
+            handing_over,
         })
     }
 }
@@ -37,6 +43,7 @@ impl ShutdownSignalWatch for Signals {
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = quit.recv() => {
                     if listens_at(&self.upgrade_sock) {
+                        self.handing_over.send_replace(true);
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     log::error!(

@@ -25,6 +25,16 @@ const CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How long requests cut off when a connection ends have to log their line and stop.
 const FINISH_WITHIN: Duration = Duration::from_secs(1);
 
+/// Why the relay wants the agent to connect again while this connection finishes its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redial {
+    /// The relay is stopping (`GOAWAY`): no new requests come on this connection.
+    Stopping,
+    /// The relay process hands its address over to a new one (`MOVE`): this connection takes
+    /// requests until that process says `GOAWAY`.
+    Moving,
+}
+
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -36,15 +46,15 @@ pub enum Ended {
 
 /// Serves one connection until it is lost, or until `drain` turns true and the requests in flight
 /// have finished (at most `grace` later). While draining, the agent has said `GOAWAY` and refuses
-/// new requests with `RESET`, which the relay retries on another agent. A `GOAWAY` from the relay
-/// is told to `relay_leaving`, so that the agent connects again at once while this connection
-/// finishes its requests.
+/// new requests with `RESET`, which the relay retries on another agent. The first `GOAWAY` or
+/// `MOVE` from the relay is told to `redial`, so that the agent connects again at once while this
+/// connection finishes its requests (after `MOVE`, also takes new ones).
 pub async fn serve<S>(
     socket: WebSocketStream<S>,
     upstream: Arc<Upstream>,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
-    relay_leaving: oneshot::Sender<()>,
+    redial: oneshot::Sender<Redial>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -59,7 +69,7 @@ where
     let mut drain_until: Option<Instant> = None;
     let mut drain_open = true;
     let mut check = tokio::time::interval(CHECK_EVERY);
-    let mut relay_leaving = Some(relay_leaving);
+    let mut redial = Some(redial);
     // The relay said GOAWAY: its grace period, not the agent's, bounds the requests in flight.
     let mut relay_left = false;
 
@@ -84,8 +94,15 @@ where
                         // agent connects again (to another instance behind the same address).
                         Kind::GoAway => {
                             relay_left = true;
-                            if let Some(leaving) = relay_leaving.take() {
-                                let _ = leaving.send(());
+                            if let Some(redial) = redial.take() {
+                                let _ = redial.send(Redial::Stopping);
+                            }
+                        }
+                        // Its successor takes new connections at the same address; this one
+                        // serves meanwhile.
+                        Kind::Move => {
+                            if let Some(redial) = redial.take() {
+                                let _ = redial.send(Redial::Moving);
                             }
                         }
                         _ => streams.dispatch(frame),

@@ -22,9 +22,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::routing::frame::MAX_MESSAGE;
+use crate::routing::frame::{MAX_MESSAGE, MOVES_HEADER};
 use crate::tunnel::TunnelId;
-use connection::Ended;
+use connection::{Ended, Redial};
 use upstream::Upstream;
 
 /// How long requests in flight may take to finish after SIGTERM.
@@ -43,6 +43,11 @@ const QUICK_REDIAL: Duration = Duration::from_millis(500);
 
 /// How long after a relay's GOAWAY reconnecting stays quick.
 const QUICK_REDIAL_FOR: Duration = Duration::from_secs(30);
+
+/// The shortest delay before dialling again, whatever a relay's `Retry-After` says: a relay
+/// handing over (`Retry-After: 0`) takes most new connections itself for a few seconds, and an
+/// agent may be refused several times before it reaches the new process.
+const MIN_REDIAL: Duration = Duration::from_millis(20);
 
 /// How long dialling the relay (TCP, TLS and the WebSocket handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -255,22 +260,23 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                     None => log::info!("connected to the relay"),
                 }
                 backoff.reset();
-                let (relay_leaving, left) = oneshot::channel();
-                let served = connection::serve(
-                    socket,
-                    upstream.clone(),
-                    drain.clone(),
-                    DRAIN_GRACE,
-                    relay_leaving,
-                );
+                let (redial, redialled) = oneshot::channel();
+                let served =
+                    connection::serve(socket, upstream.clone(), drain.clone(), DRAIN_GRACE, redial);
                 let mut link = tokio::spawn(served);
                 let ended = tokio::select! {
                     ended = &mut link => ended,
-                    Ok(()) = left => {
-                        log::info!(
-                            "the relay is going away: connecting again while its requests in \
-                             flight finish"
-                        );
+                    Ok(why) = redialled => {
+                        match why {
+                            Redial::Stopping => log::info!(
+                                "the relay is going away: connecting again while its requests \
+                                 in flight finish"
+                            ),
+                            Redial::Moving => log::info!(
+                                "the relay hands over to a new process: connecting to it while \
+                                 this connection still serves"
+                            ),
+                        }
                         backoff.relay_stopping();
                         leaving.retain(|link: &JoinHandle<Ended>| !link.is_finished());
                         leaving.push(link);
@@ -289,20 +295,29 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                     }
                 }
             }
-            Err(why) => match &mut outage {
-                Some((_, attempts)) => *attempts += 1,
-                None => {
-                    match why {
-                        DialError::Refused(status) => log::error!(
-                            "the relay refused this agent ({status}): check --token; retrying with back-off"
-                        ),
-                        DialError::Unreachable(reason) => {
-                            log::warn!("cannot reach the relay: {reason}; retrying with back-off")
-                        }
-                    }
-                    outage = Some((Instant::now(), 1));
+            Err(why) => {
+                if let DialError::Stopping(Some(after)) = why {
+                    backoff.at_most(after);
                 }
-            },
+                match &mut outage {
+                    Some((_, attempts)) => *attempts += 1,
+                    None => {
+                        match why {
+                            DialError::Refused(status) => log::error!(
+                                "the relay refused this agent ({status}): check --token; \
+                                 retrying with back-off"
+                            ),
+                            DialError::Stopping(_) => log::info!(
+                                "the relay is stopping or handing over (503); dialling again"
+                            ),
+                            DialError::Unreachable(reason) => log::warn!(
+                                "cannot reach the relay: {reason}; retrying with back-off"
+                            ),
+                        }
+                        outage = Some((Instant::now(), 1));
+                    }
+                }
+            }
         }
         let pause = backoff.next();
         tokio::select! {
@@ -328,6 +343,10 @@ async fn stop_signal(mut drain: watch::Receiver<bool>) {
 enum DialError {
     /// The relay answered the handshake 401 or 403: the token is missing or wrong.
     Refused(StatusCode),
+    /// The relay answered 503: it is stopping, or handing its address over to a new process;
+    /// with the delay its `Retry-After` asks for (0 when handing over: the new process is one dial
+    /// away).
+    Stopping(Option<Duration>),
     /// Anything else, on one line.
     Unreachable(String),
 }
@@ -348,6 +367,13 @@ async fn dial(
         {
             DialError::Refused(response.status())
         }
+        tokio_tungstenite::tungstenite::Error::Http(response)
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            let after = response.headers().get("Retry-After");
+            let seconds = after.and_then(|value| value.to_str().ok()?.trim().parse().ok());
+            DialError::Stopping(seconds.map(Duration::from_secs))
+        }
         err => DialError::Unreachable(err.to_string()),
     };
     let mut request = config
@@ -355,6 +381,9 @@ async fn dial(
         .as_str()
         .into_client_request()
         .map_err(dial_error)?;
+    request
+        .headers_mut()
+        .insert(MOVES_HEADER, HeaderValue::from_static("1"));
     if let Some(token) = &config.token {
         if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
             value.set_sensitive(true);
@@ -377,11 +406,13 @@ async fn dial(
 
 /// Exponential back-off with jitter: 100 ms doubling to 10 s, each delay drawn from its upper half
 /// so that many agents cut off together do not reconnect in step; at most 500 ms for a while after
-/// a relay said it is stopping.
+/// a relay said it is stopping; at most what a relay's `Retry-After` asked for, next time.
 struct Backoff {
     next: Duration,
     /// Until when delays stay short (see [`QUICK_REDIAL`]).
     quick_until: Option<Instant>,
+    /// The longest the next delay may be, as a relay asked.
+    asked: Option<Duration>,
 }
 
 impl Backoff {
@@ -389,6 +420,7 @@ impl Backoff {
         Backoff {
             next: FIRST_BACKOFF,
             quick_until: None,
+            asked: None,
         }
     }
 
@@ -402,11 +434,20 @@ impl Backoff {
         self.quick_until = Some(Instant::now() + QUICK_REDIAL_FOR);
     }
 
+    /// The relay asked to be dialled again within `after` (`Retry-After`): the next delay is at
+    /// most that, and at least [`MIN_REDIAL`].
+    fn at_most(&mut self, after: Duration) {
+        self.asked = Some(after.max(MIN_REDIAL));
+    }
+
     fn next(&mut self) -> Duration {
         let mut delay = self.next;
         self.next = (self.next * 2).min(MAX_BACKOFF);
         if self.quick_until.is_some_and(|until| Instant::now() < until) {
             delay = delay.min(QUICK_REDIAL);
+        }
+        if let Some(asked) = self.asked.take() {
+            delay = delay.min(asked);
         }
         delay.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
@@ -528,5 +569,23 @@ mod tests {
         let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
         assert!(delays.iter().all(|d| *d <= QUICK_REDIAL), "{delays:?}");
         assert!(delays[11] >= QUICK_REDIAL / 2, "{delays:?}");
+    }
+
+    /// A relay's `Retry-After` bounds the next delay only, and 0 means the shortest one.
+    #[test]
+    fn retry_after_bounds_the_next_delay() {
+        let mut backoff = Backoff::new();
+        for _ in 0..8 {
+            backoff.next();
+        }
+        backoff.at_most(Duration::ZERO);
+        let asked = backoff.next();
+        assert!(asked >= MIN_REDIAL / 2 && asked <= MIN_REDIAL, "{asked:?}");
+        assert!(backoff.next() >= MAX_BACKOFF / 2, "only the next one");
+        backoff.at_most(Duration::from_secs(60));
+        assert!(
+            backoff.next() <= MAX_BACKOFF,
+            "never longer than the back-off"
+        );
     }
 }

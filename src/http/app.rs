@@ -21,6 +21,7 @@ use pingora_core::apps::{
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
+use tokio::sync::watch;
 
 use super::forward::Body;
 use super::parked::{self, Detached, Wait};
@@ -86,8 +87,20 @@ enum Upgraded {
     Jobs(TunnelId, Limit),
     /// A topic's events pushed as frames.
     Events(Subscription),
-    /// An agent dialling in under this name.
-    Agent(TunnelId),
+    /// An agent dialling in under this name; whether it understands `MOVE`.
+    Agent(TunnelId, bool),
+}
+
+/// Where the relay process is in its life, as requests see it; set up by `server`.
+pub struct Lifecycle {
+    /// How long requests in flight may take once shutdown begins (Pingora's grace period).
+    pub grace: Duration,
+    /// The requests in flight, which a stopping relay waits for.
+    pub in_flight: InFlight,
+    /// Turns true when SIGQUIT hands the listening socket over to a new process.
+    pub handing_over: watch::Receiver<bool>,
+    /// Whether this process took the listening socket over from another (`--upgrade`).
+    pub successor: bool,
 }
 
 /// The relay app: shared by every connection.
@@ -107,13 +120,18 @@ pub struct RelayApp {
     grace: Duration,
     /// The requests in flight, which a stopping relay waits for.
     in_flight: InFlight,
+    /// Turns true when SIGQUIT hands the listening socket over to a new process.
+    handing_over: watch::Receiver<bool>,
+    /// Until when a request for a name no agent has here may wait for one: a new process of a
+    /// graceful upgrade cannot know its predecessor's agents, which are on their way.
+    successor_until: Option<Instant>,
     options: HttpServerOptions,
 }
 
 impl RelayApp {
-    /// An app serving tunnels, jobs, events and agents on `store` as `config` says, whose
-    /// requests in flight have `grace` to finish when the relay stops, counted in `in_flight`.
-    pub fn new(config: &Config, store: Store, grace: Duration, in_flight: InFlight) -> RelayApp {
+    /// An app serving tunnels, jobs, events and agents on `store` as `config` says, at the stage
+    /// of its life `life` tells.
+    pub fn new(config: &Config, store: Store, life: Lifecycle) -> RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
@@ -136,8 +154,12 @@ impl RelayApp {
             jobs_queue: config.jobs_queue.clone(),
             route_timeout: config.route_timeout,
             header_timeout: config.header_timeout,
-            grace,
-            in_flight,
+            grace: life.grace,
+            in_flight: life.in_flight,
+            handing_over: life.handing_over,
+            successor_until: life
+                .successor
+                .then(|| Instant::now() + routing::RETURN_WITHIN),
             options,
         }
     }
@@ -311,11 +333,18 @@ impl RelayApp {
             }
             Route::AgentConnect { name } => {
                 // An agent told to leave the moment it came would dial straight back: a
-                // stopping relay refuses it, and it tries again after a pause.
+                // stopping relay refuses it, and it tries again after a pause; one handing over
+                // refuses it too, and it dials again at once, to reach the new process.
                 if *shutdown.borrow() {
                     return Err(Error::ShuttingDown);
                 }
-                let then = Some(After::Upgraded(Upgraded::Agent(name)));
+                if *self.handing_over.borrow() {
+                    return Err(Error::HandingOver);
+                }
+                let moves = session
+                    .get_header(routing::frame::MOVES_HEADER)
+                    .is_some_and(|value| value.as_bytes() == b"1");
+                let then = Some(After::Upgraded(Upgraded::Agent(name, moves)));
                 return Ok(Outcome::Respond(accept(session)?, then));
             }
             Route::Agents => {
@@ -408,9 +437,11 @@ impl RelayApp {
                 let max_event = config.max_message_size;
                 websocket::serve_events(stream, subscription, max_event, shutdown).await;
             }
-            Upgraded::Agent(name) => {
+            Upgraded::Agent(name, moves) => {
                 let socket = websocket::agent_socket(stream).await;
-                routing::serve(socket, name.to_string(), self.agents.clone(), shutdown).await;
+                let handover = moves.then(|| self.handing_over.clone());
+                let agents = self.agents.clone();
+                routing::serve(socket, name.to_string(), agents, shutdown, handover).await;
             }
         }
     }

@@ -45,5 +45,5 @@ fn send_deadline(len: usize) -> std::time::Duration {
 /// keep the connection and a client vanished without closing (host gone) is noticed.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
-pub use app::RelayApp;
+pub use app::{Lifecycle, RelayApp};
 pub use connection::Connections;

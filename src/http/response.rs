@@ -154,7 +154,9 @@ impl From<Error> for Response {
             Error::TooLarge { .. } => 413,
             Error::QueueFull { .. } => 507,
             Error::Route(route) => route_status(route),
-            Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => 503,
+            Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown | Error::HandingOver => {
+                503
+            }
             Error::Store(StoreError::Internal(_)) => 500,
         };
         let response = Response::text(status, client_text(&error));
@@ -164,6 +166,7 @@ impl From<Error> for Response {
             Error::Store(StoreError::Unavailable(_)) | Error::ShuttingDown => {
                 response.header("Retry-After", 1)
             }
+            Error::HandingOver => response.header("Retry-After", 0),
             // RFC 6455 §4.4: a refused handshake names the version the server speaks.
             Error::NotWebSocket(_) => response
                 .header("Upgrade", "websocket")
@@ -201,6 +204,9 @@ mod tests {
         let r = Response::from(Error::Store(StoreError::Unavailable("down".into())));
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("Retry-After".into(), "1".into())));
+        let r = Response::from(Error::HandingOver);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("Retry-After".into(), "0".into())));
         let r = Response::from(Error::MethodNotAllowed { allow: "GET" });
         assert!(r.headers.contains(&("Allow".into(), "GET".into())));
         let r = Response::from(Error::NotWebSocket("no Sec-WebSocket-Key header"));

@@ -20,6 +20,10 @@ pub const MAX_DATA: usize = 64 * 1024;
 /// the peer grants more with `WINDOW`.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
 
+/// The header an agent sends with its WebSocket handshake to say it understands `MOVE` (value
+/// `1`); the relay sends `MOVE` to no other agent, since an unknown frame type ends a connection.
+pub const MOVES_HEADER: &str = "x-burrow-agent-moves";
+
 /// What a frame is; the byte values are the wire's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -39,6 +43,10 @@ pub enum Kind {
     /// Both ways, stream 0: the sender opens no more streams and the peer should send it none; the
     /// connection closes once the streams in flight are done.
     GoAway = 7,
+    /// Relay → agent, stream 0, only to agents that asked for it ([`MOVES_HEADER`]): this relay
+    /// process is handing its address over to a new one. Connect again now, and keep serving on
+    /// this connection until it says `GOAWAY`.
+    Move = 8,
 }
 
 impl Kind {
@@ -51,6 +59,7 @@ impl Kind {
             5 => Kind::Reset,
             6 => Kind::Window,
             7 => Kind::GoAway,
+            8 => Kind::Move,
             _ => return None,
         })
     }
@@ -61,7 +70,7 @@ impl Kind {
 pub struct Frame {
     /// What the frame says.
     pub kind: Kind,
-    /// 0 for connection-level frames (`GOAWAY`); streams are numbered from 1.
+    /// 0 for connection-level frames (`GOAWAY`, `MOVE`); streams are numbered from 1.
     pub stream: u32,
     /// What follows the header; its meaning depends on `kind`.
     pub payload: Bytes,
@@ -80,8 +89,8 @@ pub enum FrameError {
     BadWindow(usize),
     #[error("a {0:?} frame must name a stream (id 0 is the connection's)")]
     NoStream(Kind),
-    #[error("a GOAWAY frame is the connection's: its stream id must be 0")]
-    GoAwayOnStream,
+    #[error("a {0:?} frame is the connection's: its stream id must be 0")]
+    OnStream(Kind),
 }
 
 impl Frame {
@@ -129,11 +138,12 @@ impl Frame {
         let header = bytes.split_to(HEADER_LEN);
         let kind = Kind::from_byte(header[0]).ok_or(FrameError::UnknownKind(header[0]))?;
         let stream = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        if stream == 0 && kind != Kind::GoAway {
+        let connections = matches!(kind, Kind::GoAway | Kind::Move);
+        if stream == 0 && !connections {
             return Err(FrameError::NoStream(kind));
         }
-        if stream != 0 && kind == Kind::GoAway {
-            return Err(FrameError::GoAwayOnStream);
+        if stream != 0 && connections {
+            return Err(FrameError::OnStream(kind));
         }
         match kind {
             Kind::Data if bytes.len() > MAX_DATA => Err(FrameError::DataTooLarge(bytes.len())),
@@ -210,7 +220,13 @@ mod tests {
         assert!(Frame::decode(Bytes::from_static(&[7, 0, 0, 0, 0])).is_ok());
         assert_eq!(
             Frame::decode(Bytes::from_static(&[7, 0, 0, 0, 1])),
-            Err(FrameError::GoAwayOnStream)
+            Err(FrameError::OnStream(Kind::GoAway))
+        );
+        let moving = Frame::decode(Bytes::from_static(&[8, 0, 0, 0, 0]));
+        assert_eq!(moving.map(|frame| frame.kind), Ok(Kind::Move));
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[8, 0, 0, 0, 3])),
+            Err(FrameError::OnStream(Kind::Move))
         );
     }
 }

@@ -144,12 +144,15 @@ fn refusing_span(before: u32, took: Duration) -> Duration {
 /// `socket` is the already upgraded WebSocket (for Pingora, built with
 /// `WebSocketStream::from_raw_socket(stream, Role::Server, config)`). When `shutdown` turns true
 /// the relay sends `GOAWAY`, lets requests in flight finish (within its grace period, which ends
-/// the process), and closes.
+/// the process), and closes. When `handover` is given (the agent understands `MOVE`) and turns
+/// true, the relay sends `MOVE` and goes on serving: the agent connects to the process taking
+/// this one's address over, and this connection serves until the shutdown that follows.
 pub async fn serve<S>(
     socket: WebSocketStream<S>,
     name: String,
     registry: Agents,
     mut shutdown: watch::Receiver<bool>,
+    handover: Option<watch::Receiver<bool>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -184,6 +187,9 @@ pub async fn serve<S>(
     }
     let mut check = tokio::time::interval(CHECK_EVERY);
     let mut silent = false;
+    let handed_over = handed_over(handover);
+    tokio::pin!(handed_over);
+    let mut moved = false;
     let reason: Reason = loop {
         tokio::select! {
             message = incoming.next() => match message {
@@ -219,6 +225,12 @@ pub async fn serve<S>(
                     registry.state_changed();
                 }
             }
+            () = &mut handed_over, if !moved => {
+                moved = true;
+                link.streams
+                    .out()
+                    .control(Frame::new(Kind::Move, 0, Default::default()));
+            }
             changed = shutdown.changed(), if !draining => {
                 if changed.is_err() || *shutdown.borrow() {
                     draining = true;
@@ -240,6 +252,17 @@ pub async fn serve<S>(
     );
 }
 
+/// Resolves once `handover` is true: this process is handing its address over to a new one.
+/// Never without a watch, or once nobody can set it.
+async fn handed_over(handover: Option<watch::Receiver<bool>>) {
+    if let Some(mut handover) = handover {
+        if handover.wait_for(|handing| *handing).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
 /// Stops new requests to `link` and tells the agent (GOAWAY).
 fn begin_drain(link: &Link) {
     link.draining.store(true, Ordering::Relaxed);
@@ -257,6 +280,7 @@ fn receive(link: &Link, bytes: bytes::Bytes) -> Result<(), Reason> {
             Ok(())
         }
         Kind::Head => Err("protocol error: an agent sent HEAD".into()),
+        Kind::Move => Err("protocol error: an agent sent MOVE".into()),
         _ => {
             link.streams.dispatch(frame);
             Ok(())

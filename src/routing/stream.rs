@@ -300,7 +300,7 @@ impl Streams {
                     Inbound::Response(frame.payload)
                 }
                 Kind::Reset => Inbound::Reset(frame.reason()),
-                Kind::Head | Kind::GoAway => return,
+                Kind::Head | Kind::GoAway | Kind::Move => return,
             }
         };
         let reset = matches!(item, Inbound::Reset(_));

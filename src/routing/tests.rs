@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::frame::{Frame, Kind};
+use super::frame::{self, Frame, Kind};
 use super::*;
 use crate::agent::connection::{self, Ended};
 use crate::agent::upstream::Upstream;
@@ -166,7 +166,9 @@ async fn start_upstream(tag: &'static str) -> String {
 struct Relay {
     agents: Agents,
     addr: SocketAddr,
-    _shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    /// Set to hand over to a new process (SIGQUIT): agents that understand it are sent `MOVE`.
+    handover: watch::Sender<bool>,
 }
 
 // The handshake callback's error type is tungstenite's, large as it is.
@@ -176,21 +178,25 @@ async fn start_relay() -> Relay {
     let addr = listener.local_addr().unwrap();
     let agents = Agents::new();
     let (shutdown, watching) = watch::channel(false);
+    let (handover, handing_over) = watch::channel(false);
     let registry = agents.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (registry, watching) = (registry.clone(), watching.clone());
+            let handing_over = handing_over.clone();
             tokio::spawn(async move {
-                let mut name = String::new();
+                let (mut name, mut moves) = (String::new(), false);
                 let callback =
                     |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
                      response| {
                         let query = request.uri().query().unwrap_or_default();
                         name = query.trim_start_matches("name=").to_owned();
+                        moves = request.headers().contains_key(frame::MOVES_HEADER);
                         Ok(response)
                     };
                 if let Ok(socket) = tokio_tungstenite::accept_hdr_async(tcp, callback).await {
-                    serve(socket, name, registry, watching).await;
+                    let handover = moves.then_some(handing_over);
+                    serve(socket, name, registry, watching, handover).await;
                 }
             });
         }
@@ -198,7 +204,8 @@ async fn start_relay() -> Relay {
     Relay {
         agents,
         addr,
-        _shutdown: shutdown,
+        shutdown,
+        handover,
     }
 }
 
@@ -223,9 +230,28 @@ impl Relay {
     }
 
     async fn dial(&self, name: &str) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+        self.dial_with(name, &[]).await
+    }
+
+    /// Dials as agent `name`, sending `headers` with the handshake.
+    async fn dial_with(
+        &self,
+        name: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let url = format!("ws://{}/agent/connect?name={name}", self.addr);
-        tokio_tungstenite::client_async(url, tcp).await.unwrap().0
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, http::HeaderValue::from_static(value));
+        }
+        tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap()
+            .0
     }
 }
 
@@ -233,23 +259,28 @@ impl Relay {
 struct Agent {
     drain: watch::Sender<bool>,
     task: JoinHandle<Ended>,
+    /// Told when the relay asks the agent to connect again (nobody dials again here).
+    redialled: oneshot::Receiver<connection::Redial>,
 }
 
 async fn start_agent(relay: &Relay, name: &str, upstream: &str) -> Agent {
-    let socket = relay.dial(name).await;
+    let socket = relay.dial_with(name, &[(frame::MOVES_HEADER, "1")]).await;
     let url = url::Url::parse(upstream).unwrap();
     let upstream = Arc::new(Upstream::new(&url).unwrap());
     let (drain, watching) = watch::channel(false);
-    // Nobody dials again here: the relay's `GOAWAY` is not listened for.
-    let (relay_leaving, _) = tokio::sync::oneshot::channel();
+    let (redial, redialled) = oneshot::channel();
     let task = tokio::spawn(connection::serve(
         socket,
         upstream,
         watching,
         Duration::from_secs(10),
-        relay_leaving,
+        redial,
     ));
-    Agent { drain, task }
+    Agent {
+        drain,
+        task,
+        redialled,
+    }
 }
 
 /// A relay with one agent `name` in front of a fresh upstream.
@@ -725,6 +756,42 @@ async fn agent_drains() {
     assert_eq!((response.status, &body[..]), (200, &b"slept"[..]));
     assert_eq!(agent.task.await.unwrap(), Ended::Drained);
     relay.wait_for("drain", 0).await;
+}
+
+/// At a hand-over (SIGQUIT) the relay sends `MOVE` to the agents that said they understand it,
+/// and to no other (an unknown frame type would end their connection). The agent is told to
+/// connect again, and its connection goes on taking requests until the shutdown that follows.
+#[tokio::test]
+async fn handover_moves_the_agents_that_understand_it() {
+    let (relay, mut agent) = setup("moving").await;
+    let mut older = relay.dial("older").await;
+    relay.wait_for("older", 1).await;
+    relay.handover.send_replace(true);
+    let told = tokio::time::timeout(TIMEOUT, &mut agent.redialled).await;
+    assert_eq!(
+        told.ok().and_then(Result::ok),
+        Some(connection::Redial::Moving)
+    );
+    let (response, _) = call(
+        &relay.agents,
+        "moving",
+        head("GET", "/teapot", &[]),
+        Bytes::new(),
+    )
+    .await
+    .expect("the moved connection still serves");
+    assert_eq!(response.status, 418);
+    relay.shutdown.send_replace(true);
+    let first = loop {
+        match older.next().await {
+            Some(Ok(Message::Binary(bytes))) => break bytes,
+            Some(Ok(_)) => continue,
+            other => panic!("the older agent's connection ended: {other:?}"),
+        }
+    };
+    assert_eq!(&first[..], [Kind::GoAway as u8, 0, 0, 0, 0]);
+    let ended = tokio::time::timeout(TIMEOUT, agent.task).await;
+    assert!(matches!(ended, Ok(Ok(Ended::Lost(_)))), "{ended:?}");
 }
 
 /// Dropping an exchange mid-response resets the stream; the link stays usable.

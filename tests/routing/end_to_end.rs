@@ -1695,6 +1695,106 @@ async fn agent_connects_again_while_its_stopping_relay_finishes() {
     answer.expect_error(504, "agent did not answer in time");
 }
 
+/// A graceful upgrade moves the agents at once: the old process tells them (`MOVE`) as it hands
+/// its socket over, they connect to the new one while the old one still serves them, and routed
+/// requests reaching either process meanwhile are answered. With the memory store, where the new
+/// process cannot learn the old one's agents, those reaching it got 422 until the old one's
+/// drain, 5 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_moves_the_agents_at_once() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 1);
+    let env = [("BURROW_CONF", conf.as_str())];
+    let setup = Setup::start(Store::Memory, &env).await;
+    let sock = dir.path().join("upgrade.sock");
+    let new = Relay::successor(setup.relay.port(), Store::Memory, &env, &sock);
+    setup.relay.signal("QUIT");
+    let told = "the relay hands over to a new process";
+    assert!(
+        setup.agent.logged(told, WAIT).await,
+        "{}",
+        setup.agent.log()
+    );
+    let connected = || setup.agent.log().matches("connected to the relay").count();
+    let twice = crate::support::eventually(WAIT, || std::future::ready(connected() == 2)).await;
+    assert!(twice, "{}", setup.agent.log());
+    // A connection each, so that requests reach both processes.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("a plain HTTP client builds");
+    let url = format!("{}/r/{}/echo", setup.relay.base, setup.name);
+    for _ in 0..40 {
+        let response = http.get(&url).send().await.expect("an answer");
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body}");
+    }
+    let metrics = new.client().metrics().expect("the relay serves metrics");
+    let forwarded = "burrow_requests_total{route=\"forward\",status=\"200\"}";
+    assert!(
+        metric(&metrics, forwarded).await > 0.0,
+        "none reached the new process"
+    );
+    assert!(
+        !setup.relay.exits_within(Duration::ZERO).await,
+        "the old one had stopped"
+    );
+}
+
+/// The new process of a graceful upgrade cannot know which agents its predecessor had (memory
+/// store): for its first seconds, a request for a name it has no agent of waits for one to
+/// connect instead of getting 422 at once. An agent dialling in meanwhile is refused by the old
+/// process (503), which is handing over, and reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successor_waits_for_agents_it_cannot_know() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 1);
+    let env = [("BURROW_CONF", conf.as_str())];
+    let old = Relay::start(Store::Memory, &env);
+    let sock = dir.path().join("upgrade.sock");
+    let new = Relay::successor(old.port(), Store::Memory, &env, &sock);
+    old.signal("QUIT");
+    let new_metrics = new.client().metrics().expect("the relay serves metrics");
+    let page = format!("{}/metrics", new_metrics.base());
+    let serving = || async { reqwest::get(&page).await.is_ok() };
+    assert!(
+        crate::support::eventually(WAIT, serving).await,
+        "{}",
+        new.output()
+    );
+    // A connection each, until one reaches the new process and waits there; the old process
+    // answers those reaching it at once (422: it is not new).
+    let name = tunnel_id("later");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("a plain HTTP client builds");
+    let url = format!("{}/r/{name}/echo", old.base);
+    let held = || async { metric(&new_metrics, "burrow_awaiting_agent").await >= 1.0 };
+    let mut waiting = None;
+    for _ in 0..40 {
+        let request = http.get(&url).header(TIMEOUT, "8s").send();
+        let request = tokio::spawn(async move { request.await.map(|r| r.status().as_u16()) });
+        let settled = || async { request.is_finished() || held().await };
+        assert!(
+            crate::support::eventually(WAIT, settled).await,
+            "neither answered nor held"
+        );
+        if !request.is_finished() {
+            waiting = Some(request);
+            break;
+        }
+        let answer = request.await.expect("no panic").expect("an answer");
+        assert_eq!(answer, 422, "the old process does not wait");
+    }
+    let waiting = waiting.expect("no request reached the new process");
+    let upstream = Upstream::start("up").await;
+    let agent = Agent::serve(&old.base, &name, &upstream.url(), None);
+    let answer = waiting.await.expect("no panic").expect("an answer");
+    assert_eq!(answer, 200, "{}", agent.log());
+}
+
 /// B remembers for a moment which instances it found an agent on: its requests to the agent on A
 /// read the store once, not once each. When the agent has moved to C meanwhile, A refuses the
 /// request and B reads the store again, rather than answer 422.

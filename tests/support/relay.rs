@@ -39,6 +39,35 @@ impl Relay {
 
     /// [`Relay::start`] on a given port (to restart a relay where its clients and agents expect it).
     pub fn start_on(port: u16, store: Store, env: &[(&str, &str)]) -> Relay {
+        let relay = Relay::spawn(port, store, env, &["serve"]);
+        let ready = wait_until(Duration::from_secs(10), || {
+            status_of(port, "/health") == Some(200)
+        });
+        assert!(
+            ready,
+            "burrow on port {port} did not become healthy:\n{}",
+            relay.output()
+        );
+        relay
+    }
+
+    /// `burrow serve --upgrade` on the port of the relay to replace, on `store` with `env` added
+    /// (a `BURROW_CONF` naming the upgrade socket `sock`, as the old relay's does), once it waits
+    /// at `sock` for the listening socket: a SIGQUIT to the old relay then hands it over.
+    pub fn successor(port: u16, store: Store, env: &[(&str, &str)], sock: &Path) -> Relay {
+        let relay = Relay::spawn(port, store, env, &["serve", "--upgrade"]);
+        let waiting = wait_until(Duration::from_secs(10), || sock.exists());
+        assert!(
+            waiting,
+            "the new relay never waited at {}:\n{}",
+            sock.display(),
+            relay.output()
+        );
+        relay
+    }
+
+    /// Runs `burrow ARGS` as a relay on `port`, logging to a file of its own.
+    fn spawn(port: u16, store: Store, env: &[(&str, &str)], args: &[&str]) -> Relay {
         let listen = format!("127.0.0.1:{port}");
         let redis_url = match store {
             Store::Memory => None,
@@ -58,15 +87,7 @@ impl Relay {
         let dir = TempDir::new().expect("a tempdir for the relay's log");
         let log = dir.path().join("relay.log");
         let binary = Path::new(env!("CARGO_BIN_EXE_burrow"));
-        let process = Guarded::spawn(binary, &["serve"], &vars, &log);
-        let ready = wait_until(Duration::from_secs(10), || {
-            status_of(port, "/health") == Some(200)
-        });
-        assert!(
-            ready,
-            "burrow on port {port} did not become healthy:\n{}",
-            process.output()
-        );
+        let process = Guarded::spawn(binary, args, &vars, &log);
         let metrics = vars
             .iter()
             .rev()

@@ -51,7 +51,8 @@ impl RelayApp {
 
     /// Forwards a request to agent `agent`: over its link when it is connected here, else
     /// through the instance that holds it. When none is connected anywhere but one of the name
-    /// was lately (it is restarting, or moving off a stopping instance), the request waits up to
+    /// was lately (it is restarting, or moving off a stopping instance), or might have been (this
+    /// process took over from another less than `RETURN_WITHIN` ago), the request waits up to
     /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
     /// stop meanwhile (then it is told to retry elsewhere) or its client leaves.
     async fn forward(
@@ -83,7 +84,10 @@ impl RelayApp {
             // one that left must not be sent on once the agent is back.
             let origin = session.get_header(forward::HOP_HEADER).is_none();
             let lately = self.agents.had_lately(agent.as_str())
-                || self.presence.listed_lately(agent.as_str());
+                || self.presence.listed_lately(agent.as_str())
+                || self
+                    .successor_until
+                    .is_some_and(|until| Instant::now() < until);
             let now = Instant::now();
             if !origin || !lately || !session.is_body_done() || now >= hold_until {
                 return Err(failure.into());
