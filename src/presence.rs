@@ -104,7 +104,8 @@ struct Record {
     started_ms: u64,
     #[serde(default)]
     agents: Vec<Named>,
-    /// The names of the agents it had as it stopped (see [`Presence::withdraw`]).
+    /// The names of the agents it had as it stopped (see [`Presence::withdraw`]), or that left it
+    /// lately.
     #[serde(default)]
     departed: Vec<String>,
 }
@@ -147,9 +148,12 @@ impl Presence {
         &self.instance
     }
 
-    /// Records this instance's address and agents in the store.
+    /// Records this instance's address and agents in the store, and the names whose agents left
+    /// lately: another instance that reads them waits for those agents to come back, as this one
+    /// does, even if it had not read the store while they were here.
     pub async fn announce(&self) -> Result<(), StoreError> {
-        self.record(self.local_agents(), Vec::new()).await
+        let departed = self.agents.departed_lately();
+        self.record(self.local_agents(), departed).await
     }
 
     /// Records this instance with no agents, as it stops: other instances stop sending it

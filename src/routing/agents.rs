@@ -160,13 +160,23 @@ impl Agents {
     /// [`RETURN_WITHIN`], in order.
     pub fn names_lately(&self) -> Vec<String> {
         let mut names: Vec<String> = self.links().keys().cloned().collect();
-        let departed = lock(&self.shared.departed);
-        let lately = departed
-            .iter()
-            .filter(|(_, at)| at.elapsed() < RETURN_WITHIN);
-        names.extend(lately.map(|(name, _)| name.clone()));
+        names.extend(self.departed_lately());
         names.sort();
         names.dedup();
+        names
+    }
+
+    /// The names whose last agent here left within [`RETURN_WITHIN`] and none has connected
+    /// since, in order.
+    pub fn departed_lately(&self) -> Vec<String> {
+        let links = self.links();
+        let departed = lock(&self.shared.departed);
+        let mut names: Vec<String> = departed
+            .iter()
+            .filter(|(name, at)| at.elapsed() < RETURN_WITHIN && !links.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
         names
     }
 

@@ -1165,6 +1165,22 @@ async fn request_at_another_instance_waits_for_a_restarting_agent() {
     assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
 }
 
+/// So does an instance that never read the store while the agent was there: A's record names
+/// the agent that left it lately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_that_never_saw_the_agent_waits_for_it_too() {
+    let redis = crate::support::shared_redis();
+    let mut setup = Setup::start(Store::Redis(redis), &[]).await;
+    let name = setup.name.clone();
+    setup.agent.kill();
+    wait_agents(&setup.client, &name, 0, WAIT, &[&setup.agent]).await;
+    let b = Relay::start(Store::Redis(redis), &[]);
+    let waiting = held_request(&b.client(), &name).await;
+    setup.agent = Agent::serve(&setup.relay.base, &name, &setup.upstream.url(), None);
+    let answer = waiting.await.expect("the request task does not panic");
+    assert_eq!(Echo::parse(&answer.expect(200).body).upstream, "up");
+}
+
 /// A WebSocket connected to `relay` as agent `name`, which the test speaks for, once listed.
 async fn raw_agent(
     relay: &Relay,
