@@ -6,8 +6,8 @@
 //! request, and sockets told to close are done).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -20,14 +20,30 @@ pub const AT_LEAST: Duration = Duration::from_secs(1);
 /// without a word) holds it no longer.
 const H2_LINGER: Duration = Duration::from_secs(1);
 
-/// The requests and HTTP/2 connections in flight in this process.
+/// The requests and HTTP/2 connections in flight in this process, and since when it stops.
 #[derive(Clone, Default)]
 pub struct InFlight {
     requests: Count,
     h2_connections: Count,
+    stopping_since: Arc<OnceLock<Instant>>,
 }
 
 impl InFlight {
+    /// Notes that the relay began to stop now (the first call counts).
+    pub fn stopping(&self) {
+        self.stopping_since.get_or_init(Instant::now);
+    }
+
+    /// What is left of a grace period of `grace` that began when the relay began to stop (all
+    /// of it before then).
+    pub fn grace_left(&self, grace: Duration) -> Duration {
+        let since = self
+            .stopping_since
+            .get()
+            .map_or(Duration::ZERO, Instant::elapsed);
+        grace.saturating_sub(since)
+    }
+
     /// Counts a request until the returned guard is dropped, its answer written.
     pub fn request(&self) -> Entered {
         self.requests.enter()

@@ -197,7 +197,12 @@ impl Presence {
             .filter_map(|record| serde_json::from_slice::<Value>(record).ok())
             .filter(|record| {
                 let instance = record["instance"].as_str().unwrap_or_default();
-                self.is_other(instance, record["address"].as_str().unwrap_or_default())
+                let address = record["address"].as_str().unwrap_or_default();
+                self.is_other(
+                    instance,
+                    address,
+                    record["started_ms"].as_u64().unwrap_or(0),
+                )
             })
             .collect();
         let address = |record: &Value| record["address"].as_str().unwrap_or_default().to_owned();
@@ -386,7 +391,7 @@ impl Presence {
         drop(listed);
         let others = parsed
             .into_iter()
-            .filter(|record| self.is_other(&record.instance, &record.address))
+            .filter(|record| self.is_other(&record.instance, &record.address, record.started_ms))
             .collect();
         let address = |record: &Record| record.address.clone();
         for record in newest_at_each_address(others, address, |record| record.started_ms) {
@@ -409,16 +414,18 @@ impl Presence {
         Ok(records)
     }
 
-    /// Whether a record of `instance` at `address` is another live instance's: not this one's,
-    /// nor one left by a predecessor at this one's address (restarted in place, say after a
-    /// crash), whose agents are gone or connected here now, and whose address leads here. Past
-    /// [`PREDECESSOR_WITHIN`], another id at this address is a live instance given the same
+    /// Whether a record of `instance` at `address`, started at `started_ms`, is another live
+    /// instance's: not this one's, nor one left by a predecessor at this one's address (restarted
+    /// in place, say after a crash), whose agents are gone or connected here now, and whose
+    /// address leads here. A successor at this address (restarted in place, or upgraded) is
+    /// another: this instance, stopping, no longer takes the connections made to it there. Past
+    /// [`PREDECESSOR_WITHIN`], an older id at this address is a live instance given the same
     /// `BURROW_ADVERTISE` by mistake: taken as another instance, as before, and logged once.
-    fn is_other(&self, instance: &str, address: &str) -> bool {
+    fn is_other(&self, instance: &str, address: &str, started_ms: u64) -> bool {
         if instance == self.instance {
             return false;
         }
-        if address != self.address {
+        if address != self.address || started_ms > self.started_ms {
             return true;
         }
         if self.started.elapsed() < PREDECESSOR_WITHIN {
@@ -536,11 +543,26 @@ mod tests {
             .expect("a memory store");
         let mut presence = Presence::new(store, Agents::new(), "10.0.0.1:80".into());
         let me = presence.instance().to_owned();
-        assert!(!presence.is_other(&me, "10.0.0.2:80"));
-        assert!(presence.is_other("other", "10.0.0.2:80"));
-        assert!(!presence.is_other("other", "10.0.0.1:80"));
+        let before = presence.started_ms - 1;
+        assert!(!presence.is_other(&me, "10.0.0.2:80", before));
+        assert!(presence.is_other("other", "10.0.0.2:80", before));
+        assert!(!presence.is_other("other", "10.0.0.1:80", before));
         presence.started = Instant::now() - PREDECESSOR_WITHIN;
-        assert!(presence.is_other("other", "10.0.0.1:80"));
-        assert!(!presence.is_other(&me, "10.0.0.1:80"));
+        assert!(presence.is_other("other", "10.0.0.1:80", before));
+        assert!(!presence.is_other(&me, "10.0.0.1:80", before));
+    }
+
+    /// A newer id at this instance's address is its successor's (restarted in place, or
+    /// upgraded), which takes the connections made there once this one stops: another instance,
+    /// and no mistake to warn of.
+    #[tokio::test]
+    async fn a_successor_at_this_address_is_another_instance() {
+        let store = Store::open(&StoreConfig::Memory)
+            .await
+            .expect("a memory store");
+        let presence = Presence::new(store, Agents::new(), "10.0.0.1:80".into());
+        let after = presence.started_ms + 1;
+        assert!(presence.is_other("successor", "10.0.0.1:80", after));
+        assert!(!presence.warned_shared_address.load(Ordering::Relaxed));
     }
 }

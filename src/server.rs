@@ -216,6 +216,7 @@ struct Drainer(InFlight);
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         crate::tunnel::stopping(&mut shutdown).await;
+        self.0.stopping();
         tokio::time::sleep(drain::AT_LEAST).await;
         // Counted after the pause too: a kept-alive connection may have brought one more.
         self.0.drained().await;

@@ -122,6 +122,9 @@ pub struct RelayApp {
     in_flight: InFlight,
     /// Turns true when SIGQUIT hands the listening socket over to a new process.
     handing_over: watch::Receiver<bool>,
+    /// Whether other instances share the store (redis): agents leaving a stopping relay can be
+    /// found at them.
+    shared_store: bool,
     /// Until when a request for a name no agent has here may wait for one: a new process of a
     /// graceful upgrade cannot know its predecessor's agents, which are on their way.
     successor_until: Option<Instant>,
@@ -157,6 +160,7 @@ impl RelayApp {
             grace: life.grace,
             in_flight: life.in_flight,
             handing_over: life.handing_over,
+            shared_store: !matches!(config.store, crate::config::StoreConfig::Memory),
             successor_until: life
                 .successor
                 .then(|| Instant::now() + routing::RETURN_WITHIN),

@@ -1676,6 +1676,59 @@ async fn sigterm_does_not_wait_for_a_frozen_http2_client() {
     drop(frozen);
 }
 
+/// With the redis store, a stopping relay sends a routed request that comes on a kept-alive
+/// connection on to an instance that has an agent of the name (where its own agents go), instead
+/// of telling the client to retry (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_relay_sends_routed_requests_to_the_agents_elsewhere() {
+    let (setup, b) = Setup::with_second_instance().await;
+    let upstream_b = Upstream::start("at-b").await;
+    let at_b = Agent::serve(&b.base, &setup.name, &upstream_b.url(), None);
+    wait_agents(&setup.client, &setup.name, 2, WAIT, &[&setup.agent, &at_b]).await;
+    let echo = format!("GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
+    let mut kept = kept_through_sigterm(&setup, &echo).await;
+    let answer = kept.exchange(&echo).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(Echo::parse(&answer.body).upstream, "at-b");
+    assert_eq!(answer.header("connection"), Some("close"));
+}
+
+/// So does a relay restarted in place: the stopping one sends the request to its successor at
+/// the same address (it no longer takes connections there itself), once the agent is back there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_relay_sends_routed_requests_to_its_successor() {
+    let redis = crate::support::shared_redis();
+    let setup = Setup::start(Store::Redis(redis), &[]).await;
+    let echo = format!(
+        "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 10s\r\n\r\n",
+        setup.name
+    );
+    let mut kept = kept_through_sigterm(&setup, &echo).await;
+    let answer = tokio::spawn(async move { kept.exchange(&echo).await });
+    let port = setup.relay.port();
+    let closed = || std::future::ready(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert!(
+        crate::support::eventually(WAIT, closed).await,
+        "the stopping relay still listens"
+    );
+    let successor = Relay::start_on(port, Store::Redis(redis), &[]);
+    let answer = answer.await.expect("the request task does not panic");
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", successor.output());
+    assert_eq!(Echo::parse(&answer.body).upstream, "up");
+}
+
+/// A connection to the set-up's relay that `request` was answered on, kept alive while the relay
+/// takes a SIGTERM (its agent has been told to go).
+async fn kept_through_sigterm(setup: &Setup, request: &str) -> crate::support::raw::Connection {
+    let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
+    assert_eq!(kept.exchange(request).await.status, 200);
+    setup.relay.signal("TERM");
+    let told = "the relay is going away";
+    let log = || setup.agent.log();
+    assert!(setup.agent.logged(told, WAIT).await, "{}", log());
+    kept
+}
+
 /// When its relay stops with a request of the agent's still in flight, the agent connects again
 /// at once (here to a new relay on the same address, as behind a load balancer) while the old
 /// connection finishes that request, so that the name stays reachable; before, it waited for the

@@ -21,9 +21,8 @@ const AWAIT_RETURN: Duration = Duration::from_secs(5);
 const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(200);
 
 impl RelayApp {
-    /// Forwards a request to agent `agent`, unless the relay is stopping; answers before the
-    /// grace period ends, rather than drop the connection of a request whose agent is still at
-    /// work when the runtimes go.
+    /// Forwards a request to agent `agent`; answers before the grace period ends, rather than
+    /// drop the connection of a request whose agent is still at work when the runtimes go.
     pub(super) async fn route(
         &self,
         session: &mut ServerSession,
@@ -32,17 +31,26 @@ impl RelayApp {
         timeout: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Outcome, Error> {
-        // Stopping, the relay has let its agents go: a request that comes on a kept-alive
-        // connection is told to retry (elsewhere), not that its agent does not exist; one sent by
-        // another instance is refused, and that one tries the next.
+        // Stopping, the relay has let its agents go: one sent by another instance is refused,
+        // and that one tries the next. One that comes on a kept-alive connection follows its
+        // agents to the instances they moved to, within what is left of the grace period, or is
+        // told to retry (elsewhere), not that its agent does not exist.
         if *shutdown.borrow() {
             if session.get_header(forward::HOP_HEADER).is_some() {
                 let gone = RouteError::NoAgent(agent.to_string());
                 return Err(RouteError::Refused(Box::new(gone)).into());
             }
-            return Err(Error::ShuttingDown);
+            if !self.shared_store {
+                return Err(Error::ShuttingDown);
+            }
+            let left = self.in_flight.grace_left(self.grace);
+            let elsewhere = self.forward(session, agent, path, timeout, None);
+            return match tokio::time::timeout(left.saturating_sub(ANSWER_TIME), elsewhere).await {
+                Ok(Err(Error::Route(RouteError::NoAgent(_)))) | Err(_) => Err(Error::ShuttingDown),
+                Ok(outcome) => outcome,
+            };
         }
-        let stopping = shutdown.clone();
+        let stopping = Some(shutdown.clone());
         tokio::select! {
             outcome = self.forward(session, agent, path, timeout, stopping) => outcome,
             () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
@@ -54,14 +62,14 @@ impl RelayApp {
     /// was lately (it is restarting, or moving off a stopping instance), or might have been (this
     /// process took over from another less than `RETURN_WITHIN` ago), the request waits up to
     /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
-    /// stop meanwhile (then it is told to retry elsewhere) or its client leaves.
+    /// stop meanwhile (`stopping`; then it is told to retry elsewhere) or its client leaves.
     async fn forward(
         &self,
         session: &mut ServerSession,
         agent: TunnelId,
         path: String,
         timeout: Option<Duration>,
-        mut stopping: Shutdown,
+        mut stopping: Option<Shutdown>,
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
         let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
@@ -97,7 +105,7 @@ impl RelayApp {
             let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
             let arrived = tokio::select! {
                 arrived = self.agents.arrival(agent.as_str(), look_again) => arrived,
-                () = crate::tunnel::stopping(&mut stopping) => return Err(Error::ShuttingDown),
+                () = begins_to_stop(&mut stopping) => return Err(Error::ShuttingDown),
                 () = client_gone(session) => return Err(Error::ClientGone),
             };
             // At the end of the wait, a look at the store could only time out (504): the name
@@ -305,10 +313,21 @@ struct Tried {
     refusal: Option<String>,
 }
 
-/// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less the time
-/// an answer takes to write.
+/// How long before the relay's runtimes stop a request must have its answer: the time an answer
+/// takes to write.
+const ANSWER_TIME: Duration = Duration::from_millis(250);
+
+/// Resolves shortly before the relay's runtimes stop: `grace` after shutdown began, less
+/// [`ANSWER_TIME`].
 async fn grace_ends(shutdown: &mut Shutdown, grace: Duration) {
-    const ANSWER_TIME: Duration = Duration::from_millis(250);
     crate::tunnel::stopping(shutdown).await;
     tokio::time::sleep(grace.saturating_sub(ANSWER_TIME)).await;
+}
+
+/// Resolves when the relay begins to stop; never without a watch (it is stopping already).
+async fn begins_to_stop(stopping: &mut Option<Shutdown>) {
+    match stopping {
+        Some(shutdown) => crate::tunnel::stopping(shutdown).await,
+        None => std::future::pending().await,
+    }
 }
