@@ -148,6 +148,11 @@ impl Presence {
         &self.instance
     }
 
+    /// Where other instances reach this one (`BURROW_ADVERTISE`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Records this instance's address and agents in the store, and the names whose agents left
     /// lately: another instance that reads them waits for those agents to come back, as this one
     /// does, even if it had not read the store while they were here.

@@ -1777,13 +1777,7 @@ async fn graceful_upgrade_moves_the_agents_at_once() {
     let setup = Setup::start(Store::Memory, &env).await;
     let sock = dir.path().join("upgrade.sock");
     let new = Relay::successor(setup.relay.port(), Store::Memory, &env, &sock);
-    setup.relay.signal("QUIT");
-    let told = "the relay hands over to a new process";
-    assert!(
-        setup.agent.logged(told, WAIT).await,
-        "{}",
-        setup.agent.log()
-    );
+    hand_over(&setup).await;
     let connected = || setup.agent.log().matches("connected to the relay").count();
     let twice = crate::support::eventually(WAIT, || std::future::ready(connected() == 2)).await;
     assert!(twice, "{}", setup.agent.log());
@@ -1809,6 +1803,50 @@ async fn graceful_upgrade_moves_the_agents_at_once() {
         !setup.relay.exits_within(Duration::ZERO).await,
         "the old one had stopped"
     );
+}
+
+/// Sends the set-up's relay SIGQUIT (a new process waiting), and waits until its agent is told
+/// to move.
+async fn hand_over(setup: &Setup) {
+    setup.relay.signal("QUIT");
+    let told = "the relay hands over to a new process";
+    let log = || setup.agent.log();
+    assert!(setup.agent.logged(told, WAIT).await, "{}", log());
+}
+
+/// When the old process of an upgrade drains, 5 s after the SIGQUIT, a routed request on a
+/// kept-alive connection to it goes to the new process, where its agents moved (memory store:
+/// the address leads there now), instead of 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_old_process_sends_routed_requests_to_the_new_one() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 3);
+    let setup = Setup::start(
+        Store::Memory,
+        &[("BURROW_CONF", &conf), ("RUST_LOG", "info")],
+    )
+    .await;
+    let sock = dir.path().join("upgrade.sock");
+    let _new = Relay::successor(
+        setup.relay.port(),
+        Store::Memory,
+        &[("BURROW_CONF", &conf)],
+        &sock,
+    );
+    let echo = format!("GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
+    let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
+    assert_eq!(kept.exchange(&echo).await.status, 200);
+    hand_over(&setup).await;
+    let draining =
+        || std::future::ready(setup.relay.output().contains("Graceful shutdown started"));
+    assert!(
+        crate::support::eventually(WAIT, draining).await,
+        "{}",
+        setup.relay.output()
+    );
+    let answer = kept.exchange(&echo).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"));
 }
 
 /// The new process of a graceful upgrade cannot know which agents its predecessor had (memory

@@ -33,14 +33,15 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         // Stopping, the relay has let its agents go: one sent by another instance is refused,
         // and that one tries the next. One that comes on a kept-alive connection follows its
-        // agents to the instances they moved to, within what is left of the grace period, or is
-        // told to retry (elsewhere), not that its agent does not exist.
+        // agents to the instances they moved to, or to the process this one handed its address
+        // over to, within what is left of the grace period; or is told to retry (elsewhere), not
+        // that its agent does not exist.
         if *shutdown.borrow() {
             if session.get_header(forward::HOP_HEADER).is_some() {
                 let gone = RouteError::NoAgent(agent.to_string());
                 return Err(RouteError::Refused(Box::new(gone)).into());
             }
-            if !self.shared_store {
+            if !self.shared_store && !*self.handing_over.borrow() {
                 return Err(Error::ShuttingDown);
             }
             let left = self.in_flight.grace_left(self.grace);
@@ -73,8 +74,12 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
         let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
+        // Stopped after handing the address over: the connections made there reach the new
+        // process, which takes this one's agents.
+        let successor = stopping.is_none() && *self.handing_over.borrow();
         loop {
-            let failure = match self.forward_once(session, &agent, &path, deadline).await {
+            let once = self.forward_once(session, &agent, &path, deadline, successor);
+            let failure = match once.await {
                 Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
                 // Refused before it was taken (its HEAD crossed the agent's GOAWAY) or lost with
                 // the agent's connection, by agents none of which takes requests now: they are
@@ -116,13 +121,15 @@ impl RelayApp {
         }
     }
 
-    /// One try of [`RelayApp::forward`]: here, then at the other instances with the name.
+    /// One try of [`RelayApp::forward`]: here, then at the other instances with the name (and at
+    /// this one's address when a `successor` takes connections there).
     async fn forward_once(
         &self,
         session: &mut ServerSession,
         agent: &TunnelId,
         path: &str,
         deadline: Instant,
+        successor: bool,
     ) -> Result<Outcome, Error> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         // `Authorization` is the relay's business, unless the agent is public; even then
@@ -175,7 +182,7 @@ impl RelayApp {
             });
         }
         match self
-            .to_another_instance(session, agent, &mut tried, deadline)
+            .to_another_instance(session, agent, &mut tried, deadline, successor)
             .await?
         {
             Some(outcome) => Ok(outcome),
@@ -226,6 +233,7 @@ impl RelayApp {
         agent: &TunnelId,
         tried: &mut Tried,
         deadline: Instant,
+        successor: bool,
     ) -> Result<Option<Outcome>, Error> {
         let remembered = forward::sendable_again(session)
             .then(|| self.presence.remembered_holders(agent.as_str()))
@@ -240,7 +248,11 @@ impl RelayApp {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
-        let addresses = holders.await.map_err(|_| RouteError::Timeout)??;
+        let mut addresses = holders.await.map_err(|_| RouteError::Timeout)??;
+        let own = self.presence.address();
+        if successor && !addresses.iter().any(|address| address == own) {
+            addresses.push(own.to_owned());
+        }
         self.send_on(session, agent, addresses, tried, deadline)
             .await
     }
