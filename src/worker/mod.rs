@@ -374,11 +374,12 @@ impl Worker {
             }
             Delivery::MaybeEarlier => {
                 log::warn!(
-                    "job {} was not pending when its result was handed in again: the earlier \
-                     attempt, which got no clear answer, may have delivered it (GET /done/{} \
-                     tells), or its visibility timeout expired",
-                    job.id,
-                    job.id
+                    "job {id} was not pending when its result was handed in again: the earlier \
+                     attempt, which got no clear answer, may have delivered it (GET \
+                     /done/{queue}.{id} tells, or GET /t/{queue}/{id}/reply for a message \
+                     produced straight on the queue), or its visibility timeout expired",
+                    id = job.id,
+                    queue = self.queue,
                 );
                 outcome.push_str(", reply perhaps accepted by an earlier attempt");
             }

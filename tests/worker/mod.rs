@@ -581,4 +581,10 @@ async fn reply_after_an_unclear_attempt_is_not_called_dropped() {
         .wait_for_log("id=1-0 outcome=done, reply perhaps accepted by an earlier attempt")
         .await;
     assert!(!worker.log().contains("result dropped"), "{}", worker.log());
+    // Where to look, by the id `/done` knows the job by.
+    assert!(
+        worker.log().contains("(GET /done/jobs.1-0 tells"),
+        "{}",
+        worker.log()
+    );
 }
