@@ -120,6 +120,7 @@ static CLEAR: Script = fenced!("emptied.lua", "clear.lua");
 static REPLY: Script = fenced!("emptied.lua", "reply.lua");
 static TAKE_REPLY: Script = fenced!("take_reply.lua");
 static RESTORE_JOB: Script = fenced!("restore_job.lua");
+static PUBLISH: Script = fenced!("publish.lua");
 static STATUS: Script = Script::new(include_str!("redis/status.lua"));
 static READY: Script = Script::new(include_str!("redis/ready.lua"));
 static ANNOUNCE: Script = Script::new(include_str!("redis/announce.lua"));
@@ -957,9 +958,12 @@ impl Backend for RedisStore {
             let why = "the events subscriber is not subscribed".into();
             return Err(StoreError::Unavailable(why));
         }
-        let client = self.call().client();
         let channel = format!("{EVENT_PREFIX}{topic}");
-        let receivers: i64 = bounded(client.publish(channel, body)).await?;
+        let args = vec![Value::from(channel), Value::Bytes(body)];
+        let published = PUBLISH.run(&self.call(), Vec::new(), args).await?;
+        let receivers = published
+            .as_i64()
+            .ok_or_else(|| unexpected("publish", &published))?;
         // This instance's own subscription counts among them: none means it is gone, though its
         // loss is not reported yet, and this instance's subscribers missed the event.
         if receivers == 0 {

@@ -11,7 +11,7 @@ use crate::support::{Backend, Client};
 use crate::support::{Relay, Store, WebSocket};
 
 /// A server-sent-event subscription, read chunk by chunk.
-struct Sse {
+pub(crate) struct Sse {
     response: reqwest::Response,
     buffered: String,
 }
@@ -19,7 +19,7 @@ struct Sse {
 impl Sse {
     /// Subscribes to `topic` and waits for the relay's first comment, so events published after
     /// this returns are delivered.
-    async fn open(api: &Client, topic: &str) -> Sse {
+    pub(crate) async fn open(api: &Client, topic: &str) -> Sse {
         let response = api
             .request(reqwest::Method::GET, &format!("/e/{topic}"))
             .send()
@@ -56,7 +56,7 @@ impl Sse {
     }
 
     /// The next event's data (its `data:` lines joined by newlines), skipping comments.
-    async fn next_event(&mut self) -> String {
+    pub(crate) async fn next_event(&mut self) -> String {
         loop {
             let block = self.next_block().await;
             if block.starts_with(':') {

@@ -735,10 +735,12 @@ async fn slow_store_loses_nothing() {
 }
 
 /// With redis-server frozen (SIGSTOP) past the point where the relay stops waiting for its calls,
-/// consumes, a reply read and a produce answer 503 and, once the server runs again, none of them
-/// has done anything: the messages and the reply are still there, the refused message was not
-/// stored. Before, the server ran the calls it found in its sockets when it woke: the consumes
-/// took their messages (lost), the produce stored a message its client was told to send again.
+/// consumes, a reply read, a produce and an event's publication answer 503 and, once the server
+/// runs again, none of them has done anything: the messages and the reply are still there, the
+/// refused message was not stored, the refused event reaches no subscriber. Before, the server ran
+/// the calls it found in its sockets when it woke: the consumes took their messages (lost), the
+/// produce stored a message its client was told to send again, the event was delivered (twice,
+/// once its publisher sent it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_store_loses_nothing() {
     let redis = RedisServer::start();
@@ -756,8 +758,8 @@ async fn frozen_distant_store_loses_nothing() {
     loses_nothing_while_frozen(&redis, &relay).await;
 }
 
-/// Freezes `redis` while `relay` is asked to consume, read a reply and produce (each 503), and
-/// checks that none of them did anything once it runs again.
+/// Freezes `redis` while `relay` is asked to consume, read a reply, produce and publish (each
+/// 503), and checks that none of them did anything once it runs again.
 async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
     let api = relay.client();
     let (t, q) = (tunnel_id("frozen"), tunnel_id("asked"));
@@ -766,6 +768,8 @@ async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
     api.consume(&q, "?pending").await.expect(200);
     let reply = format!("/t/{q}/{asked}/reply");
     api.post(&reply, "answer").await.expect(201);
+    let topic = tunnel_id("frozen-events");
+    let mut subscriber = crate::events::Sse::open(&api, &topic).await;
 
     let pid = redis.pid();
     signal_pid(pid, "STOP");
@@ -774,6 +778,8 @@ async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
         api.request(reqwest::Method::GET, &format!("/t/{t}")),
         api.request(reqwest::Method::GET, &reply),
         api.request(reqwest::Method::POST, &format!("/t/{t}"))
+            .body("refused"),
+        api.request(reqwest::Method::POST, &format!("/e/{topic}"))
             .body("refused"),
     ];
     let answers = requests.map(|request| {
@@ -799,6 +805,8 @@ async fn loses_nothing_while_frozen(redis: &RedisServer, relay: &Relay) {
     }
     assert_eq!(seen, ["m0", "m1"]);
     assert_eq!(api.get(&reply).await.expect(200).text(), "answer");
+    api.post(&format!("/e/{topic}"), "after").await.expect(202);
+    assert_eq!(subscriber.next_event().await, "after");
 }
 
 /// When the server's clock steps forward after the relay read it, writes find their fence
