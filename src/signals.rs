@@ -2,6 +2,8 @@
 //! whether a new relay waits to take the listening socket over (a SIGQUIT without one is refused).
 
 use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -15,12 +17,18 @@ pub struct Signals {
     quit: tokio::sync::Mutex<Signal>,
     terminate: tokio::sync::Mutex<Signal>,
     upgrade_sock: String,
-    handing_over: tokio::sync::watch::Sender<bool>,
+    handing_over: Arc<tokio::sync::watch::Sender<bool>>,
 }
+
+/// How often a relay handing over looks whether the new process has taken the listening socket.
+const LOOK_EVERY: Duration = Duration::from_millis(10);
+
+/// How long the new process may take to take the socket: it looks once a second, five times.
+const TAKEN_WITHIN: Duration = Duration::from_secs(7);
 
 impl Signals {
     /// Starts watching; signals that come before Pingora asks are kept for it. `handing_over`
-    /// is set when a SIGQUIT is taken, before Pingora hands the socket over.
+    /// is set once a SIGQUIT is taken and the new process has the listening socket.
     pub fn watch(
         upgrade_sock: String,
         handing_over: tokio::sync::watch::Sender<bool>,
@@ -29,7 +37,7 @@ impl Signals {
             quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
             terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
             upgrade_sock,
-            handing_over,
+            handing_over: Arc::new(handing_over),
         })
     }
 }
@@ -43,7 +51,11 @@ impl ShutdownSignalWatch for Signals {
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = quit.recv() => {
                     if listens_at(&self.upgrade_sock) {
-                        self.handing_over.send_replace(true);
+                        let (path, handing_over) = (self.upgrade_sock.clone(), self.handing_over.clone());
+                        tokio::spawn(async move {
+                            taken_over(&path).await;
+                            handing_over.send_replace(true);
+                        });
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     log::error!(
@@ -54,6 +66,16 @@ impl ShutdownSignalWatch for Signals {
                 }
             }
         }
+    }
+}
+
+/// Resolves once the new process no longer listens at its upgrade socket `path`: it has taken the
+/// listening socket (it looks once a second) and removed the file, and connections to the address
+/// reach it from then on. (Or it gave up, or [`TAKEN_WITHIN`] passed.)
+async fn taken_over(path: &str) {
+    let deadline = Instant::now() + TAKEN_WITHIN;
+    while listens_at(path) && Instant::now() < deadline {
+        tokio::time::sleep(LOOK_EVERY).await;
     }
 }
 

@@ -242,6 +242,9 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
 
     let mut backoff = Backoff::new();
     let mut outage: Option<(Instant, u32)> = None;
+    // A refusal of the token is logged when it starts, also within an outage that began otherwise
+    // (a relay handing over, then a new process with another token).
+    let mut refused: Option<StatusCode> = None;
     // Connections whose relay said GOAWAY, finishing their requests while a new one serves.
     let mut leaving = Vec::new();
     while !*drain.borrow() {
@@ -259,6 +262,7 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                     ),
                     None => log::info!("connected to the relay"),
                 }
+                refused = None;
                 backoff.reset();
                 let (redial, redialled) = oneshot::channel();
                 let served =
@@ -296,26 +300,35 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
                 }
             }
             Err(why) => {
-                if let DialError::Stopping(Some(after)) = why {
-                    backoff.at_most(after);
+                // One line per outage, except for a refused token (when it starts).
+                let first = outage.is_none();
+                match why {
+                    DialError::Refused(status) if refused != Some(status) => {
+                        log::error!(
+                            "the relay refused this agent ({status}): check --token; retrying \
+                             with back-off"
+                        );
+                        refused = Some(status);
+                    }
+                    DialError::Refused(_) => {}
+                    DialError::Stopping(after) => {
+                        if let Some(after) = after {
+                            backoff.at_most(after);
+                        }
+                        if first {
+                            log::info!(
+                                "the relay is stopping or handing over (503); dialling again"
+                            );
+                        }
+                    }
+                    DialError::Unreachable(reason) if first => {
+                        log::warn!("cannot reach the relay: {reason}; retrying with back-off")
+                    }
+                    DialError::Unreachable(_) => {}
                 }
                 match &mut outage {
                     Some((_, attempts)) => *attempts += 1,
-                    None => {
-                        match why {
-                            DialError::Refused(status) => log::error!(
-                                "the relay refused this agent ({status}): check --token; \
-                                 retrying with back-off"
-                            ),
-                            DialError::Stopping(_) => log::info!(
-                                "the relay is stopping or handing over (503); dialling again"
-                            ),
-                            DialError::Unreachable(reason) => log::warn!(
-                                "cannot reach the relay: {reason}; retrying with back-off"
-                            ),
-                        }
-                        outage = Some((Instant::now(), 1));
-                    }
+                    None => outage = Some((Instant::now(), 1)),
                 }
             }
         }

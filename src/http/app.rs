@@ -97,7 +97,7 @@ pub struct Lifecycle {
     pub grace: Duration,
     /// The requests in flight, which a stopping relay waits for.
     pub in_flight: InFlight,
-    /// Turns true when SIGQUIT hands the listening socket over to a new process.
+    /// Turns true once SIGQUIT has handed the listening socket over to a new process.
     pub handing_over: watch::Receiver<bool>,
     /// Whether this process took the listening socket over from another (`--upgrade`).
     pub successor: bool,
@@ -120,7 +120,7 @@ pub struct RelayApp {
     grace: Duration,
     /// The requests in flight, which a stopping relay waits for.
     in_flight: InFlight,
-    /// Turns true when SIGQUIT hands the listening socket over to a new process.
+    /// Turns true once SIGQUIT has handed the listening socket over to a new process.
     handing_over: watch::Receiver<bool>,
     /// Whether other instances share the store (redis): agents leaving a stopping relay can be
     /// found at them.

@@ -1816,7 +1816,8 @@ async fn hand_over(setup: &Setup) {
 
 /// When the old process of an upgrade drains, 5 s after the SIGQUIT, a routed request on a
 /// kept-alive connection to it goes to the new process, where its agents moved (memory store:
-/// the address leads there now), instead of 503.
+/// the address leads there now), instead of 503; so does one that another instance sent there,
+/// instead of being refused (which that instance could not retry once it had sent a body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_old_process_sends_routed_requests_to_the_new_one() {
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -1836,6 +1837,9 @@ async fn drained_old_process_sends_routed_requests_to_the_new_one() {
     let echo = format!("GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
     let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
     assert_eq!(kept.exchange(&echo).await.status, 200);
+    let mut from_b = crate::support::raw::Connection::open(&setup.relay.base).await;
+    let hop = echo.replace("Host: relay", "Host: relay\r\nx-burrow-hop: b");
+    assert_eq!(from_b.exchange(&hop).await.status, 200);
     hand_over(&setup).await;
     let draining =
         || std::future::ready(setup.relay.output().contains("Graceful shutdown started"));
@@ -1847,12 +1851,14 @@ async fn drained_old_process_sends_routed_requests_to_the_new_one() {
     let answer = kept.exchange(&echo).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.header("connection"), Some("close"));
+    let answer = from_b.exchange(&hop).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
 }
 
 /// The new process of a graceful upgrade cannot know which agents its predecessor had (memory
 /// store): for its first seconds, a request for a name it has no agent of waits for one to
-/// connect instead of getting 422 at once. An agent dialling in meanwhile is refused by the old
-/// process (503), which is handing over, and reaches the new one.
+/// connect instead of getting 422 at once, one with a body too (briefly). An agent dialling in
+/// meanwhile is refused by the old process (503), which is handing over, and reaches the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successor_waits_for_agents_it_cannot_know() {
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -1870,36 +1876,43 @@ async fn successor_waits_for_agents_it_cannot_know() {
         "{}",
         new.output()
     );
-    // A connection each, until one reaches the new process and waits there; the old process
-    // answers those reaching it at once (422: it is not new).
+    // A connection each, until a GET and then a POST reach the new process and wait there; the
+    // old process answers those reaching it at once (422: it is not new).
     let name = tunnel_id("later");
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("a plain HTTP client builds");
     let url = format!("{}/r/{name}/echo", old.base);
-    let held = || async { metric(&new_metrics, "burrow_awaiting_agent").await >= 1.0 };
-    let mut waiting = None;
+    let upstream = Upstream::start("up").await;
+    let get = held_at_new_process(&new_metrics, 1.0, || reqwest::Client::new().get(&url)).await;
+    let post = || reqwest::Client::new().post(&url).body("a body");
+    let post = held_at_new_process(&new_metrics, 2.0, post).await;
+    let agent = Agent::serve(&old.base, &name, &upstream.url(), None);
+    for waiting in [get, post] {
+        let answer = waiting.await.expect("no panic").expect("an answer");
+        assert_eq!(answer, 200, "{}", agent.log());
+    }
+}
+
+/// Sends requests `request` makes, each on a connection of its own, until one waits at the new
+/// process of an upgrade, which then counts `waiting` requests held for their agent; the old
+/// process answers the others 422 at once. The task awaiting the one held.
+async fn held_at_new_process(
+    new_metrics: &Client,
+    waiting: f64,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> tokio::task::JoinHandle<reqwest::Result<u16>> {
+    let held = || async { metric(new_metrics, "burrow_awaiting_agent").await >= waiting };
     for _ in 0..40 {
-        let request = http.get(&url).header(TIMEOUT, "8s").send();
-        let request = tokio::spawn(async move { request.await.map(|r| r.status().as_u16()) });
-        let settled = || async { request.is_finished() || held().await };
-        assert!(
-            crate::support::eventually(WAIT, settled).await,
-            "neither answered nor held"
-        );
-        if !request.is_finished() {
-            waiting = Some(request);
-            break;
+        let sent = request().header(TIMEOUT, "8s").send();
+        let sent = tokio::spawn(async move { sent.await.map(|r| r.status().as_u16()) });
+        let settled = || async { sent.is_finished() || held().await };
+        let settled = crate::support::eventually(WAIT, settled).await;
+        assert!(settled, "neither answered nor held");
+        if !sent.is_finished() {
+            return sent;
         }
-        let answer = request.await.expect("no panic").expect("an answer");
+        let answer = sent.await.expect("no panic").expect("an answer");
         assert_eq!(answer, 422, "the old process does not wait");
     }
-    let waiting = waiting.expect("no request reached the new process");
-    let upstream = Upstream::start("up").await;
-    let agent = Agent::serve(&old.base, &name, &upstream.url(), None);
-    let answer = waiting.await.expect("no panic").expect("an answer");
-    assert_eq!(answer, 200, "{}", agent.log());
+    panic!("no request reached the new process");
 }
 
 /// B remembers for a moment which instances it found an agent on: its requests to the agent on A

@@ -92,19 +92,26 @@ async fn upstream_answering(answer: &'static str) -> u16 {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut tcp).await {
+                    let _ = tcp.write_all(answer.as_bytes()).await;
                 }
-                let _ = tcp.write_all(answer.as_bytes()).await;
             });
         }
     });
     port
+}
+
+/// Reads a request head off `tcp`; whether it came whole.
+async fn read_head(tcp: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
 }
 
 /// A frame as the wire has it: type, big-endian stream id, payload.
@@ -220,6 +227,47 @@ async fn outage_logged_once_and_sigterm_exits() {
     agent.terminate();
     assert!(agent.exit(WAIT).await.success(), "{}", agent.log());
     assert!(asked.elapsed() < Duration::from_secs(2));
+}
+
+/// A refused token is logged when the refusals start, also within an outage that began
+/// otherwise (a relay handing over answers 503, then a new process with another token 403), and
+/// once, not once per attempt.
+#[tokio::test]
+async fn refused_token_is_logged_within_an_outage() {
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}", relay.local_addr().unwrap());
+    let (dials, mut dialled) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = relay.accept().await {
+            read_head(&mut tcp).await;
+            let answer = match *dials.borrow() {
+                0 => "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n",
+                _ => "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+            };
+            let _ = tcp.write_all(answer.as_bytes()).await;
+            dials.send_modify(|n| *n += 1);
+        }
+    });
+    let agent = Agent::start(&[
+        "--relay",
+        &relay_url,
+        "--name",
+        "rotated",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    let third = dialled.wait_for(|&n| n >= 3);
+    tokio::time::timeout(WAIT, third)
+        .await
+        .expect("dialled a third time")
+        .unwrap();
+    let log = agent.log();
+    assert!(
+        log.contains("the relay is stopping or handing over (503)"),
+        "{log}"
+    );
+    let refused = "the relay refused this agent (403 Forbidden): check --token";
+    assert_eq!(log.matches(refused).count(), 1, "{log}");
 }
 
 /// The agent reconnects after the relay drops its connection.

@@ -17,6 +17,10 @@ use crate::tunnel::{Shutdown, TunnelId};
 /// [`RelayApp::forward`]).
 const AWAIT_RETURN: Duration = Duration::from_secs(5);
 
+/// How long at most a request with a body still to read waits for an agent (only in the new
+/// process of an upgrade; see [`RelayApp::forward`]).
+const AWAIT_WITH_BODY: Duration = Duration::from_secs(1);
+
 /// How often a request waiting for an agent to come back reads presence again.
 const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(200);
 
@@ -31,17 +35,25 @@ impl RelayApp {
         timeout: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Outcome, Error> {
-        // Stopping, the relay has let its agents go: one sent by another instance is refused,
-        // and that one tries the next. One that comes on a kept-alive connection follows its
-        // agents to the instances they moved to, or to the process this one handed its address
-        // over to, within what is left of the grace period; or is told to retry (elsewhere), not
-        // that its agent does not exist.
+        // Stopping, the relay has let its agents go: one sent by another instance goes to the
+        // process this one handed its address over to, if any, or is refused, and that instance
+        // tries the next. One that comes on a kept-alive connection follows its agents to the
+        // instances they moved to, or to that new process, within what is left of the grace
+        // period; or is told to retry (elsewhere), not that its agent does not exist.
         if *shutdown.borrow() {
+            let handed_over = *self.handing_over.borrow();
             if session.get_header(forward::HOP_HEADER).is_some() {
-                let gone = RouteError::NoAgent(agent.to_string());
-                return Err(RouteError::Refused(Box::new(gone)).into());
+                let gone = RouteError::Refused(Box::new(RouteError::NoAgent(agent.to_string())));
+                if !handed_over {
+                    return Err(gone.into());
+                }
+                let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
+                // The new process sends no request on again: this is the hop's last.
+                let (own, mut tried) = (vec![self.presence.address().to_owned()], Tried::default());
+                let sent = self.send_on(session, &agent, own, &mut tried, deadline);
+                return sent.await?.ok_or_else(|| gone.into());
             }
-            if !self.shared_store && !*self.handing_over.borrow() {
+            if !self.shared_store && !handed_over {
                 return Err(Error::ShuttingDown);
             }
             let left = self.in_flight.grace_left(self.grace);
@@ -63,7 +75,8 @@ impl RelayApp {
     /// was lately (it is restarting, or moving off a stopping instance), or might have been (this
     /// process took over from another less than `RETURN_WITHIN` ago), the request waits up to
     /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
-    /// stop meanwhile (`stopping`; then it is told to retry elsewhere) or its client leaves.
+    /// stop meanwhile (`stopping`; then it is told to retry elsewhere) or its client leaves. A
+    /// request with a body waits only in such a new process, up to [`AWAIT_WITH_BODY`].
     async fn forward(
         &self,
         session: &mut ServerSession,
@@ -74,6 +87,7 @@ impl RelayApp {
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
         let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
+        let hold_body_until = deadline.min(Instant::now() + AWAIT_WITH_BODY);
         // Stopped after handing the address over: the connections made there reach the new
         // process, which takes this one's agents.
         let successor = stopping.is_none() && *self.handing_over.borrow();
@@ -93,29 +107,37 @@ impl RelayApp {
                 answered => return answered,
             };
             // Another instance sent it here: that one waits. A request whose body is still to be
-            // read does not: whether its client left cannot be seen without reading the body, and
-            // one that left must not be sent on once the agent is back.
+            // read waits only in the new process of an upgrade, whose predecessor's agents come
+            // within moments, and briefly: whether its client left cannot be seen without reading
+            // the body, and one that left must not be sent on once the agent is back.
             let origin = session.get_header(forward::HOP_HEADER).is_none();
+            let new_process = self
+                .successor_until
+                .is_some_and(|until| Instant::now() < until);
             let lately = self.agents.had_lately(agent.as_str())
                 || self.presence.listed_lately(agent.as_str())
-                || self
-                    .successor_until
-                    .is_some_and(|until| Instant::now() < until);
+                || new_process;
+            let body_unread = !session.is_body_done();
+            let until = if body_unread {
+                hold_body_until
+            } else {
+                hold_until
+            };
             let now = Instant::now();
-            if !origin || !lately || !session.is_body_done() || now >= hold_until {
+            if !origin || !lately || (body_unread && !new_process) || now >= until {
                 return Err(failure.into());
             }
             // Presence is read again at most this often; an agent connecting here ends the wait.
             let _waiting = Waiting::for_agent();
-            let look_again = hold_until.min(now + LOOK_AGAIN_EVERY);
+            let look_again = until.min(now + LOOK_AGAIN_EVERY);
             let arrived = tokio::select! {
                 arrived = self.agents.arrival(agent.as_str(), look_again) => arrived,
                 () = begins_to_stop(&mut stopping) => return Err(Error::ShuttingDown),
-                () = client_gone(session) => return Err(Error::ClientGone),
+                () = client_gone(session), if !body_unread => return Err(Error::ClientGone),
             };
             // At the end of the wait, a look at the store could only time out (504): the name
             // is still not found.
-            if !arrived && Instant::now() >= hold_until {
+            if !arrived && Instant::now() >= until {
                 return Err(failure.into());
             }
         }
