@@ -10,7 +10,7 @@
 # x-backstream-client-id, 5 s timeout, alternating between A and B) runs through each scenario;
 # every answer / transport error is recorded with a timestamp, and the event's time is marked.
 # Relays are restarted and redis flushed for every scenario. Everything it starts is killed on exit
-# (trap; also a watchdog at MAX_SECONDS=290). Scenarios (the event comes at SECONDS_PER/3):
+# (trap; also a watchdog at MAX_SECONDS=330). Scenarios (the event comes at SECONDS_PER/3):
 #   s1a one agent on A: SIGTERM it + start a replacement at once   s1b start new, wait for 2 listed, SIGTERM old
 #   s2  agents svc on A and B: SIGTERM A's, replace 5 s later        s2b the same, both agents on A
 #   s3a 10 names svc0-9 (0-4 on A, 5-9 on B), clients A+B: SIGTERM relay A, start A' on its port at once
@@ -19,8 +19,10 @@
 #   s5a/s5b as s3a/s4a, but A is replaced by a graceful upgrade (serve --upgrade + SIGQUIT)
 #   s5c the memory store, A alone: 10 names on A, clients to A on a connection per request
 #       (so that they reach both processes), A replaced by a graceful upgrade
+#   s5d as s5c, with POST /sink (a 200-byte body) instead of GET /small
+#   s5e as s5a, with POST /sink on a connection per request
 # Output: one table on stdout; $OUT/details.txt has event marks and each distinct non-200 (body, headers).
-# Uses ports BASE_PORT..BASE_PORT+99 only (default 45200-45299). Runs in about 3 minutes.
+# Uses ports BASE_PORT..BASE_PORT+99 only (default 45200-45299). Runs in about 4 minutes.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -60,8 +62,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# self-bound: never run past MAX_SECONDS (default 290)
-( exec >/dev/null 2>&1; sleep "${MAX_SECONDS:-290}" & echo $! >"$OUT/.watchdog-sleep"; wait
+# self-bound: never run past MAX_SECONDS (default 330)
+( exec >/dev/null 2>&1; sleep "${MAX_SECONDS:-330}" & echo $! >"$OUT/.watchdog-sleep"; wait
   echo "$(date +%T) time limit" >"$OUT/TIME-LIMIT-REACHED"; kill -TERM $$ ) &
 WATCHDOG=$!
 
@@ -251,7 +253,7 @@ want s2 && two_agents_scenario s2_two_agents_term_one_later_replace "$B"
 want s2b && two_agents_scenario s2b_two_agents_on_A_term_one "$A"
 
 # 3 / 4: ten agents spread over A and B (or all on A); relay A restarted in place.
-relay_scenario() {  # tag layout(spread|allA) names(distinct|same) targets mode(now|docker|upgrade)
+relay_scenario() {  # tag layout(spread|allA) names(distinct|same) targets mode(now|docker|upgrade) [load options]
   setup "$1"
   SCEN_PIDS+=("$RELAY_A" "$RELAY_B")
   local names=() n
@@ -268,7 +270,7 @@ relay_scenario() {  # tag layout(spread|allA) names(distinct|same) targets mode(
   else
     wait_agents "$B" svc 10
   fi
-  run_load "$4" "$uniq"; sleep "$EV"
+  run_load "$4" "$uniq" "${@:6}"; sleep "$EV"
   if [[ $5 == upgrade ]]; then
     mark "EVENT graceful upgrade of A begins (serve --upgrade)"
     upgrade_a
@@ -290,22 +292,25 @@ want s4a && relay_scenario s4a_clients_B_only_distinct_allA allA distinct "$B" n
 want s4b && relay_scenario s4b_clients_B_only_same_allA allA same "$B" now
 want s5a && relay_scenario s5a_relayA_upgrade_distinct_spread spread distinct "$A,$B" upgrade
 want s5b && relay_scenario s5b_relayA_upgrade_B_only_allA allA distinct "$B" upgrade
+want s5e && relay_scenario s5e_relayA_upgrade_fresh_POST spread distinct "$A,$B" upgrade --fresh --post
 
-# 5c: the memory store, relay A alone, 10 names on it; A replaced by a graceful upgrade while
+# 5c/5d: the memory store, relay A alone, 10 names on it; A replaced by a graceful upgrade while
 # clients open a connection per request.
-if want s5c; then
-  SCEN=s5c_memory_upgrade_fresh_connections
+memory_upgrade_scenario() {  # tag [--post]
+  SCEN=$1
   : >"$OUT/$SCEN.marks"
   STORE_ENV=memory start_relay A "$PA"; RELAY_A=$RELAY_PID; SCEN_PIDS+=("$RELAY_A")
   wait_listen "$PA" || { log "relay A did not start (see $OUT/$SCEN.relay-A.log)"; exit 1; }
   log "== $SCEN"
   for i in $(seq 0 9); do start_agent "$A" "svc$i" $(( i % 2 ? UP2 : UP1 )); SCEN_PIDS+=("$AGENT_PID"); done
   for i in $(seq 0 9); do wait_agents "$A" "svc$i" 1; done
-  run_load "$A" "$(seq -s, -f 'svc%g' 0 9)" --fresh; sleep "$EV"
+  run_load "$A" "$(seq -s, -f 'svc%g' 0 9)" --fresh "${@:2}"; sleep "$EV"
   mark "EVENT graceful upgrade of A begins (serve --upgrade)"
   STORE_ENV=memory upgrade_a
   wait "$LOAD_PID"; teardown; RAN+=("$SCEN")
-fi
+}
+want s5c && memory_upgrade_scenario s5c_memory_upgrade_fresh_connections
+want s5d && memory_upgrade_scenario s5d_memory_upgrade_fresh_POST --post
 
 timeout 2 redis-cli -p "$RP" shutdown nosave >/dev/null 2>&1
 python3 "$CLIENT_PY" summary --dir "$OUT" "${RAN[@]}" | tee "$OUT/summary.txt"

@@ -13,7 +13,9 @@ load balancer would, rotating through the names, GET /small with x-backstream-cl
 A kept-alive connection that the server closed while idle is detected before reuse (as urllib3
 does) and replaced silently: that is not counted as an error. With --fresh, every request has a
 connection of its own (as curl, or a load balancer that does not pool): during a graceful
-upgrade those reach both processes, where kept-alive ones stay with the old one.
+upgrade those reach both processes, where kept-alive ones stay with the old one. With --post,
+each request is POST /sink with a 200-byte body (a request with a body never waits as long for
+its agent as one without).
 """
 import argparse, http.client, json, os, select, socket, sys, threading, time, collections
 
@@ -29,7 +31,7 @@ def dropped(conn):
     return bool(r)  # readable while idle = EOF (or garbage): not reusable
 
 
-def client(cid, targets, names, deadline, interval, timeout, fresh, out, lock):
+def client(cid, targets, names, deadline, interval, timeout, fresh, post, out, lock):
     conns = {}
     i = 0
     buf = []
@@ -48,7 +50,11 @@ def client(cid, targets, names, deadline, interval, timeout, fresh, out, lock):
         t0 = time.time()
         rec = {"t0": t0, "c": cid, "tgt": tgt, "name": name}
         try:
-            conn.request("GET", "/small", headers={"x-backstream-client-id": name})
+            if post:
+                conn.request("POST", "/sink", body=b"x" * 200,
+                             headers={"x-backstream-client-id": name})
+            else:
+                conn.request("GET", "/small", headers={"x-backstream-client-id": name})
             resp = conn.getresponse()
             body = resp.read()
             rec["res"] = str(resp.status)
@@ -88,7 +94,7 @@ def load(a):
     lock = threading.Lock()
     with open(a.out, "w") as out:
         ts = [threading.Thread(target=client, args=(c, targets, names, deadline, a.interval,
-                                                    a.timeout, a.fresh, out, lock))
+                                                    a.timeout, a.fresh, a.post, out, lock))
               for c in range(a.clients)]
         for t in ts:
             t.start()
@@ -197,6 +203,7 @@ def main():
     l.add_argument("--interval", type=float, default=0.005)
     l.add_argument("--timeout", type=float, default=5)
     l.add_argument("--fresh", action="store_true")
+    l.add_argument("--post", action="store_true")
     l.add_argument("--out", required=True)
     s = sp.add_parser("summary")
     s.add_argument("--dir", required=True)
