@@ -35,38 +35,51 @@ impl RelayApp {
         timeout: Option<Duration>,
         shutdown: &mut Shutdown,
     ) -> Result<Outcome, Error> {
-        // Stopping, the relay has let its agents go: one sent by another instance goes to the
-        // process this one handed its address over to, if any, or is refused, and that instance
-        // tries the next. One that comes on a kept-alive connection follows its agents to the
-        // instances they moved to, or to that new process, within what is left of the grace
-        // period; or is told to retry (elsewhere), not that its agent does not exist.
         if *shutdown.borrow() {
-            let handed_over = *self.handing_over.borrow();
-            if session.get_header(forward::HOP_HEADER).is_some() {
-                let gone = RouteError::Refused(Box::new(RouteError::NoAgent(agent.to_string())));
-                if !handed_over {
-                    return Err(gone.into());
-                }
-                let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
-                // The new process sends no request on again: this is the hop's last.
-                let (own, mut tried) = (vec![self.presence.address().to_owned()], Tried::default());
-                let sent = self.send_on(session, &agent, own, &mut tried, deadline);
-                return sent.await?.ok_or_else(|| gone.into());
-            }
-            if !self.shared_store && !handed_over {
-                return Err(Error::ShuttingDown);
-            }
-            let left = self.in_flight.grace_left(self.grace);
-            let elsewhere = self.forward(session, agent, path, timeout, None);
-            return match tokio::time::timeout(left.saturating_sub(ANSWER_TIME), elsewhere).await {
-                Ok(Err(Error::Route(RouteError::NoAgent(_)))) | Err(_) => Err(Error::ShuttingDown),
-                Ok(outcome) => outcome,
-            };
+            return self
+                .route_while_stopping(session, agent, path, timeout)
+                .await;
         }
         let stopping = Some(shutdown.clone());
         tokio::select! {
             outcome = self.forward(session, agent, path, timeout, stopping) => outcome,
             () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// [`RelayApp::route`] once the relay is stopping and has let its agents go. A request sent
+    /// by another instance goes to the process this one handed its address over to, if any, or
+    /// is refused, and that instance tries the next. One that comes on a kept-alive connection
+    /// follows its agents to the instances they moved to, or to that new process, within what is
+    /// left of the grace period; or is told to retry (elsewhere), not that its agent does not
+    /// exist.
+    async fn route_while_stopping(
+        &self,
+        session: &mut ServerSession,
+        agent: TunnelId,
+        path: String,
+        timeout: Option<Duration>,
+    ) -> Result<Outcome, Error> {
+        let handed_over = *self.handing_over.borrow();
+        if session.get_header(forward::HOP_HEADER).is_some() {
+            let gone = RouteError::Refused(Box::new(RouteError::NoAgent(agent.to_string())));
+            if !handed_over {
+                return Err(gone.into());
+            }
+            let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
+            // The new process sends no request on again: this is the hop's last.
+            let (own, mut tried) = (vec![self.presence.address().to_owned()], Tried::default());
+            let sent = self.send_on(session, &agent, own, &mut tried, deadline);
+            return sent.await?.ok_or_else(|| gone.into());
+        }
+        if !self.shared_store && !handed_over {
+            return Err(Error::ShuttingDown);
+        }
+        let left = self.in_flight.grace_left(self.grace);
+        let elsewhere = self.forward(session, agent, path, timeout, None);
+        match tokio::time::timeout(left.saturating_sub(ANSWER_TIME), elsewhere).await {
+            Ok(Err(Error::Route(RouteError::NoAgent(_)))) | Err(_) => Err(Error::ShuttingDown),
+            Ok(outcome) => outcome,
         }
     }
 
@@ -90,9 +103,9 @@ impl RelayApp {
         let hold_body_until = deadline.min(Instant::now() + AWAIT_WITH_BODY);
         // Stopped after handing the address over: the connections made there reach the new
         // process, which takes this one's agents.
-        let successor = stopping.is_none() && *self.handing_over.borrow();
+        let handed_over = stopping.is_none() && *self.handing_over.borrow();
         loop {
-            let once = self.forward_once(session, &agent, &path, deadline, successor);
+            let once = self.forward_once(session, &agent, &path, deadline, handed_over);
             let failure = match once.await {
                 Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
                 // Refused before it was taken (its HEAD crossed the agent's GOAWAY) or lost with
@@ -144,14 +157,15 @@ impl RelayApp {
     }
 
     /// One try of [`RelayApp::forward`]: here, then at the other instances with the name (and at
-    /// this one's address when a `successor` takes connections there).
+    /// this one's address, once this process has `handed_over` it and stopped taking connections
+    /// there: they reach the new process).
     async fn forward_once(
         &self,
         session: &mut ServerSession,
         agent: &TunnelId,
         path: &str,
         deadline: Instant,
-        successor: bool,
+        handed_over: bool,
     ) -> Result<Outcome, Error> {
         let timeout = deadline.saturating_duration_since(Instant::now());
         // `Authorization` is the relay's business, unless the agent is public; even then
@@ -204,7 +218,7 @@ impl RelayApp {
             });
         }
         match self
-            .to_another_instance(session, agent, &mut tried, deadline, successor)
+            .to_another_instance(session, agent, &mut tried, deadline, handed_over)
             .await?
         {
             Some(outcome) => Ok(outcome),
@@ -255,7 +269,7 @@ impl RelayApp {
         agent: &TunnelId,
         tried: &mut Tried,
         deadline: Instant,
-        successor: bool,
+        handed_over: bool,
     ) -> Result<Option<Outcome>, Error> {
         let remembered = forward::sendable_again(session)
             .then(|| self.presence.remembered_holders(agent.as_str()))
@@ -272,7 +286,7 @@ impl RelayApp {
         let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str()));
         let mut addresses = holders.await.map_err(|_| RouteError::Timeout)??;
         let own = self.presence.address();
-        if successor && !addresses.iter().any(|address| address == own) {
+        if handed_over && !addresses.iter().any(|address| address == own) {
             addresses.push(own.to_owned());
         }
         self.send_on(session, agent, addresses, tried, deadline)
