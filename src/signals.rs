@@ -26,6 +26,10 @@ const LOOK_EVERY: Duration = Duration::from_millis(10);
 /// How long the new process may take to take the socket: it looks once a second, five times.
 const TAKEN_WITHIN: Duration = Duration::from_secs(7);
 
+/// How long Pingora's old process serves on after handing the socket over, before its drain
+/// (its `CLOSE_TIMEOUT`): a SIGTERM meanwhile is taken only then.
+const HAND_OVER: Duration = Duration::from_secs(5);
+
 impl Signals {
     /// Starts watching; signals that come before Pingora asks are kept for it. `handing_over`
     /// is set once a SIGQUIT is taken and the new process has the listening socket.
@@ -56,6 +60,7 @@ impl ShutdownSignalWatch for Signals {
                             taken_over(&path).await;
                             handing_over.send_replace(true);
                         });
+                        tokio::spawn(terminate_during_hand_over());
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     log::error!(
@@ -66,6 +71,20 @@ impl ShutdownSignalWatch for Signals {
                 }
             }
         }
+    }
+}
+
+/// Says that a SIGTERM during the hand-over waits for its end: Pingora does not watch signals
+/// then, and an operator would otherwise see nothing happen for seconds.
+async fn terminate_during_hand_over() {
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    if let Ok(Some(())) = tokio::time::timeout(HAND_OVER, terminate.recv()).await {
+        log::warn!(
+            "SIGTERM during the upgrade's hand-over: the drain begins at its end, 5 s after the \
+             SIGQUIT"
+        );
     }
 }
 

@@ -644,6 +644,38 @@ async fn graceful_upgrade_hands_over_the_socket() {
     assert_eq!(stored_ids(&tunnel), stored, "every 201 is in the store");
 }
 
+/// A SIGTERM in the 5 s the old process serves on after the hand-over is taken only at their end
+/// (Pingora watches no signal then): the relay says so at once, and exits as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_hand_over_is_told() {
+    let site = Site::new();
+    let port = free_port();
+    let mut old = site.start(port, &[], &[("RUST_LOG", "info")]);
+    let _new = site.start(port, &["--upgrade"], &[]);
+    let sock = site.upgrade_sock();
+    let waiting = || std::future::ready(sock.exists());
+    assert!(
+        eventually(Duration::from_secs(10), waiting).await,
+        "no new relay waits"
+    );
+    old.signal("QUIT");
+    let taken = || std::future::ready(old.log().contains("SIGQUIT received"));
+    assert!(
+        eventually(Duration::from_secs(10), taken).await,
+        "{}",
+        old.log()
+    );
+    old.signal("TERM");
+    let told = || std::future::ready(old.log().contains("SIGTERM during the upgrade's hand-over"));
+    assert!(
+        eventually(Duration::from_secs(2), told).await,
+        "{}",
+        old.log()
+    );
+    let status = old.exit_within(Duration::from_secs(15)).await;
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+}
+
 /// Everything the relay answers on `raw` until it closes the connection.
 async fn until_closed(raw: &mut tokio::net::TcpStream) -> String {
     let mut answer = String::new();

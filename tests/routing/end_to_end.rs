@@ -1678,7 +1678,8 @@ async fn sigterm_does_not_wait_for_a_frozen_http2_client() {
 
 /// With the redis store, a stopping relay sends a routed request that comes on a kept-alive
 /// connection on to an instance that has an agent of the name (where its own agents go), instead
-/// of telling the client to retry (503).
+/// of telling the client to retry (503); but not one whose timeout outlasts the grace period,
+/// which could be cut after it was sent on and then told to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_relay_sends_routed_requests_to_the_agents_elsewhere() {
     let (setup, b) = Setup::with_second_instance().await;
@@ -1686,11 +1687,17 @@ async fn stopping_relay_sends_routed_requests_to_the_agents_elsewhere() {
     let at_b = Agent::serve(&b.base, &setup.name, &upstream_b.url(), None);
     wait_agents(&setup.client, &setup.name, 2, WAIT, &[&setup.agent, &at_b]).await;
     let echo = format!("GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
+    let mut long = crate::support::raw::Connection::open(&setup.relay.base).await;
+    assert_eq!(long.exchange(&echo).await.status, 200);
     let mut kept = kept_through_sigterm(&setup, &echo).await;
     let answer = kept.exchange(&echo).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(Echo::parse(&answer.body).upstream, "at-b");
     assert_eq!(answer.header("connection"), Some("close"));
+    let patient = echo.replace("Host: relay", &format!("Host: relay\r\n{TIMEOUT}: 60s"));
+    let answer = long.exchange(&patient).await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.header("retry-after"), Some("1"));
 }
 
 /// So does a relay restarted in place: the stopping one sends the request to its successor at
@@ -1700,7 +1707,7 @@ async fn stopping_relay_sends_routed_requests_to_its_successor() {
     let redis = crate::support::shared_redis();
     let setup = Setup::start(Store::Redis(redis), &[]).await;
     let echo = format!(
-        "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 10s\r\n\r\n",
+        "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 6s\r\n\r\n",
         setup.name
     );
     let mut kept = kept_through_sigterm(&setup, &echo).await;
@@ -1821,7 +1828,8 @@ async fn hand_over(setup: &Setup) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_old_process_sends_routed_requests_to_the_new_one() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let conf = with_grace_period(&dir, 3);
+    // Long enough for the requests' 3 s timeout.
+    let conf = with_grace_period(&dir, 5);
     let setup = Setup::start(
         Store::Memory,
         &[("BURROW_CONF", &conf), ("RUST_LOG", "info")],

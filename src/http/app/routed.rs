@@ -50,9 +50,10 @@ impl RelayApp {
     /// [`RelayApp::route`] once the relay is stopping and has let its agents go. A request sent
     /// by another instance goes to the process this one handed its address over to, if any, or
     /// is refused, and that instance tries the next. One that comes on a kept-alive connection
-    /// follows its agents to the instances they moved to, or to that new process, within what is
-    /// left of the grace period; or is told to retry (elsewhere), not that its agent does not
-    /// exist.
+    /// follows its agents to the instances they moved to, or to that new process, if its timeout
+    /// ends before the grace period does; or is told to retry (elsewhere), not that its agent
+    /// does not exist. (Sent on, and then told to retry when the grace period cut it, a request
+    /// could run twice.)
     async fn route_while_stopping(
         &self,
         session: &mut ServerSession,
@@ -61,25 +62,29 @@ impl RelayApp {
         timeout: Option<Duration>,
     ) -> Result<Outcome, Error> {
         let handed_over = *self.handing_over.borrow();
+        let patience = timeout.unwrap_or(self.route_timeout);
+        let in_time = patience
+            <= self
+                .in_flight
+                .grace_left(self.grace)
+                .saturating_sub(ANSWER_TIME);
         if session.get_header(forward::HOP_HEADER).is_some() {
             let gone = RouteError::Refused(Box::new(RouteError::NoAgent(agent.to_string())));
-            if !handed_over {
+            if !handed_over || !in_time {
                 return Err(gone.into());
             }
-            let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
+            let deadline = Instant::now() + patience;
             // The new process sends no request on again: this is the hop's last.
             let (own, mut tried) = (vec![self.presence.address().to_owned()], Tried::default());
             let sent = self.send_on(session, &agent, own, &mut tried, deadline);
             return sent.await?.ok_or_else(|| gone.into());
         }
-        if !self.shared_store && !handed_over {
+        if (!self.shared_store && !handed_over) || !in_time {
             return Err(Error::ShuttingDown);
         }
-        let left = self.in_flight.grace_left(self.grace);
-        let elsewhere = self.forward(session, agent, path, timeout, None);
-        match tokio::time::timeout(left.saturating_sub(ANSWER_TIME), elsewhere).await {
-            Ok(Err(Error::Route(RouteError::NoAgent(_)))) | Err(_) => Err(Error::ShuttingDown),
-            Ok(outcome) => outcome,
+        match self.forward(session, agent, path, timeout, None).await {
+            Err(Error::Route(RouteError::NoAgent(_))) => Err(Error::ShuttingDown),
+            outcome => outcome,
         }
     }
 
