@@ -383,9 +383,7 @@ async fn dial(
         tokio_tungstenite::tungstenite::Error::Http(response)
             if response.status() == StatusCode::SERVICE_UNAVAILABLE =>
         {
-            let after = response.headers().get("Retry-After");
-            let seconds = after.and_then(|value| value.to_str().ok()?.trim().parse().ok());
-            DialError::Stopping(seconds.map(Duration::from_secs))
+            DialError::Stopping(retry_after(response.headers().get("Retry-After")))
         }
         err => DialError::Unreachable(err.to_string()),
     };
@@ -415,6 +413,12 @@ async fn dial(
             CONNECT_TIMEOUT.as_secs()
         ))),
     }
+}
+
+/// A `Retry-After` in seconds (the form a relay sends; a date is not waited for).
+fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let seconds = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
 }
 
 /// Exponential back-off with jitter: 100 ms doubling to 10 s, each delay drawn from its upper half
@@ -582,6 +586,17 @@ mod tests {
         let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
         assert!(delays.iter().all(|d| *d <= QUICK_REDIAL), "{delays:?}");
         assert!(delays[11] >= QUICK_REDIAL / 2, "{delays:?}");
+    }
+
+    /// `Retry-After` in seconds is read; anything else is no delay asked for.
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let read = |value: &'static str| retry_after(Some(&HeaderValue::from_static(value)));
+        assert_eq!(read("0"), Some(Duration::ZERO));
+        assert_eq!(read(" 1 "), Some(Duration::from_secs(1)));
+        assert_eq!(read("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(read("-1"), None);
+        assert_eq!(retry_after(None), None);
     }
 
     /// A relay's `Retry-After` bounds the next delay only, and 0 means the shortest one.

@@ -1785,6 +1785,12 @@ async fn graceful_upgrade_moves_the_agents_at_once() {
     let sock = dir.path().join("upgrade.sock");
     let new = Relay::successor(setup.relay.port(), Store::Memory, &env, &sock);
     hand_over(&setup).await;
+    // Told once the new process had the socket (and removed its upgrade socket): a dial reaches
+    // it from then on. (It looks for the socket once a second.)
+    assert!(
+        !sock.exists(),
+        "MOVE came before the new process had the socket"
+    );
     let connected = || setup.agent.log().matches("connected to the relay").count();
     let twice = crate::support::eventually(WAIT, || std::future::ready(connected() == 2)).await;
     assert!(twice, "{}", setup.agent.log());
