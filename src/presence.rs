@@ -498,15 +498,20 @@ mod tests {
     use super::*;
     use crate::config::StoreConfig;
 
+    /// The presence of an instance at `address`, on a memory store of its own.
+    async fn at(address: &str) -> Presence {
+        let store = Store::open(&StoreConfig::Memory)
+            .await
+            .expect("a memory store");
+        Presence::new(store, Agents::new(), address.into())
+    }
+
     /// An instance that could not be reached comes after the others (silent ones included) and
     /// is logged once; when its time is served, one request tries it in its turn while the others
     /// keep it last; once it answers, it takes its turn again.
     #[tokio::test]
     async fn unreachable_instances_come_last_and_one_request_tries_again() {
-        let store = Store::open(&StoreConfig::Memory)
-            .await
-            .expect("a memory store");
-        let presence = Presence::new(store, Agents::new(), "127.0.0.1:1".into());
+        let presence = at("127.0.0.1:1").await;
         let holder = |address: &str, silent| Holder {
             address: address.into(),
             silent,
@@ -543,10 +548,7 @@ mod tests {
     /// the start, then a live instance sharing the address by mistake, taken as another one.
     #[tokio::test]
     async fn another_id_at_this_address_is_a_predecessor_only_at_first() {
-        let store = Store::open(&StoreConfig::Memory)
-            .await
-            .expect("a memory store");
-        let mut presence = Presence::new(store, Agents::new(), "10.0.0.1:80".into());
+        let mut presence = at("10.0.0.1:80").await;
         let me = presence.instance().to_owned();
         let before = presence.started_ms - 1;
         assert!(!presence.is_other(&me, "10.0.0.2:80", before));
@@ -562,10 +564,7 @@ mod tests {
     /// and no mistake to warn of.
     #[tokio::test]
     async fn a_successor_at_this_address_is_another_instance() {
-        let store = Store::open(&StoreConfig::Memory)
-            .await
-            .expect("a memory store");
-        let presence = Presence::new(store, Agents::new(), "10.0.0.1:80".into());
+        let presence = at("10.0.0.1:80").await;
         let after = presence.started_ms + 1;
         assert!(presence.is_other("successor", "10.0.0.1:80", after));
         assert!(!presence.warned_shared_address.load(Ordering::Relaxed));

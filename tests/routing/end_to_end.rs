@@ -43,16 +43,14 @@ impl Agent {
         self.child.wait().expect("the agent can be waited on");
     }
 
-    /// Waits until the agent's log contains `text`; whether it did within `limit`.
-    async fn logged(&self, text: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
+    /// Waits until the agent's log contains `text`; panics with the log if it does not within
+    /// [`WAIT`].
+    async fn expect_logged(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
         while !self.log().contains(text) {
-            if Instant::now() >= deadline {
-                return false;
-            }
+            assert!(Instant::now() < deadline, "no {text:?} in:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        true
     }
 }
 
@@ -342,11 +340,7 @@ async fn every_status() {
     );
     // The cause is named once, though hyper's error and its source both print it.
     assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
-    assert!(
-        broken_agent.logged("GET /x status=refused", WAIT).await,
-        "{}",
-        broken_agent.log()
-    );
+    broken_agent.expect_logged("GET /x status=refused").await;
     // Beside an agent whose upstream is up, the one that refuses loses no request.
     let working = Agent::serve(&setup.relay.base, &broken, &setup.upstream.url(), None);
     wait_agents(&client, &broken, 2, RECONNECT, &[&broken_agent, &working]).await;
@@ -365,11 +359,7 @@ async fn every_status() {
         .send(client.request(method, &format!("/r/{name}/{path}")))
         .await;
     let cut = format!("{}… /{}… status=", "M".repeat(32), "a".repeat(255));
-    assert!(
-        setup.agent.logged(&cut, WAIT).await,
-        "{}",
-        setup.agent.log()
-    );
+    setup.agent.expect_logged(&cut).await;
     assert!(!setup.agent.log().contains(&"a".repeat(256)));
 
     // The agent dies while its upstream works on the request (it was taken: no replay).
@@ -527,8 +517,7 @@ async fn requests_cut_by_a_lost_connection_are_logged() {
         "the upstream request ends with the connection",
     )
     .await;
-    let logged = agent.logged("GET /hang status=reset", WAIT).await;
-    assert!(logged, "{}", agent.log());
+    agent.expect_logged("GET /hang status=reset").await;
     request.abort();
 }
 
@@ -673,11 +662,7 @@ async fn upstream_switching_protocols_is_502() {
     let why = "upstream switched protocols, which cannot cross the relay";
     let response = client.get(&format!("/r/{name}/up")).await;
     response.expect_error(502, why);
-    assert!(
-        agent.logged("GET /up status=502", WAIT).await,
-        "{}",
-        agent.log()
-    );
+    agent.expect_logged("GET /up status=502").await;
 }
 
 /// An `https://` upstream: the agent verifies its certificate against the system's roots
@@ -930,14 +915,10 @@ async fn agent_and_relay_restarts() {
 
     let port = setup.relay.port();
     setup.relay.kill();
-    assert!(
-        setup
-            .agent
-            .logged("connection to the relay lost", WAIT)
-            .await,
-        "{}",
-        setup.agent.log()
-    );
+    setup
+        .agent
+        .expect_logged("connection to the relay lost")
+        .await;
     setup.relay = Relay::start_on(port, Store::Memory, &[]);
     wait_agents(&client, &name, 1, RECONNECT, &[&setup.agent]).await;
     echo_through(&client, &name, "up").await;
@@ -1026,14 +1007,10 @@ async fn second_signal_stops_the_agent_at_once() {
     let mut setup = Setup::start(Store::Memory, &[]).await;
     let in_flight = at_the_upstream(&setup).await;
     setup.agent.terminate();
-    assert!(
-        setup
-            .agent
-            .logged("signal again to stop at once", WAIT)
-            .await,
-        "{}",
-        setup.agent.log()
-    );
+    setup
+        .agent
+        .expect_logged("signal again to stop at once")
+        .await;
     crate::support::process::signal(&setup.agent.child, "INT");
     let status = setup.agent.exit(WAIT).await;
     assert_eq!(status.code(), Some(1), "{}", setup.agent.log());
@@ -1257,7 +1234,7 @@ async fn auth() {
         let name = tunnel_id("refused");
         let agent = Agent::serve(&relay.base, &name, &upstream.url(), agent_token);
         let refused = "the relay refused this agent (403 Forbidden): check --token";
-        assert!(agent.logged(refused, WAIT).await, "{}", agent.log());
+        agent.expect_logged(refused).await;
         assert_eq!(agents_named(&authorized, &name).await, 0);
         let response = authorized.get(&format!("/r/{name}/echo")).await;
         response.expect_error(422, &format!("connection for clientID='{name}' not found"));
@@ -1370,7 +1347,7 @@ async fn auth() {
     // Serving a public name still takes the token: whoever connected would get its requests.
     let squatter = Agent::serve(&relay.base, &public, &upstream.url(), None);
     let refused = "the relay refused this agent (403 Forbidden)";
-    assert!(squatter.logged(refused, WAIT).await, "{}", squatter.log());
+    squatter.expect_logged(refused).await;
     drop(squatter);
     // Requests for a public agent need no token and keep their own Authorization, but never
     // pass on the relay's token.
@@ -1730,9 +1707,7 @@ async fn kept_through_sigterm(setup: &Setup, request: &str) -> crate::support::r
     let mut kept = crate::support::raw::Connection::open(&setup.relay.base).await;
     assert_eq!(kept.exchange(request).await.status, 200);
     setup.relay.signal("TERM");
-    let told = "the relay is going away";
-    let log = || setup.agent.log();
-    assert!(setup.agent.logged(told, WAIT).await, "{}", log());
+    setup.agent.expect_logged("the relay is going away").await;
     kept
 }
 
@@ -1812,19 +1787,47 @@ async fn graceful_upgrade_moves_the_agents_at_once() {
         metric(&metrics, forwarded).await > 0.0,
         "none reached the new process"
     );
+    // An agent dialling in now is refused by the old process, to dial again at once (it reaches
+    // the new one, which takes it); a connection each, until one reaches the old process.
+    let refused = agent_dial_refused(&setup.relay.base).await;
+    assert!(refused.contains("\r\nretry-after: 0\r\n"), "{refused}");
     assert!(
         !setup.relay.exits_within(Duration::ZERO).await,
         "the old one had stopped"
     );
 }
 
+/// The head of the first 503 an agent handshake to `base` gets, on a connection each (101s, from
+/// a process that takes it, are dropped), in lower case.
+async fn agent_dial_refused(base: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let handshake = "GET /agent/connect?name=dialling HTTP/1.1\r\nHost: relay\r\n\
+                     Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    for _ in 0..40 {
+        let address = base.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("accepted");
+        tcp.write_all(handshake.as_bytes()).await.expect("sent");
+        let head = tokio::time::timeout(WAIT, super::read_head(&mut tcp)).await;
+        let head = head.expect("an answer in time").expect("a whole head");
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        if head.starts_with("http/1.1 503") {
+            return head;
+        }
+    }
+    panic!("no agent handshake was refused");
+}
+
 /// Sends the set-up's relay SIGQUIT (a new process waiting), and waits until its agent is told
 /// to move.
 async fn hand_over(setup: &Setup) {
     setup.relay.signal("QUIT");
-    let told = "the relay hands over to a new process";
-    let log = || setup.agent.log();
-    assert!(setup.agent.logged(told, WAIT).await, "{}", log());
+    setup
+        .agent
+        .expect_logged("the relay hands over to a new process")
+        .await;
 }
 
 /// When the old process of an upgrade drains, 5 s after the SIGQUIT, a routed request on a

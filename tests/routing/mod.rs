@@ -92,7 +92,7 @@ async fn upstream_answering(answer: &'static str) -> u16 {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if read_head(&mut tcp).await {
+                if read_head(&mut tcp).await.is_some() {
                     let _ = tcp.write_all(answer.as_bytes()).await;
                 }
             });
@@ -101,17 +101,18 @@ async fn upstream_answering(answer: &'static str) -> u16 {
     port
 }
 
-/// Reads a request head off `tcp`; whether it came whole.
-async fn read_head(tcp: &mut TcpStream) -> bool {
+/// Reads a head (a request's or a response's) off `tcp`, up to its blank line and perhaps a
+/// little past it; `None` if the connection ends first.
+async fn read_head(tcp: &mut TcpStream) -> Option<Vec<u8>> {
     let mut head = Vec::new();
     let mut buf = [0; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         match tcp.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
-    true
+    Some(head)
 }
 
 /// A frame as the wire has it: type, big-endian stream id, payload.
