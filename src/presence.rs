@@ -78,6 +78,9 @@ pub struct Presence {
     started_ms: u64,
     /// Whether another live instance announcing this one's address was logged.
     warned_shared_address: Arc<AtomicBool>,
+    /// Until when this process, the new one of a graceful upgrade, says in its record that it is
+    /// taking over from its predecessor: the names in that one's record are on their way here.
+    taking_over_until: Option<Instant>,
 }
 
 /// Which other instances had which agents, by name, when the store was read.
@@ -92,6 +95,9 @@ struct Holder {
     address: String,
     /// Whether every one of them is silent (frozen or cut off): such an instance is tried last.
     silent: bool,
+    /// Whether they are only on their way there: listed by the predecessor of an instance taking
+    /// over in a graceful upgrade. Such an instance is tried after those that have the name.
+    moving: bool,
 }
 
 /// The part of an instance's record that says where its agents are.
@@ -102,6 +108,9 @@ struct Record {
     /// When the instance started, in Unix milliseconds (0 in records of older versions).
     #[serde(default)]
     started_ms: u64,
+    /// Whether it is the new process of a graceful upgrade, taking over from its predecessor.
+    #[serde(default)]
+    taking_over: bool,
     #[serde(default)]
     agents: Vec<Named>,
     /// The names of the agents it had as it stopped (see [`Presence::withdraw`]), or that left it
@@ -122,8 +131,15 @@ struct Named {
 }
 
 impl Presence {
-    /// The presence of this instance, reachable by other instances at `address` (`host:port`).
-    pub fn new(store: Store, agents: Agents, address: String) -> Presence {
+    /// The presence of this instance, reachable by other instances at `address` (`host:port`);
+    /// until `taking_over_until`, that of the new process of a graceful upgrade, to which its
+    /// predecessor's agents are moving.
+    pub fn new(
+        store: Store,
+        agents: Agents,
+        address: String,
+        taking_over_until: Option<Instant>,
+    ) -> Presence {
         let instance = format!("{:016x}", fastrand::u64(..));
         Presence {
             store,
@@ -140,6 +156,7 @@ impl Presence {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |since| since.as_millis() as u64),
             warned_shared_address: Arc::default(),
+            taking_over_until,
         }
     }
 
@@ -184,6 +201,7 @@ impl Presence {
             "instance": self.instance,
             "address": self.address,
             "started_ms": self.started_ms,
+            "taking_over": self.taking_over_until.is_some_and(|until| Instant::now() < until),
             "agents": agents,
             "departed": departed,
         });
@@ -212,7 +230,8 @@ impl Presence {
             .collect();
         let address = |record: &Value| record["address"].as_str().unwrap_or_default().to_owned();
         let started = |record: &Value| record["started_ms"].as_u64().unwrap_or(0);
-        for record in newest_at_each_address(others, address, started) {
+        let taking_over = |record: &Value| record["taking_over"].as_bool().unwrap_or(false);
+        for (record, _) in current_at_each_address(others, address, started, taking_over) {
             if let Some(Value::Array(theirs)) = record.get("agents") {
                 agents.extend(theirs.iter().cloned());
             }
@@ -237,14 +256,15 @@ impl Presence {
         Some(self.in_order(name, &self.remembered(name)?))
     }
 
-    /// The addresses of the other instances with an agent named `name` that is not silent, as
-    /// remembered or else read now, in the order to try them.
+    /// The addresses of the other instances with an agent named `name` that is not silent (nor
+    /// only on its way there), as remembered or else read now, in the order to try them.
     pub async fn answering_holders(&self, name: &str) -> Result<Vec<String>, StoreError> {
         let holders = match self.remembered(name) {
             Some(holders) => holders,
             None => self.read_holders(name).await?,
         };
-        let answering: Vec<Holder> = holders.into_iter().filter(|h| !h.silent).collect();
+        let answering = holders.into_iter().filter(|h| !h.silent && !h.moving);
+        let answering: Vec<Holder> = answering.collect();
         Ok(self.in_order(name, &answering))
     }
 
@@ -365,7 +385,7 @@ impl Presence {
             })
             .collect();
         fastrand::shuffle(&mut holders);
-        holders.sort_by_key(|(last, holder)| (*last, holder.silent));
+        holders.sort_by_key(|(last, holder)| (*last, holder.silent, holder.moving));
         holders
             .into_iter()
             .map(|(_, holder)| holder.address.clone())
@@ -399,14 +419,32 @@ impl Presence {
             .filter(|record| self.is_other(&record.instance, &record.address, record.started_ms))
             .collect();
         let address = |record: &Record| record.address.clone();
-        for record in newest_at_each_address(others, address, |record| record.started_ms) {
-            for agent in record.agents.into_iter().filter(|agent| !agent.draining) {
-                let of_name = holders.entry(agent.name).or_default();
+        let current = current_at_each_address(
+            others,
+            address,
+            |record| record.started_ms,
+            |record| record.taking_over,
+        );
+        for (record, moving) in current {
+            // A predecessor's agents, even those that left it or are leaving, are on their way
+            // to the process at its address, which waits for them.
+            let agents = record.agents.into_iter();
+            let staying = agents.filter(|agent| moving || !agent.draining);
+            let departed = record.departed.into_iter().filter(|_| moving);
+            let named = staying
+                .map(|agent| (agent.name, agent.silent))
+                .chain(departed.map(|name| (name, false)));
+            for (name, silent) in named {
+                let of_name = holders.entry(name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {
-                    Some(holder) => holder.silent &= agent.silent,
+                    Some(holder) => {
+                        holder.silent &= silent;
+                        holder.moving &= moving;
+                    }
                     None => of_name.push(Holder {
                         address: record.address.clone(),
-                        silent: agent.silent,
+                        silent,
+                        moving,
                     }),
                 }
             }
@@ -474,22 +512,31 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Of `records`, those of the instance that started last at each address: an instance restarted
-/// in place (or upgraded) holds its address now, and its predecessor's record, until it
-/// expires, lists agents that are gone.
-fn newest_at_each_address<T>(
+/// Of `records`, those that say where agents are: at each address, those of the instance that
+/// started last, which holds the address now (an instance restarted in place, or upgraded: its
+/// predecessor's record, until it expires, lists agents that are gone); and, while that instance
+/// is `taking_over` from its predecessor in a graceful upgrade, the older ones too, marked `true`:
+/// their agents are moving to it.
+fn current_at_each_address<T>(
     records: Vec<T>,
     address: impl Fn(&T) -> String,
     started_ms: impl Fn(&T) -> u64,
-) -> Vec<T> {
-    let mut latest: HashMap<String, u64> = HashMap::new();
+    taking_over: impl Fn(&T) -> bool,
+) -> Vec<(T, bool)> {
+    let mut latest: HashMap<String, (u64, bool)> = HashMap::new();
     for record in &records {
         let newest = latest.entry(address(record)).or_default();
-        *newest = (*newest).max(started_ms(record));
+        if started_ms(record) >= newest.0 {
+            *newest = (started_ms(record), taking_over(record));
+        }
     }
     records
         .into_iter()
-        .filter(|record| latest.get(&address(record)) == Some(&started_ms(record)))
+        .filter_map(|record| {
+            let (newest, taking_over) = latest.get(&address(&record)).copied()?;
+            let predecessor = started_ms(&record) < newest;
+            (!predecessor || taking_over).then_some((record, predecessor))
+        })
         .collect()
 }
 
@@ -503,7 +550,7 @@ mod tests {
         let store = Store::open(&StoreConfig::Memory)
             .await
             .expect("a memory store");
-        Presence::new(store, Agents::new(), address.into())
+        Presence::new(store, Agents::new(), address.into(), None)
     }
 
     /// An instance that could not be reached comes after the others (silent ones included) and
@@ -515,6 +562,7 @@ mod tests {
         let holder = |address: &str, silent| Holder {
             address: address.into(),
             silent,
+            moving: false,
         };
         let holders = [holder("dead:1", false), holder("frozen:1", true)];
         assert!(presence.unreachable("dead:1"));
@@ -530,18 +578,30 @@ mod tests {
         assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
     }
 
-    /// Of the records at each address, those of the instance that started last are kept.
+    /// Of the records at each address, those of the instance that started last are kept, and
+    /// its predecessors' while it is taking over from them (marked).
     #[test]
     fn the_latest_started_holds_an_address() {
         let records = vec![
-            ("a", 5, "old"),
-            ("a", 9, "new"),
-            ("b", 1, "only"),
-            ("c", 0, "x"),
+            ("a", 5, false, "old"),
+            ("a", 9, false, "new"),
+            ("b", 1, false, "only"),
+            ("c", 0, false, "x"),
+            ("d", 3, true, "upgraded"),
+            ("d", 2, false, "upgrading"),
         ];
-        let kept = newest_at_each_address(records, |r| r.0.to_owned(), |r| r.1);
-        let kept: Vec<&str> = kept.iter().map(|r| r.2).collect();
-        assert_eq!(kept, ["new", "only", "x"]);
+        let kept = current_at_each_address(records, |r| r.0.to_owned(), |r| r.1, |r| r.2);
+        let kept: Vec<(&str, bool)> = kept.iter().map(|(r, moving)| (r.3, *moving)).collect();
+        assert_eq!(
+            kept,
+            [
+                ("new", false),
+                ("only", false),
+                ("x", false),
+                ("upgraded", false),
+                ("upgrading", true)
+            ]
+        );
     }
 
     /// Another id at this instance's address is its predecessor's for a record's lifetime after

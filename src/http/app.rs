@@ -138,7 +138,13 @@ impl RelayApp {
         let tunnels = Tunnels::new(store.clone(), config.tunnel.clone());
         let jobs = Jobs::new(tunnels.clone(), store.clone());
         let agents = Agents::new();
-        let presence = Presence::new(store.clone(), agents.clone(), config.advertise.clone());
+        // A new process of a graceful upgrade cannot know its predecessor's agents, which are on
+        // their way: for a while, requests wait for any name, and other instances are told.
+        let successor_until = life
+            .successor
+            .then(|| Instant::now() + routing::RETURN_WITHIN);
+        let address = config.advertise.clone();
+        let presence = Presence::new(store.clone(), agents.clone(), address, successor_until);
         let mut options = HttpServerOptions::default();
         // Plain-text HTTP/2 for clients that offer it; TLS ends at the load balancer.
         options.h2c = true;
@@ -161,9 +167,7 @@ impl RelayApp {
             in_flight: life.in_flight,
             handing_over: life.handing_over,
             shared_store: !matches!(config.store, crate::config::StoreConfig::Memory),
-            successor_until: life
-                .successor
-                .then(|| Instant::now() + routing::RETURN_WITHIN),
+            successor_until,
             options,
         }
     }

@@ -1908,6 +1908,50 @@ async fn successor_waits_for_agents_it_cannot_know() {
     }
 }
 
+/// With redis, while the new process of an upgrade takes over, other instances still send it
+/// requests for its predecessor's agents, even once that one is gone, and it waits for them to
+/// arrive. Before, its first record (no agents yet) hid its predecessor's, and a POST at another
+/// instance got 422 until the agents had moved. (The agent is frozen here, so that it moves only
+/// once the request waits for it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_instances_reach_agents_moving_to_a_new_process() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 1);
+    let env = [("BURROW_CONF", conf.as_str())];
+    let redis = crate::support::shared_redis();
+    let setup = Setup::start(Store::Redis(redis), &env).await;
+    let b = Relay::start(Store::Redis(redis), &[]);
+    let client_b = b.client();
+    wait_agents(&client_b, &setup.name, 1, WAIT, &[&setup.agent]).await;
+    let sock = dir.path().join("upgrade.sock");
+    let new = Relay::successor(setup.relay.port(), Store::Redis(redis), &env, &sock);
+    crate::support::process::signal(&setup.agent.child, "STOP");
+    setup.relay.signal("QUIT");
+    // Gone after the hand-over and its drain: only the new process takes connections.
+    assert!(
+        setup.relay.exits_within(Duration::from_secs(9)).await,
+        "{}",
+        setup.relay.output()
+    );
+    let new_metrics = new.client().metrics().expect("the relay serves metrics");
+    let post = reqwest::Client::new()
+        .post(format!("{}/r/{}/echo", b.base, setup.name))
+        .header(TIMEOUT, "8s")
+        .body("a body")
+        .send();
+    let post = tokio::spawn(async move { post.await.map(|r| r.status().as_u16()) });
+    let held = || async {
+        post.is_finished() || metric(&new_metrics, "burrow_awaiting_agent").await >= 1.0
+    };
+    assert!(
+        crate::support::eventually(WAIT, held).await,
+        "neither answered nor held"
+    );
+    crate::support::process::signal(&setup.agent.child, "CONT");
+    let answer = post.await.expect("no panic").expect("an answer");
+    assert_eq!(answer, 200, "{}\n{}", new.output(), setup.agent.log());
+}
+
 /// Sends requests `request` makes, each on a connection of its own, until one waits at the new
 /// process of an upgrade, which then counts `waiting` requests held for their agent; the old
 /// process answers the others 422 at once. The task awaiting the one held.

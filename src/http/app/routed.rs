@@ -42,7 +42,7 @@ impl RelayApp {
         }
         let stopping = Some(shutdown.clone());
         tokio::select! {
-            outcome = self.forward(session, agent, path, timeout, stopping) => outcome,
+            outcome = self.forward(session, &agent, path, timeout, stopping) => outcome,
             () = grace_ends(shutdown, self.grace) => Err(Error::ShuttingDown),
         }
     }
@@ -82,7 +82,7 @@ impl RelayApp {
         if (!self.shared_store && !handed_over) || !in_time {
             return Err(Error::ShuttingDown);
         }
-        match self.forward(session, agent, path, timeout, None).await {
+        match self.forward(session, &agent, path, timeout, None).await {
             Err(Error::Route(RouteError::NoAgent(_))) => Err(Error::ShuttingDown),
             outcome => outcome,
         }
@@ -94,11 +94,48 @@ impl RelayApp {
     /// process took over from another less than `RETURN_WITHIN` ago), the request waits up to
     /// [`AWAIT_RETURN`] (within its timeout) for one to come back, unless the relay begins to
     /// stop meanwhile (`stopping`; then it is told to retry elsewhere) or its client leaves. A
-    /// request with a body waits only in such a new process, up to [`AWAIT_WITH_BODY`].
+    /// request with a body waits only in such a new process, up to [`AWAIT_WITH_BODY`]. A request
+    /// another instance sent here is refused (for that one to try the next), or in such a new
+    /// process waits as well.
     async fn forward(
         &self,
         session: &mut ServerSession,
-        agent: TunnelId,
+        agent: &TunnelId,
+        path: String,
+        timeout: Option<Duration>,
+        stopping: Option<Shutdown>,
+    ) -> Result<Outcome, Error> {
+        let hop = session.get_header(forward::HOP_HEADER).is_some();
+        let outcome = self
+            .await_agent(session, agent, path, timeout, stopping)
+            .await;
+        if !hop {
+            return outcome;
+        }
+        // Refused, for the other instance to try the next one listed with the name, when no agent
+        // here took it and it could go elsewhere.
+        outcome.map_err(|failure| match failure {
+            Error::Route(RouteError::NoAgent(name)) => {
+                RouteError::Refused(Box::new(RouteError::NoAgent(name))).into()
+            }
+            Error::Route(RouteError::NotTaken(why)) if forward::sendable_again(session) => {
+                // Agents here are leaving: as far as the other instance is concerned, none is here.
+                let failure = if self.agents.takes_requests(agent.as_str()) {
+                    RouteError::NotTaken(why)
+                } else {
+                    RouteError::NoAgent(agent.to_string())
+                };
+                RouteError::Refused(Box::new(failure)).into()
+            }
+            other => other,
+        })
+    }
+
+    /// [`RelayApp::forward`], but for a request from another instance the failure as it is here.
+    async fn await_agent(
+        &self,
+        session: &mut ServerSession,
+        agent: &TunnelId,
         path: String,
         timeout: Option<Duration>,
         mut stopping: Option<Shutdown>,
@@ -110,7 +147,7 @@ impl RelayApp {
         // process, which takes this one's agents.
         let handed_over = stopping.is_none() && *self.handing_over.borrow();
         loop {
-            let once = self.forward_once(session, &agent, &path, deadline, handed_over);
+            let once = self.forward_once(session, agent, &path, deadline, handed_over);
             let failure = match once.await {
                 Err(Error::Route(RouteError::NoAgent(name))) => RouteError::NoAgent(name),
                 // Refused before it was taken (its HEAD crossed the agent's GOAWAY) or lost with
@@ -124,10 +161,11 @@ impl RelayApp {
                 }
                 answered => return answered,
             };
-            // Another instance sent it here: that one waits. A request whose body is still to be
-            // read waits only in the new process of an upgrade, whose predecessor's agents come
-            // within moments, and briefly: whether its client left cannot be seen without reading
-            // the body, and one that left must not be sent on once the agent is back.
+            // Another instance sent it here: that one waits, unless this is the new process of an
+            // upgrade, whose predecessor's agents come within moments (the other instance sent it
+            // here for them). A request whose body is still to be read waits only in such a new
+            // process, and briefly: whether its client left cannot be seen without reading the
+            // body, and one that left must not be sent on once the agent is back.
             let origin = session.get_header(forward::HOP_HEADER).is_none();
             let new_process = self
                 .successor_until
@@ -142,7 +180,8 @@ impl RelayApp {
                 hold_until
             };
             let now = Instant::now();
-            if !origin || !lately || (body_unread && !new_process) || now >= until {
+            if (!origin && !new_process) || !lately || (body_unread && !new_process) || now >= until
+            {
                 return Err(failure.into());
             }
             // Presence is read again at most this often; an agent connecting here ends the wait.
@@ -208,19 +247,9 @@ impl RelayApp {
         if !elsewhere {
             return Err(failure);
         }
-        // Sent here by another instance: that one tries the next instance listed with the name
-        // (and waits, when agents here are leaving: as far as it is concerned, none is here).
+        // Sent here by another instance: that one tries the next instance listed with the name.
         if session.get_header(forward::HOP_HEADER).is_some() {
-            return Err(match failure {
-                Error::Route(RouteError::NotTaken(_))
-                    if !self.agents.takes_requests(agent.as_str()) =>
-                {
-                    let gone = RouteError::NoAgent(agent.to_string());
-                    RouteError::Refused(Box::new(gone)).into()
-                }
-                Error::Route(route) => RouteError::Refused(Box::new(route)).into(),
-                other => other,
-            });
+            return Err(failure);
         }
         match self
             .to_another_instance(session, agent, &mut tried, deadline, handed_over)
