@@ -1952,6 +1952,38 @@ async fn other_instances_reach_agents_moving_to_a_new_process() {
     assert_eq!(answer, 200, "{}\n{}", new.output(), setup.agent.log());
 }
 
+/// The new process of an upgrade waits for an agent another instance sent it a request for
+/// (above), but not when an agent of the name is at another instance: it refuses the request at
+/// once, for the sender, whose read of the store was older, to read again and go there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_process_refuses_requests_for_agents_elsewhere() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let conf = with_grace_period(&dir, 1);
+    let env = [("BURROW_CONF", conf.as_str())];
+    let redis = crate::support::shared_redis();
+    let elsewhere = Setup::start(Store::Redis(redis), &[]).await;
+    let old = Relay::start(Store::Redis(redis), &env);
+    let sock = dir.path().join("upgrade.sock");
+    let new = Relay::successor(old.port(), Store::Redis(redis), &env, &sock);
+    old.signal("QUIT");
+    assert!(
+        old.exits_within(Duration::from_secs(9)).await,
+        "{}",
+        old.output()
+    );
+    let hop = format!(
+        "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\nx-burrow-hop: b\r\n{TIMEOUT}: 8s\r\n\r\n",
+        elsewhere.name
+    );
+    let mut to_new = crate::support::raw::Connection::open(&new.base).await;
+    let asked = Instant::now();
+    let answer = to_new.exchange(&hop).await;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    assert_eq!(answer.header("x-burrow-hop"), Some("refused"));
+    let took = asked.elapsed();
+    assert!(took < Duration::from_millis(1500), "refused after {took:?}");
+}
+
 /// Sends requests `request` makes, each on a connection of its own, until one waits at the new
 /// process of an upgrade, which then counts `waiting` requests held for their agent; the old
 /// process answers the others 422 at once. The task awaiting the one held.

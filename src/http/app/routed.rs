@@ -184,6 +184,12 @@ impl RelayApp {
             {
                 return Err(failure.into());
             }
+            // Sent here for an agent on its way, when one of the name is at another instance
+            // now (the sender's read was older): refused, for the sender to read again and go
+            // there, rather than wait.
+            if !origin && self.held_elsewhere(agent, deadline).await {
+                return Err(failure.into());
+            }
             // Presence is read again at most this often; an agent connecting here ends the wait.
             let _waiting = Waiting::for_agent();
             let look_again = until.min(now + LOOK_AGAIN_EVERY);
@@ -264,6 +270,16 @@ impl RelayApp {
                 (failure, _) => failure,
             }),
         }
+    }
+
+    /// Whether a read of the store begun now lists an agent named `agent` at another instance
+    /// (store trouble: not known to).
+    async fn held_elsewhere(&self, agent: &TunnelId, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let holders = tokio::time::timeout(left, self.presence.holders(agent.as_str())).await;
+        let own = self.presence.address();
+        let holders = holders.ok().and_then(Result::ok).unwrap_or_default();
+        holders.iter().any(|address| address != own)
     }
 
     /// When every agent of the name here is silent (frozen, or cut off before its heartbeat
