@@ -1923,16 +1923,8 @@ async fn other_instances_reach_agents_moving_to_a_new_process() {
     let b = Relay::start(Store::Redis(redis), &[]);
     let client_b = b.client();
     wait_agents(&client_b, &setup.name, 1, WAIT, &[&setup.agent]).await;
-    let sock = dir.path().join("upgrade.sock");
-    let new = Relay::successor(setup.relay.port(), Store::Redis(redis), &env, &sock);
     crate::support::process::signal(&setup.agent.child, "STOP");
-    setup.relay.signal("QUIT");
-    // Gone after the hand-over and its drain: only the new process takes connections.
-    assert!(
-        setup.relay.exits_within(Duration::from_secs(9)).await,
-        "{}",
-        setup.relay.output()
-    );
+    let new = upgrade_on_redis(&setup.relay, &dir, &env).await;
     let new_metrics = new.client().metrics().expect("the relay serves metrics");
     let post = reqwest::Client::new()
         .post(format!("{}/r/{}/echo", b.base, setup.name))
@@ -1963,14 +1955,7 @@ async fn new_process_refuses_requests_for_agents_elsewhere() {
     let redis = crate::support::shared_redis();
     let elsewhere = Setup::start(Store::Redis(redis), &[]).await;
     let old = Relay::start(Store::Redis(redis), &env);
-    let sock = dir.path().join("upgrade.sock");
-    let new = Relay::successor(old.port(), Store::Redis(redis), &env, &sock);
-    old.signal("QUIT");
-    assert!(
-        old.exits_within(Duration::from_secs(9)).await,
-        "{}",
-        old.output()
-    );
+    let new = upgrade_on_redis(&old, &dir, &env).await;
     let hop = format!(
         "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\nx-burrow-hop: b\r\n{TIMEOUT}: 8s\r\n\r\n",
         elsewhere.name
@@ -1982,6 +1967,19 @@ async fn new_process_refuses_requests_for_agents_elsewhere() {
     assert_eq!(answer.header("x-burrow-hop"), Some("refused"));
     let took = asked.elapsed();
     assert!(took < Duration::from_millis(1500), "refused after {took:?}");
+}
+
+/// Upgrades relay `old` (on the shared redis, with settings `env` naming the upgrade socket in
+/// `dir`) to a new process, and waits until the old one has handed over, drained and exited: only
+/// the new one takes connections then.
+async fn upgrade_on_redis(old: &Relay, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Relay {
+    let sock = dir.path().join("upgrade.sock");
+    let redis = crate::support::shared_redis();
+    let new = Relay::successor(old.port(), Store::Redis(redis), env, &sock);
+    old.signal("QUIT");
+    let gone = old.exits_within(Duration::from_secs(9)).await;
+    assert!(gone, "{}", old.output());
+    new
 }
 
 /// Sends requests `request` makes, each on a connection of its own, until one waits at the new
