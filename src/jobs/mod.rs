@@ -9,6 +9,7 @@
 
 mod id;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::prelude::{Engine, BASE64_STANDARD};
@@ -166,13 +167,21 @@ impl Jobs {
             return Ok(None);
         };
         let (queue, msg) = (id.queue(), id.msg());
-        // Collected by another meanwhile (its reply and record go in one step): there is nothing
-        // left to wait for.
-        let recorded = || async { Ok(self.store.job(queue, msg).await?.is_some()) };
+        // Collected by another meanwhile (its reply and record go in one step), or its record
+        // expired: there is nothing left to wait for, and the job is unknown now.
+        let gone = AtomicBool::new(false);
+        let recorded = || async {
+            let there = self.store.job(queue, msg).await?.is_some();
+            gone.store(!there, Ordering::Relaxed);
+            Ok(there)
+        };
         let tunnels = &self.tunnels;
         let first = tunnels
             .take_reply_while(queue, msg, wait, shutdown, recorded)
             .await?;
+        if first.is_none() && gone.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let again = self.tunnels.take_reply(queue, msg, None, shutdown);
         // Taking the reply forgot the job in the same step: its final state is handed out once.
         let (state, reply) = match self.found(id, first, again).await? {

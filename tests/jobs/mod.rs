@@ -663,10 +663,12 @@ async fn job_records_last_as_long_as_the_job(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(done(&api, &id2, "", 404).await["status"], "Unknown");
 
-    // A job that outlived BURROW_JOB_TTL stays unknown, even if a worker replies afterwards.
+    // A job that outlived BURROW_JOB_TTL stays unknown, even if a worker replies afterwards; so
+    // does one that outlives it while a client waits for it (not Processing at the wait's end).
     let relay = backend.start(&[("BURROW_JOB_TTL", "1")]);
     let api = relay.client();
     let id = trigger(&api, &queue, json!({"n": 3})).await;
+    assert_eq!(done(&api, &id, "?wait=2", 404).await["status"], "Unknown");
     let job = api.get(&format!("/t/{queue}?pending=60")).await.expect(200);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(done(&api, &id, "", 404).await["status"], "Unknown");
