@@ -117,6 +117,10 @@ struct Record {
     /// lately.
     #[serde(default)]
     departed: Vec<String>,
+    /// The names of the agents connected to it as it stopped, told to go: on their way to its
+    /// successor, if one is taking over at its address.
+    #[serde(default)]
+    moving: Vec<String>,
 }
 
 /// An agent in a record, by name and state (the rest is for `GET /agents`).
@@ -175,14 +179,17 @@ impl Presence {
     /// does, even if it had not read the store while they were here.
     pub async fn announce(&self) -> Result<(), StoreError> {
         let departed = self.agents.departed_lately();
-        self.record(self.local_agents(), departed).await
+        self.record(self.local_agents(), departed, Vec::new()).await
     }
 
     /// Records this instance with no agents, as it stops: other instances stop sending it
     /// requests at once instead of when its record expires. The names it had stay in the record
-    /// apart, for its successor and the other instances to wait for those agents to come back.
+    /// apart, for its successor and the other instances to wait for those agents to come back;
+    /// those connected now apart again, for a successor taking over at this address.
     pub async fn withdraw(&self) -> Result<(), StoreError> {
-        self.record(Vec::new(), self.agents.names_lately()).await
+        let moving = self.agents.connected();
+        self.record(Vec::new(), self.agents.names_lately(), moving)
+            .await
     }
 
     /// Resolves when an agent connects here or leaves, falls silent, speaks again or begins to
@@ -196,7 +203,12 @@ impl Presence {
         self.store.back().await;
     }
 
-    async fn record(&self, agents: Vec<Value>, departed: Vec<String>) -> Result<(), StoreError> {
+    async fn record(
+        &self,
+        agents: Vec<Value>,
+        departed: Vec<String>,
+        moving: Vec<String>,
+    ) -> Result<(), StoreError> {
         let record = json!({
             "instance": self.instance,
             "address": self.address,
@@ -204,6 +216,7 @@ impl Presence {
             "taking_over": self.taking_over_until.is_some_and(|until| Instant::now() < until),
             "agents": agents,
             "departed": departed,
+            "moving": moving,
         });
         let record = Bytes::from(record.to_string());
         self.store
@@ -426,14 +439,15 @@ impl Presence {
             |record| record.taking_over,
         );
         for (record, moving) in current {
-            // A predecessor's agents, even those that left it or are leaving, are on their way
-            // to the process at its address, which waits for them.
+            // A predecessor's agents, leaving or not, and those it had as it stopped, are on their
+            // way to the process at its address, which waits for them. (Not those that left it
+            // before: they may be gone for good.)
             let agents = record.agents.into_iter();
             let staying = agents.filter(|agent| moving || !agent.draining);
-            let departed = record.departed.into_iter().filter(|_| moving);
+            let told_to_go = record.moving.into_iter().filter(|_| moving);
             let named = staying
                 .map(|agent| (agent.name, agent.silent))
-                .chain(departed.map(|name| (name, false)));
+                .chain(told_to_go.map(|name| (name, false)));
             for (name, silent) in named {
                 let of_name = holders.entry(name).or_default();
                 match of_name.iter_mut().find(|h| h.address == record.address) {

@@ -53,20 +53,15 @@ pub fn hop_client() -> HopClient {
         .build(connector)
 }
 
+/// The header bounding a routed request's round trip (a Go duration).
+const TIMEOUT_HEADER: &str = "x-backstream-request-timeout";
+
 /// Headers meant for the relay, not for the service behind the agent.
-const RELAY_HEADERS: [&str; 3] = [
-    "x-backstream-client-id",
-    "x-backstream-request-timeout",
-    HOP_HEADER,
-];
+const RELAY_HEADERS: [&str; 3] = ["x-backstream-client-id", TIMEOUT_HEADER, HOP_HEADER];
 
 /// What the instance with the agent acts on: it goes on to it even when the client's
 /// `Connection` names it, so that the request is served there as it would be here.
-const ACTED_ON: [&str; 3] = [
-    "x-backstream-client-id",
-    "x-backstream-request-timeout",
-    "authorization",
-];
+const ACTED_ON: [&str; 3] = ["x-backstream-client-id", TIMEOUT_HEADER, "authorization"];
 
 /// Sends the request to an agent named `agent` as `path`, streams the request body to it, and
 /// returns the head of the agent's answer with the exchange whose body follows. The
@@ -181,6 +176,11 @@ pub async fn proxy(
     // host it asked for, not this instance's.
     add_forwarded(&mut headers, client_address(session), host(session));
     headers.push((HOP_HEADER.into(), instance.into()));
+    // The instance with the agent answers within the time left here, not the client's whole
+    // timeout: else this one would time out first (504), and try that one last for a while.
+    headers.retain(|(name, _)| name != TIMEOUT_HEADER);
+    let left = format!("{}ms", timeout.as_millis().max(1));
+    headers.push((TIMEOUT_HEADER.into(), left));
     let has_body = carries_body(session);
     let mut builder = http::Request::builder().method(method).uri(url);
     for (name, value) in &headers {

@@ -159,10 +159,17 @@ impl Agents {
     /// The names of the agents connected here, leaving or not, and of those that left within
     /// [`RETURN_WITHIN`], in order.
     pub fn names_lately(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.links().keys().cloned().collect();
+        let mut names = self.connected();
         names.extend(self.departed_lately());
         names.sort();
         names.dedup();
+        names
+    }
+
+    /// The names of the agents connected here, leaving or not, in order.
+    pub fn connected(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.links().keys().cloned().collect();
+        names.sort();
         names
     }
 

@@ -1916,15 +1916,9 @@ async fn successor_waits_for_agents_it_cannot_know() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_instances_reach_agents_moving_to_a_new_process() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let conf = with_grace_period(&dir, 1);
-    let env = [("BURROW_CONF", conf.as_str())];
-    let redis = crate::support::shared_redis();
-    let setup = Setup::start(Store::Redis(redis), &env).await;
-    let b = Relay::start(Store::Redis(redis), &[]);
-    let client_b = b.client();
-    wait_agents(&client_b, &setup.name, 1, WAIT, &[&setup.agent]).await;
+    let (setup, b) = upgradable_with_second_instance(&dir).await;
     crate::support::process::signal(&setup.agent.child, "STOP");
-    let new = upgrade_on_redis(&setup.relay, &dir, &env).await;
+    let new = upgrade_on_redis(&setup.relay, &dir).await;
     let new_metrics = new.client().metrics().expect("the relay serves metrics");
     let post = reqwest::Client::new()
         .post(format!("{}/r/{}/echo", b.base, setup.name))
@@ -1951,11 +1945,10 @@ async fn other_instances_reach_agents_moving_to_a_new_process() {
 async fn new_process_refuses_requests_for_agents_elsewhere() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let conf = with_grace_period(&dir, 1);
-    let env = [("BURROW_CONF", conf.as_str())];
     let redis = crate::support::shared_redis();
     let elsewhere = Setup::start(Store::Redis(redis), &[]).await;
-    let old = Relay::start(Store::Redis(redis), &env);
-    let new = upgrade_on_redis(&old, &dir, &env).await;
+    let old = Relay::start(Store::Redis(redis), &[("BURROW_CONF", &conf)]);
+    let new = upgrade_on_redis(&old, &dir).await;
     let hop = format!(
         "GET /r/{}/echo HTTP/1.1\r\nHost: relay\r\nx-burrow-hop: b\r\n{TIMEOUT}: 8s\r\n\r\n",
         elsewhere.name
@@ -1969,13 +1962,54 @@ async fn new_process_refuses_requests_for_agents_elsewhere() {
     assert!(took < Duration::from_millis(1500), "refused after {took:?}");
 }
 
-/// Upgrades relay `old` (on the shared redis, with settings `env` naming the upgrade socket in
-/// `dir`) to a new process, and waits until the old one has handed over, drained and exited: only
-/// the new one takes connections then.
-async fn upgrade_on_redis(old: &Relay, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Relay {
+/// While a new process takes over, other instances send it the requests only for the agents
+/// connected to its predecessor (on their way to it), not for those that left that one before
+/// the upgrade, which may be gone for good: a POST for one of those is 422 at once (it got 502
+/// after the new process's wait, its body gone there). And the new process gives up on an agent
+/// that does not come in time for the sending instance to answer: 422 there, not 504 (which would
+/// also have that instance try the new process last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_process_waits_only_for_agents_on_their_way() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (setup, b) = upgradable_with_second_instance(&dir).await;
+    let client_b = b.client();
+    let left = tunnel_id("left");
+    let leaving = Agent::serve(&setup.relay.base, &left, &setup.upstream.url(), None);
+    wait_agents(&client_b, &left, 1, WAIT, &[&leaving]).await;
+    leaving.terminate();
+    wait_agents(&client_b, &left, 0, WAIT, &[&leaving]).await;
+    crate::support::process::signal(&setup.agent.child, "STOP");
+    let _new = upgrade_on_redis(&setup.relay, &dir).await;
+    let Setup { agent, name, .. } = setup;
+    // On its way, but it never comes.
+    drop(agent);
+    let post = client_b.post(&format!("/r/{left}/echo"), "body").await;
+    post.expect_one_line_error(422);
+    let get = client_b.request(Method::GET, &format!("/r/{name}/echo"));
+    let get = client_b.send(get.header(TIMEOUT, "2s")).await;
+    get.expect_one_line_error(422);
+}
+
+/// Relay A with the set-up's agent, quick to upgrade (1 s of grace, its upgrade socket in `dir`),
+/// and relay B listing that agent, on the shared redis.
+async fn upgradable_with_second_instance(dir: &tempfile::TempDir) -> (Setup, Relay) {
+    let conf = with_grace_period(dir, 1);
+    let redis = crate::support::shared_redis();
+    let setup = Setup::start(Store::Redis(redis), &[("BURROW_CONF", &conf)]).await;
+    let b = Relay::start(Store::Redis(redis), &[]);
+    wait_agents(&b.client(), &setup.name, 1, WAIT, &[&setup.agent]).await;
+    (setup, b)
+}
+
+/// Upgrades relay `old` (on the shared redis, with 1 s of grace and its upgrade socket in `dir`)
+/// to a new process, and waits until the old one has handed over, drained and exited: only the
+/// new one takes connections then.
+async fn upgrade_on_redis(old: &Relay, dir: &tempfile::TempDir) -> Relay {
     let sock = dir.path().join("upgrade.sock");
     let redis = crate::support::shared_redis();
-    let new = Relay::successor(old.port(), Store::Redis(redis), env, &sock);
+    let conf = with_grace_period(dir, 1);
+    let env = [("BURROW_CONF", conf.as_str())];
+    let new = Relay::successor(old.port(), Store::Redis(redis), &env, &sock);
     old.signal("QUIT");
     let gone = old.exits_within(Duration::from_secs(9)).await;
     assert!(gone, "{}", old.output());

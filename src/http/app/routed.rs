@@ -141,8 +141,15 @@ impl RelayApp {
         mut stopping: Option<Shutdown>,
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
-        let hold_until = deadline.min(Instant::now() + AWAIT_RETURN);
-        let hold_body_until = deadline.min(Instant::now() + AWAIT_WITH_BODY);
+        let origin = session.get_header(forward::HOP_HEADER).is_none();
+        // A request another instance sent here stops waiting in time for that one to answer its
+        // client: else it would time out there first (504), and this instance be tried last.
+        let answer_by = match origin {
+            true => deadline,
+            false => deadline.checked_sub(ANSWER_TIME).unwrap_or(deadline),
+        };
+        let hold_until = answer_by.min(Instant::now() + AWAIT_RETURN);
+        let hold_body_until = answer_by.min(Instant::now() + AWAIT_WITH_BODY);
         // Stopped after handing the address over: the connections made there reach the new
         // process, which takes this one's agents.
         let handed_over = stopping.is_none() && *self.handing_over.borrow();
@@ -166,7 +173,6 @@ impl RelayApp {
             // here for them). A request whose body is still to be read waits only in such a new
             // process, and briefly: whether its client left cannot be seen without reading the
             // body, and one that left must not be sent on once the agent is back.
-            let origin = session.get_header(forward::HOP_HEADER).is_none();
             let new_process = self
                 .successor_until
                 .is_some_and(|until| Instant::now() < until);
