@@ -309,7 +309,7 @@ impl RelayApp {
                 let job = self.jobs.trigger(&queue, body, limit).await?;
                 Response::json(202, &job.to_json()).header("Location", format!("/done/{}", job.id))
             }
-            Route::Done { job, wait: None } => self.done(&job, None, shutdown).await?,
+            Route::Done { job, wait: None } => self.done(&job, None, shutdown).await?.0,
             Route::Done {
                 job,
                 wait: Some(asked),
@@ -460,9 +460,12 @@ impl RelayApp {
         job: &JobId,
         wait: Option<Duration>,
         shutdown: &mut Shutdown,
-    ) -> Result<Response, Error> {
+    ) -> Result<(Response, bool), Error> {
         match self.jobs.collect(job, wait, shutdown).await? {
-            Some(collected) => Ok(Response::json(200, &collected.job.to_json())),
+            Some(collected) => {
+                let handed_out = collected.hands_out();
+                Ok((Response::json(200, &collected.job.to_json()), handed_out))
+            }
             None => Err(Error::UnknownJob(job.to_string())),
         }
     }
@@ -709,7 +712,7 @@ impl HttpServerApp for RelayApp {
                 }
                 Detached::InPlace(whole) => {
                     session = *whole;
-                    let waiting = self.wait(name, wait, &mut shutdown);
+                    let waiting = async { self.wait(name, wait, &mut shutdown).await.0 };
                     let Some(response) = unless_reset(&mut session, waiting).await else {
                         self.record(&served, 499);
                         return None;
@@ -831,8 +834,10 @@ impl RelayApp {
         self.header_timeout
     }
 
-    /// Answers a long-poll once what it waits for arrives, its time is up, or the relay stops.
-    async fn wait(&self, name: &str, wait: Wait, shutdown: &mut Shutdown) -> Response {
+    /// Answers a long-poll once what it waits for arrives, its time is up, or `shutdown` says
+    /// stop (the relay stops, or the client hung up); with whether the answer hands out what it
+    /// took from the store (a message, a reply, a job's final state), which nobody else gets.
+    async fn wait(&self, name: &str, wait: Wait, shutdown: &mut Shutdown) -> (Response, bool) {
         let answered = match wait {
             Wait::Message {
                 tunnel,
@@ -842,7 +847,10 @@ impl RelayApp {
                 .tunnels
                 .consume(&tunnel, delivery, Some(timeout), shutdown)
                 .await
-                .map(|message| self.message(message)),
+                .map(|message| {
+                    let taken = message.is_some();
+                    (self.message(message), taken)
+                }),
             Wait::Reply {
                 tunnel,
                 msg,
@@ -851,31 +859,51 @@ impl RelayApp {
                 .tunnels
                 .take_reply(&tunnel, msg, Some(timeout), shutdown)
                 .await
-                .map(|reply| self.payload_response(reply)),
+                .map(|reply| {
+                    let taken = reply.is_some();
+                    (self.payload_response(reply), taken)
+                }),
             Wait::Job { job, timeout } => self.done(&job, Some(timeout), shutdown).await,
         };
-        answered.unwrap_or_else(|e| failed(name, e))
+        answered.unwrap_or_else(|e| (failed(name, e), false))
     }
 
     /// A long-poll's own task (see `parked`): waits, answers, and goes on serving the client's
     /// next requests on the connection.
     ///
-    /// A client that hangs up while it waits takes nothing: the wait ends with it (logged as 499,
-    /// nginx's "client closed request"), so a message or reply stays for the next consumer.
+    /// A client that hangs up while it waits takes nothing: the wait ends with it at its next
+    /// look (logged as 499, nginx's "client closed request"), so a message or reply stays for the
+    /// next consumer. A store step under way then is not cut short, which would lose what it
+    /// took: that is answered, and reaches a client that only shut its sending side.
     async fn park(
         self: Arc<Self>,
         stream: Stream,
         keepalive: bool,
         wait: Wait,
         served: Served,
-        mut shutdown: Shutdown,
+        shutdown: Shutdown,
     ) {
-        let waiting = self.wait(served.name, wait, &mut shutdown);
-        let Some((response, mut stream)) = parked::unless_hung_up(stream, waiting).await else {
+        // Told to stop when the relay stops or the client hangs up.
+        let (stop, mut stopping) = watch::channel(*shutdown.borrow());
+        let waiting = async {
+            let mut relay = shutdown.clone();
+            let relay_stops = async {
+                crate::tunnel::stopping(&mut relay).await;
+                stop.send_replace(true);
+                std::future::pending().await
+            };
+            tokio::select! {
+                answer = self.wait(served.name, wait, &mut stopping) => answer,
+                never = relay_stops => never,
+            }
+        };
+        let ((response, taken), mut stream, hung_up) =
+            parked::until_hung_up(stream, &stop, waiting).await;
+        if hung_up && !taken {
             self.record(&served, 499);
             return;
-        };
-        let keepalive = keepalive && !*shutdown.borrow();
+        }
+        let keepalive = keepalive && !hung_up && !*shutdown.borrow();
         let status = response.status;
         let written = parked::write(&mut stream, response, keepalive).await;
         self.record(&served, status);
@@ -888,7 +916,7 @@ impl RelayApp {
 }
 
 /// Runs a long-poll's `waiting` in its session (HTTP/2) unless the client resets its stream first
-/// (`None`): like a hung-up HTTP/1 client (`parked::unless_hung_up`), it takes nothing.
+/// (`None`): like a hung-up HTTP/1 client (`parked::until_hung_up`), it takes nothing.
 async fn unless_reset(
     session: &mut ServerSession,
     waiting: impl Future<Output = Response>,

@@ -21,6 +21,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::connection::{plain_tcp, with_pipelined};
 use super::response::Response;
@@ -111,34 +112,40 @@ pub fn client_keeps_alive(head: &RequestHeader) -> bool {
     says("keep-alive") || head.version == Version::HTTP_11
 }
 
-/// Runs `waiting` unless the client hangs up first (`None`), and gives the stream back. Watching
-/// the socket reads it: what the client sends behind the poll (its next requests, pipelined) is
-/// kept, up to [`WATCHED_BYTES`], and put back in front of the stream for the next request; the
-/// socket is watched for a hang-up until then.
-pub async fn unless_hung_up<T>(
+/// Runs `waiting` to its end, and gives the stream back with whether the client hung up
+/// meanwhile. A client that hangs up is told through `stop`, on which `waiting` ends at its next
+/// look, rather than dropped mid-way: a store step under way would have taken what it found for
+/// nobody. Watching the socket reads it: what the client sends behind the poll (its next
+/// requests, pipelined) is kept, up to [`WATCHED_BYTES`], and put back in front of the stream for
+/// the next request; the socket is watched for a hang-up until then.
+pub async fn until_hung_up<T>(
     stream: Stream,
+    stop: &watch::Sender<bool>,
     waiting: impl Future<Output = T>,
-) -> Option<(T, Stream)> {
+) -> (T, Stream, bool) {
     // Only a plain TCP stream can take bytes back (TLS ends at the load balancer).
     let mut tcp = match plain_tcp(stream) {
         Ok(tcp) => tcp,
-        Err(other) => return Some((waiting.await, other)),
+        Err(other) => return (waiting.await, other, false),
     };
     tokio::pin!(waiting);
     let mut ahead = BytesMut::new();
+    let mut hung_up = false;
     let answer = loop {
         tokio::select! {
             answer = &mut waiting => break answer,
-            read = tcp.read_buf(&mut ahead), if ahead.len() < WATCHED_BYTES => match read {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            },
+            read = tcp.read_buf(&mut ahead), if !hung_up && ahead.len() < WATCHED_BYTES => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    hung_up = true;
+                    stop.send_replace(true);
+                }
+            }
         }
     };
     if !ahead.is_empty() {
         tcp.rewind(&ahead);
     }
-    Some((answer, tcp))
+    (answer, tcp, hung_up)
 }
 
 /// Writes `response` as Pingora would have: its head with `Date` and `Connection`, then its body.

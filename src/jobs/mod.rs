@@ -242,6 +242,13 @@ pub struct Collected {
     taken: Option<Taken>,
 }
 
+impl Collected {
+    /// Whether it hands out the job's final state, which nobody collects again.
+    pub fn hands_out(&self) -> bool {
+        self.taken.is_some()
+    }
+}
+
 /// What the store held for a job's final state, to put back if it is not delivered.
 struct Taken {
     record: Bytes,

@@ -187,6 +187,36 @@ pub(super) async fn poll_keeps_the_connection(api: &Client) {
     assert_eq!(health.status, 200);
 }
 
+/// A client that shuts its sending side after its request (a half-close) still reads: a poll
+/// that finds a message, or a reply, hands it over (the relay took it mid-way as the client's
+/// end of input came, and lost it); one that finds nothing takes nothing, and ends without an
+/// answer, as for a client that hung up.
+pub(super) async fn half_closed_polls_lose_nothing(api: &Client) {
+    let t = tunnel_id("halfclosed");
+    let poll = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let half_closed = |path: String| async move {
+        let connection = Connection::open(api.base()).await;
+        connection.half_closed(&poll(&path)).await
+    };
+    api.post(&format!("/t/{t}"), "first").await.expect(201);
+    let taken = half_closed(format!("/t/{t}/poll?timeout=3")).await;
+    let taken = taken.expect("the message is answered");
+    assert_eq!((taken.status, taken.body.as_slice()), (200, &b"first"[..]));
+    let none = half_closed(format!("/t/{t}/poll?timeout=3")).await;
+    assert!(none.is_none(), "{none:?}");
+    api.post(&format!("/t/{t}"), "second").await.expect(201);
+    let pending = api.get(&format!("/t/{t}?pending=60")).await.expect(200);
+    assert_eq!(pending.text(), "second");
+    let reply = format!("/t/{t}/{}/reply", pending.message_id());
+    api.post(&reply, "answer").await.expect(201);
+    let replied = half_closed(format!("{reply}/poll?timeout=3")).await;
+    let replied = replied.expect("the reply is answered");
+    assert_eq!(
+        (replied.status, replied.body.as_slice()),
+        (200, &b"answer"[..])
+    );
+}
+
 /// Requests sent together before any answer (HTTP/1.1 pipelining) are all answered, in order,
 /// a long-poll that waits among them too.
 pub(super) async fn pipelined_requests_are_answered_in_order(api: &Client) {

@@ -43,6 +43,7 @@ per_store! {
         bad_poll_timeout_is_400,
         polls_share_messages,
         poll_keeps_the_connection,
+        half_closed_polls_lose_nothing,
         pipelined_requests_are_answered_in_order,
         // pending, status, len, clear
         pending_consume_redelivers_until_ack,

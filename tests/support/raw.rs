@@ -105,6 +105,26 @@ impl Connection {
         answer
     }
 
+    /// Sends `request`, then shuts the sending side (a half-close: `nc -N` does so, and the
+    /// client still reads), and reads the answer, if one comes before the relay closes.
+    pub async fn half_closed(mut self, request: &str) -> Option<Answer> {
+        let stream = self.stream.get_mut();
+        stream.write_all(request.as_bytes()).await.expect("sent");
+        stream.shutdown().await.expect("the sending side shut");
+        let waiting = tokio::time::timeout(PATIENCE, self.stream.fill_buf()).await;
+        let closed = waiting
+            .expect("the relay answers or closes in time")
+            .is_ok_and(<[u8]>::is_empty);
+        if closed {
+            return None;
+        }
+        Some(
+            tokio::time::timeout(PATIENCE, self.answer())
+                .await
+                .expect("the relay answers in time"),
+        )
+    }
+
     /// Whether the relay closed the connection (rather than sending anything more).
     pub async fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
