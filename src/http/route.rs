@@ -314,6 +314,8 @@ impl Route {
             return only_get(method, Route::EventSocket { topic });
         }
         if let Some(id) = path.strip_prefix("/done/") {
+            // `[/]`, as on the tunnels' routes.
+            let id = id.strip_suffix('/').unwrap_or(id);
             return only_get_with(method, || {
                 // A bad `wait` is 400 whatever the id, as a bad parameter is on every route.
                 let wait = query.seconds("wait", query.wait.as_deref())?;
@@ -864,6 +866,11 @@ mod tests {
         let done = get("/done/q1.17-0?wait=5").unwrap();
         let job = "q1.17-0".parse().unwrap();
         assert_eq!(done, Route::Done { job, wait: Some(5) });
+        let job = "q1.17-0".parse().unwrap();
+        assert_eq!(
+            get("/done/q1.17-0/").unwrap(),
+            Route::Done { job, wait: None }
+        );
         assert!(matches!(get("/done/nope"), Err(Error::UnknownJob(id)) if id == "nope"));
         // The method is checked first: a wrong one is 405 whatever the id.
         assert!(matches!(
