@@ -46,6 +46,11 @@ const FORGET_UNREACHABLE: Duration = Duration::from_secs(60);
 /// later is a live instance given the same address, by mistake.
 const PREDECESSOR_WITHIN: Duration = Duration::from_secs(20);
 
+/// How long a name listed by a read of the store is remembered: past that, a record that lists it
+/// as departed counts as its first listing (see [`Presence::listed_lately`]). Longer than a name
+/// stays in such lists: up to [`RETURN_WITHIN`] in a record, and a record's lifetime after that.
+const FORGET_LISTED: Duration = Duration::from_secs(60);
+
 /// How long a read of where the other instances' agents are answers later requests for the names
 /// it found. A read parses every instance's record, which with many agents costs milliseconds
 /// and a round trip to the store per request; a name it did not find is looked up afresh.
@@ -60,8 +65,9 @@ pub struct Presence {
     address: String,
     /// The last read of the other instances' agents.
     directory: Arc<Mutex<Option<Directory>>>,
-    /// When reads of the store last listed each name at another instance or at a predecessor,
-    /// leaving or not, for [`RETURN_WITHIN`] (see [`Presence::listed_lately`]).
+    /// When reads of the store last listed each name's agent at another instance or at a
+    /// predecessor, leaving or not, or first listed it as departed (see
+    /// [`Presence::listed_lately`]); kept for [`FORGET_LISTED`].
     listed: Arc<Mutex<HashMap<String, Instant>>>,
     /// Held while reading for [`Presence::holders`]: requests that need a read meanwhile wait
     /// for the next one instead of each reading every record.
@@ -253,8 +259,10 @@ impl Presence {
     }
 
     /// Whether a read of the store within [`RETURN_WITHIN`] listed an agent named `name` at
-    /// another instance or at a predecessor (restarted in place), even one leaving: a request
-    /// that finds none may wait for one to come back.
+    /// another instance or at a predecessor (restarted in place), even one leaving, or first
+    /// listed it as departed: a request that finds none may wait for one to come back. (Later
+    /// reads that list it as departed do not count: records name departed agents for a while,
+    /// and a stopped instance's for as long as its record lives.)
     pub fn listed_lately(&self, name: &str) -> bool {
         let listed = lock(&self.listed);
         listed
@@ -417,14 +425,15 @@ impl Presence {
             .collect();
         // A predecessor's agents (at this address, or another's) are likely to connect again.
         let mut listed = lock(&self.listed);
-        listed.retain(|_, at| at.elapsed() < RETURN_WITHIN);
-        let names = parsed.iter().flat_map(|record| {
-            let agents = record.agents.iter().map(|agent| &agent.name);
-            agents.chain(&record.departed)
-        });
-        for name in names {
-            let at = listed.entry(name.clone()).or_insert(read_at);
-            *at = (*at).max(read_at);
+        listed.retain(|_, at| at.elapsed() < FORGET_LISTED);
+        for record in &parsed {
+            for agent in &record.agents {
+                let at = listed.entry(agent.name.clone()).or_insert(read_at);
+                *at = (*at).max(read_at);
+            }
+            for name in record.departed.iter().chain(&record.moving) {
+                listed.entry(name.clone()).or_insert(read_at);
+            }
         }
         drop(listed);
         let others = parsed
@@ -590,6 +599,37 @@ mod tests {
         assert_eq!(presence.in_order("svc", &holders), ["frozen:1", "dead:1"]);
         presence.reached("dead:1");
         assert_eq!(presence.in_order("svc", &holders), ["dead:1", "frozen:1"]);
+    }
+
+    /// A name counts as listed lately for `RETURN_WITHIN` after a read last saw its agent: records
+    /// that go on naming it as departed do not extend that (GETs waited their whole timeout for
+    /// 20-30 s after an agent stopped), but one that is the first to name it starts it.
+    #[tokio::test]
+    async fn departed_names_count_from_when_their_agent_was_seen() {
+        let presence = at("10.0.0.1:80").await;
+        let announce = |agents: &[&str], departed: &[&str]| {
+            let agents: Vec<Value> = agents.iter().map(|name| json!({ "name": name })).collect();
+            let record = json!({
+                "instance": "other",
+                "address": "10.0.0.2:80",
+                "agents": agents,
+                "departed": departed,
+            });
+            let record = Bytes::from(record.to_string());
+            presence.store.announce("other", record, ANNOUNCEMENT_TTL)
+        };
+        announce(&["svc"], &[]).await.expect("announced");
+        presence.read().await.expect("read");
+        assert!(presence.listed_lately("svc"));
+        let seen_long_ago = Instant::now() - RETURN_WITHIN;
+        lock(&presence.listed).insert("svc".into(), seen_long_ago);
+        announce(&[], &["svc", "gone"]).await.expect("announced");
+        presence.read().await.expect("read");
+        assert!(
+            !presence.listed_lately("svc"),
+            "listed again by its departure"
+        );
+        assert!(presence.listed_lately("gone"), "first listed as departed");
     }
 
     /// Of the records at each address, those of the instance that started last are kept, and
