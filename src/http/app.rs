@@ -454,7 +454,8 @@ impl RelayApp {
         }
     }
 
-    /// The job's state, waiting up to `wait` for it to finish (`GET /done/{id}`).
+    /// The job's state, waiting up to `wait` for it to finish (`GET /done/{id}`); with whether
+    /// it hands out the job's final state, which nobody collects again.
     async fn done(
         &self,
         job: &JobId,
@@ -648,7 +649,7 @@ impl HttpServerApp for RelayApp {
         };
         let (client_id, timeout) = (
             text("x-backstream-client-id"),
-            text("x-backstream-request-timeout"),
+            text(forward::TIMEOUT_HEADER),
         );
         let routing = RoutingHeaders {
             client_id: client_id.as_deref(),

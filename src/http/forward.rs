@@ -54,7 +54,7 @@ pub fn hop_client() -> HopClient {
 }
 
 /// The header bounding a routed request's round trip (a Go duration).
-const TIMEOUT_HEADER: &str = "x-backstream-request-timeout";
+pub const TIMEOUT_HEADER: &str = "x-backstream-request-timeout";
 
 /// Headers meant for the relay, not for the service behind the agent.
 const RELAY_HEADERS: [&str; 3] = ["x-backstream-client-id", TIMEOUT_HEADER, HOP_HEADER];

@@ -144,9 +144,10 @@ impl RelayApp {
         let origin = session.get_header(forward::HOP_HEADER).is_none();
         // A request another instance sent here stops waiting in time for that one to answer its
         // client: else it would time out there first (504), and this instance be tried last.
-        let answer_by = match origin {
-            true => deadline,
-            false => deadline.checked_sub(ANSWER_TIME).unwrap_or(deadline),
+        let answer_by = if origin {
+            deadline
+        } else {
+            deadline.checked_sub(ANSWER_TIME).unwrap_or(deadline)
         };
         let hold_until = answer_by.min(Instant::now() + AWAIT_RETURN);
         let hold_body_until = answer_by.min(Instant::now() + AWAIT_WITH_BODY);
