@@ -32,6 +32,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How far apart a reply's last tries come, as its deadline nears.
+const LAST_TRIES_APART: Duration = Duration::from_millis(50);
+
 /// A job taken from the queue: the message in pending mode.
 #[derive(Debug)]
 pub struct Job {
@@ -217,8 +220,11 @@ impl Relay {
                     unclear = true;
                     self.outage
                         .begun(&format!("handing in job {}", job.id), &fault);
-                    let delay = backoff.next_delay();
-                    if Instant::now() + delay >= deadline {
+                    // Tried again before the deadline, however long the back-off has grown: a
+                    // relay back by then takes the reply, and the job does not run twice.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let delay = backoff.next_delay().min(left / 2).max(LAST_TRIES_APART);
+                    if delay >= left {
                         return Delivery::GaveUp;
                     }
                     tokio::time::sleep(delay).await;
@@ -337,5 +343,32 @@ mod tests {
             base = (base * 2).min(MAX_BACKOFF);
         }
         assert_eq!(backoff.next, MAX_BACKOFF);
+    }
+
+    /// A reply the relay does not take is tried until shortly before its deadline, however long
+    /// the back-off has grown (it gave up with up to half of its time left: probe AD).
+    #[tokio::test]
+    async fn reply_is_tried_until_its_deadline() {
+        // A port nothing listens at: every try is refused at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("an address").port();
+        drop(listener);
+        let queue = TunnelId::parse("jobs").expect("a valid id");
+        let base = format!("http://127.0.0.1:{port}");
+        let relay = Relay::new(reqwest::Client::new(), &base, &queue, 10);
+        let job = Job {
+            id: "1-0".parse().expect("a valid id"),
+            body: Bytes::new(),
+            taken: Instant::now(),
+        };
+        let reply = Reply {
+            content_type: "text/plain",
+            body: Bytes::from_static(b"done"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(4);
+        assert_eq!(relay.reply(&job, &reply, deadline).await, Delivery::GaveUp);
+        let late = deadline - 4 * LAST_TRIES_APART;
+        let given_up = Instant::now();
+        assert!(given_up >= late, "gave up {:?} early", deadline - given_up);
     }
 }
