@@ -130,6 +130,13 @@ impl Burrow {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `limit` for the relay to have written `line`; fails the test, showing its log,
+    /// if it has not.
+    async fn expect_logged(&self, line: &str, limit: Duration) {
+        let logged = || std::future::ready(self.log().contains(line));
+        assert!(eventually(limit, logged).await, "{}", self.log());
+    }
+
     /// The exit status, if the relay exits within `limit`.
     async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         process::exit_within(&mut self.child, limit).await
@@ -439,10 +446,7 @@ async fn access_log_names_ipv4_clients_of_dual_stack_listeners() {
     let t = tunnel_id("dual-stack");
     relay.client().produce(&t, "x").await;
     let said = format!("client=127.0.0.1 tunnel={t}");
-    let logged = eventually(Duration::from_secs(5), || {
-        std::future::ready(relay.log().contains(&said))
-    });
-    assert!(logged.await, "{}", relay.log());
+    relay.expect_logged(&said, Duration::from_secs(5)).await;
 }
 
 /// SIGINT stops the relay at once, with its access log written. (Burrow stops itself: Pingora's
@@ -475,10 +479,8 @@ async fn sigint_while_starting_stops_it() {
     let nobody = free_port().to_string();
     let env = [("BURROW_STORE", "redis"), ("REDIS_PORT", nobody.as_str())];
     let mut relay = site.spawn(command, free_port(), 0, &env);
-    let waiting = wait_until(Duration::from_secs(10), || {
-        relay.log().contains("redis: cannot connect")
-    });
-    assert!(waiting, "{}", relay.log());
+    let said = "redis: cannot connect";
+    relay.expect_logged(said, Duration::from_secs(10)).await;
     relay.signal("INT");
     let status = relay.exit_within(EXIT_WITHIN).await;
     let log = relay.log();
@@ -504,8 +506,7 @@ async fn sigterm_while_starting_stops_it_cleanly() {
     );
     // The line names the address it tried, and why in the system's words.
     let said = format!("redis: cannot connect to 127.0.0.1:{nobody}: Connection refused\n");
-    let waiting = wait_until(Duration::from_secs(10), || relay.log().contains(&said));
-    assert!(waiting, "{}", relay.log());
+    relay.expect_logged(&said, Duration::from_secs(10)).await;
     relay.signal("TERM");
     let status = relay.exit_within(EXIT_WITHIN).await;
     assert!(
@@ -527,10 +528,8 @@ async fn sigquit_without_a_new_relay_is_refused() {
     drop(left.expect("the upgrade socket can be made"));
     assert!(site.upgrade_sock().exists());
     relay.signal("QUIT");
-    let refused = wait_until(Duration::from_secs(10), || {
-        relay.log().contains("SIGQUIT ignored")
-    });
-    assert!(refused, "{}", relay.log());
+    let said = "SIGQUIT ignored";
+    relay.expect_logged(said, Duration::from_secs(10)).await;
     relay.client().get("/health").await.expect(200);
     relay.signal("TERM");
     let status = relay.exit_within(EXIT_WITHIN).await;
@@ -659,19 +658,11 @@ async fn sigterm_during_the_hand_over_is_told() {
         "no new relay waits"
     );
     old.signal("QUIT");
-    let taken = || std::future::ready(old.log().contains("SIGQUIT received"));
-    assert!(
-        eventually(Duration::from_secs(10), taken).await,
-        "{}",
-        old.log()
-    );
+    old.expect_logged("SIGQUIT received", Duration::from_secs(10))
+        .await;
     old.signal("TERM");
-    let told = || std::future::ready(old.log().contains("SIGTERM during the upgrade's hand-over"));
-    assert!(
-        eventually(Duration::from_secs(2), told).await,
-        "{}",
-        old.log()
-    );
+    let told = "SIGTERM during the upgrade's hand-over";
+    old.expect_logged(told, Duration::from_secs(2)).await;
     let status = old.exit_within(Duration::from_secs(15)).await;
     assert!(status.is_some_and(|status| status.success()), "{status:?}");
 }
