@@ -59,6 +59,24 @@ pub struct RedisConfig {
     pub empty_tunnel_ttl: Duration,
 }
 
+impl RedisConfig {
+    /// The server's port when it is on this host (a loopback address or `localhost`), where a
+    /// port in the ephemeral range lets a reconnecting relay connect to itself.
+    pub fn loopback_port(&self) -> Option<u16> {
+        let url = url::Url::parse(&self.url).ok()?;
+        // A `redis:` URL's host is opaque to the parser: an IPv4 address stays a name.
+        let loopback = match url.host()? {
+            url::Host::Domain(name) => match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => ip.is_loopback(),
+                Err(_) => name.eq_ignore_ascii_case("localhost"),
+            },
+            url::Host::Ipv4(ip) => ip.is_loopback(),
+            url::Host::Ipv6(ip) => ip.is_loopback(),
+        };
+        loopback.then(|| url.port().unwrap_or(6379))
+    }
+}
+
 /// Which requests must prove who they are.
 #[derive(Clone, Default)]
 pub struct AuthConfig {
@@ -739,6 +757,23 @@ mod tests {
         let url = "rediss://user:pw@keydb.internal:6380/2";
         let c = config(&[("REDIS_URL", url)]).unwrap();
         assert!(matches!(c.store, StoreConfig::Redis(r) if r.url == url));
+    }
+
+    /// Only a server on this host has a port that the relay's own connections can take.
+    #[test]
+    fn loopback_port() {
+        let port = |url: &str| {
+            let StoreConfig::Redis(r) = config(&[("REDIS_URL", url)]).unwrap().store else {
+                panic!("expected redis")
+            };
+            r.loopback_port()
+        };
+        assert_eq!(port("redis://127.0.0.1:45602"), Some(45602));
+        assert_eq!(port("redis://LocalHost/1"), Some(6379));
+        assert_eq!(port("redis://[::1]:7000"), Some(7000));
+        assert_eq!(port("redis://127.1.2.3:7001"), Some(7001));
+        assert_eq!(port("redis://keydb:45602"), None);
+        assert_eq!(port("redis://10.0.0.5:45602"), None);
     }
 
     /// An unparsable value is an error that names its variable.

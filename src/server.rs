@@ -13,7 +13,7 @@ use pingora_core::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log;
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, RedisConfig, StoreConfig};
 use crate::drain::{self, InFlight};
 use crate::http::{Connections, Lifecycle, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
@@ -131,6 +131,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
              when the relay stops (the Lua relay used redis on 127.0.0.1); set REDIS_HOST, \
              REDIS_URL or BURROW_STORE"
         );
+    }
+    if let StoreConfig::Redis(redis) = &config.store {
+        warn_of_self_connect(redis);
     }
     let loopback = config
         .advertise
@@ -333,6 +336,29 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
         }
     }
     Ok(conf)
+}
+
+/// Warns when the redis server is on this host at a port in the ephemeral range: while it is
+/// down, one of the relay's reconnection attempts can rarely be given that very port as its own
+/// and connect to itself (TCP simultaneous open), which keeps the port from the server.
+fn warn_of_self_connect(redis: &RedisConfig) {
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Some(port) = redis.loopback_port() else {
+        return;
+    };
+    let Ok(range) = std::fs::read_to_string(RANGE) else {
+        return;
+    };
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    if let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) {
+        if (low..=high).contains(&port) {
+            log::warn!(
+                "the redis server's port {port} is in this host's ephemeral range ({low}-{high}, \
+                 {RANGE}): while the server is down the relay can connect to itself there and \
+                 answer 500 until restarted; move the server outside the range (6379 is)"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
