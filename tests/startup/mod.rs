@@ -4,7 +4,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::process::free_port;
+use crate::support::process::{ephemeral_ports_start, free_port};
 use crate::support::{wait_until, Relay, Store};
 
 /// An unusable setting makes `burrow serve` exit with code 2 and stderr naming the variable: values
@@ -98,6 +98,18 @@ fn unused_redis_setting_is_named() {
     let relay = Relay::start(Store::Memory, &[("REDIS_PORT", "6380")]);
     let said = "REDIS_PORT is set, but no store is named: using the memory store";
     let warned = wait_until(Duration::from_secs(5), || relay.output().contains(said));
+    assert!(warned, "{}", relay.output());
+}
+
+/// A redis server named on this host at a port in the ephemeral range is warned of: a relay
+/// reconnecting to it while it is down can connect to itself there.
+#[test]
+fn redis_port_in_the_ephemeral_range_is_warned_of() {
+    let port = ephemeral_ports_start() + 1;
+    let url = format!("redis://127.0.0.1:{port}");
+    let relay = Relay::start(Store::Memory, &[("REDIS_URL", &url)]);
+    let said = format!("the redis server's port {port} is in this host's ephemeral range");
+    let warned = wait_until(Duration::from_secs(5), || relay.output().contains(&said));
     assert!(warned, "{}", relay.output());
 }
 

@@ -107,7 +107,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Where the kernel's ephemeral ports begin (Linux's default if it cannot be read).
-fn ephemeral_ports_start() -> u16 {
+pub fn ephemeral_ports_start() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
