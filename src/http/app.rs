@@ -932,7 +932,20 @@ async fn unless_reset(
 /// What it sends meanwhile is read: the rest of a body nobody waits for is dropped, the start of
 /// a pipelined next request kept for it by Pingora.
 pub(super) async fn client_gone(session: &mut ServerSession) {
-    while let Ok(_body) = session.read_body_or_idle(false).await {}
+    loop {
+        match session.read_body_or_idle(false).await {
+            Ok(Some(_body)) => {}
+            // An HTTP/2 body that ends in trailers reads as ended while its stream has not: read
+            // again, it would end at once, for ever. A stream's close is watched for instead.
+            Ok(None) => {
+                if let Some(closed) = session.watch_h2_stream_close() {
+                    let _ = closed.await;
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// How long a connection refused mid-request keeps reading what its client still sends.

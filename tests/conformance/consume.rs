@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::support::h2;
 use crate::support::raw::Connection;
 use crate::support::{assert_prompt_wake, let_polls_start, spawn_get, tunnel_id, Backend, Client};
 
@@ -330,4 +331,22 @@ pub(super) async fn h2c_poll_wakes_on_produce(backend: Backend) {
     );
     assert_eq!(response.text().await.expect("a body"), "over h2c");
     assert_prompt_wake(produced);
+}
+
+/// Burrow: an HTTP/2 request body may end in trailers (ignored) rather than an empty end of
+/// stream: a produce so sent is stored, and a long-poll so sent waits and answers as any other
+/// (it answered never, its thread spinning).
+pub(super) async fn h2c_trailers_end_a_request(backend: Backend) {
+    let relay = backend.shared();
+    let t = tunnel_id("h2trailers");
+    let content = [("content-type", "text/plain")];
+    let base = relay.base.as_str();
+    let produced = h2::with_trailers(base, "POST", &format!("/t/{t}"), &content, "trailed").await;
+    assert_eq!(produced.0, 201, "{produced:?}");
+    let poll = format!("/t/{t}/poll?timeout=1");
+    let taken = h2::with_trailers(base, "GET", &poll, &[], "").await;
+    assert_eq!(taken, (200, "trailed".to_owned()));
+    let timed_out = h2::with_trailers(base, "GET", &poll, &[], "").await;
+    assert_eq!(timed_out.0, 204, "{timed_out:?}");
+    assert_eq!(relay.client().get("/health").await.expect(200).text(), "OK");
 }

@@ -79,6 +79,7 @@ per_store! {
     dedicated: [
         poll_with_a_body_closes_after_answering,
         h2c_poll_wakes_on_produce,
+        h2c_trailers_end_a_request,
         short_requests_are_answered,
         head_health,
         malformed_heads_are_refused,

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use super::upstream::{blob, sha256, Echo, Upstream};
 use super::{upstream_answering, Agent};
+use crate::support::h2;
 use crate::support::process::free_port;
 use crate::support::{
     metric, says, tunnel_id, wait_until, Backend, Client, RedisServer, Relay, Response, Store,
@@ -1478,6 +1479,17 @@ async fn round_trip(backend: Backend) {
         .await
         .expect(200);
     assert_eq!(Echo::parse(&response.body).uri, "/r/rest?q=1");
+    // Over h2c a request body may end in trailers (not forwarded): the answer still comes back.
+    let path = format!("/r/{name}/trailed");
+    let (status, body) = h2::with_trailers(client.base(), "POST", &path, &[], "hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(Echo::parse(body.as_bytes()).body, "hello");
+    let by_header = [(CLIENT_ID, name.as_str())];
+    let (status, body) = h2::with_trailers(client.base(), "GET", "/t", &by_header, "").await;
+    assert_eq!(
+        (status, Echo::parse(body.as_bytes()).uri),
+        (200, "/t".to_owned())
+    );
     let missing = tunnel_id("missing");
     client.get(&format!("/r/{missing}/x")).await.expect_error(
         422,

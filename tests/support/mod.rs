@@ -2,6 +2,7 @@
 //! one scenario against every store.
 
 pub mod client;
+pub mod h2;
 pub mod process;
 pub mod raw;
 pub mod redis;
