@@ -178,6 +178,74 @@ Environment (README.md, \"Configuration\", says what each takes):
   routing      BURROW_ROUTE_TIMEOUT
   logs         BURROW_ACCESS_LOG, RUST_LOG";
 
+/// The variables `burrow serve` reads, as [`VARIABLES_HELP`] names them.
+fn relay_variables() -> impl Iterator<Item = &'static str> {
+    VARIABLES_HELP
+        .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+        .filter(|word| word.contains('_'))
+}
+
+/// What `burrow agent` and `burrow worker` read from the environment, and a relay does not.
+const CLIENT_VARIABLES: [&str; 8] = [
+    "BURROW_RELAY",
+    "BURROW_TOKEN",
+    "BURROW_AGENT_NAME",
+    "BURROW_UPSTREAM",
+    "BURROW_WORKER_CONCURRENCY",
+    "BURROW_JOB_TIMEOUT",
+    "BURROW_JOB_VISIBILITY",
+    "BURROW_MAX_OUTPUT",
+];
+
+/// A warning for each variable of `environment` named like a setting (`BURROW_…`, `TUNNEL_…`,
+/// `REDIS_…`) that `burrow serve` does not read: a misspelt `TUNNEL_ACCESS_TOKEN` would otherwise
+/// leave the relay open without a word. Kubernetes' service links (`REDIS_SERVICE_HOST`,
+/// `BURROW_PORT_80_TCP`…) are nobody's settings and pass.
+pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let mut warnings: Vec<String> = environment
+        .into_iter()
+        .filter(|(name, _)| {
+            ["BURROW_", "TUNNEL_", "REDIS_"]
+                .iter()
+                .any(|p| name.starts_with(p))
+        })
+        .filter(|(name, value)| !service_link(name, value))
+        .filter(|(name, _)| !relay_variables().any(|known| known == name))
+        .map(|(name, _)| {
+            if CLIENT_VARIABLES.contains(&name.as_str()) {
+                return format!(
+                    "{name} is set, but only `burrow agent` and `burrow worker` read it: ignored"
+                );
+            }
+            let closest = relay_variables()
+                .min_by_key(|known| strsim::levenshtein(known, &name))
+                .filter(|known| strsim::levenshtein(known, &name) <= 3);
+            match closest {
+                Some(known) => {
+                    format!("{name} is no setting of the relay: ignored (did you mean {known}?)")
+                }
+                None => format!("{name} is no setting of the relay: ignored"),
+            }
+        })
+        .collect();
+    warnings.sort();
+    warnings
+}
+
+/// Whether `name=value` is one of the variables Kubernetes sets for each service
+/// (`{SVC}_SERVICE_HOST`, `{SVC}_SERVICE_PORT[_{PORT}]`, `{SVC}_PORT=tcp://…`,
+/// `{SVC}_PORT_{N}_{TCP|UDP|SCTP}[_PROTO|_PORT|_ADDR]`).
+fn service_link(name: &str, value: &str) -> bool {
+    let words: Vec<&str> = name.split('_').collect();
+    let port_link = words.windows(3).any(|w| {
+        w[0] == "PORT" && w[1].parse::<u16>().is_ok() && matches!(w[2], "TCP" | "UDP" | "SCTP")
+    });
+    name.ends_with("_SERVICE_HOST")
+        || name.contains("_SERVICE_PORT")
+        || (name.ends_with("_PORT") && value.contains("://"))
+        || port_link
+}
+
 /// Everything `burrow serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -690,12 +758,45 @@ mod tests {
         }
         let mut asked = asked.into_inner();
         asked.insert("RUST_LOG".to_owned());
-        let named: std::collections::BTreeSet<String> = VARIABLES_HELP
-            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
-            .filter(|word| word.contains('_'))
-            .map(str::to_owned)
-            .collect();
+        let named: std::collections::BTreeSet<String> =
+            relay_variables().map(str::to_owned).collect();
         assert_eq!(named, asked);
+    }
+
+    /// Variables named like settings that the relay does not read are named, with the closest
+    /// setting; the relay's own, the agent's and worker's, and Kubernetes' service links are told
+    /// apart.
+    #[test]
+    fn unread_settings_are_named() {
+        let environment = [
+            ("TUNNEL_ACCESS_TOKENS", "secret"),
+            ("BURROW_STORES", "redis"),
+            ("BURROW_TOKEN", "t"),
+            ("REDIS_SOMETHING_ELSE_ENTIRELY", "x"),
+            ("TUNNEL_ACCESS_TOKEN", "secret"),
+            ("REDIS_PORT", "6379"),
+            ("RUST_LOG", "info"),
+            ("PATH", "/usr/bin"),
+            ("REDIS_SERVICE_HOST", "10.0.0.1"),
+            ("REDIS_SERVICE_PORT_REDIS", "6379"),
+            ("BURROW_PORT", "tcp://10.0.0.2:80"),
+            ("BURROW_PORT_80_TCP_ADDR", "10.0.0.2"),
+            ("BURROW_METRICS_PORT_9090_TCP", "tcp://10.0.0.3:9090"),
+        ];
+        let owned = environment.map(|(name, value)| (name.to_owned(), value.to_owned()));
+        assert_eq!(
+            unread_settings(owned),
+            [
+                "BURROW_STORES is no setting of the relay: ignored (did you mean BURROW_STORE?)",
+                "BURROW_TOKEN is set, but only `burrow agent` and `burrow worker` read it: ignored",
+                "REDIS_SOMETHING_ELSE_ENTIRELY is no setting of the relay: ignored",
+                "TUNNEL_ACCESS_TOKENS is no setting of the relay: ignored \
+                 (did you mean TUNNEL_ACCESS_TOKEN?)",
+            ]
+        );
+        // A port given by hand, not by Kubernetes, is a misspelt setting.
+        let by_hand = [("BURROW_PORT".to_owned(), "80".to_owned())];
+        assert_eq!(unread_settings(by_hand).len(), 1);
     }
 
     /// With nothing set, the original's defaults and the embedded store apply.

@@ -135,6 +135,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     if let StoreConfig::Redis(redis) = &config.store {
         warn_of_self_connect(redis);
     }
+    let environment = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
+    for warning in crate::config::unread_settings(environment) {
+        log::warn!("{warning}");
+    }
     let loopback = config
         .advertise
         .parse::<std::net::SocketAddr>()

@@ -101,6 +101,17 @@ fn unused_redis_setting_is_named() {
     assert!(warned, "{}", relay.output());
 }
 
+/// A variable named like a setting that the relay does not read, a misspelt token say, is
+/// warned of with the setting it resembles: ignored silently, it would leave the relay open.
+#[test]
+fn misspelt_setting_is_named() {
+    let relay = Relay::start(Store::Memory, &[("TUNNEL_ACCESS_TOKENS", "secret")]);
+    let said = "TUNNEL_ACCESS_TOKENS is no setting of the relay: ignored (did you mean \
+                TUNNEL_ACCESS_TOKEN?)";
+    let warned = wait_until(Duration::from_secs(5), || relay.output().contains(said));
+    assert!(warned, "{}", relay.output());
+}
+
 /// A redis server named on this host at a port in the ephemeral range is warned of: a relay
 /// reconnecting to it while it is down can connect to itself there.
 #[test]
