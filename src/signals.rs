@@ -1,5 +1,6 @@
 //! The signals that stop or upgrade a running relay, as Pingora's shutdown watch reads them, and
-//! whether a new relay waits to take the listening socket over (a SIGQUIT without one is refused).
+//! whether a new relay waits to take the listening socket over (a SIGQUIT without one is refused);
+//! and those that stop `burrow agent` and `burrow worker`.
 
 use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub struct Signals {
     quit: tokio::sync::Mutex<Signal>,
     terminate: tokio::sync::Mutex<Signal>,
+    hangup: tokio::sync::Mutex<Signal>,
     upgrade_sock: String,
     handing_over: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -40,6 +42,7 @@ impl Signals {
         Ok(Signals {
             quit: tokio::sync::Mutex::new(signal(SignalKind::quit())?),
             terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
+            hangup: tokio::sync::Mutex::new(signal(SignalKind::hangup())?),
             upgrade_sock,
             handing_over: Arc::new(handing_over),
         })
@@ -50,9 +53,16 @@ impl Signals {
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         let (mut quit, mut terminate) = (self.quit.lock().await, self.terminate.lock().await);
+        let mut hangup = self.hangup.lock().await;
         loop {
             tokio::select! {
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
+                // What nginx does on SIGHUP, reloading its settings, the relay cannot (they come
+                // from its environment); stopping instead would surprise whoever sent it.
+                _ = hangup.recv() => log::warn!(
+                    "SIGHUP ignored: there is nothing to reload (settings come from the \
+                     environment: restart, or upgrade, to change them); still serving"
+                ),
                 _ = quit.recv() => {
                     if listens_at(&self.upgrade_sock) {
                         let (path, handing_over) = (self.upgrade_sock.clone(), self.handing_over.clone());
@@ -70,6 +80,34 @@ impl ShutdownSignalWatch for Signals {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The signals that stop `burrow agent` and `burrow worker`: SIGTERM, SIGINT (Ctrl-C), and
+/// SIGHUP (their terminal hung up), which would otherwise kill them with requests or jobs in hand.
+pub struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl StopSignals {
+    /// Starts watching; from now on these signals no longer kill the process.
+    pub fn watch() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves at the next of these signals.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.hangup.recv() => {}
         }
     }
 }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -23,6 +22,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::routing::frame::{MAX_MESSAGE, MOVES_HEADER};
+use crate::signals::StopSignals;
 use crate::tunnel::TunnelId;
 use connection::{Ended, Redial};
 use upstream::Upstream;
@@ -210,25 +210,18 @@ pub fn run(args: AgentArgs) -> ExitCode {
 
 /// Connects, serves and reconnects until a signal asks to stop.
 async fn agent(config: AgentConfig) -> Result<(), AgentError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut stop = StopSignals::watch().map_err(AgentError::Signals)?;
     let upstream = Arc::new(Upstream::new(&config.upstream).map_err(AgentError::Upstream)?);
     let (drain_tx, drain) = watch::channel(false);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
+        stop.next().await;
         log::info!(
             "stopping: taking no more requests, finishing those in flight (signal again to stop \
              at once)"
         );
         // The sender lives on, so that the connection never sees the channel close.
         drain_tx.send_replace(true);
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
+        stop.next().await;
         // As a worker's second signal: whoever sends it wants the process gone, not the requests.
         log::warn!("stopping at once: the requests still in flight are cut");
         std::process::exit(1);

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::signals::StopSignals;
 use crate::tunnel::TunnelId;
 use client::{Delivery, Job, Relay, Reply};
 use command::{Failure, JobCommand, Limits, Outcome, Why};
@@ -238,8 +238,7 @@ struct Worker {
 
 /// Runs the polling loops until they have all stopped; answers the phase they stopped in.
 async fn work(config: WorkerConfig) -> Result<Phase, WorkerError> {
-    let terminate = signal(SignalKind::terminate()).map_err(WorkerError::Signals)?;
-    let interrupt = signal(SignalKind::interrupt()).map_err(WorkerError::Signals)?;
+    let stop = StopSignals::watch().map_err(WorkerError::Signals)?;
     let http = client::http_client(config.token.as_deref()).map_err(WorkerError::Http)?;
     let worker = Arc::new(Worker {
         relay: Relay::new(http, &config.relay, &config.queue, config.visibility),
@@ -259,7 +258,7 @@ async fn work(config: WorkerConfig) -> Result<Phase, WorkerError> {
     );
 
     let (phase, watching) = watch::channel(Phase::Running);
-    let signals = tokio::spawn(follow_signals(phase, terminate, interrupt));
+    let signals = tokio::spawn(follow_signals(phase, stop));
     let mut loops = JoinSet::new();
     for _ in 0..config.concurrency {
         loops.spawn(job_loop(worker.clone(), watching.clone()));
@@ -279,17 +278,11 @@ async fn work(config: WorkerConfig) -> Result<Phase, WorkerError> {
     Ok(phase)
 }
 
-/// Moves the phase forward on each SIGTERM or SIGINT: first to draining, then to aborting.
-async fn follow_signals(
-    phase: watch::Sender<Phase>,
-    mut terminate: tokio::signal::unix::Signal,
-    mut interrupt: tokio::signal::unix::Signal,
-) {
+/// Moves the phase forward on each SIGTERM, SIGINT or SIGHUP: first to draining, then to
+/// aborting.
+async fn follow_signals(phase: watch::Sender<Phase>, mut stop: StopSignals) {
     for next in [Phase::Draining, Phase::Aborting] {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
+        stop.next().await;
         match next {
             Phase::Draining => log::info!(
                 "stopping: taking no more jobs, finishing the jobs in hand (signal again to abort)"

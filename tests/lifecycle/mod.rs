@@ -536,6 +536,22 @@ async fn sigquit_without_a_new_relay_is_refused() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
+/// A SIGHUP (nginx's reload) is ignored with a word why: the relay has nothing to reload, and
+/// stopping, the default, would cut every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_ignored() {
+    let site = Site::new();
+    let mut relay = site.start(free_port(), &[], &[]);
+    relay.signal("HUP");
+    relay
+        .expect_logged("SIGHUP ignored", Duration::from_secs(10))
+        .await;
+    relay.client().get("/health").await.expect(200);
+    relay.signal("TERM");
+    let status = relay.exit_within(EXIT_WITHIN).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
 /// Presence follows agents at once: an agent connecting is announced without waiting for the
 /// 5 s tick, and a relay stopped with SIGTERM withdraws its agents as it stops, instead of other
 /// instances listing them (and sending it their requests) until its record expires (15 s).

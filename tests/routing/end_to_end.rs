@@ -1012,7 +1012,8 @@ async fn second_signal_stops_the_agent_at_once() {
         .agent
         .expect_logged("signal again to stop at once")
         .await;
-    crate::support::process::signal(&setup.agent.child, "INT");
+    // SIGHUP (a terminal hanging up) counts as one, as SIGTERM and SIGINT do.
+    crate::support::process::signal(&setup.agent.child, "HUP");
     let status = setup.agent.exit(WAIT).await;
     assert_eq!(status.code(), Some(1), "{}", setup.agent.log());
     let answer = in_flight.await.expect("the request task does not panic");

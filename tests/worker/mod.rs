@@ -316,6 +316,7 @@ async fn sigterm_finishes_the_job_in_hand() {
 }
 
 /// A second signal kills the running command and exits 1 without replying: the job stays pending.
+/// SIGHUP (a terminal hanging up) counts as one, as SIGTERM and SIGINT do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_releases_the_job() {
     let (client, base) = memory();
@@ -331,7 +332,7 @@ async fn second_signal_releases_the_job() {
     })
     .await;
     assert!(started, "the job's command did not start");
-    worker.signal("TERM");
+    worker.signal("HUP");
     worker.wait_for_log("stopping").await;
     worker.signal("INT");
     let status = worker.exit_within(Duration::from_secs(3)).await;
