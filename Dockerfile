@@ -38,14 +38,14 @@ FROM debian:bookworm-slim
 # The binary is copied in and given cap_net_bind_service in ONE layer (a COPY followed by setcap
 # would store it twice, and COPY --from does not reliably keep file capabilities), so the non-root
 # user can bind port 80. libcap2-bin is only needed for setcap and is removed again.
-# The binary then needs NET_BIND_SERVICE in the container's capability bounding set (Docker's default
-# set has it): with `--cap-drop ALL` add `--cap-add NET_BIND_SERVICE`, likewise in a Kubernetes
-# securityContext, or the kernel refuses to start it.
+# The capability is permitted only (`+p`, not `+ep`): `burrow serve` makes it effective itself. A
+# binary given it as effective would not even start where the container's bounding set lacks it
+# (`--cap-drop ALL`); this one starts, and refuses port 80 with a line saying what to do.
 RUN --mount=type=bind,from=builder,source=/src/target/release/burrow,target=/tmp/burrow \
     apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libcap2-bin \
  && install -m 0755 /tmp/burrow /usr/local/bin/burrow \
- && setcap cap_net_bind_service=+ep /usr/local/bin/burrow \
+ && setcap cap_net_bind_service=+p /usr/local/bin/burrow \
  && apt-get purge -y --auto-remove libcap2-bin \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 burrow \

@@ -3,7 +3,9 @@
 # machine: a C toolchain, cmake and pkg-config (Pingora builds zlib-ng from source). With
 # `--tests`, also redis-server (the tests start their own on a free port; no system service is used),
 # openssl (the https-upstream test makes its certificates with it), curl and python3
-# (scripts/test.sh waits for its relay with them) and procps (its `kill`, which tests send signals with).
+# (scripts/test.sh waits for its relay with them), procps (its `kill`, which tests send signals with),
+# and libcap2-bin and util-linux (setcap and setpriv: a test listens below port 1024 as the container
+# image does, by a file capability and as another user).
 # With `--browser`, also Debian's chromium (/usr/bin/chromium) and Node.js with npm, for
 # tests/browser; with `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options
 # combine.
@@ -20,6 +22,7 @@ for opt in "$@"; do
     --tests)
       needs[redis-server]=redis-server needs[openssl]=openssl needs[curl]=curl
       needs[python3]=python3 needs[procps]=pkill
+      needs[libcap2-bin]=setcap needs[util-linux]=setpriv
       ;;
     --browser) needs[chromium]=chromium needs[nodejs]=node needs[npm]=npm ;;
     --loadtest) needs[redis-server]=redis-server needs[wrk]=wrk needs[curl]=curl ;;

@@ -42,18 +42,23 @@ pub enum ServeError {
     /// says (Pingora would panic there).
     #[error("the upgrade socket {path} cannot be made: {why}")]
     UpgradeSocket { path: String, why: &'static str },
-    /// A listening address is taken or not this host's.
-    #[error("{var}={address} cannot be listened on: {source}")]
+    /// A listening address is taken, not this host's, or a port below 1024 without the
+    /// capability to listen there.
+    #[error("{var}={address} cannot be listened on: {source}{hint}")]
     Listen {
         var: &'static str,
         address: String,
         source: std::io::Error,
+        /// What to do about it, when that is clear (empty, or beginning with a separator).
+        hint: &'static str,
     },
 }
 
 /// Runs the relay until a signal stops it: SIGTERM drains gracefully, SIGINT stops at once, and
 /// SIGQUIT hands the listening socket to a process started with `upgrade` before draining.
 pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
+    // Before any thread is started: threads inherit the capabilities of the one starting them.
+    raise_bind_capability();
     let conf = pingora_conf(&config)?;
     // Pingora would retry a taken address for half a minute, then panic in its listener thread
     // and leave a process that serves nothing. (An upgrade takes the address over from the old
@@ -209,10 +214,23 @@ fn can_wait_at(path: &str) -> Result<(), ServeError> {
 fn can_listen(var: &'static str, address: &str) -> Result<(), ServeError> {
     std::net::TcpListener::bind(address)
         .map(drop)
-        .map_err(|source| ServeError::Listen {
-            var,
-            address: address.to_owned(),
-            source,
+        .map_err(|source| {
+            let low_port = address
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|address| address.port() < 1024);
+            let hint = match source.kind() == std::io::ErrorKind::PermissionDenied && low_port {
+                true => {
+                    " (a port below 1024 needs root or the NET_BIND_SERVICE capability: \
+                         listen on a port from 1024, 8080 say)"
+                }
+                false => "",
+            };
+            ServeError::Listen {
+                var,
+                address: address.to_owned(),
+                source,
+                hint,
+            }
         })
 }
 
@@ -341,6 +359,20 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
         }
     }
     Ok(conf)
+}
+
+/// Makes the capability to listen on ports below 1024 effective where the binary was given it as
+/// permitted only (the container image's `setcap cap_net_bind_service=+p`). Given as effective
+/// too, it would stop the binary from starting at all wherever the capability is dropped
+/// (`--cap-drop ALL`); this way it starts there, and listens on any port from 1024.
+fn raise_bind_capability() {
+    use caps::{CapSet, Capability};
+    let bind = Capability::CAP_NET_BIND_SERVICE;
+    if caps::has_cap(None, CapSet::Permitted, bind).unwrap_or(false) {
+        if let Err(e) = caps::raise(None, CapSet::Effective, bind) {
+            log::warn!("cannot use the capability to listen on ports below 1024: {e}");
+        }
+    }
 }
 
 /// Warns when the redis server is on this host at a port in the ephemeral range: while it is

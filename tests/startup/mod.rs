@@ -124,6 +124,61 @@ fn redis_port_in_the_ephemeral_range_is_warned_of() {
     assert!(warned, "{}", relay.output());
 }
 
+/// The container image gives the binary the capability to listen below port 1024 as permitted
+/// only (`setcap cap_net_bind_service=+p`, see Dockerfile): a user other than root then listens on
+/// such a port, and where the capability is dropped (`--cap-drop ALL`) the binary still starts
+/// (given as effective too, it would not even start) and says what to do. Sets a file capability
+/// and changes user, so it needs root, as CI has.
+#[test]
+fn permitted_capability_listens_below_1024() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mode = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), mode).expect("the directory is opened to others");
+    let binary = dir.path().join("burrow");
+    std::fs::copy(env!("CARGO_BIN_EXE_burrow"), &binary).expect("the binary is copied");
+    let given = Command::new("setcap")
+        .arg("cap_net_bind_service=+p")
+        .arg(&binary)
+        .status()
+        .expect("setcap runs (libcap2-bin)");
+    assert!(given.success(), "setcap failed: this test needs root");
+    let port = (900..1024)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below 1024");
+    let as_nobody = |bounding: &[&str]| {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(bounding)
+            .arg(&binary)
+            .arg("serve")
+            .env("BURROW_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let mut serving = as_nobody(&[]).spawn().expect("setpriv runs");
+    let listening = wait_until(Duration::from_secs(10), || {
+        crate::support::relay::status_of(port, "/health") == Some(200)
+    });
+    let _ = serving.kill();
+    let ended = serving.wait_with_output().expect("the relay is waited for");
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert!(listening, "no answer on port {port} as nobody: {said}");
+    let refused = as_nobody(&["--bounding-set", "-net_bind_service"])
+        .output()
+        .expect("setpriv runs");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("needs root or the NET_BIND_SERVICE capability: listen on a port from 1024"),
+        "{said}"
+    );
+}
+
 /// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
 fn serve_with(var: &str, value: impl AsRef<std::ffi::OsStr>) -> (Option<i32>, String) {
     serve_with_all(&[(var, value.as_ref())])
