@@ -63,6 +63,10 @@ pub enum Error {
     /// A request body of which nothing arrived for a minute (Pingora's read timeout).
     #[error("Request body stalled: nothing arrived for 60 s")]
     BodyStalled,
+    /// A `CONNECT`: the relay carries requests, to its routes or an agent's service, not
+    /// tunnels to an address.
+    #[error("CONNECT is not supported")]
+    Connect,
     /// A request body in a transfer coding other than `chunked` alone.
     #[error("Transfer-Encoding not supported")]
     UnsupportedCoding,

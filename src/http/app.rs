@@ -643,9 +643,17 @@ impl HttpServerApp for RelayApp {
         let method = head.method.clone();
         let header = |name: &str| session.get_header(name).and_then(|v| v.to_str().ok());
         // Not `to_str`: a value that is not ASCII (`300µs`) is parsed, or refused, not ignored.
+        // A header sent twice is one list (RFC 9110 §5.3), refused as `a, b` is, rather than
+        // read as whichever value came first.
         let text = |name: &str| {
-            let value = session.get_header(name)?;
-            Some(String::from_utf8_lossy(value.as_bytes()))
+            let values: Vec<&[u8]> = head
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            let joined = values.join(&b", "[..]);
+            (!values.is_empty()).then(|| String::from_utf8_lossy(&joined).into_owned())
         };
         let (client_id, timeout) = (
             text("x-backstream-client-id"),

@@ -142,7 +142,7 @@ impl From<Error> for Response {
             | Error::MalformedHead(_)
             | Error::InvalidBody(_)
             | Error::ContentTypeNotText => 400,
-            Error::UnsupportedCoding => 501,
+            Error::UnsupportedCoding | Error::Connect => 501,
             Error::HeadTooSlow(_) | Error::BodyStalled => 408,
             Error::HeadTooLarge { .. } => 431,
             Error::UnknownJob(_) => 404,

@@ -184,6 +184,11 @@ impl Route {
         routing: RoutingHeaders<'_>,
         jobs_queue: &TunnelId,
     ) -> Result<Route, Error> {
+        // Sent on to an agent, its target would arrive as a path it never named, and a 2xx
+        // answer would turn the client's connection into a tunnel that nothing serves.
+        if method == Method::CONNECT {
+            return Err(Error::Connect);
+        }
         if let Some(route) = Route::parse_forward(path, query, routing)? {
             return Ok(route);
         }
@@ -733,6 +738,24 @@ mod tests {
             assert!(matches!(get(bad), Err(Error::MalformedUrl)), "{bad}");
         }
         assert!(matches!(get("/elsewhere"), Err(Error::NotFound)));
+    }
+
+    /// CONNECT is refused on every path, an agent's included: the relay carries no tunnels.
+    #[test]
+    fn connect_is_refused() {
+        for target in ["/t/x", "/r/svc/x", "/health"] {
+            assert!(matches!(
+                parse(Method::CONNECT, target),
+                Err(Error::Connect)
+            ));
+        }
+        let routing = RoutingHeaders {
+            client_id: Some("svc"),
+            ..RoutingHeaders::default()
+        };
+        let jobs = tunnel("jobs");
+        let refused = Route::parse(&Method::CONNECT, "/", None, routing, &jobs);
+        assert!(matches!(refused, Err(Error::Connect)));
     }
 
     /// `/health` is a prefix, as the original's nginx location was.

@@ -314,6 +314,25 @@ async fn every_status() {
         .request(Method::GET, &format!("/r/{name}/echo"))
         .header(TIMEOUT, "1m30s");
     client.send(request).await.expect(200);
+    // A header sent twice is one list, naming no one agent or timeout, whichever came first.
+    let echo = || client.request(Method::GET, "/echo");
+    let twice = [
+        (
+            CLIENT_ID,
+            echo().header(CLIENT_ID, &nobody).header(CLIENT_ID, &name),
+        ),
+        (
+            TIMEOUT,
+            echo()
+                .header(CLIENT_ID, &name)
+                .header(TIMEOUT, "1s")
+                .header(TIMEOUT, "2s"),
+        ),
+    ];
+    for (header, request) in twice {
+        let response = client.send(request).await.expect_one_line_error(400);
+        assert!(response.text().contains(header), "{response:?}");
+    }
 
     let asked = Instant::now();
     let request = client
@@ -1491,6 +1510,24 @@ async fn round_trip(backend: Backend) {
         (status, Echo::parse(body.as_bytes()).uri),
         (200, "/t".to_owned())
     );
+    // CONNECT asks for a tunnel, which no agent gives: refused with its reason, not sent on.
+    let arrived = setup.upstream.arrived.load(Ordering::SeqCst);
+    let requests = [
+        format!(
+            "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n{CLIENT_ID}: {name}\r\n\r\n"
+        ),
+        format!("CONNECT /r/{name}/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"),
+    ];
+    for request in requests {
+        let mut raw = crate::support::raw::Connection::open(client.base()).await;
+        let answer = raw.exchange(&request).await;
+        let reason = String::from_utf8_lossy(&answer.body);
+        assert_eq!(
+            (answer.status, reason.trim_end()),
+            (501, "CONNECT is not supported")
+        );
+    }
+    assert_eq!(setup.upstream.arrived.load(Ordering::SeqCst), arrived);
     let missing = tunnel_id("missing");
     client.get(&format!("/r/{missing}/x")).await.expect_error(
         422,
