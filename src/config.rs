@@ -653,14 +653,21 @@ impl Env<'_> {
         };
         let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
             let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-            let host_ok = match bare {
-                Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
-                // A name or IPv4 address: anything else (`#`, `?`, `@`) would cut a URL short.
-                None => {
-                    let name = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
-                    !host.is_empty() && host.chars().all(name)
-                }
+            // An unspecified address (`0.0.0.0`, `[::]`) is where one listens, not where other
+            // instances can connect.
+            let unspecified = |host: &str| {
+                host.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_unspecified())
             };
+            let host_ok = !unspecified(bare.unwrap_or(host))
+                && match bare {
+                    Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
+                    // A name or IPv4 address: anything else (`#`, `?`, `@`) would cut a URL short.
+                    None => {
+                        let name = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+                        !host.is_empty() && host.chars().all(name)
+                    }
+                };
             host_ok && port.parse::<u16>().is_ok_and(|port| port > 0)
         });
         if valid {
@@ -669,7 +676,7 @@ impl Env<'_> {
             Err(ConfigError::Invalid {
                 var,
                 value,
-                expected: "a host:port address such as 10.0.3.7:8080",
+                expected: "a host:port address other instances can reach, such as 10.0.3.7:8080",
             })
         }
     }
@@ -826,6 +833,14 @@ mod tests {
             let c = config(&[("BURROW_ADVERTISE", value)]).expect(value);
             assert_eq!(c.advertise, value);
             assert!(c.advertise_given);
+        }
+        // Where one listens, but no address to reach.
+        for value in ["0.0.0.0:8080", "[::]:8080"] {
+            let refused = config(&[("BURROW_ADVERTISE", value)]).expect_err(value);
+            assert!(
+                refused.to_string().contains("BURROW_ADVERTISE"),
+                "{refused}"
+            );
         }
     }
 
