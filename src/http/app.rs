@@ -504,11 +504,23 @@ impl RelayApp {
     }
 }
 
+/// Logs why a request could not be read at debug level: the kind and cause of Pingora's error,
+/// not its context, which holds the bytes read (a bearer token, a cookie, a signed body).
+fn log_unread(error: &pingora_error::Error) {
+    match &error.cause {
+        Some(cause) => debug!(
+            "could not read a request: {} ({cause})",
+            error.etype().as_str()
+        ),
+        None => debug!("could not read a request: {}", error.etype().as_str()),
+    }
+}
+
 /// Why a request could not be read, as the client is told: Pingora's own text (error kinds,
 /// parser contexts) goes only to the debug log.
 pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
     use pingora_error::ErrorType;
-    debug!("could not read a request: {error}");
+    log_unread(error);
     let why = match error.etype() {
         ErrorType::ReadTimedout => return Error::BodyStalled,
         ErrorType::WriteTimedout => "the connection stalled",
@@ -620,7 +632,7 @@ impl HttpServerApp for RelayApp {
             Ok(Ok(false)) => return None,
             Err(_) => Some(Error::HeadTooSlow(self.header_timeout)),
             Ok(Err(e)) => {
-                debug!("could not read a request: {e}");
+                log_unread(&e);
                 // A head that came but does not parse still gets its one-line answer; a client
                 // that left or stalled mid-head gets none.
                 if e.etype() != &pingora_error::ErrorType::InvalidHTTPHeader {

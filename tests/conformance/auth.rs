@@ -9,6 +9,25 @@ use crate::support::raw::Connection;
 use crate::support::says::ACCESS_DENIED;
 use crate::support::{tunnel_id, Backend};
 
+/// Burrow: a request head that does not parse is answered 400, and the debug log says why
+/// without the bytes read, which hold the client's token (Pingora's error context has them).
+pub(super) async fn unreadable_heads_are_logged_without_their_bytes(backend: Backend) {
+    let token = "s3cr3t-token-in-a-head";
+    let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", token), ("RUST_LOG", "debug")]);
+    let path = format!("/t/{}/len", tunnel_id("unlogged"));
+    let mut connection = Connection::open(&relay.base).await;
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nX-A: a\x7fb\r\n\r\n"
+    );
+    assert_eq!(connection.exchange(&head).await.status, 400);
+    let said = "could not read a request";
+    let logged = crate::support::wait_until(std::time::Duration::from_secs(5), || {
+        relay.output().contains(said)
+    });
+    assert!(logged, "{}", relay.output());
+    assert!(!relay.output().contains(token), "{}", relay.output());
+}
+
 /// With TUNNEL_ACCESS_TOKEN only `Authorization: Bearer <token>` gets in; others get 403.
 pub(super) async fn access_token_guards_tunnels(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_ACCESS_TOKEN", "tok")]);

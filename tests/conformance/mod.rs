@@ -97,6 +97,7 @@ per_store! {
         max_poll_timeout_caps_timeout,
         default_poll_timeout_setting,
         access_token_guards_tunnels,
+        unreadable_heads_are_logged_without_their_bytes,
         auth_covers_every_tunnel_route,
         public_ids_are_open,
         signature_guards_produce,
