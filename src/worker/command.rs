@@ -114,12 +114,18 @@ impl Failure {
     }
 }
 
+/// The variable that gives the worker its token (see `WorkerArgs`).
+pub const TOKEN_VARIABLE: &str = "BURROW_TOKEN";
+
 /// Runs `command` once with `input` on stdin, within `limits`.
 ///
 /// Dropping the returned future (the worker's second signal) kills the command's process group.
 pub async fn run(command: &JobCommand, input: &[u8], limits: Limits) -> Outcome {
     let mut child = match Command::new(&command.program)
         .args(&command.args)
+        // The worker's token opens every tunnel of the relay; a job, perhaps from anyone who may
+        // trigger one, runs without it.
+        .env_remove(TOKEN_VARIABLE)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -46,7 +46,7 @@ pub struct WorkerArgs {
     queue: String,
 
     /// Sent as `Authorization: Bearer <TOKEN>` (the relay's TUNNEL_ACCESS_TOKEN).
-    #[arg(long, env = "BURROW_TOKEN", hide_env_values = true)]
+    #[arg(long, env = command::TOKEN_VARIABLE, hide_env_values = true)]
     token: Option<String>,
 
     /// How many jobs run at once.

@@ -23,6 +23,17 @@ struct Worker {
 impl Worker {
     /// Starts `burrow worker --relay relay --queue queue args… -- command…`.
     fn start(relay: &str, queue: &str, args: &[&str], command: &[&str]) -> Worker {
+        Worker::start_with(relay, queue, args, &[], command)
+    }
+
+    /// [`Worker::start`] with the variables `env` set.
+    fn start_with(
+        relay: &str,
+        queue: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        command: &[&str],
+    ) -> Worker {
         let dir = TempDir::new().expect("a tempdir for the worker's log");
         let log =
             std::fs::File::create(dir.path().join("worker.log")).expect("the tempdir is writable");
@@ -38,6 +49,7 @@ impl Worker {
             .env_remove("BURROW_JOB_VISIBILITY")
             .env_remove("BURROW_WORKER_CONCURRENCY")
             .env_remove("BURROW_MAX_OUTPUT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("a file handle can be duplicated"))
             .stderr(log)
@@ -457,6 +469,23 @@ async fn token_is_sent() {
 
     let _worker = Worker::start(&relay.base, &queue, &["--token", "s3cret"], &["cat"]);
     assert_eq!(result(&client, &queue, &id).await.text(), job);
+}
+
+/// A token given in BURROW_TOKEN is the worker's, not its jobs': the command runs without it
+/// (it opens every tunnel, and a job may come from anyone allowed to trigger one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_without_the_token() {
+    let relay = Backend::Memory.start(&[("TUNNEL_ACCESS_TOKEN", "s3cret")]);
+    let client = relay.client().with_bearer("s3cret");
+    let queue = tunnel_id("worker-env");
+    let id = submit(&client, &queue, r#"{"x":1}"#).await;
+    let script = r#"cat >/dev/null; echo "{\"token\":\"${BURROW_TOKEN:-none}\"}""#;
+    let env = [("BURROW_TOKEN", "s3cret")];
+    let _worker = Worker::start_with(&relay.base, &queue, &[], &env, &["sh", "-c", script]);
+    assert_eq!(
+        result(&client, &queue, &id).await.text().trim_end(),
+        r#"{"token":"none"}"#
+    );
 }
 
 /// A visibility timeout not longer than the job timeout stops the worker at start-up (exit 2).
