@@ -89,27 +89,62 @@ impl ShutdownSignalWatch for Signals {
 pub struct StopSignals {
     terminate: Signal,
     interrupt: Signal,
-    hangup: Signal,
+    /// `None` where SIGHUP was ignored from the start (`nohup`): it stays ignored.
+    hangup: Option<Signal>,
 }
 
 impl StopSignals {
     /// Starts watching; from now on these signals no longer kill the process.
     pub fn watch() -> std::io::Result<StopSignals> {
+        let hangup = match hangup_ignored() {
+            true => None,
+            false => Some(signal(SignalKind::hangup())?),
+        };
         Ok(StopSignals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
-            hangup: signal(SignalKind::hangup())?,
+            hangup,
         })
     }
 
-    /// Resolves at the next of these signals.
-    pub async fn next(&mut self) {
+    /// Resolves at the first of these signals: stop, finishing what is in hand.
+    pub async fn stop(&mut self) {
+        let hangup = async {
+            match &mut self.hangup {
+                Some(hangup) => hangup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}
-            _ = self.hangup.recv() => {}
+            _ = hangup => {}
         }
     }
+
+    /// Resolves at a SIGTERM or SIGINT after [`StopSignals::stop`]: stop at once. Not at another
+    /// SIGHUP: a terminal hanging up often sends two (the shell passes one on, the kernel sends
+    /// another as the session ends), and that is still one request to finish what is in hand.
+    pub async fn again(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Whether SIGHUP is ignored (bit 0 of `SigIgn` in `/proc/self/status`), as `nohup` leaves it for
+/// a process meant to outlive its terminal: a handler would undo that.
+fn hangup_ignored() -> bool {
+    let ignored = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let mask = status
+                .lines()
+                .find_map(|line| line.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        });
+    ignored.is_some_and(|mask| mask & 1 != 0)
 }
 
 /// Says that a SIGTERM during the hand-over waits for its end: Pingora does not watch signals

@@ -214,14 +214,14 @@ async fn agent(config: AgentConfig) -> Result<(), AgentError> {
     let upstream = Arc::new(Upstream::new(&config.upstream).map_err(AgentError::Upstream)?);
     let (drain_tx, drain) = watch::channel(false);
     tokio::spawn(async move {
-        stop.next().await;
+        stop.stop().await;
         log::info!(
             "stopping: taking no more requests, finishing those in flight (signal again to stop \
              at once)"
         );
         // The sender lives on, so that the connection never sees the channel close.
         drain_tx.send_replace(true);
-        stop.next().await;
+        stop.again().await;
         // As a worker's second signal: whoever sends it wants the process gone, not the requests.
         log::warn!("stopping at once: the requests still in flight are cut");
         std::process::exit(1);

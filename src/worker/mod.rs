@@ -278,11 +278,14 @@ async fn work(config: WorkerConfig) -> Result<Phase, WorkerError> {
     Ok(phase)
 }
 
-/// Moves the phase forward on each SIGTERM, SIGINT or SIGHUP: first to draining, then to
-/// aborting.
+/// Moves the phase forward on signals: to draining at the first (SIGTERM, SIGINT or SIGHUP), to
+/// aborting at a SIGTERM or SIGINT after it.
 async fn follow_signals(phase: watch::Sender<Phase>, mut stop: StopSignals) {
     for next in [Phase::Draining, Phase::Aborting] {
-        stop.next().await;
+        match next {
+            Phase::Draining => stop.stop().await,
+            _ => stop.again().await,
+        }
         match next {
             Phase::Draining => log::info!(
                 "stopping: taking no more jobs, finishing the jobs in hand (signal again to abort)"

@@ -1031,12 +1031,58 @@ async fn second_signal_stops_the_agent_at_once() {
         .agent
         .expect_logged("signal again to stop at once")
         .await;
-    // SIGHUP (a terminal hanging up) counts as one, as SIGTERM and SIGINT do.
-    crate::support::process::signal(&setup.agent.child, "HUP");
+    crate::support::process::signal(&setup.agent.child, "INT");
     let status = setup.agent.exit(WAIT).await;
     assert_eq!(status.code(), Some(1), "{}", setup.agent.log());
     let answer = in_flight.await.expect("the request task does not panic");
     assert_eq!(answer.status, 502, "{answer:?}");
+}
+
+/// A terminal hanging up stops its agent as SIGTERM does, finishing its requests in flight; the
+/// second SIGHUP it often sends (the shell passes one on, the kernel sends another) does not cut
+/// them. Under `nohup`, SIGHUP stays ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangups_stop_the_agent_gracefully() {
+    let mut setup = Setup::start(Store::Memory, &[]).await;
+    let in_flight = at_the_upstream(&setup).await;
+    crate::support::process::signal(&setup.agent.child, "HUP");
+    setup
+        .agent
+        .expect_logged("signal again to stop at once")
+        .await;
+    crate::support::process::signal(&setup.agent.child, "HUP");
+    let answer = in_flight.await.expect("the request task does not panic");
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", setup.agent.log());
+    let status = setup.agent.exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "{}", setup.agent.log());
+
+    let name = tunnel_id("nohup");
+    let upstream = setup.upstream.url();
+    let args = [
+        "--relay",
+        &setup.relay.base,
+        "--name",
+        &name,
+        "--upstream",
+        &upstream,
+    ];
+    let mut agent = Agent::start_nohup(&args);
+    wait_agents(&setup.client, &name, 1, RECONNECT, &[&agent]).await;
+    let mut sleeping = setup.upstream.sleeping.subscribe();
+    let asked = *sleeping.borrow();
+    let (client, path) = (setup.client.clone(), format!("/r/{name}/sleep"));
+    let in_flight = tokio::spawn(async move { client.get(&path).await });
+    sleeping
+        .wait_for(|&n| n > asked)
+        .await
+        .expect("the upstream is reached");
+    // Ignored: the SIGTERM that follows is the first signal, which lets the request finish.
+    crate::support::process::signal(&agent.child, "HUP");
+    agent.terminate();
+    agent.expect_logged("signal again to stop at once").await;
+    let answer = in_flight.await.expect("the request task does not panic");
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", agent.log());
+    assert_eq!(agent.exit(WAIT).await.code(), Some(0), "{}", agent.log());
 }
 
 /// A request that the only agent of its name refused as it began to leave (its `HEAD` crossed

@@ -31,10 +31,23 @@ impl Agent {
 
     /// `burrow agent ARGS` with extra environment variables.
     fn start_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
+        let burrow = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")));
+        Agent::spawn(burrow, args, env)
+    }
+
+    /// `burrow agent ARGS` under `nohup`, which starts it with SIGHUP ignored.
+    fn start_nohup(args: &[&str]) -> Agent {
+        let mut nohup = Command::new("nohup");
+        nohup.arg(env!("CARGO_BIN_EXE_burrow"));
+        Agent::spawn(nohup, args, &[])
+    }
+
+    /// Runs `command agent ARGS`, logging to a file of its own.
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let dir = TempDir::new().expect("a tempdir for the agent's log");
         let log =
             std::fs::File::create(dir.path().join("agent.log")).expect("the tempdir is writable");
-        let child = Command::new(Path::new(env!("CARGO_BIN_EXE_burrow")))
+        let child = command
             .arg("agent")
             .args(args)
             .env("RUST_LOG", "info")

@@ -304,7 +304,8 @@ async fn concurrency_runs_jobs_at_once() {
     assert!(took < Duration::from_secs(5), "8 jobs took {took:?}");
 }
 
-/// SIGTERM while a job runs: the worker finishes it, replies, and exits 0.
+/// SIGTERM while a job runs: the worker finishes it, replies, and exits 0. A SIGHUP after it (a
+/// terminal hanging up often sends two) does not abort it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_job_in_hand() {
     let (client, base) = memory();
@@ -315,6 +316,8 @@ async fn sigterm_finishes_the_job_in_hand() {
     let id = submit(&client, &queue, job).await;
     wait_until_taken(&client, &queue, &id).await;
     worker.signal("TERM");
+    worker.wait_for_log("stopping").await;
+    worker.signal("HUP");
     let status = worker.exit_within(Duration::from_secs(10)).await;
     assert_eq!(
         status.and_then(|s| s.code()),
