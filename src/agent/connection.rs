@@ -80,6 +80,9 @@ where
                 .control(Frame::new(Kind::GoAway, 0, Default::default()));
             drain_until = Some(Instant::now() + grace);
         }
+        // Frames already read are handled without touching the socket, where tokio would make
+        // the task yield: a relay sending frames without end must not starve the upstream work.
+        tokio::task::coop::consume_budget().await;
         tokio::select! {
             message = incoming.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {

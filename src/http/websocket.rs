@@ -140,6 +140,9 @@ pub async fn serve_jobs(
         shutdown: shutdown.clone(),
     };
     loop {
+        // As in an agent's link: a client sending tiny frames without end must not keep the
+        // thread (see `routing::link`).
+        tokio::task::coop::consume_budget().await;
         let reply = tokio::select! {
             frame = incoming.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
@@ -308,6 +311,8 @@ pub async fn serve_events(
     let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
     let mut keepalive = keepalive();
     loop {
+        // Pings without end must not keep the thread (see `routing::link`).
+        tokio::task::coop::consume_budget().await;
         let frame = tokio::select! {
             body = events.next() => match String::from_utf8(body.to_vec()) {
                 Ok(text) => Message::text(text),

@@ -191,6 +191,10 @@ pub async fn serve<S>(
     tokio::pin!(handed_over);
     let mut moved = false;
     let reason: Reason = loop {
+        // Frames already read are handled without touching the socket, which is where tokio
+        // would make the task yield: an agent sending tiny frames without end kept the thread,
+        // and every connection on it, waiting for seconds.
+        tokio::task::coop::consume_budget().await;
         tokio::select! {
             message = incoming.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
