@@ -160,15 +160,41 @@ impl Frame {
         }
     }
 
-    /// A `RESET` frame's reason, lossily decoded (it is only ever logged or passed on).
+    /// A `RESET` frame's reason, lossily decoded (it is only ever logged or passed on). A client
+    /// may get it as its one-line error: only its first line counts, without control
+    /// characters, cut at [`REASON_LIMIT`] characters.
     pub fn reason(&self) -> String {
-        String::from_utf8_lossy(&self.payload).into_owned()
+        let text = String::from_utf8_lossy(&self.payload);
+        let line = text.lines().next().unwrap_or_default();
+        let mut printable = line.chars().filter(|c| !c.is_control());
+        let mut reason: String = printable.by_ref().take(REASON_LIMIT).collect();
+        if printable.next().is_some() {
+            reason.push('…');
+        }
+        reason
     }
 }
+
+/// The most characters of a `RESET` reason passed on.
+pub const REASON_LIMIT: usize = 200;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reason is passed on as one line: the first, without control characters, cut short.
+    #[test]
+    fn reasons_are_one_short_line() {
+        let reason =
+            |text: &[u8]| Frame::new(Kind::Reset, 1, Bytes::copy_from_slice(text)).reason();
+        assert_eq!(reason(b"upstream down"), "upstream down");
+        assert_eq!(reason(b"boom\r\nX: y"), "boom");
+        assert_eq!(reason(b"a\0b\rc\x7f"), "abc");
+        let long = reason(&[b'x'; 900_000]);
+        assert_eq!(long.chars().count(), REASON_LIMIT + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(reason(&[b'y'; REASON_LIMIT]), "y".repeat(REASON_LIMIT));
+    }
 
     /// Every kind round-trips, and the header is type then big-endian stream id.
     #[test]
