@@ -654,12 +654,18 @@ impl Env<'_> {
         let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
             let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
             // An unspecified address (`0.0.0.0`, `[::]`) is where one listens, not where other
-            // instances can connect.
-            let unspecified = |host: &str| {
-                host.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_unspecified())
+            // instances can connect, nor is a broadcast or multicast one; digits and dots that
+            // are no dotted quad (`0`, `000.0.0.0`) are an IPv4 address a resolver reads its own way.
+            let unreachable = |host: &str| match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => match ip.to_canonical() {
+                    std::net::IpAddr::V4(v4) => {
+                        v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()
+                    }
+                    std::net::IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+                },
+                Err(_) => host.chars().all(|c| c.is_ascii_digit() || c == '.'),
             };
-            let host_ok = !unspecified(bare.unwrap_or(host))
+            let host_ok = !unreachable(bare.unwrap_or(host))
                 && match bare {
                     Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
                     // A name or IPv4 address: anything else (`#`, `?`, `@`) would cut a URL short.
@@ -835,7 +841,17 @@ mod tests {
             assert!(c.advertise_given);
         }
         // Where one listens, but no address to reach.
-        for value in ["0.0.0.0:8080", "[::]:8080"] {
+        let unreachable = [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "0:8080",
+            "000.000.000.000:8080",
+            "[::ffff:0.0.0.0]:8080",
+            "255.255.255.255:8080",
+            "224.0.0.1:8080",
+            "[ff02::1]:8080",
+        ];
+        for value in unreachable {
             let refused = config(&[("BURROW_ADVERTISE", value)]).expect_err(value);
             assert!(
                 refused.to_string().contains("BURROW_ADVERTISE"),
