@@ -381,6 +381,7 @@ fn request_head(
         })
         .collect();
     strip_hop_by_hop(&mut headers);
+    join_cookies(&mut headers);
     // Also when another instance sent it on (its address joins the chain, as at any proxy): the
     // hop marker is a plain header that any client can send, so it cannot vouch for the chain.
     add_forwarded(&mut headers, client_address(session), host(session));
@@ -408,6 +409,24 @@ fn host(session: &ServerSession) -> Option<String> {
         Some(host) => host.to_str().ok().map(String::from),
         None => request.uri.authority().map(|a| a.as_str().to_owned()),
     }
+}
+
+/// Makes several `Cookie` fields one, joined by `; ` (RFC 9113 §8.2.3): an HTTP/2 client may send
+/// each cookie in a field of its own, which an HTTP/1.1 upstream would read as the first alone,
+/// or joined by `, `.
+fn join_cookies(headers: &mut Headers) {
+    if headers.iter().filter(|(name, _)| name == "cookie").count() < 2 {
+        return;
+    }
+    let mut cookies = Vec::new();
+    headers.retain(|(name, value)| {
+        let cookie = name == "cookie";
+        if cookie {
+            cookies.push(value.clone());
+        }
+        !cookie
+    });
+    headers.push(("cookie".into(), cookies.join("; ")));
 }
 
 /// `X-Forwarded-For` (appended to a proxy chain already there, whose lines are joined into one
@@ -438,6 +457,23 @@ fn add_forwarded(headers: &mut Headers, client: Option<String>, host: Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cookies in several fields become one field; one alone stays where it is.
+    #[test]
+    fn cookies_are_joined() {
+        let mut headers: Headers = vec![
+            ("cookie".into(), "a=1".into()),
+            ("accept".into(), "*/*".into()),
+            ("cookie".into(), "b=2".into()),
+        ];
+        join_cookies(&mut headers);
+        let joined = [("accept", "*/*"), ("cookie", "a=1; b=2")];
+        assert_eq!(headers, joined.map(|(n, v)| (n.to_owned(), v.to_owned())));
+        let mut one: Headers = vec![("cookie".into(), "a=1".into()), ("x".into(), "y".into())];
+        let before = one.clone();
+        join_cookies(&mut one);
+        assert_eq!(one, before);
+    }
 
     /// A proxy chain is extended (its lines joined, in order), an upstream proto kept, the host
     /// recorded.

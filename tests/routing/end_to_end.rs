@@ -1556,6 +1556,21 @@ async fn round_trip(backend: Backend) {
         (status, Echo::parse(body.as_bytes()).uri),
         (200, "/t".to_owned())
     );
+    // An HTTP/2 client may send each cookie in a field of its own: the HTTP/1.1 upstream gets
+    // one `Cookie` field (RFC 9113 §8.2.3).
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client builds");
+    let cookies = h2c
+        .get(format!("{}/r/{name}/c", client.base()))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .expect("the relay answers over h2c");
+    let body = cookies.bytes().await.expect("a body");
+    assert_eq!(Echo::parse(&body).one("cookie"), "a=1; b=2");
     // CONNECT asks for a tunnel, which no agent gives: refused with its reason, not sent on.
     let arrived = setup.upstream.arrived.load(Ordering::SeqCst);
     let requests = [
