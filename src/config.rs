@@ -198,17 +198,21 @@ const CLIENT_VARIABLES: [&str; 8] = [
 ];
 
 /// A warning for each variable of `environment` named like a setting (`BURROW_…`, `TUNNEL_…`,
-/// `REDIS_…`) that `burrow serve` does not read: a misspelt `TUNNEL_ACCESS_TOKEN` would otherwise
-/// leave the relay open without a word. Kubernetes' service links (`REDIS_SERVICE_HOST`,
-/// `BURROW_PORT_80_TCP`…) are nobody's settings and pass.
+/// `REDIS_…` in any case, or within two letters of one) that `burrow serve` does not read: a
+/// misspelt `TUNNEL_ACCESS_TOKEN` would otherwise leave the relay open without a word.
+/// Kubernetes' service links (`REDIS_SERVICE_HOST`, `BURROW_PORT_80_TCP`…) are nobody's settings
+/// and pass.
 pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let like_a_setting = |name: &str| {
+        let upper = name.to_ascii_uppercase();
+        ["BURROW_", "TUNNEL_", "REDIS_"]
+            .iter()
+            .any(|prefix| upper.starts_with(prefix))
+            || relay_variables().any(|known| strsim::levenshtein(known, &upper) <= 2)
+    };
     let mut warnings: Vec<String> = environment
         .into_iter()
-        .filter(|(name, _)| {
-            ["BURROW_", "TUNNEL_", "REDIS_"]
-                .iter()
-                .any(|p| name.starts_with(p))
-        })
+        .filter(|(name, _)| like_a_setting(name))
         .filter(|(name, value)| !service_link(name, value))
         .filter(|(name, _)| !relay_variables().any(|known| known == name))
         .map(|(name, _)| {
@@ -217,9 +221,10 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
                     "{name} is set, but only `burrow agent` and `burrow worker` read it: ignored"
                 );
             }
+            let upper = name.to_ascii_uppercase();
             let closest = relay_variables()
-                .min_by_key(|known| strsim::levenshtein(known, &name))
-                .filter(|known| strsim::levenshtein(known, &name) <= 3);
+                .min_by_key(|known| strsim::levenshtein(known, &upper))
+                .filter(|known| strsim::levenshtein(known, &upper) <= 3);
             match closest {
                 Some(known) => {
                     format!("{name} is no setting of the relay: ignored (did you mean {known}?)")
@@ -795,6 +800,10 @@ mod tests {
             ("BURROW_PORT", "tcp://10.0.0.2:80"),
             ("BURROW_PORT_80_TCP_ADDR", "10.0.0.2"),
             ("BURROW_METRICS_PORT_9090_TCP", "tcp://10.0.0.3:9090"),
+            ("TUNNELS_ACCESS_TOKEN", "secret"),
+            ("tunnel_access_token", "secret"),
+            ("HOSTNAME", "relay-0"),
+            ("RUSTUP_HOME", "/root/.rustup"),
         ];
         let owned = environment.map(|(name, value)| (name.to_owned(), value.to_owned()));
         assert_eq!(
@@ -803,7 +812,11 @@ mod tests {
                 "BURROW_STORES is no setting of the relay: ignored (did you mean BURROW_STORE?)",
                 "BURROW_TOKEN is set, but only `burrow agent` and `burrow worker` read it: ignored",
                 "REDIS_SOMETHING_ELSE_ENTIRELY is no setting of the relay: ignored",
+                "TUNNELS_ACCESS_TOKEN is no setting of the relay: ignored \
+                 (did you mean TUNNEL_ACCESS_TOKEN?)",
                 "TUNNEL_ACCESS_TOKENS is no setting of the relay: ignored \
+                 (did you mean TUNNEL_ACCESS_TOKEN?)",
+                "tunnel_access_token is no setting of the relay: ignored \
                  (did you mean TUNNEL_ACCESS_TOKEN?)",
             ]
         );

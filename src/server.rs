@@ -341,6 +341,7 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
             _ => return Err(unusable("not a YAML mapping of settings".into())),
         };
         own_socket = keys.contains_key("upgrade_sock");
+        warn_of_unknown_keys(path, &keys);
         settings.extend(keys);
     }
     let yaml = serde_yaml::to_string(&settings).map_err(|e| unusable(e.to_string()))?;
@@ -359,6 +360,30 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
         }
     }
     Ok(conf)
+}
+
+/// Warns of each key of a `BURROW_CONF` file that is no Pingora setting, which Pingora would
+/// ignore without a word (a misspelt `upgrade_sock`, say), with the setting it resembles.
+fn warn_of_unknown_keys(path: &str, keys: &serde_yaml::Mapping) {
+    let Ok(serde_yaml::Value::Mapping(known)) = serde_yaml::to_value(ServerConf::default()) else {
+        return;
+    };
+    let known: Vec<&str> = known.keys().filter_map(serde_yaml::Value::as_str).collect();
+    for key in keys.keys() {
+        let Some(key) = key.as_str().filter(|key| !known.contains(key)) else {
+            continue;
+        };
+        let closest = known
+            .iter()
+            .min_by_key(|setting| strsim::levenshtein(setting, key))
+            .filter(|setting| strsim::levenshtein(setting, key) <= 3);
+        match closest {
+            Some(setting) => log::warn!(
+                "BURROW_CONF {path}: {key} is no Pingora setting: ignored (did you mean {setting}?)"
+            ),
+            None => log::warn!("BURROW_CONF {path}: {key} is no Pingora setting: ignored"),
+        }
+    }
 }
 
 /// Makes the capability to listen on ports below 1024 effective where the binary was given it as

@@ -112,6 +112,32 @@ fn misspelt_setting_is_named() {
     assert!(warned, "{}", relay.output());
 }
 
+/// A key of a `BURROW_CONF` file that is no Pingora setting, which Pingora ignores, is warned of
+/// with the setting it resembles (a misspelt `upgrade_sock` would put the upgrade socket
+/// elsewhere).
+#[test]
+fn misspelt_pingora_setting_is_named() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let conf = dir.path().join("burrow.yaml");
+    std::fs::write(
+        &conf,
+        "upgrade_socket: /tmp/x.sock
+threads: 2
+",
+    )
+    .expect("the file is written");
+    let conf = conf.to_str().expect("a UTF-8 path");
+    let relay = Relay::start(Store::Memory, &[("BURROW_CONF", conf)]);
+    let said = "upgrade_socket is no Pingora setting: ignored (did you mean upgrade_sock?)";
+    let warned = wait_until(Duration::from_secs(5), || relay.output().contains(said));
+    assert!(warned, "{}", relay.output());
+    assert!(
+        !relay.output().contains("threads is no"),
+        "{}",
+        relay.output()
+    );
+}
+
 /// A redis server named on this host at a port in the ephemeral range is warned of: a relay
 /// reconnecting to it while it is down can connect to itself there.
 #[test]
