@@ -527,13 +527,7 @@ async fn sigquit_without_a_new_relay_is_refused() {
     let left = std::os::unix::net::UnixListener::bind(site.upgrade_sock());
     drop(left.expect("the upgrade socket can be made"));
     assert!(site.upgrade_sock().exists());
-    relay.signal("QUIT");
-    let said = "SIGQUIT ignored";
-    relay.expect_logged(said, Duration::from_secs(10)).await;
-    relay.client().get("/health").await.expect(200);
-    relay.signal("TERM");
-    let status = relay.exit_within(EXIT_WITHIN).await;
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    refused_with_a_word(relay, "QUIT").await;
 }
 
 /// A SIGHUP (nginx's reload) is ignored with a word why: the relay has nothing to reload, and
@@ -541,11 +535,14 @@ async fn sigquit_without_a_new_relay_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_is_ignored() {
     let site = Site::new();
-    let mut relay = site.start(free_port(), &[], &[]);
-    relay.signal("HUP");
-    relay
-        .expect_logged("SIGHUP ignored", Duration::from_secs(10))
-        .await;
+    refused_with_a_word(site.start(free_port(), &[], &[]), "HUP").await;
+}
+
+/// Sends `relay` SIG`signal`, which it must log as ignored and serve on, then stops it.
+async fn refused_with_a_word(mut relay: Burrow, signal: &str) {
+    relay.signal(signal);
+    let said = format!("SIG{signal} ignored");
+    relay.expect_logged(&said, Duration::from_secs(10)).await;
     relay.client().get("/health").await.expect(200);
     relay.signal("TERM");
     let status = relay.exit_within(EXIT_WITHIN).await;
