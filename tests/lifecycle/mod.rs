@@ -522,7 +522,7 @@ async fn sigterm_while_starting_stops_it_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_without_a_new_relay_is_refused() {
     let site = Site::new();
-    let mut relay = site.start(free_port(), &[], &[]);
+    let relay = site.start(free_port(), &[], &[]);
     // Nor does a socket file left by a new relay that was killed while it waited.
     let left = std::os::unix::net::UnixListener::bind(site.upgrade_sock());
     drop(left.expect("the upgrade socket can be made"));
