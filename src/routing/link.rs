@@ -76,9 +76,9 @@ impl Link {
         self.last_heartbeat_ms.load(Ordering::Relaxed)
     }
 
-    /// Whether the agent has said nothing for [`SILENT_AFTER`] since it was sent a request: it is
-    /// frozen or cut off, though its heartbeat has not expired yet. Other agents of the name are
-    /// picked first.
+    /// Whether the agent has sent no frame for [`SILENT_AFTER`] since it was sent a request (a
+    /// ping or pong is no answer): it is frozen or cut off, though its heartbeat has not expired
+    /// yet. Other agents of the name are picked first.
     pub fn silent(&self) -> bool {
         let since = self.unanswered_since_ms.load(Ordering::Relaxed);
         since != 0 && unix_ms().saturating_sub(since) > SILENT_AFTER.as_millis() as u64
@@ -125,9 +125,12 @@ impl Link {
         Ok(opened)
     }
 
-    fn heard(&self) {
+    /// Notes that the agent was heard from: by a frame (`answering`) or a control message.
+    fn heard(&self, answering: bool) {
         self.last_heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
-        self.unanswered_since_ms.store(0, Ordering::Relaxed);
+        if answering {
+            self.unanswered_since_ms.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -199,7 +202,7 @@ pub async fn serve<S>(
             message = incoming.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
                     last_heard = Instant::now();
-                    link.heard();
+                    link.heard(true);
                     let accepting = link.accepting();
                     if let Err(reason) = receive(&link, bytes) {
                         break reason;
@@ -208,10 +211,11 @@ pub async fn serve<S>(
                         registry.state_changed();
                     }
                 }
-                // tungstenite answers pings itself.
+                // tungstenite answers pings itself. An agent that reads nothing may still send
+                // these (its heartbeat task runs on): alive, but answering no request.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                     last_heard = Instant::now();
-                    link.heard();
+                    link.heard(false);
                 }
                 Some(Ok(Message::Text(_))) => break "protocol error: text message".into(),
                 Some(Ok(Message::Close(_))) | None => break "closed by the agent".into(),

@@ -563,15 +563,22 @@ async fn two_posts_answered_by_real(relay: &Relay, name: &str, len: usize) {
     }
 }
 
-/// An agent that has said nothing for a second since it was sent a request (frozen, say) is
+/// An agent that has sent no frame for a second since it was sent a request (frozen, say) is
 /// passed over while another agent of the name answers; it would otherwise get its share of
-/// requests, each timing out, until its heartbeat expires (30 s).
+/// requests, each timing out, until its heartbeat expires (30 s). Pongs are no answer.
 #[tokio::test]
 async fn silent_agent_is_passed_over() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
     let relay = start_relay().await;
-    // Connected, and reading nothing from now on.
-    let _frozen = relay.dial("frozen").await;
+    // Connected, reading nothing from now on, and sending pongs (its heartbeat runs on).
+    let mut frozen = relay.dial("frozen").await;
     relay.wait_for("frozen", 1).await;
+    let _pongs = tokio::spawn(async move {
+        while frozen.send(Message::Pong(Bytes::new())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     // `GET /echo` to "frozen", answered within 1.5 s.
     let get = || async {
         let short = Duration::from_millis(1500);
