@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from local import free_port, wait_for
+
 ROUNDS = 20
 UPSTREAM = """
 import http.server, socketserver, sys
@@ -44,22 +46,6 @@ CASES = {
     "deep, then %e0 x 19993": b"%2525252525252541" + b"%e0" * 19993,
     "deep, then (é, %e0) x 12000": b"%2525252525252541" + "é%e0".encode() * 11996,
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(port, deadline):
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 def request(port, path):

@@ -16,19 +16,13 @@ import base64
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 
+from local import each_binary, free_port, relay
+
 FLOOD = 6.0
 TOKEN = "flood-token"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ws_frame(opcode, payload):
@@ -89,29 +83,15 @@ def measured(port, what, flooder=None):
 
 def measure(binary):
     port = free_port()
-    env = dict(os.environ, BURROW_STORE="memory", BURROW_LISTEN=f"127.0.0.1:{port}",
-               TUNNEL_ACCESS_TOKEN=TOKEN, TUNNEL_PUBLIC_IDS="x", RUST_LOG="error")
-    relay = subprocess.Popen([binary, "serve"], env=env)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    settings = dict(TUNNEL_ACCESS_TOKEN=TOKEN, TUNNEL_PUBLIC_IDS="x", RUST_LOG="error")
+    with relay(binary, port, **settings):
         print(binary)
         measured(port, "no flood")
         tiny_data = ws_frame(2, agent_data_frame()) * 5000
         measured(port, "an agent's 1-byte DATA frames",
                  ("/agent/connect?name=flooder", tiny_data))
         measured(port, "a subscriber's empty pongs", ("/ws/e/x", ws_frame(10, b"") * 20000))
-    finally:
-        relay.terminate()
-        relay.wait()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    for binary in sys.argv[1:]:
-        measure(binary)
+    each_binary(measure, __doc__)

@@ -13,22 +13,15 @@ For each binary, a relay on the memory store on a free 127.0.0.1 port, then:
 Bounded (a few seconds per binary); every process and socket it opens is closed on exit.
 """
 
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
+
+from local import each_binary, free_port, relay
 
 SOCKETS = 1000
 WAITERS = 500
 WATCHED = 5.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(port, head, body=b""):
@@ -55,56 +48,44 @@ def rss(pid):
 
 def measure(binary):
     port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, BURROW_STORE="memory", BURROW_LISTEN=f"127.0.0.1:{port}",
-               BURROW_METRICS_LISTEN=f"127.0.0.1:{metrics_port}", RUST_LOG="warn")
-    relay = subprocess.Popen([binary, "serve"], env=env)
+    metrics = f"127.0.0.1:{metrics_port}"
     opened = []
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        before = rss(relay.pid)
-        for i in range(SOCKETS):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall((f"GET /ws/e/t{i} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                       "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
-            opened.append(s)
-        for s in opened:
-            assert b" 101 " in s.recv(4096), "a subscriber was refused"
-        time.sleep(0.5)
-        per_socket = (rss(relay.pid) - before) / SOCKETS
-        for s in opened:
-            s.close()
-        opened.clear()
+    with relay(binary, port, BURROW_METRICS_LISTEN=metrics, RUST_LOG="warn") as process:
+        try:
+            before = rss(process.pid)
+            for i in range(SOCKETS):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall((f"GET /ws/e/t{i} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                           "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+                opened.append(s)
+            for s in opened:
+                assert b" 101 " in s.recv(4096), "a subscriber was refused"
+            time.sleep(0.5)
+            per_socket = (rss(process.pid) - before) / SOCKETS
+            for s in opened:
+                s.close()
+            opened.clear()
 
-        close = "Host: x\r\nConnection: close\r\n"
-        status, _ = request(port, f"POST /t/busy HTTP/1.1\r\n{close}Content-Length: 1\r\n\r\n", b"m")
-        assert status == 201, status
-        status, _ = request(port, f"GET /t/busy?pending=300 HTTP/1.1\r\n{close}\r\n")
-        assert status == 200, status
-        for _ in range(WAITERS):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(f"GET /t/busy/poll?pending=300&timeout=20 HTTP/1.1\r\n{close}\r\n".encode())
-            opened.append(s)
-        time.sleep(1.0)
-        start = consumes(metrics_port)
-        time.sleep(WATCHED)
-        reads = (consumes(metrics_port) - start) / WATCHED
-        print(f"{binary}: {per_socket:.1f} KiB per idle WebSocket subscriber; "
-              f"{reads:.0f} store reads a second by {WAITERS} waiting polls")
-    finally:
-        for s in opened:
-            s.close()
-        relay.terminate()
-        relay.wait()
+            close = "Host: x\r\nConnection: close\r\n"
+            status, _ = request(port, f"POST /t/busy HTTP/1.1\r\n{close}Content-Length: 1\r\n\r\n", b"m")
+            assert status == 201, status
+            status, _ = request(port, f"GET /t/busy?pending=300 HTTP/1.1\r\n{close}\r\n")
+            assert status == 200, status
+            for _ in range(WAITERS):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(f"GET /t/busy/poll?pending=300&timeout=20 HTTP/1.1\r\n{close}\r\n".encode())
+                opened.append(s)
+            time.sleep(1.0)
+            start = consumes(metrics_port)
+            time.sleep(WATCHED)
+            reads = (consumes(metrics_port) - start) / WATCHED
+            print(f"{binary}: {per_socket:.1f} KiB per idle WebSocket subscriber; "
+                  f"{reads:.0f} store reads a second by {WAITERS} waiting polls")
+        finally:
+            for s in opened:
+                s.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    for binary in sys.argv[1:]:
-        measure(binary)
+    each_binary(measure, __doc__)
