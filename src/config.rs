@@ -221,11 +221,7 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
                     "{name} is set, but only `burrow agent` and `burrow worker` read it: ignored"
                 );
             }
-            let upper = name.to_ascii_uppercase();
-            let closest = relay_variables()
-                .min_by_key(|known| strsim::levenshtein(known, &upper))
-                .filter(|known| strsim::levenshtein(known, &upper) <= 3);
-            match closest {
+            match closest(&name.to_ascii_uppercase(), relay_variables()) {
                 Some(known) => {
                     format!("{name} is no setting of the relay: ignored (did you mean {known}?)")
                 }
@@ -235,6 +231,16 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
         .collect();
     warnings.sort();
     warnings
+}
+
+/// Of the `known` names, the one `name` most likely misspells (at most three letters off), for
+/// a "did you mean".
+pub fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|candidate| (strsim::levenshtein(candidate, name), candidate))
+        .filter(|(distance, _)| *distance <= 3)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
 }
 
 /// Whether `name=value` is one of the variables Kubernetes sets for each service

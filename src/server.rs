@@ -373,11 +373,7 @@ fn warn_of_unknown_keys(path: &str, keys: &serde_yaml::Mapping) {
         let Some(key) = key.as_str().filter(|key| !known.contains(key)) else {
             continue;
         };
-        let closest = known
-            .iter()
-            .min_by_key(|setting| strsim::levenshtein(setting, key))
-            .filter(|setting| strsim::levenshtein(setting, key) <= 3);
-        match closest {
+        match crate::config::closest(key, known.iter().copied()) {
             Some(setting) => log::warn!(
                 "BURROW_CONF {path}: {key} is no Pingora setting: ignored (did you mean {setting}?)"
             ),
