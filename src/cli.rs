@@ -43,6 +43,14 @@ pub fn run() -> ExitCode {
     if let Err(std::env::VarError::NotUnicode(_)) = std::env::var("RUST_LOG") {
         eprintln!("burrow: RUST_LOG is not UTF-8 text: ignored");
     }
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        for (word, level) in misspelt_levels(&filter) {
+            eprintln!(
+                "burrow: RUST_LOG names a module `{word}`, not a level: only its lines are \
+                 logged (did you mean `{level}`?)"
+            );
+        }
+    }
     // fred logs every reconnection attempt of every connection; Burrow logs store trouble itself,
     // throttled. A RUST_LOG that names fred gets its lines; one that does not (`info`, `warn`)
     // does not.
@@ -60,6 +68,25 @@ pub fn run() -> ExitCode {
         Command::Worker(args) => crate::worker::run(args),
         Command::Agent(args) => crate::agent::run(args),
     }
+}
+
+/// The bare words of a `RUST_LOG` filter that are no level but within two letters of one, each
+/// with that level. env_logger reads such a word (`inof`) as a module to log everything of, and
+/// no module is called that: the relay would log nothing, without a word.
+fn misspelt_levels(filter: &str) -> Vec<(&str, &'static str)> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    // A directive is `[module][=level]`; the filter may end in `/regex`.
+    let directives = filter.split('/').next().unwrap_or_default();
+    directives
+        .split(',')
+        .map(str::trim)
+        .filter(|word| !word.is_empty() && !word.contains('='))
+        .filter(|word| word.parse::<log::LevelFilter>().is_err())
+        .filter_map(|word| {
+            let level = crate::config::closest(&word.to_ascii_lowercase(), LEVELS.into_iter(), 2)?;
+            Some((word, level))
+        })
+        .collect()
 }
 
 /// Unsets every `BURROW_*` variable that is set but empty, so that the worker's and the agent's
@@ -191,5 +218,34 @@ impl log::Log for Redacting {
 
     fn flush(&self) {
         self.0.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::misspelt_levels;
+
+    /// Levels in any case, directives naming modules and a filter's regex are left alone.
+    #[test]
+    fn levels_and_modules_are_not_misspellings() {
+        for filter in [
+            "info",
+            "WARN,fred=debug",
+            "burrow=debug,h2",
+            "pingora_core/accept",
+            "",
+        ] {
+            assert_eq!(misspelt_levels(filter), [], "{filter}");
+        }
+    }
+
+    /// Bare words two letters or fewer from a level are named with it, in the filter's order.
+    #[test]
+    fn words_near_a_level_are_named_with_it() {
+        assert_eq!(misspelt_levels("inof"), [("inof", "info")]);
+        assert_eq!(
+            misspelt_levels(" Wran , burrow=info,debgu/x"),
+            [("Wran", "warn"), ("debgu", "debug")]
+        );
     }
 }

@@ -221,7 +221,7 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
                     "{name} is set, but only `burrow agent` and `burrow worker` read it: ignored"
                 );
             }
-            match closest(&name.to_ascii_uppercase(), relay_variables()) {
+            match closest(&name.to_ascii_uppercase(), relay_variables(), 3) {
                 Some(known) => {
                     format!("{name} is no setting of the relay: ignored (did you mean {known}?)")
                 }
@@ -233,12 +233,16 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
     warnings
 }
 
-/// Of the `known` names, the one `name` most likely misspells (at most three letters off), for
-/// a "did you mean".
-pub fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+/// Of the `known` names, the one `name` most likely misspells (at most `within` letters off),
+/// for a "did you mean".
+pub fn closest<'a>(
+    name: &str,
+    known: impl Iterator<Item = &'a str>,
+    within: usize,
+) -> Option<&'a str> {
     known
         .map(|candidate| (strsim::levenshtein(candidate, name), candidate))
-        .filter(|(distance, _)| *distance <= 3)
+        .filter(|(distance, _)| *distance <= within)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }

@@ -373,7 +373,7 @@ fn warn_of_unknown_keys(path: &str, keys: &serde_yaml::Mapping) {
         let Some(key) = key.as_str().filter(|key| !known.contains(key)) else {
             continue;
         };
-        match crate::config::closest(key, known.iter().copied()) {
+        match crate::config::closest(key, known.iter().copied(), 3) {
             Some(setting) => log::warn!(
                 "BURROW_CONF {path}: {key} is no Pingora setting: ignored (did you mean {setting}?)"
             ),

@@ -91,6 +91,25 @@ fn log_filter_that_is_not_utf8_is_reported() {
     );
 }
 
+/// A `RUST_LOG` level misspelt as a bare word, which env_logger reads as a module to log and
+/// so logs nothing of the relay's, is warned of with the level it resembles.
+#[test]
+fn misspelt_log_level_is_named() {
+    let vars = [
+        ("RUST_LOG", "inof,fred=warn".as_ref()),
+        ("TUNNEL_MAXLEN", "abc".as_ref()),
+    ];
+    let (code, stderr) = serve_with_all(&vars);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "RUST_LOG names a module `inof`, not a level: only its lines are logged \
+                         (did you mean `info`?)"
+        ),
+        "{stderr:?}"
+    );
+}
+
 /// A redis setting given where no store is named starts the memory store with a warning naming
 /// it: the Lua relay would have used redis on 127.0.0.1 there.
 #[test]
