@@ -80,8 +80,16 @@ impl Link {
     /// ping or pong is no answer): it is frozen or cut off, though its heartbeat has not expired
     /// yet. Other agents of the name are picked first.
     pub fn silent(&self) -> bool {
-        let since = self.unanswered_since_ms.load(Ordering::Relaxed);
-        since != 0 && unix_ms().saturating_sub(since) > SILENT_AFTER.as_millis() as u64
+        self.unanswered_for() > SILENT_AFTER
+    }
+
+    /// How long a request sent here has waited for the agent to send any frame; zero while none
+    /// waits.
+    fn unanswered_for(&self) -> Duration {
+        match self.unanswered_since_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(unix_ms().saturating_sub(since)),
+        }
     }
 
     /// Whether the agent refused a request lately (see [`REFUSING_FOR`]; it does so when it
@@ -224,6 +232,11 @@ pub async fn serve<S>(
             _ = check.tick() => {
                 if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
                     break "no heartbeat for 30 s".into();
+                }
+                // Alive but answering nothing (its pongs run on, its reading does not): let it
+                // go, so that it reconnects or stops holding its name.
+                if link.unanswered_for() > HEARTBEAT_TIMEOUT {
+                    break "no answer to a request for 30 s".into();
                 }
                 if draining && link.in_flight() == 0 {
                     break "relay shutting down".into();

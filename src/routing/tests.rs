@@ -602,6 +602,43 @@ async fn silent_agent_is_passed_over() {
     }
 }
 
+/// An agent that answers no request for 30 s, though it sends pongs, is let go: its name is free
+/// for others, and a `burrow agent` stuck so reconnects.
+#[tokio::test]
+async fn unanswering_agent_is_let_go() {
+    use futures_util::SinkExt;
+    let relay = start_relay().await;
+    let frozen = relay.dial("mute").await;
+    relay.wait_for("mute", 1).await;
+    let (mut pongs, mut reading) = frozen.split();
+    let _pongs = tokio::spawn(async move {
+        while pongs.send(Message::Pong(Bytes::new())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let short = Duration::from_millis(100);
+    let mut exchange = relay
+        .agents
+        .forward("mute", head("GET", "/echo", &[]), short)
+        .await
+        .unwrap();
+    exchange.finish().await.unwrap();
+    assert_eq!(exchange.response().await.err(), Some(RouteError::Timeout));
+    drop(exchange);
+    // Read (pings, the request's frames) until the relay closes the connection.
+    let limit = HEARTBEAT_TIMEOUT + Duration::from_secs(5);
+    let closed = tokio::time::timeout(limit, async {
+        while let Some(Ok(message)) = reading.next().await {
+            if let Message::Close(_) = message {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the mute agent is still connected");
+    relay.wait_for("mute", 0).await;
+}
+
 /// No agent of that name: `NoAgent`, with the message backstream gives.
 #[tokio::test]
 async fn no_agent() {
