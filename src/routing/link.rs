@@ -234,8 +234,10 @@ pub async fn serve<S>(
                     break "no heartbeat for 30 s".into();
                 }
                 // Alive but answering nothing (its pongs run on, its reading does not): let it
-                // go, so that it reconnects or stops holding its name.
-                if link.unanswered_for() > HEARTBEAT_TIMEOUT {
+                // go, so that it reconnects or stops holding its name. Only with a request still
+                // waiting: a request reset before the agent acknowledged it may never be answered
+                // by a sound agent, which would then be let go once idle for 30 s.
+                if link.in_flight() > 0 && link.unanswered_for() > HEARTBEAT_TIMEOUT {
                     break "no answer to a request for 30 s".into();
                 }
                 if draining && link.in_flight() == 0 {

@@ -602,33 +602,36 @@ async fn silent_agent_is_passed_over() {
     }
 }
 
-/// An agent that answers no request for 30 s, though it sends pongs, is let go: its name is free
-/// for others, and a `burrow agent` stuck so reconnects.
+/// An agent that has answered no request for 30 s, though it sends pongs, is let go while a
+/// request waits for it: its name is free for others, and a `burrow agent` stuck so reconnects.
+/// One whose unanswered request is over (reset before a sound agent could acknowledge it, say)
+/// stays.
 #[tokio::test]
 async fn unanswering_agent_is_let_go() {
-    use futures_util::SinkExt;
     let relay = start_relay().await;
-    let frozen = relay.dial("mute").await;
-    relay.wait_for("mute", 1).await;
-    let (mut pongs, mut reading) = frozen.split();
-    let _pongs = tokio::spawn(async move {
-        while pongs.send(Message::Pong(Bytes::new())).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let short = Duration::from_millis(100);
-    let mut exchange = relay
+    let (_idle, _idle_pongs) = mute_agent(&relay, "idle").await;
+    let short = Duration::from_millis(1500);
+    let mut over = relay
         .agents
-        .forward("mute", head("GET", "/echo", &[]), short)
+        .forward("idle", head("GET", "/", &[]), short)
         .await
         .unwrap();
-    exchange.finish().await.unwrap();
-    assert_eq!(exchange.response().await.err(), Some(RouteError::Timeout));
-    drop(exchange);
+    over.finish().await.unwrap();
+    assert_eq!(over.response().await.err(), Some(RouteError::Timeout));
+    drop(over);
+
+    let (mut mute, _pongs) = mute_agent(&relay, "mute").await;
+    let long = Duration::from_secs(60);
+    let mut waiting = relay
+        .agents
+        .forward("mute", head("GET", "/", &[]), long)
+        .await
+        .unwrap();
+    waiting.finish().await.unwrap();
     // Read (pings, the request's frames) until the relay closes the connection.
     let limit = HEARTBEAT_TIMEOUT + Duration::from_secs(5);
     let closed = tokio::time::timeout(limit, async {
-        while let Some(Ok(message)) = reading.next().await {
+        while let Some(Ok(message)) = mute.next().await {
             if let Message::Close(_) = message {
                 return;
             }
@@ -637,6 +640,28 @@ async fn unanswering_agent_is_let_go() {
     .await;
     assert!(closed.is_ok(), "the mute agent is still connected");
     relay.wait_for("mute", 0).await;
+    // "idle" went unanswered 1.5 s longer than "mute", with no request waiting.
+    relay.wait_for("idle", 1).await;
+}
+
+/// Dials as agent `name` that answers no request but sends a pong every 100 ms; answers its
+/// reading half and the task sending the pongs.
+async fn mute_agent(
+    relay: &Relay,
+    name: &str,
+) -> (
+    futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
+    JoinHandle<()>,
+) {
+    use futures_util::SinkExt;
+    let (mut pongs, reading) = relay.dial(name).await.split();
+    relay.wait_for(name, 1).await;
+    let sending = tokio::spawn(async move {
+        while pongs.send(Message::Pong(Bytes::new())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (reading, sending)
 }
 
 /// No agent of that name: `NoAgent`, with the message backstream gives.
