@@ -60,6 +60,12 @@ pub enum Error {
         /// The limit in bytes.
         limit: usize,
     },
+    /// An HTTP/1 request head with more header fields than the relay reads.
+    #[error("Too many header fields: the limit is {limit}")]
+    TooManyHeaderFields {
+        /// The limit in fields.
+        limit: usize,
+    },
     /// A request body of which nothing arrived for a minute (Pingora's read timeout).
     #[error("Request body stalled: nothing arrived for 60 s")]
     BodyStalled,

@@ -516,6 +516,21 @@ fn log_unread(error: &pingora_error::Error) {
     }
 }
 
+/// Pingora reads at most this many fields in an HTTP/1 request head (its parser's fixed array).
+const MAX_HEADER_FIELDS: usize = 256;
+
+/// What a client whose HTTP/1 head does not parse is told: 431 for more fields than Pingora
+/// reads (RFC 6585: too large collectively), 400 for anything else.
+fn unparsable_head(error: &pingora_error::Error) -> Error {
+    let cause = error.cause.as_deref();
+    match cause.and_then(|cause| cause.downcast_ref::<httparse::Error>()) {
+        Some(httparse::Error::TooManyHeaders) => Error::TooManyHeaderFields {
+            limit: MAX_HEADER_FIELDS,
+        },
+        _ => Error::MalformedHead("Malformed request head"),
+    }
+}
+
 /// Why a request could not be read, as the client is told: Pingora's own text (error kinds,
 /// parser contexts) goes only to the debug log.
 pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
@@ -638,7 +653,7 @@ impl HttpServerApp for RelayApp {
                 if e.etype() != &pingora_error::ErrorType::InvalidHTTPHeader {
                     return None;
                 }
-                Some(Error::MalformedHead("Malformed request head"))
+                Some(unparsable_head(&e))
             }
         };
         if let Some(why) = refused {

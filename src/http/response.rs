@@ -144,7 +144,7 @@ impl From<Error> for Response {
             | Error::ContentTypeNotText => 400,
             Error::UnsupportedCoding | Error::Connect => 501,
             Error::HeadTooSlow(_) | Error::BodyStalled => 408,
-            Error::HeadTooLarge { .. } => 431,
+            Error::HeadTooLarge { .. } | Error::TooManyHeaderFields { .. } => 431,
             Error::UnknownJob(_) => 404,
             Error::NotWebSocket(_) => 426,
             Error::ClientGone => 499,
