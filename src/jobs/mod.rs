@@ -288,12 +288,17 @@ fn outcome(reply: &Payload) -> JobState {
     if media_type == FAILURE_TYPE {
         // A detail that is not UTF-8 is still the detail, with U+FFFD in place of its bytes.
         let problem = serde_json::from_str::<Value>(&String::from_utf8_lossy(&reply.body)).ok();
-        let detail = problem.as_ref().and_then(|p| {
-            p.get("detail")
-                .or_else(|| p.get("title"))
-                .and_then(Value::as_str)
-        });
-        return JobState::Failed(detail.map_or_else(text, String::from));
+        let said = |field: &str| {
+            let value = problem.as_ref()?.get(field)?.as_str()?;
+            Some(value.to_owned()).filter(|value| !value.is_empty())
+        };
+        let error = said("detail")
+            .or_else(|| said("title"))
+            .unwrap_or_else(text);
+        if error.is_empty() {
+            return JobState::Failed("the worker reported a failure without saying why".into());
+        }
+        return JobState::Failed(error);
     }
     if media_type == "application/json" || media_type.ends_with("+json") {
         if let Ok(result) = serde_json::from_slice(&reply.body) {
@@ -333,6 +338,16 @@ mod tests {
             r#"{"title":"job failed","detail":"boom"}"#,
         );
         assert_eq!(outcome(&problem), JobState::Failed("boom".into()));
+        // A detail that is no text, or empty, gives way to the title.
+        let titled = reply(Some(FAILURE_TYPE), r#"{"title":"t","detail":null}"#);
+        assert_eq!(outcome(&titled), JobState::Failed("t".into()));
+        let titled = reply(Some(FAILURE_TYPE), r#"{"title":"t","detail":""}"#);
+        assert_eq!(outcome(&titled), JobState::Failed("t".into()));
+        let silent = reply(Some(FAILURE_TYPE), "");
+        assert_eq!(
+            outcome(&silent),
+            JobState::Failed("the worker reported a failure without saying why".into())
+        );
         let bare = reply(Some(FAILURE_TYPE), "plain words");
         assert_eq!(outcome(&bare), JobState::Failed("plain words".into()));
         let not_utf8 = Payload {

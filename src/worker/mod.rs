@@ -362,8 +362,8 @@ impl Worker {
             Delivery::NotPending => {
                 log::warn!(
                     "job {} was no longer pending when its result came (its visibility timeout \
-                     expired and another worker took it, it was acknowledged, or its queue was \
-                     cleared or lost by the store); result dropped",
+                     expired and another worker took it, and may have replied first, it was \
+                     acknowledged, or its queue was cleared or lost by the store); result dropped",
                     job.id
                 );
                 outcome.push_str(", reply not accepted");
