@@ -330,7 +330,7 @@ impl RelayApp {
             }
             Route::Subscribe { topic } => {
                 // Subscribed before the head is written, so no event after it is missed.
-                let subscription = self.subscribe(&topic)?;
+                let subscription = self.subscribe(&topic).await?;
                 let head = Response::streaming(200)
                     .header("Content-Type", "text/event-stream")
                     .header("Cache-Control", "no-cache");
@@ -376,7 +376,7 @@ impl RelayApp {
             } => return self.route(session, agent, path, timeout, shutdown).await,
             Route::EventSocket { topic } => {
                 let head = accept(session)?;
-                let subscription = self.subscribe(&topic)?;
+                let subscription = self.subscribe(&topic).await?;
                 let then = Some(After::Upgraded(Upgraded::Events(subscription)));
                 return Ok(Outcome::Respond(head, then));
             }
@@ -386,12 +386,15 @@ impl RelayApp {
 
     /// Subscribes to `topic`, unless events published now would not reach this process (its
     /// store's event feed is down): a subscriber is not kept waiting for nothing.
-    fn subscribe(&self, topic: &TunnelId) -> Result<Subscription, Error> {
+    async fn subscribe(&self, topic: &TunnelId) -> Result<Subscription, Error> {
         if !self.events.hears_events() {
             let why = "the events subscriber is not subscribed".into();
             return Err(Error::Store(StoreError::Unavailable(why)));
         }
-        Ok(self.events.events().subscribe(topic.as_str()))
+        // Registered first, so that the store keeps hearing the topic for it.
+        let subscription = self.events.events().subscribe(topic.as_str());
+        self.events.listen(topic.as_str()).await?;
+        Ok(subscription)
     }
 
     /// Reads the whole body, refusing more than `TUNNEL_MAX_MESSAGE_SIZE` bytes.

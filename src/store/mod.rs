@@ -206,6 +206,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Makes the events published on `topic` from now on reach this process, for a subscriber
+    /// registered with the audience first (redis: the subscriber takes the topic's channel while
+    /// the topic has subscribers here). `Unavailable` if that cannot be done now.
+    async fn listen(&self, _topic: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Resolves the next time the store is back after its connection was lost: a server
     /// restarted without persistence has lost what it held (the presence records). Never, for
     /// a store in the process.

@@ -6,7 +6,8 @@
 //! `redis/*.lua` called by SHA (loaded again after a `NOSCRIPT`); the simple ones (`len`,
 //! `clear`, job records, event publishes) are plain commands.
 //! The produce and reply scripts publish wake-ups on [`WAKE_CHANNEL`]; one subscriber connection
-//! per process turns them into [`Wakeups::wake`] calls. The store uses a small fixed set of
+//! per process (`subscriber`) turns them into [`Wakeups::wake`] calls, and the events of the
+//! topics subscribed here into deliveries. The store uses a small fixed set of
 //! multiplexed connections, whatever the number of waiting polls: one per worker thread and a
 //! shared pool (see `clients`). Produces and consumes issued on one thread while its previous
 //! call of that script is at the server share the next call (see `batch`).
@@ -27,12 +28,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::WithOptions;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, ConfigInterface, ErrorKind, EventInterface, KeysInterface,
-    Options, PubsubInterface, ReconnectPolicy, StreamsInterface, Value,
+    Builder, Client, ClientLike, Config, ConfigInterface, ErrorKind, KeysInterface, Options,
+    ReconnectPolicy, StreamsInterface, Value,
 };
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{ClusterHash, CustomCommand};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 
 use super::{
@@ -43,10 +43,12 @@ use crate::metrics;
 use batch::{Batched, Operation};
 use clients::Clients;
 use clock::ServerClock;
+use subscriber::SubscriberEvents;
 
 mod batch;
 mod clients;
 mod clock;
+mod subscriber;
 use crate::tunnel::{MessageId, TunnelId};
 use crate::wake::{Waited, WakeKey};
 
@@ -136,8 +138,10 @@ const READY_BATCH: usize = 1000;
 /// The redis store: its command connections; the wake-up subscriber runs on its own task.
 pub struct RedisStore {
     clients: Arc<Clients>,
-    /// Whether the subscriber connection is up and subscribed to events.
+    /// Whether the subscriber connection is up and subscribed.
     hears_events: watch::Receiver<bool>,
+    /// The topics whose events the subscriber takes.
+    topics: subscriber::Topics,
     /// How often the subscriber connection came back after it was lost; one receiver for the
     /// life of the store, so that `back` misses no return between its calls.
     came_back: tokio::sync::Mutex<watch::Receiver<u64>>,
@@ -196,16 +200,10 @@ impl RedisStore {
         let subscriber = builder
             .build()
             .map_err(|e| StoreError::Internal(format!("redis subscriber: {e}")))?;
-        // The receivers exist before the connection does, so its first connect event is not missed.
-        let events = SubscriberEvents {
-            messages: subscriber.message_rx(),
-            reconnects: subscriber.reconnect_rx(),
-            errors: subscriber.error_rx(),
-        };
+        let events = SubscriberEvents::of(&subscriber);
         let (subscribed, hears_events) = watch::channel(false);
         let (returns, came_back) = watch::channel(0);
-        let listening = listen(subscriber.clone(), events, audience, subscribed, returns);
-        tokio::spawn(listening);
+        let topics = subscriber::start(subscriber.clone(), events, audience, subscribed, returns);
         drop(subscriber.connect());
 
         // A relay that answers /health should not turn its first requests away while a reachable
@@ -231,6 +229,7 @@ impl RedisStore {
         Ok(RedisStore {
             clients,
             hears_events,
+            topics,
             came_back: tokio::sync::Mutex::new(came_back),
             // Zero stays zero (kept for ever): `millis` would make it one.
             empty_ttl: Value::Integer(
@@ -281,114 +280,6 @@ impl Call<'_> {
             ..Options::default()
         })
     }
-}
-
-/// What the subscriber connection reports.
-struct SubscriberEvents {
-    messages: broadcast::Receiver<fred::types::Message>,
-    reconnects: broadcast::Receiver<fred::types::config::Server>,
-    errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
-}
-
-/// How many distinct reasons for not reaching the store are logged per outage.
-const MAX_REASONS: usize = 8;
-
-/// Feeds `audience` from the subscriber for the life of the process, subscribing again after
-/// every (re)connection since a new connection starts without subscriptions; tells `subscribed`
-/// whether it is, and counts in `returns` each time it is again after its connection was lost.
-async fn listen(
-    subscriber: Client,
-    mut events: SubscriberEvents,
-    audience: Audience,
-    subscribed: watch::Sender<bool>,
-    returns: watch::Sender<u64>,
-) {
-    // Whether the connection was up once and lost since its last (re)connection.
-    let (mut was_up, mut lost) = (false, false);
-    // Logs one line per outage rather than one per reconnection attempt, and, while the server
-    // cannot be reached, each new reason once (a wrong password is not an unreachable server).
-    let mut connected = false;
-    let mut reasons = std::collections::HashSet::new();
-    // Named in every failure line: a wrong address is the usual cause.
-    let configured = match subscriber.client_config().server {
-        fred::types::config::ServerConfig::Centralized { server } => server.to_string(),
-        other => format!("{other:?}"),
-    };
-    loop {
-        tokio::select! {
-            message = events.messages.recv() => match message {
-                Ok(message) if message.channel == WAKE_CHANNEL => {
-                    if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
-                        audience.wakeups.wake(&key);
-                    }
-                }
-                Ok(message) => {
-                    let topic = message.channel.strip_prefix(EVENT_PREFIX);
-                    if let (Some(topic), Some(body)) = (topic, bytes_of(message.value)) {
-                        audience.events.deliver(topic, body);
-                    }
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    log::debug!("redis wake-ups: {missed} missed, waiters will re-check");
-                }
-                Err(RecvError::Closed) => return,
-            },
-            reconnect = events.reconnects.recv() => {
-                match reconnect {
-                    Ok(server) => {
-                        log::info!("redis: connected to {server}");
-                        connected = true;
-                        metrics::store_up(true);
-                        reasons.clear();
-                    }
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return,
-                }
-                subscribed.send_replace(subscribe(&subscriber).await);
-                was_up = true;
-                if std::mem::take(&mut lost) {
-                    returns.send_modify(|n| *n += 1);
-                }
-            }
-            error = events.errors.recv() => match error {
-                Ok((error, server)) => {
-                    subscribed.send_replace(false);
-                    lost |= was_up;
-                    metrics::store_up(false);
-                    let text = readable(&error);
-                    let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
-                    if std::mem::take(&mut connected) {
-                        log::warn!("redis: connection to {at} lost, reconnecting: {text}");
-                    } else if !reasons.contains(&text) && reasons.len() < MAX_REASONS {
-                        log::warn!("redis: cannot connect to {at}: {text}");
-                        reasons.insert(text);
-                    }
-                }
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
-            },
-        }
-    }
-}
-
-/// Subscribes to [`WAKE_CHANNEL`] and the event channels, retrying while the connection is up; a
-/// subscriber that stays unsubscribed would leave every waiter to its periodic re-check. Whether
-/// it subscribed.
-async fn subscribe(subscriber: &Client) -> bool {
-    while subscriber.is_connected() {
-        let subscribed = async {
-            subscriber.subscribe(WAKE_CHANNEL).await?;
-            subscriber.psubscribe(format!("{EVENT_PREFIX}*")).await
-        };
-        match subscribed.await {
-            Ok(()) => return true,
-            Err(e) => {
-                log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-    false
 }
 
 /// A Lua script run by SHA. The SHA is learnt from the first `SCRIPT LOAD`; the script is loaded
@@ -964,9 +855,9 @@ impl Backend for RedisStore {
         let receivers = published
             .as_i64()
             .ok_or_else(|| unexpected("publish", &published))?;
-        // This instance's own subscription counts among them: none means it is gone, though its
-        // loss is not reported yet, and this instance's subscribers missed the event.
-        if receivers == 0 {
+        // This instance's own subscription, where it has subscribers, counts among them: none
+        // means it is gone, though its loss is not reported yet, and they missed the event.
+        if receivers == 0 && self.topics.hears(topic) {
             let why = "the events subscriber did not receive the event".into();
             return Err(StoreError::Unavailable(why));
         }
@@ -975,6 +866,10 @@ impl Backend for RedisStore {
 
     fn hears_events(&self) -> bool {
         *self.hears_events.borrow()
+    }
+
+    async fn listen(&self, topic: &str) -> Result<(), StoreError> {
+        self.topics.listen(topic).await
     }
 
     async fn back(&self) {

@@ -582,8 +582,9 @@ async fn events_wait_for_the_subscription() {
     }
 }
 
-/// A publish that no subscription received — the relay's own subscriber connection was dropped by
-/// the server and the relay has not noticed yet — is refused with 503, not accepted as delivered.
+/// A publish that no subscription received although this instance has a subscriber of its topic —
+/// the relay's own subscriber connection was dropped by the server and the relay has not noticed
+/// yet — is refused with 503, not accepted as delivered.
 #[tokio::test]
 async fn publish_that_reached_no_subscription_is_refused() {
     let redis = RedisServer::start();
@@ -591,11 +592,12 @@ async fn publish_that_reached_no_subscription_is_refused() {
     let relay = through(&proxy, &redis);
     let api = relay.client();
     let topic = tunnel_id("unheard");
+    let _subscriber = crate::events::Sse::open(&api, &topic).await;
     api.post(&format!("/e/{topic}"), "heard").await.expect(202);
 
     proxy.cut_subscribers();
     let forgotten = wait_until(Duration::from_secs(10), || {
-        redis.command(&["PUBSUB", "NUMPAT"]).int() == 0
+        subscriptions(&redis, &topic) == 0
     });
     assert!(
         forgotten,
@@ -604,6 +606,48 @@ async fn publish_that_reached_no_subscription_is_refused() {
     api.post(&format!("/e/{topic}"), "unheard")
         .await
         .expect_one_line_error(503);
+}
+
+/// An instance takes a topic's events only while it has subscribers of it: its subscriber
+/// connection subscribes the topic's channel before the first is told it is subscribed, and
+/// leaves it within seconds of the last one leaving. Publishing there needs no subscription.
+#[tokio::test]
+async fn topics_are_heard_while_they_have_subscribers() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let topic = tunnel_id("heard");
+    api.post(&format!("/e/{topic}"), "nobody").await.expect(202);
+    assert_eq!(subscriptions(&redis, &topic), 0);
+    assert_eq!(redis.command(&["PUBSUB", "NUMPAT"]).int(), 0);
+
+    let first = crate::events::Sse::open(&api, &topic).await;
+    assert_eq!(subscriptions(&redis, &topic), 1);
+    let mut second = crate::events::Sse::open(&api, &topic).await;
+    assert_eq!(subscriptions(&redis, &topic), 1, "one channel per topic");
+    drop(first);
+    api.post(&format!("/e/{topic}"), "still").await.expect(202);
+    assert_eq!(second.next_event().await, "still");
+    drop(second);
+    // Awaited, not blocked on: the dropped stream's connection closes on this runtime.
+    let left = eventually(Duration::from_secs(15), || async {
+        subscriptions(&redis, &topic) == 0
+    })
+    .await;
+    assert!(
+        left,
+        "the relay still takes the events of a topic nobody reads"
+    );
+    let mut again = crate::events::Sse::open(&api, &topic).await;
+    api.post(&format!("/e/{topic}"), "back").await.expect(202);
+    assert_eq!(again.next_event().await, "back");
+}
+
+/// How many connections take the events of `topic`.
+fn subscriptions(redis: &RedisServer, topic: &str) -> i64 {
+    let channel = format!("burrow:event:{topic}");
+    let answer = redis.command(&["PUBSUB", "NUMSUB", &channel]);
+    answer.items()[1].int()
 }
 
 /// With redis-server hung (SIGSTOP) under concurrent load, every produce and consume answers 503

@@ -1,0 +1,297 @@
+//! The pub/sub subscriber of one process: the wake-ups of waiting long-polls on one channel, and
+//! the events of each topic this process has subscribers of on the topic's own channel —
+//! subscribed when its first local subscriber comes, left once none is left — so that an instance
+//! receives only the events someone there waits for. Subscribed again after every reconnection,
+//! since a new connection starts without subscriptions.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fred::prelude::{Client, ClientLike, EventInterface, PubsubInterface};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{bytes_of, readable, EVENT_PREFIX, QUEUE_TIMEOUT, WAKE_CHANNEL};
+use crate::metrics;
+use crate::store::{Audience, StoreError};
+use crate::wake::WakeKey;
+
+/// How often channels of topics left without local subscribers are unsubscribed.
+const TIDY_EVERY: Duration = Duration::from_secs(5);
+
+/// How many distinct reasons for not reaching the store are logged per outage.
+const MAX_REASONS: usize = 8;
+
+/// What the subscriber connection reports.
+pub(super) struct SubscriberEvents {
+    pub messages: broadcast::Receiver<fred::types::Message>,
+    pub reconnects: broadcast::Receiver<fred::types::config::Server>,
+    pub errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+}
+
+impl SubscriberEvents {
+    /// The receivers of `subscriber`, made before it connects so that its first connect event
+    /// is not missed.
+    pub fn of(subscriber: &Client) -> SubscriberEvents {
+        SubscriberEvents {
+            messages: subscriber.message_rx(),
+            reconnects: subscriber.reconnect_rx(),
+            errors: subscriber.error_rx(),
+        }
+    }
+}
+
+/// A topic that a subscriber registered with the audience asks to hear, and where to say
+/// whether its channel is subscribed.
+type Ask = (String, oneshot::Sender<bool>);
+
+/// The store's handle on the subscriber's topics. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Topics {
+    asks: mpsc::UnboundedSender<Ask>,
+    /// The topics whose channel is subscribed (or is to be again, after a reconnection).
+    heard: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Topics {
+    /// Subscribes `topic`'s channel unless it is already; `Unavailable` if that is not done
+    /// within [`QUEUE_TIMEOUT`] (the subscriber's connection is down, or the server frozen).
+    /// For a subscriber already registered with the audience: the tidy-up keeps the channel of a
+    /// topic that has one.
+    pub async fn listen(&self, topic: &str) -> Result<(), StoreError> {
+        if self.hears(topic) {
+            return Ok(());
+        }
+        let (told, answer) = oneshot::channel();
+        let unavailable =
+            || StoreError::Unavailable("the events subscriber is not subscribed".into());
+        self.asks
+            .send((topic.to_owned(), told))
+            .map_err(|_| unavailable())?;
+        match tokio::time::timeout(QUEUE_TIMEOUT, answer).await {
+            Ok(Ok(true)) => Ok(()),
+            _ => Err(unavailable()),
+        }
+    }
+
+    /// Whether `topic`'s channel is subscribed: this process's subscription then counts among the
+    /// receivers of each of its events.
+    pub fn hears(&self, topic: &str) -> bool {
+        self.heard().contains(topic)
+    }
+
+    fn heard(&self) -> MutexGuard<'_, HashSet<String>> {
+        // The set is consistent after every statement, so a poisoned lock is still usable.
+        self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Starts the subscriber's task, which feeds `audience` for the life of the process; tells
+/// `subscribed` whether the connection is up and subscribed, and counts in `returns` each time it
+/// is again after its connection was lost. Answers the handle on its topics.
+pub(super) fn start(
+    subscriber: Client,
+    events: SubscriberEvents,
+    audience: Audience,
+    subscribed: watch::Sender<bool>,
+    returns: watch::Sender<u64>,
+) -> Topics {
+    let (asks, asked) = mpsc::unbounded_channel();
+    let topics = Topics {
+        asks,
+        heard: Arc::default(),
+    };
+    let feed = Feed {
+        subscriber,
+        audience,
+        topics: topics.clone(),
+        subscribed,
+        returns,
+    };
+    tokio::spawn(feed.run(events, asked));
+    topics
+}
+
+/// The subscriber's task.
+struct Feed {
+    subscriber: Client,
+    audience: Audience,
+    topics: Topics,
+    subscribed: watch::Sender<bool>,
+    returns: watch::Sender<u64>,
+}
+
+impl Feed {
+    async fn run(self, mut events: SubscriberEvents, mut asked: mpsc::UnboundedReceiver<Ask>) {
+        // Whether the connection was up once and lost since its last (re)connection.
+        let (mut was_up, mut lost) = (false, false);
+        // Logs one line per outage rather than one per reconnection attempt, and, while the
+        // server cannot be reached, each new reason once (a wrong password is not an
+        // unreachable server).
+        let mut connected = false;
+        let mut reasons = HashSet::new();
+        // Named in every failure line: a wrong address is the usual cause.
+        let configured = match self.subscriber.client_config().server {
+            fred::types::config::ServerConfig::Centralized { server } => server.to_string(),
+            other => format!("{other:?}"),
+        };
+        let mut tidy = tokio::time::interval(TIDY_EVERY);
+        // Topics whose channel is to be unsubscribed, tried again until it is.
+        let mut leaving = HashSet::new();
+        loop {
+            tokio::select! {
+                message = events.messages.recv() => match message {
+                    Ok(message) => self.deliver(message),
+                    Err(RecvError::Lagged(missed)) => {
+                        log::debug!("redis wake-ups: {missed} missed, waiters will re-check");
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                reconnect = events.reconnects.recv() => {
+                    match reconnect {
+                        Ok(server) => {
+                            log::info!("redis: connected to {server}");
+                            connected = true;
+                            metrics::store_up(true);
+                            reasons.clear();
+                        }
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return,
+                    }
+                    self.subscribed.send_replace(self.subscribe_all().await);
+                    was_up = true;
+                    if std::mem::take(&mut lost) {
+                        self.returns.send_modify(|n| *n += 1);
+                    }
+                }
+                error = events.errors.recv() => match error {
+                    Ok((error, server)) => {
+                        self.subscribed.send_replace(false);
+                        lost |= was_up;
+                        metrics::store_up(false);
+                        let text = readable(&error);
+                        let at = server.map_or_else(|| configured.clone(), |s| s.to_string());
+                        if std::mem::take(&mut connected) {
+                            log::warn!("redis: connection to {at} lost, reconnecting: {text}");
+                        } else if !reasons.contains(&text) && reasons.len() < MAX_REASONS {
+                            log::warn!("redis: cannot connect to {at}: {text}");
+                            reasons.insert(text);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+                Some(ask) = asked.recv() => {
+                    // Those that came meanwhile share the one SUBSCRIBE.
+                    let mut asks = vec![ask];
+                    while let Ok(ask) = asked.try_recv() {
+                        asks.push(ask);
+                    }
+                    self.add(asks).await;
+                }
+                _ = tidy.tick() => self.tidy(&mut leaving).await,
+            }
+        }
+    }
+
+    /// Hands a wake-up to the waiters, an event to the topic's subscribers.
+    fn deliver(&self, message: fred::types::Message) {
+        if message.channel == WAKE_CHANNEL {
+            if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
+                self.audience.wakeups.wake(&key);
+            }
+            return;
+        }
+        let topic = message.channel.strip_prefix(EVENT_PREFIX);
+        if let (Some(topic), Some(body)) = (topic, bytes_of(message.value)) {
+            self.audience.events.deliver(topic, body);
+        }
+    }
+
+    /// Subscribes the channels of the topics asked for that are not yet, and tells each asker
+    /// whether its topic is heard.
+    async fn add(&self, asks: Vec<Ask>) {
+        let new: HashSet<String> = asks
+            .iter()
+            .map(|(topic, _)| topic.clone())
+            .filter(|topic| !self.topics.hears(topic))
+            .collect();
+        let done =
+            *self.subscribed.borrow() && (new.is_empty() || self.subscribe(channels(&new)).await);
+        if done {
+            self.topics.heard().extend(new);
+        }
+        for (_, told) in asks {
+            let _ = told.send(done);
+        }
+    }
+
+    /// Unsubscribes the channels of topics that have no local subscriber left, and those that
+    /// failed to be last time.
+    async fn tidy(&self, leaving: &mut HashSet<String>) {
+        let events = &self.audience.events;
+        // Counted and forgotten under the lock that `Topics::hears` takes: a subscriber that
+        // registers after the count finds its topic not heard, and asks for it again (its
+        // SUBSCRIBE then follows this UNSUBSCRIBE on the connection).
+        {
+            let mut heard = self.topics.heard();
+            leaving.retain(|topic| !heard.contains(topic));
+            let left: Vec<String> = heard
+                .iter()
+                .filter(|topic| events.subscribers(topic) == 0)
+                .cloned()
+                .collect();
+            for topic in left {
+                heard.remove(&topic);
+                leaving.insert(topic);
+            }
+        }
+        if leaving.is_empty() || !self.subscriber.is_connected() {
+            // A lost connection has no subscriptions left.
+            leaving.clear();
+            return;
+        }
+        let unsubscribing = self.subscriber.unsubscribe(channels(leaving.iter()));
+        match tokio::time::timeout(QUEUE_TIMEOUT, unsubscribing).await {
+            Ok(Ok(())) => leaving.clear(),
+            Ok(Err(e)) => log::debug!("redis: leaving {} topics failed: {e}", leaving.len()),
+            Err(_) => log::debug!("redis: leaving {} topics timed out", leaving.len()),
+        }
+    }
+
+    /// Subscribes `channels` within [`QUEUE_TIMEOUT`]; whether it did.
+    async fn subscribe(&self, channels: Vec<String>) -> bool {
+        let subscribing = self.subscriber.subscribe(channels);
+        matches!(
+            tokio::time::timeout(QUEUE_TIMEOUT, subscribing).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Subscribes [`WAKE_CHANNEL`] and the heard topics' channels after a (re)connection,
+    /// retrying while the connection is up; a subscriber that stays unsubscribed would leave
+    /// every waiter to its periodic re-check. Whether it subscribed.
+    async fn subscribe_all(&self) -> bool {
+        while self.subscriber.is_connected() {
+            let mut all = channels(self.topics.heard().iter());
+            all.push(WAKE_CHANNEL.to_owned());
+            match self.subscriber.subscribe(all).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The channels of `topics`.
+fn channels<'a>(topics: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    topics
+        .into_iter()
+        .map(|topic| format!("{EVENT_PREFIX}{topic}"))
+        .collect()
+}
