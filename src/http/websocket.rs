@@ -351,7 +351,8 @@ where
     };
     let (code, reason) = match error {
         WsError::Protocol(e) => (CloseCode::Protocol, e.to_string()),
-        WsError::Utf8(_) => (CloseCode::Invalid, "a text frame must be UTF-8".to_owned()),
+        // tungstenite reports a Close frame's reason that is not UTF-8 so too.
+        WsError::Utf8(_) => (CloseCode::Invalid, "text must be UTF-8".to_owned()),
         WsError::Capacity(e) => (CloseCode::Size, e.to_string()),
         _ => return,
     };
