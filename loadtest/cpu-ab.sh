@@ -9,6 +9,7 @@
 #   loadtest/cpu-ab.sh health  /tmp/old/burrow target/release/burrow
 #   DURATION=5s ROUNDS=3 loadtest/cpu-ab.sh produce OLD NEW     # produce on the redis store
 #   loadtest/cpu-ab.sh route OLD NEW                             # relay → agent → upstream
+#   loadtest/cpu-ab.sh publish OLD NEW   # events on the redis store; `other`: a second instance
 #
 # Needs wrk, redis-server and a release loadgen (`cargo build --release -p loadgen`); run
 # `scripts/install-deps.sh --loadtest` first on a fresh machine.
@@ -30,11 +31,11 @@ ENV=(BURROW_ACCESS_LOG=0 RUST_LOG=warn)
 WRK_CONNECTIONS=64
 case $SCENARIO in
   health | route) ENV+=(BURROW_STORE=memory) ;;
-  produce)
+  produce | publish)
     start_redis
     ENV+=(BURROW_STORE=redis "REDIS_URL=redis://127.0.0.1:$REDIS_PORT")
     ;;
-  *) echo "scenario: health, produce or route" >&2 && exit 2 ;;
+  *) echo "scenario: health, produce, publish or route" >&2 && exit 2 ;;
 esac
 [[ $SCENARIO == route ]] && WRK_CONNECTIONS=32
 
@@ -47,6 +48,19 @@ for _ in $(seq "$ROUNDS"); do
     PIDS+=("$relay")
     wait_http "http://127.0.0.1:$port/health"
     watched=("$relay")
+    names=(relay)
+    if [[ $SCENARIO == publish ]]; then
+      # Another instance on the store, with no subscriber and no request: what the events
+      # published through the first cost it.
+      other_port=$(free_port)
+      env "${ENV[@]}" BURROW_CONF="$(relay_conf other)" BURROW_LISTEN="127.0.0.1:$other_port" \
+        "$binary" serve >"$TMP/other.log" 2>&1 &
+      other=$!
+      PIDS+=("$other")
+      wait_http "http://127.0.0.1:$other_port/health"
+      watched+=("$other")
+      names+=(other)
+    fi
     if [[ $SCENARIO == route ]]; then
       up_port=$(free_port)
       "$LOADGEN" upstream --port "$up_port" --seconds 600 >"$TMP/upstream.log" 2>&1 &
@@ -57,6 +71,7 @@ for _ in $(seq "$ROUNDS"); do
       agent=$!
       PIDS+=("$agent")
       watched+=("$agent")
+      names+=(agent)
       for _ in $(seq 200); do
         curl -sf "http://127.0.0.1:$port/agents" | grep -q '"svc"' && break
         sleep 0.05
@@ -73,8 +88,7 @@ for _ in $(seq "$ROUNDS"); do
     for i in "${!watched[@]}"; do
       used=$(($(ticks "${watched[$i]}") - before[i]))
       # Clock ticks are 1/100 s: µs per request = ticks * 10^4 / (rate * seconds).
-      name=$([[ $i == 0 ]] && echo relay || echo agent)
-      line+=" $name=$(awk -v t="$used" -v r="$rate" -v s="$seconds" 'BEGIN { printf "%.1f", t * 10000 / (r * s) }')µs"
+      line+=" ${names[$i]}=$(awk -v t="$used" -v r="$rate" -v s="$seconds" 'BEGIN { printf "%.1f", t * 10000 / (r * s) }')µs"
     done
     echo "$line"
     kill "${watched[@]}" 2>/dev/null || true
