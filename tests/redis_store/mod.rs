@@ -643,6 +643,31 @@ async fn topics_are_heard_while_they_have_subscribers() {
     assert_eq!(again.next_event().await, "back");
 }
 
+/// A subscriber is answered only once the server has subscribed its topic's channel: with the
+/// server stopped, subscribing to a new topic is 503 after 2 s, not a 200 after which events
+/// published could run at the server before the subscription and be missed.
+#[tokio::test]
+async fn subscribing_waits_for_the_server() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let topic = tunnel_id("unconfirmed");
+    let pid = redis.pid();
+    signal_pid(pid, "STOP");
+    let asked = api
+        .request(reqwest::Method::GET, &format!("/e/{topic}"))
+        .send();
+    let answer = tokio::time::timeout(Duration::from_secs(10), asked).await;
+    signal_pid(pid, "CONT");
+    let answer = answer
+        .expect("an answer within 10 s")
+        .expect("the relay answers");
+    assert_eq!(answer.status().as_u16(), 503);
+    let mut subscriber = crate::events::Sse::open(&api, &topic).await;
+    api.post(&format!("/e/{topic}"), "after").await.expect(202);
+    assert_eq!(subscriber.next_event().await, "after");
+}
+
 /// How many connections take the events of `topic`.
 fn subscriptions(redis: &RedisServer, topic: &str) -> i64 {
     let channel = format!("burrow:event:{topic}");

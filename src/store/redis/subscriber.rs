@@ -6,9 +6,9 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fred::prelude::{Client, ClientLike, EventInterface, PubsubInterface};
+use fred::prelude::{Client, ClientLike, EventInterface, PubsubInterface, Value};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -19,6 +19,9 @@ use crate::wake::WakeKey;
 
 /// How often channels of topics left without local subscribers are unsubscribed.
 const TIDY_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the feed's falling behind is logged at most.
+const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How many distinct reasons for not reaching the store are logged per outage.
 const MAX_REASONS: usize = 8;
@@ -136,6 +139,7 @@ impl Feed {
             fred::types::config::ServerConfig::Centralized { server } => server.to_string(),
             other => format!("{other:?}"),
         };
+        let mut lag = Lag::default();
         let mut tidy = tokio::time::interval(TIDY_EVERY);
         // Topics whose channel is to be unsubscribed, tried again until it is.
         let mut leaving = HashSet::new();
@@ -143,9 +147,7 @@ impl Feed {
             tokio::select! {
                 message = events.messages.recv() => match message {
                     Ok(message) => self.deliver(message),
-                    Err(RecvError::Lagged(missed)) => {
-                        log::debug!("redis wake-ups: {missed} missed, waiters will re-check");
-                    }
+                    Err(RecvError::Lagged(missed)) => lag.dropped(missed),
                     Err(RecvError::Closed) => return,
                 },
                 reconnect = events.reconnects.recv() => {
@@ -262,11 +264,19 @@ impl Feed {
 
     /// Subscribes `channels` within [`QUEUE_TIMEOUT`]; whether it did.
     async fn subscribe(&self, channels: Vec<String>) -> bool {
-        let subscribing = self.subscriber.subscribe(channels);
         matches!(
-            tokio::time::timeout(QUEUE_TIMEOUT, subscribing).await,
+            tokio::time::timeout(QUEUE_TIMEOUT, self.subscribed(channels)).await,
             Ok(Ok(()))
         )
+    }
+
+    /// Subscribes `channels` and answers once the server has: fred ends a SUBSCRIBE when it is
+    /// written, dropping the server's confirmation, so a PING follows it on the connection, whose
+    /// answer comes after the SUBSCRIBE ran. Answered earlier, a subscriber could miss events
+    /// published after its 200 while the server was busy.
+    async fn subscribed(&self, channels: Vec<String>) -> Result<(), fred::error::Error> {
+        self.subscriber.subscribe(channels).await?;
+        self.subscriber.ping::<Value>(None).await.map(drop)
     }
 
     /// Subscribes [`WAKE_CHANNEL`] and the heard topics' channels after a (re)connection,
@@ -276,7 +286,7 @@ impl Feed {
         while self.subscriber.is_connected() {
             let mut all = channels(self.topics.heard().iter());
             all.push(WAKE_CHANNEL.to_owned());
-            match self.subscriber.subscribe(all).await {
+            match self.subscribed(all).await {
                 Ok(()) => return true,
                 Err(e) => {
                     log::warn!("redis: subscribing to {WAKE_CHANNEL} failed, retrying: {e}");
@@ -285,6 +295,30 @@ impl Feed {
             }
         }
         false
+    }
+}
+
+/// Messages the feed dropped for falling behind the connection, reported at most once per
+/// [`LAG_LOG_EVERY`] with the count since the last report.
+#[derive(Default)]
+struct Lag {
+    unreported: u64,
+    reported: Option<Instant>,
+}
+
+impl Lag {
+    fn dropped(&mut self, missed: u64) {
+        self.unreported += missed;
+        if self.reported.is_some_and(|at| at.elapsed() < LAG_LOG_EVERY) {
+            return;
+        }
+        log::warn!(
+            "redis: the pub/sub feed fell behind and dropped {} messages: events lost for this \
+             instance's subscribers (waiting polls re-check)",
+            self.unreported
+        );
+        self.unreported = 0;
+        self.reported = Some(Instant::now());
     }
 }
 
