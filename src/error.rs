@@ -48,6 +48,9 @@ pub enum Error {
     /// A WebSocket route asked for without a valid WebSocket handshake.
     #[error("Expected a WebSocket upgrade: {0}")]
     NotWebSocket(&'static str),
+    /// A WebSocket upgrade asked for with a handshake that is not one; the text says why.
+    #[error("{0}")]
+    BadHandshake(&'static str),
     /// An HTTP/1 request head that must not be served (see `http::framing`); the text says why.
     #[error("{0}")]
     MalformedHead(&'static str),

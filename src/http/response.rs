@@ -140,6 +140,7 @@ impl From<Error> for Response {
             | Error::BadParameter(_)
             | Error::BadRequest(_)
             | Error::MalformedHead(_)
+            | Error::BadHandshake(_)
             | Error::InvalidBody(_)
             | Error::ContentTypeNotText => 400,
             Error::UnsupportedCoding | Error::Connect => 501,
@@ -209,7 +210,7 @@ mod tests {
         assert!(r.headers.contains(&("Retry-After".into(), "0".into())));
         let r = Response::from(Error::MethodNotAllowed { allow: "GET" });
         assert!(r.headers.contains(&("Allow".into(), "GET".into())));
-        let r = Response::from(Error::NotWebSocket("no Sec-WebSocket-Key header"));
+        let r = Response::from(Error::NotWebSocket("no `Upgrade: websocket` header"));
         assert_eq!(r.status, 426);
         assert!(r.headers.contains(&("Upgrade".into(), "websocket".into())));
         assert!(r

@@ -101,11 +101,13 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
             "only Sec-WebSocket-Version 13 is spoken",
         ));
     }
-    let key = key.ok_or(Error::NotWebSocket("no Sec-WebSocket-Key header"))?;
+    // An upgrade asked for with a broken handshake is malformed (RFC 6455 §4.2.1: 400), not one
+    // that was never asked for (426).
+    let key = key.ok_or(Error::BadHandshake("no Sec-WebSocket-Key header"))?;
     // A nonce of 16 bytes in base64 (RFC 6455 §4.1): anything else is no WebSocket client.
     let nonce = base64::engine::general_purpose::STANDARD.decode(key.trim_ascii());
     if nonce.map_or(true, |nonce| nonce.len() != 16) {
-        return Err(Error::NotWebSocket(
+        return Err(Error::BadHandshake(
             "Sec-WebSocket-Key is not 16 bytes in base64",
         ));
     }

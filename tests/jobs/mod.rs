@@ -188,6 +188,18 @@ async fn bad_requests(api: &Client) {
         .version(reqwest::Version::HTTP_10)
         .header("Connection", "Upgrade");
     api.send(http10).await.expect_one_line_error(426);
+    // One asked for with a key that is no 16-byte nonce is malformed: 400 (§4.2.1).
+    let bad_key = api
+        .request(Method::GET, "/ws")
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "short");
+    let refused = api.send(bad_key).await.expect_one_line_error(400);
+    assert_eq!(
+        refused.text().trim_end(),
+        "Sec-WebSocket-Key is not 16 bytes in base64"
+    );
     api.get("/done/jobs.1-0?wait=soon")
         .await
         .expect_one_line_error(400);
