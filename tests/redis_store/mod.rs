@@ -645,7 +645,8 @@ async fn topics_are_heard_while_they_have_subscribers() {
 
 /// A subscriber is answered only once the server has subscribed its topic's channel: with the
 /// server stopped, subscribing to a new topic is 503 after 2 s, not a 200 after which events
-/// published could run at the server before the subscription and be missed.
+/// published could run at the server before the subscription and be missed. The SUBSCRIBE the
+/// server runs late is undone.
 #[tokio::test]
 async fn subscribing_waits_for_the_server() {
     let redis = RedisServer::start();
@@ -663,6 +664,12 @@ async fn subscribing_waits_for_the_server() {
         .expect("an answer within 10 s")
         .expect("the relay answers");
     assert_eq!(answer.status().as_u16(), 503);
+    // The server runs the SUBSCRIBE it was sent once it runs again: the channel is left.
+    let left = eventually(Duration::from_secs(15), || async {
+        subscriptions(&redis, &topic) == 0
+    })
+    .await;
+    assert!(left, "the refused subscriber's channel stays subscribed");
     let mut subscriber = crate::events::Sse::open(&api, &topic).await;
     api.post(&format!("/e/{topic}"), "after").await.expect(202);
     assert_eq!(subscriber.next_event().await, "after");

@@ -190,7 +190,7 @@ impl Feed {
                     while let Ok(ask) = asked.try_recv() {
                         asks.push(ask);
                     }
-                    self.add(asks).await;
+                    self.add(asks, &mut leaving).await;
                 }
                 _ = tidy.tick() => self.tidy(&mut leaving).await,
             }
@@ -212,17 +212,19 @@ impl Feed {
     }
 
     /// Subscribes the channels of the topics asked for that are not yet, and tells each asker
-    /// whether its topic is heard.
-    async fn add(&self, asks: Vec<Ask>) {
+    /// whether its topic is heard. Those not confirmed in time go to `leaving`: the server may
+    /// still run their SUBSCRIBE, and nobody would leave those channels.
+    async fn add(&self, asks: Vec<Ask>, leaving: &mut HashSet<String>) {
         let new: HashSet<String> = asks
             .iter()
             .map(|(topic, _)| topic.clone())
             .filter(|topic| !self.topics.hears(topic))
             .collect();
-        let done =
-            *self.subscribed.borrow() && (new.is_empty() || self.subscribe(channels(&new)).await);
+        let done = *self.subscribed.borrow() && self.subscribe(&new).await;
         if done {
             self.topics.heard().extend(new);
+        } else {
+            leaving.extend(new);
         }
         for (_, told) in asks {
             let _ = told.send(done);
@@ -262,10 +264,14 @@ impl Feed {
         }
     }
 
-    /// Subscribes `channels` within [`QUEUE_TIMEOUT`]; whether it did.
-    async fn subscribe(&self, channels: Vec<String>) -> bool {
+    /// Subscribes the channels of `topics` within [`QUEUE_TIMEOUT`]; whether it did.
+    async fn subscribe(&self, topics: &HashSet<String>) -> bool {
+        if topics.is_empty() {
+            return true;
+        }
+        let subscribed = self.subscribed(channels(topics));
         matches!(
-            tokio::time::timeout(QUEUE_TIMEOUT, self.subscribed(channels)).await,
+            tokio::time::timeout(QUEUE_TIMEOUT, subscribed).await,
             Ok(Ok(()))
         )
     }
