@@ -66,18 +66,26 @@ pub struct Subscription {
     _open: Opened,
 }
 
+/// What a subscriber is handed next.
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    /// An event's body.
+    Event(Bytes),
+    /// This many events were skipped: the subscriber fell more than [`BUFFER`] behind.
+    Skipped(u64),
+}
+
 impl Subscription {
-    /// The next event; events missed because this subscriber was slow are skipped.
-    pub async fn next(&mut self) -> Bytes {
-        loop {
-            match self.receiver.recv().await {
-                Ok(body) => return body,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    log::debug!("event subscriber of {} skipped {missed}", self.topic);
-                }
-                // The hub keeps the sender while a subscription exists, so this cannot end.
-                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+    /// The next event, or how many were skipped because this subscriber was slow.
+    pub async fn next(&mut self) -> Received {
+        match self.receiver.recv().await {
+            Ok(body) => Received::Event(body),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                log::debug!("event subscriber of {} skipped {missed}", self.topic);
+                Received::Skipped(missed)
             }
+            // The hub keeps the sender while a subscription exists, so this cannot end.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }
 }
@@ -107,17 +115,18 @@ mod tests {
         let (mut a, mut b) = (events.subscribe("t"), events.subscribe("t"));
         let mut other = events.subscribe("u");
         assert_eq!(events.deliver("t", Bytes::from("hi")), 2);
-        assert_eq!(a.next().await, "hi");
-        assert_eq!(b.next().await, "hi");
+        assert_eq!(a.next().await, Received::Event("hi".into()));
+        assert_eq!(b.next().await, Received::Event("hi".into()));
         assert_eq!(events.deliver("nobody", Bytes::from("x")), 0);
         drop((a, b));
         assert_eq!(events.subscribers("t"), 0);
         assert!(!events.lock().contains_key("t"));
         events.deliver("u", Bytes::from("u1"));
-        assert_eq!(other.next().await, "u1");
+        assert_eq!(other.next().await, Received::Event("u1".into()));
     }
 
-    /// A slow subscriber skips what it missed instead of blocking the publisher.
+    /// A slow subscriber skips what it missed instead of blocking the publisher, and is told how
+    /// many.
     #[tokio::test]
     async fn slow_subscriber_skips() {
         let events = Events::default();
@@ -125,6 +134,7 @@ mod tests {
         for n in 0..(BUFFER + 10) {
             events.deliver("t", Bytes::from(n.to_string()));
         }
-        assert_eq!(slow.next().await, "10");
+        assert_eq!(slow.next().await, Received::Skipped(10));
+        assert_eq!(slow.next().await, Received::Event("10".into()));
     }
 }

@@ -7,7 +7,7 @@ use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
 use super::{send_deadline, KEEPALIVE};
-use crate::events::Subscription;
+use crate::events::{Received, Subscription};
 use crate::tunnel::Shutdown;
 
 /// Streams the subscription's events until the client goes away or the relay shuts down.
@@ -23,7 +23,11 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             return;
         }
         chunk = tokio::select! {
-            body = events.next() => event(&body),
+            received = events.next() => match received {
+                Received::Event(body) => event(&body),
+                // A comment, which EventSource ignores, so that a reader can tell a gap.
+                Received::Skipped(missed) => Bytes::from(format!(": skipped {missed} events\n\n")),
+            },
             _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
             _ = shutdown.changed() => break,
             // Noticed at once, not at the next write, so `X-Subscribers` counts live clients.

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::Error;
-use crate::events::Subscription;
+use crate::events::{Received, Subscription};
 use crate::jobs::{JobId, JobState, Jobs};
 use crate::metrics::{Open, Opened};
 use crate::routing::frame::MAX_MESSAGE;
@@ -316,9 +316,13 @@ pub async fn serve_events(
         // Pings without end must not keep the thread (see `routing::link`).
         tokio::task::coop::consume_budget().await;
         let frame = tokio::select! {
-            body = events.next() => match String::from_utf8(body.to_vec()) {
-                Ok(text) => Message::text(text),
-                Err(_) => Message::binary(body),
+            received = events.next() => match received {
+                Received::Event(body) => match String::from_utf8(body.to_vec()) {
+                    Ok(text) => Message::text(text),
+                    Err(_) => Message::binary(body),
+                },
+                // Every frame is an event: a gap has no frame of its own.
+                Received::Skipped(_) => continue,
             },
             frame = incoming.next() => match frame {
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.

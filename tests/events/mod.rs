@@ -268,6 +268,54 @@ async fn handshake(socket: &mut tokio::net::TcpStream, path: &str) {
     );
 }
 
+/// A subscriber that falls more than 256 events behind skips what it missed, and its SSE stream
+/// says how many (`: skipped N events`, a comment EventSource ignores), so that a reader can
+/// tell a gap from a quiet topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_events_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Backend::Memory.shared().client();
+    let topic = tunnel_id("gap");
+    let mut sse = small_window(&api).await;
+    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    sse.write_all(request.as_bytes()).await.expect("sent");
+    read_until(&mut sse, &mut Vec::new(), ": subscribed").await;
+    // 15 MB of events, unread meanwhile: more than the connection's buffers and the 256 events
+    // the relay keeps for a subscriber.
+    let event = "e".repeat(10_000);
+    let published = 1500;
+    for _ in 0..published {
+        assert_eq!(publish(&api, &topic, &event).await, 1);
+    }
+    publish(&api, &topic, "last").await;
+    let mut seen = Vec::new();
+    let read_all = async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        // Each event is a chunk of its own (the stream is chunked).
+        while !seen.ends_with(b"data: last\n\n\r\n") {
+            let n = sse.read(&mut chunk).await.expect("readable");
+            assert!(n > 0, "the stream ended early");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read_all)
+        .await
+        .expect("the stream within 30 s");
+    let text = String::from_utf8_lossy(&seen);
+    let skipped: u64 = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(": skipped "))
+        .map(|rest| {
+            rest.trim_end_matches(" events")
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum();
+    let delivered = text.matches(&format!("data: {event}\n")).count() as u64;
+    assert!(skipped > 0, "no gap reported");
+    assert_eq!(delivered + skipped, published);
+}
+
 /// A client that sends pings and reads nothing cannot make the relay queue pongs without end (it
 /// once grew by a GiB in seconds): a socket holds one unsent pong at most, on the events and the
 /// jobs socket alike.
