@@ -251,6 +251,17 @@ async fn small_window(api: &Client) -> tokio::net::TcpStream {
     socket.connect(address).await.expect("the relay accepts")
 }
 
+/// An SSE subscription to `topic` on a connection with a small window, subscribed (its first
+/// comment read), for a test to leave unread.
+async fn unread_sse(api: &Client, topic: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut sse = small_window(api).await;
+    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    sse.write_all(request.as_bytes()).await.expect("sent");
+    read_until(&mut sse, &mut Vec::new(), ": subscribed").await;
+    sse
+}
+
 /// Sends a WebSocket handshake for `path` on `socket` and reads the 101.
 async fn handshake(socket: &mut tokio::net::TcpStream, path: &str) {
     use tokio::io::AsyncWriteExt;
@@ -273,13 +284,10 @@ async fn handshake(socket: &mut tokio::net::TcpStream, path: &str) {
 /// tell a gap from a quiet topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skipped_events_are_counted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let api = Backend::Memory.shared().client();
     let topic = tunnel_id("gap");
-    let mut sse = small_window(&api).await;
-    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
-    sse.write_all(request.as_bytes()).await.expect("sent");
-    read_until(&mut sse, &mut Vec::new(), ": subscribed").await;
+    let mut sse = unread_sse(&api, &topic).await;
     // 15 MB of events, unread meanwhile: more than the connection's buffers and the 256 events
     // the relay keeps for a subscriber.
     let event = "e".repeat(10_000);
@@ -372,13 +380,9 @@ async fn quiet_sockets_are_pinged() {
 /// count in `X-Subscribers`; publishers are not slowed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_subscribers_are_dropped() {
-    use tokio::io::AsyncWriteExt;
     let api = Backend::Memory.shared().client();
     let topic = tunnel_id("stuck");
-    let mut sse = small_window(&api).await;
-    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
-    sse.write_all(request.as_bytes()).await.expect("sent");
-    read_until(&mut sse, &mut Vec::new(), ": subscribed").await;
+    let sse = unread_sse(&api, &topic).await;
     let mut ws = small_window(&api).await;
     handshake(&mut ws, &format!("/ws/e/{topic}")).await;
     // 10 MB of events: more than both connections' buffers hold.

@@ -629,13 +629,8 @@ async fn topics_are_heard_while_they_have_subscribers() {
     api.post(&format!("/e/{topic}"), "still").await.expect(202);
     assert_eq!(second.next_event().await, "still");
     drop(second);
-    // Awaited, not blocked on: the dropped stream's connection closes on this runtime.
-    let left = eventually(Duration::from_secs(15), || async {
-        subscriptions(&redis, &topic) == 0
-    })
-    .await;
     assert!(
-        left,
+        channel_left(&redis, &topic).await,
         "the relay still takes the events of a topic nobody reads"
     );
     let mut again = crate::events::Sse::open(&api, &topic).await;
@@ -665,14 +660,22 @@ async fn subscribing_waits_for_the_server() {
         .expect("the relay answers");
     assert_eq!(answer.status().as_u16(), 503);
     // The server runs the SUBSCRIBE it was sent once it runs again: the channel is left.
-    let left = eventually(Duration::from_secs(15), || async {
-        subscriptions(&redis, &topic) == 0
-    })
-    .await;
-    assert!(left, "the refused subscriber's channel stays subscribed");
+    assert!(
+        channel_left(&redis, &topic).await,
+        "the refused subscriber's channel stays subscribed"
+    );
     let mut subscriber = crate::events::Sse::open(&api, &topic).await;
     api.post(&format!("/e/{topic}"), "after").await.expect(202);
     assert_eq!(subscriber.next_event().await, "after");
+}
+
+/// Whether no connection takes the events of `topic` within 15 s (the relay's tidy-up runs every
+/// 5 s). Awaited, not blocked on: a dropped subscriber's connection closes on the test's runtime.
+async fn channel_left(redis: &RedisServer, topic: &str) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        subscriptions(redis, topic) == 0
+    })
+    .await
 }
 
 /// How many connections take the events of `topic`.
