@@ -669,6 +669,48 @@ async fn subscribing_waits_for_the_server() {
     assert_eq!(subscriber.next_event().await, "after");
 }
 
+/// A subscription the server is slow to run holds up no event of the topics already heard: their
+/// events are delivered while it waits (before, they waited with it, up to its 2 s deadline, and
+/// the new subscriber was then refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscription_holds_up_no_event() {
+    let redis = RedisServer::start();
+    let proxy = RedisProxy::start(&redis);
+    let (relay, publisher) = (
+        through(&proxy, &redis),
+        Relay::start(Store::Redis(&redis), &[]),
+    );
+    let api = relay.client();
+    let (heard, fresh) = (tunnel_id("heard"), tunnel_id("fresh"));
+    let mut subscriber = crate::events::Sse::open(&api, &heard).await;
+
+    proxy.hold_subscribers();
+    let asking = tokio::spawn(
+        api.request(reqwest::Method::GET, &format!("/e/{fresh}"))
+            .send(),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async { proxy.held() > 0 }).await,
+        "the new topic's SUBSCRIBE never reached the proxy"
+    );
+    let publishing = publisher.client();
+    publishing
+        .post(&format!("/e/{heard}"), "meanwhile")
+        .await
+        .expect(202);
+    assert_eq!(subscriber.next_event().await, "meanwhile");
+    proxy.release();
+    let answer = asking
+        .await
+        .expect("not panicked")
+        .expect("the relay answers");
+    assert_eq!(
+        answer.status().as_u16(),
+        200,
+        "the new subscriber was refused"
+    );
+}
+
 /// Whether no connection takes the events of `topic` within 15 s (the relay's tidy-up runs every
 /// 5 s). Awaited, not blocked on: a dropped subscriber's connection closes on the test's runtime.
 async fn channel_left(redis: &RedisServer, topic: &str) -> bool {

@@ -2,12 +2,13 @@
 //! without the relay being told: the one state that only a race produces otherwise (a subscriber
 //! connection the server dropped, whose loss the client has not noticed yet). It can also hold
 //! back the server's answers, as a server far away would, and make the server's clock seem to
-//! step forward right after the relay first reads it.
+//! step forward right after the relay first reads it, and hold back what subscriber connections
+//! send while passing on what they receive, as a server slow to run a new subscription would.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ pub struct RedisProxy {
     /// The clients' side of every connection, held so that none is closed before the proxy is.
     clients: Arc<Mutex<Vec<TcpStream>>>,
     clock: Arc<Clock>,
+    gate: Arc<Gate>,
 }
 
 impl RedisProxy {
@@ -52,11 +54,13 @@ impl RedisProxy {
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let clients = Arc::new(Mutex::new(Vec::new()));
         let clock = Arc::new(clock);
+        let gate = Arc::new(Gate::default());
         let proxy = RedisProxy {
             port,
             subscribers: Arc::clone(&subscribers),
             clients: Arc::clone(&clients),
             clock: Arc::clone(&clock),
+            gate: Arc::clone(&gate),
         };
         thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
@@ -64,7 +68,8 @@ impl RedisProxy {
                     continue;
                 };
                 let clock = Arc::clone(&clock);
-                forward(client, server, delay, clock, &subscribers, &clients);
+                let gate = Arc::clone(&gate);
+                forward(client, server, delay, (clock, gate), &subscribers, &clients);
             }
         });
         proxy
@@ -73,6 +78,22 @@ impl RedisProxy {
     /// How many `TIME` answers have passed.
     pub fn clock_readings(&self) -> u64 {
         self.clock.answered.load(Ordering::SeqCst)
+    }
+
+    /// Holds back what subscriber connections send from now on, until [`RedisProxy::release`].
+    pub fn hold_subscribers(&self) {
+        *self.gate.closed.lock().expect("not poisoned") = true;
+    }
+
+    /// Passes on what subscriber connections were held back from sending, and all they send.
+    pub fn release(&self) {
+        *self.gate.closed.lock().expect("not poisoned") = false;
+        self.gate.opened.notify_all();
+    }
+
+    /// How many of a subscriber connection's writes are held back.
+    pub fn held(&self) -> u64 {
+        self.gate.held.load(Ordering::SeqCst)
     }
 
     /// `redis://127.0.0.1:PORT` of the proxy.
@@ -145,12 +166,35 @@ impl Clock {
     }
 }
 
+/// Where subscriber connections' writes wait while they are held back.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+    held: AtomicU64,
+}
+
+impl Gate {
+    /// Returns once the gate is open, counting the wait among the held writes.
+    fn pass(&self) {
+        let mut closed = self.closed.lock().expect("not poisoned");
+        if !*closed {
+            return;
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        while *closed {
+            closed = self.opened.wait(closed).expect("not poisoned");
+        }
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Copies bytes both ways between `client` and `server`, each way on a thread of its own.
 fn forward(
     client: TcpStream,
     server: TcpStream,
     delay: Duration,
-    clock: Arc<Clock>,
+    (clock, gate): (Arc<Clock>, Arc<Gate>),
     subscribers: &Arc<Mutex<Vec<TcpStream>>>,
     clients: &Mutex<Vec<TcpStream>>,
 ) {
@@ -180,6 +224,8 @@ fn forward(
                     subscribers.lock().expect("not poisoned").push(clone);
                     noted = true;
                 }
+            } else if noted {
+                gate.pass();
             }
             if to_server.write_all(sent).is_err() {
                 break;

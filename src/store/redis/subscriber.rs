@@ -26,11 +26,17 @@ const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How many distinct reasons for not reaching the store are logged per outage.
 const MAX_REASONS: usize = 8;
 
+/// The subscriber connection's reports of each (re)connection.
+type Reconnects = broadcast::Receiver<fred::types::config::Server>;
+
+/// The subscriber connection's reports of each failure, with the server it was at.
+type Errors = broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>;
+
 /// What the subscriber connection reports.
 pub(super) struct SubscriberEvents {
     pub messages: broadcast::Receiver<fred::types::Message>,
-    pub reconnects: broadcast::Receiver<fred::types::config::Server>,
-    pub errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+    pub reconnects: Reconnects,
+    pub errors: Errors,
 }
 
 impl SubscriberEvents {
@@ -90,9 +96,11 @@ impl Topics {
     }
 }
 
-/// Starts the subscriber's task, which feeds `audience` for the life of the process; tells
-/// `subscribed` whether the connection is up and subscribed, and counts in `returns` each time it
-/// is again after its connection was lost. Answers the handle on its topics.
+/// Starts the subscriber's tasks, which feed `audience` for the life of the process: one hands
+/// out what arrives, the other subscribes and leaves channels, so that a server slow to confirm a
+/// subscription does not hold up the events of topics already heard. Tells `subscribed` whether
+/// the connection is up and subscribed, and counts in `returns` each time it is again after its
+/// connection was lost. Answers the handle on its topics.
 pub(super) fn start(
     subscriber: Client,
     events: SubscriberEvents,
@@ -105,6 +113,7 @@ pub(super) fn start(
         asks,
         heard: Arc::default(),
     };
+    tokio::spawn(deliver(events.messages, audience.clone()));
     let feed = Feed {
         subscriber,
         audience,
@@ -112,11 +121,38 @@ pub(super) fn start(
         subscribed,
         returns,
     };
-    tokio::spawn(feed.run(events, asked));
+    tokio::spawn(feed.run(events.reconnects, events.errors, asked));
     topics
 }
 
-/// The subscriber's task.
+/// Hands each wake-up to the waiters, each event to its topic's subscribers, until the
+/// subscriber connection is dropped.
+async fn deliver(mut messages: broadcast::Receiver<fred::types::Message>, audience: Audience) {
+    let mut lag = Lag::default();
+    loop {
+        match messages.recv().await {
+            Ok(message) => deliver_one(&audience, message),
+            Err(RecvError::Lagged(missed)) => lag.dropped(missed),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Hands a wake-up to the waiters, an event to the topic's subscribers.
+fn deliver_one(audience: &Audience, message: fred::types::Message) {
+    if message.channel == WAKE_CHANNEL {
+        if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
+            audience.wakeups.wake(&key);
+        }
+        return;
+    }
+    let topic = message.channel.strip_prefix(EVENT_PREFIX);
+    if let (Some(topic), Some(body)) = (topic, bytes_of(message.value)) {
+        audience.events.deliver(topic, body);
+    }
+}
+
+/// The subscriber's task that follows the connection and keeps its subscriptions.
 struct Feed {
     subscriber: Client,
     audience: Audience,
@@ -126,7 +162,12 @@ struct Feed {
 }
 
 impl Feed {
-    async fn run(self, mut events: SubscriberEvents, mut asked: mpsc::UnboundedReceiver<Ask>) {
+    async fn run(
+        self,
+        mut reconnects: Reconnects,
+        mut errors: Errors,
+        mut asked: mpsc::UnboundedReceiver<Ask>,
+    ) {
         // Whether the connection was up once and lost since its last (re)connection.
         let (mut was_up, mut lost) = (false, false);
         // Logs one line per outage rather than one per reconnection attempt, and, while the
@@ -139,18 +180,12 @@ impl Feed {
             fred::types::config::ServerConfig::Centralized { server } => server.to_string(),
             other => format!("{other:?}"),
         };
-        let mut lag = Lag::default();
         let mut tidy = tokio::time::interval(TIDY_EVERY);
         // Topics whose channel is to be unsubscribed, tried again until it is.
         let mut leaving = HashSet::new();
         loop {
             tokio::select! {
-                message = events.messages.recv() => match message {
-                    Ok(message) => self.deliver(message),
-                    Err(RecvError::Lagged(missed)) => lag.dropped(missed),
-                    Err(RecvError::Closed) => return,
-                },
-                reconnect = events.reconnects.recv() => {
+                reconnect = reconnects.recv() => {
                     match reconnect {
                         Ok(server) => {
                             log::info!("redis: connected to {server}");
@@ -167,7 +202,7 @@ impl Feed {
                         self.returns.send_modify(|n| *n += 1);
                     }
                 }
-                error = events.errors.recv() => match error {
+                error = errors.recv() => match error {
                     Ok((error, server)) => {
                         self.subscribed.send_replace(false);
                         lost |= was_up;
@@ -194,20 +229,6 @@ impl Feed {
                 }
                 _ = tidy.tick() => self.tidy(&mut leaving).await,
             }
-        }
-    }
-
-    /// Hands a wake-up to the waiters, an event to the topic's subscribers.
-    fn deliver(&self, message: fred::types::Message) {
-        if message.channel == WAKE_CHANNEL {
-            if let Some(key) = message.value.as_str().and_then(|raw| WakeKey::decode(&raw)) {
-                self.audience.wakeups.wake(&key);
-            }
-            return;
-        }
-        let topic = message.channel.strip_prefix(EVENT_PREFIX);
-        if let (Some(topic), Some(body)) = (topic, bytes_of(message.value)) {
-            self.audience.events.deliver(topic, body);
         }
     }
 
