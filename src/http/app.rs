@@ -27,7 +27,7 @@ use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::{connection, forward, framing, sse, websocket};
+use super::{connection, forward, framing, send_deadline, sse, websocket};
 use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
@@ -1070,6 +1070,8 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
     if close_delimited(session, &response) {
         head.remove_header("Transfer-Encoding");
     }
+    // A client that takes none of it (its buffers full of earlier answers) is let go.
+    let deadline = send_deadline(response.body.len());
     let written = async {
         session.write_response_header(Box::new(head)).await?;
         if !response.body.is_empty() {
@@ -1077,11 +1079,17 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
         }
         Ok::<(), Box<pingora_error::Error>>(())
     };
-    if let Err(e) = written.await {
-        debug!("could not write a response: {e}");
-        return None;
+    match tokio::time::timeout(deadline, written).await {
+        Ok(Ok(())) => Some(()),
+        Ok(Err(e)) => {
+            debug!("could not write a response: {e}");
+            None
+        }
+        Err(_) => {
+            debug!("a client took no response for {deadline:?}: let go");
+            None
+        }
     }
-    Some(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use pingora_core::protocols::http::ServerSession;
 
 use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
+use super::write_body;
 use crate::error::Error;
 use crate::routing::head::strip_hop_by_hop_keeping;
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
@@ -330,12 +331,13 @@ impl Body {
 }
 
 /// Streams a forwarded response body to the client; whether it all arrived (only then can the
-/// connection be reused).
+/// connection be reused). A client that stops reading is let go (see [`super::SEND_TIMEOUT`]),
+/// and the agent's stream with it.
 pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
     loop {
         match unless_gone(session, body.next_chunk()).await {
             Some(Some(Ok(chunk))) => {
-                if session.write_response_body(chunk, false).await.is_err() {
+                if !write_body(session, chunk, false).await {
                     body.client_left();
                     return false;
                 }
@@ -348,8 +350,7 @@ pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
             }
         }
     }
-    let end = session.write_response_body(Bytes::new(), true).await;
-    end.is_ok()
+    write_body(session, Bytes::new(), true).await
 }
 
 /// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event

@@ -26,10 +26,10 @@ mod sse;
 mod watched;
 mod websocket;
 
-/// How long a pushed job result, event or keep-alive may take to be written, beyond the time its
-/// size takes at [`MIN_SEND_RATE`]: a client that reads nothing for this long (its connection's
-/// buffers full) is dropped instead of holding what it was sent, and its place among a topic's
-/// subscribers.
+/// How long a pushed job result, event or keep-alive, or a piece of a response, may take to be
+/// written, beyond the time its size takes at [`MIN_SEND_RATE`]: a client that reads nothing for
+/// this long (its connection's buffers full) is dropped instead of holding what it was sent, its
+/// place among a topic's subscribers, or the agent's stream of a routed response.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The slowest a client may read what is pushed to it, in bytes per second, and stay.
@@ -39,6 +39,18 @@ const MIN_SEND_RATE: f64 = 16.0 * 1024.0;
 /// so that a big event or result to a slow but steady reader is not cut short.
 fn send_deadline(len: usize) -> std::time::Duration {
     SEND_TIMEOUT + std::time::Duration::from_secs_f64(len as f64 / MIN_SEND_RATE)
+}
+
+/// Writes `chunk` of a response body (the last if `end`); `false` if that failed, or the client
+/// took too little of it within [`send_deadline`].
+async fn write_body(
+    session: &mut pingora_core::protocols::http::ServerSession,
+    chunk: bytes::Bytes,
+    end: bool,
+) -> bool {
+    let deadline = send_deadline(chunk.len());
+    let written = session.write_response_body(chunk, end);
+    matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(())))
 }
 
 /// How long a subscription or a jobs socket may stay silent before a keep-alive, so that proxies

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
-use super::{send_deadline, KEEPALIVE};
+use super::{write_body, KEEPALIVE};
 use crate::events::{Received, Subscription};
 use crate::tunnel::Shutdown;
 
@@ -17,9 +17,7 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
-        let deadline = send_deadline(chunk.len());
-        let written = session.write_response_body(chunk, false);
-        if !matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(()))) {
+        if !write_body(session, chunk, false).await {
             return;
         }
         chunk = tokio::select! {
@@ -34,7 +32,7 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             () = client_gone(session) => return,
         };
     }
-    let _ = session.write_response_body(Bytes::new(), true).await;
+    write_body(session, Bytes::new(), true).await;
 }
 
 /// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not

@@ -512,6 +512,37 @@ async fn client_leaving_mid_body_ends_the_upstream_request() {
     assert!(told, "the agent logs why: {}", setup.agent.log());
 }
 
+/// A client that stops reading a routed download is let go once it has taken nothing for 30 s
+/// (its connection's buffers full): its exchange ends, and the upstream request with it, rather
+/// than holding the agent's stream for as long as the client keeps its connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_let_go() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let address = setup.relay.base.trim_start_matches("http://");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(16 * 1024)
+        .expect("a small buffer");
+    let address = address.parse().expect("an address");
+    let mut socket = socket.connect(address).await.expect("the relay accepts");
+    let head = format!(
+        "GET /r/{}/blob?bytes={} HTTP/1.1\r\nHost: relay\r\n\r\n",
+        setup.name,
+        64 << 20
+    );
+    socket.write_all(head.as_bytes()).await.expect("sent");
+    let (client, name) = (&setup.client, setup.name.as_str());
+    let taken = || async { in_flight(client, name).await == 1 };
+    assert!(crate::support::eventually(WAIT, taken).await, "never taken");
+    // Never read.
+    let let_go = || async { in_flight(client, name).await == 0 };
+    let let_go = crate::support::eventually(Duration::from_secs(60), let_go).await;
+    assert!(let_go, "a client that reads nothing holds its exchange");
+    setup.agent.expect_logged("reason=client left").await;
+    drop(socket);
+}
+
 /// A request in flight when the agent's connection to the relay is lost ends at the upstream and
 /// gets its log line (it was dropped without one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
