@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
@@ -26,6 +28,9 @@ use crate::routing::stream::{BodyReader, Inbound};
 
 /// How long opening a connection to the upstream (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an idle connection may take to be ready for the next request before it is closed.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Idle connections kept beyond this many are closed.
 const MAX_IDLE: usize = 256;
@@ -50,7 +55,16 @@ pub struct Client {
     /// For an `https://` upstream: the TLS connector and the name its certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Idle connections, the most recently used last.
-    idle: Mutex<Vec<SendRequest<RequestBody>>>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// One connection to the upstream.
+pub struct Connection {
+    sender: SendRequest<RequestBody>,
+    /// The task that drives it: aborted to close a connection that cannot be reused.
+    task: AbortHandle,
+    /// Whether it served a request before: an upstream may have closed it meanwhile.
+    reused: bool,
 }
 
 impl Client {
@@ -81,65 +95,83 @@ impl Client {
 
     /// A connection for the next request: an idle one that is still open, or a new one opened
     /// within `patience` (at most [`CONNECT_TIMEOUT`]).
-    pub async fn connection(
-        &self,
-        patience: Duration,
-    ) -> Result<SendRequest<RequestBody>, ClientError> {
-        while let Some(mut sender) = self.checkout() {
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
+    pub async fn connection(&self, patience: Duration) -> Result<Connection, ClientError> {
+        while let Some(mut connection) = self.checkout() {
+            // Idle is ready at once; one still sending its last request (to an upstream that
+            // stopped reading) is not worth waiting for.
+            let ready = tokio::time::timeout(READY_TIMEOUT, connection.sender.ready()).await;
+            if let Ok(Ok(())) = ready {
+                connection.reused = true;
+                return Ok(connection);
             }
+            connection.task.abort();
         }
         self.connect(patience.min(CONNECT_TIMEOUT)).await
     }
 
-    /// Sends `request` on `sender` (from [`Client::connection`]), or on a new connection if that
-    /// one closed before taking it. The response's connection goes back to the pool through
-    /// [`Client::release`] once its body has been read to the end.
+    /// Sends `request` on `connection` (from [`Client::connection`]), or on a new connection if
+    /// that one closed before taking it — or, for a request that can be sent twice (idempotent,
+    /// without a body), if a connection used before broke before the answer: the upstream closed
+    /// it as idle while the request was on its way, as servers' keep-alive timeouts do. The
+    /// response's connection goes back to the pool through [`Client::release`] once its body
+    /// has been read to the end.
     pub async fn send(
         &self,
-        mut sender: SendRequest<RequestBody>,
+        mut connection: Connection,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, SendRequest<RequestBody>), ClientError> {
+    ) -> Result<(Response<Incoming>, Connection), ClientError> {
         request
             .headers_mut()
             .insert(http::header::HOST, self.host.clone());
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, sender)),
-            Err(mut err) => match err.take_message() {
-                Some(unsent) => {
-                    let mut fresh = self.connect(CONNECT_TIMEOUT).await?;
-                    let response = fresh.send_request(unsent).await?;
-                    Ok((response, fresh))
-                }
-                None => Err(err.into_error().into()),
+        let again = (connection.reused && replayable(&request)).then(|| {
+            let mut copy = Request::new(RequestBody::empty());
+            *copy.method_mut() = request.method().clone();
+            *copy.uri_mut() = request.uri().clone();
+            *copy.headers_mut() = request.headers().clone();
+            copy
+        });
+        let err = match connection.sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, connection)),
+            Err(mut err) => match (err.take_message(), again) {
+                (Some(unsent), _) => unsent,
+                (None, Some(again)) if closed_before_answering(err.error()) => again,
+                (None, _) => return Err(err.into_error().into()),
             },
-        }
+        };
+        let mut fresh = self.connect(CONNECT_TIMEOUT).await?;
+        let response = fresh.sender.send_request(err).await?;
+        Ok((response, fresh))
     }
 
-    /// Keeps a connection whose response was read to the end for the next request.
-    pub fn release(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// Keeps a connection whose exchange is complete both ways for the next request; closes one
+    /// whose request body was not all sent (the upstream answered without reading it): it could
+    /// carry no other request before that body, which nobody waits for.
+    pub fn release(&self, connection: Connection, body_sent: bool) {
+        if !body_sent {
+            connection.task.abort();
+            return;
+        }
+        if connection.sender.is_closed() {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < MAX_IDLE {
-                idle.push(sender);
+                idle.push(connection);
             }
         }
     }
 
-    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self) -> Option<Connection> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
+        while let Some(connection) = idle.pop() {
+            if !connection.sender.is_closed() {
+                return Some(connection);
             }
         }
         None
     }
 
-    async fn connect(&self, limit: Duration) -> Result<SendRequest<RequestBody>, ClientError> {
+    async fn connect(&self, limit: Duration) -> Result<Connection, ClientError> {
         let connecting = async {
             let tcp = TcpStream::connect(&self.address).await?;
             tcp.set_nodelay(true)?;
@@ -160,13 +192,48 @@ impl Client {
             .max_buf_size(MAX_RESPONSE_HEAD_BYTES)
             .handshake(TokioIo::new(stream))
             .await?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(err) = connection.await {
                 log::debug!("upstream connection ended: {err}");
             }
         });
-        Ok(sender)
+        Ok(Connection {
+            sender,
+            task: task.abort_handle(),
+            reused: false,
+        })
     }
+}
+
+/// Whether `request` may be sent again after an upstream may have received it: an idempotent
+/// method (RFC 9110 §9.2.2) and no body, since the relay streams a body once.
+fn replayable(request: &Request<RequestBody>) -> bool {
+    use http::Method;
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ];
+    idempotent.contains(request.method()) && hyper::body::Body::is_end_stream(request.body())
+}
+
+/// Whether `err` says the connection ended before an answer: closed, or reset.
+fn closed_before_answering(err: &hyper::Error) -> bool {
+    if err.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// rustls with ring and the system's root certificates, speaking HTTP/1.1.
@@ -192,6 +259,18 @@ fn tls_connector() -> Result<TlsConnector, String> {
 pub struct RequestBody {
     first: Option<Bytes>,
     rest: Option<BodyReader>,
+    sent: BodySent,
+}
+
+/// Whether hyper has taken the whole of a [`RequestBody`]. Cheap to clone.
+#[derive(Clone)]
+pub struct BodySent(Arc<AtomicBool>);
+
+impl BodySent {
+    /// Whether the body was taken to its end.
+    pub fn all(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl RequestBody {
@@ -200,6 +279,7 @@ impl RequestBody {
         RequestBody {
             first: None,
             rest: None,
+            sent: BodySent(Arc::new(AtomicBool::new(true))),
         }
     }
 
@@ -208,7 +288,13 @@ impl RequestBody {
         RequestBody {
             first: Some(first),
             rest: Some(rest),
+            sent: BodySent(Arc::default()),
         }
+    }
+
+    /// Tells whether this body was taken to its end.
+    pub fn sent(&self) -> BodySent {
+        self.sent.clone()
     }
 }
 
@@ -230,6 +316,7 @@ impl hyper::body::Body for RequestBody {
             Inbound::Data(chunk) => Some(Ok(Frame::data(chunk))),
             Inbound::End => {
                 self.rest = None;
+                self.sent.0.store(true, Ordering::Relaxed);
                 None
             }
             Inbound::Reset(reason) => Some(Err(io::Error::other(reason))),

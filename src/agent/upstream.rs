@@ -79,8 +79,8 @@ impl Upstream {
         let patience = head
             .timeout_ms
             .map_or(Duration::MAX, |ms| Duration::from_millis(ms / 2));
-        let sender = match self.client.connection(patience).await {
-            Ok(sender) => sender,
+        let connection = match self.client.connection(patience).await {
+            Ok(connection) => connection,
             Err(err) => {
                 let why = format!("upstream unreachable: {}", error_chain(&err));
                 writer.reset(&why);
@@ -93,12 +93,13 @@ impl Upstream {
             Ok(body) => body,
             Err(outcome) => return outcome,
         };
+        let body_sent = body.sent();
         let mut request = http::Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         // The headers go upstream; the log line needs only the method and the path.
         *request.headers_mut() = upstream_headers(std::mem::take(&mut head.headers));
-        let (response, connection) = match self.client.send(sender, request).await {
+        let (response, connection) = match self.client.send(connection, request).await {
             Ok(sent) => sent,
             Err(err) => {
                 let what = match err {
@@ -155,7 +156,10 @@ impl Upstream {
                 }
             }
         }
-        self.client.release(connection);
+        // An upstream that answered without reading the whole body may never read the rest:
+        // its connection is closed, which drops the body, so that the relay is granted credit
+        // for it and passes the answer on.
+        self.client.release(connection, body_sent.all());
         match writer.end().await {
             Ok(()) => Outcome::Answered(status),
             Err(reason) => Outcome::Reset(reason),

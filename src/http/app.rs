@@ -541,10 +541,11 @@ pub(super) fn unreadable(error: &pingora_error::Error) -> Error {
     log_unread(error);
     let why = match error.etype() {
         ErrorType::ReadTimedout => return Error::BodyStalled,
+        // Reset mid-body: the client left (499), as one leaving before its head did. One that
+        // closed its side may still read the answer (nginx answers it 400 too).
+        ErrorType::ReadError => return Error::ClientGone,
         ErrorType::WriteTimedout => "the connection stalled",
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
-            "the connection was cut off"
-        }
+        ErrorType::ConnectionClosed | ErrorType::WriteError => "the connection was cut off",
         _ => "the body is malformed",
     };
     Error::BadRequest(why.into())
@@ -1098,12 +1099,14 @@ mod tests {
 
     use super::*;
 
-    /// A body read that times out is 408, one cut off or malformed 400.
+    /// A body read that times out is 408, one cut off or malformed 400, one reset 499 (the
+    /// client left).
     #[test]
     fn unreadable_bodies() {
         let status = |etype| Response::from(unreadable(&pingora_error::Error::new(etype))).status;
         assert_eq!(status(ErrorType::ReadTimedout), 408);
         assert_eq!(status(ErrorType::ConnectionClosed), 400);
+        assert_eq!(status(ErrorType::ReadError), 499);
         assert_eq!(status(ErrorType::InvalidHTTPHeader), 400);
     }
 }

@@ -81,10 +81,16 @@ pub async fn open(
     // An upstream may answer before it has read the whole body: the response still counts, so a
     // failed send is not an answer yet (if the exchange itself failed, `response` says why).
     // A client body that broke off is: dropping the exchange aborts the upstream request.
-    if let Err(err @ (Error::BadRequest(_) | Error::BodyStalled)) =
-        send_body(session, &mut exchange).await
-    {
-        return Err(err);
+    match send_body(session, &mut exchange).await {
+        Err(Error::ClientGone) => {
+            exchange.client_left();
+            return Err(Error::ClientGone);
+        }
+        Err(err @ (Error::BadRequest(_) | Error::BodyStalled)) => {
+            exchange.body_failed(&err.to_string());
+            return Err(err);
+        }
+        _ => {}
     }
     // A client that leaves meanwhile ends the exchange: dropping it aborts the upstream request.
     let answer = tokio::select! {

@@ -228,6 +228,12 @@ impl Exchange {
         self.writer.reset("client left");
     }
 
+    /// The client's body broke off, or is malformed: the stream is reset, which aborts the
+    /// upstream request, with `why` for the agent's log.
+    pub fn body_failed(&self, why: &str) {
+        self.writer.reset(&format!("client body failed: {why}"));
+    }
+
     /// The deadline passed: the stream is reset, which aborts the upstream request.
     fn timed_out(&mut self) -> RouteError {
         self.writer.reset("timeout");

@@ -13,7 +13,9 @@ use reqwest::Method;
 use tokio::task::JoinSet;
 
 use super::upstream::{blob, sha256, Echo, Upstream};
-use super::{upstream_answering, Agent};
+use super::{
+    upstream_answering, upstream_answering_unread, upstream_closing_on_the_second_request, Agent,
+};
 use crate::support::h2;
 use crate::support::process::free_port;
 use crate::support::{
@@ -611,6 +613,43 @@ async fn broken_request_body() {
     let (status, took) = raw_request(&setup.relay.base, head, vec![7; 10], false).await;
     assert_eq!(status, 400);
     assert!(took < Duration::from_secs(2), "400 only after {took:?}");
+    let why = "PUT /sha256 status=reset";
+    setup.agent.expect_logged(why).await;
+    let logged = setup.agent.log();
+    assert!(logged.contains("reason=client body failed: "), "{logged}");
+}
+
+/// A client that resets its connection midway through its upload left: logged as 499 by the
+/// relay, and as `client left` by the agent, which drops the upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_resetting_mid_upload_left() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::start(Store::Memory, &[]).await;
+    let metrics = setup
+        .client
+        .metrics()
+        .expect("the relay has a metrics page");
+    let address = setup.relay.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    let head = format!(
+        "PUT /r/{}/sha256 HTTP/1.1\r\nHost: relay\r\nContent-Length: 1000000\r\n\r\n",
+        setup.name
+    );
+    socket.write_all(head.as_bytes()).await.expect("sent");
+    socket.write_all(&[7; 1000]).await.expect("sent");
+    let (client, name) = (&setup.client, setup.name.as_str());
+    let taken = || async { in_flight(client, name).await == 1 };
+    assert!(crate::support::eventually(WAIT, taken).await, "never taken");
+    socket.set_zero_linger().expect("linger set");
+    drop(socket);
+    let left = "burrow_requests_total{route=\"forward\",status=\"499\"}";
+    let counted = || async { metric(&metrics, left).await == 1.0 };
+    assert!(crate::support::eventually(WAIT, counted).await, "not a 499");
+    setup.agent.expect_logged("PUT /sha256 status=reset").await;
+    let logged = setup.agent.log();
+    assert!(logged.contains("reason=client left"), "{logged}");
 }
 
 /// Sends `head` and then `body` on a raw connection (keeping the write side open when `keep_open`,
@@ -693,6 +732,57 @@ async fn upstream_closing_silently() {
         let response = client.get(&format!("/r/{name}/x")).await.expect(200);
         assert_eq!(response.text(), "hi");
     }
+}
+
+/// A request on a kept-alive connection that the upstream closes before answering (its idle
+/// timeout ran out as the request came) goes out again on a new connection when it can be sent
+/// twice (idempotent, without a body), and is 502 when it cannot: never sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_on_a_connection_closed_meanwhile() {
+    let (port, heads) = upstream_closing_on_the_second_request().await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("idle-closed");
+    let upstream = format!("http://127.0.0.1:{port}");
+    let agent = Agent::serve(&relay.base, &name, &upstream, None);
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    for method in [Method::GET, Method::DELETE, Method::GET] {
+        let response = client.request(method, &format!("/r/{name}/x")).send().await;
+        let response = response.expect("the relay answers");
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(response.text().await.expect("a body"), "hi");
+    }
+    // Two connections, each closed on its second request, and the third's first.
+    assert_eq!(heads.load(Ordering::SeqCst), 5);
+    let posted = client.post(&format!("/r/{name}/x"), "once").await;
+    assert_eq!(posted.status, 502, "{posted:?}");
+    assert!(
+        posted.text().contains("upstream answered badly"),
+        "{posted:?}"
+    );
+    assert_eq!(heads.load(Ordering::SeqCst), 6, "the POST was sent twice");
+}
+
+/// An upstream that refuses an upload without reading it, and keeps the connection open: its
+/// answer reaches the client once the body is sent (the agent drops what the upstream does not
+/// read), not a 504 at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_before_an_unread_upload() {
+    let answer =
+        "HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\nConnection: close\r\n\r\nno way";
+    let port = upstream_answering_unread(answer).await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let name = tunnel_id("refusing");
+    let upstream = format!("http://127.0.0.1:{port}");
+    let agent = Agent::serve(&relay.base, &name, &upstream, None);
+    wait_agents(&relay.client(), &name, 1, RECONNECT, &[&agent]).await;
+    let len = 20 << 20;
+    let head = format!(
+        "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 8s\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let (status, _) = raw_request(&relay.base, head, vec![7; len], true).await;
+    assert_eq!(status, 401);
+    agent.expect_logged("POST /upload status=401").await;
 }
 
 /// An upstream that switches protocols unasked: 502 from the agent, which logs it so.

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -100,6 +102,18 @@ async fn tiny_upstream() -> u16 {
 
 /// An upstream that answers `answer` to the first request of each connection, then closes it.
 async fn upstream_answering(answer: &'static str) -> u16 {
+    upstream_answering_then(answer, false).await
+}
+
+/// An upstream that answers `answer` to the first request of each connection and then neither
+/// reads nor closes it, as a service refusing an upload before reading it may.
+async fn upstream_answering_unread(answer: &'static str) -> u16 {
+    upstream_answering_then(answer, true).await
+}
+
+/// An upstream that answers `answer` to the first request of each connection, then closes it or,
+/// if `hold`, keeps it open unread.
+async fn upstream_answering_then(answer: &'static str, hold: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -107,11 +121,40 @@ async fn upstream_answering(answer: &'static str) -> u16 {
             tokio::spawn(async move {
                 if read_head(&mut tcp).await.is_some() {
                     let _ = tcp.write_all(answer.as_bytes()).await;
+                    if hold {
+                        std::future::pending::<()>().await;
+                    }
                 }
             });
         }
     });
     port
+}
+
+/// An upstream that answers the first request of each connection `200 hi` (kept alive), and
+/// closes the connection without an answer when the next one comes, as when its keep-alive
+/// timeout ends the connection while a request is on its way; counts the heads it received.
+async fn upstream_closing_on_the_second_request() -> (u16, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let heads = Arc::clone(&counted);
+            tokio::spawn(async move {
+                if read_head(&mut tcp).await.is_some() {
+                    heads.fetch_add(1, Ordering::SeqCst);
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi";
+                    let _ = tcp.write_all(answer.as_bytes()).await;
+                }
+                if read_head(&mut tcp).await.is_some() {
+                    heads.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (port, heads)
 }
 
 /// Reads a head (a request's or a response's) off `tcp`, up to its blank line and perhaps a
