@@ -348,9 +348,41 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
     // Only the parser's own words: Pingora's error repeats the whole file as its context.
     let mut conf =
         ServerConf::from_yaml(&yaml).map_err(|e| unusable(e.root_cause().to_string()))?;
-    // Pingora would panic building a runtime without threads.
-    if conf.threads == 0 {
-        return Err(unusable("threads must be at least 1".into()));
+    // Pingora would panic building a runtime without threads, or with more than the process
+    // can open (each thread also holds a store connection).
+    if !(1..=MAX_THREADS).contains(&conf.threads) {
+        let threads = conf.threads;
+        return Err(unusable(format!(
+            "threads: {threads} is not valid: from 1 to {MAX_THREADS}"
+        )));
+    }
+    // Daemonized, the relay would leave its supervisor (a container's init, systemd) believing it
+    // exited, and hold its caller's output.
+    if conf.daemon {
+        return Err(unusable(
+            "daemon: true is not supported: Burrow stays in the foreground for its supervisor"
+                .into(),
+        ));
+    }
+    // Pingora reads these only when it daemonizes.
+    let only_daemonized = [
+        (
+            "error_log",
+            conf.error_log.is_some(),
+            "Burrow logs to stderr",
+        ),
+        ("user", conf.user.is_some(), "start Burrow as that user"),
+        (
+            "group",
+            conf.group.is_some(),
+            "start Burrow with that group",
+        ),
+    ];
+    for (key, set, instead) in only_daemonized {
+        if set {
+            let path = path.unwrap_or("(built in)");
+            log::warn!("BURROW_CONF {path}: {key} is ignored: {instead}");
+        }
     }
     // One socket per port: relays on one host must not take each other's listening socket in a
     // graceful upgrade (the wrong one's port closed, the new process served nothing).
@@ -361,6 +393,9 @@ fn pingora_conf(config: &Config) -> Result<ServerConf, ServeError> {
     }
     Ok(conf)
 }
+
+/// The most worker threads a `BURROW_CONF` file may ask for.
+const MAX_THREADS: usize = 1024;
 
 /// Warns of each key of a `BURROW_CONF` file that is no Pingora setting, which Pingora would
 /// ignore without a word (a misspelt `upgrade_sock`, say), with the setting it resembles.
@@ -497,6 +532,9 @@ mod tests {
         assert_eq!(empty.threads, 2);
         assert!(with_file("- threads\n").is_err());
         assert!(with_file("threads: 0\n").is_err());
+        assert!(with_file("threads: 100000\n").is_err());
+        assert!(with_file("daemon: true\n").is_err());
+        assert!(with_file("daemon: false\n").is_ok());
         assert!(with_file("threads: [\n").is_err());
     }
 }
