@@ -119,15 +119,10 @@ impl Upstream {
             let why = "upstream switched protocols, which cannot cross the relay".into();
             return answer_error(writer, 502, why).await;
         }
-        let mut headers: Headers = response
-            .headers()
-            .iter()
-            .map(|(name, value)| {
-                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                (name.as_str().to_owned(), value)
-            })
-            .collect();
-        strip_hop_by_hop(&mut headers);
+        let headers = match response_headers(status, response.headers()) {
+            Ok(headers) => headers,
+            Err(why) => return answer_error(writer, 502, why).await,
+        };
         let head = ResponseHead { status, headers }.to_json();
         // Too big a frame would cost the relay the whole connection, not just this request.
         if head.len() > MAX_MESSAGE - HEADER_LEN {
@@ -202,6 +197,45 @@ enum Outcome {
     /// Not taken: the relay replays it on another agent.
     Refused(String),
     Reset(String),
+}
+
+/// A response's headers as the client is to get them: hop-by-hop ones dropped (the relay frames
+/// the body anew), and a `Content-Length` that does not frame the body read — beside a
+/// `Transfer-Encoding` (RFC 9112 §6.3), or on a 1xx or 204 (RFC 9110 §8.6) — dropped; a list of
+/// one length repeated (`2, 2`) made one. `Err` (the 502's reason) for a transfer coding besides
+/// `chunked`, whose bytes would reach the client still coded and unlabelled.
+fn response_headers(status: u16, map: &HeaderMap) -> Result<Headers, String> {
+    let mut codings = Vec::new();
+    for value in map.get_all(http::header::TRANSFER_ENCODING) {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        codings.extend(value.split(',').map(|c| c.trim().to_owned()));
+    }
+    let coded = !codings.is_empty();
+    codings.retain(|coding| !coding.is_empty());
+    if coded && codings != ["chunked"] {
+        let codings = codings.join(", ");
+        let codings = shown(&codings, SHOWN_PATH);
+        return Err(format!(
+            "upstream used transfer coding {codings:?}, which cannot cross the relay"
+        ));
+    }
+    let unframed = coded || (100..200).contains(&status) || status == 204;
+    let mut headers: Headers = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let mut value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        if name == http::header::CONTENT_LENGTH {
+            if unframed {
+                continue;
+            }
+            // hyper read the body by it, so a list holds one length.
+            if let Some((length, _)) = value.split_once(',') {
+                value = length.trim().to_owned();
+            }
+        }
+        headers.push((name.as_str().to_owned(), value));
+    }
+    strip_hop_by_hop(&mut headers);
+    Ok(headers)
 }
 
 /// The request's headers for the upstream: hop-by-hop ones and `Host` dropped (the upstream's
@@ -457,6 +491,42 @@ async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Content-Length` that does not frame the body is dropped, a repeated one made one, and a
+    /// transfer coding the client would get still applied is refused.
+    #[test]
+    fn response_lengths_and_codings() {
+        let headers = |status: u16, pairs: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            response_headers(status, &map)
+        };
+        let length = |status, pairs: &[(&str, &str)]| {
+            let headers = headers(status, pairs).expect("passed on");
+            let found = headers.iter().find(|(name, _)| name == "content-length");
+            found.map(|(_, value)| value.clone())
+        };
+        let chunked = ("transfer-encoding", "chunked");
+        assert_eq!(length(200, &[("content-length", "5")]), Some("5".into()));
+        assert_eq!(length(200, &[("content-length", "2, 2")]), Some("2".into()));
+        assert_eq!(length(200, &[("content-length", "3"), chunked]), None);
+        assert_eq!(length(200, &[chunked, ("content-length", "3")]), None);
+        assert_eq!(length(204, &[("content-length", "5")]), None);
+        assert_eq!(length(304, &[("content-length", "5")]), Some("5".into()));
+        let te = headers(200, &[chunked]).expect("passed on");
+        assert!(te.iter().all(|(name, _)| name != "transfer-encoding"));
+        let refused = headers(200, &[("transfer-encoding", "gzip, chunked")]);
+        let why = refused.expect_err("gzip would reach the client undecoded");
+        assert!(why.contains("\"gzip, chunked\""), "{why}");
+        assert!(headers(200, &[("transfer-encoding", "gzip")]).is_err());
+        let twice = [chunked, ("transfer-encoding", "Chunked")];
+        assert!(headers(200, &twice).is_err(), "chunked twice");
+    }
 
     /// The path goes upstream as the client wrote it, empty segments included, after the
     /// upstream URL's own path.

@@ -763,6 +763,23 @@ async fn request_on_a_connection_closed_meanwhile() {
     assert_eq!(heads.load(Ordering::SeqCst), 6, "the POST was sent twice");
 }
 
+/// A response framed both by a length and by chunks is read by its chunks (RFC 9112 §6.3), and
+/// reaches the client whole, without the length that would cut it short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_with_length_and_chunks() {
+    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n";
+    let port = upstream_answering(answer).await;
+    let relay = Relay::start(Store::Memory, &[]);
+    let client = relay.client();
+    let name = tunnel_id("framed-twice");
+    let upstream = format!("http://127.0.0.1:{port}");
+    let agent = Agent::serve(&relay.base, &name, &upstream, None);
+    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
+    let response = client.get(&format!("/r/{name}/x")).await.expect(200);
+    assert_eq!(response.text(), "hello");
+}
+
 /// An upstream that refuses an upload without reading it, and keeps the connection open: its
 /// answer reaches the client once the body is sent (the agent drops what the upstream does not
 /// read), not a 504 at the timeout.
