@@ -722,16 +722,23 @@ async fn upstream_connections_kept_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_silently() {
     let port = upstream_answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").await;
-    let relay = Relay::start(Store::Memory, &[]);
+    let (relay, _agent, name) = agent_of(port, "curt").await;
     let client = relay.client();
-    let name = tunnel_id("curt");
-    let upstream = format!("http://127.0.0.1:{port}");
-    let agent = Agent::serve(&relay.base, &name, &upstream, None);
-    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
     for _ in 0..30 {
         let response = client.get(&format!("/r/{name}/x")).await.expect(200);
         assert_eq!(response.text(), "hi");
     }
+}
+
+/// A relay on the embedded store with one agent of a new name (from `prefix`) in front of the
+/// upstream on `port`, once the relay lists it.
+async fn agent_of(port: u16, prefix: &str) -> (Relay, Agent, String) {
+    let relay = Relay::start(Store::Memory, &[]);
+    let name = tunnel_id(prefix);
+    let upstream = format!("http://127.0.0.1:{port}");
+    let agent = Agent::serve(&relay.base, &name, &upstream, None);
+    wait_agents(&relay.client(), &name, 1, RECONNECT, &[&agent]).await;
+    (relay, agent, name)
 }
 
 /// A request on a kept-alive connection that the upstream closes before answering (its idle
@@ -740,12 +747,8 @@ async fn upstream_closing_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_on_a_connection_closed_meanwhile() {
     let (port, heads) = upstream_closing_on_the_second_request().await;
-    let relay = Relay::start(Store::Memory, &[]);
+    let (relay, _agent, name) = agent_of(port, "idle-closed").await;
     let client = relay.client();
-    let name = tunnel_id("idle-closed");
-    let upstream = format!("http://127.0.0.1:{port}");
-    let agent = Agent::serve(&relay.base, &name, &upstream, None);
-    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
     for method in [Method::GET, Method::DELETE, Method::GET] {
         let response = client.request(method, &format!("/r/{name}/x")).send().await;
         let response = response.expect("the relay answers");
@@ -770,13 +773,12 @@ async fn response_with_length_and_chunks() {
     let answer = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
                   5\r\nhello\r\n0\r\n\r\n";
     let port = upstream_answering(answer).await;
-    let relay = Relay::start(Store::Memory, &[]);
-    let client = relay.client();
-    let name = tunnel_id("framed-twice");
-    let upstream = format!("http://127.0.0.1:{port}");
-    let agent = Agent::serve(&relay.base, &name, &upstream, None);
-    wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
-    let response = client.get(&format!("/r/{name}/x")).await.expect(200);
+    let (relay, _agent, name) = agent_of(port, "framed-twice").await;
+    let response = relay
+        .client()
+        .get(&format!("/r/{name}/x"))
+        .await
+        .expect(200);
     assert_eq!(response.text(), "hello");
 }
 
@@ -788,11 +790,7 @@ async fn answer_before_an_unread_upload() {
     let answer =
         "HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\nConnection: close\r\n\r\nno way";
     let port = upstream_answering_unread(answer).await;
-    let relay = Relay::start(Store::Memory, &[]);
-    let name = tunnel_id("refusing");
-    let upstream = format!("http://127.0.0.1:{port}");
-    let agent = Agent::serve(&relay.base, &name, &upstream, None);
-    wait_agents(&relay.client(), &name, 1, RECONNECT, &[&agent]).await;
+    let (relay, agent, name) = agent_of(port, "refusing").await;
     let len = 20 << 20;
     let head = format!(
         "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 8s\r\nContent-Length: {len}\r\n\r\n"
