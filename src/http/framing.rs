@@ -46,6 +46,17 @@ pub fn check_raw(raw: &[u8]) -> Result<(), Error> {
 pub fn check(head: &RequestHeader) -> Result<(), Error> {
     let headers = &head.headers;
     let malformed = |why| Err(Error::MalformedHead(why));
+    // Origin-form, `*`, or absolute-form (RFC 9112 §3.2): Pingora reads any other target (`GET
+    // items/5`) as `/`, which a routed request would then reach the service as.
+    let target = head.raw_path();
+    let absolute = ["http://", "https://"].iter().any(|scheme| {
+        target
+            .get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme.as_bytes()))
+    });
+    if !(target.starts_with(b"/") || target == b"*" || absolute) {
+        return malformed("Malformed request target");
+    }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
     if let Some(length) = lengths.next() {
         let digits = length.as_bytes().trim_ascii();
@@ -168,6 +179,38 @@ mod tests {
             (&[("Host", "a/b")], "Malformed Host header"),
         ] {
             assert_eq!(status(v11, headers).as_deref(), Some(why), "{headers:?}");
+        }
+    }
+
+    /// A target that is neither a path, `*` nor an absolute URL is refused, not read as `/`.
+    #[test]
+    fn unrooted_targets() {
+        let target = |raw: &[u8]| {
+            let mut head = RequestHeader::build("GET", raw, None).expect("a head");
+            head.append_header("Host", "relay").expect("a header");
+            check(&head).err().map(|e| e.to_string())
+        };
+        for fine in [
+            &b"/items/5?force=1"[..],
+            b"*",
+            b"http://relay/t/x",
+            b"HTTPS://relay/",
+        ] {
+            assert_eq!(target(fine), None, "{:?}", String::from_utf8_lossy(fine));
+        }
+        for refused in [
+            &b"items/5?force=1"[..],
+            b"evil.com/admin",
+            b"../admin",
+            b"other:80/p",
+        ] {
+            let why = target(refused);
+            let shown = String::from_utf8_lossy(refused);
+            assert_eq!(
+                why.as_deref(),
+                Some("Malformed request target"),
+                "{shown:?}"
+            );
         }
     }
 }

@@ -590,6 +590,11 @@ pub(super) async fn ambiguous_heads_are_refused(backend: Backend) {
             400,
             "Malformed Host header",
         ),
+        (
+            format!("DELETE t/{t}?force=1 HTTP/1.1\r\nHost: a\r\nx-backstream-client-id: svc\r\n\r\n"),
+            400,
+            "Malformed request target",
+        ),
     ] {
         let mut connection = Connection::open(&relay.base).await;
         let answer = connection.exchange(&request).await;
