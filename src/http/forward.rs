@@ -18,7 +18,7 @@ use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
 use super::write_body;
 use crate::error::Error;
-use crate::routing::head::strip_hop_by_hop_keeping;
+use crate::routing::head::{is_hop_by_hop, strip_hop_by_hop_keeping};
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
 use crate::routing::{strip_hop_by_hop, Agents, Exchange, Headers, RequestHead};
 use crate::tunnel::TunnelId;
@@ -384,7 +384,7 @@ fn request_head(
         .into_iter()
         .filter(|(name, _)| {
             let relays_own = withhold_authorization && name == "authorization";
-            !(RELAY_HEADERS.contains(&name.as_str()) || relays_own)
+            !(RELAY_HEADERS.contains(&name.as_str()) || relays_own || spelt_as_own(name))
         })
         .collect();
     strip_hop_by_hop(&mut headers);
@@ -398,6 +398,26 @@ fn request_head(
         headers,
         timeout_ms: None,
     }
+}
+
+/// Whether `name` spells with underscores a header the relay sets or removes (`X_Forwarded_For`):
+/// an upstream that reads `_` as `-`, as CGI, WSGI and PHP do, would take it for the relay's own.
+/// nginx drops every name with an underscore; these are the ones that matter.
+fn spelt_as_own(name: &str) -> bool {
+    if !name.contains('_') {
+        return false;
+    }
+    let name = name.replace('_', "-");
+    let set_here = [
+        "host",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    RELAY_HEADERS.contains(&name.as_str())
+        || set_here.contains(&name.as_str())
+        || is_hop_by_hop(&name)
 }
 
 /// The client's IP address, for `X-Forwarded-For`.
@@ -480,6 +500,23 @@ mod tests {
         let before = one.clone();
         join_cookies(&mut one);
         assert_eq!(one, before);
+    }
+
+    /// A header spelt with underscores as one the relay sets or removes is not passed on; other
+    /// names with underscores are.
+    #[test]
+    fn underscored_spellings_of_the_relays_headers() {
+        for own in [
+            "x_forwarded_for",
+            "transfer_encoding",
+            "x_backstream_client_id",
+            "host_",
+        ] {
+            assert_eq!(spelt_as_own(own), own != "host_", "{own}");
+        }
+        for theirs in ["api_key", "x-forwarded-for", "x_request_id"] {
+            assert!(!spelt_as_own(theirs), "{theirs}");
+        }
     }
 
     /// A proxy chain is extended (its lines joined, in order), an upstream proto kept, the host

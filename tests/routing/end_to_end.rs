@@ -180,6 +180,8 @@ async fn headers_and_query_preserved() {
             .header("X-Hop", "named in Connection")
             .header("Keep-Alive", "timeout=5")
             .header("X-Echo-Status", "201")
+            .header("X_Forwarded_For", "6.6.6.6")
+            .header("api_key", "kept")
             .header(TIMEOUT, "5s")
             .body("the body")
     };
@@ -218,6 +220,7 @@ async fn headers_and_query_preserved() {
         assert_eq!(echo.all("x-multi"), ["1", "2"], "{echo:?}");
         assert_eq!(echo.one("content-length"), "8");
         assert_eq!(echo.one("x-forwarded-for"), "127.0.0.1");
+        assert_eq!(echo.one("api_key"), "kept");
         assert_eq!(echo.one("x-forwarded-proto"), "http");
         assert_eq!(echo.one("x-forwarded-host"), relay_host);
         assert_eq!(
@@ -228,6 +231,7 @@ async fn headers_and_query_preserved() {
         for removed in [
             "x-backstream-client-id",
             "x-backstream-request-timeout",
+            "x_forwarded_for",
             "connection",
             "keep-alive",
             "x-hop",
