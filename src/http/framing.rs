@@ -46,15 +46,17 @@ pub fn check_raw(raw: &[u8]) -> Result<(), Error> {
 pub fn check(head: &RequestHeader) -> Result<(), Error> {
     let headers = &head.headers;
     let malformed = |why| Err(Error::MalformedHead(why));
-    // Origin-form, `*`, or absolute-form (RFC 9112 §3.2): Pingora reads any other target (`GET
-    // items/5`) as `/`, which a routed request would then reach the service as.
+    // Origin-form, `*`, absolute-form, or a CONNECT's authority-form (RFC 9112 §3.2, answered
+    // 501 later): Pingora reads any other target (`GET items/5`) as `/`, which a routed request
+    // would then reach the service as.
     let target = head.raw_path();
     let absolute = ["http://", "https://"].iter().any(|scheme| {
         target
             .get(..scheme.len())
             .is_some_and(|start| start.eq_ignore_ascii_case(scheme.as_bytes()))
     });
-    if !(target.starts_with(b"/") || target == b"*" || absolute) {
+    let connect = head.method == http::Method::CONNECT;
+    if !(target.starts_with(b"/") || target == b"*" || absolute || connect) {
         return malformed("Malformed request target");
     }
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
@@ -198,6 +200,14 @@ mod tests {
         ] {
             assert_eq!(target(fine), None, "{:?}", String::from_utf8_lossy(fine));
         }
+        let mut connect = RequestHeader::build("CONNECT", b"other:443", None).expect("a head");
+        connect
+            .append_header("Host", "other:443")
+            .expect("a header");
+        assert!(
+            check(&connect).is_ok(),
+            "a CONNECT's target is its authority"
+        );
         for refused in [
             &b"items/5?force=1"[..],
             b"evil.com/admin",

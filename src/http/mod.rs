@@ -41,16 +41,33 @@ fn send_deadline(len: usize) -> std::time::Duration {
     SEND_TIMEOUT + std::time::Duration::from_secs_f64(len as f64 / MIN_SEND_RATE)
 }
 
-/// Writes `chunk` of a response body (the last if `end`); `false` if that failed, or the client
-/// took too little of it within [`send_deadline`].
+/// The most of a response body written under one [`send_deadline`]: a client whose buffers are
+/// full takes a piece as it reads, so a slow but steady reader of a big chunk stays.
+const SEND_PIECE: usize = 16 * 1024;
+
+/// Writes `chunk` of a response body (the last if `end`), piece by piece; `false` if that failed,
+/// or the client took too little of a piece within its [`send_deadline`].
 async fn write_body(
     session: &mut pingora_core::protocols::http::ServerSession,
-    chunk: bytes::Bytes,
+    mut chunk: bytes::Bytes,
     end: bool,
 ) -> bool {
-    let deadline = send_deadline(chunk.len());
-    let written = session.write_response_body(chunk, end);
-    matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(())))
+    loop {
+        let last = chunk.len() <= SEND_PIECE;
+        let piece = if last {
+            std::mem::take(&mut chunk)
+        } else {
+            chunk.split_to(SEND_PIECE)
+        };
+        let deadline = send_deadline(piece.len());
+        let written = session.write_response_body(piece, end && last);
+        if !matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(()))) {
+            return false;
+        }
+        if last {
+            return true;
+        }
+    }
 }
 
 /// How long a subscription or a jobs socket may stay silent before a keep-alive, so that proxies
@@ -59,3 +76,68 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub use app::{Lifecycle, RelayApp};
 pub use connection::Connections;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_core::protocols::http::ServerSession;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A session that has read a request from `client`'s other end and written a chunked head.
+    async fn answering(relay: tokio::io::DuplexStream) -> ServerSession {
+        let mut session = ServerSession::new_http1(Box::new(relay));
+        assert!(session.read_request().await.expect("a request"));
+        let mut head = pingora_http::ResponseHeader::build(200, None).expect("a head");
+        head.insert_header("Transfer-Encoding", "chunked")
+            .expect("a header");
+        session
+            .write_response_header(Box::new(head))
+            .await
+            .expect("the head is written");
+        session
+    }
+
+    /// A big chunk goes to a slow but steady reader, however long it takes, and is given up on
+    /// for a reader that takes nothing. (Paused time: the clock jumps to the next timer whenever
+    /// every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn bodies_wait_for_slow_readers_not_for_stopped_ones() {
+        const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let chunk = bytes::Bytes::from(vec![7; 512 * 1024]);
+        let (relay, mut client) = tokio::io::duplex(16 * 1024);
+        client.write_all(REQUEST).await.expect("sent");
+        let mut session = answering(relay).await;
+        // 8 KiB every 10 s: the chunk takes over ten minutes.
+        let reader = tokio::spawn(async move {
+            let mut buffer = vec![0; 8 * 1024];
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if client.read(&mut buffer).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert!(
+            write_body(&mut session, chunk.clone(), false).await,
+            "a steady reader"
+        );
+        assert!(started.elapsed() > Duration::from_secs(600));
+        reader.abort();
+
+        let (relay, mut client) = tokio::io::duplex(16 * 1024);
+        client.write_all(REQUEST).await.expect("sent");
+        let mut session = answering(relay).await;
+        let started = tokio::time::Instant::now();
+        assert!(
+            !write_body(&mut session, chunk, false).await,
+            "a stopped reader"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= SEND_TIMEOUT && waited < SEND_TIMEOUT * 2,
+            "{waited:?}"
+        );
+    }
+}
