@@ -617,43 +617,53 @@ async fn broken_request_body() {
     let (status, took) = raw_request(&setup.relay.base, head, vec![7; 10], false).await;
     assert_eq!(status, 400);
     assert!(took < Duration::from_secs(2), "400 only after {took:?}");
-    let why = "PUT /sha256 status=reset";
-    setup.agent.expect_logged(why).await;
-    let logged = setup.agent.log();
-    assert!(logged.contains("reason=client body failed: "), "{logged}");
 }
 
-/// A client that resets its connection midway through its upload left: logged as 499 by the
-/// relay, and as `client left` by the agent, which drops the upstream request.
+/// A client whose upload breaks off after the agent took the request: one that closes its side
+/// gets 400 and the agent logs why; one that resets its connection left (499, `client left`).
+/// Either way the agent drops the upstream request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_resetting_mid_upload_left() {
-    use tokio::io::AsyncWriteExt;
+async fn upload_cut_after_the_agent_took_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let setup = Setup::start(Store::Memory, &[]).await;
     let metrics = setup
         .client
         .metrics()
         .expect("the relay has a metrics page");
-    let address = setup.relay.base.trim_start_matches("http://");
-    let mut socket = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the relay accepts");
-    let head = format!(
-        "PUT /r/{}/sha256 HTTP/1.1\r\nHost: relay\r\nContent-Length: 1000000\r\n\r\n",
-        setup.name
-    );
-    socket.write_all(head.as_bytes()).await.expect("sent");
-    socket.write_all(&[7; 1000]).await.expect("sent");
     let (client, name) = (&setup.client, setup.name.as_str());
-    let taken = || async { in_flight(client, name).await == 1 };
-    assert!(crate::support::eventually(WAIT, taken).await, "never taken");
+    let taken = |socket: tokio::net::TcpStream| async move {
+        let head = format!(
+            "PUT /r/{name}/sha256 HTTP/1.1\r\nHost: relay\r\nContent-Length: 1000000\r\n\r\n"
+        );
+        let mut socket = socket;
+        socket.write_all(head.as_bytes()).await.expect("sent");
+        socket.write_all(&[7; 1000]).await.expect("sent");
+        let taken = || async { in_flight(client, name).await == 1 };
+        assert!(crate::support::eventually(WAIT, taken).await, "never taken");
+        socket
+    };
+    let address = setup.relay.base.trim_start_matches("http://");
+    let connect = || tokio::net::TcpStream::connect(address);
+
+    let mut socket = taken(connect().await.expect("the relay accepts")).await;
+    socket.shutdown().await.expect("half-closed");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    setup.agent.expect_logged("PUT /sha256 status=reset").await;
+    let logged = setup.agent.log();
+    assert!(logged.contains("reason=client body failed: "), "{logged}");
+    no_exchange_left(client, name, "the half-closed upload's exchange stays").await;
+
+    let socket = taken(connect().await.expect("the relay accepts")).await;
     socket.set_zero_linger().expect("linger set");
     drop(socket);
     let left = "burrow_requests_total{route=\"forward\",status=\"499\"}";
     let counted = || async { metric(&metrics, left).await == 1.0 };
     assert!(crate::support::eventually(WAIT, counted).await, "not a 499");
-    setup.agent.expect_logged("PUT /sha256 status=reset").await;
-    let logged = setup.agent.log();
-    assert!(logged.contains("reason=client left"), "{logged}");
+    let reset = || std::future::ready(setup.agent.log().contains("reason=client left"));
+    let reset = crate::support::eventually(WAIT, reset).await;
+    assert!(reset, "{}", setup.agent.log());
 }
 
 /// Sends `head` and then `body` on a raw connection (keeping the write side open when `keep_open`,
