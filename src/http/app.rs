@@ -27,7 +27,8 @@ use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::{connection, forward, framing, send_deadline, sse, websocket};
+use super::watched::{unless_stalled, Progress};
+use super::{connection, forward, framing, socket_of, sse, websocket, SEND_TIMEOUT};
 use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
 use crate::config::Config;
@@ -1072,7 +1073,7 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
         head.remove_header("Transfer-Encoding");
     }
     // A client that takes none of it (its buffers full of earlier answers) is let go.
-    let deadline = send_deadline(response.body.len());
+    let progress = Progress::new(socket_of(session));
     let written = async {
         session.write_response_header(Box::new(head)).await?;
         if !response.body.is_empty() {
@@ -1080,14 +1081,14 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
         }
         Ok::<(), Box<pingora_error::Error>>(())
     };
-    match tokio::time::timeout(deadline, written).await {
-        Ok(Ok(())) => Some(()),
-        Ok(Err(e)) => {
+    match unless_stalled(&progress, written).await {
+        Some(Ok(())) => Some(()),
+        Some(Err(e)) => {
             debug!("could not write a response: {e}");
             None
         }
-        Err(_) => {
-            debug!("a client took no response for {deadline:?}: let go");
+        None => {
+            debug!("a client took nothing of its response for {SEND_TIMEOUT:?}: let go");
             None
         }
     }

@@ -26,32 +26,24 @@ mod sse;
 mod watched;
 mod websocket;
 
-/// How long a pushed job result, event or keep-alive, or a piece of a response, may take to be
-/// written, beyond the time its size takes at [`MIN_SEND_RATE`]: a client that reads nothing for
-/// this long (its connection's buffers full) is dropped instead of holding what it was sent, its
-/// place among a topic's subscribers, or the agent's stream of a routed response.
+/// How long a client may take nothing of what is written to it — a response body, a pushed job
+/// result, event or keep-alive — before it is dropped (its connection's buffers full) instead of
+/// holding what it was sent, its place among a topic's subscribers, or the agent's stream of a
+/// routed response.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The slowest a client may read what is pushed to it, in bytes per second, and stay.
-const MIN_SEND_RATE: f64 = 16.0 * 1024.0;
-
-/// How long pushing `len` bytes may take: [`SEND_TIMEOUT`] plus their time at [`MIN_SEND_RATE`],
-/// so that a big event or result to a slow but steady reader is not cut short.
-fn send_deadline(len: usize) -> std::time::Duration {
-    SEND_TIMEOUT + std::time::Duration::from_secs_f64(len as f64 / MIN_SEND_RATE)
-}
-
-/// The most of a response body written under one [`send_deadline`]: a client whose buffers are
-/// full takes a piece as it reads, so a slow but steady reader of a big chunk stays.
+/// The most of a response body written in one write: where the system does not tell what the
+/// client acknowledged, a piece written counts as the client taking bytes.
 const SEND_PIECE: usize = 16 * 1024;
 
 /// Writes `chunk` of a response body (the last if `end`), piece by piece; `false` if that failed,
-/// or the client took too little of a piece within its [`send_deadline`].
+/// or the client took nothing for [`SEND_TIMEOUT`].
 async fn write_body(
     session: &mut pingora_core::protocols::http::ServerSession,
     mut chunk: bytes::Bytes,
     end: bool,
 ) -> bool {
+    let progress = watched::Progress::new(socket_of(session));
     loop {
         let last = chunk.len() <= SEND_PIECE;
         let piece = if last {
@@ -59,15 +51,25 @@ async fn write_body(
         } else {
             chunk.split_to(SEND_PIECE)
         };
-        let deadline = send_deadline(piece.len());
         let written = session.write_response_body(piece, end && last);
-        if !matches!(tokio::time::timeout(deadline, written).await, Ok(Ok(()))) {
+        if !matches!(
+            watched::unless_stalled(&progress, written).await,
+            Some(Ok(()))
+        ) {
             return false;
         }
         if last {
             return true;
         }
+        progress.touch();
     }
+}
+
+/// The socket a session's connection is on, to read what its client acknowledged.
+fn socket_of(
+    session: &pingora_core::protocols::http::ServerSession,
+) -> Option<std::sync::Arc<pingora_core::protocols::SocketDigest>> {
+    session.digest()?.socket_digest.clone()
 }
 
 /// How long a subscription or a jobs socket may stay silent before a keep-alive, so that proxies

@@ -1,34 +1,101 @@
-//! A connection that notes when its client last took bytes, so that a push to a WebSocket is given
-//! up only when the client has read nothing for a while, however big the frame: a slow but steady
-//! reader of a large event or job result stays, one that stopped reading goes.
+//! When a client last took bytes, so that a write to it (a response body, an event, a WebSocket
+//! push) is given up only when the client has read nothing for [`SEND_TIMEOUT`], however big the
+//! write: a slow but steady reader stays, one that stopped reading goes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pingora_core::protocols::SocketDigest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // Tokio's clock, which tests can pause and advance.
 use tokio::time::Instant;
 
-/// When a [`Watched`] connection last wrote bytes out. Cheap to clone.
+use super::SEND_TIMEOUT;
+
+/// When a client last took bytes: a change in what its TCP stack acknowledged, read from the
+/// socket when asked, or where the system does not tell, a write that moved bytes (through
+/// [`Watched`], or finished). Writes are no measure where it tells: the kernel makes room in a full
+/// send buffer only once a third of it has drained, so where the buffer grew big (a fast link) a
+/// slow but steady reader takes bytes for a long time before a write moves any; and a buffer that
+/// grows takes more bytes from a writer whose client took none. Cheap to clone.
 #[derive(Clone)]
-pub struct Progress(Arc<Mutex<Instant>>);
+pub struct Progress(Arc<Mutex<Seen>>);
+
+struct Seen {
+    at: Instant,
+    socket: Option<Arc<SocketDigest>>,
+    acked: Option<u64>,
+}
 
 impl Progress {
-    /// How long since the connection last wrote anything.
+    /// Progress of the connection on `socket` (none to read: only writes count), as of now.
+    pub fn new(socket: Option<Arc<SocketDigest>>) -> Progress {
+        let acked = socket.as_deref().and_then(acked);
+        let socket = socket.filter(|_| acked.is_some());
+        let seen = Seen {
+            at: Instant::now(),
+            socket,
+            acked,
+        };
+        Progress(Arc::new(Mutex::new(seen)))
+    }
+
+    /// How long since the client last took bytes, as far as can be told now: where the socket
+    /// tells, since it last acknowledged [`MIN_PROGRESS`] more (a receiver that reads nothing may
+    /// still take a few bytes now and then, as its kernel packs what it holds).
     pub fn idle(&self) -> Duration {
-        self.lock().elapsed()
+        let mut seen = self.lock();
+        let acked = seen.socket.as_deref().and_then(acked);
+        if let (Some(now), Some(before)) = (acked, seen.acked) {
+            if now >= before.saturating_add(MIN_PROGRESS) {
+                seen.acked = acked;
+                seen.at = Instant::now();
+            }
+        }
+        seen.at.elapsed()
     }
 
-    fn touch(&self) {
-        *self.lock() = Instant::now();
+    /// Notes that bytes went out just now: progress where the socket's acknowledgements are not
+    /// known.
+    pub fn touch(&self) {
+        let mut seen = self.lock();
+        if seen.socket.is_none() {
+            seen.at = Instant::now();
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Instant> {
-        // An `Instant` is consistent whatever panicked: a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // Each field is consistent whatever panicked: a poisoned lock is still usable.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How many more bytes a client must acknowledge to count as having taken bytes.
+const MIN_PROGRESS: u64 = 16 * 1024;
+
+/// The bytes the peer of `socket` has acknowledged, where the system tells.
+fn acked(socket: &SocketDigest) -> Option<u64> {
+    socket.tcp_info().map(|info| info.tcpi_bytes_acked)
+}
+
+/// Runs `write` to its end (`Some` of its outcome), unless the client takes nothing for
+/// [`SEND_TIMEOUT`] meanwhile (`None`).
+pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<F::Output> {
+    let started = Instant::now();
+    tokio::pin!(write);
+    loop {
+        // Idle since the write began or the client last took bytes, whichever is later.
+        let idle = progress.idle().min(started.elapsed());
+        let left = SEND_TIMEOUT
+            .checked_sub(idle)
+            .filter(|left| !left.is_zero())?;
+        if let Ok(done) = tokio::time::timeout(left, &mut write).await {
+            return Some(done);
+        }
     }
 }
 
@@ -39,9 +106,9 @@ pub struct Watched<S> {
 }
 
 impl<S> Watched<S> {
-    /// Wraps `inner`; the connection counts as having written just now.
-    pub fn new(inner: S) -> (Watched<S>, Progress) {
-        let progress = Progress(Arc::new(Mutex::new(Instant::now())));
+    /// Wraps `inner`, the connection on `socket`; it counts as having written just now.
+    pub fn new(inner: S, socket: Option<Arc<SocketDigest>>) -> (Watched<S>, Progress) {
+        let progress = Progress::new(socket);
         let watched = Watched {
             inner,
             progress: progress.clone(),
@@ -91,7 +158,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn progress_follows_writes() {
         let (near, mut far) = tokio::io::duplex(4);
-        let (mut watched, progress) = Watched::new(near);
+        let (mut watched, progress) = Watched::new(near, None);
         tokio::time::sleep(Duration::from_millis(30)).await;
         let before = progress.idle();
         assert!(before >= Duration::from_millis(30), "{before:?}");

@@ -6,13 +6,14 @@
 //! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame;
 //! - agents (`/agent/connect`): the handshake and the socket's settings; `routing` carries it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{SocketDigest, Stream};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -33,8 +34,8 @@ use crate::tunnel::{stopping, Limit, Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
-use super::watched::{Progress, Watched};
-use super::{KEEPALIVE, SEND_TIMEOUT};
+use super::watched::{unless_stalled, Progress, Watched};
+use super::KEEPALIVE;
 
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
 const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
@@ -120,7 +121,7 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
 ///
 /// A job's result is taken from the store when its frame is about to be written, and given back
-/// if the frame cannot be written (the client read nothing for [`SEND_TIMEOUT`]): the tasks waiting for jobs only learn
+/// if the frame cannot be written (the client read nothing for [`super::SEND_TIMEOUT`]): the tasks waiting for jobs only learn
 /// that one has finished. A socket that closes, resets or stops reading, or a relay that stops,
 /// while results arrive leaves them for `/done` instead of dropping them.
 pub async fn serve_jobs(
@@ -132,7 +133,8 @@ pub async fn serve_jobs(
 ) {
     let _open = Opened::start(Open::JobSocket);
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
-    let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
+    let socket = stream.get_socket_digest();
+    let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
     let mut waiters = Waiters {
@@ -238,8 +240,12 @@ type Incoming<S = Stream> = SplitStream<WebSocketStream<Watched<S>>>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
     /// The two halves of an upgraded connection speaking WebSocket with `config`.
-    async fn open(stream: S, config: WebSocketConfig) -> (Pusher<S>, Incoming<S>) {
-        let (stream, progress) = Watched::new(stream);
+    async fn open(
+        stream: S,
+        socket: Option<Arc<SocketDigest>>,
+        config: WebSocketConfig,
+    ) -> (Pusher<S>, Incoming<S>) {
+        let (stream, progress) = Watched::new(stream, socket);
         let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
         let (outgoing, incoming) = socket.split();
         (Pusher { outgoing, progress }, incoming)
@@ -251,26 +257,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
     }
 
     /// Sends `message`, flushed; whether it went out. Given up once the client has taken no byte
-    /// for [`SEND_TIMEOUT`] (its connection's buffers full), however long a big frame takes to a
+    /// for [`super::SEND_TIMEOUT`] (its connection's buffers full), however long a big frame takes to a
     /// slow but steady reader.
     async fn send(&mut self, message: Message) -> bool {
         let Pusher { outgoing, progress } = self;
-        let started = tokio::time::Instant::now();
-        let sending = outgoing.send(message);
-        tokio::pin!(sending);
-        loop {
-            // Idle since the send began or the client last took bytes, whichever is later.
-            let idle = progress.idle().min(started.elapsed());
-            let Some(left) = SEND_TIMEOUT
-                .checked_sub(idle)
-                .filter(|left| !left.is_zero())
-            else {
-                return false;
-            };
-            if let Ok(sent) = tokio::time::timeout(left, &mut sending).await {
-                return sent.is_ok();
-            }
-        }
+        let sent = unless_stalled(progress, outgoing.send(message)).await;
+        matches!(sent, Some(Ok(())))
     }
 }
 
@@ -310,7 +302,8 @@ pub async fn serve_events(
     // A subscriber has nothing to send but control frames: anything bigger closes the socket
     // instead of being buffered.
     let config = settings(SUBSCRIBER_FRAME_LIMIT, max_event);
-    let (mut outgoing, mut incoming) = Pusher::open(stream, config).await;
+    let socket = stream.get_socket_digest();
+    let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     loop {
         // Pings without end must not keep the thread (see `routing::link`).
@@ -447,6 +440,7 @@ async fn wait_for(jobs: Jobs, id: JobId, delay: Duration, mut shutdown: Shutdown
 
 #[cfg(test)]
 mod tests {
+    use super::super::SEND_TIMEOUT;
     use super::*;
     use tokio::io::AsyncReadExt;
 
@@ -459,7 +453,7 @@ mod tests {
         let config = || settings(SUBSCRIBER_FRAME_LIMIT, 4 << 20);
         // 16 KiB every 10 s: the 2 MiB frame takes over 20 minutes.
         let (relay, mut client) = tokio::io::duplex(16 * 1024);
-        let (mut pusher, _incoming) = Pusher::open(relay, config()).await;
+        let (mut pusher, _incoming) = Pusher::open(relay, None, config()).await;
         let reader = tokio::spawn(async move {
             let mut chunk = vec![0; 16 * 1024];
             let mut read = 0;
@@ -476,7 +470,7 @@ mod tests {
         reader.await.expect("the reader does not panic");
         // A client that reads nothing.
         let (relay, _client) = tokio::io::duplex(16 * 1024);
-        let (mut pusher, _incoming) = Pusher::open(relay, config()).await;
+        let (mut pusher, _incoming) = Pusher::open(relay, None, config()).await;
         let started = tokio::time::Instant::now();
         assert!(!pusher.send(frame()).await, "a client that stopped reading");
         let waited = started.elapsed();

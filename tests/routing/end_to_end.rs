@@ -520,33 +520,89 @@ async fn client_leaving_mid_body_ends_the_upstream_request() {
 
 /// A client that stops reading a routed download is let go once it has taken nothing for 30 s
 /// (its connection's buffers full): its exchange ends, and the upstream request with it, rather
-/// than holding the agent's stream for as long as the client keeps its connection open.
+/// than holding the agent's stream for as long as the client keeps its connection open. A slow
+/// but steady reader (8 KiB/s, through send and receive buffers grown to megabytes, where the
+/// kernel makes room for a write only once a third of the send buffer drained) stays: it started
+/// first, and is still served once the other is let go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_is_let_go() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let setup = Setup::start(Store::Memory, &[]).await;
-    let address = setup.relay.base.trim_start_matches("http://");
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket
+    let stopped_name = tunnel_id("stopped");
+    let other = Agent::serve(
+        &setup.relay.base,
+        &stopped_name,
+        &setup.upstream.url(),
+        None,
+    );
+    wait_agents(&setup.client, &stopped_name, 1, RECONNECT, &[&other]).await;
+    let address: std::net::SocketAddr = setup
+        .relay
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("an address");
+    let download = |name: &str| {
+        format!(
+            "GET /r/{name}/blob?bytes={} HTTP/1.1\r\nHost: relay\r\n\r\n",
+            64 << 20
+        )
+    };
+
+    let mut steady = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the relay accepts");
+    steady
+        .write_all(download(&setup.name).as_bytes())
+        .await
+        .expect("sent");
+    let (read_some, mut reading) = tokio::sync::watch::channel(0usize);
+    let reader = tokio::spawn(async move {
+        let mut buffer = vec![0; 8 * 1024];
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match steady.read(&mut buffer).await {
+                Ok(read @ 1..) => read_some.send_modify(|total| *total += read),
+                _ => return,
+            }
+        }
+    });
+    let started = reading.wait_for(|&total| total >= 16 * 1024);
+    tokio::time::timeout(WAIT, started)
+        .await
+        .expect("the steady reader reads")
+        .expect("the reader runs");
+
+    let stopped = tokio::net::TcpSocket::new_v4().expect("a socket");
+    stopped
         .set_recv_buffer_size(16 * 1024)
         .expect("a small buffer");
-    let address = address.parse().expect("an address");
-    let mut socket = socket.connect(address).await.expect("the relay accepts");
-    let head = format!(
-        "GET /r/{}/blob?bytes={} HTTP/1.1\r\nHost: relay\r\n\r\n",
-        setup.name,
-        64 << 20
-    );
-    socket.write_all(head.as_bytes()).await.expect("sent");
-    let (client, name) = (&setup.client, setup.name.as_str());
-    let taken = || async { in_flight(client, name).await == 1 };
+    let mut stopped = stopped.connect(address).await.expect("the relay accepts");
+    stopped
+        .write_all(download(&stopped_name).as_bytes())
+        .await
+        .expect("sent");
+    let client = &setup.client;
+    let taken = || async { in_flight(client, &stopped_name).await == 1 };
     assert!(crate::support::eventually(WAIT, taken).await, "never taken");
     // Never read.
-    let let_go = || async { in_flight(client, name).await == 0 };
+    let let_go = || async { in_flight(client, &stopped_name).await == 0 };
     let let_go = crate::support::eventually(Duration::from_secs(60), let_go).await;
     assert!(let_go, "a client that reads nothing holds its exchange");
-    setup.agent.expect_logged("reason=client left").await;
-    drop(socket);
+    other.expect_logged("reason=client left").await;
+    assert_eq!(
+        in_flight(client, &setup.name).await,
+        1,
+        "the steady reader was let go too"
+    );
+    let so_far = *reading.borrow();
+    let more = reading.wait_for(|&total| total > so_far);
+    tokio::time::timeout(WAIT, more)
+        .await
+        .expect("the steady reader goes on")
+        .expect("the reader runs");
+    reader.abort();
+    drop(stopped);
 }
 
 /// A request in flight when the agent's connection to the relay is lost ends at the upstream and
