@@ -711,6 +711,34 @@ async fn slow_subscription_holds_up_no_event() {
     );
 }
 
+/// A pub/sub connection killed over and over, each new one soon after it came, ends subscribed:
+/// events are published and delivered again once the kills stop. (A loss reported after the
+/// reconnection that followed it once left an instance refusing every event for good; this test
+/// did not provoke that race in a dozen runs without the fix, a probe with four relays did.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_subscriber_ends_subscribed() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(Store::Redis(&redis), &[]);
+    let api = relay.client();
+    let topic = tunnel_id("flapping");
+    let mut subscriber = crate::events::Sse::open(&api, &topic).await;
+    for round in 0..4 {
+        for kill in 0..40u64 {
+            redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+            // The fault, not a wait for anything: kills 5 to 45 ms apart.
+            tokio::time::sleep(Duration::from_millis(5 + kill % 5 * 10)).await;
+        }
+        let event = format!("round {round}");
+        let published =
+            || async { api.post(&format!("/e/{topic}"), event.clone()).await.status == 202 };
+        assert!(
+            eventually(Duration::from_secs(10), published).await,
+            "events refused after round {round}"
+        );
+        assert_eq!(subscriber.next_event().await, event);
+    }
+}
+
 /// Whether no connection takes the events of `topic` within 15 s (the relay's tidy-up runs every
 /// 5 s). Awaited, not blocked on: a dropped subscriber's connection closes on the test's runtime.
 async fn channel_left(redis: &RedisServer, topic: &str) -> bool {

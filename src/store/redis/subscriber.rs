@@ -184,24 +184,11 @@ impl Feed {
         // Topics whose channel is to be unsubscribed, tried again until it is.
         let mut leaving = HashSet::new();
         loop {
+            // Errors before reconnections: when both wait, the error is the older connection's
+            // (fred reports a loss, then the new connection), and handled after the reconnection
+            // it would leave the new connection marked unsubscribed.
             tokio::select! {
-                reconnect = reconnects.recv() => {
-                    match reconnect {
-                        Ok(server) => {
-                            log::info!("redis: connected to {server}");
-                            connected = true;
-                            metrics::store_up(true);
-                            reasons.clear();
-                        }
-                        Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => return,
-                    }
-                    self.subscribed.send_replace(self.subscribe_all().await);
-                    was_up = true;
-                    if std::mem::take(&mut lost) {
-                        self.returns.send_modify(|n| *n += 1);
-                    }
-                }
+                biased;
                 error = errors.recv() => match error {
                     Ok((error, server)) => {
                         self.subscribed.send_replace(false);
@@ -219,6 +206,23 @@ impl Feed {
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return,
                 },
+                reconnect = reconnects.recv() => {
+                    match reconnect {
+                        Ok(server) => {
+                            log::info!("redis: connected to {server}");
+                            connected = true;
+                            metrics::store_up(true);
+                            reasons.clear();
+                        }
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return,
+                    }
+                    self.subscribed.send_replace(self.subscribe_all().await);
+                    was_up = true;
+                    if std::mem::take(&mut lost) {
+                        self.returns.send_modify(|n| *n += 1);
+                    }
+                }
                 Some(ask) = asked.recv() => {
                     // Those that came meanwhile share the one SUBSCRIBE.
                     let mut asks = vec![ask];
@@ -227,7 +231,14 @@ impl Feed {
                     }
                     self.add(asks, &mut leaving).await;
                 }
-                _ = tidy.tick() => self.tidy(&mut leaving).await,
+                _ = tidy.tick() => {
+                    // Should a report still come out of order, a connection that is up is not
+                    // left marked unsubscribed for longer than this.
+                    if !*self.subscribed.borrow() && self.subscriber.is_connected() {
+                        self.subscribed.send_replace(self.subscribe_all().await);
+                    }
+                    self.tidy(&mut leaving).await;
+                }
             }
         }
     }
