@@ -16,6 +16,7 @@ use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -58,13 +59,78 @@ pub struct Client {
     idle: Mutex<Vec<Connection>>,
 }
 
-/// One connection to the upstream.
+/// One connection to the upstream, closed when dropped: only [`Client::release`] keeps one, so a
+/// request reset midway (its body perhaps still being sent to an upstream that stopped reading
+/// it) does not leave its connection open. One dropped midway is reset (see [`Resettable`]).
 pub struct Connection {
     sender: SendRequest<RequestBody>,
     /// The task that drives it: aborted to close a connection that cannot be reused.
     task: AbortHandle,
     /// Whether it served a request before: an upstream may have closed it meanwhile.
     reused: bool,
+    /// Whether no exchange on it is under way (none began, or the last is complete both ways).
+    idle: bool,
+    /// Set to reset the connection rather than close it.
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if !self.idle {
+            self.reset.store(true, Ordering::Relaxed);
+        }
+        self.task.abort();
+    }
+}
+
+/// The stream under an upstream connection, reset rather than closed when dropped once its
+/// [`Connection`] was given up midway: a close would queue the FIN behind request bytes that an
+/// upstream which stopped reading never takes, keeping both ends (and the upstream's worker) open.
+struct Resettable {
+    inner: MaybeTlsStream<TcpStream>,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for Resettable {
+    fn drop(&mut self) {
+        if !self.reset.load(Ordering::Relaxed) {
+            return;
+        }
+        let tcp = match &self.inner {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+            _ => return,
+        };
+        let _ = tcp.set_zero_linger();
+    }
+}
+
+impl AsyncRead for Resettable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Resettable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl Client {
@@ -104,7 +170,6 @@ impl Client {
                 connection.reused = true;
                 return Ok(connection);
             }
-            connection.task.abort();
         }
         self.connect(patience.min(CONNECT_TIMEOUT)).await
     }
@@ -130,7 +195,9 @@ impl Client {
             *copy.headers_mut() = request.headers().clone();
             copy
         });
-        let err = match connection.sender.try_send_request(request).await {
+        connection.idle = false;
+        // What goes out again on a new connection.
+        let resent = match connection.sender.try_send_request(request).await {
             Ok(response) => return Ok((response, connection)),
             Err(mut err) => match (err.take_message(), again) {
                 (Some(unsent), _) => unsent,
@@ -139,18 +206,19 @@ impl Client {
             },
         };
         let mut fresh = self.connect(CONNECT_TIMEOUT).await?;
-        let response = fresh.sender.send_request(err).await?;
+        fresh.idle = false;
+        let response = fresh.sender.send_request(resent).await?;
         Ok((response, fresh))
     }
 
     /// Keeps a connection whose exchange is complete both ways for the next request; closes one
     /// whose request body was not all sent (the upstream answered without reading it): it could
     /// carry no other request before that body, which nobody waits for.
-    pub fn release(&self, connection: Connection, body_sent: bool) {
+    pub fn release(&self, mut connection: Connection, body_sent: bool) {
         if !body_sent {
-            connection.task.abort();
             return;
         }
+        connection.idle = true;
         if connection.sender.is_closed() {
             return;
         }
@@ -186,6 +254,11 @@ impl Client {
             .await
             .map_err(|_| ClientError::ConnectTimeout(self.address.clone(), limit))?
             .map_err(|err| ClientError::Connect(self.address.clone(), err))?;
+        let reset = Arc::new(AtomicBool::new(false));
+        let stream = Resettable {
+            inner: stream,
+            reset: Arc::clone(&reset),
+        };
         // Past hyper's default of 100: a response head with more headers is still a response.
         let (sender, connection) = http1::Builder::new()
             .max_headers(MAX_RESPONSE_HEADERS)
@@ -201,6 +274,8 @@ impl Client {
             sender,
             task: task.abort_handle(),
             reused: false,
+            idle: true,
+            reset,
         })
     }
 }

@@ -769,6 +769,11 @@ impl HttpServerApp for RelayApp {
         let until_close = close_delimited(&session, &response);
         let keepalive = asked && reusable && !body_left && !until_close && !*shutdown.borrow();
         session.set_keepalive(keepalive.then_some(KEEPALIVE_SECS));
+        // nginx's 499 is for the log: a client that left gets nothing, and its connection closes.
+        if status == 499 {
+            self.record(&served, status);
+            return None;
+        }
         let written = Box::pin(write(&mut session, response)).await;
         self.record(&served, status);
         written?;

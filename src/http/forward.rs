@@ -215,32 +215,38 @@ pub async fn proxy(
         .body(body)
         .map_err(|e| Error::BadRequest(e.to_string()))?;
     let started = AtomicBool::new(false);
-    // Streams the body once asked for, then watches for the client leaving (resolving only then).
+    // Streams the body once asked for, then watches for the client leaving (resolving only then);
+    // resolves at once with why a body that breaks off did (a client that closed its side may
+    // still read its 400).
     let pump = async {
         if has_body && asked.await.is_ok() {
             started.store(true, Ordering::Relaxed);
             if continue_if_expected(session).await.is_err() {
-                return;
+                return Error::ClientGone;
             }
             loop {
-                let chunk = match session.read_request_body().await {
-                    Ok(Some(chunk)) => Ok(chunk),
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => {
+                        if chunks.send(Ok(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(None) => break,
                     // The other instance must not take a body cut short for a whole one.
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                };
-                let failed = chunk.is_err();
-                if chunks.send(chunk).await.is_err() || failed {
-                    break;
+                    Err(e) => {
+                        let _ = chunks.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return unreadable(&e);
+                    }
                 }
             }
         }
         drop(chunks);
         client_gone(session).await;
+        Error::ClientGone
     };
     let sent = tokio::select! {
         sent = tokio::time::timeout(timeout, client.request(hop)) => sent,
-        () = pump => return Err(Error::ClientGone),
+        failed = pump => return Err(failed),
     };
     let untouched = !started.load(Ordering::Relaxed) || sendable_again(session);
     let response = match sent {

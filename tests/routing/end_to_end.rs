@@ -14,7 +14,8 @@ use tokio::task::JoinSet;
 
 use super::upstream::{blob, sha256, Echo, Upstream};
 use super::{
-    upstream_answering, upstream_answering_unread, upstream_closing_on_the_second_request, Agent,
+    upstream_answering, upstream_answering_unread, upstream_closing_on_the_second_request,
+    upstream_holding, Agent,
 };
 use crate::support::h2;
 use crate::support::process::free_port;
@@ -680,10 +681,34 @@ async fn broken_request_body() {
 /// Either way the agent drops the upstream request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_cut_after_the_agent_took_it() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let setup = Setup::start(Store::Memory, &[]).await;
-    let metrics = setup
-        .client
+    cut_uploads(&setup, &setup.relay).await;
+    // One that half-closes after its request counts as gone too: it is told nothing (nginx's 499
+    // is for the log), and the connection closes.
+    let connection = crate::support::raw::Connection::open(&setup.relay.base).await;
+    let hang = format!("GET /r/{}/hang HTTP/1.1\r\nHost: relay\r\n\r\n", setup.name);
+    assert!(connection.half_closed(&hang).await.is_none(), "answered");
+    let logged = setup.agent.log();
+    assert!(logged.contains("reason=client body failed: "), "{logged}");
+    let reset = || std::future::ready(setup.agent.log().contains("reason=client left"));
+    let reset = crate::support::eventually(WAIT, reset).await;
+    assert!(reset, "{}", setup.agent.log());
+}
+
+/// The same through an instance without the agent: the client that closed its side gets that
+/// instance's 400 (not a 499, which is only logged), the one that reset is its 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_cut_at_another_instance() {
+    let (setup, b) = Setup::with_second_instance().await;
+    cut_uploads(&setup, &b).await;
+}
+
+/// Cuts two uploads through `entry` once the agent has taken each: the first half-closed (400
+/// expected), the second reset (counted as 499 by `entry`).
+async fn cut_uploads(setup: &Setup, entry: &Relay) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics = entry
+        .client()
         .metrics()
         .expect("the relay has a metrics page");
     let (client, name) = (&setup.client, setup.name.as_str());
@@ -698,7 +723,7 @@ async fn upload_cut_after_the_agent_took_it() {
         assert!(crate::support::eventually(WAIT, taken).await, "never taken");
         socket
     };
-    let address = setup.relay.base.trim_start_matches("http://");
+    let address = entry.base.trim_start_matches("http://");
     let connect = || tokio::net::TcpStream::connect(address);
 
     let mut socket = taken(connect().await.expect("the relay accepts")).await;
@@ -707,8 +732,6 @@ async fn upload_cut_after_the_agent_took_it() {
     socket.read_to_string(&mut answer).await.expect("an answer");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     setup.agent.expect_logged("PUT /sha256 status=reset").await;
-    let logged = setup.agent.log();
-    assert!(logged.contains("reason=client body failed: "), "{logged}");
     no_exchange_left(client, name, "the half-closed upload's exchange stays").await;
 
     let socket = taken(connect().await.expect("the relay accepts")).await;
@@ -717,9 +740,7 @@ async fn upload_cut_after_the_agent_took_it() {
     let left = "burrow_requests_total{route=\"forward\",status=\"499\"}";
     let counted = || async { metric(&metrics, left).await == 1.0 };
     assert!(crate::support::eventually(WAIT, counted).await, "not a 499");
-    let reset = || std::future::ready(setup.agent.log().contains("reason=client left"));
-    let reset = crate::support::eventually(WAIT, reset).await;
-    assert!(reset, "{}", setup.agent.log());
+    no_exchange_left(client, name, "the reset upload's exchange stays").await;
 }
 
 /// Sends `head` and then `body` on a raw connection (keeping the write side open when `keep_open`,
@@ -868,6 +889,28 @@ async fn answer_before_an_unread_upload() {
     let (status, _) = raw_request(&relay.base, head, vec![7; len], true).await;
     assert_eq!(status, 401);
     agent.expect_logged("POST /upload status=401").await;
+}
+
+/// An upload whose upstream stopped reading it, timed out (504), leaves no upstream connection
+/// behind: the agent resets it (closed, it would stay open behind the bytes the upstream never
+/// takes, and so would the upstream's worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_upload_resets_its_upstream_connection() {
+    let (port, go, mut endings) = upstream_holding().await;
+    let (relay, agent, name) = agent_of(port, "holding").await;
+    let len = 20 << 20;
+    let head = format!(
+        "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 1s\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let (status, _) = raw_request(&relay.base, head, vec![7; len], true).await;
+    assert_eq!(status, 504);
+    agent.expect_logged("POST /upload status=reset").await;
+    go.send(()).await.expect("the upstream runs");
+    let ending = tokio::time::timeout(WAIT, endings.recv()).await;
+    let reset = ending
+        .expect("the connection ends")
+        .expect("the upstream runs");
+    assert!(reset, "the upstream connection was closed, not reset");
 }
 
 /// An upstream that switches protocols unasked: 502 from the agent, which logs it so.

@@ -131,6 +131,31 @@ async fn upstream_answering_then(answer: &'static str, hold: bool) -> u16 {
     port
 }
 
+/// An upstream that reads a request's head and then neither reads nor answers until told (on the
+/// returned sender); then it reads the connection to its end and says how that ended: `true` for
+/// a reset, `false` for a close.
+async fn upstream_holding() -> (
+    u16,
+    tokio::sync::mpsc::Sender<()>,
+    tokio::sync::mpsc::Receiver<bool>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (go, mut told) = tokio::sync::mpsc::channel::<()>(1);
+    let (ended, endings) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            if read_head(&mut tcp).await.is_none() || told.recv().await.is_none() {
+                continue;
+            }
+            let mut rest = Vec::new();
+            let reset = tcp.read_to_end(&mut rest).await.is_err();
+            let _ = ended.send(reset).await;
+        }
+    });
+    (port, go, endings)
+}
+
 /// An upstream that answers the first request of each connection `200 hi` (kept alive), and
 /// closes the connection without an answer when the next one comes, as when its keep-alive
 /// timeout ends the connection while a request is on its way; counts the heads it received.
