@@ -5,7 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -72,6 +72,8 @@ pub struct Connection {
     idle: bool,
     /// Set to reset the connection rather than close it.
     reset: Arc<AtomicBool>,
+    /// The bytes received on it so far.
+    received: Arc<AtomicU64>,
 }
 
 impl Drop for Connection {
@@ -83,12 +85,14 @@ impl Drop for Connection {
     }
 }
 
-/// The stream under an upstream connection, reset rather than closed when dropped once its
-/// [`Connection`] was given up midway: a close would queue the FIN behind request bytes that an
-/// upstream which stopped reading never takes, keeping both ends (and the upstream's worker) open.
+/// The stream under an upstream connection: counts the bytes it receives, and is reset rather
+/// than closed when dropped once its [`Connection`] was given up midway: a close would queue the
+/// FIN behind request bytes that an upstream which stopped reading never takes, keeping both ends
+/// (and the upstream's worker) open.
 struct Resettable {
     inner: MaybeTlsStream<TcpStream>,
     reset: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
 }
 
 impl Drop for Resettable {
@@ -111,7 +115,11 @@ impl AsyncRead for Resettable {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let received = (buf.filled().len() - before) as u64;
+        self.received.fetch_add(received, Ordering::Relaxed);
+        read
     }
 }
 
@@ -196,14 +204,20 @@ impl Client {
             copy
         });
         connection.idle = false;
+        let received = connection.received.load(Ordering::Relaxed);
         // What goes out again on a new connection.
         let resent = match connection.sender.try_send_request(request).await {
             Ok(response) => return Ok((response, connection)),
-            Err(mut err) => match (err.take_message(), again) {
-                (Some(unsent), _) => unsent,
-                (None, Some(again)) if closed_before_answering(err.error()) => again,
-                (None, _) => return Err(err.into_error().into()),
-            },
+            Err(mut err) => {
+                // Not a byte of an answer: a partial one says the upstream took the request.
+                let unanswered = closed_before_answering(err.error())
+                    && connection.received.load(Ordering::Relaxed) == received;
+                match (err.take_message(), again) {
+                    (Some(unsent), _) => unsent,
+                    (None, Some(again)) if unanswered => again,
+                    (None, _) => return Err(err.into_error().into()),
+                }
+            }
         };
         let mut fresh = self.connect(CONNECT_TIMEOUT).await?;
         fresh.idle = false;
@@ -255,9 +269,11 @@ impl Client {
             .map_err(|_| ClientError::ConnectTimeout(self.address.clone(), limit))?
             .map_err(|err| ClientError::Connect(self.address.clone(), err))?;
         let reset = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
         let stream = Resettable {
             inner: stream,
             reset: Arc::clone(&reset),
+            received: Arc::clone(&received),
         };
         // Past hyper's default of 100: a response head with more headers is still a response.
         let (sender, connection) = http1::Builder::new()
@@ -276,6 +292,7 @@ impl Client {
             reused: false,
             idle: true,
             reset,
+            received,
         })
     }
 }

@@ -94,6 +94,7 @@ impl Upstream {
             Err(outcome) => return outcome,
         };
         let body_sent = body.sent();
+        let head_only = method == http::Method::HEAD;
         let mut request = http::Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
@@ -119,7 +120,7 @@ impl Upstream {
             let why = "upstream switched protocols, which cannot cross the relay".into();
             return answer_error(writer, 502, why).await;
         }
-        let headers = match response_headers(status, response.headers()) {
+        let headers = match response_headers(status, response.headers(), head_only) {
             Ok(headers) => headers,
             Err(why) => return answer_error(writer, 502, why).await,
         };
@@ -202,9 +203,10 @@ enum Outcome {
 /// A response's headers as the client is to get them: hop-by-hop ones dropped (the relay frames
 /// the body anew), and a `Content-Length` that does not frame the body read — beside a
 /// `Transfer-Encoding` (RFC 9112 §6.3), or on a 1xx or 204 (RFC 9110 §8.6) — dropped; a list of
-/// one length repeated (`2, 2`) made one. `Err` (the 502's reason) for a transfer coding besides
-/// `chunked`, whose bytes would reach the client still coded and unlabelled.
-fn response_headers(status: u16, map: &HeaderMap) -> Result<Headers, String> {
+/// one length repeated (`2, 2`, or in several fields) made one. `Err` (the 502's reason) for a
+/// transfer coding besides `chunked` on a body, whose bytes would reach the client still coded and
+/// unlabelled (`head`: the answer to a `HEAD`, which has none).
+fn response_headers(status: u16, map: &HeaderMap, head: bool) -> Result<Headers, String> {
     let mut codings = Vec::new();
     for value in map.get_all(http::header::TRANSFER_ENCODING) {
         let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
@@ -212,7 +214,7 @@ fn response_headers(status: u16, map: &HeaderMap) -> Result<Headers, String> {
     }
     let coded = !codings.is_empty();
     codings.retain(|coding| !coding.is_empty());
-    if coded && codings != ["chunked"] {
+    if coded && codings != ["chunked"] && !head {
         let codings = codings.join(", ");
         let codings = shown(&codings, SHOWN_PATH);
         return Err(format!(
@@ -221,13 +223,14 @@ fn response_headers(status: u16, map: &HeaderMap) -> Result<Headers, String> {
     }
     let unframed = coded || (100..200).contains(&status) || status == 204;
     let mut headers: Headers = Vec::with_capacity(map.len());
+    let mut length_given = false;
     for (name, value) in map {
         let mut value = String::from_utf8_lossy(value.as_bytes()).into_owned();
         if name == http::header::CONTENT_LENGTH {
-            if unframed {
+            if unframed || std::mem::replace(&mut length_given, true) {
                 continue;
             }
-            // hyper read the body by it, so a list holds one length.
+            // hyper read the body by it, so a list (or several fields) holds one length.
             if let Some((length, _)) = value.split_once(',') {
                 value = length.trim().to_owned();
             }
@@ -496,7 +499,7 @@ mod tests {
     /// transfer coding the client would get still applied is refused.
     #[test]
     fn response_lengths_and_codings() {
-        let headers = |status: u16, pairs: &[(&str, &str)]| {
+        let map_of = |pairs: &[(&str, &str)]| {
             let mut map = HeaderMap::new();
             for (name, value) in pairs {
                 map.append(
@@ -504,8 +507,10 @@ mod tests {
                     HeaderValue::from_str(value).unwrap(),
                 );
             }
-            response_headers(status, &map)
+            map
         };
+        let headers =
+            |status: u16, pairs: &[(&str, &str)]| response_headers(status, &map_of(pairs), false);
         let length = |status, pairs: &[(&str, &str)]| {
             let headers = headers(status, pairs).expect("passed on");
             let found = headers.iter().find(|(name, _)| name == "content-length");
@@ -526,6 +531,12 @@ mod tests {
         assert!(headers(200, &[("transfer-encoding", "gzip")]).is_err());
         let twice = [chunked, ("transfer-encoding", "Chunked")];
         assert!(headers(200, &twice).is_err(), "chunked twice");
+        let fields = [("content-length", "2"), ("content-length", "2")];
+        let one = headers(200, &fields).expect("passed on");
+        assert_eq!(one, [("content-length".to_owned(), "2".to_owned())]);
+        let gzip = [("transfer-encoding", "gzip, chunked")];
+        let head = response_headers(200, &map_of(&gzip), true);
+        assert!(head.is_ok(), "no body crosses in answer to a HEAD");
     }
 
     /// The path goes upstream as the client wrote it, empty segments included, after the

@@ -837,7 +837,7 @@ async fn agent_of(port: u16, prefix: &str) -> (Relay, Agent, String) {
 /// twice (idempotent, without a body), and is 502 when it cannot: never sent twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_on_a_connection_closed_meanwhile() {
-    let (port, heads) = upstream_closing_on_the_second_request().await;
+    let (port, heads) = upstream_closing_on_the_second_request("").await;
     let (relay, _agent, name) = agent_of(port, "idle-closed").await;
     let client = relay.client();
     for method in [Method::GET, Method::DELETE, Method::GET] {
@@ -855,6 +855,20 @@ async fn request_on_a_connection_closed_meanwhile() {
         "{posted:?}"
     );
     assert_eq!(heads.load(Ordering::SeqCst), 6, "the POST was sent twice");
+}
+
+/// A connection that breaks after the start of an answer broke after the upstream took the
+/// request: it is not sent again, idempotent or not (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_cut_after_the_start_of_its_answer() {
+    let partial = "HTTP/1.1 200 OK\r\nContent-Le";
+    let (port, heads) = upstream_closing_on_the_second_request(partial).await;
+    let (relay, _agent, name) = agent_of(port, "half-answered").await;
+    let client = relay.client();
+    client.get(&format!("/r/{name}/x")).await.expect(200);
+    let cut = client.get(&format!("/r/{name}/x")).await;
+    assert_eq!(cut.status, 502, "{cut:?}");
+    assert_eq!(heads.load(Ordering::SeqCst), 2, "sent twice");
 }
 
 /// A response framed both by a length and by chunks is read by its chunks (RFC 9112 §6.3), and

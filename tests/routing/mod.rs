@@ -158,8 +158,9 @@ async fn upstream_holding() -> (
 
 /// An upstream that answers the first request of each connection `200 hi` (kept alive), and
 /// closes the connection without an answer when the next one comes, as when its keep-alive
-/// timeout ends the connection while a request is on its way; counts the heads it received.
-async fn upstream_closing_on_the_second_request() -> (u16, Arc<AtomicU64>) {
+/// timeout ends the connection while a request is on its way — or after `partial`, the start of
+/// an answer; counts the heads it received.
+async fn upstream_closing_on_the_second_request(partial: &'static str) -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let heads = Arc::new(AtomicU64::new(0));
@@ -175,6 +176,7 @@ async fn upstream_closing_on_the_second_request() -> (u16, Arc<AtomicU64>) {
                 }
                 if read_head(&mut tcp).await.is_some() {
                     heads.fetch_add(1, Ordering::SeqCst);
+                    let _ = tcp.write_all(partial.as_bytes()).await;
                 }
             });
         }
