@@ -849,6 +849,9 @@ impl Backend for RedisStore {
             let why = "the events subscriber is not subscribed".into();
             return Err(StoreError::Unavailable(why));
         }
+        // Read before publishing: a topic subscribed meanwhile owes its first subscriber, not yet
+        // answered, nothing of this event.
+        let heard = self.topics.hears(topic);
         let channel = format!("{EVENT_PREFIX}{topic}");
         let args = vec![Value::from(channel), Value::Bytes(body)];
         let published = PUBLISH.run(&self.call(), Vec::new(), args).await?;
@@ -857,7 +860,7 @@ impl Backend for RedisStore {
             .ok_or_else(|| unexpected("publish", &published))?;
         // This instance's own subscription, where it has subscribers, counts among them: none
         // means it is gone, though its loss is not reported yet, and they missed the event.
-        if receivers == 0 && self.topics.hears(topic) {
+        if receivers == 0 && heard {
             let why = "the events subscriber did not receive the event".into();
             return Err(StoreError::Unavailable(why));
         }

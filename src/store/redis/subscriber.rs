@@ -130,11 +130,23 @@ pub(super) fn start(
 async fn deliver(mut messages: broadcast::Receiver<fred::types::Message>, audience: Audience) {
     let mut lag = Lag::default();
     loop {
-        match messages.recv().await {
-            Ok(message) => deliver_one(&audience, message),
-            Err(RecvError::Lagged(missed)) => lag.dropped(missed),
-            Err(RecvError::Closed) => return,
+        let due = lag.due();
+        tokio::select! {
+            received = messages.recv() => match received {
+                Ok(message) => deliver_one(&audience, message),
+                Err(RecvError::Lagged(missed)) => lag.dropped(missed),
+                Err(RecvError::Closed) => return,
+            },
+            // What was dropped since the last line is told, even if nothing more comes.
+            () = sleep_until_due(due), if due.is_some() => lag.report(),
         }
+    }
+}
+
+/// Resolves at `due`.
+async fn sleep_until_due(due: Option<Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due.into()).await;
     }
 }
 
@@ -350,6 +362,16 @@ impl Lag {
         if self.reported.is_some_and(|at| at.elapsed() < LAG_LOG_EVERY) {
             return;
         }
+        self.report();
+    }
+
+    /// When the messages dropped since the last line are to be told, if any were.
+    fn due(&self) -> Option<Instant> {
+        let at = self.reported?;
+        (self.unreported > 0).then(|| at + LAG_LOG_EVERY)
+    }
+
+    fn report(&mut self) {
         log::warn!(
             "redis: the pub/sub feed fell behind and dropped {} messages: events lost for this \
              instance's subscribers (waiting polls re-check)",
@@ -366,4 +388,26 @@ fn channels<'a>(topics: impl IntoIterator<Item = &'a String>) -> Vec<String> {
         .into_iter()
         .map(|topic| format!("{EVENT_PREFIX}{topic}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first drop is told at once; those within [`LAG_LOG_EVERY`] after it are counted and
+    /// due at its end, whether more come or not.
+    #[test]
+    fn dropped_messages_are_all_told() {
+        let mut lag = Lag::default();
+        assert_eq!(lag.due(), None);
+        lag.dropped(5);
+        assert_eq!((lag.unreported, lag.due()), (0, None), "told at once");
+        let first = lag.reported.expect("a line");
+        lag.dropped(7);
+        lag.dropped(1);
+        assert_eq!(lag.unreported, 8);
+        assert_eq!(lag.due(), Some(first + LAG_LOG_EVERY));
+        lag.report();
+        assert_eq!((lag.unreported, lag.due()), (0, None));
+    }
 }
