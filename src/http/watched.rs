@@ -28,42 +28,46 @@ pub struct Progress(Arc<Mutex<Seen>>);
 struct Seen {
     at: Instant,
     socket: Option<Arc<SocketDigest>>,
+    /// What the socket had acknowledged when last looked at with progress (none before the first
+    /// look, which a write that goes at once never needs).
     acked: Option<u64>,
 }
 
 impl Progress {
     /// Progress of the connection on `socket` (none to read: only writes count), as of now.
     pub fn new(socket: Option<Arc<SocketDigest>>) -> Progress {
-        let acked = socket.as_deref().and_then(acked);
-        let socket = socket.filter(|_| acked.is_some());
         let seen = Seen {
             at: Instant::now(),
             socket,
-            acked,
+            acked: None,
         };
         Progress(Arc::new(Mutex::new(seen)))
     }
 
     /// How long since the client last took bytes, as far as can be told now: where the socket
     /// tells, since it last acknowledged [`MIN_PROGRESS`] more (a receiver that reads nothing may
-    /// still take a few bytes now and then, as its kernel packs what it holds).
+    /// still take a few bytes now and then, as its kernel packs what it holds), or since the first
+    /// look.
     pub fn idle(&self) -> Duration {
         let mut seen = self.lock();
         let acked = seen.socket.as_deref().and_then(acked);
-        if let (Some(now), Some(before)) = (acked, seen.acked) {
-            if now >= before.saturating_add(MIN_PROGRESS) {
-                seen.acked = acked;
-                seen.at = Instant::now();
-            }
+        let moved = match (acked, seen.acked) {
+            (Some(now), Some(before)) => now >= before.saturating_add(MIN_PROGRESS),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if moved {
+            seen.acked = acked;
+            seen.at = Instant::now();
         }
         seen.at.elapsed()
     }
 
     /// Notes that bytes went out just now: progress where the socket's acknowledgements are not
-    /// known.
+    /// known (or not looked at yet).
     pub fn touch(&self) {
         let mut seen = self.lock();
-        if seen.socket.is_none() {
+        if seen.acked.is_none() {
             seen.at = Instant::now();
         }
     }
@@ -83,10 +87,15 @@ fn acked(socket: &SocketDigest) -> Option<u64> {
 }
 
 /// Runs `write` to its end (`Some` of its outcome), unless the client takes nothing for
-/// [`SEND_TIMEOUT`] meanwhile (`None`).
+/// [`SEND_TIMEOUT`] meanwhile (`None`). A write that goes at once costs no timer and no look at
+/// the socket.
 pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<F::Output> {
-    let started = Instant::now();
     tokio::pin!(write);
+    let at_once = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx)));
+    if let Poll::Ready(done) = at_once.await {
+        return Some(done);
+    }
+    let started = Instant::now();
     loop {
         // Idle since the write began or the client last took bytes, whichever is later.
         let idle = progress.idle().min(started.elapsed());
