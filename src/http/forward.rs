@@ -16,7 +16,7 @@ use pingora_core::protocols::http::ServerSession;
 
 use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
-use super::write_body;
+use super::watched::write_body;
 use crate::error::Error;
 use crate::routing::head::{is_hop_by_hop, strip_hop_by_hop_keeping};
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};

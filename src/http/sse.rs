@@ -6,7 +6,8 @@ use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
-use super::{write_body, KEEPALIVE};
+use super::watched::write_body;
+use super::KEEPALIVE;
 use crate::events::{Received, Subscription};
 use crate::tunnel::Shutdown;
 

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::SocketDigest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // Tokio's clock, which tests can pause and advance.
@@ -108,6 +110,37 @@ pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<
     }
 }
 
+/// The most of a response body written in one write: where the system does not tell what the
+/// client acknowledged, a piece written counts as the client taking bytes.
+const SEND_PIECE: usize = 16 * 1024;
+
+/// Writes `chunk` of a response body (the last if `end`), piece by piece; `false` if that failed,
+/// or the client took nothing for [`SEND_TIMEOUT`].
+pub async fn write_body(session: &mut ServerSession, mut chunk: Bytes, end: bool) -> bool {
+    let progress = Progress::new(socket_of(session));
+    loop {
+        let last = chunk.len() <= SEND_PIECE;
+        let piece = if last {
+            std::mem::take(&mut chunk)
+        } else {
+            chunk.split_to(SEND_PIECE)
+        };
+        let written = session.write_response_body(piece, end && last);
+        if !matches!(unless_stalled(&progress, written).await, Some(Ok(()))) {
+            return false;
+        }
+        if last {
+            return true;
+        }
+        progress.touch();
+    }
+}
+
+/// The socket a session's connection is on, to read what its client acknowledged.
+pub fn socket_of(session: &ServerSession) -> Option<Arc<SocketDigest>> {
+    session.digest()?.socket_digest.clone()
+}
+
 /// `inner`, noting in its [`Progress`] each write that moved bytes.
 pub struct Watched<S> {
     inner: S,
@@ -180,5 +213,62 @@ mod tests {
         let mut read = [0; 4];
         far.read_exact(&mut read).await.unwrap();
         assert_eq!(&read, b"abcd");
+    }
+
+    /// A session that has read a request from `client`'s other end and written a chunked head.
+    async fn answering(relay: tokio::io::DuplexStream) -> ServerSession {
+        let mut session = ServerSession::new_http1(Box::new(relay));
+        assert!(session.read_request().await.expect("a request"));
+        let mut head = pingora_http::ResponseHeader::build(200, None).expect("a head");
+        head.insert_header("Transfer-Encoding", "chunked")
+            .expect("a header");
+        session
+            .write_response_header(Box::new(head))
+            .await
+            .expect("the head is written");
+        session
+    }
+
+    /// A big chunk goes to a slow but steady reader, however long it takes, and is given up on
+    /// for a reader that takes nothing. (Paused time: the clock jumps to the next timer whenever
+    /// every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn bodies_wait_for_slow_readers_not_for_stopped_ones() {
+        const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let chunk = Bytes::from(vec![7; 512 * 1024]);
+        let (relay, mut client) = tokio::io::duplex(16 * 1024);
+        client.write_all(REQUEST).await.expect("sent");
+        let mut session = answering(relay).await;
+        // 8 KiB every 10 s: the chunk takes over ten minutes.
+        let reader = tokio::spawn(async move {
+            let mut buffer = vec![0; 8 * 1024];
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if client.read(&mut buffer).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert!(
+            write_body(&mut session, chunk.clone(), false).await,
+            "a steady reader"
+        );
+        assert!(started.elapsed() > Duration::from_secs(600));
+        reader.abort();
+
+        let (relay, mut client) = tokio::io::duplex(16 * 1024);
+        client.write_all(REQUEST).await.expect("sent");
+        let mut session = answering(relay).await;
+        let started = tokio::time::Instant::now();
+        assert!(
+            !write_body(&mut session, chunk, false).await,
+            "a stopped reader"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= SEND_TIMEOUT && waited < SEND_TIMEOUT * 2,
+            "{waited:?}"
+        );
     }
 }
