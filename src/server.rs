@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::access_log;
 use crate::config::{Config, RedisConfig, StoreConfig};
 use crate::drain::{self, InFlight};
-use crate::http::{Connections, Lifecycle, RelayApp};
+use crate::http::{log_left_out_store_failures, Connections, Lifecycle, RelayApp};
 use crate::presence::{Presence, ANNOUNCE_EVERY, ANNOUNCE_RETRY};
 use crate::signals::Signals;
 use crate::store::{Store, StoreError};
@@ -297,7 +297,8 @@ impl BackgroundService for Announcer {
     }
 }
 
-/// Writes out the access log's buffered lines every second, and once more at shutdown.
+/// Writes out the access log's buffered lines every second, and once more at shutdown; tells the
+/// store failures left out of the log since its last line about them.
 struct AccessLogFlusher;
 
 #[async_trait]
@@ -307,10 +308,14 @@ impl BackgroundService for AccessLogFlusher {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = tick.tick() => access_log::flush(),
+                _ = tick.tick() => {
+                    access_log::flush();
+                    log_left_out_store_failures(false);
+                }
             }
         }
         access_log::flush();
+        log_left_out_store_failures(true);
     }
 }
 

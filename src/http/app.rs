@@ -1034,11 +1034,13 @@ fn failed(name: &str, error: Error) -> Response {
 /// write one per request.
 const STORE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// When a store failure was last logged, and how many were left out since.
+static STORE_FAILURES: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+
 /// Logs a store failure unless one was logged less than [`STORE_LOG_EVERY`] ago; the next line
 /// counts those left out.
 pub(super) fn log_store_failure(name: &str, error: &StoreError) {
-    static LOGGED: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
-    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut logged = STORE_FAILURES.lock().unwrap_or_else(|e| e.into_inner());
     let (last, left_out) = &mut *logged;
     if last.is_some_and(|at| at.elapsed() < STORE_LOG_EVERY) {
         *left_out += 1;
@@ -1049,6 +1051,23 @@ pub(super) fn log_store_failure(name: &str, error: &StoreError) {
         0 => warn!("{name}: {error}"),
         n => warn!("{name}: {error} ({n} more store failures since the last line)"),
     }
+}
+
+/// Logs how many store failures were left out since the last line, once [`STORE_LOG_EVERY`] has
+/// passed since it (or at once, `at_exit`): an outage shorter than that would otherwise end
+/// without them told.
+pub fn log_left_out_store_failures(at_exit: bool) {
+    let mut logged = STORE_FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+    let (last, left_out) = &mut *logged;
+    let early = last.is_some_and(|at| at.elapsed() < STORE_LOG_EVERY);
+    if *left_out == 0 || (early && !at_exit) {
+        return;
+    }
+    *last = Some(Instant::now());
+    warn!(
+        "{} more store failures since the last line",
+        std::mem::take(left_out)
+    );
 }
 
 /// Whether a streamed body without a length goes to an HTTP/1.0 client, which knows no chunked

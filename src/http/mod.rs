@@ -36,5 +36,5 @@ const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// keep the connection and a client vanished without closing (host gone) is noticed.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
-pub use app::{Lifecycle, RelayApp};
+pub use app::{log_left_out_store_failures, Lifecycle, RelayApp};
 pub use connection::Connections;

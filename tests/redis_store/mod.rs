@@ -184,6 +184,25 @@ async fn refused_password_is_named() {
     assert_eq!(refusals.count(), 1, "{output}");
 }
 
+/// Store failures left out of the log (a line per 10 s at most) are told once 10 s have passed,
+/// even when no more come: an outage shorter than that does not end with them untold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn left_out_store_failures_are_told() {
+    let redis = RedisServer::start();
+    redis.command(&["CONFIG", "SET", "requirepass", "sekret"]);
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_PASSWORD", "wrong")]);
+    let api = relay.client();
+    for _ in 0..3 {
+        api.post("/t/x", "x").await.expect_one_line_error(503);
+    }
+    let told = wait_until(Duration::from_secs(15), || {
+        relay
+            .output()
+            .contains("] 2 more store failures since the last line")
+    });
+    assert!(told, "{}", relay.output());
+}
+
 /// A reply and a produce are refused with 503, and the message stays pending.
 async fn assert_refused(api: &Client, t: &str, id: &str) {
     let reply = api.post(&format!("/t/{t}/{id}/reply"), "result").await;
