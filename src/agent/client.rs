@@ -352,6 +352,10 @@ pub struct RequestBody {
     first: Option<Bytes>,
     rest: Option<BodyReader>,
     sent: BodySent,
+    /// The length the request declared, and how much of it hyper took so far: hyper takes no
+    /// more of a body than that, and so never learns of its end.
+    length: Option<u64>,
+    taken: u64,
 }
 
 /// Whether hyper has taken the whole of a [`RequestBody`]. Cheap to clone.
@@ -372,15 +376,27 @@ impl RequestBody {
             first: None,
             rest: None,
             sent: BodySent(Arc::new(AtomicBool::new(true))),
+            length: None,
+            taken: 0,
         }
     }
 
-    /// `first`, then the rest of the stream.
-    pub fn streaming(first: Bytes, rest: BodyReader) -> RequestBody {
+    /// `first`, then the rest of the stream, of `length` bytes if the request declared one.
+    pub fn streaming(first: Bytes, rest: BodyReader, length: Option<u64>) -> RequestBody {
         RequestBody {
             first: Some(first),
             rest: Some(rest),
             sent: BodySent(Arc::default()),
+            length,
+            taken: 0,
+        }
+    }
+
+    /// Counts `chunk` as taken, and the body as sent once its declared length is.
+    fn took(&mut self, chunk: &Bytes) {
+        self.taken += chunk.len() as u64;
+        if self.length.is_some_and(|length| self.taken >= length) {
+            self.sent.0.store(true, Ordering::Relaxed);
         }
     }
 
@@ -399,13 +415,17 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         if let Some(chunk) = self.first.take() {
+            self.took(&chunk);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let Some(reader) = self.rest.as_mut() else {
             return Poll::Ready(None);
         };
         reader.poll_next(cx).map(|item| match item {
-            Inbound::Data(chunk) => Some(Ok(Frame::data(chunk))),
+            Inbound::Data(chunk) => {
+                self.took(&chunk);
+                Some(Ok(Frame::data(chunk)))
+            }
             Inbound::End => {
                 self.rest = None;
                 self.sent.0.store(true, Ordering::Relaxed);

@@ -89,7 +89,13 @@ impl Upstream {
         };
         // Tells the relay the request is taken: from now on it will not be retried elsewhere.
         writer.grant(0);
-        let body = match request_body(reader).await {
+        // hyper sends a body of declared length without asking for its end.
+        let length = head
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, value)| value.trim().parse().ok());
+        let body = match request_body(reader, length).await {
             Ok(body) => body,
             Err(outcome) => return outcome,
         };
@@ -182,10 +188,10 @@ impl Upstream {
 }
 
 /// The request body as it comes from the relay: none if the stream's first item is `END`.
-async fn request_body(mut reader: BodyReader) -> Result<RequestBody, Outcome> {
+async fn request_body(mut reader: BodyReader, length: Option<u64>) -> Result<RequestBody, Outcome> {
     match reader.next().await {
         Inbound::End => Ok(RequestBody::empty()),
-        Inbound::Data(first) => Ok(RequestBody::streaming(first, reader)),
+        Inbound::Data(first) => Ok(RequestBody::streaming(first, reader, length)),
         Inbound::Reset(reason) => Err(Outcome::Reset(reason)),
         Inbound::Response(_) => Err(Outcome::Reset("a RESPONSE from the relay".into())),
     }

@@ -790,10 +790,15 @@ async fn upstream_connections_kept_alive() {
     for _ in 0..20 {
         echo_through(client, name, "up").await;
     }
+    for _ in 0..5 {
+        let request = client.request(Method::PUT, &format!("/r/{name}/mirror"));
+        let response = client.send(request.body("a body")).await.expect(200);
+        assert_eq!(response.text(), "a body");
+    }
     assert_eq!(
         setup.upstream.connections(),
         opened,
-        "20 requests, no new connection"
+        "25 requests, 5 with a body, no new connection"
     );
     for i in 1..=5 {
         let response = client.get(&format!("/r/{name}/close")).await.expect(200);
