@@ -17,6 +17,7 @@ use pingora_core::protocols::http::ServerSession;
 use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
 use super::watched::write_body;
+use super::SEND_TIMEOUT;
 use crate::error::Error;
 use crate::routing::head::{is_hop_by_hop, strip_hop_by_hop_keeping};
 use crate::routing::head::{MAX_RESPONSE_HEADERS, MAX_RESPONSE_HEAD_BYTES};
@@ -305,6 +306,9 @@ fn header_list(headers: &http::HeaderMap) -> Headers {
         .collect()
 }
 
+/// How long another instance may take nothing of a response body before it is given up on.
+const HOP_SEND_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Where a forwarded response body comes from.
 pub enum Body {
     /// An agent connected to this instance (boxed: an exchange is five times the size of the
@@ -346,10 +350,17 @@ impl Body {
 /// connection be reused). A client that stops reading is let go (see [`super::SEND_TIMEOUT`]),
 /// and the agent's stream with it.
 pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
+    // Another instance passes the body on to its client as that client takes it, and lets that
+    // client go itself; it reads here only as its own writes finish, which with a slow but steady
+    // client behind a big send buffer may take minutes.
+    let patience = match session.get_header(HOP_HEADER) {
+        Some(_) => HOP_SEND_TIMEOUT,
+        None => SEND_TIMEOUT,
+    };
     loop {
         match unless_gone(session, body.next_chunk()).await {
             Some(Some(Ok(chunk))) => {
-                if !write_body(session, chunk, false).await {
+                if !write_body(session, chunk, false, patience).await {
                     body.client_left();
                     return false;
                 }
@@ -362,7 +373,7 @@ pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
             }
         }
     }
-    write_body(session, Bytes::new(), true).await
+    write_body(session, Bytes::new(), true, patience).await
 }
 
 /// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event

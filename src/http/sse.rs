@@ -7,7 +7,7 @@ use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
 use super::watched::write_body;
-use super::KEEPALIVE;
+use super::{KEEPALIVE, SEND_TIMEOUT};
 use crate::events::{Received, Subscription};
 use crate::tunnel::Shutdown;
 
@@ -18,7 +18,7 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
-        if !write_body(session, chunk, false).await {
+        if !write_body(session, chunk, false, SEND_TIMEOUT).await {
             return;
         }
         chunk = tokio::select! {
@@ -33,7 +33,7 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             () = client_gone(session) => return,
         };
     }
-    write_body(session, Bytes::new(), true).await;
+    write_body(session, Bytes::new(), true, SEND_TIMEOUT).await;
 }
 
 /// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not

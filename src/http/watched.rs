@@ -28,6 +28,8 @@ use super::SEND_TIMEOUT;
 pub struct Progress(Arc<Mutex<Seen>>);
 
 struct Seen {
+    /// How long the client may take nothing before it is given up on.
+    patience: Duration,
     at: Instant,
     socket: Option<Arc<SocketDigest>>,
     /// What the socket had acknowledged when last looked at with progress (none before the first
@@ -36,9 +38,16 @@ struct Seen {
 }
 
 impl Progress {
-    /// Progress of the connection on `socket` (none to read: only writes count), as of now.
+    /// Progress of the connection on `socket` (none to read: only writes count), as of now,
+    /// whose client is given up on once it took nothing for [`SEND_TIMEOUT`].
     pub fn new(socket: Option<Arc<SocketDigest>>) -> Progress {
+        Progress::with_patience(socket, SEND_TIMEOUT)
+    }
+
+    /// The same, given up on after `patience`.
+    pub fn with_patience(socket: Option<Arc<SocketDigest>>, patience: Duration) -> Progress {
         let seen = Seen {
+            patience,
             at: Instant::now(),
             socket,
             acked: None,
@@ -88,9 +97,9 @@ fn acked(socket: &SocketDigest) -> Option<u64> {
     socket.tcp_info().map(|info| info.tcpi_bytes_acked)
 }
 
-/// Runs `write` to its end (`Some` of its outcome), unless the client takes nothing for
-/// [`SEND_TIMEOUT`] meanwhile (`None`). A write that goes at once costs no timer and no look at
-/// the socket.
+/// Runs `write` to its end (`Some` of its outcome), unless the client takes nothing for the
+/// progress's patience meanwhile (`None`). A write that goes at once costs no timer and no look
+/// at the socket.
 pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<F::Output> {
     tokio::pin!(write);
     let at_once = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx)));
@@ -98,12 +107,11 @@ pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<
         return Some(done);
     }
     let started = Instant::now();
+    let patience = progress.lock().patience;
     loop {
         // Idle since the write began or the client last took bytes, whichever is later.
         let idle = progress.idle().min(started.elapsed());
-        let left = SEND_TIMEOUT
-            .checked_sub(idle)
-            .filter(|left| !left.is_zero())?;
+        let left = patience.checked_sub(idle).filter(|left| !left.is_zero())?;
         if let Ok(done) = tokio::time::timeout(left, &mut write).await {
             return Some(done);
         }
@@ -115,9 +123,14 @@ pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<
 const SEND_PIECE: usize = 16 * 1024;
 
 /// Writes `chunk` of a response body (the last if `end`), piece by piece; `false` if that failed,
-/// or the client took nothing for [`SEND_TIMEOUT`].
-pub async fn write_body(session: &mut ServerSession, mut chunk: Bytes, end: bool) -> bool {
-    let progress = Progress::new(socket_of(session));
+/// or the client took nothing for `patience`.
+pub async fn write_body(
+    session: &mut ServerSession,
+    mut chunk: Bytes,
+    end: bool,
+    patience: Duration,
+) -> bool {
+    let progress = Progress::with_patience(socket_of(session), patience);
     loop {
         let last = chunk.len() <= SEND_PIECE;
         let piece = if last {
@@ -251,7 +264,7 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         assert!(
-            write_body(&mut session, chunk.clone(), false).await,
+            write_body(&mut session, chunk.clone(), false, SEND_TIMEOUT).await,
             "a steady reader"
         );
         assert!(started.elapsed() > Duration::from_secs(600));
@@ -262,7 +275,7 @@ mod tests {
         let mut session = answering(relay).await;
         let started = tokio::time::Instant::now();
         assert!(
-            !write_body(&mut session, chunk, false).await,
+            !write_body(&mut session, chunk, false, SEND_TIMEOUT).await,
             "a stopped reader"
         );
         let waited = started.elapsed();
