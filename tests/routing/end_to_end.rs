@@ -901,13 +901,17 @@ async fn answer_before_an_unread_upload() {
         "HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\nConnection: close\r\n\r\nno way";
     let port = upstream_answering_unread(answer).await;
     let (relay, agent, name) = agent_of(port, "refusing").await;
+    assert_eq!(upload_status(&relay, &name, "8s").await, 401);
+    agent.expect_logged("POST /upload status=401").await;
+}
+
+/// The status of a 20 MiB `POST /r/{name}/upload` through `relay` with `timeout`.
+async fn upload_status(relay: &Relay, name: &str, timeout: &str) -> u16 {
     let len = 20 << 20;
     let head = format!(
-        "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 8s\r\nContent-Length: {len}\r\n\r\n"
+        "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: {timeout}\r\nContent-Length: {len}\r\n\r\n"
     );
-    let (status, _) = raw_request(&relay.base, head, vec![7; len], true).await;
-    assert_eq!(status, 401);
-    agent.expect_logged("POST /upload status=401").await;
+    raw_request(&relay.base, head, vec![7; len], true).await.0
 }
 
 /// An upload whose upstream stopped reading it, timed out (504), leaves no upstream connection
@@ -917,12 +921,7 @@ async fn answer_before_an_unread_upload() {
 async fn timed_out_upload_resets_its_upstream_connection() {
     let (port, go, mut endings) = upstream_holding().await;
     let (relay, agent, name) = agent_of(port, "holding").await;
-    let len = 20 << 20;
-    let head = format!(
-        "POST /r/{name}/upload HTTP/1.1\r\nHost: relay\r\n{TIMEOUT}: 1s\r\nContent-Length: {len}\r\n\r\n"
-    );
-    let (status, _) = raw_request(&relay.base, head, vec![7; len], true).await;
-    assert_eq!(status, 504);
+    assert_eq!(upload_status(&relay, &name, "1s").await, 504);
     agent.expect_logged("POST /upload status=reset").await;
     go.send(()).await.expect("the upstream runs");
     let ending = tokio::time::timeout(WAIT, endings.recv()).await;
