@@ -123,6 +123,22 @@ async fn send_body(session: &mut ServerSession, exchange: &mut Exchange) -> Resu
     Ok(())
 }
 
+/// How long the client of a routed response may take nothing of it. Another instance passes the
+/// body on to its own client as that client takes it, and lets that client go itself; it reads
+/// here only as its own writes finish, which with a slow but steady client behind a big send
+/// buffer may take minutes.
+fn send_patience(session: &ServerSession) -> Duration {
+    match from_another_instance(session) {
+        true => HOP_SEND_TIMEOUT,
+        false => SEND_TIMEOUT,
+    }
+}
+
+/// Whether the request was sent on by another instance (it carries [`HOP_HEADER`]).
+pub fn from_another_instance(session: &ServerSession) -> bool {
+    session.get_header(HOP_HEADER).is_some()
+}
+
 /// Whether the client's request comes with a body (perhaps an empty one).
 pub fn carries_body(session: &mut ServerSession) -> bool {
     let headers = &session.req_header().headers;
@@ -350,13 +366,7 @@ impl Body {
 /// connection be reused). A client that stops reading is let go (see [`super::SEND_TIMEOUT`]),
 /// and the agent's stream with it.
 pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
-    // Another instance passes the body on to its client as that client takes it, and lets that
-    // client go itself; it reads here only as its own writes finish, which with a slow but steady
-    // client behind a big send buffer may take minutes.
-    let patience = match session.get_header(HOP_HEADER) {
-        Some(_) => HOP_SEND_TIMEOUT,
-        None => SEND_TIMEOUT,
-    };
+    let patience = send_patience(session);
     loop {
         match unless_gone(session, body.next_chunk()).await {
             Some(Some(Ok(chunk))) => {
@@ -533,6 +543,23 @@ mod tests {
         }
         for theirs in ["api_key", "x-forwarded-for", "x_request_id"] {
             assert!(!spelt_as_own(theirs), "{theirs}");
+        }
+    }
+
+    /// A client is given [`SEND_TIMEOUT`] without progress, another instance 10 minutes.
+    #[tokio::test]
+    async fn other_instances_are_given_longer() {
+        use tokio::io::AsyncWriteExt;
+        for (extra, patience) in [
+            ("", SEND_TIMEOUT),
+            ("x-burrow-hop: a\r\n", HOP_SEND_TIMEOUT),
+        ] {
+            let (relay, mut client) = tokio::io::duplex(4096);
+            let head = format!("GET /r/a/x HTTP/1.1\r\nHost: relay\r\n{extra}\r\n");
+            client.write_all(head.as_bytes()).await.expect("sent");
+            let mut session = ServerSession::new_http1(Box::new(relay));
+            assert!(session.read_request().await.expect("a request"));
+            assert_eq!(send_patience(&session), patience, "{extra:?}");
         }
     }
 

@@ -68,7 +68,7 @@ impl RelayApp {
                 .in_flight
                 .grace_left(self.grace)
                 .saturating_sub(ANSWER_TIME);
-        if session.get_header(forward::HOP_HEADER).is_some() {
+        if forward::from_another_instance(session) {
             let gone = RouteError::Refused(Box::new(RouteError::NoAgent(agent.to_string())));
             if !handed_over || !in_time {
                 return Err(gone.into());
@@ -105,7 +105,7 @@ impl RelayApp {
         timeout: Option<Duration>,
         stopping: Option<Shutdown>,
     ) -> Result<Outcome, Error> {
-        let hop = session.get_header(forward::HOP_HEADER).is_some();
+        let hop = forward::from_another_instance(session);
         let outcome = self
             .await_agent(session, agent, path, timeout, stopping)
             .await;
@@ -141,7 +141,7 @@ impl RelayApp {
         mut stopping: Option<Shutdown>,
     ) -> Result<Outcome, Error> {
         let deadline = Instant::now() + timeout.unwrap_or(self.route_timeout);
-        let origin = session.get_header(forward::HOP_HEADER).is_none();
+        let origin = !forward::from_another_instance(session);
         // A request another instance sent here stops waiting in time for that one to answer its
         // client: else it would time out there first (504), and this instance be tried last.
         let answer_by = if origin {
@@ -261,7 +261,7 @@ impl RelayApp {
             return Err(failure);
         }
         // Sent here by another instance: that one tries the next instance listed with the name.
-        if session.get_header(forward::HOP_HEADER).is_some() {
+        if forward::from_another_instance(session) {
             return Err(failure);
         }
         match self
@@ -304,7 +304,7 @@ impl RelayApp {
         let standing = self.agents.standing(agent.as_str());
         let failing =
             standing.all_refusing || (standing.all_silent && forward::sendable_again(session));
-        if !failing || session.get_header(forward::HOP_HEADER).is_some() {
+        if !failing || forward::from_another_instance(session) {
             return Ok(None);
         }
         let left = deadline.saturating_duration_since(Instant::now());
