@@ -27,7 +27,7 @@ use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::watched::{socket_of, unless_stalled, Progress};
+use super::watched::{unless_stalled, Progress, Socket};
 use super::{connection, forward, framing, sse, websocket, SEND_TIMEOUT};
 use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
@@ -1097,7 +1097,7 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
         head.remove_header("Transfer-Encoding");
     }
     // A client that takes none of it (its buffers full of earlier answers) is let go.
-    let progress = Progress::new(socket_of(session));
+    let progress = Progress::new(Socket::of(session));
     let written = async {
         session.write_response_header(Box::new(head)).await?;
         if !response.body.is_empty() {

@@ -1,17 +1,20 @@
 //! When a client last took bytes, so that a write to it (a response body, an event, a WebSocket
 //! push) is given up only when the client has read nothing for [`SEND_TIMEOUT`], however big the
-//! write: a slow but steady reader stays, one that stopped reading goes.
+//! write: a slow but steady reader stays, one that stopped reading goes, its connection reset.
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use log::debug;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::SocketDigest;
+use pingora_core::protocols::l4::stream::Stream as TcpStream;
+use pingora_core::protocols::{SocketDigest, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // Tokio's clock, which tests can pause and advance.
 use tokio::time::Instant;
@@ -31,21 +34,21 @@ struct Seen {
     /// How long the client may take nothing before it is given up on.
     patience: Duration,
     at: Instant,
-    socket: Option<Arc<SocketDigest>>,
+    socket: Socket,
     /// What the socket had acknowledged when last looked at with progress (none before the first
     /// look, which a write that goes at once never needs).
     acked: Option<u64>,
 }
 
 impl Progress {
-    /// Progress of the connection on `socket` (none to read: only writes count), as of now,
-    /// whose client is given up on once it took nothing for [`SEND_TIMEOUT`].
-    pub fn new(socket: Option<Arc<SocketDigest>>) -> Progress {
+    /// Progress of the connection on `socket`, as of now, whose client is given up on once it
+    /// took nothing for [`SEND_TIMEOUT`].
+    pub fn new(socket: Socket) -> Progress {
         Progress::with_patience(socket, SEND_TIMEOUT)
     }
 
     /// The same, given up on after `patience`.
-    pub fn with_patience(socket: Option<Arc<SocketDigest>>, patience: Duration) -> Progress {
+    pub fn with_patience(socket: Socket, patience: Duration) -> Progress {
         let seen = Seen {
             patience,
             at: Instant::now(),
@@ -61,7 +64,7 @@ impl Progress {
     /// look.
     pub fn idle(&self) -> Duration {
         let mut seen = self.lock();
-        let acked = seen.socket.as_deref().and_then(acked);
+        let acked = seen.socket.digest.as_deref().and_then(acked);
         let moved = match (acked, seen.acked) {
             (Some(now), Some(before)) => now >= before.saturating_add(MIN_PROGRESS),
             (Some(_), None) => true,
@@ -97,9 +100,58 @@ fn acked(socket: &SocketDigest) -> Option<u64> {
     socket.tcp_info().map(|info| info.tcpi_bytes_acked)
 }
 
+/// The connection a client is on, as far as the watch needs it: what tells what the client
+/// acknowledged (nothing: only writes count), and the descriptor to reset once the client is let
+/// go (none: it is closed as usual).
+#[derive(Clone, Default)]
+pub struct Socket {
+    digest: Option<Arc<SocketDigest>>,
+    reset: Option<RawFd>,
+}
+
+impl Socket {
+    /// The connection `stream` is, the client's alone (as once upgraded).
+    pub fn of_stream(stream: &Stream) -> Socket {
+        Socket {
+            digest: stream.get_socket_digest(),
+            reset: own_descriptor(stream),
+        }
+    }
+
+    /// The connection a session is on; reset when its client is let go only over HTTP/1, as an
+    /// HTTP/2 connection carries other requests.
+    pub fn of(session: &ServerSession) -> Socket {
+        Socket {
+            digest: session.digest().and_then(|d| d.socket_digest.clone()),
+            reset: session.stream().and_then(own_descriptor),
+        }
+    }
+}
+
+/// The descriptor of a plain TCP stream (the only kind the relay serves: TLS ends at the load
+/// balancer).
+fn own_descriptor(stream: &Stream) -> Option<RawFd> {
+    let tcp = stream.as_any().downcast_ref::<TcpStream>()?;
+    Some(tcp.as_raw_fd())
+}
+
+/// Makes closing the connection on `fd` reset it, dropping what it still holds unsent (nginx's
+/// `reset_timedout_connection`): closed as usual, a connection whose client reads nothing stays
+/// in the kernel for minutes with up to megabytes queued for it.
+///
+/// # Safety
+/// `fd` must be open for the whole call: the connection must not be closed meanwhile.
+unsafe fn reset_on_close(fd: RawFd) {
+    // SAFETY: the caller keeps `fd` open for the call, the only time the borrow lives.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO)) {
+        debug!("could not make a stalled client's connection reset: {e}");
+    }
+}
+
 /// Runs `write` to its end (`Some` of its outcome), unless the client takes nothing for the
-/// progress's patience meanwhile (`None`). A write that goes at once costs no timer and no look
-/// at the socket.
+/// progress's patience meanwhile (`None`; its connection then resets when closed). A write that
+/// goes at once costs no timer and no look at the socket.
 pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<F::Output> {
     tokio::pin!(write);
     let at_once = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx)));
@@ -111,7 +163,13 @@ pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<
     loop {
         // Idle since the write began or the client last took bytes, whichever is later.
         let idle = progress.idle().min(started.elapsed());
-        let left = patience.checked_sub(idle).filter(|left| !left.is_zero())?;
+        let Some(left) = patience.checked_sub(idle).filter(|left| !left.is_zero()) else {
+            if let Some(fd) = progress.lock().socket.reset {
+                // SAFETY: `write`, alive until this returns, is a write on that connection.
+                unsafe { reset_on_close(fd) };
+            }
+            return None;
+        };
         if let Ok(done) = tokio::time::timeout(left, &mut write).await {
             return Some(done);
         }
@@ -130,7 +188,7 @@ pub async fn write_body(
     end: bool,
     patience: Duration,
 ) -> bool {
-    let progress = Progress::with_patience(socket_of(session), patience);
+    let progress = Progress::with_patience(Socket::of(session), patience);
     loop {
         let last = chunk.len() <= SEND_PIECE;
         let piece = if last {
@@ -149,11 +207,6 @@ pub async fn write_body(
     }
 }
 
-/// The socket a session's connection is on, to read what its client acknowledged.
-pub fn socket_of(session: &ServerSession) -> Option<Arc<SocketDigest>> {
-    session.digest()?.socket_digest.clone()
-}
-
 /// `inner`, noting in its [`Progress`] each write that moved bytes.
 pub struct Watched<S> {
     inner: S,
@@ -162,7 +215,7 @@ pub struct Watched<S> {
 
 impl<S> Watched<S> {
     /// Wraps `inner`, the connection on `socket`; it counts as having written just now.
-    pub fn new(inner: S, socket: Option<Arc<SocketDigest>>) -> (Watched<S>, Progress) {
+    pub fn new(inner: S, socket: Socket) -> (Watched<S>, Progress) {
         let progress = Progress::new(socket);
         let watched = Watched {
             inner,
@@ -213,7 +266,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn progress_follows_writes() {
         let (near, mut far) = tokio::io::duplex(4);
-        let (mut watched, progress) = Watched::new(near, None);
+        let (mut watched, progress) = Watched::new(near, Socket::default());
         tokio::time::sleep(Duration::from_millis(30)).await;
         let before = progress.idle();
         assert!(before >= Duration::from_millis(30), "{before:?}");

@@ -6,14 +6,13 @@
 //! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame;
 //! - agents (`/agent/connect`): the handshake and the socket's settings; `routing` carries it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use pingora_core::protocols::{SocketDigest, Stream};
+use pingora_core::protocols::Stream;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -34,7 +33,7 @@ use crate::tunnel::{stopping, Limit, Shutdown, TunnelId};
 
 use super::app::log_store_failure;
 use super::response::{client_text, Response};
-use super::watched::{unless_stalled, Progress, Watched};
+use super::watched::{unless_stalled, Progress, Socket, Watched};
 use super::KEEPALIVE;
 
 /// The largest frame an event subscriber may send (it has nothing to say beyond pings).
@@ -133,7 +132,7 @@ pub async fn serve_jobs(
 ) {
     let _open = Opened::start(Open::JobSocket);
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
-    let socket = stream.get_socket_digest();
+    let socket = Socket::of_stream(&stream);
     let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
@@ -240,11 +239,7 @@ type Incoming<S = Stream> = SplitStream<WebSocketStream<Watched<S>>>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
     /// The two halves of an upgraded connection speaking WebSocket with `config`.
-    async fn open(
-        stream: S,
-        socket: Option<Arc<SocketDigest>>,
-        config: WebSocketConfig,
-    ) -> (Pusher<S>, Incoming<S>) {
+    async fn open(stream: S, socket: Socket, config: WebSocketConfig) -> (Pusher<S>, Incoming<S>) {
         let (stream, progress) = Watched::new(stream, socket);
         let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
         let (outgoing, incoming) = socket.split();
@@ -302,7 +297,7 @@ pub async fn serve_events(
     // A subscriber has nothing to send but control frames: anything bigger closes the socket
     // instead of being buffered.
     let config = settings(SUBSCRIBER_FRAME_LIMIT, max_event);
-    let socket = stream.get_socket_digest();
+    let socket = Socket::of_stream(&stream);
     let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     loop {
@@ -453,7 +448,7 @@ mod tests {
         let config = || settings(SUBSCRIBER_FRAME_LIMIT, 4 << 20);
         // 16 KiB every 10 s: the 2 MiB frame takes over 20 minutes.
         let (relay, mut client) = tokio::io::duplex(16 * 1024);
-        let (mut pusher, _incoming) = Pusher::open(relay, None, config()).await;
+        let (mut pusher, _incoming) = Pusher::open(relay, Socket::default(), config()).await;
         let reader = tokio::spawn(async move {
             let mut chunk = vec![0; 16 * 1024];
             let mut read = 0;
@@ -470,7 +465,7 @@ mod tests {
         reader.await.expect("the reader does not panic");
         // A client that reads nothing.
         let (relay, _client) = tokio::io::duplex(16 * 1024);
-        let (mut pusher, _incoming) = Pusher::open(relay, None, config()).await;
+        let (mut pusher, _incoming) = Pusher::open(relay, Socket::default(), config()).await;
         let started = tokio::time::Instant::now();
         assert!(!pusher.send(frame()).await, "a client that stopped reading");
         let waited = started.elapsed();

@@ -603,7 +603,21 @@ async fn client_that_stops_reading_is_let_go() {
         .expect("the steady reader goes on")
         .expect("the reader runs");
     reader.abort();
-    drop(stopped);
+    // Reset, not closed behind what it was still to be sent.
+    let mut buffer = vec![0; 64 * 1024];
+    let end = async {
+        loop {
+            match stopped.read(&mut buffer).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    };
+    let end = tokio::time::timeout(WAIT, end)
+        .await
+        .expect("the connection ends");
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
 }
 
 /// A request in flight when the agent's connection to the relay is lost ends at the upstream and
