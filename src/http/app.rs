@@ -884,32 +884,36 @@ impl RelayApp {
     /// stop (the relay stops, or the client hung up); with whether the answer hands out what it
     /// took from the store (a message, a reply, a job's final state), which nobody else gets.
     async fn wait(&self, name: &str, wait: Wait, shutdown: &mut Shutdown) -> (Response, bool) {
+        // Each wait boxed: a waiting poll's task holds the one it runs, not room for the biggest
+        // (thousands of polls wait at once).
         let answered = match wait {
             Wait::Message {
                 tunnel,
                 delivery,
                 timeout,
-            } => self
-                .tunnels
-                .consume(&tunnel, delivery, Some(timeout), shutdown)
-                .await
-                .map(|message| {
-                    let taken = message.is_some();
-                    (self.message(message), taken)
-                }),
+            } => Box::pin(
+                self.tunnels
+                    .consume(&tunnel, delivery, Some(timeout), shutdown),
+            )
+            .await
+            .map(|message| {
+                let taken = message.is_some();
+                (self.message(message), taken)
+            }),
             Wait::Reply {
                 tunnel,
                 msg,
                 timeout,
-            } => self
-                .tunnels
-                .take_reply(&tunnel, msg, Some(timeout), shutdown)
-                .await
-                .map(|reply| {
-                    let taken = reply.is_some();
-                    (self.payload_response(reply), taken)
-                }),
-            Wait::Job { job, timeout } => self.done(&job, Some(timeout), shutdown).await,
+            } => Box::pin(
+                self.tunnels
+                    .take_reply(&tunnel, msg, Some(timeout), shutdown),
+            )
+            .await
+            .map(|reply| {
+                let taken = reply.is_some();
+                (self.payload_response(reply), taken)
+            }),
+            Wait::Job { job, timeout } => Box::pin(self.done(&job, Some(timeout), shutdown)).await,
         };
         answered.unwrap_or_else(|e| (failed(name, e), false))
     }
@@ -954,7 +958,11 @@ impl RelayApp {
         let written = parked::write(&mut stream, response, keepalive).await;
         self.record(&served, status);
         match written {
-            Ok(()) if keepalive => connection::serve_http1(&self, stream, &shutdown, None).await,
+            // Boxed: inline, the serving of further requests (Pingora's session and the whole
+            // request handler) would size this task, and every waiting poll would hold that much.
+            Ok(()) if keepalive => {
+                Box::pin(connection::serve_http1(&self, stream, &shutdown, None)).await
+            }
             Ok(()) => {}
             Err(e) => debug!("could not write a response: {e}"),
         }
