@@ -64,7 +64,7 @@ impl Progress {
     /// look.
     pub fn idle(&self) -> Duration {
         let mut seen = self.lock();
-        let acked = seen.socket.digest.as_deref().and_then(acked);
+        let acked = seen.socket.acked();
         let moved = match (acked, seen.acked) {
             (Some(now), Some(before)) => now >= before.saturating_add(MIN_PROGRESS),
             (Some(_), None) => true,
@@ -116,6 +116,19 @@ impl Socket {
             digest: stream.get_socket_digest(),
             reset: own_descriptor(stream),
         }
+    }
+
+    /// How many bytes the client's TCP stack has acknowledged, where the system tells.
+    pub fn acked(&self) -> Option<u64> {
+        self.digest.as_deref().and_then(acked)
+    }
+
+    /// How many bytes were written to the connection, sent or still queued, where the system
+    /// tells: the end of the last write, to compare with [`Socket::acked`] later.
+    pub fn written(&self) -> Option<u64> {
+        let info = self.digest.as_deref()?.tcp_info()?;
+        let sent_once = info.tcpi_bytes_sent.saturating_sub(info.tcpi_bytes_retrans);
+        Some(sent_once.saturating_add(u64::from(info.tcpi_notsent_bytes)))
     }
 
     /// The connection a session is on; reset when its client is let go only over HTTP/1, as an

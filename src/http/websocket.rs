@@ -6,6 +6,7 @@
 //! - events (`/ws/e/{topic}`): every event published on the topic, pushed as a frame;
 //! - agents (`/agent/connect`): the handshake and the socket's settings; `routing` carries it.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use base64::Engine;
@@ -26,7 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::error::Error;
 use crate::events::{Received, Subscription};
-use crate::jobs::{JobId, JobState, Jobs};
+use crate::jobs::{Collected, JobId, JobState, Jobs};
 use crate::metrics::{Open, Opened};
 use crate::routing::frame::MAX_MESSAGE;
 use crate::tunnel::{stopping, Limit, Shutdown, TunnelId};
@@ -133,6 +134,7 @@ pub async fn serve_jobs(
     let _open = Opened::start(Open::JobSocket);
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
     let socket = Socket::of_stream(&stream);
+    let mut unread = Unconfirmed::on(socket.clone());
     let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
@@ -191,11 +193,10 @@ pub async fn serve_jobs(
                         () = stopping(&mut stops) => false,
                     };
                     if !pushed {
-                        if let Err(e) = jobs.give_back(collected).await {
-                            log::warn!("job {id}: a result the socket could not deliver is lost: {e}");
-                        }
+                        give_back(&jobs, collected).await;
                         break;
                     }
+                    unread.pushed(collected);
                     continue;
                 }
                 Ok(None) => json!({"id": id.to_string(), "status": "Unknown"}),
@@ -212,6 +213,7 @@ pub async fn serve_jobs(
             },
             Some(_) = waiters.tasks.join_next() => continue,
             _ = keepalive.tick() => {
+                unread.confirm();
                 if !outgoing.send(Message::Ping(Bytes::new())).await {
                     break;
                 }
@@ -224,6 +226,62 @@ pub async fn serve_jobs(
         };
         if !outgoing.send_text(reply).await {
             break;
+        }
+    }
+    // Before the connection closes, while its socket still tells what the client took.
+    unread.give_back(&jobs).await;
+}
+
+/// Gives a result back to the store, for `/done`.
+async fn give_back(jobs: &Jobs, collected: Collected) {
+    let id = collected.job.id.clone();
+    if let Err(e) = jobs.give_back(collected).await {
+        log::warn!("job {id}: a result the socket could not deliver is lost: {e}");
+    }
+}
+
+/// Results written to a jobs socket that its client's TCP stack has not acknowledged yet. The
+/// kernel still holds them for the client; were the connection to close now (the client let go
+/// for reading nothing, or gone), they would be lost with it, so they are given back instead.
+/// Where the system does not tell what was acknowledged, a result written counts as delivered.
+struct Unconfirmed {
+    socket: Socket,
+    /// Each result with the connection's byte count at the end of its frame, oldest first.
+    pushed: VecDeque<(u64, Collected)>,
+}
+
+impl Unconfirmed {
+    fn on(socket: Socket) -> Unconfirmed {
+        let pushed = VecDeque::new();
+        Unconfirmed { socket, pushed }
+    }
+
+    /// Notes a result whose frame was just written out whole.
+    fn pushed(&mut self, collected: Collected) {
+        if let Some(end) = self.socket.written() {
+            self.pushed.push_back((end, collected));
+            self.confirm();
+        }
+    }
+
+    /// Forgets the results the client's TCP stack has acknowledged.
+    fn confirm(&mut self) {
+        if self.pushed.is_empty() {
+            return;
+        }
+        let Some(acked) = self.socket.acked() else {
+            return;
+        };
+        while self.pushed.front().is_some_and(|(end, _)| *end <= acked) {
+            self.pushed.pop_front();
+        }
+    }
+
+    /// Gives back every result not acknowledged yet.
+    async fn give_back(mut self, jobs: &Jobs) {
+        self.confirm();
+        for (_, collected) in self.pushed {
+            give_back(jobs, collected).await;
         }
     }
 }
