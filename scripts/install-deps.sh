@@ -5,7 +5,8 @@
 # openssl (the https-upstream test makes its certificates with it), curl and python3
 # (scripts/test.sh waits for its relay with them), procps (its `kill`, which tests send signals with),
 # and libcap2-bin and util-linux (setcap and setpriv: a test listens below port 1024 as the container
-# image does, by a file capability and as another user).
+# image does, by a file capability and as another user; prlimit: a test starts the relay with a
+# low open-file limit).
 # With `--browser`, also Debian's chromium (/usr/bin/chromium) and Node.js with npm, for
 # tests/browser; with `--loadtest`, redis-server, wrk and curl (for loadtest/run.sh). Options
 # combine.

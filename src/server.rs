@@ -59,6 +59,7 @@ pub enum ServeError {
 pub fn run(config: Config, upgrade: bool) -> Result<(), ServeError> {
     // Before any thread is started: threads inherit the capabilities of the one starting them.
     raise_bind_capability();
+    raise_open_file_limit();
     let conf = pingora_conf(&config)?;
     // Pingora would retry a taken address for half a minute, then panic in its listener thread
     // and leave a process that serves nothing. (An upgrade takes the address over from the old
@@ -433,6 +434,35 @@ fn raise_bind_capability() {
         if let Err(e) = caps::raise(None, CapSet::Effective, bind) {
             log::warn!("cannot use the capability to listen on ports below 1024: {e}");
         }
+    }
+}
+
+/// Below this many open files, the relay warns that it cannot hold the connections it is
+/// built for (10,000 idle long-polls, say).
+const FEW_OPEN_FILES: u64 = 10_000;
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does (backstream's
+/// users never met it): the soft limit systemd and many shells give (1024) would cap the relay at
+/// about a thousand connections, and a client beyond them waits unanswered. Warns when even the
+/// hard limit is low.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => log::debug!("could not raise the open-file limit from {soft} to {hard}: {e}"),
+        }
+    }
+    if limit < FEW_OPEN_FILES {
+        log::warn!(
+            "the relay may have at most {limit} open files: it holds fewer connections than \
+             that, and clients beyond them wait unanswered; raise the limit (`ulimit -n`, \
+             systemd's LimitNOFILE=, docker's --ulimit nofile=)"
+        );
     }
 }
 

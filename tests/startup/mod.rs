@@ -224,6 +224,45 @@ fn permitted_capability_listens_below_1024() {
     );
 }
 
+/// The soft limit on open files (1024 under systemd and many shells: about a thousand
+/// connections) is raised to the hard one, and a hard limit below what the relay is built for
+/// is warned of.
+#[test]
+fn open_file_limit_is_raised() {
+    let port = free_port();
+    let mut serving = Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(env!("CARGO_BIN_EXE_burrow"))
+        .arg("serve")
+        .env("BURROW_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit runs (util-linux)");
+    let listening = wait_until(Duration::from_secs(10), || {
+        crate::support::relay::status_of(port, "/health") == Some(200)
+    });
+    // prlimit becomes the relay: same process.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serving.id()));
+    let _ = serving.kill();
+    let ended = serving.wait_with_output().expect("the relay is waited for");
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert!(listening, "no answer on port {port}: {said}");
+    let limits = limits.expect("the relay's limits are readable");
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a line for open files");
+    let values: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(values, ["4096", "4096"], "{open_files}");
+    assert!(
+        said.contains("the relay may have at most 4096 open files"),
+        "{said}"
+    );
+}
+
 /// Runs `burrow serve` with `var=value`; answers its exit code and its stderr.
 fn serve_with(var: &str, value: impl AsRef<std::ffi::OsStr>) -> (Option<i32>, String) {
     serve_with_all(&[(var, value.as_ref())])
