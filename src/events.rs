@@ -3,56 +3,98 @@
 //!
 //! This is the hub of one process. Stores deliver into it: the embedded store directly, the redis
 //! store from its pub/sub subscriber, so a publish on any instance reaches subscribers here. Each
-//! subscriber has a small bounded buffer; one that falls behind skips events instead of slowing
-//! publishers (tokio's broadcast channel reports the gap as `Lagged`).
+//! subscriber has a bounded queue of its own; one that falls behind skips its oldest events
+//! instead of slowing publishers, and is told how many. A queue holds only what waits in it (a
+//! broadcast channel's ring, allocated whole, cost 16 KiB per topic however idle).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use crate::metrics::{Open, Opened};
 
-/// Events buffered per subscriber before it starts skipping.
+/// Events queued per subscriber before it starts skipping.
 const BUFFER: usize = 256;
 
 /// The subscribers of this process, by topic. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Events {
-    topics: Arc<Mutex<HashMap<String, broadcast::Sender<Bytes>>>>,
+    topics: Arc<Mutex<HashMap<String, Subscribers>>>,
+}
+
+/// A topic's subscribers, shared with deliveries under way (changed by copy when one is).
+type Subscribers = Arc<Vec<Arc<Queue>>>;
+
+/// One subscriber's events, waiting to be taken.
+#[derive(Default)]
+struct Queue {
+    waiting: Mutex<Waiting>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    events: VecDeque<Bytes>,
+    /// Events dropped from the front of `events` since the subscriber last took one.
+    skipped: u64,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        // Consistent after every statement, so a poisoned lock is still usable.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, body: Bytes) {
+        {
+            let mut waiting = self.lock();
+            if waiting.events.len() == BUFFER {
+                waiting.events.pop_front();
+                waiting.skipped += 1;
+            }
+            waiting.events.push_back(body);
+        }
+        self.ready.notify_one();
+    }
 }
 
 impl Events {
     /// Subscribes to `topic`; events delivered from now on reach the returned [`Subscription`].
     pub fn subscribe(&self, topic: &str) -> Subscription {
-        let receiver = self
-            .lock()
-            .entry(topic.to_owned())
-            .or_insert_with(|| broadcast::channel(BUFFER).0)
-            .subscribe();
+        let queue = Arc::new(Queue::default());
+        let mut topics = self.lock();
+        let subscribers = topics.entry(topic.to_owned()).or_default();
+        Arc::make_mut(subscribers).push(queue.clone());
+        drop(topics);
         Subscription {
             events: self.clone(),
             topic: topic.to_owned(),
-            receiver,
+            queue,
             _open: Opened::start(Open::Subscriber),
         }
     }
 
     /// Hands `body` to every local subscriber of `topic`; returns how many there were.
     pub fn deliver(&self, topic: &str, body: Bytes) -> usize {
-        match self.lock().get(topic) {
-            Some(sender) => sender.send(body).unwrap_or(0),
-            None => 0,
+        // Handed out once the hub is unlocked: a topic with thousands of subscribers must not
+        // hold up the others.
+        let Some(queues) = self.lock().get(topic).cloned() else {
+            return 0;
+        };
+        for queue in queues.iter() {
+            queue.push(body.clone());
         }
+        queues.len()
     }
 
     /// How many local subscribers `topic` has.
     pub fn subscribers(&self, topic: &str) -> usize {
-        self.lock().get(topic).map_or(0, |s| s.receiver_count())
+        self.lock().get(topic).map_or(0, |queues| queues.len())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, broadcast::Sender<Bytes>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Subscribers>> {
         // The map is consistent after every statement, so a poisoned lock is still usable.
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -62,7 +104,7 @@ impl Events {
 pub struct Subscription {
     events: Events,
     topic: String,
-    receiver: broadcast::Receiver<Bytes>,
+    queue: Arc<Queue>,
     _open: Opened,
 }
 
@@ -76,16 +118,23 @@ pub enum Received {
 }
 
 impl Subscription {
-    /// The next event, or how many were skipped because this subscriber was slow.
+    /// The next event, or how many were skipped (older than any still queued) because this
+    /// subscriber was slow.
     pub async fn next(&mut self) -> Received {
-        match self.receiver.recv().await {
-            Ok(body) => Received::Event(body),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                log::debug!("event subscriber of {} skipped {missed}", self.topic);
-                Received::Skipped(missed)
+        loop {
+            {
+                let mut waiting = self.queue.lock();
+                if waiting.skipped > 0 {
+                    let missed = std::mem::take(&mut waiting.skipped);
+                    log::debug!("event subscriber of {} skipped {missed}", self.topic);
+                    return Received::Skipped(missed);
+                }
+                if let Some(body) = waiting.events.pop_front() {
+                    return Received::Event(body);
+                }
             }
-            // The hub keeps the sender while a subscription exists, so this cannot end.
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            // A push between the look above and this wait leaves its permit: it is not missed.
+            self.queue.ready.notified().await;
         }
     }
 }
@@ -93,12 +142,11 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut topics = self.events.lock();
-        // This receiver is still counted until it is dropped, after this function.
-        if topics
-            .get(&self.topic)
-            .is_some_and(|s| s.receiver_count() <= 1)
-        {
-            topics.remove(&self.topic);
+        if let Some(queues) = topics.get_mut(&self.topic) {
+            Arc::make_mut(queues).retain(|queue| !Arc::ptr_eq(queue, &self.queue));
+            if queues.is_empty() {
+                topics.remove(&self.topic);
+            }
         }
     }
 }
