@@ -955,7 +955,13 @@ impl RelayApp {
         }
         let keepalive = keepalive && !hung_up && !*shutdown.borrow();
         let status = response.status;
-        let written = parked::write(&mut stream, response, keepalive).await;
+        // A client that takes none of it is let go, as from any other answer.
+        let progress = Progress::new(Socket::of_stream(&stream));
+        let writing = parked::write(&mut stream, response, keepalive);
+        let written = unless_stalled(&progress, writing).await.unwrap_or_else(|| {
+            let why = format!("the client took nothing for {SEND_TIMEOUT:?}");
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why))
+        });
         self.record(&served, status);
         match written {
             // Boxed: inline, the serving of further requests (Pingora's session and the whole
@@ -1106,9 +1112,12 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
     }
     // A client that takes none of it (its buffers full of earlier answers) is let go.
     let progress = Progress::new(Socket::of(session));
+    // An answer to HEAD has its body's length but not the body: Pingora leaves it out over
+    // HTTP/1 only, and over HTTP/2 a client takes it for a protocol error.
+    let bodiless = session.req_header().method == Method::HEAD;
     let written = async {
         session.write_response_header(Box::new(head)).await?;
-        if !response.body.is_empty() {
+        if !response.body.is_empty() && !bodiless {
             session.write_response_body(response.body, true).await?;
         }
         Ok::<(), Box<pingora_error::Error>>(())

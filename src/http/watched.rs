@@ -131,6 +131,18 @@ impl Socket {
         Some(sent_once.saturating_add(u64::from(info.tcpi_notsent_bytes)))
     }
 
+    /// Makes the connection reset when it is closed, where it is the client's alone (see
+    /// [`reset_on_close`]).
+    ///
+    /// # Safety
+    /// The connection must still be open: its stream must outlive the call.
+    pub unsafe fn reset_when_closed(&self) {
+        if let Some(fd) = self.reset {
+            // SAFETY: the caller keeps the connection, and so `fd`, open.
+            unsafe { reset_on_close(fd) };
+        }
+    }
+
     /// The connection a session is on; reset when its client is let go only over HTTP/1, as an
     /// HTTP/2 connection carries other requests.
     pub fn of(session: &ServerSession) -> Socket {
@@ -177,17 +189,22 @@ pub async fn unless_stalled<F: Future>(progress: &Progress, write: F) -> Option<
         // Idle since the write began or the client last took bytes, whichever is later.
         let idle = progress.idle().min(started.elapsed());
         let Some(left) = patience.checked_sub(idle).filter(|left| !left.is_zero()) else {
-            if let Some(fd) = progress.lock().socket.reset {
-                // SAFETY: `write`, alive until this returns, is a write on that connection.
-                unsafe { reset_on_close(fd) };
-            }
+            // SAFETY: `write`, alive until this returns, is a write on that connection.
+            unsafe { progress.lock().socket.reset_when_closed() };
             return None;
         };
-        if let Ok(done) = tokio::time::timeout(left, &mut write).await {
+        // Looked at again within `LOOK_EVERY`: progress seen at a look counts from then, so
+        // bytes taken just after one look and none since would otherwise count as taken a whole
+        // patience later.
+        if let Ok(done) = tokio::time::timeout(left.min(LOOK_EVERY), &mut write).await {
             return Some(done);
         }
     }
 }
+
+/// How often a waiting write looks at what its client acknowledged: a client is let go within
+/// this much after its patience ran out.
+const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// The most of a response body written in one write: where the system does not tell what the
 /// client acknowledged, a piece written counts as the client taking bytes.

@@ -228,8 +228,12 @@ pub async fn serve_jobs(
             break;
         }
     }
-    // Before the connection closes, while its socket still tells what the client took.
-    unread.give_back(&jobs).await;
+    // SAFETY: the connection is still open: its halves are dropped only below.
+    let unacknowledged = unsafe { unread.unacknowledged() };
+    drop((outgoing, incoming));
+    for collected in unacknowledged {
+        give_back(&jobs, collected).await;
+    }
 }
 
 /// Gives a result back to the store, for `/done`.
@@ -277,12 +281,22 @@ impl Unconfirmed {
         }
     }
 
-    /// Gives back every result not acknowledged yet.
-    async fn give_back(mut self, jobs: &Jobs) {
+    /// The results not acknowledged yet, to give back: the connection is made to reset when it
+    /// closes, or the kernel would still deliver them after they went back to `/done` (a client
+    /// that closes its socket properly, or a relay that stops, would get them twice).
+    ///
+    /// # Safety
+    /// The connection must still be open: its stream must outlive the call.
+    unsafe fn unacknowledged(mut self) -> Vec<Collected> {
         self.confirm();
-        for (_, collected) in self.pushed {
-            give_back(jobs, collected).await;
+        if !self.pushed.is_empty() {
+            // SAFETY: the caller keeps the connection open.
+            unsafe { self.socket.reset_when_closed() };
         }
+        self.pushed
+            .into_iter()
+            .map(|(_, collected)| collected)
+            .collect()
     }
 }
 

@@ -321,7 +321,7 @@ pub(super) async fn short_requests_are_answered(backend: Backend) {
 
 /// Burrow: `HEAD /health` (some load balancers' health check) and `HEAD /demo/` (uptime checks)
 /// are 200 without a body, and the connection stays usable for the next request; a HEAD that
-/// would hand something out is 405.
+/// would hand something out is 405. Over h2c as well.
 pub(super) async fn head_health(backend: Backend) {
     let api = backend.shared().client();
     for path in ["/health", "/demo/"] {
@@ -333,6 +333,23 @@ pub(super) async fn head_health(backend: Backend) {
     api.send(api.request(Method::HEAD, "/t/x"))
         .await
         .expect(405);
+    // Over h2c too, where a body sent after the head is a protocol error to the client.
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client builds");
+    for (path, status) in [
+        ("/health", 200),
+        ("/agents", 200),
+        ("/demo/", 200),
+        ("/t/x", 405),
+    ] {
+        let url = format!("{}{path}", api.base());
+        let head = h2c.head(url).send().await.expect("an answer over h2c");
+        assert_eq!(head.status().as_u16(), status, "{path}");
+        let body = head.bytes().await.expect("a whole answer over h2c");
+        assert!(body.is_empty(), "{path}: {body:?}");
+    }
 }
 
 /// Burrow: a chunked body that does not parse is 400 with a plain reason (not the HTTP library's

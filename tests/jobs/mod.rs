@@ -4,6 +4,7 @@
 //! The worker here is the protocol itself (a pending long-poll and a reply), so these tests pin
 //! the relay's side; `burrow worker` has tests of its own.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -539,18 +540,8 @@ async fn results_queued_for_a_stuck_socket_are_given_back(backend: Backend) {
     let relay = backend.start(&[("TUNNEL_MAX_MESSAGE_SIZE", "16777216")]);
     let api = relay.client();
     let queue = tunnel_id("queued");
-    let mut ws = small_socket(&api, &queue).await;
-    let mut ids = Vec::new();
-    for n in 0..32 {
-        send_json(&mut ws, &json!({ "n": n })).await;
-        let started = next_json(&mut ws).await;
-        ids.push(started["id"].as_str().expect("an id").to_owned());
-    }
     // 8 MiB: twice what the relay's send buffer may grow to, so that its writes stall.
-    let result = "r".repeat(256 << 10);
-    for _ in &ids {
-        work(&api, &queue, "text/plain", &result).await;
-    }
+    let (ws, ids, result) = finished_on_small_socket(&api, &queue, 32, 256 << 10).await;
     for id in &ids {
         let collected = given_back(&api, id, Duration::from_secs(60)).await;
         assert_eq!(
@@ -559,6 +550,62 @@ async fn results_queued_for_a_stuck_socket_are_given_back(backend: Backend) {
         );
     }
     drop(ws);
+}
+
+/// Results whose frames wait in the kernel's buffers when the client closes its socket properly
+/// (a Close frame, then reading to the end) go either to the client or back to `/done`, never to
+/// both (probe AY: given back, they were still delivered by the closing connection). (`/done`
+/// cannot tell when the socket has taken them all: it would take those it found first.)
+async fn results_in_flight_at_a_close_are_handed_out_once(backend: Backend) {
+    let relay = backend.start(&[]);
+    let api = relay.client();
+    let queue = tunnel_id("closing");
+    // 1 MiB: more than the client's buffer, less than the relay's, so that every frame is
+    // written while the client reads nothing.
+    let (mut ws, ids, _) = finished_on_small_socket(&api, &queue, 16, 64 << 10).await;
+    ws.send(Message::Close(None))
+        .await
+        .expect("the Close goes out");
+    let mut received = BTreeSet::new();
+    while let Some(Ok(frame)) = ws.next().await {
+        if let Message::Text(text) = frame {
+            let job: Value = serde_json::from_str(&text).expect("JSON");
+            received.insert(job["id"].as_str().expect("an id").to_owned());
+        }
+    }
+    // Given back in the order they were written, after the connection is reset: once the
+    // results the client missed are back, one it received would be too.
+    let (got, missed): (Vec<&String>, Vec<&String>) =
+        ids.iter().partition(|id| received.contains(*id));
+    for id in missed {
+        given_back(&api, id, Duration::from_secs(10)).await;
+    }
+    for id in got {
+        let status = api.get(&format!("/done/{id}")).await.status;
+        assert_eq!(status, 404, "job {id} was received, and given back as well");
+    }
+}
+
+/// `count` jobs sent on a [`small_socket`] that reads nothing once they started, and finished
+/// by a worker with a result of `size` bytes: the socket, the jobs' ids and the result.
+async fn finished_on_small_socket(
+    api: &Client,
+    queue: &str,
+    count: u32,
+    size: usize,
+) -> (Socket, Vec<String>, String) {
+    let mut ws = small_socket(api, queue).await;
+    let mut ids = Vec::new();
+    for n in 0..count {
+        send_json(&mut ws, &json!({ "n": n })).await;
+        let started = next_json(&mut ws).await;
+        ids.push(started["id"].as_str().expect("an id").to_owned());
+    }
+    let result = "r".repeat(size);
+    for _ in &ids {
+        work(api, queue, "text/plain", &result).await;
+    }
+    (ws, ids, result)
 }
 
 /// Job `id` as `/done` answers it once its result is given back, within `limit`: until then
@@ -765,6 +812,7 @@ per_store! {
         limit_parameter,
         stuck_socket_leaves_its_result_for_done,
         results_queued_for_a_stuck_socket_are_given_back,
+        results_in_flight_at_a_close_are_handed_out_once,
         auth,
         socket_jobs_without_long_polls,
         job_records_last_as_long_as_the_job,

@@ -286,6 +286,38 @@ async fn sigterm_answers_waiting_polls_and_exits() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// A long-poll that waited, and whose client then reads nothing of its answer (a message bigger
+/// than the kernel's buffers), is let go and its connection reset, as from any other answer
+/// (probe AY: it held the connection and megabytes for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waited_poll_whose_client_reads_nothing_is_let_go() {
+    let site = Site::new();
+    let (relay, metrics) = site.start_with_metrics(&[("TUNNEL_MAX_MESSAGE_SIZE", "16777216")]);
+    let api = relay.client();
+    let t = tunnel_id("unread");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small buffer");
+    let address = format!("127.0.0.1:{}", relay.port)
+        .parse()
+        .expect("an address");
+    let mut stalled = socket.connect(address).await.expect("the relay accepts");
+    let request = format!("GET /t/{t}/poll?timeout=60 HTTP/1.1\r\nHost: relay\r\n\r\n");
+    stalled.write_all(request.as_bytes()).await.expect("sent");
+    wait_for_waiting_polls(&metrics, |n| n == 1.0).await;
+    // Twice what the relay's send buffer may grow to.
+    api.produce(&t, &"m".repeat(8 << 20)).await;
+    let reset = || async {
+        stalled.take_error().ok().flatten().map(|e| e.kind())
+            == Some(std::io::ErrorKind::ConnectionReset)
+    };
+    // 30 s without progress, looked at every 5 s.
+    let reset = eventually(Duration::from_secs(45), reset).await;
+    assert!(
+        reset,
+        "a client that reads nothing holds the waited poll's connection"
+    );
+}
+
 /// A long-poll whose client hangs up (or, over h2c, resets its stream) stops waiting at once and
 /// takes nothing: the message, reply or job result that arrives afterwards is there for the next
 /// client, on both stores.

@@ -588,7 +588,8 @@ async fn client_that_stops_reading_is_let_go() {
     assert!(crate::support::eventually(WAIT, taken).await, "never taken");
     // Never read.
     let let_go = || async { in_flight(client, &stopped_name).await == 0 };
-    let let_go = crate::support::eventually(Duration::from_secs(60), let_go).await;
+    // 30 s without progress, looked at every 5 s.
+    let let_go = crate::support::eventually(Duration::from_secs(45), let_go).await;
     assert!(let_go, "a client that reads nothing holds its exchange");
     other.expect_logged("reason=client left").await;
     assert_eq!(
