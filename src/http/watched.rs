@@ -143,13 +143,12 @@ impl Socket {
         }
     }
 
-    /// The connection a session is on; reset when its client is let go only over HTTP/1, as an
-    /// HTTP/2 connection carries other requests.
+    /// The connection a session is on, over HTTP/1. Over HTTP/2 none: the connection carries
+    /// other requests, so its acknowledgements tell nothing of this one's client (a stream whose
+    /// reader stopped granting it window looked alive while others moved), and it is not reset;
+    /// only what is written counts (a write waits for the stream's window).
     pub fn of(session: &ServerSession) -> Socket {
-        Socket {
-            digest: session.digest().and_then(|d| d.socket_digest.clone()),
-            reset: session.stream().and_then(own_descriptor),
-        }
+        session.stream().map(Socket::of_stream).unwrap_or_default()
     }
 }
 

@@ -402,6 +402,57 @@ async fn stuck_subscribers_are_dropped() {
     drop((sse, ws));
 }
 
+/// Over h2c a subscriber whose stream stopped taking events (its window used up, never granted
+/// again) is dropped as any other, while another stream of its connection goes on reading
+/// (probe AZ: what the connection's other streams took kept it for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_stream_is_dropped_while_its_connection_moves() {
+    let api = Backend::Memory.shared().client();
+    let topic = tunnel_id("h2stall");
+    let socket = tokio::net::TcpStream::connect(api.base().trim_start_matches("http://"))
+        .await
+        .expect("the relay accepts");
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(64 * 1024)
+        .initial_connection_window_size(64 << 20)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .expect("an h2c handshake");
+    tokio::spawn(connection);
+    let url = format!("{}/e/{topic}", api.base());
+    let mut subscribe = || {
+        let request = http::Request::get(&url).body(()).expect("a request");
+        let (response, _) = client.send_request(request, true).expect("sent");
+        response
+    };
+    let (stalled, moving) = (subscribe(), subscribe());
+    let stalled = stalled.await.expect("an answer").into_body();
+    let mut moving = moving.await.expect("an answer").into_body();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(chunk)) = moving.data().await {
+            let _ = moving.flow_control().release_capacity(chunk.len());
+        }
+    });
+    let event = "e".repeat(16 << 10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(50);
+    let mut both = false;
+    loop {
+        match publish(&api, &topic, &event).await {
+            2 => both = true,
+            1 if both => break,
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a stalled h2 stream still subscribed after 50 s (both subscribed: {both})"
+        );
+        // Events keep the connection moving; nothing tells when the stream is dropped.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!reader.is_finished(), "the moving stream was dropped too");
+    drop(stalled);
+}
+
 /// Subscribers on two instances of one redis-server each get every event published on either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_cross_instances() {
