@@ -520,7 +520,8 @@ fn log_unread(error: &pingora_error::Error) {
     }
 }
 
-/// Pingora reads at most this many fields in an HTTP/1 request head (its parser's fixed array).
+/// Pingora reads at most this many fields in an HTTP/1 request head (its parser's fixed array);
+/// an HTTP/2 head is held to the same.
 const MAX_HEADER_FIELDS: usize = 256;
 
 /// What a client whose HTTP/1 head does not parse is told: 431 for more fields than Pingora
@@ -647,7 +648,12 @@ impl HttpServerApp for RelayApp {
         let started = Instant::now();
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
-            Ok(Ok(true)) if session.is_http2() => None,
+            // As many fields as an HTTP/1 head may have (HTTP/2 has only a size limit).
+            Ok(Ok(true)) if session.is_http2() => (session.req_header().headers.len()
+                > MAX_HEADER_FIELDS)
+                .then_some(Error::TooManyHeaderFields {
+                    limit: MAX_HEADER_FIELDS,
+                }),
             Ok(Ok(true)) => framing::check(session.req_header()).err(),
             Ok(Ok(false)) => return None,
             Err(_) => Some(Error::HeadTooSlow(self.header_timeout)),

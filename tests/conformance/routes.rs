@@ -517,6 +517,19 @@ pub(super) async fn malformed_heads_are_refused(backend: Backend) {
             assert_eq!(body.trim_end(), "Too many header fields: the limit is 256");
         }
     }
+    // Over h2c the same (HTTP/2 itself limits only the head's size).
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client builds");
+    for (fields, status) in [(255, 200), (300, 431)] {
+        let mut request = h2c.get(format!("{}/health", relay.base));
+        for i in 0..fields {
+            request = request.header(format!("x-{i}"), "v");
+        }
+        let answer = request.send().await.expect("an answer over h2c");
+        assert_eq!(answer.status().as_u16(), status, "{fields} fields over h2c");
+    }
     // A head over 64 KiB is 431 as soon as that much has come, the rest unread: in the path, in a
     // header, or without its end ever sent.
     let long_path = "a".repeat(100_000);
