@@ -524,6 +524,13 @@ fn log_unread(error: &pingora_error::Error) {
 /// an HTTP/2 head is held to the same.
 const MAX_HEADER_FIELDS: usize = 256;
 
+/// Why an HTTP/2 head is refused: more fields than an HTTP/1 head may have (HTTP/2 itself
+/// limits only a head's size).
+fn too_many_fields(head: &pingora_http::RequestHeader) -> Option<Error> {
+    let limit = MAX_HEADER_FIELDS;
+    (head.headers.len() > limit).then_some(Error::TooManyHeaderFields { limit })
+}
+
 /// What a client whose HTTP/1 head does not parse is told: 431 for more fields than Pingora
 /// reads (RFC 6585: too large collectively), 400 for anything else.
 fn unparsable_head(error: &pingora_error::Error) -> Error {
@@ -648,12 +655,7 @@ impl HttpServerApp for RelayApp {
         let started = Instant::now();
         let read = pingora_timeout::timeout(self.header_timeout, Box::pin(session.read_request()));
         let refused = match read.await {
-            // As many fields as an HTTP/1 head may have (HTTP/2 has only a size limit).
-            Ok(Ok(true)) if session.is_http2() => (session.req_header().headers.len()
-                > MAX_HEADER_FIELDS)
-                .then_some(Error::TooManyHeaderFields {
-                    limit: MAX_HEADER_FIELDS,
-                }),
+            Ok(Ok(true)) if session.is_http2() => too_many_fields(session.req_header()),
             Ok(Ok(true)) => framing::check(session.req_header()).err(),
             Ok(Ok(false)) => return None,
             Err(_) => Some(Error::HeadTooSlow(self.header_timeout)),

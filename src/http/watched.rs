@@ -169,7 +169,7 @@ unsafe fn reset_on_close(fd: RawFd) {
     // SAFETY: the caller keeps `fd` open for the call, the only time the borrow lives.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     if let Err(e) = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO)) {
-        debug!("could not make a stalled client's connection reset: {e}");
+        debug!("could not make a connection reset when closed: {e}");
     }
 }
 

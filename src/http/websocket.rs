@@ -121,9 +121,11 @@ pub fn accept(handshake: &Handshake<'_>) -> Result<Response, Error> {
 /// Serves one upgraded jobs connection until the client closes it or the relay shuts down.
 ///
 /// A job's result is taken from the store when its frame is about to be written, and given back
-/// if the frame cannot be written (the client read nothing for [`super::SEND_TIMEOUT`]): the tasks waiting for jobs only learn
-/// that one has finished. A socket that closes, resets or stops reading, or a relay that stops,
-/// while results arrive leaves them for `/done` instead of dropping them.
+/// if the frame cannot be written (the client read nothing for [`super::SEND_TIMEOUT`]), or was
+/// written but not acknowledged by the client's TCP stack when the socket ends
+/// ([`Unconfirmed`]): the tasks waiting for jobs only learn that one has finished. A socket that
+/// closes, resets or stops reading, or a relay that stops, while results arrive leaves them for
+/// `/done` instead of dropping them.
 pub async fn serve_jobs(
     stream: Stream,
     jobs: Jobs,
@@ -134,7 +136,7 @@ pub async fn serve_jobs(
     let _open = Opened::start(Open::JobSocket);
     let config = settings(max_message, max_message.saturating_mul(JOB_FRAME_GROWTH));
     let socket = Socket::of_stream(&stream);
-    let mut unread = Unconfirmed::on(socket.clone());
+    let mut unconfirmed = Unconfirmed::on(socket.clone());
     let (mut outgoing, mut incoming) = Pusher::open(stream, socket, config).await;
     let mut keepalive = keepalive();
     let (finished, mut done) = mpsc::unbounded_channel::<JobId>();
@@ -196,7 +198,7 @@ pub async fn serve_jobs(
                         give_back(&jobs, collected).await;
                         break;
                     }
-                    unread.pushed(collected);
+                    unconfirmed.pushed(collected);
                     continue;
                 }
                 Ok(None) => json!({"id": id.to_string(), "status": "Unknown"}),
@@ -213,7 +215,7 @@ pub async fn serve_jobs(
             },
             Some(_) = waiters.tasks.join_next() => continue,
             _ = keepalive.tick() => {
-                unread.confirm();
+                unconfirmed.confirm();
                 if !outgoing.send(Message::Ping(Bytes::new())).await {
                     break;
                 }
@@ -229,7 +231,7 @@ pub async fn serve_jobs(
         }
     }
     // SAFETY: the connection is still open: its halves are dropped only below.
-    let unacknowledged = unsafe { unread.unacknowledged() };
+    let unacknowledged = unsafe { unconfirmed.unacknowledged() };
     drop((outgoing, incoming));
     for collected in unacknowledged {
         give_back(&jobs, collected).await;
