@@ -34,6 +34,7 @@ struct Queue {
     ready: Notify,
 }
 
+/// What a subscriber has not taken yet.
 #[derive(Default)]
 struct Waiting {
     events: VecDeque<Bytes>,
@@ -47,6 +48,7 @@ impl Queue {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues `body`, the oldest event skipped when the queue is full, and wakes the subscriber.
     fn push(&self, body: Bytes) {
         {
             let mut waiting = self.lock();
