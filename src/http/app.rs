@@ -27,7 +27,7 @@ use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::watched::{unless_stalled, Progress, Socket};
+use super::watched::{unless_stalled, write_body, Progress, Socket};
 use super::{connection, forward, framing, sse, websocket, SEND_TIMEOUT};
 use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
@@ -1120,27 +1120,28 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
     }
     // A client that takes none of it (its buffers full of earlier answers) is let go.
     let progress = Progress::new(Socket::of(session));
-    // An answer to HEAD has its body's length but not the body: Pingora leaves it out over
-    // HTTP/1 only, and over HTTP/2 a client takes it for a protocol error.
-    let bodiless = session.req_header().method == Method::HEAD;
-    let written = async {
-        session.write_response_header(Box::new(head)).await?;
-        if !response.body.is_empty() && !bodiless {
-            session.write_response_body(response.body, true).await?;
-        }
-        Ok::<(), Box<pingora_error::Error>>(())
-    };
-    match unless_stalled(&progress, written).await {
-        Some(Ok(())) => Some(()),
+    let head_written = unless_stalled(&progress, session.write_response_header(Box::new(head)));
+    match head_written.await {
+        Some(Ok(())) => {}
         Some(Err(e)) => {
             debug!("could not write a response: {e}");
-            None
+            return None;
         }
         None => {
             debug!("a client took nothing of its response for {SEND_TIMEOUT:?}: let go");
-            None
+            return None;
         }
     }
+    // An answer to HEAD has its body's length but not the body: Pingora leaves it out over
+    // HTTP/1 only, and over HTTP/2 a client takes it for a protocol error.
+    if response.body.is_empty() || session.req_header().method == Method::HEAD {
+        return Some(());
+    }
+    // In pieces: where the client's acknowledgements are not known (over HTTP/2), each piece
+    // that goes counts as progress, so that a slow but steady reader of a big answer stays.
+    write_body(session, response.body, true, SEND_TIMEOUT)
+        .await
+        .then_some(())
 }
 
 #[cfg(test)]

@@ -318,6 +318,45 @@ async fn waited_poll_whose_client_reads_nothing_is_let_go() {
     );
 }
 
+/// Over h2c a slow but steady reader of a big answer (8 KiB/s, granting its stream's window as it
+/// reads) stays, past the 30 s in which a stalled one is let go (probe BA: the answer went out
+/// in one write, which counted as progress only once done, and the reader was cut at 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_h2_reader_of_a_big_answer_stays() {
+    let site = Site::new();
+    let (relay, _metrics) = site.start_with_metrics(&[("TUNNEL_MAX_MESSAGE_SIZE", "1048576")]);
+    let api = relay.client();
+    let t = tunnel_id("slowh2");
+    api.produce(&t, &"s".repeat(512 << 10)).await;
+    let socket = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", relay.port))
+        .await
+        .expect("the relay accepts");
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .expect("an h2c handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("{}/t/{t}", api.base()))
+        .body(())
+        .expect("a request");
+    let (response, _) = client.send_request(request, true).expect("sent");
+    let mut body = response.await.expect("an answer").into_body();
+    // 8 KiB a second for 36 s: past the 30 s (and the 5 s between looks) of a stalled reader.
+    let mut read = 0;
+    while read < 36 * 8 * 1024 {
+        let chunk = body
+            .data()
+            .await
+            .expect("more of the answer")
+            .unwrap_or_else(|e| panic!("cut after {read} bytes: {e}"));
+        read += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        let pace = Duration::from_secs_f64(chunk.len() as f64 / 8192.0);
+        tokio::time::sleep(pace).await;
+    }
+}
+
 /// A long-poll whose client hangs up (or, over h2c, resets its stream) stops waiting at once and
 /// takes nothing: the message, reply or job result that arrives afterwards is there for the next
 /// client, on both stores.
