@@ -27,7 +27,7 @@ use super::forward::Body;
 use super::parked::{self, Detached, Wait};
 use super::response::Response;
 use super::route::{Access, Route, RoutingHeaders};
-use super::watched::{unless_stalled, write_body, Progress, Socket};
+use super::watched::{unless_stalled, write_pieces, Progress, Socket};
 use super::{connection, forward, framing, sse, websocket, SEND_TIMEOUT};
 use crate::access_log::{self, SHOWN_METHOD};
 use crate::auth::{Auth, Credentials};
@@ -1139,7 +1139,7 @@ async fn write(session: &mut ServerSession, response: Response) -> Option<()> {
     }
     // In pieces: where the client's acknowledgements are not known (over HTTP/2), each piece
     // that goes counts as progress, so that a slow but steady reader of a big answer stays.
-    write_body(session, response.body, true, SEND_TIMEOUT)
+    write_pieces(session, &progress, response.body, true)
         .await
         .then_some(())
 }

@@ -213,11 +213,21 @@ const SEND_PIECE: usize = 16 * 1024;
 /// or the client took nothing for `patience`.
 pub async fn write_body(
     session: &mut ServerSession,
-    mut chunk: Bytes,
+    chunk: Bytes,
     end: bool,
     patience: Duration,
 ) -> bool {
     let progress = Progress::with_patience(Socket::of(session), patience);
+    write_pieces(session, &progress, chunk, end).await
+}
+
+/// The same, watched by the `progress` of a write begun already (the response's head).
+pub async fn write_pieces(
+    session: &mut ServerSession,
+    progress: &Progress,
+    mut chunk: Bytes,
+    end: bool,
+) -> bool {
     loop {
         let last = chunk.len() <= SEND_PIECE;
         let piece = if last {
@@ -226,7 +236,7 @@ pub async fn write_body(
             chunk.split_to(SEND_PIECE)
         };
         let written = session.write_response_body(piece, end && last);
-        if !matches!(unless_stalled(&progress, written).await, Some(Ok(()))) {
+        if !matches!(unless_stalled(progress, written).await, Some(Ok(()))) {
             return false;
         }
         if last {
