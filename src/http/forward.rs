@@ -16,7 +16,7 @@ use pingora_core::protocols::http::ServerSession;
 
 use super::app::{client_gone, continue_if_expected, unreadable};
 use super::response::Response;
-use super::watched::write_body;
+use super::watched::{write_pieces, Progress, Socket};
 use super::SEND_TIMEOUT;
 use crate::error::Error;
 use crate::routing::head::{is_hop_by_hop, strip_hop_by_hop_keeping};
@@ -366,11 +366,11 @@ impl Body {
 /// connection be reused). A client that stops reading is let go (see [`super::SEND_TIMEOUT`]),
 /// and the agent's stream with it.
 pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
-    let patience = send_patience(session);
+    let progress = Progress::with_patience(Socket::of(session), send_patience(session));
     loop {
         match unless_gone(session, body.next_chunk()).await {
             Some(Some(Ok(chunk))) => {
-                if !write_body(session, chunk, false, patience).await {
+                if !write_pieces(session, &progress, chunk, false).await {
                     body.client_left();
                     return false;
                 }
@@ -383,7 +383,7 @@ pub async fn stream_body(session: &mut ServerSession, mut body: Body) -> bool {
             }
         }
     }
-    write_body(session, Bytes::new(), true, patience).await
+    write_pieces(session, &progress, Bytes::new(), true).await
 }
 
 /// What `next` gives, unless the client leaves first (`None`): a body slow to come (an event

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use pingora_core::protocols::http::ServerSession;
 
 use super::app::client_gone;
-use super::watched::write_body;
-use super::{KEEPALIVE, SEND_TIMEOUT};
+use super::watched::{write_pieces, Progress, Socket};
+use super::KEEPALIVE;
 use crate::events::{Received, Subscription};
 use crate::tunnel::Shutdown;
 
@@ -15,10 +15,11 @@ use crate::tunnel::Shutdown;
 pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut shutdown: Shutdown) {
     // A first comment tells the client the subscription is live.
     let mut chunk = Bytes::from_static(b": subscribed\n\n");
+    let progress = Progress::new(Socket::of(session));
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
-        if !write_body(session, chunk, false, SEND_TIMEOUT).await {
+        if !write_pieces(session, &progress, chunk, false).await {
             return;
         }
         chunk = tokio::select! {
@@ -33,7 +34,7 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             () = client_gone(session) => return,
         };
     }
-    write_body(session, Bytes::new(), true, SEND_TIMEOUT).await;
+    write_pieces(session, &progress, Bytes::new(), true).await;
 }
 
 /// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not

@@ -209,19 +209,9 @@ const LOOK_EVERY: Duration = Duration::from_secs(5);
 /// client acknowledged, a piece written counts as the client taking bytes.
 const SEND_PIECE: usize = 16 * 1024;
 
-/// Writes `chunk` of a response body (the last if `end`), piece by piece; `false` if that failed,
-/// or the client took nothing for `patience`.
-pub async fn write_body(
-    session: &mut ServerSession,
-    chunk: Bytes,
-    end: bool,
-    patience: Duration,
-) -> bool {
-    let progress = Progress::with_patience(Socket::of(session), patience);
-    write_pieces(session, &progress, chunk, end).await
-}
-
-/// The same, watched by the `progress` of a write begun already (the response's head).
+/// Writes `chunk` of a response body (the last if `end`), piece by piece, watched by the
+/// `progress` of the response (one for all its writes, its head's included); `false` if that
+/// failed, or the client took nothing for the progress's patience.
 pub async fn write_pieces(
     session: &mut ServerSession,
     progress: &Progress,
@@ -354,9 +344,10 @@ mod tests {
                 }
             }
         });
+        let progress = Progress::new(Socket::of(&session));
         let started = tokio::time::Instant::now();
         assert!(
-            write_body(&mut session, chunk.clone(), false, SEND_TIMEOUT).await,
+            write_pieces(&mut session, &progress, chunk.clone(), false).await,
             "a steady reader"
         );
         assert!(started.elapsed() > Duration::from_secs(600));
@@ -365,9 +356,10 @@ mod tests {
         let (relay, mut client) = tokio::io::duplex(16 * 1024);
         client.write_all(REQUEST).await.expect("sent");
         let mut session = answering(relay).await;
+        let progress = Progress::new(Socket::of(&session));
         let started = tokio::time::Instant::now();
         assert!(
-            !write_body(&mut session, chunk, false, SEND_TIMEOUT).await,
+            !write_pieces(&mut session, &progress, chunk, false).await,
             "a stopped reader"
         );
         let waited = started.elapsed();
