@@ -472,12 +472,16 @@ fn overlong_ascii(rest: &[u8]) -> Option<(usize, u8)> {
 /// head, and one line per request must stay short.
 const SHOWN_PATH: usize = 256;
 
-/// Answers `status` with a one-line text body saying why, framed and with CORS headers as the
-/// relay's own errors are.
+/// Answers `status` with a one-line text body saying why, as the relay's own errors are: framed,
+/// with CORS headers, no trailing newline, and a 502 begun as the relay begins one (`agent
+/// failed: `), so that a client tells every 502 of Burrow's own the same way.
 async fn answer_error(writer: &BodyWriter, status: u16, why: String) -> Outcome {
-    let body = Bytes::from(format!("{why}\n"));
+    let body = match status {
+        502 => Bytes::from(format!("agent failed: {why}")),
+        _ => Bytes::from(why.clone()),
+    };
     let mut headers: Headers = vec![
-        ("Content-Type".into(), "text/plain; charset=utf-8".into()),
+        ("Content-Type".into(), "text/plain".into()),
         ("Content-Length".into(), body.len().to_string()),
     ];
     headers.extend(

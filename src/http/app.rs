@@ -1161,11 +1161,8 @@ mod tests {
         assert_eq!(status(ErrorType::InvalidHTTPHeader), 400);
     }
 
-    /// A waiting poll's task holds what it waits with, not room for the requests it serves
-    /// next or for the biggest kind of wait: with thousands waiting, each KB is megabytes (it
-    /// grew to 8 KB once, unnoticed, doubling what an idle long-poll cost).
-    #[tokio::test]
-    async fn waiting_polls_hold_little() {
+    /// A relay app on the memory store, with the default settings.
+    async fn relay_app() -> Arc<RelayApp> {
         let config = Config::from_lookup(|_| None).expect("the defaults");
         let store = Store::open(&config.store).await.expect("the memory store");
         let life = Lifecycle {
@@ -1174,16 +1171,30 @@ mod tests {
             handing_over: watch::channel(false).1,
             successor: false,
         };
-        let app = Arc::new(RelayApp::new(&config, store, life));
+        Arc::new(RelayApp::new(&config, store, life))
+    }
+
+    /// A connection as the relay holds it, and its client's end.
+    async fn connection() -> (Stream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a listener");
         let address = listener.local_addr().expect("its address");
-        let _client = tokio::net::TcpStream::connect(address)
+        let client = tokio::net::TcpStream::connect(address)
             .await
             .expect("connected");
         let (accepted, _) = listener.accept().await.expect("accepted");
-        let stream: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(accepted));
+        let stream = pingora_core::protocols::l4::stream::Stream::from(accepted);
+        (Box::new(stream), client)
+    }
+
+    /// A waiting poll's task holds what it waits with, not room for the requests it serves
+    /// next or for the biggest kind of wait: with thousands waiting, each KB is megabytes (it
+    /// grew to 8 KB once, unnoticed, doubling what an idle long-poll cost).
+    #[tokio::test]
+    async fn waiting_polls_hold_little() {
+        let app = relay_app().await;
+        let (stream, _client) = connection().await;
         let wait = Wait::Message {
             tunnel: TunnelId::parse("waiting-poll").expect("a tunnel id"),
             delivery: crate::store::Delivery::Remove,
@@ -1199,5 +1210,17 @@ mod tests {
         let parked = app.park(stream, true, wait, served, watch::channel(false).1);
         let size = std::mem::size_of_val(&parked);
         assert!(size <= 2048, "a waiting poll's task is {size} bytes");
+    }
+
+    /// So does an idle connection's, between its requests: it was 7.5 KB, the size of the
+    /// refusal of a bad head, held by every keep-alive connection for as long as it lasts.
+    #[tokio::test]
+    async fn idle_connections_hold_little() {
+        let app = relay_app().await;
+        let (stream, _client) = connection().await;
+        let shutdown = watch::channel(false).1;
+        let serving = super::super::connection::serve_http1(&app, stream, &shutdown, None);
+        let size = std::mem::size_of_val(&serving);
+        assert!(size <= 2048, "an idle connection's task is {size} bytes");
     }
 }

@@ -6,7 +6,11 @@
 //! soon as the bytes read stop matching the preface, hands HTTP/2 to Pingora as before, and
 //! serves HTTP/1 itself with Pingora's own session loop.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -95,7 +99,8 @@ pub async fn serve_http1(
         let mut session = ServerSession::new_http1(stream);
         if let Some(refused) = refused {
             let began = began.map_or_else(std::time::Instant::now, Instant::into_std);
-            app.refuse(session, refused, began).await;
+            // Boxed: inline, its session would size the task of every connection, idle ones too.
+            Box::pin(app.refuse(session, refused, began)).await;
             return;
         }
         match settings {
@@ -125,12 +130,12 @@ async fn next_request(
     header_timeout: Duration,
     began: Option<Instant>,
 ) -> Option<(Stream, BytesMut, Option<Error>, Option<Instant>)> {
-    let mut head = BytesMut::with_capacity(HEAD_BUFFER);
     // Pingora's timer, as its own reads use: cheaper than tokio's on this per-request path.
-    match pingora_timeout::timeout(FIRST_BYTES_WITHIN, stream.read_buf(&mut head)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        _ => return None,
-    }
+    let mut head =
+        match pingora_timeout::timeout(FIRST_BYTES_WITHIN, first_bytes(&mut stream)).await {
+            Ok(Ok(head)) if !head.is_empty() => head,
+            _ => return None,
+        };
     // Most heads arrive in one read: no timer then.
     if head_end(&head, 0).is_some() {
         return Some((stream, head, None, began));
@@ -149,6 +154,21 @@ async fn next_request(
         Err(_) => Some(Error::HeadTooSlow(header_timeout)),
     };
     Some((stream, head, refused, Some(began)))
+}
+
+/// The first bytes the client sends, in a buffer for the head made only once they are there: a
+/// connection kept alive holds none while it idles (4 KiB each). Empty when the client left.
+fn first_bytes(stream: &mut Stream) -> impl Future<Output = io::Result<BytesMut>> + '_ {
+    std::future::poll_fn(move |cx| {
+        let mut head = BytesMut::with_capacity(HEAD_BUFFER);
+        // Nothing there yet: the buffer goes, the stream stays registered for the bytes to come.
+        ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *stream),
+            cx,
+            &mut head
+        ))?;
+        Poll::Ready(Ok(head))
+    })
 }
 
 /// Reads until `head` holds a whole request head; `Err(Some(_))` when the head is over

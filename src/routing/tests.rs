@@ -992,7 +992,7 @@ async fn oversized_response_head_fails_alone() {
     assert_eq!(response.status, 502);
     let body = String::from_utf8_lossy(&body);
     assert!(
-        body.starts_with("upstream response head too large"),
+        body.starts_with("agent failed: upstream response head too large"),
         "{body}"
     );
     // Under the frame's size, a head passes, also past hyper's adaptive ~400 KB (it once passed

@@ -871,7 +871,9 @@ async fn request_on_a_connection_closed_meanwhile() {
     let posted = client.post(&format!("/r/{name}/x"), "once").await;
     assert_eq!(posted.status, 502, "{posted:?}");
     assert!(
-        posted.text().contains("upstream answered badly"),
+        posted
+            .text()
+            .starts_with("agent failed: upstream answered badly"),
         "{posted:?}"
     );
     assert_eq!(heads.load(Ordering::SeqCst), 6, "the POST was sent twice");
@@ -961,9 +963,12 @@ async fn upstream_switching_protocols_is_502() {
         None,
     );
     wait_agents(&client, &name, 1, RECONNECT, &[&agent]).await;
-    let why = "upstream switched protocols, which cannot cross the relay";
+    let why = "agent failed: upstream switched protocols, which cannot cross the relay";
     let response = client.get(&format!("/r/{name}/up")).await;
-    response.expect_error(502, why);
+    // Exactly as the relay's own errors: no trailing newline, no charset.
+    assert_eq!(response.text(), why, "{response:?}");
+    let response = response.expect_error(502, why);
+    assert_eq!(response.header("content-type"), Some("text/plain"));
     agent.expect_logged("GET /up status=502").await;
 }
 
