@@ -718,7 +718,7 @@ impl HttpServerApp for RelayApp {
         let name = route.as_ref().map_or("invalid", Route::name);
         // Counted until its response is written, a streamed body included (a long-poll that
         // leaves to wait outside is answered at once when the relay stops).
-        let _in_flight = self.in_flight.request();
+        let in_flight = self.in_flight.request();
         let served = Served {
             method: Some(method),
             name,
@@ -792,13 +792,21 @@ impl HttpServerApp for RelayApp {
                 .await
                 .then_some(())?,
             // The connection now carries WebSocket frames or an event stream until it closes;
-            // it is never reused for another request.
+            // it is never reused for another request. Served by a task of its own, still counted
+            // in flight: this function's state, room for any request, would stay with it.
             Some(After::Upgraded(upgraded)) => {
-                self.serve_upgraded(session, upgraded, shutdown).await;
+                let app = self.clone();
+                tokio::spawn(async move {
+                    let _in_flight = in_flight;
+                    app.serve_upgraded(session, upgraded, shutdown).await;
+                });
                 return None;
             }
             Some(After::EventStream(events)) => {
-                sse::serve(&mut session, events, shutdown).await;
+                tokio::spawn(async move {
+                    let _in_flight = in_flight;
+                    sse::serve(&mut session, events, shutdown).await;
+                });
                 return None;
             }
         }
