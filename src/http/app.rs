@@ -440,20 +440,25 @@ impl RelayApp {
             Some(Ok(Some(bytes))) => connection::rewound(h1.into_inner(), &bytes),
             _ => h1.into_inner(),
         };
+        // Each kind boxed: inline, every socket's task would have room for the biggest kind.
         match upgraded {
             Upgraded::Jobs(queue, limit) => {
                 let (jobs, max_message) = (self.jobs.clone(), config.max_message_size);
-                websocket::serve_jobs(stream, jobs, (queue, limit), max_message, shutdown).await;
+                let serving =
+                    websocket::serve_jobs(stream, jobs, (queue, limit), max_message, shutdown);
+                Box::pin(serving).await;
             }
             Upgraded::Events(subscription) => {
                 let max_event = config.max_message_size;
-                websocket::serve_events(stream, subscription, max_event, shutdown).await;
+                let serving = websocket::serve_events(stream, subscription, max_event, shutdown);
+                Box::pin(serving).await;
             }
             Upgraded::Agent(name, moves) => {
                 let socket = websocket::agent_socket(stream).await;
                 let handover = moves.then(|| self.handing_over.clone());
                 let agents = self.agents.clone();
-                routing::serve(socket, name.to_string(), agents, shutdown, handover).await;
+                let serving = routing::serve(socket, name.to_string(), agents, shutdown, handover);
+                Box::pin(serving).await;
             }
         }
     }

@@ -112,7 +112,7 @@ pub async fn serve_http1(
                 session.set_pipelining_enabled(true);
             }
         }
-        session.set_pipelined_prefix(head);
+        session.set_pipelined_prefix(fitted(head));
         next = app
             .process_new_http(session, shutdown)
             .await
@@ -169,6 +169,15 @@ fn first_bytes(stream: &mut Stream) -> impl Future<Output = io::Result<BytesMut>
         ))?;
         Poll::Ready(Ok(head))
     })
+}
+
+/// `head` in a buffer of its own size when it takes little of its own: the session keeps it
+/// for as long as the request lasts, for ever on an event stream.
+fn fitted(head: BytesMut) -> BytesMut {
+    match head.len() <= head.capacity() / 2 {
+        true => BytesMut::from(&head[..]),
+        false => head,
+    }
 }
 
 /// Reads until `head` holds a whole request head; `Err(Some(_))` when the head is over
@@ -286,6 +295,19 @@ async fn sniff(stream: Stream, rest_within: Duration) -> Option<(Stream, bool, I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small head is kept in a buffer its size, with its bytes; a big one as it is.
+    #[test]
+    fn heads_are_kept_in_buffers_their_size() {
+        let mut small = BytesMut::with_capacity(HEAD_BUFFER);
+        small.extend_from_slice(b"GET /e/t HTTP/1.1\r\nHost: a\r\n\r\n");
+        let fitted_small = fitted(small.clone());
+        assert_eq!(fitted_small, small);
+        assert!(fitted_small.capacity() < 64, "{}", fitted_small.capacity());
+        let mut big = BytesMut::with_capacity(HEAD_BUFFER);
+        big.extend_from_slice(&[b'a'; HEAD_BUFFER - 100]);
+        assert_eq!(fitted(big).capacity(), HEAD_BUFFER);
+    }
 
     /// A head ends at its blank line, CRLF or bare LF, found also across reads; empty lines
     /// before the request line do not end it.

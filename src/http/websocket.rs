@@ -44,10 +44,11 @@ const SUBSCRIBER_FRAME_LIMIT: usize = 4096;
 /// control frames (pongs, a Close).
 const CONTROL_ROOM: usize = 4096;
 
-/// How much a client's socket reads at a time. Subscribers and job clients send little, and
-/// tungstenite's default (128 KiB, allocated up front) made most of what each idle socket cost;
-/// an agent's link, which carries bodies, keeps the default.
-const READ_BUFFER: usize = 8 * 1024;
+/// How much a client's socket reads at a time, allocated up front for each socket. Subscribers
+/// and job clients send little: tungstenite's default (128 KiB) made most of what each idle
+/// socket cost, and 8 KiB still a third of it; a bigger frame takes more reads. An agent's link,
+/// which carries bodies, keeps the default.
+const READ_BUFFER: usize = 2 * 1024;
 
 /// How much bigger than the largest message a job's JSON frame may be: its result, escaped, up
 /// to six times (control bytes are written `\u0001`), and its fields, written again, up to four
