@@ -139,6 +139,16 @@ impl Subscription {
             self.queue.ready.notified().await;
         }
     }
+
+    /// What is queued for this subscriber now, without waiting, for a stopping relay to hand
+    /// out before it ends the subscription: how many were skipped (if any), then the events.
+    pub fn take_queued(&mut self) -> Vec<Received> {
+        let mut waiting = self.queue.lock();
+        let skipped = std::mem::take(&mut waiting.skipped);
+        let skipped = (skipped > 0).then_some(Received::Skipped(skipped));
+        let events = waiting.events.drain(..).map(Received::Event);
+        skipped.into_iter().chain(events).collect()
+    }
 }
 
 impl Drop for Subscription {
@@ -168,6 +178,9 @@ mod tests {
         assert_eq!(a.next().await, Received::Event("hi".into()));
         assert_eq!(b.next().await, Received::Event("hi".into()));
         assert_eq!(events.deliver("nobody", Bytes::from("x")), 0);
+        events.deliver("t", Bytes::from("queued"));
+        assert_eq!(a.take_queued(), [Received::Event("queued".into())]);
+        assert_eq!(a.take_queued(), []);
         drop((a, b));
         assert_eq!(events.subscribers("t"), 0);
         assert!(!events.lock().contains_key("t"));

@@ -23,18 +23,30 @@ pub async fn serve(session: &mut ServerSession, mut events: Subscription, mut sh
             return;
         }
         chunk = tokio::select! {
-            received = events.next() => match received {
-                Received::Event(body) => event(&body),
-                // A comment, which EventSource ignores, so that a reader can tell a gap.
-                Received::Skipped(missed) => Bytes::from(format!(": skipped {missed} events\n\n")),
-            },
+            received = events.next() => written(received),
             _ = keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
             _ = shutdown.changed() => break,
             // Noticed at once, not at the next write, so `X-Subscribers` counts live clients.
             () = client_gone(session) => return,
         };
     }
+    // What was published to this subscriber before the relay began to stop still goes out: its
+    // publisher was told it reached it.
+    for received in events.take_queued() {
+        if !write_pieces(session, &progress, written(received), false).await {
+            return;
+        }
+    }
     write_pieces(session, &progress, Bytes::new(), true).await;
+}
+
+/// What the stream says of what a subscriber received.
+fn written(received: Received) -> Bytes {
+    match received {
+        Received::Event(body) => event(&body),
+        // A comment, which EventSource ignores, so that a reader can tell a gap.
+        Received::Skipped(missed) => Bytes::from(format!(": skipped {missed} events\n\n")),
+    }
 }
 
 /// One SSE event: every line of the body behind `data: ` (SSE is text, so bytes that are not

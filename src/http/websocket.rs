@@ -379,13 +379,9 @@ pub async fn serve_events(
         // Pings without end must not keep the thread (see `routing::link`).
         tokio::task::coop::consume_budget().await;
         let frame = tokio::select! {
-            received = events.next() => match received {
-                Received::Event(body) => match String::from_utf8(body.to_vec()) {
-                    Ok(text) => Message::text(text),
-                    Err(_) => Message::binary(body),
-                },
-                // Every frame is an event: a gap has no frame of its own.
-                Received::Skipped(_) => continue,
+            received = events.next() => match frame_of(received) {
+                Some(frame) => frame,
+                None => continue,
             },
             frame = incoming.next() => match frame {
                 // Pings are answered by tungstenite; a subscriber has nothing else to say.
@@ -396,12 +392,33 @@ pub async fn serve_events(
                 }
             },
             _ = keepalive.tick() => Message::Ping(Bytes::new()),
-            _ = shutdown.changed() => going_away(),
+            _ = shutdown.changed() => {
+                // What was published to this subscriber before the relay began to stop still
+                // goes out: its publisher was told it reached it.
+                for frame in events.take_queued().into_iter().filter_map(frame_of) {
+                    if !outgoing.send(frame).await {
+                        return;
+                    }
+                }
+                going_away()
+            }
         };
         let closing = matches!(frame, Message::Close(_));
         if !outgoing.send(frame).await || closing {
             break;
         }
+    }
+}
+
+/// The frame an event subscriber gets of what it received: text, or binary when the event is
+/// not UTF-8; none for a gap (every frame is an event).
+fn frame_of(received: Received) -> Option<Message> {
+    match received {
+        Received::Event(body) => Some(match String::from_utf8(body.to_vec()) {
+            Ok(text) => Message::text(text),
+            Err(_) => Message::binary(body),
+        }),
+        Received::Skipped(_) => None,
     }
 }
 

@@ -286,6 +286,92 @@ async fn sigterm_answers_waiting_polls_and_exits() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// Events published to a subscriber before SIGTERM reach it before its stream ends, over SSE and
+/// over a WebSocket: their publisher was told they reached it (probe BE: those still queued for
+/// a subscriber busy writing were dropped, as the stop and the next event raced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_events_go_out_at_sigterm() {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let site = Site::new();
+    let relay = site.start(free_port(), &[], &[]);
+    let api = relay.client();
+    let topic = tunnel_id("flush");
+    // Small windows, read by nobody until the signal: what the relay's socket buffers (4 MiB
+    // at most) cannot take waits in its queue for the subscriber (256 events, the oldest
+    // skipped beyond).
+    let small_window = || async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(4096).expect("a small buffer");
+        let address = format!("127.0.0.1:{}", relay.port)
+            .parse()
+            .expect("an address");
+        socket.connect(address).await.expect("the relay accepts")
+    };
+    let mut sse = small_window().await;
+    let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
+    sse.write_all(request.as_bytes()).await.expect("sent");
+    let url = format!("ws://127.0.0.1:{}/ws/e/{topic}", relay.port);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, small_window().await)
+        .await
+        .expect("a WebSocket");
+    // 6 MB, in events under the 16 KiB an SSE chunk holds.
+    let event = "e".repeat(10_000);
+    let published = 600;
+    for body in std::iter::repeat_n(event.as_str(), published).chain(["last"]) {
+        let response = api.post(&format!("/e/{topic}"), body).await.expect(202);
+        assert_eq!(response.header("x-subscribers"), Some("2"));
+    }
+    relay.signal("TERM");
+    let read_sse = async {
+        let mut seen = Vec::new();
+        // To the end of the chunked stream.
+        while !seen.ends_with(b"0\r\n\r\n") {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = sse.read(&mut chunk).await.expect("readable");
+            assert!(n > 0, "the stream was cut");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+    let read_ws = async {
+        let mut events = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => events.push(text.to_string()),
+                Some(Ok(Message::Close(frame))) => {
+                    assert_eq!(frame.map(|f| u16::from(f.code)), Some(1001));
+                    return events;
+                }
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("expected events then a Close, got {other:?}"),
+            }
+        }
+    };
+    let both = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(read_sse, read_ws)
+    });
+    let (sse, ws) = both.await.expect("both streams end within 20 s");
+    // Over SSE every event is there or counted as skipped, the last one there.
+    let delivered = sse.matches(&format!("data: {event}\n")).count();
+    let skipped: usize = sse
+        .lines()
+        .filter_map(|line| line.strip_prefix(": skipped "))
+        .map(|rest| {
+            rest.trim_end_matches(" events")
+                .parse::<usize>()
+                .expect("a count")
+        })
+        .sum();
+    assert_eq!(delivered + skipped, published, "{skipped} skipped");
+    assert!(sse.contains("data: last\n"), "the last event is missing");
+    // A WebSocket has no word for a gap: the last event is there, behind those not skipped.
+    let last = ws.last().is_some_and(|text| text == "last");
+    assert!(last, "the last event is missing ({} events)", ws.len());
+    assert!(ws[..ws.len() - 1].iter().all(|text| *text == event));
+}
+
 /// A long-poll that waited, and whose client then reads nothing of its answer (a message bigger
 /// than the kernel's buffers), is let go and its connection reset, as from any other answer
 /// (probe AY: it held the connection and megabytes for good).
