@@ -6,7 +6,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{assert_close_answered, assert_closed_for, shared_redis, tunnel_id};
+use crate::support::{
+    assert_close_answered, assert_closed_for, shared_redis, skipped_events, tunnel_id,
+};
 use crate::support::{Backend, Client};
 use crate::support::{Relay, Store, WebSocket};
 
@@ -310,15 +312,7 @@ async fn skipped_events_are_counted() {
         .await
         .expect("the stream within 30 s");
     let text = String::from_utf8_lossy(&seen);
-    let skipped: u64 = text
-        .lines()
-        .filter_map(|line| line.strip_prefix(": skipped "))
-        .map(|rest| {
-            rest.trim_end_matches(" events")
-                .parse::<u64>()
-                .expect("a count")
-        })
-        .sum();
+    let skipped = skipped_events(&text);
     let delivered = text.matches(&format!("data: {event}\n")).count() as u64;
     assert!(skipped > 0, "no gap reported");
     assert_eq!(delivered + skipped, published);

@@ -17,8 +17,8 @@ use tokio::io::AsyncWriteExt;
 use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
 use crate::support::{
-    eventually, metric, shared_redis, spawn_get, tunnel_id, wait_for_waiting_polls, wait_until,
-    Client, RedisServer,
+    eventually, metric, shared_redis, skipped_events, spawn_get, tunnel_id, wait_for_waiting_polls,
+    wait_until, Client, RedisServer,
 };
 
 /// Pingora settings for these tests: a grace period of 1 s (conf/burrow.yaml's is 8 s; no test
@@ -319,7 +319,7 @@ async fn queued_events_go_out_at_sigterm() {
     // 6 MB, in events under the 16 KiB an SSE chunk holds.
     let event = "e".repeat(10_000);
     let published = 600;
-    for body in std::iter::repeat_n(event.as_str(), published).chain(["last"]) {
+    for body in std::iter::repeat_n(event.as_str(), published as usize).chain(["last"]) {
         let response = api.post(&format!("/e/{topic}"), body).await.expect(202);
         assert_eq!(response.header("x-subscribers"), Some("2"));
     }
@@ -354,16 +354,8 @@ async fn queued_events_go_out_at_sigterm() {
     });
     let (sse, ws) = both.await.expect("both streams end within 20 s");
     // Over SSE every event is there or counted as skipped, the last one there.
-    let delivered = sse.matches(&format!("data: {event}\n")).count();
-    let skipped: usize = sse
-        .lines()
-        .filter_map(|line| line.strip_prefix(": skipped "))
-        .map(|rest| {
-            rest.trim_end_matches(" events")
-                .parse::<usize>()
-                .expect("a count")
-        })
-        .sum();
+    let delivered = sse.matches(&format!("data: {event}\n")).count() as u64;
+    let skipped = skipped_events(&sse);
     assert_eq!(delivered + skipped, published, "{skipped} skipped");
     assert!(sse.contains("data: last\n"), "the last event is missing");
     // A WebSocket has no word for a gap: the last event is there, behind those not skipped.

@@ -153,6 +153,18 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     true
 }
 
+/// How many events an SSE stream says its subscriber skipped (`: skipped N events` comments).
+pub fn skipped_events(stream: &str) -> u64 {
+    stream
+        .lines()
+        .filter_map(|line| line.strip_prefix(": skipped "))
+        .map(|rest| {
+            rest.trim_end_matches(" events")
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum()
+}
 /// A tunnel id no other test (or earlier run on the same store) uses: `{tag}-{unique suffix}`.
 pub fn tunnel_id(tag: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
