@@ -7,7 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
-    assert_close_answered, assert_closed_for, shared_redis, skipped_events, tunnel_id,
+    assert_close_answered, assert_closed_for, shared_redis, skipped_events, small_window, tunnel_id,
 };
 use crate::support::{Backend, Client};
 use crate::support::{Relay, Store, WebSocket};
@@ -242,15 +242,6 @@ per_store! {
         http10_subscribers_get_a_plain_stream,
     ],
     dedicated: [events_need_auth],
-}
-
-/// A connection to the relay with a receive buffer of 4 KiB, for clients that stop reading.
-async fn small_window(api: &Client) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF set");
-    let address = api.base().trim_start_matches("http://");
-    let address = address.parse().expect("an address");
-    socket.connect(address).await.expect("the relay accepts")
 }
 
 /// An SSE subscription to `topic` on a connection with a small window, subscribed (its first

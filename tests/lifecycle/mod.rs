@@ -17,8 +17,8 @@ use tokio::io::AsyncWriteExt;
 use crate::support::process::{self, free_port};
 use crate::support::relay::status_of;
 use crate::support::{
-    eventually, metric, shared_redis, skipped_events, spawn_get, tunnel_id, wait_for_waiting_polls,
-    wait_until, Client, RedisServer,
+    eventually, metric, shared_redis, skipped_events, small_window, spawn_get, tunnel_id,
+    wait_for_waiting_polls, wait_until, Client, RedisServer,
 };
 
 /// Pingora settings for these tests: a grace period of 1 s (conf/burrow.yaml's is 8 s; no test
@@ -301,19 +301,11 @@ async fn queued_events_go_out_at_sigterm() {
     // Small windows, read by nobody until the signal: what the relay's socket buffers (4 MiB
     // at most) cannot take waits in its queue for the subscriber (256 events, the oldest
     // skipped beyond).
-    let small_window = || async {
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket.set_recv_buffer_size(4096).expect("a small buffer");
-        let address = format!("127.0.0.1:{}", relay.port)
-            .parse()
-            .expect("an address");
-        socket.connect(address).await.expect("the relay accepts")
-    };
-    let mut sse = small_window().await;
+    let mut sse = small_window(&api).await;
     let request = format!("GET /e/{topic} HTTP/1.1\r\nHost: relay\r\n\r\n");
     sse.write_all(request.as_bytes()).await.expect("sent");
     let url = format!("ws://127.0.0.1:{}/ws/e/{topic}", relay.port);
-    let (mut ws, _) = tokio_tungstenite::client_async(url, small_window().await)
+    let (mut ws, _) = tokio_tungstenite::client_async(url, small_window(&api).await)
         .await
         .expect("a WebSocket");
     // 6 MB, in events under the 16 KiB an SSE chunk holds.
@@ -373,12 +365,7 @@ async fn waited_poll_whose_client_reads_nothing_is_let_go() {
     let (relay, metrics) = site.start_with_metrics(&[("TUNNEL_MAX_MESSAGE_SIZE", "16777216")]);
     let api = relay.client();
     let t = tunnel_id("unread");
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket.set_recv_buffer_size(4096).expect("a small buffer");
-    let address = format!("127.0.0.1:{}", relay.port)
-        .parse()
-        .expect("an address");
-    let mut stalled = socket.connect(address).await.expect("the relay accepts");
+    let mut stalled = small_window(&api).await;
     let request = format!("GET /t/{t}/poll?timeout=60 HTTP/1.1\r\nHost: relay\r\n\r\n");
     stalled.write_all(request.as_bytes()).await.expect("sent");
     wait_for_waiting_polls(&metrics, |n| n == 1.0).await;

@@ -153,6 +153,15 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     true
 }
 
+/// A connection to the relay with a receive buffer of 4 KiB, for clients that stop reading.
+pub async fn small_window(api: &Client) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF set");
+    let address = api.base().trim_start_matches("http://");
+    let address = address.parse().expect("an address");
+    socket.connect(address).await.expect("the relay accepts")
+}
+
 /// How many events an SSE stream says its subscriber skipped (`: skipped N events` comments).
 pub fn skipped_events(stream: &str) -> u64 {
     stream
