@@ -917,10 +917,7 @@ impl RelayApp {
                     .consume(&tunnel, delivery, Some(timeout), shutdown),
             )
             .await
-            .map(|message| {
-                let taken = message.is_some();
-                (self.message(message), taken)
-            }),
+            .map(|message| handed_out(message, |message| self.message(message))),
             Wait::Reply {
                 tunnel,
                 msg,
@@ -930,10 +927,7 @@ impl RelayApp {
                     .take_reply(&tunnel, msg, Some(timeout), shutdown),
             )
             .await
-            .map(|reply| {
-                let taken = reply.is_some();
-                (self.payload_response(reply), taken)
-            }),
+            .map(|reply| handed_out(reply, |reply| self.payload_response(reply))),
             Wait::Job { job, timeout } => Box::pin(self.done(&job, Some(timeout), shutdown)).await,
         };
         answered.unwrap_or_else(|e| (failed(name, e), false))
@@ -994,6 +988,12 @@ impl RelayApp {
             Err(e) => debug!("could not write a response: {e}"),
         }
     }
+}
+
+/// The answer to what a wait found, with whether it hands that out (taken from the store).
+fn handed_out<T>(found: Option<T>, answer: impl FnOnce(Option<T>) -> Response) -> (Response, bool) {
+    let taken = found.is_some();
+    (answer(found), taken)
 }
 
 /// Runs a long-poll's `waiting` in its session (HTTP/2) unless the client resets its stream first
@@ -1188,7 +1188,7 @@ mod tests {
     }
 
     /// A connection as the relay holds it, and its client's end.
-    async fn connection() -> (Stream, tokio::net::TcpStream) {
+    async fn accepted() -> (Stream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a listener");
@@ -1207,7 +1207,7 @@ mod tests {
     #[tokio::test]
     async fn waiting_polls_hold_little() {
         let app = relay_app().await;
-        let (stream, _client) = connection().await;
+        let (stream, _client) = accepted().await;
         let wait = Wait::Message {
             tunnel: TunnelId::parse("waiting-poll").expect("a tunnel id"),
             delivery: crate::store::Delivery::Remove,
@@ -1230,9 +1230,9 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_hold_little() {
         let app = relay_app().await;
-        let (stream, _client) = connection().await;
+        let (stream, _client) = accepted().await;
         let shutdown = watch::channel(false).1;
-        let serving = super::super::connection::serve_http1(&app, stream, &shutdown, None);
+        let serving = connection::serve_http1(&app, stream, &shutdown, None);
         let size = std::mem::size_of_val(&serving);
         assert!(size <= 2048, "an idle connection's task is {size} bytes");
     }
