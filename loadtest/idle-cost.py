@@ -6,8 +6,9 @@
 For each binary, a relay on the memory store on a free 127.0.0.1 port, then:
 - sockets: 1000 idle clients of each kind, that read nothing more once answered: event
   subscribers over WebSockets (`GET /ws/e/t{i}`) and over SSE (`GET /e/t{i}`), each on a topic
-  of its own, and keep-alive connections that asked `/health` once; the RSS (from /proc) of a
-  relay of their own before and after, per socket;
+  of its own, keep-alive connections that asked `/health` once, and agents' links
+  (`GET /agent/connect?name=a{i}`) that carried nothing yet (`loadtest/agent-links.sh` measures
+  those that did); the RSS (from /proc) of a relay of their own before and after, per socket;
 - waiters: one message taken with `pending=300`, so that it is out with a consumer, and 500 polls
   waiting on its tunnel (`?pending=300&timeout=20`); the store reads (consumes) the relay makes in
   5 s, from its metrics page: each waiter reads once when it starts, and nothing is there for any
@@ -55,6 +56,9 @@ IDLE_CLIENTS = {
                              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", b" 101 "),
     "SSE subscriber": ("GET /e/t{i} HTTP/1.1\r\nHost: x\r\n\r\n", b": subscribed"),
     "keep-alive connection": ("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"OK"),
+    "agent link": ("GET /agent/connect?name=a{i} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                   "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", b" 101 "),
 }
 
 

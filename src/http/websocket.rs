@@ -46,9 +46,19 @@ const CONTROL_ROOM: usize = 4096;
 
 /// How much a client's socket reads at a time, allocated up front for each socket. Subscribers
 /// and job clients send little: tungstenite's default (128 KiB) made most of what each idle
-/// socket cost, and 8 KiB still a third of it; a bigger frame takes more reads. An agent's link,
-/// which carries bodies, keeps the default.
+/// socket cost, and 8 KiB still a third of it; a bigger frame takes more reads.
 const READ_BUFFER: usize = 2 * 1024;
+
+/// The same for an agent's link. The default made three quarters of an idle link (165 KiB);
+/// a frame of body (64 KiB) now takes several reads, which cost nothing measured on 100 MiB
+/// downloads, nor on small routed requests (docs/PERFORMANCE.md "Session 25").
+const AGENT_READ_BUFFER: usize = 4 * 1024;
+
+/// How much of an agent's link's frames are gathered before a write to its socket. The buffer
+/// keeps the room it once took for the link's life: with tungstenite's default (128 KiB), a
+/// link that once carried a request body held 256 KiB more from then on. Small frames batched
+/// for one flush (a few hundred bytes per request) still go out in one write.
+const AGENT_WRITE_BUFFER: usize = 16 * 1024;
 
 /// How much bigger than the largest message a job's JSON frame may be: its result, escaped, up
 /// to six times (control bytes are written `\u0001`), and its fields, written again, up to four
@@ -340,8 +350,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
 /// holds one frame of up to `outgoing` bytes beyond tungstenite's own, no more: a client that
 /// stops reading (while it sends pings, say) cannot make the relay queue without end.
 fn settings(incoming: usize, outgoing: usize) -> WebSocketConfig {
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
+    limited(
+        WebSocketConfig::default().read_buffer_size(READ_BUFFER),
+        incoming,
+        outgoing,
+    )
+}
+
+/// `config` with the limits of [`settings`].
+fn limited(config: WebSocketConfig, incoming: usize, outgoing: usize) -> WebSocketConfig {
+    let config = config
         .max_message_size(Some(incoming))
         .max_frame_size(Some(incoming));
     let most = config.write_buffer_size.saturating_add(outgoing);
@@ -465,8 +483,10 @@ where
 
 /// The WebSocket of an agent dialling in; its frames (up to 1 MiB) carry the agent protocol.
 pub async fn agent_socket(stream: Stream) -> WebSocketStream<Stream> {
-    let config = settings(MAX_MESSAGE, MAX_MESSAGE);
-    let config = config.read_buffer_size(WebSocketConfig::default().read_buffer_size);
+    let buffers = WebSocketConfig::default()
+        .read_buffer_size(AGENT_READ_BUFFER)
+        .write_buffer_size(AGENT_WRITE_BUFFER);
+    let config = limited(buffers, MAX_MESSAGE, MAX_MESSAGE);
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
 }
 

@@ -19,9 +19,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
-use super::frame::{Frame, Kind, INITIAL_WINDOW, MAX_DATA};
+use super::frame::{Frame, Kind, DATA_PIECE, INITIAL_WINDOW};
 
-/// How many frames the ordered queue holds before senders wait: 32 × 64 KiB of body at most.
+/// How many frames the ordered queue holds before senders wait: 32 × 16 KiB of body at most
+/// ([`DATA_PIECE`]).
 const ORDERED_CAPACITY: usize = 32;
 
 /// Consumed bytes are granted back in batches of at least this many, to keep `WINDOW` frames few.
@@ -414,10 +415,10 @@ impl BodyWriter {
             .control(Frame::window(self.guard.id, credit));
     }
 
-    /// Sends `chunk` as `DATA` frames of at most 64 KiB, each waiting for credit.
+    /// Sends `chunk` as `DATA` frames of at most [`DATA_PIECE`] bytes, each waiting for credit.
     pub async fn write(&self, mut chunk: Bytes) -> Result<(), Reason> {
         while !chunk.is_empty() {
-            let allowed = self.reserve(chunk.len().min(MAX_DATA)).await?;
+            let allowed = self.reserve(chunk.len().min(DATA_PIECE)).await?;
             let piece = chunk.split_to(allowed);
             let frame = Frame::new(Kind::Data, self.guard.id, piece);
             self.guard.streams.out.send(frame).await?;
@@ -543,9 +544,27 @@ impl BodyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::frame::MAX_DATA;
 
     fn data(stream: u32, len: usize) -> Frame {
         Frame::new(Kind::Data, stream, Bytes::from(vec![7; len]))
+    }
+
+    /// A body chunk goes in frames of at most `DATA_PIECE` bytes, in order, whole.
+    #[tokio::test]
+    async fn bodies_go_in_pieces() {
+        let (out, mut queues) = Outbound::new();
+        let streams = Streams::new(out, Side::Answers);
+        let (writer, _reader) = streams.open(1).unwrap();
+        let body: Vec<u8> = (0..40 * 1024).map(|i| (i % 251) as u8).collect();
+        writer.write(Bytes::from(body.clone())).await.unwrap();
+        let mut pieces = Vec::new();
+        while let Ok(frame) = queues.ordered.try_recv() {
+            pieces.push(frame.payload);
+        }
+        let sizes: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [DATA_PIECE, DATA_PIECE, 40 * 1024 - 2 * DATA_PIECE]);
+        assert_eq!(pieces.concat(), body);
     }
 
     /// A writer sends no more than its credit and resumes when a WINDOW arrives.
