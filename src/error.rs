@@ -57,6 +57,12 @@ pub enum Error {
     /// A request head still incomplete after `BURROW_HEADER_TIMEOUT`.
     #[error("Request head not complete within {} s", .0.as_secs())]
     HeadTooSlow(std::time::Duration),
+    /// A request line over the relay's limit for a whole head (RFC 9110 §15.5.15: 414).
+    #[error("Request line too long: the limit is {limit} bytes")]
+    RequestLineTooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// A request head over the relay's limit.
     #[error("Request head too large: the limit is {limit} bytes")]
     HeadTooLarge {

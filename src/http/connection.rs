@@ -183,10 +183,10 @@ fn fitted(head: BytesMut) -> BytesMut {
 /// Reads until `head` holds a whole request head; `Err(Some(_))` when the head is over
 /// [`MAX_HEAD`], `Err(None)` when the client leaves.
 async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Option<Error>> {
-    let too_large = || Err(Some(Error::HeadTooLarge { limit: MAX_HEAD }));
+    let too_large = |head: &[u8]| Err(Some(over_limit(head)));
     loop {
         if head.len() >= MAX_HEAD {
-            return too_large();
+            return too_large(head);
         }
         let scanned = head.len();
         head.reserve(HEAD_BUFFER);
@@ -196,11 +196,30 @@ async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Optio
         }
         match head_end(head, scanned) {
             // The read that found the end may have brought more than the limit allows.
-            Some(end) if end > MAX_HEAD => return too_large(),
+            Some(end) if end > MAX_HEAD => return too_large(head),
             Some(_) => return Ok(()),
             None => {}
         }
     }
+}
+
+/// Why a head over [`MAX_HEAD`] is refused: its request line alone is over it (414, as nginx
+/// answers), or the head is (431).
+fn over_limit(head: &[u8]) -> Error {
+    let leading = blank_lines(head);
+    let line_end = head[leading..].iter().position(|&b| b == b'\n');
+    match line_end.is_some_and(|end| leading + end < MAX_HEAD) {
+        true => Error::HeadTooLarge { limit: MAX_HEAD },
+        false => Error::RequestLineTooLong { limit: MAX_HEAD },
+    }
+}
+
+/// How many bytes of empty lines come before the request line: the parser skips them.
+fn blank_lines(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()
 }
 
 /// Where the request head in `bytes` ends: just past the blank line that closes it (lines end
@@ -208,10 +227,7 @@ async fn read_rest(stream: &mut Stream, head: &mut BytesMut) -> Result<(), Optio
 /// are not it, as the parser skips them. Only what follows `scanned` is searched: a head
 /// trickling in a byte at a time is not scanned again from its start for every byte.
 fn head_end(bytes: &[u8], scanned: usize) -> Option<usize> {
-    let leading = bytes
-        .iter()
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
+    let leading = blank_lines(bytes);
     let start = scanned.saturating_sub(2).max(leading);
     bytes[start..]
         .iter()

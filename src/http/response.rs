@@ -145,6 +145,7 @@ impl From<Error> for Response {
             | Error::ContentTypeNotText => 400,
             Error::UnsupportedCoding | Error::Connect => 501,
             Error::HeadTooSlow(_) | Error::BodyStalled => 408,
+            Error::RequestLineTooLong { .. } => 414,
             Error::HeadTooLarge { .. } | Error::TooManyHeaderFields { .. } => 431,
             Error::UnknownJob(_) => 404,
             Error::NotWebSocket(_) => 426,

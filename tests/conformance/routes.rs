@@ -485,8 +485,9 @@ pub(super) async fn hung_up_heads_are_dropped(backend: Backend) {
 }
 
 /// Burrow: a request head that does not parse (unknown HTTP version, a NUL in a header, two
-/// different Content-Lengths) is answered 400, and one over 64 KiB or with more than 256 fields
-/// 431, with a one-line body, not dropped, and the relay goes on serving.
+/// different Content-Lengths) is answered 400, one over 64 KiB or with more than 256 fields 431
+/// (414 when its request line alone is over 64 KiB), with a one-line body, not dropped, and the
+/// relay goes on serving.
 pub(super) async fn malformed_heads_are_refused(backend: Backend) {
     let relay = backend.shared();
     for request in [
@@ -530,25 +531,43 @@ pub(super) async fn malformed_heads_are_refused(backend: Backend) {
         let answer = request.send().await.expect("an answer over h2c");
         assert_eq!(answer.status().as_u16(), status, "{fields} fields over h2c");
     }
-    // A head over 64 KiB is 431 as soon as that much has come, the rest unread: in the path, in a
-    // header, or without its end ever sent.
+    // A head over 64 KiB is 431 as soon as that much has come, the rest unread: in a header, or
+    // without its end ever sent; 414 when the request line alone is over it (as nginx answers).
     let long_path = "a".repeat(100_000);
+    let path_60k = "a".repeat(60_000);
     let long_value = "v".repeat(70_000);
-    for request in [
-        format!("GET /{long_path} HTTP/1.1\r\nHost: a\r\n\r\n"),
-        format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
-        format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}"),
+    let value_10k = "v".repeat(10_000);
+    let line = (414, "Request line too long: the limit is 65536 bytes");
+    let head = (431, "Request head too large: the limit is 65536 bytes");
+    for (request, (status, text)) in [
+        (
+            format!("GET /{long_path} HTTP/1.1\r\nHost: a\r\n\r\n"),
+            line,
+        ),
+        (format!("GET /{long_path}"), line),
+        (
+            format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
+            head,
+        ),
+        (
+            format!("GET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}"),
+            head,
+        ),
+        (
+            format!("GET /{path_60k} HTTP/1.1\r\nHost: a\r\nX-Long: {value_10k}\r\n\r\n"),
+            head,
+        ),
         // Empty lines before the request line are skipped, not taken for the head's end.
-        format!("\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
+        (
+            format!("\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\nX-Long: {long_value}\r\n\r\n"),
+            head,
+        ),
     ] {
         let mut connection = Connection::open(&relay.base).await;
         let answer = connection.exchange(&request).await;
-        assert_eq!(answer.status, 431, "{:?}", &request[..40]);
+        assert_eq!(answer.status, status, "{:?}", &request[..40]);
         let body = String::from_utf8_lossy(&answer.body);
-        assert_eq!(
-            body.trim_end(),
-            "Request head too large: the limit is 65536 bytes"
-        );
+        assert_eq!(body.trim_end(), text);
         assert!(connection.closed().await);
     }
     relay.client().get("/health").await.expect(200);
