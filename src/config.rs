@@ -221,7 +221,7 @@ pub fn unread_settings(environment: impl IntoIterator<Item = (String, String)>) 
                     "{name} is set, but only `burrow agent` and `burrow worker` read it: ignored"
                 );
             }
-            match closest(&name.to_ascii_uppercase(), relay_variables(), 3) {
+            match closest(&name.to_ascii_uppercase(), relay_variables(), 2) {
                 Some(known) => {
                     format!("{name} is no setting of the relay: ignored (did you mean {known}?)")
                 }
@@ -814,11 +814,14 @@ mod tests {
             ("tunnel_access_token", "secret"),
             ("HOSTNAME", "relay-0"),
             ("RUSTUP_HOME", "/root/.rustup"),
+            // Three letters from BURROW_CONF: too far to be taken for it.
+            ("BURROW_LOG", "debug"),
         ];
         let owned = environment.map(|(name, value)| (name.to_owned(), value.to_owned()));
         assert_eq!(
             unread_settings(owned),
             [
+                "BURROW_LOG is no setting of the relay: ignored",
                 "BURROW_STORES is no setting of the relay: ignored (did you mean BURROW_STORE?)",
                 "BURROW_TOKEN is set, but only `burrow agent` and `burrow worker` read it: ignored",
                 "REDIS_SOMETHING_ELSE_ENTIRELY is no setting of the relay: ignored",

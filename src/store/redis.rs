@@ -209,17 +209,23 @@ impl RedisStore {
         // A relay that answers /health should not turn its first requests away while a reachable
         // server is still being dialled; an unreachable one is an outage like any later one.
         let mut listening = hears_events.clone();
+        let reached = std::cell::Cell::new(false);
         let first_connection = async {
             pool.wait_for_connect().await?;
             subscriber.wait_for_connect().await?;
+            reached.set(true);
             let _ = listening.wait_for(|subscribed| *subscribed).await;
             Ok::<(), fred::error::Error>(())
         };
-        if !matches!(
-            tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await,
-            Ok(Ok(()))
-        ) {
-            log::warn!("redis: not reachable at start-up; answering 503 until it is");
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await;
+        match connected {
+            Ok(Ok(())) => {}
+            // Connected, yet not subscribed: an ACL without pub/sub, say (its error is logged).
+            _ if reached.get() => log::warn!(
+                "redis: connected, but not subscribed to its channels at start-up; \
+                 waiting polls and events across instances depend on them"
+            ),
+            _ => log::warn!("redis: not reachable at start-up; answering 503 until it is"),
         }
         tokio::spawn(warn_if_evicting(pool.clone()));
         let clients = Arc::new(Clients::new(pool, command_builder));

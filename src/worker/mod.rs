@@ -34,6 +34,9 @@ const MAX_SECONDS: u64 = 30 * 24 * 3600;
 /// The relay's default `TUNNEL_MAX_MESSAGE_SIZE`: the largest result a default relay accepts.
 const DEFAULT_MAX_OUTPUT: &str = "131072";
 
+/// The largest `--max-output`: the largest `TUNNEL_MAX_MESSAGE_SIZE` a relay takes (512 MiB).
+const MAX_OUTPUT: u64 = 512 * 1024 * 1024;
+
 /// The worker's command line, as typed. (No `Debug`: it holds the token.)
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -67,7 +70,7 @@ pub struct WorkerArgs {
 
     /// The most bytes of stdout a result may have (the relay's TUNNEL_MAX_MESSAGE_SIZE).
     #[arg(long, env = "BURROW_MAX_OUTPUT", value_name = "BYTES", default_value = DEFAULT_MAX_OUTPUT,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_OUTPUT))]
     max_output: u64,
 
     /// The command run for each job, with the job's JSON on stdin; no shell.
@@ -542,6 +545,14 @@ mod tests {
                 "cat",
             ],
             &["--relay", "http://r", "--max-output", "0", "--", "cat"],
+            &[
+                "--relay",
+                "http://r",
+                "--max-output",
+                "536870913",
+                "--",
+                "cat",
+            ],
             &["--relay", "http://r"],
         ] {
             let parsed = Cli::try_parse_from(std::iter::once("worker").chain(args.iter().copied()));

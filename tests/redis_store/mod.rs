@@ -184,6 +184,25 @@ async fn refused_password_is_named() {
     assert_eq!(refusals.count(), 1, "{output}");
 }
 
+/// A server that takes the relay's connection but not its subscriptions (an ACL without
+/// pub/sub) is named as such at start-up, not as unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscription_is_named() {
+    let redis = RedisServer::start();
+    let user = [
+        "ACL", "SETUSER", "nopubsub", "on", ">pw", "~*", "&*", "+@all", "-@pubsub",
+    ];
+    redis.command(&user);
+    let url = redis.url().replacen("redis://", "redis://nopubsub:pw@", 1);
+    let relay = Relay::start(Store::Redis(&redis), &[("REDIS_URL", url.as_str())]);
+    let said = "redis: connected, but not subscribed to its channels at start-up";
+    let named = wait_until(Duration::from_secs(10), || relay.output().contains(said));
+    let output = relay.output();
+    assert!(named, "{output}");
+    assert!(output.contains("NOPERM"), "{output}");
+    assert!(!output.contains("not reachable"), "{output}");
+}
+
 /// Store failures left out of the log (a line per 10 s at most) are told once 10 s have passed,
 /// even when no more come: an outage shorter than that does not end with them untold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
