@@ -25,8 +25,6 @@ LOADGEN=${LOADGEN_BIN:-target/release/loadgen}
 . loadtest/lib.sh
 scratch cpu-ab
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
 ENV=(BURROW_ACCESS_LOG=0 RUST_LOG=warn)
 WRK_CONNECTIONS=64
 case $SCENARIO in

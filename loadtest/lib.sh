@@ -1,6 +1,7 @@
 # Shared by the loadtest scripts that start their own processes (cpu-ab.sh, cross-instance.sh,
-# failover.sh): a scratch directory and the processes to stop on exit, free ports, waiting for
-# an HTTP answer, a redis-server and a relay's Pingora configuration. Sourced, not run; the caller
+# failover.sh, agent-links.sh, bulk-cpu.sh): a scratch directory and the processes to stop on
+# exit, free ports, a process's CPU ticks, waiting for an HTTP answer, a redis-server and a
+# relay's Pingora configuration. Sourced, not run; the caller
 # has `set -euo pipefail` and runs from the repository's root.
 
 # scratch NAME: makes $TMP, a fresh directory; every pid in PIDS is killed and $TMP removed on
@@ -17,6 +18,9 @@ cleanup() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# ticks PID: the CPU time (user + system, in 10 ms ticks) process PID has spent.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # wait_http URL [CURL_ARGS…]: until URL answers 2xx (10 s), else the script stops.
 wait_http() {

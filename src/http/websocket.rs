@@ -50,9 +50,9 @@ const CONTROL_ROOM: usize = 4096;
 const READ_BUFFER: usize = 2 * 1024;
 
 /// The same for an agent's link. The default made three quarters of an idle link (165 KiB);
-/// a frame of body (64 KiB) now takes several reads, which cost nothing measured on 100 MiB
-/// downloads, nor on small routed requests (docs/PERFORMANCE.md "Session 25").
-const AGENT_READ_BUFFER: usize = 4 * 1024;
+/// 16 KiB reads about one frame of body (`DATA_PIECE`) at a time: 4 KiB reads cost downloads
+/// ~20 % more relay CPU (docs/PERFORMANCE.md "Session 25").
+const AGENT_READ_BUFFER: usize = 16 * 1024;
 
 /// How much of an agent's link's frames are gathered before a write to its socket. The buffer
 /// keeps the room it once took for the link's life: with tungstenite's default (128 KiB), a

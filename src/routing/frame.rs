@@ -19,7 +19,7 @@ pub const MAX_DATA: usize = 64 * 1024;
 /// The largest body chunk this side puts in one `DATA` frame (as HTTP/2's default frame size).
 /// A WebSocket keeps for its life the buffer room its largest frame took: with 64 KiB frames, an
 /// idle agent's link that had carried a body held ~250 KiB more on the relay than with these;
-/// bulk transfers cost the relay ~20 % more CPU (docs/PERFORMANCE.md "Session 25").
+/// uploads cost the relay ~15–20 % more CPU (docs/PERFORMANCE.md "Session 25").
 pub const DATA_PIECE: usize = 16 * 1024;
 
 /// The credit each side starts with, per stream and direction: the `DATA` bytes it may send before
