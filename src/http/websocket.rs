@@ -68,6 +68,17 @@ const JOB_FRAME_GROWTH: usize = 11;
 /// How long to wait before asking the store again after it failed while a job was waited on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a closing jobs socket waits at most for its client to acknowledge the results
+/// written to it ([`Unconfirmed::settle`]).
+const SETTLE_MOST: Duration = Duration::from_secs(2);
+
+/// How long a client acknowledging nothing more counts as having stopped reading: longer than
+/// a delayed ACK (40 ms on Linux, 200 ms at most).
+const SETTLE_STILL: Duration = Duration::from_millis(250);
+
+/// How often a closing socket looks at what its client acknowledged.
+const SETTLE_LOOK: Duration = Duration::from_millis(10);
+
 /// How long a job is waited on before checking that it may still finish (not collected through
 /// `/done`, not expired, still in its queue).
 const JOB_WAIT_SLICE: Duration = Duration::from_secs(30);
@@ -241,6 +252,7 @@ pub async fn serve_jobs(
             break;
         }
     }
+    unconfirmed.settle().await;
     // SAFETY: the connection is still open: its halves are dropped only below.
     let unacknowledged = unsafe { unconfirmed.unacknowledged() };
     drop((outgoing, incoming));
@@ -291,6 +303,30 @@ impl Unconfirmed {
         };
         while self.pushed.front().is_some_and(|(end, _)| *end <= acked) {
             self.pushed.pop_front();
+        }
+    }
+
+    /// Waits, while the client's TCP stack goes on acknowledging, until it has acknowledged
+    /// every result written, for at most [`SETTLE_MOST`]; gives up once it acknowledged nothing
+    /// more for [`SETTLE_STILL`] (a client that stopped reading). A client that closed its socket
+    /// properly still reads what was written before its Close: decided at once, results it was
+    /// receiving but had not acknowledged yet (a delayed ACK) would have gone back as well, and
+    /// reached it anyway. The system tells acknowledgements only when asked: hence the looks.
+    async fn settle(&mut self) {
+        let started = tokio::time::Instant::now();
+        let (mut acked, mut moved) = (self.socket.acked(), started);
+        loop {
+            self.confirm();
+            let now = tokio::time::Instant::now();
+            if self.pushed.is_empty() || now - started >= SETTLE_MOST || now - moved >= SETTLE_STILL
+            {
+                return;
+            }
+            tokio::time::sleep(SETTLE_LOOK).await;
+            let now_acked = self.socket.acked();
+            if now_acked != acked {
+                (acked, moved) = (now_acked, tokio::time::Instant::now());
+            }
         }
     }
 
