@@ -740,7 +740,7 @@ impl Env<'_> {
 const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
 
 /// The largest `TUNNEL_MAX_MESSAGE_SIZE`: redis keeps at most 512 MiB in one value.
-const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024;
+pub const MAX_MESSAGE_SIZE: usize = 512 * 1024 * 1024;
 
 /// The error for a value of `var` that is no tunnel id.
 fn invalid_id(var: &'static str, value: String) -> ConfigError {

@@ -217,8 +217,7 @@ impl RedisStore {
             let _ = listening.wait_for(|subscribed| *subscribed).await;
             Ok::<(), fred::error::Error>(())
         };
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await;
-        match connected {
+        match tokio::time::timeout(CONNECT_TIMEOUT, first_connection).await {
             Ok(Ok(())) => {}
             // Connected, yet not subscribed: an ACL without pub/sub, say (its error is logged).
             _ if reached.get() => log::warn!(

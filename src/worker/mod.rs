@@ -34,8 +34,8 @@ const MAX_SECONDS: u64 = 30 * 24 * 3600;
 /// The relay's default `TUNNEL_MAX_MESSAGE_SIZE`: the largest result a default relay accepts.
 const DEFAULT_MAX_OUTPUT: &str = "131072";
 
-/// The largest `--max-output`: the largest `TUNNEL_MAX_MESSAGE_SIZE` a relay takes (512 MiB).
-const MAX_OUTPUT: u64 = 512 * 1024 * 1024;
+/// The largest `--max-output`: the largest `TUNNEL_MAX_MESSAGE_SIZE` a relay takes.
+const MAX_OUTPUT: u64 = crate::config::MAX_MESSAGE_SIZE as u64;
 
 /// The worker's command line, as typed. (No `Debug`: it holds the token.)
 #[derive(Args)]
